@@ -1,0 +1,74 @@
+"""Building blocks shared by the attention and MoE code: parameters with logical axis names,
+RMSNorm (float32 statistics), rotary position embedding with the NTK-alpha base, SwiGLU MLP.
+
+Every parameter is an `nnx.Param` carrying `logical_axes` metadata (one name per dimension);
+`sharding.rules` is the one place that maps those names onto mesh axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hunyuan_jax.config import ModelConfig
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], logical_axes: tuple[str | None, ...],
+          dtype, std: float | None) -> nnx.Param:
+    """A parameter initialised N(0, std^2) (or ones when std is None) with its logical axes."""
+    if len(shape) != len(logical_axes):
+        raise ValueError(f"shape {shape} and logical axes {logical_axes} differ in rank")
+    if std is None:
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=tuple(logical_axes))
+
+
+class RMSNorm(nnx.Module):
+    """y = cast(x32 * rsqrt(mean(x32^2) + eps), x.dtype) * weight."""
+
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.weight = param(None, (dim,), ("norm",), param_dtype, None)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(x.dtype) * self.weight[...].astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """inv_freq = 1 / base^(2i/d) with base = theta * alpha^(d/(d-2)), in float32."""
+    d = cfg.head_dim
+    exponents = jnp.arange(0, d, 2, dtype=jnp.float32) / d
+    return 1.0 / (jnp.float32(cfg.rope_base) ** exponents)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """NeoX (rotate-half) rotary embedding. x: [B, S, N, Dh]; positions: [B, S]."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, S, Dh/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); the shared expert of the MoE block."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+        self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), pdt, std)
+        self.up_proj = param(rngs, (d, f), ("embed", "mlp"), pdt, std)
+        self.down_proj = param(rngs, (f, d), ("mlp", "embed"), pdt, std)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cast = lambda p: p[...].astype(self.compute_dtype)
+        h = jax.nn.silu(x @ cast(self.gate_proj)) * (x @ cast(self.up_proj))
+        return h @ cast(self.down_proj)

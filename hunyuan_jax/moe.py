@@ -1,0 +1,115 @@
+"""Mixture of experts: the router (float32 softmax, top-k), the dropless grouped-matmul expert
+computation, and the MoE block (shared expert + routed experts) of Hunyuan-Large.
+
+Routing follows the original code: `p = softmax(x.float() @ wg^T)` over all experts, top-k by
+value; the routed weight is the raw probability for top-1 and is renormalised over the chosen
+experts only when k > 1.
+
+Dropless dispatch sorts the (token, choice) pairs by expert and runs one `jax.lax.ragged_dot`
+per projection: memory is O(tokens x k x hidden), never tokens x experts x capacity.
+Expert-parallel dispatch across devices lives in `hunyuan_jax.expert_parallel`; it plugs in
+through `MoE.__call__(..., experts_fn=...)`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.layers import MLP, param
+
+
+class Routing(NamedTuple):
+    """Per-token routing decisions (T tokens, k choices, E experts)."""
+
+    expert_ids: jax.Array  # [T, k] int32
+    weights: jax.Array  # [T, k] float32 (raw top-1 probability, renormalised for k > 1)
+    probs: jax.Array  # [T, E] float32 full softmax
+
+
+class ExpertWeights(NamedTuple):
+    """Stacked routed-expert weights, already cast to the compute dtype."""
+
+    gate: jax.Array  # [E, D, F]
+    up: jax.Array  # [E, D, F]
+    down: jax.Array  # [E, F, D]
+
+
+# experts_fn(x [T, D], routing, weights) -> [T, D]: the routed part of the MoE output.
+ExpertsFn = Callable[[jax.Array, Routing, ExpertWeights], jax.Array]
+
+
+def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> Routing:
+    """Router in float32: softmax over all experts, then top-k."""
+    logits = jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, expert_ids = jax.lax.top_k(probs, top_k)
+    if top_k > 1:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(expert_ids.astype(jnp.int32), weights, probs)
+
+
+def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w: ExpertWeights) -> jax.Array:
+    """SwiGLU of rows already sorted by expert: rows [offset_e, offset_e + size_e) use expert e."""
+    gate = jax.lax.ragged_dot(xs, w.gate, group_sizes)
+    up = jax.lax.ragged_dot(xs, w.up, group_sizes)
+    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w.down, group_sizes)
+
+
+def dropless_experts(x: jax.Array, routing: Routing, w: ExpertWeights) -> jax.Array:
+    """Every (token, choice) pair is computed: sort by expert, grouped matmul, unsort, combine."""
+    num_tokens, k = routing.expert_ids.shape
+    num_experts = w.gate.shape[0]
+    flat_expert = routing.expert_ids.reshape(-1)
+    order = jnp.argsort(flat_expert, stable=True)
+    token_of_row = order // k
+    group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+    y = swiglu_grouped(x[token_of_row], group_sizes, w)  # [T*k, D], sorted by expert
+    y = y[jnp.argsort(order)].reshape(num_tokens, k, -1)  # back to (token, choice) order
+    combined = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), routing.weights)
+    return combined.astype(x.dtype)
+
+
+def load_balancing_stats(routing: Routing, num_experts: int) -> dict[str, jax.Array]:
+    """Switch auxiliary loss E * sum_e(mean p_e * fraction routed to e) and the load histogram."""
+    counts = jnp.zeros((num_experts,), jnp.float32).at[routing.expert_ids.reshape(-1)].add(1.0)
+    fraction = counts / jnp.maximum(jnp.sum(counts), 1.0)
+    mean_prob = jnp.mean(routing.probs, axis=0)
+    return {"aux_loss": num_experts * jnp.sum(mean_prob * fraction), "expert_load": fraction}
+
+
+class MoE(nnx.Module):
+    """Shared SwiGLU expert plus routed SwiGLU experts (Hunyuan-Large "mixed MLP-MoE")."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.moe_top_k
+        self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+        d, f, e, std = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.initializer_range
+        pdt = jnp.dtype(cfg.param_dtype)
+        # The router stays float32 whatever the parameter dtype (as in the released checkpoints).
+        self.router = param(rngs, (d, e), ("embed", "router"), jnp.float32, std)
+        self.shared = MLP(cfg, rngs=rngs) if cfg.num_shared_experts else None
+        self.gate_proj = param(rngs, (e, d, f), ("exp", "exp_embed", "exp_mlp"), pdt, std)
+        self.up_proj = param(rngs, (e, d, f), ("exp", "exp_embed", "exp_mlp"), pdt, std)
+        self.down_proj = param(rngs, (e, f, d), ("exp", "exp_mlp", "exp_embed"), pdt, std)
+
+    def expert_weights(self) -> ExpertWeights:
+        cast = lambda p: p[...].astype(self.compute_dtype)
+        return ExpertWeights(cast(self.gate_proj), cast(self.up_proj), cast(self.down_proj))
+
+    def __call__(self, x: jax.Array, experts_fn: ExpertsFn | None = None):
+        """x: [B, S, D] -> ([B, S, D], load-balancing stats)."""
+        b, s, d = x.shape
+        tokens = x.reshape(b * s, d)
+        routing = route(tokens, self.router[...], self.top_k)
+        routed = (experts_fn or dropless_experts)(tokens, routing, self.expert_weights())
+        out = routed.reshape(b, s, d)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out, load_balancing_stats(routing, self.num_experts)

@@ -1,0 +1,1 @@
+"""sharding: device meshes and the logical-axis -> mesh-axis rules."""

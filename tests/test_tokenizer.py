@@ -1,0 +1,246 @@
+"""Tests for hunyuan_jax.tokenizer: reference ids of the original Hunyuan tokenizer,
+round trips, special tokens, the chat layout, SentencePiece training and dispatch."""
+
+import json
+import shutil
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from hunyuan_jax.tokenizer import (
+    CHAT_SPECIAL_TOKENS,
+    DEFAULT_SYSTEM_PROMPT,
+    SPECIAL_TOKENS,
+    HunyuanTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    render_chat,
+)
+
+DATA = Path(__file__).parent / "data"
+HY_DIR = DATA / "hunyuan_tokenizer"
+REF = json.loads((DATA / "hy_tiny" / "tokenizer.json").read_text())
+
+ROUND_TRIP = [
+    "Hello, world!",
+    "  leading and trailing spaces  \n\n\ttabs\r\nCRLF",
+    "写一首关于秋天的诗。春眠不觉晓，处处闻啼鸟。",
+    "emoji 😀👍🏽 family 👨‍👩‍👧 flags 🇨🇳",
+    "cafe\u0301 vs café, Å vs A\u030a",  # decomposed forms: NFC changes them
+    "mixed 中文 and English 123456789 ½ ① ﬁ",
+    "",
+]
+
+MESSAGE_SETS = [
+    REF["chat"]["messages"],
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "sys"}, {"role": "user", "content": "q"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+    [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}],
+    [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "system", "content": "mid"},
+     {"role": "user", "content": "q2"}],
+]
+
+
+@pytest.fixture(scope="module")
+def hy():
+    return HunyuanTokenizer.from_dir(HY_DIR)
+
+
+def _stdlib_corpus():
+    import collections
+    import functools
+    import inspect
+    import itertools
+    import json as json_mod
+    import os
+    import pathlib
+    import re
+    import string
+    import textwrap
+
+    texts = []
+    for mod in (string, textwrap, collections, functools, itertools, json_mod, pathlib, re, os, inspect):
+        for obj in [mod, *vars(mod).values()]:
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str):
+                texts.extend(p for p in doc.split("\n\n") if p.strip())
+    assert len(texts) > 200
+    return texts
+
+
+@pytest.fixture(scope="module", params=["bpe", "unigram"])
+def spt(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"sp_{request.param}")
+    return SentencePieceTokenizer.train(_stdlib_corpus(), out / "tokenizer", 512, model_type=request.param)
+
+
+# --------------------------------------------------------------------------- Hunyuan reference
+
+
+@pytest.mark.parametrize("case", REF["cases"], ids=lambda c: repr(c["text"][:20]))
+def test_reference_ids(hy, case):
+    assert hy.encode(case["text"]) == case["ids"]
+    assert hy.encode(case["text"], add_special_tokens=True) == case["ids_with_special"]
+    assert hy.decode(case["ids"]) == case["text"]
+
+
+def test_reference_chat(hy):
+    chat = REF["chat"]
+    assert hy.apply_chat_template(chat["messages"]) == chat["ids"]
+    assert hy.apply_chat_template(chat["messages"], add_generation_prompt=False) == chat["ids"]
+    # Explicit system message present -> the default system prompt changes nothing.
+    assert hy.apply_chat_template(chat["messages"], system_prompt=DEFAULT_SYSTEM_PROMPT) == chat["ids"]
+    # Without one, system_prompt=DEFAULT_SYSTEM_PROMPT reproduces the reference conversation.
+    assert hy.apply_chat_template(chat["messages"][1:], system_prompt=DEFAULT_SYSTEM_PROMPT) == chat["ids"]
+
+
+def test_chat_layout_by_segments(hy):
+    sot, e0, e4, eos = (SPECIAL_TOKENS[t] for t in ("<|startoftext|>", "<|extra_0|>", "<|extra_4|>", "<|eos|>"))
+    msgs = REF["chat"]["messages"]
+    enc = hy.encode
+    expected = ([sot] + enc(msgs[0]["content"]) + [e4] + enc(msgs[1]["content"]) + [e0]
+                + enc(msgs[2]["content"]) + [eos] + [sot] + enc(msgs[3]["content"]) + [e0])
+    assert hy.apply_chat_template(msgs) == expected
+    assert hy.decode(expected) == render_chat(msgs)
+
+
+@pytest.mark.parametrize("messages", MESSAGE_SETS, ids=range(len(MESSAGE_SETS)))
+def test_render_chat_matches_jinja_template(messages):
+    jinja2 = pytest.importorskip("jinja2")
+    cfg = json.loads((HY_DIR / "tokenizer_config.json").read_text())
+    env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+    want = env.from_string(cfg["chat_template"]).render(messages=messages, add_generation_prompt=True)
+    assert render_chat(messages) == want
+
+
+def test_hunyuan_properties(hy):
+    assert isinstance(hy, Tokenizer)
+    assert hy.vocab_size == 128166
+    assert hy.eos_ids == [127960, 127967]  # from generation_config.json
+    assert hy.pad_id == 127961
+    assert hy.bos_id == 127958
+    specials = hy.special_tokens
+    assert len(specials) == 209
+    assert specials["<|endoftext|>"] == 127957 and specials["<|pad|>"] == 127961
+    assert specials["<|extra_0|>"] == 127962 and specials["<|extra_203|>"] == 128165
+
+
+def test_hunyuan_defaults_without_generation_config(tmp_path):
+    (tmp_path / "hy.tiktoken").symlink_to((HY_DIR / "hy.tiktoken").resolve())
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, HunyuanTokenizer)
+    assert tok.eos_ids == [127960, 127967] and tok.pad_id == 127961
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP, ids=range(len(ROUND_TRIP)))
+def test_hunyuan_round_trip(hy, text):
+    ids = hy.encode(text)
+    assert all(0 <= i < 127957 for i in ids)
+    assert hy.decode(ids) == unicodedata.normalize("NFC", text)
+
+
+def test_nfc_applied(hy):
+    assert hy.encode("cafe\u0301") == hy.encode("café")
+
+
+def test_special_tokens_in_text(hy):
+    for name, idx in SPECIAL_TOKENS.items():
+        assert hy.encode(name) == [idx]
+        assert hy.decode([idx]) == name
+    ids = hy.encode("Hi<|eos|>there<|extra_203|><|pad|>")
+    assert ids == hy.encode("Hi") + [127960] + hy.encode("there") + [128165, 127961]
+    assert hy.decode(ids) == "Hi<|eos|>there<|extra_203|><|pad|>"
+    assert hy.decode(ids, skip_special_tokens=True) == "Hithere"
+    # Not a special token: an unknown extra is plain text.
+    assert 128166 not in hy.encode("<|extra_204|>")
+    assert len(hy.encode("<|extra_204|>")) > 1
+
+
+def test_decode_out_of_range(hy):
+    with pytest.raises(ValueError, match=r"128166.*128166"):
+        hy.decode([1, 128166])
+    with pytest.raises(ValueError, match=r"-1"):
+        hy.decode([-1])
+
+
+def test_partial_utf8_decodes_with_replacement(hy):
+    ids = hy.encode("😀")
+    assert len(ids) > 1
+    assert "\ufffd" in hy.decode(ids[:1])
+
+
+# --------------------------------------------------------------------------- errors and dispatch
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "hy.tiktoken")):
+        HunyuanTokenizer.from_dir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.model"):
+        SentencePieceTokenizer.load(tmp_path / "nope.model")
+    with pytest.raises(FileNotFoundError) as err:
+        load_tokenizer(tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "hy.tiktoken" in msg and "tokenizer.model" in msg
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        load_tokenizer(tmp_path / "does_not_exist")
+
+
+def test_load_tokenizer_dispatch(tmp_path, spt):
+    assert isinstance(load_tokenizer(HY_DIR), HunyuanTokenizer)
+    assert isinstance(load_tokenizer(HY_DIR / "hy.tiktoken"), HunyuanTokenizer)
+    # A directory holding tokenizer.model and the model file itself.
+    assert isinstance(load_tokenizer(spt.path.parent), SentencePieceTokenizer)
+    assert isinstance(load_tokenizer(spt.path), SentencePieceTokenizer)
+    # Any single *.model in a directory.
+    shutil.copy(spt.path, tmp_path / "other.model")
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert tok.encode("hello world") == spt.encode("hello world")
+    shutil.copy(spt.path, tmp_path / "third.model")
+    with pytest.raises(ValueError, match="several"):
+        load_tokenizer(tmp_path)
+
+
+# --------------------------------------------------------------------------- SentencePiece
+
+
+def test_sentencepiece_specials(spt):
+    assert isinstance(spt, Tokenizer)
+    assert spt.vocab_size == 512
+    specials = spt.special_tokens
+    assert set(specials) == set(CHAT_SPECIAL_TOKENS)
+    assert spt.bos_id == specials["<|startoftext|>"]
+    assert spt.pad_id == specials["<|pad|>"]
+    assert spt.eos_ids == [specials["<|eos|>"], specials["<|endoftext|>"]]
+    for name, idx in specials.items():
+        assert spt.encode(name) == [idx]
+        assert spt.decode([idx]) == name
+    body = spt.encode("hello")
+    assert spt.encode("hello", add_special_tokens=True) == [spt.bos_id, *body, specials["<|endoftext|>"]]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP + ["def f(x):\n    return x ** 2  # <|eos|> inline"])
+def test_sentencepiece_round_trip(spt, text):
+    assert spt.decode(spt.encode(text)) == unicodedata.normalize("NFC", text)
+
+
+def test_sentencepiece_chat(spt):
+    sp = spt.special_tokens
+    sot, e0, e4, eos = sp["<|startoftext|>"], sp["<|extra_0|>"], sp["<|extra_4|>"], sp["<|eos|>"]
+    msgs = REF["chat"]["messages"]
+    enc = spt.encode
+    expected = ([sot] + enc(msgs[0]["content"]) + [e4] + enc(msgs[1]["content"]) + [e0]
+                + enc(msgs[2]["content"]) + [eos] + [sot] + enc(msgs[3]["content"]) + [e0])
+    ids = spt.apply_chat_template(msgs)
+    assert ids == expected
+    assert spt.decode(ids) == render_chat(msgs)
+    assert spt.decode(ids, skip_special_tokens=True) == "".join(m["content"] for m in msgs)
+
+
+def test_sentencepiece_decode_out_of_range(spt):
+    with pytest.raises(ValueError, match=r"512.*512"):
+        spt.decode([512])
