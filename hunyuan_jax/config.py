@@ -39,6 +39,9 @@ class ModelConfig:
     head_dim: int | None = None  # derived: hidden_size // num_heads
     # Training-time routing (used by the train step; inference is always dropless).
     capacity_factor: float = 1.0
+    # Dropout in training (the SFT recipe uses 0.1 / 0.2); never applied at inference.
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
     # Numeric policy.
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
@@ -76,6 +79,9 @@ class ModelConfig:
             raise ValueError(f"config key 'remat' must be one of {_REMAT}, got {self.remat!r}")
         if self.rope_alpha <= 0 or self.rope_theta <= 0:
             raise ValueError("config keys 'rope_theta' and 'rope_alpha' must be positive")
+        for key in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"config key {key!r} must be in [0, 1), got {getattr(self, key)}")
         if self.capacity_factor <= 0:
             raise ValueError(f"config key 'capacity_factor' must be positive, "
                              f"got {self.capacity_factor}")
@@ -202,6 +208,7 @@ def hf_to_fields(hf: Mapping[str, Any], source: str = "config.json") -> dict:
         initializer_range=float(hf.get("initializer_range", 0.02)),
         head_dim=int(hf.get("head_dim") or hidden // num_heads),
         capacity_factor=float(hf.get("capacity_factor", 1.0)),
+        attention_dropout=float(hf.get("attention_dropout", 0.0)),
     )
     return fields
 

@@ -82,8 +82,9 @@ class Attention(nnx.Module):
         v = jnp.einsum("bsd,dnh->bsnh", x, self._w(self.v_proj))
         return apply_rope(k, positions, inv_freq), v
 
-    def __call__(self, x, k, v, positions, mask, inv_freq, rules=None):
-        """x: [B,S,D]; k, v: [B,T,KVH,Dh] (shared, roped); mask: [B,S,T] bool -> [B,S,D]."""
+    def __call__(self, x, k, v, positions, mask, inv_freq, rules=None, dropout=None):
+        """x: [B,S,D]; k, v: [B,T,KVH,Dh] (shared, roped); mask: [B,S,T] bool -> [B,S,D].
+        `dropout`: (rate, key) for attention-probability dropout in training, else None."""
         b, s, _ = x.shape
         q = jnp.einsum("bsd,dnh->bsnh", x, self._w(self.q_proj))
         q = apply_rope(q, positions, inv_freq)
@@ -95,7 +96,10 @@ class Attention(nnx.Module):
         scores = jnp.einsum("bsngh,btnh->bngst", q, k, preferred_element_type=jnp.float32)
         scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
         scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.compute_dtype)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if dropout is not None:
+            probs = _dropout(probs, *dropout)
+        probs = probs.astype(self.compute_dtype)
         out = jnp.einsum("bngst,btnh->bsngh", probs, v).reshape(b, s, self.num_heads, self.head_dim)
         out = checkpoint_name(out, "attn_out")
         return jnp.einsum("bsnh,nhd->bsd", out, self._w(self.o_proj))
@@ -107,23 +111,38 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, produces_kv: bool, *, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
+        self.attention_dropout, self.hidden_dropout = cfg.attention_dropout, cfg.hidden_dropout
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
         self.attn = Attention(cfg, produces_kv, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
         self.moe = MoE(cfg, rngs=rngs)
 
-    def __call__(self, x, kv, positions, mask, inv_freq, cache=None, rules=None, experts_fn=None):
-        """Returns (x, kv, moe stats). A KV-producing layer computes kv (and writes the cache)."""
+    def __call__(self, x, kv, positions, mask, inv_freq, cache=None, rules=None, experts_fn=None,
+                 key=None):
+        """Returns (x, kv, moe stats). A KV-producing layer computes kv (and writes the cache).
+        `key` (training only) drives dropout and the MoE's training-time routing."""
+        keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
+        attn_drop = None if key is None or not self.attention_dropout else (
+            self.attention_dropout, keys[0])
         h = self.input_norm(x)
         if self.attn.produces_kv:
             kv = self.attn.project_kv(h, positions, inv_freq)
             if cache is not None:
                 kv = tuple(_write_rows(c, new, cache.index) for c, new in zip(cache[:2], kv))
-        x = x + self.attn(h, *kv, positions, mask, inv_freq, rules)
+        attn_out = self.attn(h, *kv, positions, mask, inv_freq, rules, attn_drop)
+        x = x + _dropout(attn_out, self.hidden_dropout, keys[1])
         x = constrain(x, ("batch", "length", "act_embed"), rules)
-        moe_out, stats = self.moe(self.post_attn_norm(x), experts_fn)
-        x = constrain(x + moe_out, ("batch", "length", "act_embed"), rules)
+        moe_out, stats = self.moe(self.post_attn_norm(x), experts_fn, keys[2])
+        x = x + _dropout(moe_out, self.hidden_dropout, keys[3])
+        x = constrain(x, ("batch", "length", "act_embed"), rules)
         return x, kv, stats
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def _write_rows(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
@@ -139,10 +158,13 @@ class DecoderGroup(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, produces_kv=(j == 0), rngs=rngs)
                                 for j in range(cfg.cla_share_factor)])
 
-    def __call__(self, x, positions, mask, inv_freq, cache=None, rules=None, experts_fn=None):
+    def __call__(self, x, positions, mask, inv_freq, cache=None, rules=None, experts_fn=None,
+                 key=None):
         kv, stats = None, []
-        for layer in self.layers:
-            x, kv, layer_stats = layer(x, kv, positions, mask, inv_freq, cache, rules, experts_fn)
+        for j, layer in enumerate(self.layers):
+            layer_key = None if key is None else jax.random.fold_in(key, j)
+            x, kv, layer_stats = layer(x, kv, positions, mask, inv_freq, cache, rules, experts_fn,
+                                       layer_key)
             stats.append(layer_stats)
         stats = jax.tree.map(lambda *s: jnp.stack(s), *stats)
         return x, kv, stats
@@ -176,8 +198,11 @@ class HunyuanForCausalLM(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, *, cache: KVCache | None = None,
-                 experts_fn: ExpertsFn | None = None):
+                 experts_fn: ExpertsFn | None = None, key: jax.Array | None = None):
         """tokens [B, S] -> (logits [B, S, V] float32, stats, new cache or None).
+
+        `key` turns on training behaviour (dropout; `experts_fn` gets per-layer keys); None is
+        inference.
 
         Without a cache: causal attention within each segment (segment_ids, default one per
         row; positions default 0..S-1). With a cache: row b's tokens sit at positions
@@ -206,21 +231,24 @@ class HunyuanForCausalLM(nnx.Module):
         graphdef, stacked = nnx.split(self.groups)
 
         def body(x, xs):
-            group_state, group_cache = xs
+            group_state, group_cache, g = xs
             group = nnx.merge(graphdef, group_state)
             layer_cache = None if group_cache is None else KVCache(*group_cache, cache.index)
-            x, kv, stats = group(x, positions, mask, inv_freq, layer_cache, rules, experts_fn)
+            group_key = None if key is None else jax.random.fold_in(key, g)
+            x, kv, stats = group(x, positions, mask, inv_freq, layer_cache, rules, experts_fn,
+                                 group_key)
             return x, (stats, kv if cache is not None else None)
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        group_caches = None if cache is None else (cache.k, cache.v)
+        xs = (stacked, None if cache is None else (cache.k, cache.v),
+              jnp.arange(cfg.num_groups, dtype=jnp.int32))
         if cfg.scan_layers:
-            x, (stats, new_kv) = jax.lax.scan(body, x, (stacked, group_caches))
+            x, (stats, new_kv) = jax.lax.scan(body, x, xs)
         else:
             outs = []
             for g in range(cfg.num_groups):
-                x, out = body(x, jax.tree.map(lambda a: a[g], (stacked, group_caches)))
+                x, out = body(x, jax.tree.map(lambda a: a[g], xs))
                 outs.append(out)
             stats, new_kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         # stats: [groups, layers_per_group, ...] -> [layers, ...] in layer order.

@@ -39,8 +39,11 @@ class ExpertWeights(NamedTuple):
     down: jax.Array  # [E, F, D]
 
 
-# experts_fn(x [T, D], routing, weights) -> [T, D]: the routed part of the MoE output.
-ExpertsFn = Callable[[jax.Array, Routing, ExpertWeights], jax.Array]
+# experts_fn(x [T, D], routing, weights, key) -> ([T, D] routed part of the MoE output, extra
+# stats): the hook through which training-time capacity routing and expert parallelism plug in.
+# `key` is a per-layer PRNG key in training and None at inference.
+ExpertsFn = Callable[[jax.Array, Routing, ExpertWeights, jax.Array | None],
+                     tuple[jax.Array, dict]]
 
 
 def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> Routing:
@@ -61,7 +64,8 @@ def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w: ExpertWeights) -> j
     return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w.down, group_sizes)
 
 
-def dropless_experts(x: jax.Array, routing: Routing, w: ExpertWeights) -> jax.Array:
+def dropless_experts(x: jax.Array, routing: Routing, w: ExpertWeights,
+                     key: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Every (token, choice) pair is computed: sort by expert, grouped matmul, unsort, combine."""
     num_tokens, k = routing.expert_ids.shape
     num_experts = w.gate.shape[0]
@@ -72,7 +76,7 @@ def dropless_experts(x: jax.Array, routing: Routing, w: ExpertWeights) -> jax.Ar
     y = swiglu_grouped(x[token_of_row], group_sizes, w)  # [T*k, D], sorted by expert
     y = y[jnp.argsort(order)].reshape(num_tokens, k, -1)  # back to (token, choice) order
     combined = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), routing.weights)
-    return combined.astype(x.dtype)
+    return combined.astype(x.dtype), {}
 
 
 def load_balancing_stats(routing: Routing, num_experts: int) -> dict[str, jax.Array]:
@@ -103,13 +107,14 @@ class MoE(nnx.Module):
         cast = lambda p: p[...].astype(self.compute_dtype)
         return ExpertWeights(cast(self.gate_proj), cast(self.up_proj), cast(self.down_proj))
 
-    def __call__(self, x: jax.Array, experts_fn: ExpertsFn | None = None):
+    def __call__(self, x: jax.Array, experts_fn: ExpertsFn | None = None,
+                 key: jax.Array | None = None):
         """x: [B, S, D] -> ([B, S, D], load-balancing stats)."""
         b, s, d = x.shape
         tokens = x.reshape(b * s, d)
         routing = route(tokens, self.router[...], self.top_k)
-        routed = (experts_fn or dropless_experts)(tokens, routing, self.expert_weights())
+        routed, extra = (experts_fn or dropless_experts)(tokens, routing, self.expert_weights(), key)
         out = routed.reshape(b, s, d)
         if self.shared is not None:
             out = out + self.shared(x)
-        return out, load_balancing_stats(routing, self.num_experts)
+        return out, {**load_balancing_stats(routing, self.num_experts), **extra}
