@@ -79,6 +79,104 @@ def dropless_experts(x: jax.Array, routing: Routing, w: ExpertWeights,
     return combined.astype(x.dtype), {}
 
 
+class SlotAssignment(NamedTuple):
+    """Capacity routing result: each (token, choice) pair gets an expert and a buffer slot."""
+
+    expert_ids: jax.Array  # [T, k] int32, after re-assignment
+    slots: jax.Array  # [T, k] int32 position in the expert's buffer, == capacity if dropped
+    weights: jax.Array  # [T, k] float32 (0 for dropped pairs)
+    rerouted: jax.Array  # [T, k] bool
+    dropped: jax.Array  # [T, k] bool
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Slots per expert: ceil(capacity_factor * tokens * k / experts)."""
+    return max(1, -(-int(capacity_factor * num_tokens * top_k) // num_experts))
+
+
+def assign_slots(routing: Routing, capacity: int, key: jax.Array | None) -> SlotAssignment:
+    """Training-time routing with "random compensation" (Hunyuan-Large report).
+
+    Pairs are queued per expert in (choice, token) order; a pair past its expert's capacity is
+    not dropped but re-assigned to a uniformly random free slot among all experts with room
+    left, weighted by its probability for the new expert (renormalised like the original
+    choices when k > 1). A pair is dropped only when every slot is taken. key=None re-assigns
+    deterministically (free slots in order).
+    """
+    num_tokens, k = routing.expert_ids.shape
+    num_experts = routing.probs.shape[-1]
+    flat_e = routing.expert_ids.T.reshape(-1)  # choice-major: first choices queue first
+    one_hot = jax.nn.one_hot(flat_e, num_experts, dtype=jnp.int32)
+    position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)  # [k*T]
+    overflow = position >= capacity
+    taken = jnp.minimum(jnp.sum(one_hot, axis=0), capacity)  # [E]
+    # Free slots of all experts, in random order (or in order without a key).
+    slot_ids = jnp.arange(num_experts * capacity, dtype=jnp.int32)
+    free = (slot_ids % capacity) >= taken[slot_ids // capacity]
+    noise = (jnp.zeros(slot_ids.shape) if key is None
+             else jax.random.uniform(key, slot_ids.shape))
+    free_in_order = slot_ids[jnp.argsort(jnp.where(free, noise, 2.0), stable=True)]
+    rank = jnp.cumsum(overflow) - 1  # the i-th overflowing pair takes the i-th free slot
+    num_free = jnp.sum(free)
+    new_slot = free_in_order[jnp.clip(rank, 0, slot_ids.shape[0] - 1)]
+    dropped = overflow & (rank >= num_free)
+    rerouted = overflow & ~dropped
+    expert = jnp.where(rerouted, new_slot // capacity, flat_e)
+    slot = jnp.where(rerouted, new_slot % capacity, jnp.where(dropped, capacity, position))
+    to_tk = lambda a: a.reshape(k, num_tokens).T
+    expert, slot, rerouted, dropped = map(to_tk, (expert, slot, rerouted, dropped))
+    prob = jnp.take_along_axis(routing.probs, expert, axis=-1)
+    if k > 1:  # same normaliser as the original choices
+        orig = jnp.take_along_axis(routing.probs, routing.expert_ids, axis=-1)
+        prob = prob / jnp.sum(orig, axis=-1, keepdims=True)
+    weights = jnp.where(rerouted, prob, routing.weights)
+    weights = jnp.where(dropped, 0.0, weights)
+    return SlotAssignment(expert.astype(jnp.int32), slot.astype(jnp.int32), weights,
+                          rerouted, dropped)
+
+
+def dispatch(x: jax.Array, a: SlotAssignment, num_experts: int, capacity: int) -> jax.Array:
+    """Tokens into per-expert buffers [E, C, D] (dropped pairs go nowhere)."""
+    k = a.expert_ids.shape[1]
+    buffers = jnp.zeros((num_experts, capacity + 1, x.shape[-1]), x.dtype)  # +1: drop slot
+    rows = jnp.repeat(x, k, axis=0)
+    buffers = buffers.at[a.expert_ids.reshape(-1), a.slots.reshape(-1)].set(rows)
+    return buffers[:, :capacity]
+
+
+def combine(buffers: jax.Array, a: SlotAssignment, dtype) -> jax.Array:
+    """Per-expert outputs [E, C, D] back to tokens, weighted: [T, D]."""
+    y = buffers[a.expert_ids, jnp.minimum(a.slots, buffers.shape[1] - 1)]  # [T, k, D]
+    weights = jnp.where(a.dropped, 0.0, a.weights)
+    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(dtype)
+
+
+def swiglu_batched(buffers: jax.Array, w: ExpertWeights) -> jax.Array:
+    """SwiGLU of every expert on its own buffer: [E, C, D] -> [E, C, D]."""
+    gate = jnp.einsum("ecd,edf->ecf", buffers, w.gate)
+    up = jnp.einsum("ecd,edf->ecf", buffers, w.up)
+    return jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w.down)
+
+
+def capacity_stats(a: SlotAssignment) -> dict[str, jax.Array]:
+    return {"rerouted_fraction": jnp.mean(a.rerouted.astype(jnp.float32)),
+            "dropped_fraction": jnp.mean(a.dropped.astype(jnp.float32))}
+
+
+def make_capacity_experts(capacity_factor: float) -> ExpertsFn:
+    """The single-device training path: capacity routing with random compensation."""
+
+    def experts_fn(x, routing, w, key):
+        num_experts = w.gate.shape[0]
+        capacity = expert_capacity(x.shape[0], routing.expert_ids.shape[1], num_experts,
+                                   capacity_factor)
+        a = assign_slots(routing, capacity, key)
+        out = swiglu_batched(dispatch(x, a, num_experts, capacity), w)
+        return combine(out, a, x.dtype), capacity_stats(a)
+
+    return experts_fn
+
+
 def load_balancing_stats(routing: Routing, num_experts: int) -> dict[str, jax.Array]:
     """Switch auxiliary loss E * sum_e(mean p_e * fraction routed to e) and the load histogram."""
     counts = jnp.zeros((num_experts,), jnp.float32).at[routing.expert_ids.reshape(-1)].add(1.0)

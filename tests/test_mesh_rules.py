@@ -167,6 +167,10 @@ def test_v5p_256_topology_stub():
   devs = fake_slice((4, 8, 8), kind='TPU v5p')
   mesh = build_mesh('fsdp=-1,expert=4', devices=devs)  # 4 and 8x8 are whole physical axes
   assert mesh.devices.shape == (1, 64, 4, 1)
+  # topology-aware, not a plain reshape: each 'expert' group is one physical x-ring
+  for grp in mesh.devices[0, :, :, 0]:
+    assert sorted(d.coords[0] for d in grp) == [0, 1, 2, 3]
+    assert len({d.coords[1:] for d in grp}) == 1
   # expert=16 is no product of whole axes of 4x8x8: needs a split physical axis
   mesh = build_mesh('fsdp=-1,expert=16', devices=devs)
   assert mesh.devices.shape == (1, 16, 16, 1)

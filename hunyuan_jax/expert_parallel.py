@@ -1,0 +1,159 @@
+"""Expert parallelism: routed experts live on the devices of the mesh axes that the rules give
+the logical axis `exp`; tokens travel to them inside `jax.shard_map`.
+
+Two strategies, both `ExpertsFn`s for `MoE.__call__(experts_fn=...)`:
+
+* `all_to_all` (training): each device routes its own tokens into fixed-size per-expert buffers
+  (capacity routing with random compensation, `moe.assign_slots`), an all-to-all over the expert
+  axes brings each expert its buffers from every peer, the experts run, a second all-to-all
+  returns the results. Fixed-size buffers work on every backend (XLA:CPU has no
+  `ragged_all_to_all`).
+* `gather` (dropless; inference and decode): tokens are all-gathered over the expert axes, each
+  device runs its local experts on the rows routed to them (sorted, `ragged_dot`), and a
+  reduce-scatter sums the partial outputs back to the token owners. Nothing is ever dropped.
+
+Inside, expert weights sharded over other axes are handled as FSDP (`exp_embed`: all-gathered
+before use) and tensor parallelism (`exp_mlp`: partial sums reduced with `psum`).
+The code never names a mesh axis: it reads them from the rules.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from hunyuan_jax import moe
+from hunyuan_jax.moe import ExpertWeights, Routing
+from sharding.rules import get_rules, rules_dict
+
+STRATEGIES = ("gather", "all_to_all")
+
+
+def _token_axes(num_tokens: int, batch_axes: tuple[str, ...], mesh) -> tuple[str, ...]:
+    """The longest prefix of the batch axes whose size divides the token count."""
+    chosen, size = [], 1
+    for ax in batch_axes:
+        if num_tokens % (size * mesh.shape[ax]):
+            break
+        chosen.append(ax)
+        size *= mesh.shape[ax]
+    return tuple(a for a in chosen if mesh.shape[a] > 1)
+
+
+def make_expert_parallel_fn(mesh, rules, strategy: str = "gather",
+                            capacity_factor: float = 1.0) -> moe.ExpertsFn:
+    """An ExpertsFn running the routed experts sharded over `mesh` as `rules` place them."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown expert-parallel strategy {strategy!r}; use one of {STRATEGIES}")
+    table = rules_dict(get_rules(rules))
+    live = lambda axes: tuple(a for a in axes if mesh.shape[a] > 1)
+    ep_axes = live(table["exp"])
+    fsdp_axes = tuple(a for a in live(table["exp_embed"]) if a not in ep_axes)
+    tp_axes = tuple(a for a in live(table["exp_mlp"]) if a not in ep_axes + fsdp_axes)
+    batch_axes = live(table["batch"])
+    w_specs = ExpertWeights(P(ep_axes or None, fsdp_axes or None, tp_axes or None),
+                            P(ep_axes or None, fsdp_axes or None, tp_axes or None),
+                            P(ep_axes or None, tp_axes or None, fsdp_axes or None))
+
+    def experts_fn(x, routing: Routing, w: ExpertWeights, key):
+        num_experts = w.gate.shape[0]
+        ep = math.prod(mesh.shape[a] for a in ep_axes)
+        if num_experts % ep:
+            raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel "
+                             f"mesh axes {ep_axes} of size {ep}")
+        tok_axes = _token_axes(x.shape[0], batch_axes, mesh)
+        tok_spec = P(tok_axes or None)
+        if strategy == "all_to_all" and key is None:
+            key = jax.random.key(0)  # deterministic re-assignment when not training
+        body = partial(_gather_body if strategy == "gather" else _all_to_all_body,
+                       ep_axes=ep_axes, fsdp_axes=fsdp_axes, tp_axes=tp_axes,
+                       tokens_over_ep=set(ep_axes) <= set(tok_axes),
+                       tok_axes=tok_axes, capacity_factor=capacity_factor)
+        keys = jax.random.split(key, mesh.size).reshape(mesh.devices.shape) if key is not None \
+            else jnp.zeros(mesh.devices.shape, jnp.uint32)
+        key_spec = P(*mesh.axis_names)
+        fn = jax.shard_map(body, mesh=mesh,
+                           in_specs=(tok_spec, Routing(tok_spec, tok_spec, tok_spec), w_specs,
+                                     key_spec),
+                           out_specs=(tok_spec, P()), check_vma=False)
+        return fn(x, routing, w, keys)
+
+    return experts_fn
+
+
+def _full_weights(w: ExpertWeights, fsdp_axes) -> ExpertWeights:
+    """FSDP: gather the hidden (embed) dimension of the local experts' weights."""
+    if not fsdp_axes:
+        return w
+    gather = lambda a, axis: jax.lax.all_gather(a, fsdp_axes, axis=axis, tiled=True)
+    return ExpertWeights(gather(w.gate, 1), gather(w.up, 1), gather(w.down, 2))
+
+
+def _gather_body(x, routing, w, keys, *, ep_axes, fsdp_axes, tp_axes, tokens_over_ep,
+                 tok_axes, capacity_factor):
+    """Dropless: all-gather tokens over the expert axes, run local experts, reduce-scatter."""
+    del keys, capacity_factor
+    w = _full_weights(w, fsdp_axes)
+    local_experts = w.gate.shape[0]
+    if tokens_over_ep:
+        gather = lambda a: jax.lax.all_gather(a, ep_axes, axis=0, tiled=True)
+        x_all, ids, weights = gather(x), gather(routing.expert_ids), gather(routing.weights)
+    else:
+        x_all, ids, weights = x, routing.expert_ids, routing.weights
+    first = jax.lax.axis_index(ep_axes) * local_experts if ep_axes else 0
+    local = ids - first  # local expert index, out of [0, E_local) for other devices' experts
+    is_local = (local >= 0) & (local < local_experts)
+    num_tokens, k = ids.shape
+    flat = jnp.where(is_local, local, local_experts).reshape(-1)  # non-local rows sort last
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=local_experts + 1)[:local_experts].astype(jnp.int32)
+    y = moe.swiglu_grouped(x_all[order // k], group_sizes, w)  # rows past the groups are 0
+    y = y[jnp.argsort(order)].reshape(num_tokens, k, -1)
+    y = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), jnp.where(is_local, weights, 0.0))
+    if tp_axes:
+        y = jax.lax.psum(y, tp_axes)
+    if ep_axes:
+        y = (jax.lax.psum_scatter(y, ep_axes, scatter_dimension=0, tiled=True) if tokens_over_ep
+             else jax.lax.psum(y, ep_axes))
+    return y.astype(x.dtype), {}
+
+
+def _all_to_all_body(x, routing, w, keys, *, ep_axes, fsdp_axes, tp_axes, tokens_over_ep,
+                     tok_axes, capacity_factor):
+    """Capacity routing on local tokens, all-to-all to the experts' devices and back."""
+    w = _full_weights(w, fsdp_axes)
+    local_experts = w.gate.shape[0]
+    ep = jax.lax.psum(1, ep_axes) if ep_axes else 1
+    num_experts = local_experts * ep
+    num_tokens, k = routing.expert_ids.shape
+    capacity = moe.expert_capacity(num_tokens, k, num_experts, capacity_factor)
+    key = keys.reshape(-1)[0]
+    if tok_axes:  # a different key per token shard, the same across replicas of the shard
+        key = jax.random.fold_in(key, jax.lax.axis_index(tok_axes))
+    a = moe.assign_slots(routing, capacity, key)
+    buffers = moe.dispatch(x, a, num_experts, capacity)  # [E, C, D]
+    if ep_axes and tokens_over_ep:
+        # [E, C, D] = [ep, E_local, C, D]: send block i to peer i; receive one block per peer.
+        buffers = buffers.reshape(ep, local_experts, capacity, -1)
+        buffers = jax.lax.all_to_all(buffers, ep_axes, 0, 0, tiled=True)
+        buffers = buffers.transpose(1, 0, 2, 3).reshape(local_experts, ep * capacity, -1)
+    elif ep_axes:  # tokens replicated over the expert axes: take this device's experts
+        first = jax.lax.axis_index(ep_axes) * local_experts
+        buffers = jax.lax.dynamic_slice_in_dim(buffers, first, local_experts, axis=0)
+    out = moe.swiglu_batched(buffers, w)
+    if tp_axes:
+        out = jax.lax.psum(out, tp_axes)
+    if ep_axes and tokens_over_ep:
+        out = out.reshape(local_experts, ep, capacity, -1).transpose(1, 0, 2, 3)
+        out = jax.lax.all_to_all(out, ep_axes, 0, 0, tiled=True)
+        out = out.reshape(num_experts, capacity, -1)
+    elif ep_axes:
+        out = jax.lax.all_gather(out, ep_axes, axis=0, tiled=True)
+    stats = moe.capacity_stats(a)
+    if tok_axes:
+        stats = jax.tree.map(lambda s: jax.lax.pmean(s, tok_axes), stats)
+    return moe.combine(out, a, x.dtype), stats
