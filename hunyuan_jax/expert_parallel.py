@@ -67,20 +67,17 @@ def make_expert_parallel_fn(mesh, rules, strategy: str = "gather",
                              f"mesh axes {ep_axes} of size {ep}")
         tok_axes = _token_axes(x.shape[0], batch_axes, mesh)
         tok_spec = P(tok_axes or None)
-        if strategy == "all_to_all" and key is None:
-            key = jax.random.key(0)  # deterministic re-assignment when not training
         body = partial(_gather_body if strategy == "gather" else _all_to_all_body,
                        ep_axes=ep_axes, fsdp_axes=fsdp_axes, tp_axes=tp_axes,
                        tokens_over_ep=set(ep_axes) <= set(tok_axes),
                        tok_axes=tok_axes, capacity_factor=capacity_factor)
-        keys = jax.random.split(key, mesh.size).reshape(mesh.devices.shape) if key is not None \
-            else jnp.zeros(mesh.devices.shape, jnp.uint32)
-        key_spec = P(*mesh.axis_names)
+        if key is None:
+            key = jax.random.key(0)  # unused by the dropless strategy
         fn = jax.shard_map(body, mesh=mesh,
-                           in_specs=(tok_spec, Routing(tok_spec, tok_spec, tok_spec), w_specs,
-                                     key_spec),
+                           in_specs=(tok_spec, Routing(tok_spec, tok_spec, tok_spec, tok_spec),
+                                     w_specs, P()),
                            out_specs=(tok_spec, P()), check_vma=False)
-        return fn(x, routing, w, keys)
+        return fn(x, routing, w, key)
 
     return experts_fn
 
@@ -93,10 +90,10 @@ def _full_weights(w: ExpertWeights, fsdp_axes) -> ExpertWeights:
     return ExpertWeights(gather(w.gate, 1), gather(w.up, 1), gather(w.down, 2))
 
 
-def _gather_body(x, routing, w, keys, *, ep_axes, fsdp_axes, tp_axes, tokens_over_ep,
+def _gather_body(x, routing, w, key, *, ep_axes, fsdp_axes, tp_axes, tokens_over_ep,
                  tok_axes, capacity_factor):
     """Dropless: all-gather tokens over the expert axes, run local experts, reduce-scatter."""
-    del keys, capacity_factor
+    del key, capacity_factor
     w = _full_weights(w, fsdp_axes)
     local_experts = w.gate.shape[0]
     if tokens_over_ep:
@@ -122,7 +119,7 @@ def _gather_body(x, routing, w, keys, *, ep_axes, fsdp_axes, tp_axes, tokens_ove
     return y.astype(x.dtype), {}
 
 
-def _all_to_all_body(x, routing, w, keys, *, ep_axes, fsdp_axes, tp_axes, tokens_over_ep,
+def _all_to_all_body(x, routing, w, key, *, ep_axes, fsdp_axes, tp_axes, tokens_over_ep,
                      tok_axes, capacity_factor):
     """Capacity routing on local tokens, all-to-all to the experts' devices and back."""
     w = _full_weights(w, fsdp_axes)
@@ -131,7 +128,6 @@ def _all_to_all_body(x, routing, w, keys, *, ep_axes, fsdp_axes, tp_axes, tokens
     num_experts = local_experts * ep
     num_tokens, k = routing.expert_ids.shape
     capacity = moe.expert_capacity(num_tokens, k, num_experts, capacity_factor)
-    key = keys.reshape(-1)[0]
     if tok_axes:  # a different key per token shard, the same across replicas of the shard
         key = jax.random.fold_in(key, jax.lax.axis_index(tok_axes))
     a = moe.assign_slots(routing, capacity, key)

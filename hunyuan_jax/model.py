@@ -35,22 +35,70 @@ _REMAT_POLICIES = {
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
+class QuantizedKV(NamedTuple):
+    """An int8 cache tensor with one float32 scale per (token, kv head): x ~= values * scale.
+
+    values: [..., max_len, kv_heads, head_dim] int8 (symmetric, round-to-nearest, +-127);
+    scale:  [..., kv_heads, max_len] float32 = max|x| over head_dim / 127. The slot axis is the
+    minor one so the scales tile densely on TPU (a minor axis of kv_heads=8 would pad to 128).
+    A pytree like any NamedTuple, so it slices and stacks through the layer scan as an array does.
+    """
+
+    values: jax.Array
+    scale: jax.Array
+
+    SCALE_LOGICAL_AXES = ("cache_layers", "cache_batch", "cache_kv_heads", "cache_length")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @classmethod
+    def quantize(cls, x: jax.Array) -> "QuantizedKV":
+        """x: [..., S, KVH, Dh] -> int8 values and scales [..., KVH, S]."""
+        x32 = x.astype(jnp.float32)
+        amax = jnp.max(jnp.abs(x32), axis=-1)  # [..., S, KVH]
+        scale = jnp.where(amax > 0, amax, 1.0) / 127.0
+        q = jnp.clip(jnp.round(x32 / scale[..., None]), -127, 127).astype(jnp.int8)
+        return cls(q, jnp.swapaxes(scale, -1, -2))
+
+    def dequantize(self, dtype) -> jax.Array:
+        scale = jnp.swapaxes(self.scale, -1, -2)[..., None]  # [..., T, KVH, 1]
+        return (self.values.astype(jnp.float32) * scale).astype(dtype)
+
+
 class KVCache(NamedTuple):
     """Keys (roped, un-normed) and values of the KV-producing layers only.
 
-    k, v: [groups, batch, max_len, kv_heads, head_dim]; index: [batch] next slot to write.
-    A row's token at position p lives in slot p, so the causal mask is `slot <= position`.
+    k, v: [groups, batch, max_len, kv_heads, head_dim] arrays (compute dtype), or `QuantizedKV`
+    (int8 values of that shape plus per-token, per-head scales); index: [batch] next slot to
+    write. A row's token at position p lives in slot p, so the causal mask is `slot <= position`.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | QuantizedKV
+    v: jax.Array | QuantizedKV
     index: jax.Array
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        """dtype: default the compute dtype; `int8` gives a quantised cache (QuantizedKV)."""
         dtype = jnp.dtype(dtype or cfg.compute_dtype)
         shape = (cfg.num_groups, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+        index = jnp.zeros((batch,), jnp.int32)
+        if dtype == jnp.int8:
+            scale_shape = (cfg.num_groups, batch, cfg.num_kv_heads, max_len)
+            make = lambda: QuantizedKV(jnp.zeros(shape, jnp.int8),
+                                       jnp.zeros(scale_shape, jnp.float32))
+            return cls(make(), make(), index)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), index)
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.k, QuantizedKV)
 
     LOGICAL_AXES = ("cache_layers", "cache_batch", "cache_length", "cache_kv_heads", None)
 
@@ -129,7 +177,11 @@ class DecoderLayer(nnx.Module):
             kv = self.attn.project_kv(h, positions, inv_freq)
             if cache is not None:
                 kv = tuple(_write_rows(c, new, cache.index) for c, new in zip(cache[:2], kv))
-        attn_out = self.attn(h, *kv, positions, mask, inv_freq, rules, attn_drop)
+        # An int8 cache travels quantised between the layers of a group (and out as the new
+        # cache); each layer dequantises it for its own attention.
+        attn_kv = tuple(t.dequantize(self.attn.compute_dtype) if isinstance(t, QuantizedKV)
+                        else t for t in kv)
+        attn_out = self.attn(h, *attn_kv, positions, mask, inv_freq, rules, attn_drop)
         x = x + _dropout(attn_out, self.hidden_dropout, keys[1])
         x = constrain(x, ("batch", "length", "act_embed"), rules)
         moe_out, stats = self.moe(self.post_attn_norm(x), experts_fn, keys[2])
@@ -145,9 +197,14 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _write_rows(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-    """cache[b, index[b] : index[b] + S] = new[b] for every row b."""
+def _write_rows(cache, new: jax.Array, index: jax.Array):
+    """cache[b, index[b] : index[b] + S] = new[b] for every row b (quantising for int8)."""
     write = lambda c, n, i: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (i, 0, 0))
+    if isinstance(cache, QuantizedKV):
+        q = QuantizedKV.quantize(new)
+        write_scale = lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (0, i))
+        return QuantizedKV(jax.vmap(write)(cache.values, q.values, index),
+                           jax.vmap(write_scale)(cache.scale, q.scale, index))
     return jax.vmap(write)(cache, new, index)
 
 

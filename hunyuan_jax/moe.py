@@ -29,6 +29,7 @@ class Routing(NamedTuple):
     expert_ids: jax.Array  # [T, k] int32
     weights: jax.Array  # [T, k] float32 (raw top-1 probability, renormalised for k > 1)
     probs: jax.Array  # [T, E] float32 full softmax
+    log_z: jax.Array  # [T] float32 logsumexp of the router logits (for the z-loss)
 
 
 class ExpertWeights(NamedTuple):
@@ -54,7 +55,8 @@ def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> Routing:
     weights, expert_ids = jax.lax.top_k(probs, top_k)
     if top_k > 1:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return Routing(expert_ids.astype(jnp.int32), weights, probs)
+    return Routing(expert_ids.astype(jnp.int32), weights, probs,
+                   jax.nn.logsumexp(logits, axis=-1))
 
 
 def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w: ExpertWeights) -> jax.Array:
@@ -178,11 +180,13 @@ def make_capacity_experts(capacity_factor: float) -> ExpertsFn:
 
 
 def load_balancing_stats(routing: Routing, num_experts: int) -> dict[str, jax.Array]:
-    """Switch auxiliary loss E * sum_e(mean p_e * fraction routed to e) and the load histogram."""
+    """Switch auxiliary loss E * sum_e(mean p_e * fraction routed to e), the load histogram and
+    the router z-loss mean(logsumexp(logits)^2)."""
     counts = jnp.zeros((num_experts,), jnp.float32).at[routing.expert_ids.reshape(-1)].add(1.0)
     fraction = counts / jnp.maximum(jnp.sum(counts), 1.0)
     mean_prob = jnp.mean(routing.probs, axis=0)
-    return {"aux_loss": num_experts * jnp.sum(mean_prob * fraction), "expert_load": fraction}
+    return {"aux_loss": num_experts * jnp.sum(mean_prob * fraction), "expert_load": fraction,
+            "z_loss": jnp.mean(jnp.square(routing.log_z))}
 
 
 class MoE(nnx.Module):

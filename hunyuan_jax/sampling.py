@@ -1,0 +1,175 @@
+"""Next-token selection: greedy, temperature, top-k, top-p (nucleus) and repetition penalty.
+
+The order of operations is that of Hugging Face `generate` (which produced the reference
+outputs): repetition penalty on the raw logits, then temperature, then top-k, then top-p, then
+a categorical draw. `SamplingConfig` is frozen and hashable: it is a static argument of the
+compiled decode step, so each configuration compiles once and costs nothing at run time when a
+feature is off (greedy is a plain argmax).
+
+Defaults come from a checkpoint's `generation_config.json` (`SamplingConfig.from_generation_config`);
+without one, decoding is greedy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each token.
+
+    temperature: 0 means greedy (argmax; top-k/top-p are then irrelevant), else > 0.
+    top_k: keep the k most likely tokens (0 = off). top_p: keep the smallest set of most likely
+    tokens whose probability reaches p (1.0 = off; in (0, 1]). repetition_penalty: divide the
+    positive logits (multiply the negative ones) of every token already in the sequence, prompt
+    included (1.0 = off; > 0).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"sampling {name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise TypeError(f"sampling top_k must be an integer, got {self.top_k!r}")
+        if not (self.temperature >= 0.0 and self.temperature != float("inf")):
+            raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), "
+                             f"got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not (self.repetition_penalty > 0.0 and self.repetition_penalty != float("inf")):
+            raise ValueError(f"repetition_penalty must be > 0 and finite (1 = off), "
+                             f"got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def replace(self, **changes) -> "SamplingConfig":
+        """A copy with `changes`; None values are ignored (convenient for CLI flags)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_generation_config(cls, source: str | Path | Mapping[str, Any]) -> "SamplingConfig":
+        """From a HF `generation_config.json` (path, or its parsed dict). `do_sample: false`
+        (or absent, HF's default) means greedy whatever the other fields say."""
+        gen = _read_json(source) if not isinstance(source, Mapping) else source
+        if not gen.get("do_sample", False):
+            return cls(repetition_penalty=float(gen.get("repetition_penalty", 1.0)))
+        return cls(temperature=float(gen.get("temperature", 1.0)),
+                   top_k=int(gen.get("top_k", 0) or 0),
+                   top_p=float(gen.get("top_p", 1.0)),
+                   repetition_penalty=float(gen.get("repetition_penalty", 1.0)))
+
+
+def eos_ids_from_generation_config(source: str | Path | Mapping[str, Any]) -> list[int] | None:
+    """`eos_token_id` (an int or a list) of a generation_config.json, or None if absent."""
+    gen = _read_json(source) if not isinstance(source, Mapping) else source
+    eos = gen.get("eos_token_id")
+    if eos is None:
+        return None
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _read_json(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+# ----------------------------------------------------------------------------- logits processors
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """HF rule: for every token with seen[b, t], logit / penalty if > 0 else logit * penalty."""
+    if penalty == 1.0:
+        return logits
+    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+    """True for the k largest logits of each row (ties at the threshold are all kept)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return jnp.ones(logits.shape, bool)
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return logits >= kth
+
+
+def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
+    """True for the smallest set of most likely tokens whose probability reaches p: a token is
+    kept when the probability of the tokens strictly more likely than it is below p (so the
+    most likely token always is). Same set as HF's TopPLogitsWarper up to ties."""
+    if p >= 1.0:
+        return jnp.ones(logits.shape, bool)
+    order = jnp.argsort(-logits, axis=-1, stable=True)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative probability
+    keep_sorted = before < p
+    inverse = jnp.argsort(order, axis=-1)
+    return jnp.take_along_axis(keep_sorted, inverse, axis=-1)
+
+
+def processed_logits(logits: jax.Array, cfg: SamplingConfig,
+                     seen: jax.Array | None = None) -> jax.Array:
+    """The float32 logits the draw uses: penalty, temperature, then -inf outside top-k/top-p."""
+    logits = logits.astype(jnp.float32)
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if cfg.greedy:
+        return logits
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        logits = jnp.where(top_k_mask(logits, cfg.top_k), logits, _NEG_INF)
+    if cfg.top_p < 1.0:
+        logits = jnp.where(top_p_mask(logits, cfg.top_p), logits, _NEG_INF)
+    return logits
+
+
+def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig,
+           seen: jax.Array | None = None) -> jax.Array:
+    """logits [B, V] -> token ids [B] int32. `key` is one PRNG key; row b draws with
+    fold_in(key, b), so a row's draw does not depend on the other rows' logits.
+    `seen` [B, V] bool marks the tokens the repetition penalty applies to (None: off).
+
+    With top_k > 0 the draw (and top-p) works on the k candidates from `lax.top_k` only, with
+    no full-vocabulary sort: the same distribution as masking the full vocabulary except that
+    ties at the k-th logit keep exactly k tokens (HF keeps every tied token)."""
+    scores = logits.astype(jnp.float32)
+    if seen is not None:
+        scores = apply_repetition_penalty(scores, seen, cfg.repetition_penalty)
+    if cfg.greedy:
+        return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    scores = scores / cfg.temperature
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(scores.shape[0]))
+    if cfg.top_k and cfg.top_k < scores.shape[-1]:
+        vals, idx = jax.lax.top_k(scores, cfg.top_k)  # sorted, most likely first
+        if cfg.top_p < 1.0:
+            probs = jax.nn.softmax(vals, axis=-1)
+            vals = jnp.where(jnp.cumsum(probs, axis=-1) - probs < cfg.top_p, vals, _NEG_INF)
+        choice = jax.vmap(jax.random.categorical)(keys, vals)
+        return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    if cfg.top_p < 1.0:
+        scores = jnp.where(top_p_mask(scores, cfg.top_p), scores, _NEG_INF)
+    return jax.vmap(jax.random.categorical)(keys, scores).astype(jnp.int32)
