@@ -21,11 +21,34 @@ MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
 # Logical names used by the model (every preset maps each of them).
-PARAM_AXES = ('vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'exp', 'exp_embed',
-              'exp_mlp', 'layers', 'norm', 'router')
-ACTIVATION_AXES = ('batch', 'length', 'act_embed', 'act_heads', 'act_kv_heads', 'act_mlp',
-                   'act_vocab', 'act_exp', 'cache_batch', 'cache_length', 'cache_kv_heads',
-                   'cache_layers')
+PARAM_AXES = (
+    'vocab',
+    'embed',
+    'heads',
+    'kv_heads',
+    'head_dim',
+    'mlp',
+    'exp',
+    'exp_embed',
+    'exp_mlp',
+    'layers',
+    'norm',
+    'router',
+)
+ACTIVATION_AXES = (
+    'batch',
+    'length',
+    'act_embed',
+    'act_heads',
+    'act_kv_heads',
+    'act_mlp',
+    'act_vocab',
+    'act_exp',
+    'cache_batch',
+    'cache_length',
+    'cache_kv_heads',
+    'cache_layers',
+)
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 
 _DP = ('data', 'fsdp')
@@ -35,12 +58,29 @@ _FSDP_EP = ('fsdp', 'expert')
 # Pure FSDP (mesh expert = tensor = 1): weights sharded on their hidden (embed) dim over 'fsdp',
 # activations on batch over (data, fsdp).
 FSDP: Rules = (
-    ('vocab', None), ('embed', 'fsdp'), ('heads', None), ('kv_heads', None), ('head_dim', None),
-    ('mlp', None), ('exp', None), ('exp_embed', 'fsdp'), ('exp_mlp', None), ('layers', None),
-    ('norm', None), ('router', None),
-    ('batch', _DP), ('length', None), ('act_embed', None), ('act_heads', None),
-    ('act_kv_heads', None), ('act_mlp', None), ('act_vocab', None), ('act_exp', None),
-    ('cache_batch', _DP), ('cache_length', None), ('cache_kv_heads', None),
+    ('vocab', None),
+    ('embed', 'fsdp'),
+    ('heads', None),
+    ('kv_heads', None),
+    ('head_dim', None),
+    ('mlp', None),
+    ('exp', None),
+    ('exp_embed', 'fsdp'),
+    ('exp_mlp', None),
+    ('layers', None),
+    ('norm', None),
+    ('router', None),
+    ('batch', _DP),
+    ('length', None),
+    ('act_embed', None),
+    ('act_heads', None),
+    ('act_kv_heads', None),
+    ('act_mlp', None),
+    ('act_vocab', None),
+    ('act_exp', None),
+    ('cache_batch', _DP),
+    ('cache_length', None),
+    ('cache_kv_heads', None),
     ('cache_layers', None),
 )
 
@@ -48,21 +88,45 @@ FSDP: Rules = (
 # (SPEC 7: over 'fsdp' alone leaves one copy per expert shard); expert weights' embed over
 # 'fsdp'; the batch over every axis (data, fsdp, expert).
 FSDP_EP: Rules = (
-    ('vocab', None), ('embed', _FSDP_EP), ('heads', None), ('kv_heads', None),
-    ('head_dim', None), ('mlp', None), ('exp', 'expert'), ('exp_embed', 'fsdp'),
-    ('exp_mlp', None), ('layers', None), ('norm', None), ('router', None),
-    ('batch', _DP_EP), ('length', None), ('act_embed', None), ('act_heads', None),
-    ('act_kv_heads', None), ('act_mlp', None), ('act_vocab', None), ('act_exp', 'expert'),
-    ('cache_batch', _DP_EP), ('cache_length', None), ('cache_kv_heads', None),
+    ('vocab', None),
+    ('embed', _FSDP_EP),
+    ('heads', None),
+    ('kv_heads', None),
+    ('head_dim', None),
+    ('mlp', None),
+    ('exp', 'expert'),
+    ('exp_embed', 'fsdp'),
+    ('exp_mlp', None),
+    ('layers', None),
+    ('norm', None),
+    ('router', None),
+    ('batch', _DP_EP),
+    ('length', None),
+    ('act_embed', None),
+    ('act_heads', None),
+    ('act_kv_heads', None),
+    ('act_mlp', None),
+    ('act_vocab', None),
+    ('act_exp', 'expert'),
+    ('cache_batch', _DP_EP),
+    ('cache_length', None),
+    ('cache_kv_heads', None),
     ('cache_layers', None),
 )
 
 # FSDP_EP + tensor parallelism over 'tensor' (heads, kv heads, FFN hidden, vocab); 'tensor' does
 # not shard the batch.
 _TP_OVERRIDES = {
-    'vocab': 'tensor', 'heads': 'tensor', 'kv_heads': 'tensor', 'mlp': 'tensor',
-    'exp_mlp': 'tensor', 'act_heads': 'tensor', 'act_kv_heads': 'tensor', 'act_mlp': 'tensor',
-    'act_vocab': 'tensor', 'cache_kv_heads': 'tensor',
+    'vocab': 'tensor',
+    'heads': 'tensor',
+    'kv_heads': 'tensor',
+    'mlp': 'tensor',
+    'exp_mlp': 'tensor',
+    'act_heads': 'tensor',
+    'act_kv_heads': 'tensor',
+    'act_mlp': 'tensor',
+    'act_vocab': 'tensor',
+    'cache_kv_heads': 'tensor',
 }
 FSDP_EP_TP: Rules = tuple((k, _TP_OVERRIDES.get(k, v)) for k, v in FSDP_EP)
 
@@ -70,7 +134,9 @@ FSDP_EP_TP: Rules = tuple((k, _TP_OVERRIDES.get(k, v)) for k, v in FSDP_EP)
 # their hidden dim over ('fsdp', 'expert') like the weights' embed dim (only activations move,
 # never weights); batch and cache batch over 'data' only (decode batches are small).
 _SERVE_OVERRIDES = {
-    'batch': 'data', 'cache_batch': 'data', 'act_embed': _FSDP_EP,
+    'batch': 'data',
+    'cache_batch': 'data',
+    'act_embed': _FSDP_EP,
 }
 SERVE_EP_TP: Rules = tuple((k, _SERVE_OVERRIDES.get(k, v)) for k, v in FSDP_EP_TP)
 
@@ -83,180 +149,202 @@ PRESETS: dict[str, Rules] = {
 
 
 def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
-  if axes is None:
-    return ()
-  if isinstance(axes, str):
-    return (axes,)
-  return tuple(axes)
+    if axes is None:
+        return ()
+    if isinstance(axes, str):
+        return (axes,)
+    return tuple(axes)
 
 
 def rules_dict(rules: Rules) -> dict[str, tuple[str, ...]]:
-  """Validates `rules` and returns {logical name: tuple of mesh axes}."""
-  out: dict[str, tuple[str, ...]] = {}
-  for entry in rules:
-    try:
-      name, axes = entry
-    except (TypeError, ValueError):
-      raise ValueError(f'sharding rule {entry!r} is not a (logical_name, mesh_axes) pair') from None
-    if name in out:
-      raise ValueError(f'sharding rules: logical axis {name!r} appears more than once')
-    axes_t = _as_tuple(axes)
-    bad = [a for a in axes_t if a not in MESH_AXES]
-    if bad:
-      raise ValueError(f'sharding rule for {name!r}: unknown mesh axis name(s) {bad}; '
-                       f'known axes are {list(MESH_AXES)}')
-    if len(set(axes_t)) != len(axes_t):
-      raise ValueError(f'sharding rule for {name!r}: mesh axis repeated in {axes_t}')
-    out[name] = axes_t
-  return out
+    """Validates `rules` and returns {logical name: tuple of mesh axes}."""
+    out: dict[str, tuple[str, ...]] = {}
+    for entry in rules:
+        try:
+            name, axes = entry
+        except (TypeError, ValueError):
+            raise ValueError(
+                f'sharding rule {entry!r} is not a (logical_name, mesh_axes) pair'
+            ) from None
+        if name in out:
+            raise ValueError(f'sharding rules: logical axis {name!r} appears more than once')
+        axes_t = _as_tuple(axes)
+        bad = [a for a in axes_t if a not in MESH_AXES]
+        if bad:
+            raise ValueError(
+                f'sharding rule for {name!r}: unknown mesh axis name(s) {bad}; '
+                f'known axes are {list(MESH_AXES)}'
+            )
+        if len(set(axes_t)) != len(axes_t):
+            raise ValueError(f'sharding rule for {name!r}: mesh axis repeated in {axes_t}')
+        out[name] = axes_t
+    return out
 
 
 def get_rules(rules: 'Rules | str', overrides: Mapping[str, MeshAxes] | None = None) -> Rules:
-  """A rules tuple from a preset name or a rules tuple, with optional {logical: mesh axes}
-  overrides (e.g. from a YAML config); an override of an unknown logical name is an error."""
-  if isinstance(rules, str):
-    if rules not in PRESETS:
-      raise ValueError(f'unknown sharding preset {rules!r}; presets are {list(PRESETS)}')
-    rules = PRESETS[rules]
-  rules = tuple((k, v) for k, v in rules)
-  if overrides:
-    known = [k for k, _ in rules]
-    unknown = [k for k in overrides if k not in known]
-    if unknown:
-      raise ValueError(f'sharding rule overrides: unknown logical axis name(s) {unknown}; '
-                       f'known: {known}')
-    rules = tuple((k, overrides.get(k, v)) for k, v in rules)
-    rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
-  rules_dict(rules)
-  return rules
+    """A rules tuple from a preset name or a rules tuple, with optional {logical: mesh axes}
+    overrides (e.g. from a YAML config); an override of an unknown logical name is an error."""
+    if isinstance(rules, str):
+        if rules not in PRESETS:
+            raise ValueError(f'unknown sharding preset {rules!r}; presets are {list(PRESETS)}')
+        rules = PRESETS[rules]
+    rules = tuple((k, v) for k, v in rules)
+    if overrides:
+        known = [k for k, _ in rules]
+        unknown = [k for k in overrides if k not in known]
+        if unknown:
+            raise ValueError(
+                f'sharding rule overrides: unknown logical axis name(s) {unknown}; '
+                f'known: {known}'
+            )
+        rules = tuple((k, overrides.get(k, v)) for k, v in rules)
+        rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
+    rules_dict(rules)
+    return rules
 
 
 def _mesh_sizes(mesh) -> dict[str, int] | None:
-  if mesh is None:
-    return None
-  return dict(mesh.shape)  # Mesh and AbstractMesh: {axis name: size}
+    if mesh is None:
+        return None
+    return dict(mesh.shape)  # Mesh and AbstractMesh: {axis name: size}
 
 
-def logical_to_spec(logical_axes: Sequence[str | None] | None, rules: 'Rules | str',
-                    mesh=None, shape: Sequence[int] | None = None, name: str = '') -> P:
-  """PartitionSpec for an array whose dims carry `logical_axes` (one name or None per dim).
+def logical_to_spec(
+    logical_axes: Sequence[str | None] | None,
+    rules: 'Rules | str',
+    mesh=None,
+    shape: Sequence[int] | None = None,
+    name: str = '',
+) -> P:
+    """PartitionSpec for an array whose dims carry `logical_axes` (one name or None per dim).
 
-  A mesh axis already used by an earlier dim is skipped (a spec never names an axis twice). With
-  `mesh` (Mesh or AbstractMesh) given, mesh axes of size 1 are dropped; with `shape` too, every
-  sharded dim must be divisible by the product of its mesh axes (ValueError naming `name`).
-  """
-  where = f' of {name!r}' if name else ''
-  if logical_axes is None:
-    logical_axes = ()
-  if isinstance(logical_axes, str):
-    raise ValueError(f'logical_axes{where} must be a tuple of names, got the string '
-                     f'{logical_axes!r}')
-  logical_axes = tuple(logical_axes)
-  table = rules_dict(get_rules(rules) if isinstance(rules, str) else rules)
-  sizes = _mesh_sizes(mesh)
-  if shape is not None and len(shape) != len(logical_axes):
-    raise ValueError(f'logical_axes{where} {logical_axes} has {len(logical_axes)} names but the '
-                     f'array has shape {tuple(shape)} ({len(shape)} dims)')
-  used: set[str] = set()
-  spec: list[MeshAxes] = []
-  for dim, lname in enumerate(logical_axes):
-    if lname is None:
-      spec.append(None)
-      continue
-    if lname not in table:
-      raise ValueError(f'unknown logical axis name {lname!r} (dim {dim}{where}); the rules map '
-                       f'{sorted(table)}')
-    axes = []
-    for a in table[lname]:
-      if a in used:
-        continue
-      if sizes is not None:
-        if a not in sizes:
-          raise ValueError(f'mesh axis {a!r} (rule for {lname!r}) is not in the mesh, whose axes '
-                           f'are {list(sizes)}')
-        if sizes[a] == 1:
-          continue
-      axes.append(a)
-    used.update(axes)
-    if sizes is not None and shape is not None and axes:
-      n = math.prod(sizes[a] for a in axes)
-      if shape[dim] % n:
+    A mesh axis already used by an earlier dim is skipped (a spec never names an axis twice). With
+    `mesh` (Mesh or AbstractMesh) given, mesh axes of size 1 are dropped; with `shape` too, every
+    sharded dim must be divisible by the product of its mesh axes (ValueError naming `name`).
+    """
+    where = f' of {name!r}' if name else ''
+    if logical_axes is None:
+        logical_axes = ()
+    if isinstance(logical_axes, str):
         raise ValueError(
-            f'cannot shard {name or "array"}: dim {dim} (logical {lname!r}) has size '
-            f'{shape[dim]}, not divisible by the product of mesh axes {tuple(axes)} = {n} '
-            f'(shape {tuple(shape)}, logical_axes {logical_axes})')
-    spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
-  return P(*spec)
+            f'logical_axes{where} must be a tuple of names, got the string ' f'{logical_axes!r}'
+        )
+    logical_axes = tuple(logical_axes)
+    table = rules_dict(get_rules(rules) if isinstance(rules, str) else rules)
+    sizes = _mesh_sizes(mesh)
+    if shape is not None and len(shape) != len(logical_axes):
+        raise ValueError(
+            f'logical_axes{where} {logical_axes} has {len(logical_axes)} names but the '
+            f'array has shape {tuple(shape)} ({len(shape)} dims)'
+        )
+    used: set[str] = set()
+    spec: list[MeshAxes] = []
+    for dim, lname in enumerate(logical_axes):
+        if lname is None:
+            spec.append(None)
+            continue
+        if lname not in table:
+            raise ValueError(
+                f'unknown logical axis name {lname!r} (dim {dim}{where}); the rules map '
+                f'{sorted(table)}'
+            )
+        axes = []
+        for a in table[lname]:
+            if a in used:
+                continue
+            if sizes is not None:
+                if a not in sizes:
+                    raise ValueError(
+                        f'mesh axis {a!r} (rule for {lname!r}) is not in the mesh, whose axes '
+                        f'are {list(sizes)}'
+                    )
+                if sizes[a] == 1:
+                    continue
+            axes.append(a)
+        used.update(axes)
+        if sizes is not None and shape is not None and axes:
+            n = math.prod(sizes[a] for a in axes)
+            if shape[dim] % n:
+                raise ValueError(
+                    f'cannot shard {name or "array"}: dim {dim} (logical {lname!r}) has size '
+                    f'{shape[dim]}, not divisible by the product of mesh axes {tuple(axes)} = {n} '
+                    f'(shape {tuple(shape)}, logical_axes {logical_axes})'
+                )
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return P(*spec)
 
 
-def activation_spec(logical_axes: Sequence[str | None], rules: 'Rules | str',
-                    mesh=None) -> P:
-  """PartitionSpec of an activation; drops size-1 axes of `mesh` (default: the ambient mesh)."""
-  if mesh is None:
-    ambient = jax.sharding.get_abstract_mesh()
-    mesh = None if ambient.empty else ambient
-  return logical_to_spec(logical_axes, rules, mesh=mesh)
+def activation_spec(logical_axes: Sequence[str | None], rules: 'Rules | str', mesh=None) -> P:
+    """PartitionSpec of an activation; drops size-1 axes of `mesh` (default: the ambient mesh)."""
+    if mesh is None:
+        ambient = jax.sharding.get_abstract_mesh()
+        mesh = None if ambient.empty else ambient
+    return logical_to_spec(logical_axes, rules, mesh=mesh)
 
 
 def constrain(x, logical_axes: Sequence[str | None], rules: 'Rules | str | None'):
-  """`with_sharding_constraint(x, spec)` under an ambient mesh (`jax.set_mesh`) when `rules`
-  is given; the identity otherwise (no mesh, e.g. single-device tests, or rules None)."""
-  if rules is None:
-    return x
-  if len(logical_axes) != x.ndim:
-    raise ValueError(f'constrain: logical_axes {tuple(logical_axes)} has {len(logical_axes)} '
-                     f'names but the array has shape {x.shape}')
-  mesh = jax.sharding.get_abstract_mesh()
-  # Checked even without a mesh, so that a wrong logical name fails in single-device tests too.
-  spec = logical_to_spec(logical_axes, rules, mesh=None if mesh.empty else mesh)
-  if mesh.empty:
-    return x
-  return jax.lax.with_sharding_constraint(x, spec)
+    """`with_sharding_constraint(x, spec)` under an ambient mesh (`jax.set_mesh`) when `rules`
+    is given; the identity otherwise (no mesh, e.g. single-device tests, or rules None)."""
+    if rules is None:
+        return x
+    if len(logical_axes) != x.ndim:
+        raise ValueError(
+            f'constrain: logical_axes {tuple(logical_axes)} has {len(logical_axes)} '
+            f'names but the array has shape {x.shape}'
+        )
+    mesh = jax.sharding.get_abstract_mesh()
+    # Checked even without a mesh, so that a wrong logical name fails in single-device tests too.
+    spec = logical_to_spec(logical_axes, rules, mesh=None if mesh.empty else mesh)
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def _is_var(x) -> bool:
-  return isinstance(x, nnx.Variable)
+    return isinstance(x, nnx.Variable)
 
 
 def _leaf_spec(path, leaf, rules, mesh) -> P:
-  name = jax.tree_util.keystr(path, simple=True, separator='.')
-  value = leaf.get_value() if _is_var(leaf) else leaf
-  shape = tuple(getattr(value, 'shape', ()))
-  axes = leaf.get_metadata('logical_axes', None) if _is_var(leaf) else None
-  if axes is None:
-    if not shape:
-      return P()  # scalars (step counters, RNG keys) are replicated
-    kind = type(leaf).__name__
-    raise ValueError(f'{kind} {name!r} of shape {shape} has no logical_axes metadata; give it '
-                     f'logical_axes=(one name or None per dim)')
-  return logical_to_spec(axes, rules, mesh=mesh, shape=shape, name=name)
+    name = jax.tree_util.keystr(path, simple=True, separator='.')
+    value = leaf.get_value() if _is_var(leaf) else leaf
+    shape = tuple(getattr(value, 'shape', ()))
+    axes = leaf.get_metadata('logical_axes', None) if _is_var(leaf) else None
+    if axes is None:
+        if not shape:
+            return P()  # scalars (step counters, RNG keys) are replicated
+        kind = type(leaf).__name__
+        raise ValueError(
+            f'{kind} {name!r} of shape {shape} has no logical_axes metadata; give it '
+            f'logical_axes=(one name or None per dim)'
+        )
+    return logical_to_spec(axes, rules, mesh=mesh, shape=shape, name=name)
 
 
 def state_specs(abstract_state, rules: 'Rules | str', mesh=None):
-  """The same structure as `abstract_state` (an nnx.State whose Variables hold arrays or
-  ShapeDtypeStructs), each Variable's value replaced by its PartitionSpec."""
-  rules = get_rules(rules)
+    """The same structure as `abstract_state` (an nnx.State whose Variables hold arrays or
+    ShapeDtypeStructs), each Variable's value replaced by its PartitionSpec."""
+    rules = get_rules(rules)
 
-  def f(path, leaf):
-    spec = _leaf_spec(path, leaf, rules, mesh)
-    return leaf.replace(spec) if _is_var(leaf) else spec
+    def f(path, leaf):
+        spec = _leaf_spec(path, leaf, rules, mesh)
+        return leaf.replace(spec) if _is_var(leaf) else spec
 
-  return jax.tree_util.tree_map_with_path(f, abstract_state, is_leaf=_is_var)
+    return jax.tree_util.tree_map_with_path(f, abstract_state, is_leaf=_is_var)
 
 
 def state_shardings(abstract_state, rules: 'Rules | str', mesh):
-  """As `state_specs`, with `NamedSharding(mesh, spec)` values (e.g. for jit out_shardings)."""
-  rules = get_rules(rules)
+    """As `state_specs`, with `NamedSharding(mesh, spec)` values (e.g. for jit out_shardings)."""
+    rules = get_rules(rules)
 
-  def f(path, leaf):
-    sharding = NamedSharding(mesh, _leaf_spec(path, leaf, rules, mesh))
-    return leaf.replace(sharding) if _is_var(leaf) else sharding
+    def f(path, leaf):
+        sharding = NamedSharding(mesh, _leaf_spec(path, leaf, rules, mesh))
+        return leaf.replace(sharding) if _is_var(leaf) else sharding
 
-  return jax.tree_util.tree_map_with_path(f, abstract_state, is_leaf=_is_var)
+    return jax.tree_util.tree_map_with_path(f, abstract_state, is_leaf=_is_var)
 
 
 def unused_mesh_axes(rules: 'Rules | str', mesh) -> list[str]:
-  """Mesh axes of size > 1 that no rule uses: every device along them would hold and compute
-  the same thing (MaxText's rule: each axis shards the batch unless it is used for TP)."""
-  used = {a for axes in rules_dict(get_rules(rules)).values() for a in axes}
-  return [a for a, s in _mesh_sizes(mesh).items() if s > 1 and a not in used]
+    """Mesh axes of size > 1 that no rule uses: every device along them would hold and compute
+    the same thing (MaxText's rule: each axis shards the batch unless it is used for TP)."""
+    used = {a for axes in rules_dict(get_rules(rules)).values() for a in axes}
+    return [a for a, s in _mesh_sizes(mesh).items() if s > 1 and a not in used]
