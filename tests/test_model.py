@@ -24,7 +24,8 @@ from hunyuan_jax.hf_checkpoint import CheckpointError
 from hunyuan_jax.layers import apply_rope, rope_inv_freq
 from hunyuan_jax.model import Attention, KVCache
 from hunyuan_jax.moe import ExpertWeights, dropless_experts, route
-from hunyuan_jax.state import abstract_model, flat_shapes, init_model, load_hf_model, param_count
+from hunyuan_jax.state import (abstract_model, flat_shapes, load_hf_model, model_from_arrays,
+                               param_count)
 
 CONFIGS = HY_TINY.parents[2] / "configs"
 REF_TOL = 1e-4  # SPEC section 5: converted float32 logits agree with PyTorch to ~1e-4
@@ -66,13 +67,18 @@ def hf_state_dict(model) -> dict[str, np.ndarray]:
     return sd
 
 
-def randomize_norms(model, seed=0):
-    """Non-uniform RMSNorm weights, so that norm order and per-layer norms matter."""
-    for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
+def random_model(cfg, seed=0, router_scale=1.0):
+    """A model with numpy-random parameters (no jit: faster than init_model for small configs).
+    RMSNorm weights are non-uniform, so that norm order and per-layer norms matter."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for path, shape in flat_shapes(abstract_model(cfg)).items():
         if "norm" in "/".join(map(str, path)):
-            arr = get(var)
-            noise = np.random.default_rng(seed + i).uniform(0.5, 1.5, arr.shape)
-            var.set_value(jnp.asarray(arr * noise, var.dtype))
+            arrays[path] = rng.uniform(0.5, 1.5, shape)
+        else:
+            scale = cfg.initializer_range * (router_scale if path[-1] == "router" else 1.0)
+            arrays[path] = rng.normal(0.0, scale, shape)
+    return model_from_arrays(cfg, arrays)
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +231,7 @@ def test_cla_reusing_layer_uses_shared_kv_and_own_key_norm():
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 9)), jnp.int32)
 
     def setup(f):
-        model = init_model(small_cfg(cla_share_factor=f), seed=1)
-        randomize_norms(model)
+        model = random_model(small_cfg(cla_share_factor=f), seed=1)
         l0 = model.groups.layers[0]
         for var in (l0.attn.o_proj, l0.moe.down_proj, l0.moe.shared.down_proj):
             var.set_value(jnp.zeros_like(var[...]))
@@ -256,8 +261,7 @@ def test_cla_reusing_layer_uses_shared_kv_and_own_key_norm():
 @pytest.mark.parametrize("f,layers", [(1, 2), (3, 3), (2, 4)])
 def test_cla_factors_match_numpy_oracle(f, layers):
     cfg = small_cfg(cla_share_factor=f, num_layers=layers, moe_top_k=2 if f == 3 else 1)
-    model = init_model(cfg, seed=f)
-    randomize_norms(model)
+    model = random_model(cfg, seed=f)
     ids = np.random.default_rng(f).integers(0, cfg.vocab_size, (2, 11))
     got = np.asarray(logits_of(model, jnp.asarray(ids, jnp.int32)))
     want = nr.forward(hf_state_dict(model), cfg.to_hf(), ids, np.float64)
