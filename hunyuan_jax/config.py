@@ -49,9 +49,9 @@ class ModelConfig:
     scan_layers: bool = True
 
     def __post_init__(self):
+        _check_types(self)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_heads, 1))
-        _check_types(self)
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                     "num_kv_heads", "num_experts", "moe_top_k", "cla_share_factor", "head_dim",
                     "max_position_embeddings"):
@@ -152,6 +152,7 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
             "initializer_range": self.initializer_range, "hidden_act": "silu",
+            "attention_dropout": self.attention_dropout,
             "attention_bias": False, "capacity_factor": self.capacity_factor,
             "moe_drop_tokens": False, "moe_random_routing_dropped_token": False,
         }

