@@ -24,7 +24,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import pickle
 import zipfile
 from pathlib import Path

@@ -113,7 +113,11 @@ def to_hf_tensor(entry: TensorMap, tree_slice: np.ndarray) -> np.ndarray:
 
 
 def ignorable_hf_key(key: str, cfg: ModelConfig) -> bool:
-    """Keys a checkpoint may carry that hold no parameter of ours."""
+    """Keys a checkpoint may carry that hold no parameter of ours (FP8 scales are consumed
+    by dequantisation when their weight is read; see hf_checkpoint.dequantize_fp8)."""
     if key.endswith("rotary_emb.inv_freq"):
+        return True
+    if key.endswith((".weight_scale", ".input_scale", ".output_scale", ".k_scale", ".v_scale",
+                     ".kv_scale")):
         return True
     return key == "lm_head.weight" and cfg.tie_word_embeddings

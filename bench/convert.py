@@ -1,0 +1,154 @@
+"""Benchmark of the streaming HF -> JAX converter: throughput (MB/s) and peak RSS for synthetic
+bf16 checkpoints of two (or more) sizes that differ only in their number of layers.
+
+    python bench/convert.py                       # 1 GB and 2 GB, zstd (the default)
+    python bench/convert.py --sizes-gb 2,4 --compression none --export
+    # A52B tensor shapes (embed 1.65 GB, experts 234 MB), 2 experts, 2 and 4 layers:
+    python bench/convert.py --sizes-gb 3,6 --hidden 6400 --intermediate 18304 --experts 2 \
+        --vocab 129024 --heads 80 --kv-heads 8
+
+Each conversion runs in a fresh subprocess (`python -m hunyuan_jax.convert hf-to-jax`); its
+peak RSS is the process's own VmHWM (reported in the manifest; not ru_maxrss from wait4, which
+Linux seeds with the parent's high-water mark across fork + exec). The synthetic checkpoint was just
+written, so it is read from the page cache: the numbers are the converter's CPU-side rate, not
+a cold disk's. Prints one line per size and a table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def synthetic_config(layers: int, hidden: int, intermediate: int, experts: int,
+                     vocab: int, heads: int | None = None, kv_heads: int | None = None) -> dict:
+    """An HF config.json of Hunyuan-Large's structure (CLA 2, QK-norm, shared expert)."""
+    base = json.loads((ROOT / "tests/data/hy_tiny/hf_st/config.json").read_text())
+    return dict(base, hidden_size=hidden, intermediate_size=intermediate,
+                num_hidden_layers=layers, num_attention_heads=heads or max(1, hidden // 128),
+                num_key_value_heads=kv_heads or max(1, hidden // 512), num_experts=experts,
+                vocab_size=vocab, torch_dtype="bfloat16")
+
+
+def bytes_per_layer(hidden: int, intermediate: int, experts: int, kv_frac: float = 0.25,
+                    itemsize: int = 2) -> float:
+    kv = int(hidden * kv_frac)  # num_kv_heads * head_dim
+    attn = 2 * hidden * hidden + kv * hidden  # q, o; k+v (2 x kv) on every other layer
+    mlp = 3 * hidden * intermediate * (experts + 1) + hidden * experts
+    return (attn + mlp + 4 * hidden) * itemsize
+
+
+def run_measured(cmd: list[str], env=None) -> tuple[int, int, float, str]:
+    """(return code, peak RSS bytes of that child (VmHWM polled from /proc), seconds,
+    stderr)."""
+    t = time.time()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    polled = 0
+    import threading
+    err = []
+    reader = threading.Thread(target=lambda: err.append(p.stderr.read()))
+    reader.start()
+    while p.poll() is None:
+        try:
+            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    polled = max(polled, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        time.sleep(0.05)
+    reader.join()
+    if p.returncode:
+        print(err[0], file=sys.stderr)
+    return p.returncode, polled, time.time() - t, err[0]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes-gb", default="1,2")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2048)
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--heads", type=int, default=None, help="default hidden // 128")
+    ap.add_argument("--kv-heads", type=int, default=None, help="default hidden // 512")
+    ap.add_argument("--compression", choices=("zstd", "none"), default="zstd")
+    ap.add_argument("--export", action="store_true", help="also time jax-to-hf")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+    from hunyuan_jax.convert import write_synthetic_hf
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
+    heads = args.heads or max(1, args.hidden // 128)
+    kv_heads = args.kv_heads or max(1, args.hidden // 512)
+    per_layer = bytes_per_layer(args.hidden, args.intermediate, args.experts, kv_heads / heads)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    rows = []
+    try:
+        for gb in (float(s) for s in args.sizes_gb.split(",")):
+            layers = max(2, 2 * round(gb * 1e9 / per_layer / 2))
+            hf = work / f"hf_{layers}"
+            out = work / f"jax_{layers}"
+            cfg = synthetic_config(layers, args.hidden, args.intermediate, args.experts,
+                                   args.vocab, heads, kv_heads)
+            t = time.time()
+            size = write_synthetic_hf(hf, cfg, "bfloat16", shard_bytes=1 << 30)
+            gen = time.time() - t
+            largest = 2 * max(args.vocab * args.hidden, args.hidden * args.intermediate)
+            shutil.rmtree(out, ignore_errors=True)
+            rc, rss, secs, _ = run_measured(
+                [sys.executable, "-m", "hunyuan_jax.convert", "hf-to-jax", "--hf-dir",
+                 str(hf), "--out", str(out), "--compression", args.compression,
+                 "--no-progress"], env)
+            if rc:
+                return rc
+            man = json.loads((out / "manifest.json").read_text())
+            rss = max(rss, int(man["stats"]["peak_rss_mb"] * 1e6))
+            row = dict(size_gb=size / 1e9, layers=layers, largest_mb=largest / 1e6,
+                       seconds=secs, mb_s=size / 1e6 / secs,
+                       inner_mb_s=man["stats"]["mb_per_s"], peak_rss_mb=rss / 1e6,
+                       out_gb=sum(f.stat().st_size for f in (out / "params").rglob("*")
+                                  if f.is_file()) / 1e9)
+            if args.export:
+                rc, xrss, xsecs, xerr = run_measured(
+                    [sys.executable, "-m", "hunyuan_jax.convert", "jax-to-hf", "--ckpt",
+                     str(out), "--out", str(work / f"back_{layers}"), "--no-progress"], env)
+                m = re.search(r"peak RSS (\d+) MB", xerr)
+                xrss = max(xrss, int(m.group(1)) * 10**6 if m else 0)
+                if rc:
+                    return rc
+                row.update(export_mb_s=size / 1e6 / xsecs, export_rss_mb=xrss / 1e6)
+                shutil.rmtree(work / f"back_{layers}")
+            rows.append(row)
+            print(f"{size / 1e9:.2f} GB ({layers} layers, largest tensor {largest / 1e6:.0f} MB,"
+                  f" generated in {gen:.0f} s): {secs:.1f} s wall = {row['mb_s']:.0f} MB/s "
+                  f"({row['inner_mb_s']:.0f} MB/s after start-up), peak RSS "
+                  f"{rss / 1e6:.0f} MB, output {row['out_gb']:.2f} GB ({args.compression})"
+                  + (f"; export {row['export_mb_s']:.0f} MB/s, peak RSS "
+                     f"{row['export_rss_mb']:.0f} MB" if args.export else ""), flush=True)
+            shutil.rmtree(hf)
+            shutil.rmtree(out)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print("\n| size GB | layers | wall s | MB/s | MB/s (steady) | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['size_gb']:.2f} | {r['layers']} | {r['seconds']:.1f} | {r['mb_s']:.0f} | "
+              f"{r['inner_mb_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""The on-disk layout of a converted Hunyuan-Large checkpoint, and restoring it straight into a
+sharded model.
+
+Layout of a converted directory `O` (written by `python -m hunyuan_jax.convert hf-to-jax`)::
+
+    O/
+      manifest.json          written last, atomically: {"format": "hunyuan-jax-params",
+                             "version": 1, "complete": true, "dtype": "bfloat16",
+                             "params": {"dir": "params", "use_ocdbt": false, "use_zarr3": true,
+                             "leaves": {name: {"shape", "dtype", "shard_shape", "chunk_shape"}},
+                             "bytes"}, "source": {"dir", "format": "safetensors"|"bin",
+                             "files": [{"name", "size", "mtime_ns"}], "fp8": bool},
+                             "hf_config": {...}, "tokenizer_files": [...], "stats": {...}}
+                             No manifest (or "complete" false) = not a usable checkpoint.
+      config.json            the source's Hugging Face config.json (`torch_dtype` set to the
+                             stored dtype, FP8 `quantization_config` dropped):
+                             `ModelConfig.from_hf(O)` / `config.load_config(O)` read it.
+      params/                an orbax PyTree checkpoint of `nnx.state(model, nnx.Param)`:
+        _METADATA            orbax tree metadata (use_ocdbt=false, use_zarr3=true)
+        _CHECKPOINT_METADATA
+        embed.value/         one zarr3 array per parameter, named as orbax names the leaves of
+        final_norm.weight.value/   an nnx.State ("." joined key path, ending in ".value")
+        groups.layers.0.attn.q_proj.value/
+          zarr.json          shape [groups, embed, heads, head_dim], dtype, codecs
+          c/<g>/0/0/0        one file ("zarr3 shard") per stacked slice = one HF tensor: per
+                             layer group (c/<g>/...), or per (group, expert) for routed
+                             experts (c/<g>/<e>/...); inside it, chunks of <= 4 MiB and an
+                             index (crc32c), zstd level 1 (or uncompressed)
+        ...
+      hy.tiktoken, tokenizer_config.json, generation_config.json   (if the source had them)
+      *.py                   remote-code files of the source (configuration / modeling), if any
+      .convert/              only while converting: plan.json + progress.jsonl (resume record)
+
+Why zarr3 without OCDBT: every stacked slice (one HF tensor) is one whole zarr3 shard file,
+written in one piece by tensorstore with no read-modify-write and atomically (temp file +
+rename), so a conversion can write leaves slice by slice into preallocated arrays, be killed
+at any point and resume by rewriting the slices its progress record lacks. OCDBT packs all
+arrays into one B-tree whose manifest must be committed (per process, then merged), which
+fits a single save but not an interruptible, slice-by-slice writer. Orbax restores
+non-OCDBT zarr3 checkpoints natively (`_METADATA` says so), and the inner chunks (<= 4 MiB)
+let each host of a pod read only the chunks overlapping its own shards of a slice.
+
+Restoring: `restore_params(O, mesh, rules)` builds the abstract model, its shardings from the
+logical-axis rules, and restores with orbax `StandardCheckpointer` into `ShapeDtypeStruct`s
+carrying those shardings: tensorstore reads only each process's shards, nothing is assembled
+on one host. A different dtype (e.g. `param_dtype="float32"` master weights from a bf16
+checkpoint) is cast on read:
+
+    model = restore_params(O, mesh, "fsdp_ep", param_dtype="float32")   # -> model
+    cfg, model = restore_model(O, mesh=mesh, rules=rules, **policy)     # -> (config, model)
+    state = restore_param_state(O, target)   # into any abstract nnx.State with shardings
+
+`restore_model` follows the (cfg, model) convention of `checkpointing.restore_params` and of
+decode's checkpoint formats (`is_converted` detects the layout, `load_config` reads the
+config cheaply); infer.py finds the tokenizer files and generation_config.json in `O`.
+`python -m hunyuan_jax.convert jax-to-hf` exports back to Hugging Face safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hunyuan_jax import hf_mapping
+from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.hf_checkpoint import CheckpointError
+
+FORMAT_NAME = "hunyuan-jax-params"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARAMS_DIR = "params"
+CONFIG = "config.json"
+WORK_DIR = ".convert"
+TOKENIZER_FILES = ("hy.tiktoken", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json", "tokenizer.json", "tokenizer.model")
+DEFAULT_CHUNK_BYTES = 4 << 20
+
+
+# ----------------------------------------------------------------------------- the param tree
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One parameter leaf: its nnx path, orbax name and key path, shape and dtype, and the
+    HF mapping entry that fills it (one zarr3 shard per HF tensor)."""
+    path: tuple
+    name: str
+    keys: tuple[tuple[str, int], ...]  # (key name, orbax key type: 1 sequence, 2 dict)
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    entry: hf_mapping.TensorMap | None
+
+    @property
+    def shard_shape(self) -> tuple[int, ...]:
+        """One HF tensor's slice: stacking dims (group, expert) of size 1, the rest whole."""
+        lead = 0 if self.entry is None else (self.entry.member is not None) + self.entry.per_expert
+        return (1,) * lead + tuple(self.shape[lead:])
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _key_entry(k) -> tuple[str, int]:
+    import jax
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return str(k.idx), 1
+    if isinstance(k, jax.tree_util.DictKey):
+        return str(k.key), 2
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return str(k.name), 2
+    if isinstance(k, jax.tree_util.FlattenedIndexKey):
+        return str(k.key), 2
+    raise ValueError(f"unsupported pytree key {k!r}")
+
+
+def abstract_param_state(cfg: ModelConfig, rules=None):
+    """(graphdef, abstract nnx.State of the Params, abstract rest of the state)."""
+    from flax import nnx
+    from hunyuan_jax.state import abstract_model
+    return nnx.split(abstract_model(cfg, rules), nnx.Param, ...)
+
+
+def param_leaves(cfg: ModelConfig) -> dict[tuple, Leaf]:
+    """{nnx path: Leaf} for every parameter, with the names orbax gives them when saving
+    `nnx.state(model, nnx.Param)` (the same flattening orbax applies at restore)."""
+    import jax
+    from flax import nnx
+    _, state, _ = abstract_param_state(cfg)
+    entries = {e.path: e for e in hf_mapping.mapping_table(cfg)}
+    out = {}
+    for vpath, var in jax.tree_util.tree_flatten_with_path(
+            state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        sub = jax.tree_util.tree_flatten_with_path(var)[0]
+        if len(sub) != 1:
+            raise ValueError(f"parameter {vpath} flattens to {len(sub)} leaves")
+        keys = tuple(_key_entry(k) for k in tuple(vpath) + tuple(sub[0][0]))
+        path = tuple(_key_entry(k)[0] for k in vpath)
+        # nnx paths use ints for list indices; match the mapping table's paths.
+        path = tuple(int(p) if p.isdigit() else p for p in path)
+        leaf = sub[0][1]
+        out[path] = Leaf(path, ".".join(k for k, _ in keys), keys, tuple(leaf.shape),
+                         np.dtype(leaf.dtype), entries.get(path))
+    missing = set(entries) - set(out)
+    if missing:
+        raise ValueError(f"mapping table paths not in the model: {sorted(missing)}")
+    return out
+
+
+# ----------------------------------------------------------------------------- tensorstore specs
+def choose_chunk_shape(shard_shape, itemsize: int, target_bytes: int = DEFAULT_CHUNK_BYTES
+                       ) -> tuple[int, ...]:
+    """Inner chunk shape dividing `shard_shape` (zarr3 sharding requires it), <= target bytes
+    where possible: repeatedly divide the largest dim by its smallest prime factor."""
+    chunk = list(shard_shape)
+    while math.prod(chunk) * itemsize > target_bytes:
+        order = sorted(range(len(chunk)), key=lambda i: -chunk[i])
+        for i in order:
+            d = chunk[i]
+            p = next((p for p in range(2, int(math.isqrt(d)) + 1) if d % p == 0), d)
+            if d > 1:
+                chunk[i] = d // p
+                break
+        else:
+            break
+    return tuple(chunk)
+
+
+def array_spec(params_dir: str | Path, name: str, shape, dtype, shard_shape, chunk_shape,
+               compression: str = "zstd") -> dict[str, Any]:
+    """The zarr3 spec of one leaf: one shard per `shard_shape` block, `chunk_shape` chunks."""
+    codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if compression == "zstd":
+        codecs.append({"name": "zstd", "configuration": {"level": 1}})
+    elif compression != "none":
+        raise ValueError(f"compression must be 'zstd' or 'none', got {compression!r}")
+    return {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": str(Path(params_dir) / name)},
+        "metadata": {
+            "shape": list(shape),
+            "data_type": np.dtype(dtype).name,
+            "chunk_grid": {"name": "regular",
+                           "configuration": {"chunk_shape": list(shard_shape)}},
+            "codecs": [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": list(chunk_shape),
+                "codecs": codecs,
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                 {"name": "crc32c"}],
+                "index_location": "end",
+            }}],
+            "fill_value": 0,
+        },
+        # Orbax restores with fill_missing_data_reads=False: every chunk must exist, zeros too.
+        "store_data_equal_to_fill_value": True,
+    }
+
+
+def read_spec(params_dir: str | Path, name: str, use_ocdbt: bool, use_zarr3: bool
+              ) -> dict[str, Any]:
+    """Spec to read one leaf of any orbax PyTree checkpoint (ours, or an OCDBT one saved by
+    orbax, e.g. the params of a train.py checkpoint after the OCDBT merge)."""
+    params_dir = str(Path(params_dir).absolute())
+    if use_ocdbt:
+        kv = {"driver": "ocdbt", "base": {"driver": "file", "path": params_dir}, "path": name}
+    else:
+        kv = {"driver": "file", "path": os.path.join(params_dir, name)}
+    return {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kv,
+            "recheck_cached_data": False, "recheck_cached_metadata": False}
+
+
+def open_for_read(params_dir: str | Path, name: str, use_ocdbt: bool, use_zarr3: bool):
+    import tensorstore as ts
+    try:
+        return ts.open(read_spec(params_dir, name, use_ocdbt, use_zarr3), open=True,
+                       read=True, context=ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+                       ).result()
+    except ValueError as e:
+        raise CheckpointError(f"{params_dir}: cannot open parameter {name}: {e}") from e
+
+
+# ----------------------------------------------------------------------------- metadata files
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON to a temp file, fsync, rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def orbax_tree_metadata(leaves: dict[tuple, Leaf], use_zarr3: bool = True) -> dict:
+    """The `_METADATA` orbax's PyTreeCheckpointHandler writes for this tree (no OCDBT)."""
+    tree = {}
+    for leaf in leaves.values():
+        tree[str(tuple(k for k, _ in leaf.keys))] = {
+            "key_metadata": [{"key": k, "key_type": t} for k, t in leaf.keys],
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
+                               "write_shape": list(leaf.shard_shape)},
+        }
+    return {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": use_zarr3,
+            "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+
+
+def write_orbax_metadata(params_dir: str | Path, leaves: dict[tuple, Leaf]) -> None:
+    import time
+    params_dir = Path(params_dir)
+    write_json_atomic(params_dir / "_METADATA", orbax_tree_metadata(leaves))
+    now = time.time_ns()
+    write_json_atomic(params_dir / "_CHECKPOINT_METADATA", {
+        "item_handlers": "orbax.checkpoint._src.handlers.pytree_checkpoint_handler."
+                         "PyTreeCheckpointHandler",
+        "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now,
+        "commit_timestamp_nsecs": now, "custom_metadata": {"format": FORMAT_NAME}})
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest of a converted checkpoint; CheckpointError unless it is complete."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        hint = (" (a conversion was interrupted: rerun the same hf-to-jax command to resume)"
+                if (directory / WORK_DIR).is_dir() else "")
+        raise CheckpointError(f"{directory}: no {MANIFEST}: not a complete converted "
+                              f"checkpoint{hint}")
+    try:
+        man = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt manifest: {e}") from e
+    if man.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: format {man.get('format')!r}, expected {FORMAT_NAME!r}")
+    if man.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {man.get('version')} is newer than this "
+                              f"code understands ({FORMAT_VERSION})")
+    if not man.get("complete"):
+        raise CheckpointError(f"{path}: checkpoint is marked incomplete")
+    return man
+
+
+def load_config(directory: str | Path, **overrides) -> ModelConfig:
+    """The ModelConfig of a converted checkpoint (param_dtype = the stored dtype)."""
+    man = read_manifest(directory)
+    cfg = ModelConfig.from_hf(Path(directory) / CONFIG).replace(param_dtype=man["dtype"])
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+# ----------------------------------------------------------------------------- restore
+def _target_state(cfg: ModelConfig, mesh, rules):
+    import jax
+    # Without a mesh the model gets no rules (activation constraints need a mesh).
+    graphdef, abstract, rest = abstract_param_state(cfg, rules if mesh is not None else None)
+    if mesh is not None:
+        from sharding.rules import state_shardings
+        shardings = state_shardings(abstract, rules, mesh)
+    else:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: one, abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    return graphdef, target, rest
+
+
+def restore_param_state(directory: str | Path, target):
+    """Restore the params of a converted checkpoint into `target`, an nnx.State (or any pytree
+    with the same structure as `nnx.state(model, nnx.Param)`) of `jax.ShapeDtypeStruct`s with
+    shardings; each process reads only its shards; dtypes are cast on read."""
+    import orbax.checkpoint as ocp
+    read_manifest(directory)
+    params = Path(directory).absolute() / PARAMS_DIR
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(params, target)
+
+
+def is_converted(directory: str | Path) -> bool:
+    """Whether `directory` holds a converted checkpoint (complete or not)."""
+    directory = Path(directory)
+    return (directory / MANIFEST).is_file() or (directory / WORK_DIR / "plan.json").is_file()
+
+
+def restore_params(directory: str | Path, mesh=None, rules=None, **overrides):
+    """The model of a converted checkpoint, each parameter placed by `rules` on `mesh` (one
+    device when mesh is None). `overrides` are ModelConfig fields, e.g. compute_dtype="float32"
+    or param_dtype="float32" (cast on read)."""
+    return restore_model(directory, mesh, rules, **overrides)[1]
+
+
+def restore_model(directory: str | Path, mesh=None, rules=None, **overrides):
+    """(ModelConfig, model): as `restore_params`, with the config (the convention of
+    `checkpointing.restore_params` and decode's checkpoint formats)."""
+    from flax import nnx
+    import jax
+    cfg = load_config(directory, **overrides)
+    graphdef, target, rest = _target_state(cfg, mesh, rules)
+    if jax.tree.leaves(rest):
+        raise ValueError("the model has non-Param state that a params checkpoint cannot "
+                         "restore: restore with restore_param_state and initialise the rest")
+    state = restore_param_state(directory, target)
+    return cfg, nnx.merge(graphdef, state, rest)
