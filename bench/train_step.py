@@ -1,0 +1,232 @@
+"""Train-step throughput of hunyuan_jax (the jitted, sharded step of train.py) vs a PyTorch
+eager implementation of the same math, in the same process, on configs/small.yaml.
+
+    python bench/train_step.py                   # small config, batch 4 x 256, 3 timed steps
+    python bench/train_step.py --batch 4 --seq 128 --steps 5 --micro-batches 2
+
+The baseline (`TorchTrain` below) is a compact eager PyTorch version of the original
+Hunyuan-Large training math: CLA (K/V from the first layer of each pair), NTK-alpha NeoX RoPE,
+QK-norm after RoPE, GQA through `F.scaled_dot_product_attention`, shared SwiGLU expert + top-1
+routed experts (float32 softmax router, raw probability weight) as a loop over the experts with
+their tokens gathered (dropless, as the original modeling code's eager path), tied embeddings,
+cross entropy + 0.01 x Switch auxiliary loss; `torch.nn.utils.clip_grad_norm_` and
+`torch.optim.AdamW` (foreach) with the same hyper-parameters. transformers is not installed (and
+its in-library HunYuan class is not Hunyuan-Large). Both sides start from the same float32
+weights; their losses on the same batch are compared first as a correctness check (the JAX side
+with dropless routing for that check; its timed step uses capacity routing as in training).
+
+Timing: the JAX step is compiled ahead of time (compile time printed separately); each side
+runs one untimed warm-up step, then `--steps` timed steps of each, alternating JAX and PyTorch
+so that both see the same machine load; tokens/s uses the median step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from hunyuan_jax.data import batch_sharding, to_global  # noqa: E402
+from hunyuan_jax.losses import lm_loss  # noqa: E402
+from hunyuan_jax.optim import active_params, make_optimizer  # noqa: E402
+from hunyuan_jax.state import init_model  # noqa: E402
+from hunyuan_jax.train_config import load_configs  # noqa: E402
+from hunyuan_jax.train_step import (init_train_state, jit_train_step, make_experts_fn,  # noqa
+                                    make_mesh, make_train_step, train_shardings)
+from sharding.rules import get_rules  # noqa: E402
+
+
+# ============================================================================ PyTorch baseline
+class TorchTrain:
+    """Hunyuan-Large loss in eager PyTorch (float32), parameters from the JAX tree."""
+
+    def __init__(self, cfg, params_state, tcfg):
+        self.cfg = cfg
+        # One tensor per layer and per expert, as in the original modules (indexing a stacked
+        # tensor would make autograd build a full-size gradient for every slice).
+        self.p = {}
+        for path, var in nnx.to_flat_state(params_state):
+            name = ".".join(map(str, path))
+            value = np.array(var.get_value(), np.float32)
+            if path[0] != "groups":
+                self.p[name] = torch.nn.Parameter(torch.from_numpy(value))
+                continue
+            for g in range(cfg.num_groups):
+                if path[-2:-1] == ("moe",) and path[-1] in ("gate_proj", "up_proj", "down_proj"):
+                    for e in range(cfg.num_experts):
+                        self.p[f"{name}.{g}.{e}"] = torch.nn.Parameter(
+                            torch.from_numpy(value[g, e].copy()))
+                else:
+                    self.p[f"{name}.{g}"] = torch.nn.Parameter(torch.from_numpy(value[g].copy()))
+        d = cfg.head_dim
+        base = cfg.rope_theta * cfg.rope_alpha ** (d / (d - 2))
+        self.inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+        self.opt = torch.optim.AdamW(self.p.values(), lr=tcfg.lr, betas=(tcfg.b1, tcfg.b2),
+                                     eps=tcfg.eps, weight_decay=tcfg.weight_decay, foreach=True)
+        self.clip, self.aux_coef = tcfg.grad_clip, tcfg.aux_loss_coef
+
+    def _norm(self, x, w):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)) * w
+
+    def _rope(self, x, pos):
+        freqs = pos[..., None].float() * self.inv_freq
+        emb = torch.cat([freqs, freqs], -1)[:, :, None, :]
+        x1, x2 = x.chunk(2, -1)
+        return x * emb.cos() + torch.cat([-x2, x1], -1) * emb.sin()
+
+    def loss(self, tokens, targets):
+        cfg, p = self.cfg, self.p
+        b, s = tokens.shape
+        pos = torch.arange(s)[None].expand(b, s)
+        x = p["embed"][tokens]
+        aux = 0.0
+        for g in range(cfg.num_groups):
+            for j in range(cfg.cla_share_factor):
+                w = lambda n: p[f"groups.layers.{j}.{n}.{g}"]
+                h = self._norm(x, w("input_norm.weight"))
+                if j == 0:
+                    k = self._rope(torch.einsum("bsd,dnh->bsnh", h, w("attn.k_proj")), pos)
+                    v = torch.einsum("bsd,dnh->bsnh", h, w("attn.v_proj"))
+                q = self._rope(torch.einsum("bsd,dnh->bsnh", h, w("attn.q_proj")), pos)
+                q = self._norm(q, w("attn.query_norm.weight"))
+                kn = self._norm(k, w("attn.key_norm.weight"))
+                rep = cfg.num_heads // cfg.num_kv_heads
+                o = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), kn.repeat_interleave(rep, 2).transpose(1, 2),
+                    v.repeat_interleave(rep, 2).transpose(1, 2), is_causal=True)
+                x = x + torch.einsum("bnsh,nhd->bsd", o, w("attn.o_proj"))
+                h = self._norm(x, w("post_attn_norm.weight")).reshape(b * s, -1)
+                probs = torch.softmax(h @ w("moe.router"), -1)
+                weight, ids = probs.max(-1)
+                shared = (F.silu(h @ w("moe.shared.gate_proj")) * (h @ w("moe.shared.up_proj"))
+                          ) @ w("moe.shared.down_proj")
+                routed = torch.zeros_like(h)
+                for e in range(cfg.num_experts):
+                    idx = (ids == e).nonzero(as_tuple=True)[0]
+                    if idx.numel():
+                        he = h[idx]
+                        we = lambda n: p[f"groups.layers.{j}.moe.{n}.{g}.{e}"]
+                        ye = (F.silu(he @ we("gate_proj")) * (he @ we("up_proj"))) @ we("down_proj")
+                        routed = routed.index_add(0, idx, ye * weight[idx, None])
+                frac = torch.bincount(ids, minlength=cfg.num_experts).float() / ids.numel()
+                aux = aux + cfg.num_experts * (probs.mean(0) * frac).sum()
+                x = x + (shared + routed).reshape(b, s, -1)
+        logits = self._norm(x, p["final_norm.weight"]) @ p["embed"].T
+        ce = F.cross_entropy(logits.reshape(b * s, -1), targets.reshape(-1))
+        return ce + self.aux_coef * aux / cfg.num_layers, ce
+
+    def step(self, tokens, targets):
+        self.opt.zero_grad(set_to_none=True)
+        loss, _ = self.loss(tokens, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.p.values(), self.clip)
+        self.opt.step()
+        return float(loss.detach())
+
+
+# ============================================================================ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "small.yaml"))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--micro-batches", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+
+    mcfg, tcfg = load_configs(args.config, [
+        "mesh=data=1,fsdp=1,expert=1,tensor=1", "rules=fsdp", f"batch_size={args.batch}",
+        f"seq_len={args.seq}", f"micro_batches={args.micro_batches}", "warmup_steps=0",
+        *args.overrides])
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
+          f"{os.cpu_count()} CPU threads; {args.config}: {tcfg.batch_size} x {tcfg.seq_len} "
+          f"tokens/step, {tcfg.micro_batches} micro-batch(es), compute {mcfg.compute_dtype}")
+
+    mesh, rules = make_mesh(tcfg.mesh), get_rules(tcfg.rules)
+    opt = make_optimizer(tcfg, mcfg)
+    model = init_model(mcfg, tcfg.seed, mesh, rules)
+    graphdef, state = init_train_state(model, opt, mesh, rules)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    n_active = active_params(mcfg, state.params)
+    print(f"model: {n_params / 1e6:.1f}M parameters, {n_active / 1e6:.1f}M active per token")
+
+    rng = np.random.default_rng(0)
+    b, s, m = tcfg.batch_size, tcfg.seq_len, tcfg.micro_batches
+    tokens = rng.integers(0, mcfg.vocab_size, (b, s + 1)).astype(np.int32)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    local = {"inputs": inputs, "targets": targets,
+             "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+             "segment_ids": np.ones((b, s), np.int32),
+             "loss_mask": np.ones((b, s), np.float32)}
+    local = {k: v.reshape(m, b // m, s) for k, v in local.items()}
+
+    # Correctness: the same loss from the same weights (dropless routing on the JAX side).
+    torch_model = TorchTrain(mcfg, state.params, tcfg)
+    with torch.no_grad():
+        t_loss, _ = torch_model.loss(torch.from_numpy(inputs).long(),
+                                     torch.from_numpy(targets).long())
+    flat = {k: v.reshape(b, s) for k, v in local.items()}
+    j_loss, _ = jax.jit(lambda mdl, bt: lm_loss(mdl, bt, aux_loss_coef=tcfg.aux_loss_coef))(
+        nnx.merge(graphdef, state.params), flat)
+    print(f"initial loss: JAX {float(j_loss):.5f}, PyTorch {float(t_loss):.5f} "
+          f"(|diff| {abs(float(j_loss) - float(t_loss)):.1e})")
+
+    # JAX: the train.py step (capacity routing, donated state), compiled ahead of time.
+    sh = train_shardings(jax.eval_shape(lambda: state), mesh, rules)
+    b_sh = batch_sharding(mesh, rules)
+    step = jit_train_step(make_train_step(graphdef, opt, mcfg, tcfg,
+                                          make_experts_fn(mcfg, tcfg, mesh, rules)),
+                          sh, b_sh, mesh)
+    batch = to_global(local, b_sh, b)
+    tt, tg = torch.from_numpy(inputs).long(), torch.from_numpy(targets).long()
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        state, metrics = compiled(state, batch)  # warm-up, both sides
+        jax.block_until_ready(metrics)
+        torch_model.step(tt, tg)
+        # Alternate the two so that both see the same machine load.
+        jax_times, torch_times = [], []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            jax_times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            torch_loss = torch_model.step(tt, tg)
+            torch_times.append(time.perf_counter() - t0)
+    jax_loss = float(metrics["loss"])
+
+    tokens_per_step = b * s
+    jt, pt = float(np.median(jax_times)), float(np.median(torch_times))
+    print(f"\n| implementation | step time (median of {args.steps}) | tokens/s | loss after "
+          f"{args.steps + 1} steps |")
+    print("|---|---|---|---|")
+    print(f"| hunyuan_jax jit train step (compile {compile_s:.1f}s) | {jt * 1e3:.0f} ms | "
+          f"{tokens_per_step / jt:,.0f} | {jax_loss:.4f} |")
+    print(f"| PyTorch eager | {pt * 1e3:.0f} ms | {tokens_per_step / pt:,.0f} | "
+          f"{torch_loss:.4f} |")
+    print(f"\nratio JAX / PyTorch tokens/s: {pt / jt:.2f}x")
+    flops = 6 * n_active * tokens_per_step
+    print(f"model FLOPs per step (6 x active x tokens): {flops / 1e9:.1f} GFLOP -> JAX "
+          f"{flops / jt / 1e9:.1f} GFLOP/s, PyTorch {flops / pt / 1e9:.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

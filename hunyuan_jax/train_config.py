@@ -1,0 +1,213 @@
+"""Training configuration: one frozen dataclass read from the `train:` section of the same YAML
+file whose `model:` section is the `ModelConfig`, plus `--set key=value` overrides (`model.*`
+keys go to the model section). `load_configs` returns both, validated.
+
+The resolved pair is written to `<run>/config.yaml` (see `checkpointing.write_run_config`), so
+that a run directory alone is enough to resume training or to decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from hunyuan_jax.config import ModelConfig, _check_types
+
+_NONFINITE = ("stop", "skip")
+_DATA_FORMATS = ("auto", "text", "jsonl", "chat")
+_EP_STRATEGIES = ("all_to_all", "gather")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a training run except the architecture (which is `ModelConfig`)."""
+
+    # Run ------------------------------------------------------------------------------------
+    run_dir: str = "runs/default"
+    seed: int = 0
+    steps: int = 100  # total optimizer steps: the schedule's horizon and where the run ends
+    stop_at: int | None = None  # stop (checkpoint and exit) at this step; a rerun resumes
+    # Batch: `batch_size` sequences of `seq_len` tokens per optimizer step, split into
+    # `micro_batches` equal micro-batches whose gradients are accumulated (lax.scan).
+    batch_size: int = 8
+    seq_len: int = 128
+    micro_batches: int = 1
+    # AdamW with linear warmup then cosine decay from `lr` to `lr * min_lr_ratio`.
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    decay_steps: int | None = None  # default: steps
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    adam_mu_dtype: str | None = None  # e.g. "bfloat16": first moment in bf16 (SPEC 7, 64 chips)
+    weight_decay: float = 0.1  # never applied to norm weights / 1-D parameters
+    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+    # Expert-specific learning rates (SPEC 3): lr_opt(B) = 2 lr_max / (sqrt(Bn/B) + sqrt(B/Bn));
+    # the shared expert uses lr_opt(B), each routed expert lr_opt(B/n), n = experts / top_k.
+    # The factors below multiply `lr` for those parameters (attention, router, embeddings and
+    # norms use `lr` itself). None derives them: shared 1, routed lr_opt(B/n) / lr_opt(B) with
+    # B = batch tokens and Bn = `lr_noise_batch_tokens` (None: B << Bn, i.e. 1/sqrt(n)).
+    shared_expert_lr_scale: float | None = None
+    routed_expert_lr_scale: float | None = None
+    lr_noise_batch_tokens: float | None = None
+    # Routing and MoE losses (the capacity factor and dropout live in the model section).
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    ep_strategy: str = "all_to_all"  # expert-parallel dispatch when rules shard 'exp'
+    # Parallelism: mesh sizes ("data=1,fsdp=-1,expert=1,tensor=1"; -1 = the rest) and the
+    # logical-axis rules preset of sharding/rules.py.
+    mesh: str = "data=1,fsdp=-1,expert=1,tensor=1"
+    rules: str = "fsdp"
+    # Data: None = the embedded corpus (Python standard-library sources, no download); else a
+    # file, directory or glob of .txt/.md (one document per file) or .jsonl (`text_field`, or
+    # chat `messages` for data_format=chat: loss on assistant tokens only).
+    data: str | None = None
+    data_format: str = "auto"
+    text_field: str = "text"
+    corpus_max_bytes: int = 4_000_000  # embedded corpus size
+    pack: bool = True  # False: one document per row, padded (truncated if longer)
+    shuffle: bool = True  # document order reshuffled every epoch (deterministic in seed)
+    # Tokenizer, copied into <run>/tokenizer/ (a resumed run reuses it): "auto" = the
+    # init_from checkpoint's tokenizer if it has one, else "sentencepiece" = train one on the
+    # corpus; otherwise a path to a Hunyuan tiktoken directory / hy.tiktoken file or a
+    # SentencePiece .model file.
+    tokenizer: str = "auto"
+    tokenizer_vocab_size: int | None = None  # default: the model's vocab_size
+    tokenizer_train_bytes: int = 2_000_000
+    # Checkpoints: <run>/checkpoints/<step>/{params, opt_state, data}.
+    save_every: int = 50
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    # Initial weights: None = random; a run directory of ours, a converted checkpoint or a
+    # Hugging Face directory (config.json + shards). Ignored when the run resumes.
+    init_from: str | None = None
+    # Logging: a progress line every `log_every` steps; every step goes to metrics.jsonl.
+    log_every: int = 10
+    peak_flops_per_device: float | None = None  # FLOP/s for the MFU estimate (None: by chip)
+    # A non-finite loss or gradient: "stop" (keep the last good checkpoint) or "skip" the batch.
+    on_nonfinite: str = "stop"
+
+    def __post_init__(self):
+        _check_types(self)
+        for key in ("steps", "batch_size", "seq_len", "micro_batches", "save_every",
+                    "keep_checkpoints", "log_every", "corpus_max_bytes", "tokenizer_train_bytes"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"train key {key!r} must be positive, got {getattr(self, key)}")
+        for key in ("warmup_steps",):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train key {key!r} must be >= 0, got {getattr(self, key)}")
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"train key 'batch_size' ({self.batch_size}) must be divisible by "
+                             f"'micro_batches' ({self.micro_batches})")
+        if self.lr <= 0:
+            raise ValueError(f"train key 'lr' must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"train key 'decay_steps' ({self.decay_steps}) must exceed "
+                             f"'warmup_steps' ({self.warmup_steps})")
+        if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
+            raise ValueError(f"train key 'stop_at' must be in [1, steps={self.steps}], "
+                             f"got {self.stop_at}")
+        for key in ("lr_noise_batch_tokens", "peak_flops_per_device"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"train key {key!r} must be positive (or null), got {value}")
+        for key in ("shared_expert_lr_scale", "routed_expert_lr_scale"):  # 0 freezes them
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ValueError(f"train key {key!r} must be >= 0 (or null), got {value}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("train keys 'weight_decay' and 'grad_clip' must be >= 0")
+        if self.on_nonfinite not in _NONFINITE:
+            raise ValueError(f"train key 'on_nonfinite' must be one of {_NONFINITE}, "
+                             f"got {self.on_nonfinite!r}")
+        if self.data_format not in _DATA_FORMATS:
+            raise ValueError(f"train key 'data_format' must be one of {_DATA_FORMATS}, "
+                             f"got {self.data_format!r}")
+        if self.adam_mu_dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"train key 'adam_mu_dtype' must be null, float32 or bfloat16, "
+                             f"got {self.adam_mu_dtype!r}")
+        if self.ep_strategy not in _EP_STRATEGIES:
+            raise ValueError(f"train key 'ep_strategy' must be one of {_EP_STRATEGIES}, "
+                             f"got {self.ep_strategy!r}")
+
+    @property
+    def total_decay_steps(self) -> int:
+        return self.decay_steps if self.decay_steps is not None else max(self.steps,
+                                                                          self.warmup_steps + 1)
+
+    @property
+    def end_step(self) -> int:
+        """The step at which this invocation stops."""
+        return self.stop_at if self.stop_at is not None else self.steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def replace(self, **changes) -> "TrainConfig":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown train key(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "train config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown train key(s) {unknown}; known keys: "
+                             f"{sorted(known)}")
+        return cls(**d)
+
+
+def parse_overrides(items: Iterable[str]) -> tuple[dict, dict]:
+    """`key=value` strings -> (train overrides, model overrides). Values are parsed as YAML
+    scalars (`lr=1e-3`, `data=null`, `pack=false`); `model.key=value` targets the model."""
+    train, model = {}, {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if key.startswith("model."):
+            model[key[len("model."):]] = value
+        else:
+            train[key.removeprefix("train.")] = value
+    return train, model
+
+
+def load_configs(path: str | Path | None = None, overrides: Iterable[str] = (),
+                 **train_changes) -> tuple[ModelConfig, TrainConfig]:
+    """(ModelConfig, TrainConfig) from a YAML file with `model:` and `train:` sections, then
+    `--set` style overrides, then keyword changes to the train section."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict) or "model" not in data:
+            raise ValueError(f"{path}: expected a mapping with a 'model:' section")
+    model_d = dict(data.get("model") or {})
+    train_d = dict(data.get("train") or {})
+    t_over, m_over = parse_overrides(overrides)
+    model_d.update(m_over)
+    train_d.update(t_over)
+    train_d.update(train_changes)
+    source = str(path) if path is not None else "config"
+    return ModelConfig.from_dict(model_d, source), TrainConfig.from_dict(train_d, source)
