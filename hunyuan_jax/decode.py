@@ -30,6 +30,7 @@ Loading (`load_for_inference`) dispatches on what a checkpoint directory contain
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -100,6 +101,63 @@ def batch_multiple(rules, mesh) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+# ============================================================================ MoE for decoding
+def few_token_experts(x: jax.Array, routing, w, key=None):
+    """Routed experts for a handful of tokens (decode steps): for each (token, choice) pair,
+    its expert's weights are indexed dynamically and applied to that token alone, so a step
+    reads only the chosen experts' weights, never all of them (the grouped matmul's cost at
+    small batch; on CPU 10x faster at batch 1). Unrolled over the T*k pairs: meant for
+    T*k <= num_experts. Same math as `moe.dropless_experts`."""
+    num_tokens, k = routing.expert_ids.shape
+    take = lambda a, e: jax.lax.dynamic_index_in_dim(a, e, keepdims=False)
+    rows = []
+    for t in range(num_tokens):
+        acc = jnp.zeros((x.shape[-1],), jnp.float32)
+        for j in range(k):
+            e = routing.expert_ids[t, j]
+            h = jax.nn.silu(x[t] @ take(w.gate, e)) * (x[t] @ take(w.up, e))
+            acc = acc + (h @ take(w.down, e)).astype(jnp.float32) * routing.weights[t, j]
+        rows.append(acc)
+    return jnp.stack(rows).astype(x.dtype), {}
+
+
+def tiled_experts(x: jax.Array, routing, w, key=None):
+    """Routed experts for many tokens as fixed-size row tiles: (token, choice) pairs sorted by
+    expert, each expert's group padded to a multiple of the tile size m, then one matmul per
+    tile with its expert's weights indexed dynamically (`lax.map` over the tiles). Exact
+    (dropless); computes at most T*k + E*(m-1) rows. On CPU about 3x faster than
+    `jax.lax.ragged_dot` at 1024 tokens (whose CPU lowering is slow); accelerators keep the
+    model's ragged_dot. Same math as `moe.dropless_experts`."""
+    num_tokens, k = routing.expert_ids.shape
+    num_experts = w.gate.shape[0]
+    pairs = num_tokens * k
+    m = int(min(64, max(8, 1 << max(0, math.ceil(math.log2(max(pairs / num_experts, 1)))))))
+    flat = routing.expert_ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # pair indices sorted by expert
+    sizes = jnp.bincount(flat, length=num_experts)
+    padded = (sizes + m - 1) // m * m
+    ends = jnp.cumsum(padded)
+    sorted_expert = flat[order]
+    rank = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[sorted_expert]
+    dest = (ends - padded)[sorted_expert] + rank  # row of each sorted pair in the tiled layout
+    num_tiles = (pairs + num_experts * (m - 1)) // m + 1
+    rows = jnp.full((num_tiles * m,), num_tokens, jnp.int32).at[dest].set(
+        (order // k).astype(jnp.int32))  # token of each row; num_tokens = a zero pad row
+    xs = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[rows]
+    tile_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_tiles) * m, side="right"),
+                              num_experts - 1)
+
+    def tile(args):
+        xt, e = args
+        take = lambda a: jax.lax.dynamic_index_in_dim(a, e, keepdims=False)
+        return (jax.nn.silu(xt @ take(w.gate)) * (xt @ take(w.up))) @ take(w.down)
+
+    y = jax.lax.map(tile, (xs.reshape(num_tiles, m, -1), tile_expert)).reshape(num_tiles * m, -1)
+    y = y[dest][jnp.argsort(order)].reshape(num_tokens, k, -1)  # back to (token, choice)
+    combined = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), routing.weights)
+    return combined.astype(x.dtype), {}
+
+
 # ============================================================================ generation
 class DecodeState(NamedTuple):
     """Everything the decode loop carries (one pytree, donated between calls)."""
@@ -112,6 +170,8 @@ class DecodeState(NamedTuple):
     seen: jax.Array | None  # [B, V] bool tokens of the sequence (repetition penalty) or None
     key: jax.Array  # PRNG key
     step: jax.Array  # [] int32 number of columns of `tokens` written
+    logits: jax.Array | None  # [B, N, V] float32 model logits of each new token (or None)
+    eos: jax.Array  # [E] int32 ids that end a row, padded with -1 to a multiple of 8
 
 
 @dataclasses.dataclass
@@ -124,6 +184,7 @@ class Generation:
     prefill_seconds: float  # prefill and first-token sampling, compile excluded
     decode_seconds: float  # the decode loop, compile excluded
     compile_seconds: float  # ahead-of-time compiles this call needed (0 when all cached)
+    logits: list[np.ndarray] | None = None  # with record_logits: [new tokens, V] per prompt
 
     @property
     def new_tokens(self) -> int:
@@ -144,6 +205,18 @@ class Generation:
 StreamFn = Callable[[int, np.ndarray, np.ndarray], None]
 
 
+def _sharding_key(x):
+    """A hashable sharding identity in which equivalent specs (P('data') and P('data', None))
+    are equal."""
+    sh = getattr(x, "sharding", None)
+    if isinstance(sh, NamedSharding):
+        spec = list(sh.spec)
+        while spec and spec[-1] is None:
+            spec.pop()
+        return ("named", sh.mesh, tuple(spec), sh.memory_kind)
+    return sh
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -155,20 +228,23 @@ class Generator:
       which default to `model.rules`). eos_ids: ids that end a row (any of them).
     vocab_limit: ids >= this are never produced (e.g. the tokenizer's size when the model's
       vocabulary is padded beyond it). prefill_chunk: tokens per prefill call (bounds the
-      [B, chunk, V] float32 logits the model returns).
+      [B, chunk, V] float32 logits the model returns). record_logits: keep the model's logits
+      of every new token (tests; [B, max_len, V] float32 of memory).
+    experts_fn: the MoE hook (`moe.ExpertsFn`) for every call, e.g. an expert-parallel one on
+      a mesh; 'auto' (default), on one device: `few_token_experts` when a call's tokens * top_k
+      is at most num_experts (decode steps), else `tiled_experts` on CPU and the model's
+      ragged_dot elsewhere; on a mesh: the model's default.
     """
 
     def __init__(self, model: HunyuanForCausalLM, *, sampling: SamplingConfig | None = None,
                  eos_ids: Sequence[int] = (), cache_dtype: str | None = None,
                  vocab_limit: int | None = None, mesh=None, rules=None,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, record_logits: bool = False,
+                 experts_fn: Any = "auto"):
         self.cfg: ModelConfig = model.cfg
         self.sampling = sampling or SamplingConfig()
         vocab = self.cfg.vocab_size
-        self.eos_ids = tuple(int(e) for e in eos_ids)
-        bad = [e for e in self.eos_ids if not 0 <= e < vocab]
-        if bad:
-            raise ValueError(f"eos ids {bad} are outside the model's vocabulary [0, {vocab})")
+        self.eos_ids = self._check_eos(eos_ids)
         self.vocab_limit = None if vocab_limit is None or vocab_limit >= vocab else int(
             vocab_limit)
         if cache_dtype in (None, "auto"):
@@ -179,6 +255,8 @@ class Generator:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
         self.prefill_chunk = int(prefill_chunk)
+        self.record_logits = bool(record_logits)
+        self.experts_fn = experts_fn
         self.mesh = mesh
         self.rules = rules if rules is not None else model.rules
         if mesh is not None and self.rules is None:
@@ -201,12 +279,25 @@ class Generator:
         """One chunk: tokens [B, C] at positions start..start+C-1 of every row."""
         b, c = tokens.shape
         cache = cache._replace(index=jnp.full((b,), start, jnp.int32))
-        logits, _, cache = self._model(params)(tokens, cache=cache)
+        logits, _, cache = self._model(params)(tokens, cache=cache,
+                                               experts_fn=self._experts_fn(b * c))
         offset = lengths - 1 - start  # row's last prompt position within this chunk
         picked = jnp.take_along_axis(logits, jnp.clip(offset, 0, c - 1)[:, None, None],
                                      axis=1)[:, 0]
         in_chunk = (offset >= 0) & (offset < c)
-        return self._pin(cache), jnp.where(in_chunk[:, None], picked, last_logits)
+        return self._pin(cache), self._pin_batch(jnp.where(in_chunk[:, None], picked,
+                                                           last_logits))
+
+    def _experts_fn(self, num_tokens: int):
+        if self.experts_fn != "auto":
+            return self.experts_fn
+        if self.mesh is not None:
+            return None  # the model's default, or pass an expert-parallel experts_fn
+        if num_tokens * self.cfg.moe_top_k <= self.cfg.num_experts:
+            return few_token_experts
+        if jax.default_backend() == "cpu":
+            return tiled_experts
+        return None
 
     def _pick(self, logits, key, step, seen):
         if self.vocab_limit is not None:
@@ -214,13 +305,20 @@ class Generator:
             logits = jnp.where(ids < self.vocab_limit, logits, _NEG_INF)
         return sample(logits, jax.random.fold_in(key, step), self.sampling, seen)
 
-    def _finished(self, tok):
-        if not self.eos_ids:
-            return jnp.zeros(tok.shape, bool)
-        return jnp.isin(tok, jnp.asarray(self.eos_ids, jnp.int32))
+    def _check_eos(self, eos_ids) -> tuple[int, ...]:
+        eos_ids = tuple(int(e) for e in eos_ids)
+        vocab = self.cfg.vocab_size
+        bad = [e for e in eos_ids if not 0 <= e < vocab]
+        if bad:
+            raise ValueError(f"eos ids {bad} are outside the model's vocabulary [0, {vocab})")
+        return eos_ids
+
+    @staticmethod
+    def _finished(tok, eos):
+        return jnp.any(tok[:, None] == eos[None, :], axis=-1)
 
     def _start_fn(self, last_logits, lengths, prompts, active, key, cache, max_new_tokens,
-                  buffer):
+                  buffer, eos):
         """First new token from the prefill logits; the decode loop's initial state."""
         b = lengths.shape[0]
         seen = None
@@ -233,10 +331,14 @@ class Generator:
         if seen is not None:
             seen = seen.at[jnp.arange(b), tok].set(True)
         tokens = jnp.zeros((b, buffer.shape[0]), jnp.int32).at[:, 0].set(tok)
-        done = ~active | self._finished(tok) | (max_new_tokens <= 1)
+        done = ~active | self._finished(tok, eos) | (max_new_tokens <= 1)
         cache = self._pin(cache._replace(index=lengths.astype(jnp.int32)))
-        return DecodeState(cache, tokens, tok, done, active.astype(jnp.int32), seen, key,
-                           jnp.ones((), jnp.int32))
+        logits = None
+        if self.record_logits:
+            logits = jnp.zeros((b, buffer.shape[0], last_logits.shape[-1]), jnp.float32)
+            logits = logits.at[:, 0].set(last_logits)
+        return self._pin_state(DecodeState(cache, tokens, tok, done, active.astype(jnp.int32),
+                                           seen, key, jnp.ones((), jnp.int32), logits, eos))
 
     def _decode_fn(self, params, state: DecodeState, num_steps, max_new_tokens):
         """Up to `num_steps` tokens per row (fewer when every row is done)."""
@@ -248,47 +350,77 @@ class Generator:
             return (s.step < stop) & ~jnp.all(s.done)
 
         def body(s):
-            logits, _, cache = model(s.last[:, None], cache=s.cache)
+            logits, _, cache = model(s.last[:, None], cache=s.cache,
+                                     experts_fn=self._experts_fn(b))
             tok = self._pick(logits[:, 0], s.key, s.step, s.seen)
             seen = s.seen
             if seen is not None:
                 seen = seen.at[jnp.arange(b), tok].max(~s.done)
             tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
             num_new = s.num_new + (~s.done).astype(jnp.int32)
-            done = s.done | self._finished(tok) | (s.step + 1 >= max_new_tokens)
-            return DecodeState(self._pin(cache), tokens, tok, done, num_new, seen, s.key,
-                               s.step + 1)
+            done = s.done | self._finished(tok, s.eos) | (s.step + 1 >= max_new_tokens)
+            recorded = s.logits
+            if recorded is not None:
+                recorded = jax.lax.dynamic_update_slice(recorded, logits, (0, s.step, 0))
+            return self._pin_state(DecodeState(cache, tokens, tok, done, num_new, seen, s.key,
+                                               s.step + 1, recorded, s.eos))
 
-        return jax.lax.while_loop(cond, body, state)
+        return self._pin_state(jax.lax.while_loop(cond, body, state))
 
-    def _run(self, name: str, fn, donate: tuple[int, ...], *args):
-        """Call `fn` through an ahead-of-time executable, compiled once per argument layout."""
+    def _executable(self, name: str, fn, donate: tuple[int, ...], args) -> tuple[Any, float]:
+        """An ahead-of-time executable of `fn` for concrete `args`, compiled once per argument
+        layout (tree, shapes, dtypes, shardings); also returns the seconds compiling took."""
         leaves, tree = jax.tree.flatten(args)
-        sig = (name, tree, tuple((np.shape(x), jnp.result_type(x),
-                                  getattr(x, "sharding", None)) for x in leaves))
+        sig = (name, tree, tuple((np.shape(x), str(x.dtype), _sharding_key(x)) for x in leaves))
         exe = self._executables.get(sig)
-        compile_s = 0.0
-        if exe is None:
-            t0 = time.perf_counter()
-            with self._mesh_ctx():
-                exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
-            compile_s = time.perf_counter() - t0
-            self._executables[sig] = exe
-            self.compiles[name] += 1
-        return exe(*args), compile_s
+        if exe is not None:
+            return exe, 0.0
+        t0 = time.perf_counter()
+        with self._mesh_ctx():
+            exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+        self._executables[sig] = exe
+        self.compiles[name] += 1
+        return exe, time.perf_counter() - t0
 
     def _mesh_ctx(self):
         if self.mesh is None:
-            import contextlib
             return contextlib.nullcontext()
         return jax.set_mesh(self.mesh)
+
+    def _batch_sharded(self, x: np.ndarray):
+        """Host array with a leading batch dim -> device array sharded like the cache batch."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, NamedSharding(self.mesh, self._batch_spec(x.ndim)))
+
+    def _batch_spec(self, ndim: int) -> P:
+        from sharding.rules import logical_to_spec
+        return logical_to_spec(("cache_batch",) + (None,) * (ndim - 1), self.rules,
+                               mesh=self.mesh)
+
+    def _pin_state(self, s: DecodeState) -> DecodeState:
+        """Fixes the layout of the decode state (cache as its rules say, per-row arrays over the
+        batch axes), so that every call's output matches the executable's input layout."""
+        if self.mesh is None:
+            return s
+        pin = self._pin_batch
+        rep = lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P()))
+        return DecodeState(self._pin(s.cache), pin(s.tokens), pin(s.last), pin(s.done),
+                           pin(s.num_new), pin(s.seen), rep(s.key), rep(s.step), pin(s.logits),
+                           rep(s.eos))
+
+    def _pin_batch(self, x):
+        if self.mesh is None or x is None:
+            return x
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(self.mesh, self._batch_spec(x.ndim)))
 
     # ------------------------------------------------------------------ public API
     def check_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                       max_len: int | None) -> int:
         """Validates prompts and sizes; returns the cache length to use."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
-                max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if not prompts:
             raise ValueError("no prompts to decode")
@@ -302,8 +434,7 @@ class Generator:
                                  f"the model's vocabulary [0, {vocab})")
         longest = max(len(p) for p in prompts)
         if max_len is None:
-            max_len = min(_round_up(longest + max_new_tokens, 64),
-                          max(self.cfg.max_position_embeddings, longest + max_new_tokens))
+            max_len = _round_up(longest + max_new_tokens, 64)
         if longest > max_len:
             raise ValueError(f"a prompt of {longest} tokens is longer than the KV cache "
                              f"({max_len} slots); shorten it or use a longer cache")
@@ -316,17 +447,22 @@ class Generator:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int = 0,
                  max_len: int | None = None, stream: StreamFn | None = None,
-                 stream_every: int = 1) -> Generation:
+                 stream_every: int = 1, eos_ids: Sequence[int] | None = None) -> Generation:
         """Decode every prompt (token id lists of any lengths) in one batch.
 
         max_len: cache slots (default: longest prompt + max_new_tokens rounded up to 64).
-        stream(step, tokens [B], active [B]): called after each new token of the batch
-          (`stream_every` tokens per decode call), with the rows still generating.
+        stream(step, tokens [n], live [n]): called for each new token of the batch, in order,
+          `live` marking the rows for which tokens[i] is a real new token (the decode runs
+          `stream_every` tokens per call); without it the whole decode is one call.
+        eos_ids: this call's stop ids (default: the Generator's); no recompile for up to 8.
         """
+        eos_ids = self.eos_ids if eos_ids is None else self._check_eos(eos_ids)
+        eos_np = np.full((_round_up(max(len(eos_ids), 1), 8),), -1, np.int32)
+        eos_np[:len(eos_ids)] = eos_ids
         max_len = self.check_prompts(prompts, max_new_tokens, max_len)
         n = len(prompts)
         b = _round_up(n, batch_multiple(self.rules, self.mesh))
-        lengths_np = np.ones((b,), np.int32)
+        lengths_np = np.ones((b,), np.int32)  # idle padding rows: one token, done at once
         lengths_np[:n] = [len(p) for p in prompts]
         longest = int(lengths_np.max())
         chunk = min(self.prefill_chunk, _round_up(longest, 16))
@@ -338,102 +474,69 @@ class Generator:
         active_np = np.arange(b) < n
 
         cache = KVCache.zeros(self.cfg, b, slots, self.cache_dtype)
-        put = jnp.asarray
+        key = jax.random.key(seed)
         if self.mesh is not None:
             cache = jax.device_put(cache, cache_shardings(cache, self.rules, self.mesh))
-            batch_sharding = NamedSharding(self.mesh, cache_specs(cache, self.rules,
-                                                                  self.mesh).index)
-            put = lambda x: jax.device_put(x, batch_sharding)
-        lengths, active = put(lengths_np), put(active_np)
-        prompts_dev = put(tokens_np)
-        last_logits = jnp.zeros((b, self.cfg.vocab_size), jnp.float32)
-        if self.mesh is not None:
-            last_logits = jax.device_put(last_logits, NamedSharding(self.mesh, P()))
-        key = jax.random.key(seed)
-        i32 = lambda v: jnp.asarray(v, jnp.int32)
-        compile_s = 0.0
+            key = jax.device_put(key, NamedSharding(self.mesh, P()))
+        lengths = self._batch_sharded(lengths_np)
+        active = self._batch_sharded(active_np)
+        prompts_dev = self._batch_sharded(tokens_np)
+        chunks = [self._batch_sharded(tokens_np[:, s:s + chunk]) for s in range(0, padded, chunk)]
+        last_logits = self._batch_sharded(np.zeros((b, self.cfg.vocab_size), np.float32))
+        max_new = np.int32(max_new_tokens)
+        buffer = np.zeros((slots,), bool)  # only its shape matters: the token buffer's width
 
-        # Compile everything first so that the timings below measure running only.
-        for name, fn, donate, args in self._signatures(prompts_dev, chunk, cache, lengths,
-                                                       last_logits, active, key,
-                                                       max_new_tokens, slots):
-            compile_s += self._ensure_compiled(name, fn, donate, args)
+        # Compile before timing (prefill and start from the first chunk's arguments).
+        prefill, c0 = self._executable("prefill", self._prefill_fn, (3, 5), (
+            self.params, chunks[0], np.int32(0), cache, lengths, last_logits))
+        eos = jax.device_put(eos_np, NamedSharding(self.mesh, P())) if self.mesh else eos_np
+        start_args = (last_logits, lengths, prompts_dev, active, key, cache, max_new, buffer, eos)
+        start, c1 = self._executable("start", self._start_fn, (5,), start_args)
+        compile_s = c0 + c1
 
         t0 = time.perf_counter()
-        for start in range(0, padded, chunk):
-            (cache, last_logits), _ = self._run(
-                "prefill", self._prefill_fn, (3, 5), self.params,
-                prompts_dev[:, start:start + chunk], i32(start), cache, lengths, last_logits)
-        state, _ = self._run("start", self._start_fn, (5,), last_logits, lengths, prompts_dev,
-                             active, key, cache, i32(max_new_tokens), jnp.zeros((slots,), bool))
+        for i, toks in enumerate(chunks):
+            cache, last_logits = prefill(self.params, toks, np.int32(i * chunk), cache, lengths,
+                                         last_logits)
+        state = start(last_logits, lengths, prompts_dev, active, key, cache, max_new, buffer, eos)
         first = np.asarray(state.last)
         t1 = time.perf_counter()
         if stream is not None:
             stream(0, first[:n], active_np[:n])
-        every = max_new_tokens if stream is None else max(int(stream_every), 1)
+
+        every = np.int32(max_new_tokens if stream is None else max(int(stream_every), 1))
         decode_s = 0.0
         done = bool(np.asarray(state.done).all())
         while not done:
-            t_call = time.perf_counter()
+            decode, c = self._executable("decode", self._decode_fn, (1,),
+                                         (self.params, state, every, max_new))
+            compile_s += c
             step_before = int(state.step)
-            done_before = np.asarray(state.done)
-            state, _ = self._run("decode", self._decode_fn, (1,), self.params, state, i32(every),
-                                 i32(max_new_tokens))
+            t_call = time.perf_counter()
+            state = decode(self.params, state, every, max_new)
             step = int(state.step)  # waits for the call
             decode_s += time.perf_counter() - t_call
             done = bool(np.asarray(state.done).all()) or step >= max_new_tokens
             if stream is not None:
                 cols = np.asarray(state.tokens[:, step_before:step])
                 num_new = np.asarray(state.num_new)
-                for j in range(cols.shape[1]):
-                    live = (num_new > step_before + j) & ~done_before
-                    stream(step_before + j, cols[:n, j], live[:n])
-        if stream is None:
-            decode_s = time.perf_counter() - t1 if max_new_tokens > 1 else 0.0
+                for j in range(cols.shape[1]):  # column c is a real token of rows c < num_new
+                    stream(step_before + j, cols[:n, j], (num_new > step_before + j)[:n])
 
         tokens = np.asarray(state.tokens)
         num_new = np.asarray(state.num_new)
         out, reasons = [], []
-        eos = set(self.eos_ids)
+        eos = set(eos_ids)
         for i in range(n):
             row = tokens[i, :num_new[i]].tolist()
             out.append(row)
             reasons.append("eos" if row and row[-1] in eos else "length")
-        return Generation(out, reasons, int(lengths_np[:n].sum()), t1 - t0, decode_s, compile_s)
-
-    def _signatures(self, prompts, chunk, cache, lengths, last_logits, active, key,
-                    max_new_tokens, slots):
-        """Abstract arguments of the three functions, for compiling ahead of timing."""
-        spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                              sharding=getattr(x, "sharding", None))
-        i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        chunk_tokens = prompts[:, :chunk]
-        params = jax.tree.map(spec, self.params)
-        a_cache = jax.tree.map(spec, cache)
-        yield ("prefill", self._prefill_fn, (3, 5),
-               (params, spec(chunk_tokens), i32, a_cache, spec(lengths), spec(last_logits)))
-        start_args = (spec(last_logits), spec(lengths), spec(prompts), spec(active), key,
-                      a_cache, i32, jax.ShapeDtypeStruct((slots,), bool))
-        yield "start", self._start_fn, (5,), start_args
-        with self._mesh_ctx():
-            state = jax.eval_shape(self._start_fn, *start_args)
-        yield "decode", self._decode_fn, (1,), (params, state, i32, i32)
-
-    def _ensure_compiled(self, name, fn, donate, args) -> float:
-        """Compiles `fn` for abstract `args` unless an executable for them exists."""
-        # The executable cache is keyed on concrete-looking signatures; abstract values carry
-        # the same shape / dtype / sharding, so the later concrete call finds the entry.
-        leaves, tree = jax.tree.flatten(args)
-        sig = (name, tree, tuple((np.shape(x), jnp.result_type(x),
-                                  getattr(x, "sharding", None)) for x in leaves))
-        if sig in self._executables:
-            return 0.0
-        t0 = time.perf_counter()
-        with self._mesh_ctx():
-            exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
-        self._executables[sig] = exe
-        self.compiles[name] += 1
-        return time.perf_counter() - t0
+        logits = None
+        if state.logits is not None:
+            recorded = np.asarray(state.logits)
+            logits = [recorded[i, :num_new[i]] for i in range(n)]
+        return Generation(out, reasons, int(lengths_np[:n].sum()), t1 - t0, decode_s, compile_s,
+                          logits)
 
 
 # ============================================================================ loading
@@ -452,12 +555,15 @@ class InferenceModel:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointFormat:
-    """A checkpoint layout: `detect(dir)` says whether a directory holds one; `load(dir, cfg
-    overrides, mesh, rules)` returns (ModelConfig, HunyuanForCausalLM)."""
+    """A checkpoint layout: `detect(dir)` says whether a directory holds one; `config(dir)`
+    reads its ModelConfig cheaply (checks run before the weights load); `load(dir, dtype,
+    mesh, rules)` returns (ModelConfig, HunyuanForCausalLM) with dtype 'auto' (the
+    checkpoint's own), 'float32' or 'bfloat16', placed by `rules` on `mesh` (or one device)."""
 
     name: str
     description: str
     detect: Callable[[Path], bool]
+    config: Callable[[Path], ModelConfig]
     load: Callable[..., tuple[ModelConfig, HunyuanForCausalLM]]
 
 
@@ -475,6 +581,22 @@ def register_checkpoint_format(fmt: CheckpointFormat, *, replace: bool = False) 
     _FORMATS.append(fmt)
 
 
+def _torch_dtype(d: Path) -> str | None:
+    try:
+        return json.loads((d / "config.json").read_text()).get("torch_dtype")
+    except (OSError, ValueError):
+        return None
+
+
+def _dtype_overrides(d: Path, dtype: str) -> dict:
+    """Parameters and compute in one dtype: 'auto' = config.json's torch_dtype (float32 stays
+    float32, anything else bfloat16)."""
+    if dtype == "auto":
+        dtype = "float32" if _torch_dtype(d) == "float32" else "bfloat16"
+    return dict(param_dtype=dtype, compute_dtype=dtype, remat="none")
+
+
+# Hugging Face layout ----------------------------------------------------------------------
 _HF_WEIGHTS = ("model.safetensors.index.json", "pytorch_model.bin.index.json",
                "model.safetensors", "pytorch_model.bin")
 
@@ -483,38 +605,75 @@ def _is_hf(d: Path) -> bool:
     return (d / "config.json").is_file() and any((d / w).is_file() for w in _HF_WEIGHTS)
 
 
-def _load_hf(d: Path, overrides: dict, mesh, rules):
+def _load_hf(d: Path, dtype: str, mesh, rules):
     from hunyuan_jax.state import load_hf_model
-    return load_hf_model(d, mesh=mesh, rules=rules, **overrides)
+    return load_hf_model(d, mesh=mesh, rules=rules, **_dtype_overrides(d, dtype))
 
 
+# `python -m hunyuan_jax.convert hf-to-jax` output (hunyuan_jax.checkpoint_format) ---------
+def _is_converted(d: Path) -> bool:
+    from hunyuan_jax import checkpoint_format
+    return checkpoint_format.is_converted(d)
+
+
+def _converted_config(d: Path) -> ModelConfig:
+    from hunyuan_jax import checkpoint_format
+    return checkpoint_format.load_config(d)
+
+
+def _load_converted(d: Path, dtype: str, mesh, rules):
+    from hunyuan_jax import checkpoint_format
+    return checkpoint_format.restore_model(d, mesh, rules, **_dtype_overrides(d, dtype))
+
+
+# train.py run directory: config.yaml + checkpoints/<step>/params (hunyuan_jax.checkpointing)
+def _is_run(d: Path) -> bool:
+    return (d / "config.yaml").is_file() and (d / "checkpoints").is_dir()
+
+
+def _run_config(d: Path) -> ModelConfig:
+    from hunyuan_jax.checkpointing import read_run_config
+    return read_run_config(d)[0]
+
+
+def _load_run(d: Path, dtype: str, mesh, rules):
+    """The latest complete step. 'auto' keeps the run's dtypes (e.g. float32 master weights,
+    bfloat16 compute); otherwise the compute dtype is set (the weights are cast as used)."""
+    from hunyuan_jax.checkpointing import restore_params
+    overrides = dict(remat="none")
+    if dtype != "auto":
+        overrides["compute_dtype"] = dtype
+    return restore_params(d, mesh, rules, **overrides)
+
+
+# Anything else orbax wrote: say where to point instead -------------------------------------
 def _is_orbax(d: Path) -> bool:
-    markers = ("_CHECKPOINT_METADATA", "_METADATA", "checkpoint", "_sharding")
-    if any((d / m).exists() for m in markers):
+    """orbax writes `_CHECKPOINT_METADATA` into each step directory (`DIR` or `DIR/<step>`)."""
+    if (d / "_CHECKPOINT_METADATA").is_file():
         return True
-    steps = [p for p in d.iterdir() if p.is_dir() and p.name.isdigit()]
-    return any(any((s / m).exists() for m in markers) or any(s.iterdir()) for s in steps)
+    return any((s / "_CHECKPOINT_METADATA").is_file() for s in d.iterdir()
+               if s.is_dir() and s.name.isdigit())
 
 
-def _load_orbax(d: Path, overrides: dict, mesh, rules):
-    raise NotImplementedError(
-        f"{d} looks like an orbax checkpoint (train.py / convert); loading those for inference "
-        f"is not implemented yet: register a loader with "
-        f"hunyuan_jax.decode.register_checkpoint_format(..., replace=True)")
+def _load_orbax(d: Path, *args):
+    raise FileNotFoundError(
+        f"{d} is an orbax checkpoint directory without its model config: pass the train.py "
+        f"run directory (the one holding config.yaml and checkpoints/) or a directory "
+        f"written by `python -m hunyuan_jax.convert hf-to-jax`")
 
 
 register_checkpoint_format(CheckpointFormat(
     "hf", "Hugging Face layout: config.json + safetensors or PyTorch .bin shards",
-    _is_hf, _load_hf))
+    _is_hf, ModelConfig.from_hf, _load_hf))
 register_checkpoint_format(CheckpointFormat(
-    "orbax", "orbax checkpoint written by train.py / convert", _is_orbax, _load_orbax))
-
-
-def _torch_dtype(d: Path) -> str | None:
-    try:
-        return json.loads((d / "config.json").read_text()).get("torch_dtype")
-    except (OSError, ValueError):
-        return None
+    "converted", "hunyuan_jax.convert hf-to-jax output: manifest.json + params/",
+    _is_converted, _converted_config, _load_converted))
+register_checkpoint_format(CheckpointFormat(
+    "run", "train.py run directory: config.yaml + checkpoints/<step>/", _is_run, _run_config,
+    _load_run))
+register_checkpoint_format(CheckpointFormat(
+    "orbax", "a bare orbax step directory (point at its run directory instead)", _is_orbax,
+    _load_orbax, _load_orbax))
 
 
 def find_tokenizer(*dirs: Path):
@@ -539,9 +698,12 @@ def load_for_inference(directory: str | Path, *, dtype: str = "auto", mesh=None,
                        tokenizer: str | Path | None = None) -> InferenceModel:
     """Loads a checkpoint directory for decoding, whatever registered format it is in.
 
-    dtype: 'auto' (the checkpoint's torch_dtype; float32 -> float32 everywhere, else bfloat16
-      parameters and compute), 'float32' or 'bfloat16'. tokenizer: a tokenizer file or
-      directory; by default one is looked for in the checkpoint directory (and `tokenizer/`).
+    Formats (`register_checkpoint_format` adds more): Hugging Face (config.json + shards), a
+    `hunyuan_jax.convert hf-to-jax` output directory, a train.py run directory (latest step).
+    dtype: 'auto' (HF / converted: config.json's torch_dtype, float32 stays float32, else
+    bfloat16 parameters and compute; run: its own config), 'float32' or 'bfloat16'.
+    tokenizer: a tokenizer file or directory; by default one is looked for in the checkpoint
+    directory and its `tokenizer/`; generation_config.json there sets the sampling defaults.
     """
     d = Path(directory)
     if not d.exists():
@@ -553,21 +715,17 @@ def load_for_inference(directory: str | Path, *, dtype: str = "auto", mesh=None,
         known = "; ".join(f"{f.name}: {f.description}" for f in _FORMATS)
         raise FileNotFoundError(f"{d} is not a checkpoint directory this program knows "
                                 f"(formats: {known})")
-    if dtype == "auto":
-        dtype = "float32" if _torch_dtype(d) == "float32" else "bfloat16"
-    if dtype not in ("float32", "bfloat16"):
+    if dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    overrides = dict(param_dtype=dtype, compute_dtype=dtype, remat="none")
-    cfg, model = fmt.load(d, overrides, mesh, rules)
-
-    tok = None
+    cfg = fmt.config(d)
     if tokenizer is not None:
         from hunyuan_jax.tokenizer import load_tokenizer
         tok = load_tokenizer(tokenizer)
     else:
         tok = find_tokenizer(d)
     if tok is not None:
-        check_tokenizer(tok, cfg)
+        check_tokenizer(tok, cfg)  # before the (possibly long) weight loading
+    cfg, model = fmt.load(d, dtype, mesh, rules)
 
     sampling, eos = SamplingConfig(), None
     gen_dirs = [d] + ([Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent]

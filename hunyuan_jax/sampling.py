@@ -6,8 +6,8 @@ a categorical draw. `SamplingConfig` is frozen and hashable: it is a static argu
 compiled decode step, so each configuration compiles once and costs nothing at run time when a
 feature is off (greedy is a plain argmax).
 
-Defaults come from a checkpoint's `generation_config.json` (`SamplingConfig.from_generation_config`);
-without one, decoding is greedy.
+Defaults come from a checkpoint's `generation_config.json`
+(`SamplingConfig.from_generation_config`); without one, decoding is greedy.
 """
 
 from __future__ import annotations
