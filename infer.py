@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prefill-chunk", type=int, default=512,
                      help="prompt tokens per prefill call")
     run.add_argument("--no-stream", action="store_true", help="print completions at the end")
+    run.add_argument("--decode-loop", default="auto", choices=("auto", "device", "host"),
+                     help="decode steps in one on-device while loop, or one call per token "
+                     "(auto: host on TPU, where the loop would keep a second copy of the "
+                     "expert weights)")
     return p
 
 
@@ -194,7 +198,7 @@ def _main(args) -> int:
     gen = decode.Generator(bundle.model, sampling=sampling, eos_ids=bundle.eos_ids,
                            cache_dtype=args.cache_dtype,
                            vocab_limit=bundle.tokenizer.vocab_size, mesh=mesh, rules=rules,
-                           prefill_chunk=args.prefill_chunk)
+                           prefill_chunk=args.prefill_chunk, decode_loop=args.decode_loop)
     limit = args.max_len or bundle.cfg.max_position_embeddings
     try:
         gen.check_prompts(ids, args.max_new_tokens, limit)  # prompt longer than the cache, ...

@@ -486,3 +486,15 @@ def test_decode_experts_fns_equal_dropless(tokens, k, experts):
     if fn is decode.few_token_experts:  # tiled with more tiles than tokens
         got = jax.jit(lambda *a: decode.tiled_experts(*a)[0])(x, routing, w)
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+
+
+def test_host_decode_loop_equals_device_loop():
+    """One executable call per token ('host', the TPU default) gives the same tokens as the
+    on-device while loop."""
+    _, model = load_hf_model(HY_TINY / "hf_st", compute_dtype="float32", remat="none")
+    prompts = [[5, 9, 200, 31], [7, 7, 1000, 2, 3, 4, 8]]
+    outs = {loop: Generator(model, decode_loop=loop).generate(prompts, 12).tokens
+            for loop in ("device", "host")}
+    assert outs["device"] == outs["host"]
+    with pytest.raises(ValueError, match="decode_loop"):
+        Generator(model, decode_loop="gpu")
