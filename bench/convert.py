@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,28 +49,12 @@ def bytes_per_layer(hidden: int, intermediate: int, experts: int, kv_frac: float
 
 
 def run_measured(cmd: list[str], env=None) -> tuple[int, int, float, str]:
-    """(return code, peak RSS bytes of that child (VmHWM polled from /proc), seconds,
-    stderr)."""
-    t = time.time()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True)
-    polled = 0
-    import threading
-    err = []
-    reader = threading.Thread(target=lambda: err.append(p.stderr.read()))
-    reader.start()
-    while p.poll() is None:
-        try:
-            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    polled = max(polled, int(line.split()[1]) * 1024)
-        except OSError:
-            pass
-        time.sleep(0.05)
-    reader.join()
-    if p.returncode:
-        print(err[0], file=sys.stderr)
-    return p.returncode, polled, time.time() - t, err[0]
+    """(return code, peak RSS bytes of that child, seconds, stderr)."""
+    from hunyuan_jax import convert
+    code, peak, seconds, err = convert.run_measuring_peak_rss(cmd, env)
+    if code:
+        print(err, file=sys.stderr)
+    return code, peak, seconds, err
 
 
 def main(argv=None) -> int:

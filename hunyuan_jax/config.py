@@ -107,12 +107,7 @@ class ModelConfig:
     # Loading ------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown config key(s) {unknown}; known keys: "
-                             f"{sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, source, "config")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
@@ -156,6 +151,16 @@ class ModelConfig:
             "attention_bias": False, "capacity_factor": self.capacity_factor,
             "moe_drop_tokens": False, "moe_random_routing_dropped_token": False,
         }
+
+
+def dataclass_from_dict(cls, d: Mapping[str, Any], source: str, what: str):
+    """cls(**d), refusing keys the dataclass does not have (naming them and the known ones)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown {what} key(s) {unknown}; known keys: "
+                         f"{sorted(known)}")
+    return cls(**d)
 
 
 def hf_to_fields(hf: Mapping[str, Any], source: str = "config.json") -> dict:

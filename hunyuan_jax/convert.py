@@ -69,16 +69,44 @@ _KILL_ENV = "HUNYUAN_CONVERT_KILL_AFTER"  # test hook: SIGKILL self after N reco
 
 
 # ----------------------------------------------------------------------------- small helpers
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (VmHWM), in bytes."""
+def _vmhwm_bytes(pid: int | str) -> int | None:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM), in bytes."""
+    peak = _vmhwm_bytes("self")
+    if peak is not None:
+        return peak
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_measuring_peak_rss(cmd: list[str], env=None) -> tuple[int, int, float, str]:
+    """Run `cmd`; (return code, its peak RSS in bytes, seconds, stderr). The peak is the child's
+    VmHWM polled from /proc while it runs, not wait4's ru_maxrss: Linux carries the parent's
+    high-water mark into a child across fork + exec, so a child of a 700 MB pytest process
+    would report >= 700 MB."""
+    import subprocess
+    import threading
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()))
+    reader.start()
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _vmhwm_bytes(proc.pid) or 0)
+        time.sleep(0.05)
+    reader.join()
+    return proc.returncode, peak, time.time() - t0, err[0] if err else ""
 
 
 def transpose2d(a: np.ndarray, block: int = 128) -> np.ndarray:

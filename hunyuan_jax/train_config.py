@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from hunyuan_jax.config import ModelConfig, _check_types
+from hunyuan_jax.config import ModelConfig, _check_types, dataclass_from_dict
 
 _NONFINITE = ("stop", "skip")
 _DATA_FORMATS = ("auto", "text", "jsonl", "chat")
@@ -161,12 +161,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "train config") -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown train key(s) {unknown}; known keys: "
-                             f"{sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, source, "train")
 
 
 def parse_overrides(items: Iterable[str]) -> tuple[dict, dict]:

@@ -84,34 +84,24 @@ FSDP: Rules = (
     ('cache_layers', None),
 )
 
+
+def _override(rules: Rules, changes: Mapping[str, MeshAxes]) -> Rules:
+    """`rules` with some logical names mapped anew (a preset as a difference from another)."""
+    return tuple((k, changes.get(k, v)) for k, v in rules)
+
+
 # FSDP + expert parallelism: experts over 'expert'; dense weights' embed over ('fsdp', 'expert')
 # (SPEC 7: over 'fsdp' alone leaves one copy per expert shard); expert weights' embed over
 # 'fsdp'; the batch over every axis (data, fsdp, expert).
-FSDP_EP: Rules = (
-    ('vocab', None),
-    ('embed', _FSDP_EP),
-    ('heads', None),
-    ('kv_heads', None),
-    ('head_dim', None),
-    ('mlp', None),
-    ('exp', 'expert'),
-    ('exp_embed', 'fsdp'),
-    ('exp_mlp', None),
-    ('layers', None),
-    ('norm', None),
-    ('router', None),
-    ('batch', _DP_EP),
-    ('length', None),
-    ('act_embed', None),
-    ('act_heads', None),
-    ('act_kv_heads', None),
-    ('act_mlp', None),
-    ('act_vocab', None),
-    ('act_exp', 'expert'),
-    ('cache_batch', _DP_EP),
-    ('cache_length', None),
-    ('cache_kv_heads', None),
-    ('cache_layers', None),
+FSDP_EP: Rules = _override(
+    FSDP,
+    {
+        'embed': _FSDP_EP,
+        'exp': 'expert',
+        'batch': _DP_EP,
+        'act_exp': 'expert',
+        'cache_batch': _DP_EP,
+    },
 )
 
 # FSDP_EP + tensor parallelism over 'tensor' (heads, kv heads, FFN hidden, vocab); 'tensor' does
@@ -128,7 +118,7 @@ _TP_OVERRIDES = {
     'act_vocab': 'tensor',
     'cache_kv_heads': 'tensor',
 }
-FSDP_EP_TP: Rules = tuple((k, _TP_OVERRIDES.get(k, v)) for k, v in FSDP_EP)
+FSDP_EP_TP: Rules = _override(FSDP_EP, _TP_OVERRIDES)
 
 # Decode / serving, weight-stationary: parameters as FSDP_EP_TP, but activations are sharded on
 # their hidden dim over ('fsdp', 'expert') like the weights' embed dim (only activations move,
@@ -141,7 +131,7 @@ _SERVE_OVERRIDES = {
     # (measured with hunyuan_jax.aot: 16.4 -> 13.1 GiB of 15.75 per chip).
     'cache_length': 'expert',
 }
-SERVE_EP_TP: Rules = tuple((k, _SERVE_OVERRIDES.get(k, v)) for k, v in FSDP_EP_TP)
+SERVE_EP_TP: Rules = _override(FSDP_EP_TP, _SERVE_OVERRIDES)
 
 PRESETS: dict[str, Rules] = {
     'fsdp': FSDP,

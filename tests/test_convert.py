@@ -448,25 +448,12 @@ def _synthetic_config(layers, hidden, intermediate, experts=4, vocab=4096):
 
 
 def _convert_measured(hf, out) -> int:
-    """Convert in a fresh subprocess; its peak RSS in bytes: VmHWM of the process (polled
-    from /proc while it runs, and reported by itself at the end in the manifest). Not
-    ru_maxrss from wait4: Linux carries the parent's high-water mark into a child across
-    fork/vfork + exec, so a child of this 700 MB pytest process would report >= 700 MB."""
-    p = subprocess.Popen([sys.executable, "-m", "hunyuan_jax.convert", "hf-to-jax", "--hf-dir",
-                          str(hf), "--out", str(out), "--no-progress"], env=_env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    polled = 0
-    while p.poll() is None:
-        try:
-            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    polled = max(polled, int(line.split()[1]) * 1024)
-        except OSError:
-            pass
-        time.sleep(0.05)
-    err = p.stderr.read().decode()
-    p.stderr.close()
-    assert p.returncode == 0, err
+    """Convert in a fresh subprocess; its peak RSS in bytes: VmHWM polled from /proc while it
+    runs (see convert.run_measuring_peak_rss), or as it reported itself in the manifest."""
+    code, polled, _, err = convert.run_measuring_peak_rss(
+        [sys.executable, "-m", "hunyuan_jax.convert", "hf-to-jax", "--hf-dir", str(hf), "--out",
+         str(out), "--no-progress"], env=_env())
+    assert code == 0, err
     man = fmt.read_manifest(out)
     return max(polled, int(man["stats"]["peak_rss_mb"] * 1e6))
 
