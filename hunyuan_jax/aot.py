@@ -435,7 +435,9 @@ def decode_program(cfg, rules, mesh, batch, cache_len, cache_dtype,
     state = decode.DecodeState(**{f: values[f] for f in fields})
     args = (params, state, replicated(mesh, np.int32(1)), replicated(mesh, np.int32(1)))
     return Program(gen._decode_fn, args, (1,),
-                   f"decode.Generator._decode_fn (while loop), experts {experts}", batch)
+                   f"decode.Generator._decode_fn ({gen.decode_loop} loop: "
+                   f"{'one token per call' if gen.decode_loop == 'host' else 'while loop'}), "
+                   f"experts {experts}", batch)
 
 
 def decode_step_program(cfg, rules, mesh, batch, cache_len, cache_dtype,
