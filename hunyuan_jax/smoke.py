@@ -7,8 +7,8 @@
    again, and greedy decoding with the KV cache reproduces the original greedy output;
 3. train: the tiny model on the embedded corpus (SentencePiece tokenizer trained on it),
    checkpoint, stop, resume from the checkpoint, finish; the loss must fall;
-4. decode: prompts completed from the trained run's checkpoint (same parameter tree, no
-   conversion), batched and on the mesh;
+4. decode: prompts completed (sampled, seeded) from the trained run's checkpoint (same
+   parameter tree, no conversion), batched and on the mesh;
 5. export: the trained checkpoint -> Hugging Face safetensors, reloaded, same logits.
 """
 
@@ -88,11 +88,14 @@ def step_train(work: Path, steps: int) -> tuple[bool, Path]:
 def step_decode(run: Path, mesh, rules) -> bool:
     import jax
     from hunyuan_jax.decode import Generator, load_for_inference
+    from hunyuan_jax.sampling import SamplingConfig
     inf = load_for_inference(run, dtype="float32", mesh=mesh, rules=rules)
+    sampling = SamplingConfig(temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.2)
     prompts = ["def main(", "The quick brown fox", "import os\nimport"]
     ids = [inf.tokenizer.encode(p) for p in prompts]
     with jax.set_mesh(mesh):
-        gen = Generator(inf.model, mesh=mesh, rules=rules, eos_ids=inf.eos_ids).generate(ids, 24)
+        gen = Generator(inf.model, mesh=mesh, rules=rules, eos_ids=inf.eos_ids,
+                        sampling=sampling).generate(ids, 24, seed=0)
     for p, toks in zip(prompts, gen.tokens):
         _say(f"4. {p!r} -> {inf.tokenizer.decode(toks)!r}")
     _say(f"4. decoded {gen.new_tokens} tokens from the training checkpoint: prefill "
