@@ -204,7 +204,7 @@ def _main(args) -> int:
         gen.check_prompts(ids, args.max_new_tokens, limit)  # prompt longer than the cache, ...
     except ValueError as e:
         where = "--max-len" if args.max_len else (
-            f"the model's max_position_embeddings; raise it with --max-len")
+            "the model's max_position_embeddings; raise it with --max-len")
         raise UsageError(f"{e} (cache limit {limit} from {where})") from None
     longest = max(len(p) for p in ids)
     max_len = min(limit, -(-(longest + args.max_new_tokens) // 64) * 64)

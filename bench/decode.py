@@ -257,7 +257,7 @@ def main(argv=None):
         if r["agree"] < 1:
             print(f"# batch {r['batch']}: first differing step per row {r['first_diff']} "
                   f"(float32 near-ties of a random model)")
-    print(f"# compile (not in the timings): "
+    print("# compile (not in the timings): "
           + ", ".join(f"batch {r['batch']}: {r['compile_s']:.1f} s" for r in rows))
     if args.accuracy:
         acc = bench_accuracy(cfg, model, args.prompt_len, args.new_tokens)

@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from hunyuan_jax import moe
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.model import HunyuanForCausalLM, KVCache, QuantizedKV
 from hunyuan_jax.sampling import SamplingConfig, eos_ids_from_generation_config, sample
@@ -99,63 +100,6 @@ def batch_multiple(rules, mesh) -> int:
     (axes,) = logical_to_spec(("cache_batch",), rules, mesh=mesh)
     axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
     return math.prod(mesh.shape[a] for a in axes)
-
-
-# ============================================================================ MoE for decoding
-def few_token_experts(x: jax.Array, routing, w, key=None):
-    """Routed experts for a handful of tokens (decode steps): for each (token, choice) pair,
-    its expert's weights are indexed dynamically and applied to that token alone, so a step
-    reads only the chosen experts' weights, never all of them (the grouped matmul's cost at
-    small batch; on CPU 10x faster at batch 1). Unrolled over the T*k pairs: meant for
-    T*k <= num_experts. Same math as `moe.dropless_experts`."""
-    num_tokens, k = routing.expert_ids.shape
-    take = lambda a, e: jax.lax.dynamic_index_in_dim(a, e, keepdims=False)
-    rows = []
-    for t in range(num_tokens):
-        acc = jnp.zeros((x.shape[-1],), jnp.float32)
-        for j in range(k):
-            e = routing.expert_ids[t, j]
-            h = jax.nn.silu(x[t] @ take(w.gate, e)) * (x[t] @ take(w.up, e))
-            acc = acc + (h @ take(w.down, e)).astype(jnp.float32) * routing.weights[t, j]
-        rows.append(acc)
-    return jnp.stack(rows).astype(x.dtype), {}
-
-
-def tiled_experts(x: jax.Array, routing, w, key=None):
-    """Routed experts for many tokens as fixed-size row tiles: (token, choice) pairs sorted by
-    expert, each expert's group padded to a multiple of the tile size m, then one matmul per
-    tile with its expert's weights indexed dynamically (`lax.map` over the tiles). Exact
-    (dropless); computes at most T*k + E*(m-1) rows. On CPU about 3x faster than
-    `jax.lax.ragged_dot` at 1024 tokens (whose CPU lowering is slow); accelerators keep the
-    model's ragged_dot. Same math as `moe.dropless_experts`."""
-    num_tokens, k = routing.expert_ids.shape
-    num_experts = w.gate.shape[0]
-    pairs = num_tokens * k
-    m = int(min(64, max(8, 1 << max(0, math.ceil(math.log2(max(pairs / num_experts, 1)))))))
-    flat = routing.expert_ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # pair indices sorted by expert
-    sizes = jnp.bincount(flat, length=num_experts)
-    padded = (sizes + m - 1) // m * m
-    ends = jnp.cumsum(padded)
-    sorted_expert = flat[order]
-    rank = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[sorted_expert]
-    dest = (ends - padded)[sorted_expert] + rank  # row of each sorted pair in the tiled layout
-    num_tiles = (pairs + num_experts * (m - 1)) // m + 1
-    rows = jnp.full((num_tiles * m,), num_tokens, jnp.int32).at[dest].set(
-        (order // k).astype(jnp.int32))  # token of each row; num_tokens = a zero pad row
-    xs = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[rows]
-    tile_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_tiles) * m, side="right"),
-                              num_experts - 1)
-
-    def tile(args):
-        xt, e = args
-        take = lambda a: jax.lax.dynamic_index_in_dim(a, e, keepdims=False)
-        return (jax.nn.silu(xt @ take(w.gate)) * (xt @ take(w.up))) @ take(w.down)
-
-    y = jax.lax.map(tile, (xs.reshape(num_tiles, m, -1), tile_expert)).reshape(num_tiles * m, -1)
-    y = y[dest][jnp.argsort(order)].reshape(num_tokens, k, -1)  # back to (token, choice)
-    combined = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), routing.weights)
-    return combined.astype(x.dtype), {}
 
 
 # ============================================================================ generation
@@ -234,9 +178,9 @@ class Generator:
       [B, chunk, V] float32 logits the model returns). record_logits: keep the model's logits
       of every new token (tests; [B, max_len, V] float32 of memory).
     experts_fn: the MoE hook (`moe.ExpertsFn`) for every call, e.g. an expert-parallel one on
-      a mesh; 'auto' (default), on one device: `few_token_experts` when a call's tokens * top_k
-      is at most num_experts (decode steps), else `tiled_experts` on CPU and the model's
-      ragged_dot elsewhere; on a mesh: expert parallel (`expert_parallel`, dropless 'gather').
+      a mesh; 'auto' (default), on one device: `moe.experts_fn_for` (per-token experts for
+      decode steps, tiles on CPU, else the model's ragged_dot); on a mesh: expert parallel
+      (`expert_parallel`, dropless 'gather').
     decode_loop: 'device' runs the decode steps in one `lax.while_loop` per call; 'host' calls a
       one-token executable per step. On TPU the while loop carries the weights and XLA keeps
       a second, re-laid-out copy of the stacked experts (+22 GiB per chip for the A52B on
@@ -310,11 +254,7 @@ class Generator:
                 from hunyuan_jax.expert_parallel import make_expert_parallel_fn
                 self._ep_fn = make_expert_parallel_fn(self.mesh, self.rules, "gather")
             return self._ep_fn
-        if num_tokens * self.cfg.moe_top_k <= self.cfg.num_experts:
-            return few_token_experts
-        if jax.default_backend() == "cpu":
-            return tiled_experts
-        return None
+        return moe.experts_fn_for(num_tokens, self.cfg.moe_top_k, self.cfg.num_experts)
 
     def _pick(self, logits, key, step, seen):
         if self.vocab_limit is not None:

@@ -6,13 +6,15 @@ value; the routed weight is the raw probability for top-1 and is renormalised ov
 experts only when k > 1.
 
 Dropless dispatch sorts the (token, choice) pairs by expert and runs one `jax.lax.ragged_dot`
-per projection: memory is O(tokens x k x hidden), never tokens x experts x capacity.
+per projection: memory is O(tokens x k x hidden), never tokens x experts x capacity. Two exact
+alternatives serve decoding (`few_token_experts`, `tiled_experts`; `experts_fn_for` picks).
 Expert-parallel dispatch across devices lives in `hunyuan_jax.expert_parallel`; it plugs in
 through `MoE.__call__(..., experts_fn=...)`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -177,6 +179,73 @@ def make_capacity_experts(capacity_factor: float) -> ExpertsFn:
         return combine(out, a, x.dtype), capacity_stats(a)
 
     return experts_fn
+
+
+def few_token_experts(x: jax.Array, routing, w, key=None):
+    """Routed experts for a handful of tokens (decode steps): for each (token, choice) pair,
+    its expert's weights are indexed dynamically and applied to that token alone, so a step
+    reads only the chosen experts' weights, never all of them (the grouped matmul's cost at
+    small batch; on CPU 10x faster at batch 1). Unrolled over the T*k pairs: meant for
+    T*k <= num_experts. Same math as `moe.dropless_experts`."""
+    num_tokens, k = routing.expert_ids.shape
+    take = lambda a, e: jax.lax.dynamic_index_in_dim(a, e, keepdims=False)
+    rows = []
+    for t in range(num_tokens):
+        acc = jnp.zeros((x.shape[-1],), jnp.float32)
+        for j in range(k):
+            e = routing.expert_ids[t, j]
+            h = jax.nn.silu(x[t] @ take(w.gate, e)) * (x[t] @ take(w.up, e))
+            acc = acc + (h @ take(w.down, e)).astype(jnp.float32) * routing.weights[t, j]
+        rows.append(acc)
+    return jnp.stack(rows).astype(x.dtype), {}
+
+
+def tiled_experts(x: jax.Array, routing, w, key=None):
+    """Routed experts for many tokens as fixed-size row tiles: (token, choice) pairs sorted by
+    expert, each expert's group padded to a multiple of the tile size m, then one matmul per
+    tile with its expert's weights indexed dynamically (`lax.map` over the tiles). Exact
+    (dropless); computes at most T*k + E*(m-1) rows. On CPU about 3x faster than
+    `jax.lax.ragged_dot` at 1024 tokens (whose CPU lowering is slow); accelerators keep the
+    model's ragged_dot. Same math as `moe.dropless_experts`."""
+    num_tokens, k = routing.expert_ids.shape
+    num_experts = w.gate.shape[0]
+    pairs = num_tokens * k
+    m = int(min(64, max(8, 1 << max(0, math.ceil(math.log2(max(pairs / num_experts, 1)))))))
+    flat = routing.expert_ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # pair indices sorted by expert
+    sizes = jnp.bincount(flat, length=num_experts)
+    padded = (sizes + m - 1) // m * m
+    ends = jnp.cumsum(padded)
+    sorted_expert = flat[order]
+    rank = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[sorted_expert]
+    dest = (ends - padded)[sorted_expert] + rank  # row of each sorted pair in the tiled layout
+    num_tiles = (pairs + num_experts * (m - 1)) // m + 1
+    rows = jnp.full((num_tiles * m,), num_tokens, jnp.int32).at[dest].set(
+        (order // k).astype(jnp.int32))  # token of each row; num_tokens = a zero pad row
+    xs = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[rows]
+    tile_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_tiles) * m, side="right"),
+                              num_experts - 1)
+
+    def tile(args):
+        xt, e = args
+        take = lambda a: jax.lax.dynamic_index_in_dim(a, e, keepdims=False)
+        return (jax.nn.silu(xt @ take(w.gate)) * (xt @ take(w.up))) @ take(w.down)
+
+    y = jax.lax.map(tile, (xs.reshape(num_tiles, m, -1), tile_expert)).reshape(num_tiles * m, -1)
+    y = y[dest][jnp.argsort(order)].reshape(num_tokens, k, -1)  # back to (token, choice)
+    combined = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), routing.weights)
+    return combined.astype(x.dtype), {}
+
+
+def experts_fn_for(num_tokens: int, top_k: int, num_experts: int) -> ExpertsFn | None:
+    """The fastest exact dropless strategy on one device for a call with `num_tokens` tokens:
+    `few_token_experts` for decode steps (tokens * k <= experts), `tiled_experts` on CPU (whose
+    ragged_dot lowering is slow), else None (the model's ragged_dot)."""
+    if num_tokens * top_k <= num_experts:
+        return few_token_experts
+    if jax.default_backend() == "cpu":
+        return tiled_experts
+    return None
 
 
 def load_balancing_stats(routing: Routing, num_experts: int) -> dict[str, jax.Array]:

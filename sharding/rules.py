@@ -9,7 +9,7 @@ the activation constraint helper (`constrain`). Parameters name their dimensions
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 from flax import nnx

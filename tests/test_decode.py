@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, HY_TINY
-from hunyuan_jax import decode, sampling
+from hunyuan_jax import decode, moe, sampling
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.decode import Generator, cache_bytes_per_token, load_for_inference
 from hunyuan_jax.model import KVCache, QuantizedKV
@@ -473,18 +473,17 @@ def test_cli_printer_streams_the_final_text(ckpt):
 def test_decode_experts_fns_equal_dropless(tokens, k, experts):
     """The MoE hooks the Generator picks (`few_token_experts` for decode steps, `tiled_experts`
     on CPU for prefill) compute exactly what the model's ragged_dot dispatch does."""
-    from hunyuan_jax import moe
     keys = jax.random.split(jax.random.key(tokens), 5)
     x = jax.random.normal(keys[0], (tokens, 32))
     w = moe.ExpertWeights(*(0.1 * jax.random.normal(kk, s) for kk, s in zip(
         keys[1:4], [(experts, 32, 48), (experts, 32, 48), (experts, 48, 32)])))
     routing = moe.route(x, jax.random.normal(keys[4], (32, experts)), k)
     want = np.asarray(moe.dropless_experts(x, routing, w)[0])
-    fn = decode.few_token_experts if tokens * k <= experts else decode.tiled_experts
+    fn = moe.few_token_experts if tokens * k <= experts else moe.tiled_experts
     got = jax.jit(lambda *a: fn(*a)[0])(x, routing, w)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
-    if fn is decode.few_token_experts:  # tiled with more tiles than tokens
-        got = jax.jit(lambda *a: decode.tiled_experts(*a)[0])(x, routing, w)
+    if fn is moe.few_token_experts:  # tiled with more tiles than tokens
+        got = jax.jit(lambda *a: moe.tiled_experts(*a)[0])(x, routing, w)
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
 
 

@@ -4,7 +4,6 @@ feature on, with both expert-parallel strategies; parameters land where the pres
 sharded initialisation never materialises the full tree on one device."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

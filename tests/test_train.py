@@ -136,7 +136,7 @@ def test_loss_falls_and_run_dir_layout(reference):
     assert mcfg.hidden_dropout == 0.1 and mcfg.num_experts == 8
     _, model20 = restore_params(run, step=20)
     assert not _params_equal(model, model20)
-    from sharding.mesh import build_mesh  # noqa: F401
+    from sharding.mesh import build_mesh
     mesh = build_mesh("data=2,fsdp=1,expert=4,tensor=1")
     _, sharded = restore_params(run, mesh=mesh, rules="fsdp_ep")
     assert _params_equal(model, sharded)
@@ -353,7 +353,6 @@ def test_train_step_applies_expert_lrs(tokenizer, workdir):
     from hunyuan_jax.state import init_model
     from hunyuan_jax.train_step import (init_train_state, jit_train_step, make_experts_fn, make_mesh,
                                         make_train_step, train_shardings)
-    from sharding.mesh import build_mesh  # noqa: F401
     from sharding.rules import get_rules
 
     mcfg, tcfg = _configs(workdir / "unused", tokenizer)
