@@ -24,27 +24,49 @@ PROG = "infer.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory: Hugging Face "
-                   "layout (config.json + safetensors / .bin shards), the output of "
-                   "`python -m hunyuan_jax.convert hf-to-jax`, or a train.py run directory")
-    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the one in the "
-                   "checkpoint directory: hy.tiktoken or a SentencePiece *.model)")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint directory: Hugging Face "
+        "layout (config.json + safetensors / .bin shards), the output of "
+        "`python -m hunyuan_jax.convert hf-to-jax`, or a train.py run directory",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer file or directory (default: the one in the "
+        "checkpoint directory: hy.tiktoken or a SentencePiece *.model)",
+    )
     src = p.add_argument_group("prompts")
-    src.add_argument("--prompt", action="append", default=[],
-                     help="a prompt (repeat for a batch)")
+    src.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     src.add_argument("--prompts-file", help="a text file, one prompt per non-empty line")
-    src.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of "
-                     "the Hunyuan chat template")
-    src.add_argument("--system", default=None, help="system prompt for --chat (default: "
-                     "'You are a helpful assistant.'; '' for none)")
-    src.add_argument("--no-bos", action="store_true",
-                     help="without --chat, do not start prompts with <|startoftext|>")
+    src.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap each prompt as a user turn of the Hunyuan chat template",
+    )
+    src.add_argument(
+        "--system",
+        default=None,
+        help="system prompt for --chat (default: 'You are a helpful assistant.'; '' for none)",
+    )
+    src.add_argument(
+        "--no-bos",
+        action="store_true",
+        help="without --chat, do not start prompts with <|startoftext|>",
+    )
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--max-len", type=int, default=None, help="KV cache length limit in "
-                     "tokens (default: the model's max_position_embeddings)")
+    gen.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="KV cache length limit in tokens (default: the model's max_position_embeddings)",
+    )
     gen.add_argument("--greedy", action="store_true", help="argmax decoding (= --temperature 0)")
     gen.add_argument("--temperature", type=float, default=None, help=">= 0; 0 is greedy")
     gen.add_argument("--top-k", type=int, default=None, help=">= 0; 0 is off")
@@ -52,22 +74,37 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=None, help="> 0; 1 is off")
     gen.add_argument("--seed", type=int, default=0)
     run = p.add_argument_group("runtime")
-    run.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                     help="parameter and compute dtype (auto: the checkpoint's torch_dtype)")
-    run.add_argument("--cache-dtype", default="auto",
-                     choices=("auto", "bfloat16", "float32", "int8"),
-                     help="KV cache dtype (auto: the compute dtype; int8: per-token, per-head "
-                     "scales)")
-    run.add_argument("--mesh", default=None, help='device mesh, e.g. "data=2,tensor=4" '
-                     "(axes data, fsdp, expert, tensor; one size may be -1)")
+    run.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="parameter and compute dtype (auto: the checkpoint's torch_dtype)",
+    )
+    run.add_argument(
+        "--cache-dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float32", "int8"),
+        help="KV cache dtype (auto: the compute dtype; int8: per-token, per-head scales)",
+    )
+    run.add_argument(
+        "--mesh",
+        default=None,
+        help='device mesh, e.g. "data=2,tensor=4" '
+        "(axes data, fsdp, expert, tensor; one size may be -1)",
+    )
     run.add_argument("--rules", default="serve_ep_tp", help="sharding rules preset for --mesh")
-    run.add_argument("--prefill-chunk", type=int, default=512,
-                     help="prompt tokens per prefill call")
+    run.add_argument(
+        "--prefill-chunk", type=int, default=512, help="prompt tokens per prefill call"
+    )
     run.add_argument("--no-stream", action="store_true", help="print completions at the end")
-    run.add_argument("--decode-loop", default="auto", choices=("auto", "device", "host"),
-                     help="decode steps in one on-device while loop, or one call per token "
-                     "(auto: host on TPU, where the loop would keep a second copy of the "
-                     "expert weights)")
+    run.add_argument(
+        "--decode-loop",
+        default="auto",
+        choices=("auto", "device", "host"),
+        help="decode steps in one on-device while loop, or one call per token "
+        "(auto: host on TPU, where the loop would keep a second copy of the "
+        "expert weights)",
+    )
     return p
 
 
@@ -76,8 +113,12 @@ class UsageError(ValueError):
 
 
 def _sampling_flags(args) -> dict:
-    flags = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 repetition_penalty=args.repetition_penalty)
+    flags = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+    )
     if args.greedy:
         if args.temperature not in (None, 0.0):
             raise UsageError("--greedy and --temperature > 0 contradict each other")
@@ -99,12 +140,14 @@ def _read_prompts(args) -> list[str]:
 
 def _encode(tokenizer, prompts: list[str], args) -> list[list[int]]:
     from hunyuan_jax.tokenizer import DEFAULT_SYSTEM_PROMPT
+
     out = []
     for text in prompts:
         if args.chat:
             system = DEFAULT_SYSTEM_PROMPT if args.system is None else (args.system or None)
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                system_prompt=system)
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], system_prompt=system
+            )
         else:
             ids = tokenizer.encode(text)
             if not args.no_bos:
@@ -124,8 +167,9 @@ class _Printer:
         self.finished = [False] * n
 
     def text(self, i: int) -> str:
-        return self.tok.decode([t for t in self.ids[i] if t not in self.eos],
-                               skip_special_tokens=True)
+        return self.tok.decode(
+            [t for t in self.ids[i] if t not in self.eos], skip_special_tokens=True
+        )
 
     def __call__(self, step, tokens, live):
         for i in range(self.n):
@@ -134,7 +178,7 @@ class _Printer:
         if self.n == 1:
             text = self.text(0)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                self.out.write(text[len(self.printed[0]):])
+                self.out.write(text[len(self.printed[0]) :])
                 self.out.flush()
                 self.printed[0] = text
         else:
@@ -148,7 +192,7 @@ class _Printer:
         self.finished[i] = True
         if self.n == 1:
             text = self.text(0)
-            self.out.write(text[len(self.printed[0]):] + "\n")
+            self.out.write(text[len(self.printed[0]) :] + "\n")
         else:
             self.out.write(f"[{i}] {self.text(i)}\n")
         self.out.flush()
@@ -158,8 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _main(args)
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError,
-            NotImplementedError) as e:
+    except (
+        UsageError,
+        ValueError,
+        FileNotFoundError,
+        NotADirectoryError,
+        NotImplementedError,
+    ) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
 
@@ -167,12 +216,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args) -> int:
     # Cheap checks first: nothing is loaded before the command line is known to be valid.
     from hunyuan_jax.sampling import SamplingConfig
+
     flags = _sampling_flags(args)
     try:
         SamplingConfig().replace(**flags)  # range errors, before loading anything
     except ValueError as e:
         name = str(e).split()[0]
-        raise UsageError("--" + name.replace("_", "-") + str(e)[len(name):]) from None
+        raise UsageError("--" + name.replace("_", "-") + str(e)[len(name) :]) from None
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.max_len is not None and args.max_len < 2:
@@ -182,44 +232,67 @@ def _main(args) -> int:
     prompts = _read_prompts(args)
 
     from hunyuan_jax import decode
+
     mesh = rules = None
     if args.mesh:
         from sharding.mesh import build_mesh
         from sharding.rules import get_rules
+
         mesh, rules = build_mesh(args.mesh), get_rules(args.rules)
-    bundle = decode.load_for_inference(args.checkpoint, dtype=args.dtype, mesh=mesh,
-                                       rules=rules, tokenizer=args.tokenizer)
+    bundle = decode.load_for_inference(
+        args.checkpoint, dtype=args.dtype, mesh=mesh, rules=rules, tokenizer=args.tokenizer
+    )
     if bundle.tokenizer is None:
-        raise UsageError(f"no tokenizer in {args.checkpoint} (looked for hy.tiktoken and "
-                         f"*.model there and in tokenizer/); pass --tokenizer")
+        raise UsageError(
+            f"no tokenizer in {args.checkpoint} (looked for hy.tiktoken and "
+            f"*.model there and in tokenizer/); pass --tokenizer"
+        )
     sampling = bundle.sampling.replace(**flags)
     ids = _encode(bundle.tokenizer, prompts, args)
 
-    gen = decode.Generator(bundle.model, sampling=sampling, eos_ids=bundle.eos_ids,
-                           cache_dtype=args.cache_dtype,
-                           vocab_limit=bundle.tokenizer.vocab_size, mesh=mesh, rules=rules,
-                           prefill_chunk=args.prefill_chunk, decode_loop=args.decode_loop)
+    gen = decode.Generator(
+        bundle.model,
+        sampling=sampling,
+        eos_ids=bundle.eos_ids,
+        cache_dtype=args.cache_dtype,
+        vocab_limit=bundle.tokenizer.vocab_size,
+        mesh=mesh,
+        rules=rules,
+        prefill_chunk=args.prefill_chunk,
+        decode_loop=args.decode_loop,
+    )
     limit = args.max_len or bundle.cfg.max_position_embeddings
     try:
         gen.check_prompts(ids, args.max_new_tokens, limit)  # prompt longer than the cache, ...
     except ValueError as e:
-        where = "--max-len" if args.max_len else (
-            "the model's max_position_embeddings; raise it with --max-len")
+        where = (
+            "--max-len"
+            if args.max_len
+            else ("the model's max_position_embeddings; raise it with --max-len")
+        )
         raise UsageError(f"{e} (cache limit {limit} from {where})") from None
     longest = max(len(p) for p in ids)
     max_len = min(limit, -(-(longest + args.max_new_tokens) // 64) * 64)
 
     printer = _Printer(bundle.tokenizer, len(ids), bundle.eos_ids)
-    out = gen.generate(ids, args.max_new_tokens, seed=args.seed, max_len=max_len,
-                       stream=None if args.no_stream else printer)
+    out = gen.generate(
+        ids,
+        args.max_new_tokens,
+        seed=args.seed,
+        max_len=max_len,
+        stream=None if args.no_stream else printer,
+    )
     for i, row in enumerate(out.tokens):
         printer.ids[i] = list(row)
         printer.finish(i)
-    print(f"prefill: {out.prompt_tokens} tokens in {out.prefill_seconds:.3f} s "
-          f"({out.prefill_tokens_per_s:.1f} tokens/s) | decode: {out.new_tokens} new tokens in "
-          f"{out.decode_seconds:.3f} s ({out.decode_tokens_per_s:.1f} tokens/s) | "
-          f"compile {out.compile_seconds:.1f} s | sampling: "
-          f"{'greedy' if sampling.greedy else sampling}", file=sys.stderr)
+    print(
+        f"prefill: {out.prompt_tokens} tokens in {out.prefill_seconds:.3f} s "
+        f"({out.prefill_tokens_per_s:.1f} tokens/s) | decode: {out.new_tokens} new tokens in "
+        f"{out.decode_seconds:.3f} s ({out.decode_tokens_per_s:.1f} tokens/s) | "
+        f"compile {out.compile_seconds:.1f} s | sampling: "
+        f"{'greedy' if sampling.greedy else sampling}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -26,21 +26,35 @@ def main(argv=None) -> int:
     pre.add_argument("--devices", type=int, default=None)
     devices = pre.parse_known_args(argv)[0].devices
     if devices:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={devices}")
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+        )
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from hunyuan_jax import distributed
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="YAML with model: and train: sections")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a train key, or model.KEY for the model section")
-    ap.add_argument("--init-from", default=None,
-                    help="initial weights: a run dir, a converted or a Hugging Face checkpoint")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a train key, or model.KEY for the model section",
+    )
+    ap.add_argument(
+        "--init-from",
+        default=None,
+        help="initial weights: a run dir, a converted or a Hugging Face checkpoint",
+    )
     ap.add_argument("--run-dir", default=None, help="shorthand for --set run_dir=DIR")
-    ap.add_argument("--devices", type=int, default=None,
-                    help="simulate this many CPU devices (set before JAX starts)")
+    ap.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="simulate this many CPU devices (set before JAX starts)",
+    )
     distributed.add_arguments(ap)
     args = ap.parse_args(argv)
 
@@ -61,8 +75,10 @@ def main(argv=None) -> int:
         return 1
     losses = summary["losses"]
     if losses:
-        print(f"[train] steps {summary['start_step']} -> {summary['end_step']}: loss "
-              f"{losses[0]:.4f} -> {losses[-1]:.4f}; run dir {tcfg.run_dir}")
+        print(
+            f"[train] steps {summary['start_step']} -> {summary['end_step']}: loss "
+            f"{losses[0]:.4f} -> {losses[-1]:.4f}; run dir {tcfg.run_dir}"
+        )
     return 0
 
 

@@ -30,18 +30,33 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def synthetic_config(layers: int, hidden: int, intermediate: int, experts: int,
-                     vocab: int, heads: int | None = None, kv_heads: int | None = None) -> dict:
+def synthetic_config(
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    experts: int,
+    vocab: int,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+) -> dict:
     """An HF config.json of Hunyuan-Large's structure (CLA 2, QK-norm, shared expert)."""
     base = json.loads((ROOT / "tests/data/hy_tiny/hf_st/config.json").read_text())
-    return dict(base, hidden_size=hidden, intermediate_size=intermediate,
-                num_hidden_layers=layers, num_attention_heads=heads or max(1, hidden // 128),
-                num_key_value_heads=kv_heads or max(1, hidden // 512), num_experts=experts,
-                vocab_size=vocab, torch_dtype="bfloat16")
+    return dict(
+        base,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads or max(1, hidden // 128),
+        num_key_value_heads=kv_heads or max(1, hidden // 512),
+        num_experts=experts,
+        vocab_size=vocab,
+        torch_dtype="bfloat16",
+    )
 
 
-def bytes_per_layer(hidden: int, intermediate: int, experts: int, kv_frac: float = 0.25,
-                    itemsize: int = 2) -> float:
+def bytes_per_layer(
+    hidden: int, intermediate: int, experts: int, kv_frac: float = 0.25, itemsize: int = 2
+) -> float:
     kv = int(hidden * kv_frac)  # num_kv_heads * head_dim
     attn = 2 * hidden * hidden + kv * hidden  # q, o; k+v (2 x kv) on every other layer
     mlp = 3 * hidden * intermediate * (experts + 1) + hidden * experts
@@ -51,6 +66,7 @@ def bytes_per_layer(hidden: int, intermediate: int, experts: int, kv_frac: float
 def run_measured(cmd: list[str], env=None) -> tuple[int, int, float, str]:
     """(return code, peak RSS bytes of that child, seconds, stderr)."""
     from hunyuan_jax import convert
+
     code, peak, seconds, err = convert.run_measuring_peak_rss(cmd, env)
     if code:
         print(err, file=sys.stderr)
@@ -83,30 +99,60 @@ def main(argv=None) -> int:
             layers = max(2, 2 * round(gb * 1e9 / per_layer / 2))
             hf = work / f"hf_{layers}"
             out = work / f"jax_{layers}"
-            cfg = synthetic_config(layers, args.hidden, args.intermediate, args.experts,
-                                   args.vocab, heads, kv_heads)
+            cfg = synthetic_config(
+                layers, args.hidden, args.intermediate, args.experts, args.vocab, heads, kv_heads
+            )
             t = time.time()
             size = write_synthetic_hf(hf, cfg, "bfloat16", shard_bytes=1 << 30)
             gen = time.time() - t
             largest = 2 * max(args.vocab * args.hidden, args.hidden * args.intermediate)
             shutil.rmtree(out, ignore_errors=True)
             rc, rss, secs, _ = run_measured(
-                [sys.executable, "-m", "hunyuan_jax.convert", "hf-to-jax", "--hf-dir",
-                 str(hf), "--out", str(out), "--compression", args.compression,
-                 "--no-progress"], env)
+                [
+                    sys.executable,
+                    "-m",
+                    "hunyuan_jax.convert",
+                    "hf-to-jax",
+                    "--hf-dir",
+                    str(hf),
+                    "--out",
+                    str(out),
+                    "--compression",
+                    args.compression,
+                    "--no-progress",
+                ],
+                env,
+            )
             if rc:
                 return rc
             man = json.loads((out / "manifest.json").read_text())
             rss = max(rss, int(man["stats"]["peak_rss_mb"] * 1e6))
-            row = dict(size_gb=size / 1e9, layers=layers, largest_mb=largest / 1e6,
-                       seconds=secs, mb_s=size / 1e6 / secs,
-                       inner_mb_s=man["stats"]["mb_per_s"], peak_rss_mb=rss / 1e6,
-                       out_gb=sum(f.stat().st_size for f in (out / "params").rglob("*")
-                                  if f.is_file()) / 1e9)
+            row = dict(
+                size_gb=size / 1e9,
+                layers=layers,
+                largest_mb=largest / 1e6,
+                seconds=secs,
+                mb_s=size / 1e6 / secs,
+                inner_mb_s=man["stats"]["mb_per_s"],
+                peak_rss_mb=rss / 1e6,
+                out_gb=sum(f.stat().st_size for f in (out / "params").rglob("*") if f.is_file())
+                / 1e9,
+            )
             if args.export:
                 rc, xrss, xsecs, xerr = run_measured(
-                    [sys.executable, "-m", "hunyuan_jax.convert", "jax-to-hf", "--ckpt",
-                     str(out), "--out", str(work / f"back_{layers}"), "--no-progress"], env)
+                    [
+                        sys.executable,
+                        "-m",
+                        "hunyuan_jax.convert",
+                        "jax-to-hf",
+                        "--ckpt",
+                        str(out),
+                        "--out",
+                        str(work / f"back_{layers}"),
+                        "--no-progress",
+                    ],
+                    env,
+                )
                 m = re.search(r"peak RSS (\d+) MB", xerr)
                 xrss = max(xrss, int(m.group(1)) * 10**6 if m else 0)
                 if rc:
@@ -114,12 +160,19 @@ def main(argv=None) -> int:
                 row.update(export_mb_s=size / 1e6 / xsecs, export_rss_mb=xrss / 1e6)
                 shutil.rmtree(work / f"back_{layers}")
             rows.append(row)
-            print(f"{size / 1e9:.2f} GB ({layers} layers, largest tensor {largest / 1e6:.0f} MB,"
-                  f" generated in {gen:.0f} s): {secs:.1f} s wall = {row['mb_s']:.0f} MB/s "
-                  f"({row['inner_mb_s']:.0f} MB/s after start-up), peak RSS "
-                  f"{rss / 1e6:.0f} MB, output {row['out_gb']:.2f} GB ({args.compression})"
-                  + (f"; export {row['export_mb_s']:.0f} MB/s, peak RSS "
-                     f"{row['export_rss_mb']:.0f} MB" if args.export else ""), flush=True)
+            print(
+                f"{size / 1e9:.2f} GB ({layers} layers, largest tensor {largest / 1e6:.0f} MB,"
+                f" generated in {gen:.0f} s): {secs:.1f} s wall = {row['mb_s']:.0f} MB/s "
+                f"({row['inner_mb_s']:.0f} MB/s after start-up), peak RSS "
+                f"{rss / 1e6:.0f} MB, output {row['out_gb']:.2f} GB ({args.compression})"
+                + (
+                    f"; export {row['export_mb_s']:.0f} MB/s, peak RSS "
+                    f"{row['export_rss_mb']:.0f} MB"
+                    if args.export
+                    else ""
+                ),
+                flush=True,
+            )
             shutil.rmtree(hf)
             shutil.rmtree(out)
     finally:
@@ -128,8 +181,10 @@ def main(argv=None) -> int:
     print("\n| size GB | layers | wall s | MB/s | MB/s (steady) | peak RSS MB |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size_gb']:.2f} | {r['layers']} | {r['seconds']:.1f} | {r['mb_s']:.0f} | "
-              f"{r['inner_mb_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['size_gb']:.2f} | {r['layers']} | {r['seconds']:.1f} | {r['mb_s']:.0f} | "
+            f"{r['inner_mb_s']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
     return 0
 
 

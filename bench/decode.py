@@ -38,8 +38,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "--threads" in sys.argv:  # before jax starts: XLA's CPU thread pool is fixed at start-up
     _threads = int(sys.argv[sys.argv.index("--threads") + 1])
     if _threads == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
-                                   "=false intra_op_parallelism_threads=1").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
+            "=false intra_op_parallelism_threads=1"
+        ).strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -59,8 +61,10 @@ class TorchHunyuan:
 
     def __init__(self, cfg: ModelConfig, model):
         self.cfg = cfg
-        flat = {k: torch.from_numpy(np.array(v.get_value(), np.float32))
-                for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        flat = {
+            k: torch.from_numpy(np.array(v.get_value(), np.float32))
+            for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        }
         self.embed = flat[("embed",)]
         self.final_norm = flat[("final_norm", "weight")]
         self.layers = []
@@ -69,17 +73,22 @@ class TorchHunyuan:
                 get = lambda *p: flat[("groups", "layers", j) + p][g]
                 d = cfg.hidden_size
                 layer = dict(
-                    group=g, produces_kv=j == 0,
+                    group=g,
+                    produces_kv=j == 0,
                     input_norm=get("input_norm", "weight"),
                     post_norm=get("post_attn_norm", "weight"),
                     q=get("attn", "q_proj").reshape(d, -1),
                     o=get("attn", "o_proj").reshape(-1, d),
-                    qn=get("attn", "query_norm", "weight"), kn=get("attn", "key_norm", "weight"),
+                    qn=get("attn", "query_norm", "weight"),
+                    kn=get("attn", "key_norm", "weight"),
                     router=get("moe", "router"),
-                    gate=get("moe", "gate_proj"), up=get("moe", "up_proj"),
+                    gate=get("moe", "gate_proj"),
+                    up=get("moe", "up_proj"),
                     down=get("moe", "down_proj"),
-                    s_gate=get("moe", "shared", "gate_proj"), s_up=get("moe", "shared", "up_proj"),
-                    s_down=get("moe", "shared", "down_proj"))
+                    s_gate=get("moe", "shared", "gate_proj"),
+                    s_up=get("moe", "shared", "up_proj"),
+                    s_down=get("moe", "shared", "down_proj"),
+                )
                 if j == 0:
                     layer["k"] = get("attn", "k_proj").reshape(d, -1)
                     layer["v"] = get("attn", "v_proj").reshape(d, -1)
@@ -121,15 +130,18 @@ class TorchHunyuan:
             h = self._rms(x, l["input_norm"])
             if l["produces_kv"]:
                 ck, cv = cache[l["group"]]
-                ck[:, start:start + s] = self._rope((h @ l["k"]).view(b, s, kvh, dh), pos)
-                cv[:, start:start + s] = (h @ l["v"]).view(b, s, kvh, dh)
-                k_all, v_all = ck[:, :start + s], cv[:, :start + s]
+                ck[:, start : start + s] = self._rope((h @ l["k"]).view(b, s, kvh, dh), pos)
+                cv[:, start : start + s] = (h @ l["v"]).view(b, s, kvh, dh)
+                k_all, v_all = ck[:, : start + s], cv[:, : start + s]
             q = self._rms(self._rope((h @ l["q"]).view(b, s, h_, dh), pos), l["qn"])
             k = self._rms(k_all, l["kn"])
             rep = h_ // kvh
             attn = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2),
-                v_all.repeat_interleave(rep, 2).transpose(1, 2), is_causal=s > 1 and start == 0)
+                q.transpose(1, 2),
+                k.repeat_interleave(rep, 2).transpose(1, 2),
+                v_all.repeat_interleave(rep, 2).transpose(1, 2),
+                is_causal=s > 1 and start == 0,
+            )
             x = x + attn.transpose(1, 2).reshape(b, s, -1) @ l["o"]
             x = x + self._moe(l, self._rms(x, l["post_norm"]))
         return self._rms(x, self.final_norm) @ self.embed.T
@@ -174,20 +186,33 @@ def bench_throughput(cfg, model, batches, prompt_len, new_tokens, repeats, seed=
             tp.append(p_s)
             td.append(d_s)
         agree = float(np.mean(np.asarray(out.tokens) == t_tokens))
-        first_diff = [next((i for i, (x, y) in enumerate(zip(r, t)) if x != y), None)
-                      for r, t in zip(out.tokens, t_tokens.tolist())]
+        first_diff = [
+            next((i for i, (x, y) in enumerate(zip(r, t)) if x != y), None)
+            for r, t in zip(out.tokens, t_tokens.tolist())
+        ]
         pre, dec = b * prompt_len, b * (new_tokens - 1)
-        rows.append(dict(batch=b, jax_prefill=pre / min(jp), jax_decode=dec / min(jd),
-                         torch_prefill=pre / min(tp), torch_decode=dec / min(td),
-                         compile_s=compile_s, agree=agree, first_diff=first_diff))
+        rows.append(
+            dict(
+                batch=b,
+                jax_prefill=pre / min(jp),
+                jax_decode=dec / min(jd),
+                torch_prefill=pre / min(tp),
+                torch_decode=dec / min(td),
+                compile_s=compile_s,
+                agree=agree,
+                first_diff=first_diff,
+            )
+        )
     return rows
 
 
 def bench_accuracy(cfg, model, prompt_len, new_tokens, seed=1):
     """Per-step logits of bf16 and int8 caches vs a float32 forward over the same sequence."""
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (prompt_len, prompt_len // 2,
-                                                                     prompt_len // 3)]
+    prompts = [
+        rng.integers(0, cfg.vocab_size, n).tolist()
+        for n in (prompt_len, prompt_len // 2, prompt_len // 3)
+    ]
     full_fwd = jax.jit(lambda t: model(t)[0])
     results, ref_tokens = {}, None
     for dtype in ("float32", "bfloat16", "int8"):
@@ -196,23 +221,28 @@ def bench_accuracy(cfg, model, prompt_len, new_tokens, seed=1):
         seqs = [p + t for p, t in zip(prompts, out.tokens)]
         arr = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
         for i, s in enumerate(seqs):
-            arr[i, :len(s)] = s
+            arr[i, : len(s)] = s
         full = np.asarray(full_fwd(arr))
         errs, agree, scale = [], [], []
         for i, p in enumerate(prompts):
-            want = full[i, len(p) - 1:len(p) - 1 + new_tokens]
+            want = full[i, len(p) - 1 : len(p) - 1 + new_tokens]
             errs.append(np.abs(out.logits[i] - want).max(-1))
             agree.append(np.mean(out.logits[i].argmax(-1) == want.argmax(-1)))
             scale.append(want.std(-1))
         if ref_tokens is None:
             ref_tokens = out.tokens
-        same = np.mean([np.mean(np.asarray(a) == np.asarray(b))
-                        for a, b in zip(out.tokens, ref_tokens)])
+        same = np.mean(
+            [np.mean(np.asarray(a) == np.asarray(b)) for a, b in zip(out.tokens, ref_tokens)]
+        )
         errs = np.concatenate(errs)
-        results[dtype] = dict(median=float(np.median(errs)), p99=float(np.percentile(errs, 99)),
-                              max=float(errs.max()), argmax_agree=float(np.mean(agree)),
-                              tokens_same_as_f32_cache=float(same),
-                              logit_std=float(np.mean(np.concatenate(scale))))
+        results[dtype] = dict(
+            median=float(np.median(errs)),
+            p99=float(np.percentile(errs, 99)),
+            max=float(errs.max()),
+            argmax_agree=float(np.mean(agree)),
+            tokens_same_as_f32_cache=float(same),
+            logit_std=float(np.mean(np.concatenate(scale))),
+        )
     return results
 
 
@@ -223,50 +253,74 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for both (1: single-threaded XLA and torch, steadier on a "
-                    "busy machine); default: each library's own default")
-    ap.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
-                    help="also measure the int8 / bf16 KV cache error (default on)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for both (1: single-threaded XLA and torch, steadier on a "
+        "busy machine); default: each library's own default",
+    )
+    ap.add_argument(
+        "--accuracy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the int8 / bf16 KV cache error (default on)",
+    )
     args = ap.parse_args(argv)
 
-    cfg = ModelConfig.from_yaml(args.config).replace(param_dtype="float32",
-                                                     compute_dtype="float32", remat="none")
+    cfg = ModelConfig.from_yaml(args.config).replace(
+        param_dtype="float32", compute_dtype="float32", remat="none"
+    )
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model = init_model(cfg, seed=0)
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model))) / 1e6
-    print(f"# {Path(args.config).name}: {params:.1f}M "
-          f"params, float32; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
-          f"greedy; jax {jax.__version__} on {jax.devices()[0].platform}, torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at start")
-    rows = bench_throughput(cfg, model, args.batches, args.prompt_len, args.new_tokens,
-                            args.repeats)
-    print("| batch | JAX prefill tok/s | torch prefill tok/s | ratio | JAX decode tok/s | "
-          "torch decode tok/s | ratio | greedy tokens equal |")
+    print(
+        f"# {Path(args.config).name}: {params:.1f}M "
+        f"params, float32; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+        f"greedy; jax {jax.__version__} on {jax.devices()[0].platform}, torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at start"
+    )
+    rows = bench_throughput(
+        cfg, model, args.batches, args.prompt_len, args.new_tokens, args.repeats
+    )
+    print(
+        "| batch | JAX prefill tok/s | torch prefill tok/s | ratio | JAX decode tok/s | "
+        "torch decode tok/s | ratio | greedy tokens equal |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['jax_prefill']:.0f} | {r['torch_prefill']:.0f} | "
-              f"{r['jax_prefill'] / r['torch_prefill']:.2f}x | {r['jax_decode']:.0f} | "
-              f"{r['torch_decode']:.0f} | {r['jax_decode'] / r['torch_decode']:.2f}x | "
-              f"{r['agree']:.0%} |")
+        print(
+            f"| {r['batch']} | {r['jax_prefill']:.0f} | {r['torch_prefill']:.0f} | "
+            f"{r['jax_prefill'] / r['torch_prefill']:.2f}x | {r['jax_decode']:.0f} | "
+            f"{r['torch_decode']:.0f} | {r['jax_decode'] / r['torch_decode']:.2f}x | "
+            f"{r['agree']:.0%} |"
+        )
     for r in rows:
         if r["agree"] < 1:
-            print(f"# batch {r['batch']}: first differing step per row {r['first_diff']} "
-                  f"(float32 near-ties of a random model)")
-    print("# compile (not in the timings): "
-          + ", ".join(f"batch {r['batch']}: {r['compile_s']:.1f} s" for r in rows))
+            print(
+                f"# batch {r['batch']}: first differing step per row {r['first_diff']} "
+                f"(float32 near-ties of a random model)"
+            )
+    print(
+        "# compile (not in the timings): "
+        + ", ".join(f"batch {r['batch']}: {r['compile_s']:.1f} s" for r in rows)
+    )
     if args.accuracy:
         acc = bench_accuracy(cfg, model, args.prompt_len, args.new_tokens)
-        print("\n| KV cache | median abs logit err | p99 | max | argmax = f32 forward | "
-              "tokens = f32-cache run |")
+        print(
+            "\n| KV cache | median abs logit err | p99 | max | argmax = f32 forward | "
+            "tokens = f32-cache run |"
+        )
         print("|---|---|---|---|---|---|")
         for k, v in acc.items():
-            print(f"| {k} | {v['median']:.2e} | {v['p99']:.2e} | {v['max']:.2e} | "
-                  f"{v['argmax_agree']:.1%} | {v['tokens_same_as_f32_cache']:.1%} |")
+            print(
+                f"| {k} | {v['median']:.2e} | {v['p99']:.2e} | {v['max']:.2e} | "
+                f"{v['argmax_agree']:.1%} | {v['tokens_same_as_f32_cache']:.1%} |"
+            )
         print(f"# logits' std per position: {acc['float32']['logit_std']:.3f}")
     print(f"# total {time.perf_counter() - t0:.0f} s")
 

@@ -43,8 +43,14 @@ from hunyuan_jax.losses import lm_loss  # noqa: E402
 from hunyuan_jax.optim import active_params, make_optimizer  # noqa: E402
 from hunyuan_jax.state import init_model  # noqa: E402
 from hunyuan_jax.train_config import load_configs  # noqa: E402
-from hunyuan_jax.train_step import (init_train_state, jit_train_step, make_experts_fn,  # noqa
-                                    make_mesh, make_train_step, train_shardings)
+from hunyuan_jax.train_step import (  # noqa: E402
+    init_train_state,
+    jit_train_step,
+    make_experts_fn,  # noqa
+    make_mesh,
+    make_train_step,
+    train_shardings,
+)
 from sharding.rules import get_rules  # noqa: E402
 
 
@@ -67,14 +73,21 @@ class TorchTrain:
                 if path[-2:-1] == ("moe",) and path[-1] in ("gate_proj", "up_proj", "down_proj"):
                     for e in range(cfg.num_experts):
                         self.p[f"{name}.{g}.{e}"] = torch.nn.Parameter(
-                            torch.from_numpy(value[g, e].copy()))
+                            torch.from_numpy(value[g, e].copy())
+                        )
                 else:
                     self.p[f"{name}.{g}"] = torch.nn.Parameter(torch.from_numpy(value[g].copy()))
         d = cfg.head_dim
         base = cfg.rope_theta * cfg.rope_alpha ** (d / (d - 2))
         self.inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
-        self.opt = torch.optim.AdamW(self.p.values(), lr=tcfg.lr, betas=(tcfg.b1, tcfg.b2),
-                                     eps=tcfg.eps, weight_decay=tcfg.weight_decay, foreach=True)
+        self.opt = torch.optim.AdamW(
+            self.p.values(),
+            lr=tcfg.lr,
+            betas=(tcfg.b1, tcfg.b2),
+            eps=tcfg.eps,
+            weight_decay=tcfg.weight_decay,
+            foreach=True,
+        )
         self.clip, self.aux_coef = tcfg.grad_clip, tcfg.aux_loss_coef
 
     def _norm(self, x, w):
@@ -105,14 +118,18 @@ class TorchTrain:
                 kn = self._norm(k, w("attn.key_norm.weight"))
                 rep = cfg.num_heads // cfg.num_kv_heads
                 o = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), kn.repeat_interleave(rep, 2).transpose(1, 2),
-                    v.repeat_interleave(rep, 2).transpose(1, 2), is_causal=True)
+                    q.transpose(1, 2),
+                    kn.repeat_interleave(rep, 2).transpose(1, 2),
+                    v.repeat_interleave(rep, 2).transpose(1, 2),
+                    is_causal=True,
+                )
                 x = x + torch.einsum("bnsh,nhd->bsd", o, w("attn.o_proj"))
                 h = self._norm(x, w("post_attn_norm.weight")).reshape(b * s, -1)
                 probs = torch.softmax(h @ w("moe.router"), -1)
                 weight, ids = probs.max(-1)
-                shared = (F.silu(h @ w("moe.shared.gate_proj")) * (h @ w("moe.shared.up_proj"))
-                          ) @ w("moe.shared.down_proj")
+                shared = (
+                    F.silu(h @ w("moe.shared.gate_proj")) * (h @ w("moe.shared.up_proj"))
+                ) @ w("moe.shared.down_proj")
                 routed = torch.zeros_like(h)
                 for e in range(cfg.num_experts):
                     idx = (ids == e).nonzero(as_tuple=True)[0]
@@ -148,14 +165,24 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
-    mcfg, tcfg = load_configs(args.config, [
-        "mesh=data=1,fsdp=1,expert=1,tensor=1", "rules=fsdp", f"batch_size={args.batch}",
-        f"seq_len={args.seq}", f"micro_batches={args.micro_batches}", "warmup_steps=0",
-        *args.overrides])
+    mcfg, tcfg = load_configs(
+        args.config,
+        [
+            "mesh=data=1,fsdp=1,expert=1,tensor=1",
+            "rules=fsdp",
+            f"batch_size={args.batch}",
+            f"seq_len={args.seq}",
+            f"micro_batches={args.micro_batches}",
+            "warmup_steps=0",
+            *args.overrides,
+        ],
+    )
     torch.set_num_threads(os.cpu_count() or 1)
-    print(f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
-          f"{os.cpu_count()} CPU threads; {args.config}: {tcfg.batch_size} x {tcfg.seq_len} "
-          f"tokens/step, {tcfg.micro_batches} micro-batch(es), compute {mcfg.compute_dtype}")
+    print(
+        f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
+        f"{os.cpu_count()} CPU threads; {args.config}: {tcfg.batch_size} x {tcfg.seq_len} "
+        f"tokens/step, {tcfg.micro_batches} micro-batch(es), compute {mcfg.compute_dtype}"
+    )
 
     mesh, rules = make_mesh(tcfg.mesh), get_rules(tcfg.rules)
     opt = make_optimizer(tcfg, mcfg)
@@ -169,29 +196,39 @@ def main() -> None:
     b, s, m = tcfg.batch_size, tcfg.seq_len, tcfg.micro_batches
     tokens = rng.integers(0, mcfg.vocab_size, (b, s + 1)).astype(np.int32)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    local = {"inputs": inputs, "targets": targets,
-             "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
-             "segment_ids": np.ones((b, s), np.int32),
-             "loss_mask": np.ones((b, s), np.float32)}
+    local = {
+        "inputs": inputs,
+        "targets": targets,
+        "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
+        "segment_ids": np.ones((b, s), np.int32),
+        "loss_mask": np.ones((b, s), np.float32),
+    }
     local = {k: v.reshape(m, b // m, s) for k, v in local.items()}
 
     # Correctness: the same loss from the same weights (dropless routing on the JAX side).
     torch_model = TorchTrain(mcfg, state.params, tcfg)
     with torch.no_grad():
-        t_loss, _ = torch_model.loss(torch.from_numpy(inputs).long(),
-                                     torch.from_numpy(targets).long())
+        t_loss, _ = torch_model.loss(
+            torch.from_numpy(inputs).long(), torch.from_numpy(targets).long()
+        )
     flat = {k: v.reshape(b, s) for k, v in local.items()}
     j_loss, _ = jax.jit(lambda mdl, bt: lm_loss(mdl, bt, aux_loss_coef=tcfg.aux_loss_coef))(
-        nnx.merge(graphdef, state.params), flat)
-    print(f"initial loss: JAX {float(j_loss):.5f}, PyTorch {float(t_loss):.5f} "
-          f"(|diff| {abs(float(j_loss) - float(t_loss)):.1e})")
+        nnx.merge(graphdef, state.params), flat
+    )
+    print(
+        f"initial loss: JAX {float(j_loss):.5f}, PyTorch {float(t_loss):.5f} "
+        f"(|diff| {abs(float(j_loss) - float(t_loss)):.1e})"
+    )
 
     # JAX: the train.py step (capacity routing, donated state), compiled ahead of time.
     sh = train_shardings(jax.eval_shape(lambda: state), mesh, rules)
     b_sh = batch_sharding(mesh, rules)
-    step = jit_train_step(make_train_step(graphdef, opt, mcfg, tcfg,
-                                          make_experts_fn(mcfg, tcfg, mesh, rules)),
-                          sh, b_sh, mesh)
+    step = jit_train_step(
+        make_train_step(graphdef, opt, mcfg, tcfg, make_experts_fn(mcfg, tcfg, mesh, rules)),
+        sh,
+        b_sh,
+        mesh,
+    )
     batch = to_global(local, b_sh, b)
     tt, tg = torch.from_numpy(inputs).long(), torch.from_numpy(targets).long()
     with jax.set_mesh(mesh):
@@ -215,17 +252,22 @@ def main() -> None:
 
     tokens_per_step = b * s
     jt, pt = float(np.median(jax_times)), float(np.median(torch_times))
-    print(f"\n| implementation | step time (median of {args.steps}) | tokens/s | loss after "
-          f"{args.steps + 1} steps |")
+    print(
+        f"\n| implementation | step time (median of {args.steps}) | tokens/s | loss after "
+        f"{args.steps + 1} steps |"
+    )
     print("|---|---|---|---|")
-    print(f"| hunyuan_jax jit train step (compile {compile_s:.1f}s) | {jt * 1e3:.0f} ms | "
-          f"{tokens_per_step / jt:,.0f} | {jax_loss:.4f} |")
-    print(f"| PyTorch eager | {pt * 1e3:.0f} ms | {tokens_per_step / pt:,.0f} | "
-          f"{torch_loss:.4f} |")
+    print(
+        f"| hunyuan_jax jit train step (compile {compile_s:.1f}s) | {jt * 1e3:.0f} ms | "
+        f"{tokens_per_step / jt:,.0f} | {jax_loss:.4f} |"
+    )
+    print(f"| PyTorch eager | {pt * 1e3:.0f} ms | {tokens_per_step / pt:,.0f} | {torch_loss:.4f} |")
     print(f"\nratio JAX / PyTorch tokens/s: {pt / jt:.2f}x")
     flops = 6 * n_active * tokens_per_step
-    print(f"model FLOPs per step (6 x active x tokens): {flops / 1e9:.1f} GFLOP -> JAX "
-          f"{flops / jt / 1e9:.1f} GFLOP/s, PyTorch {flops / pt / 1e9:.1f} GFLOP/s")
+    print(
+        f"model FLOPs per step (6 x active x tokens): {flops / 1e9:.1f} GFLOP -> JAX "
+        f"{flops / jt / 1e9:.1f} GFLOP/s, PyTorch {flops / pt / 1e9:.1f} GFLOP/s"
+    )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ import argparse
 import dataclasses
 import glob
 import json
-import os
 import math
+import os
 import re
 import sys
 import time
@@ -57,13 +57,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hunyuan_jax.config import ModelConfig, load_config
 from sharding.mesh import MeshConfig, build_mesh
 from sharding.rules import get_rules, logical_to_spec, rules_dict, state_shardings
 
-GiB = 2 ** 30
+GiB = 2**30
 MODES = ("train", "prefill", "decode", "decode-step")
 
 
@@ -117,8 +118,10 @@ def torus_shape(chips: int, dims: int) -> tuple[int, ...]:
     16 2x2x4, 32 2x4x4, 64 4x4x4, 128 4x4x8, 256 4x8x8, ...; v5e/v6e 4 2x2, 8 2x4, 16 4x4,
     32 4x8, 64 8x8, 128 8x16, 256 16x16."""
     if chips < 1 or chips & (chips - 1):
-        raise ValueError(f"{chips} chips: friendly names cover power-of-two slices only; give "
-                         f"the topology itself, e.g. v5p:4x4x12")
+        raise ValueError(
+            f"{chips} chips: friendly names cover power-of-two slices only; give "
+            f"the topology itself, e.g. v5p:4x4x12"
+        )
     if dims == 2:
         shape = [1, 1]
         while math.prod(shape) < chips:
@@ -143,18 +146,23 @@ def parse_topology(text: str, num_slices: int = 1) -> Slice:
     if m:
         gen, n = _ALIASES.get(m.group(1), m.group(1)), int(m.group(2))
         if gen not in CHIPS:
-            raise ValueError(f"unknown TPU generation {m.group(1)!r} in {text!r}; known: "
-                             f"{sorted(CHIPS)}")
+            raise ValueError(
+                f"unknown TPU generation {m.group(1)!r} in {text!r}; known: {sorted(CHIPS)}"
+            )
         chip = CHIPS[gen]
         if n % chip.cores_per_chip:
-            raise ValueError(f"{text}: {gen} names count TensorCores ({chip.cores_per_chip} per "
-                             f"chip), so the number must be a multiple of {chip.cores_per_chip}")
+            raise ValueError(
+                f"{text}: {gen} names count TensorCores ({chip.cores_per_chip} per "
+                f"chip), so the number must be a multiple of {chip.cores_per_chip}"
+            )
         shape = torus_shape(n // chip.cores_per_chip, chip.dims)
     else:
         m = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)+)", t)
         if not m:
-            raise ValueError(f"--topology {text!r}: expected a Cloud TPU name like v5p-256, "
-                             f"v6e-32, v5e-64, v4-128, or a topology like v5p:4x4x8 / v6e:4x8")
+            raise ValueError(
+                f"--topology {text!r}: expected a Cloud TPU name like v5p-256, "
+                f"v6e-32, v5e-64, v4-128, or a topology like v5p:4x4x8 / v6e:4x8"
+            )
         gen = _ALIASES.get(m.group(1), m.group(1))
         if gen not in CHIPS:
             raise ValueError(f"unknown TPU generation {m.group(1)!r}; known: {sorted(CHIPS)}")
@@ -178,6 +186,7 @@ def topology_devices(sl: Slice):
     On a host without TPU chips nothing is driven, so concurrent loads are allowed
     (ALLOW_MULTIPLE_LIBTPU_LOAD=1) unless the environment says otherwise."""
     from jax.experimental import topologies
+
     if not _has_tpu_hardware():
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {}
@@ -188,8 +197,10 @@ def topology_devices(sl: Slice):
     try:
         desc = topologies.get_topology_desc(topology_name=sl.topology, platform="tpu", **kwargs)
     except Exception as e:  # no libtpu, unknown topology, libtpu busy
-        raise RuntimeError(f"cannot describe TPU topology {sl.topology} ({e}). Ahead-of-time "
-                           f"TPU compiles need libtpu: pip install libtpu") from e
+        raise RuntimeError(
+            f"cannot describe TPU topology {sl.topology} ({e}). Ahead-of-time "
+            f"TPU compiles need libtpu: pip install libtpu"
+        ) from e
     return list(desc.devices)
 
 
@@ -235,13 +246,15 @@ def shards_exp(rules, mesh) -> bool:
 
 # ============================================================================ abstract trees
 def _abstract(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        tree, shardings)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
 
 
 def abstract_params(cfg: ModelConfig, rules, mesh):
     """(graphdef, params as sharded ShapeDtypeStructs) of the model; nothing is allocated."""
     from hunyuan_jax.state import abstract_model
+
     graphdef, state = nnx.split(abstract_model(cfg, rules))
     return graphdef, _abstract(state, state_shardings(state, rules, mesh))
 
@@ -252,15 +265,18 @@ def abstract_batch(cfg: ModelConfig, rules, mesh, batch: int, seq: int, micro: i
     spec = logical_to_spec(("batch",), rules, mesh=mesh)
     sharding = NamedSharding(mesh, P(None, *spec, None))
     shape = (micro, batch // micro, seq)
-    out = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
-           for k in ("inputs", "targets", "positions", "segment_ids")}
+    out = {
+        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+        for k in ("inputs", "targets", "positions", "segment_ids")
+    }
     out["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
     return out
 
 
 def replicated(mesh, value):
-    return jax.ShapeDtypeStruct(np.shape(value), jnp.asarray(value).dtype,
-                                sharding=NamedSharding(mesh, P()))
+    return jax.ShapeDtypeStruct(
+        np.shape(value), jnp.asarray(value).dtype, sharding=NamedSharding(mesh, P())
+    )
 
 
 # ============================================================================ programs
@@ -280,40 +296,58 @@ def _experts_fn(cfg, rules, mesh, training: bool):
     if not shards_exp(rules, mesh):
         if training:
             from hunyuan_jax.moe import make_capacity_experts
+
             return make_capacity_experts(cfg.capacity_factor)
         return None  # dropless
     from hunyuan_jax.expert_parallel import make_expert_parallel_fn
-    return make_expert_parallel_fn(mesh, rules, "all_to_all" if training else "gather",
-                                   cfg.capacity_factor)
+
+    return make_expert_parallel_fn(
+        mesh, rules, "all_to_all" if training else "gather", cfg.capacity_factor
+    )
 
 
-def train_program(cfg: ModelConfig, rules, mesh, batch: int, seq: int, micro: int = 1,
-                  tcfg=None) -> Program:
+def train_program(
+    cfg: ModelConfig, rules, mesh, batch: int, seq: int, micro: int = 1, tcfg=None
+) -> Program:
     """One optimizer step: `hunyuan_jax.train_step` (the step train.py runs) when importable,
     else the equivalent fallback below."""
     from hunyuan_jax.train_config import TrainConfig
+
     tcfg = tcfg or TrainConfig(batch_size=batch, seq_len=seq, micro_batches=micro)
     data = abstract_batch(cfg, rules, mesh, batch, seq, micro)
     try:
         from hunyuan_jax import train_step as ts
     except ImportError:
         ts = None
-    needed = ("make_train_step", "abstract_train_state", "train_shardings", "jit_train_step",
-              "make_experts_fn")
+    needed = (
+        "make_train_step",
+        "abstract_train_state",
+        "train_shardings",
+        "jit_train_step",
+        "make_experts_fn",
+    )
     if ts is not None and all(hasattr(ts, n) for n in needed):
         from hunyuan_jax.data import batch_sharding
         from hunyuan_jax.optim import make_optimizer
         from hunyuan_jax.state import abstract_model
+
         opt = make_optimizer(tcfg, cfg)
         graphdef, params = nnx.split(abstract_model(cfg, rules))
         abstract = ts.abstract_train_state(params, opt)
         sh = ts.train_shardings(abstract, mesh, rules)
         state = _abstract(abstract, sh)
-        step_fn = ts.make_train_step(graphdef, opt, cfg, tcfg,
-                                     ts.make_experts_fn(cfg, tcfg, mesh, rules))
+        step_fn = ts.make_train_step(
+            graphdef, opt, cfg, tcfg, ts.make_experts_fn(cfg, tcfg, mesh, rules)
+        )
         jitted = ts.jit_train_step(step_fn, sh, batch_sharding(mesh, rules), mesh)
-        return Program(step_fn, (state, data), (0,), "train_step.make_train_step + "
-                       "jit_train_step (train.py's step)", batch * seq, jitted=jitted)
+        return Program(
+            step_fn,
+            (state, data),
+            (0,),
+            "train_step.make_train_step + jit_train_step (train.py's step)",
+            batch * seq,
+            jitted=jitted,
+        )
     graphdef, params = abstract_params(cfg, rules, mesh)
     return _fallback_train_program(cfg, tcfg, rules, mesh, graphdef, params, data)
 
@@ -322,6 +356,7 @@ def _fallback_train_program(cfg, tcfg, rules, mesh, graphdef, params, data) -> P
     """value_and_grad of `losses.lm_loss` (gradients accumulated over micro-batches with a
     scan) + the project's optimizer (`optim.make_optimizer`: clip, AdamW, per-group lr)."""
     import optax
+
     from hunyuan_jax.losses import lm_loss
     from hunyuan_jax.optim import make_optimizer
 
@@ -333,8 +368,14 @@ def _fallback_train_program(cfg, tcfg, rules, mesh, graphdef, params, data) -> P
 
     def loss_fn(p, mb, key):
         model = nnx.merge(graphdef, p)
-        return lm_loss(model, mb, experts_fn=experts_fn, key=key,
-                       aux_loss_coef=tcfg.aux_loss_coef, z_loss_coef=tcfg.z_loss_coef)
+        return lm_loss(
+            model,
+            mb,
+            experts_fn=experts_fn,
+            key=key,
+            aux_loss_coef=tcfg.aux_loss_coef,
+            z_loss_coef=tcfg.z_loss_coef,
+        )
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -349,16 +390,21 @@ def _fallback_train_program(cfg, tcfg, rules, mesh, graphdef, params, data) -> P
             return (jax.tree.map(jnp.add, g_sum, g), loss_sum + loss), None
 
         micro = batch["inputs"].shape[0]
-        (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
-                                        (batch, jnp.arange(micro)))
+        (grads, loss), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.zeros((), jnp.float32)), (batch, jnp.arange(micro))
+        )
         grads = jax.tree.map(lambda g: g / micro, grads)
         updates, o = tx.update(grads, o, p)
         p = optax.apply_updates(p, updates)
         return p, o, {"loss": loss / micro, "grad_norm": optax.global_norm(grads)}
 
-    return Program(step, (params, opt_state, data, replicated(mesh, np.int32(0))), (0, 1),
-                   "aot fallback: value_and_grad(lm_loss) + optim.make_optimizer",
-                   tcfg.batch_size * tcfg.seq_len)
+    return Program(
+        step,
+        (params, opt_state, data, replicated(mesh, np.int32(0))),
+        (0, 1),
+        "aot fallback: value_and_grad(lm_loss) + optim.make_optimizer",
+        tcfg.batch_size * tcfg.seq_len,
+    )
 
 
 def _serve_cfg(cfg: ModelConfig, dtype: str) -> ModelConfig:
@@ -371,8 +417,10 @@ def _generator(cfg, rules, mesh, cache_dtype, experts: str = "default"):
     `expert_parallel`); 'auto' = the Generator's own default; 'default' = gather when the
     rules shard the experts on this mesh, else auto."""
     import inspect
+
     from hunyuan_jax import decode
     from hunyuan_jax.state import abstract_model
+
     model = abstract_model(cfg, rules)
     kwargs = dict(mesh=mesh, rules=rules, cache_dtype=cache_dtype)
     if experts == "default":
@@ -389,6 +437,7 @@ def _generator(cfg, rules, mesh, cache_dtype, experts: str = "default"):
 def _abstract_cache(cfg, rules, mesh, batch, cache_len, cache_dtype):
     from hunyuan_jax import decode
     from hunyuan_jax.model import KVCache
+
     cache = jax.eval_shape(lambda: KVCache.zeros(cfg, batch, cache_len, cache_dtype))
     return _abstract(cache, decode.cache_shardings(cache, rules, mesh))
 
@@ -398,50 +447,73 @@ def _batch_struct(mesh, rules, shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
 
-def prefill_program(cfg, rules, mesh, batch, chunk, cache_len, cache_dtype,
-                    experts="default") -> Program:
+def prefill_program(
+    cfg, rules, mesh, batch, chunk, cache_len, cache_dtype, experts="default"
+) -> Program:
     """One prefill chunk: tokens [B, chunk] at positions start.. into a [B, cache_len] cache."""
     gen, experts = _generator(cfg, rules, mesh, cache_dtype, experts)
     graphdef, params = abstract_params(cfg, rules, mesh)
     cache = _abstract_cache(cfg, rules, mesh, batch, cache_len, gen.cache_dtype)
-    args = (params, _batch_struct(mesh, rules, (batch, chunk), jnp.int32),
-            replicated(mesh, np.int32(0)), cache,
-            _batch_struct(mesh, rules, (batch,), jnp.int32),
-            _batch_struct(mesh, rules, (batch, cfg.vocab_size), jnp.float32))
-    return Program(gen._prefill_fn, args, (3, 5),
-                   f"decode.Generator._prefill_fn, experts {experts}", batch * chunk)
+    args = (
+        params,
+        _batch_struct(mesh, rules, (batch, chunk), jnp.int32),
+        replicated(mesh, np.int32(0)),
+        cache,
+        _batch_struct(mesh, rules, (batch,), jnp.int32),
+        _batch_struct(mesh, rules, (batch, cfg.vocab_size), jnp.float32),
+    )
+    return Program(
+        gen._prefill_fn,
+        args,
+        (3, 5),
+        f"decode.Generator._prefill_fn, experts {experts}",
+        batch * chunk,
+    )
 
 
-def decode_program(cfg, rules, mesh, batch, cache_len, cache_dtype,
-                   experts="default") -> Program:
+def decode_program(cfg, rules, mesh, batch, cache_len, cache_dtype, experts="default") -> Program:
     """The decode loop (one while-loop iteration per token; FLOPs are per token)."""
     from hunyuan_jax import decode
+
     gen, experts = _generator(cfg, rules, mesh, cache_dtype, experts)
     graphdef, params = abstract_params(cfg, rules, mesh)
     cache = _abstract_cache(cfg, rules, mesh, batch, cache_len, gen.cache_dtype)
     b = lambda shape, dtype: _batch_struct(mesh, rules, shape, dtype)
     fields = decode.DecodeState._fields
-    values = dict(cache=cache, tokens=b((batch, cache_len), jnp.int32),
-                  last=b((batch,), jnp.int32), done=b((batch,), jnp.bool_),
-                  num_new=b((batch,), jnp.int32), seen=None,
-                  key=jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
-                                           sharding=NamedSharding(mesh, P())),
-                  step=replicated(mesh, np.int32(0)), logits=None,
-                  eos=replicated(mesh, np.full((8,), -1, np.int32)))
+    values = dict(
+        cache=cache,
+        tokens=b((batch, cache_len), jnp.int32),
+        last=b((batch,), jnp.int32),
+        done=b((batch,), jnp.bool_),
+        num_new=b((batch,), jnp.int32),
+        seen=None,
+        key=jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, P())),
+        step=replicated(mesh, np.int32(0)),
+        logits=None,
+        eos=replicated(mesh, np.full((8,), -1, np.int32)),
+    )
     missing = [f for f in fields if f not in values]
     if missing:
-        raise RuntimeError(f"decode.DecodeState has fields {missing} this tool does not know; "
-                           f"update hunyuan_jax/aot.py:decode_program")
+        raise RuntimeError(
+            f"decode.DecodeState has fields {missing} this tool does not know; "
+            f"update hunyuan_jax/aot.py:decode_program"
+        )
     state = decode.DecodeState(**{f: values[f] for f in fields})
     args = (params, state, replicated(mesh, np.int32(1)), replicated(mesh, np.int32(1)))
-    return Program(gen._decode_fn, args, (1,),
-                   f"decode.Generator._decode_fn ({gen.decode_loop} loop: "
-                   f"{'one token per call' if gen.decode_loop == 'host' else 'while loop'}), "
-                   f"experts {experts}", batch)
+    return Program(
+        gen._decode_fn,
+        args,
+        (1,),
+        f"decode.Generator._decode_fn ({gen.decode_loop} loop: "
+        f"{'one token per call' if gen.decode_loop == 'host' else 'while loop'}), "
+        f"experts {experts}",
+        batch,
+    )
 
 
-def decode_step_program(cfg, rules, mesh, batch, cache_len, cache_dtype,
-                        experts="default") -> Program:
+def decode_step_program(
+    cfg, rules, mesh, batch, cache_len, cache_dtype, experts="default"
+) -> Program:
     """One decode step without the while loop: the model on one token per row with the cache,
     greedy next token, cache donated (what a server calling one step per token compiles)."""
     gen, experts = _generator(cfg, rules, mesh, cache_dtype, experts)
@@ -455,8 +527,13 @@ def decode_step_program(cfg, rules, mesh, batch, cache_len, cache_dtype,
         logits, _, cache = model(last[:, None], cache=cache, experts_fn=experts_fn)
         return cache, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
 
-    return Program(step, (params, cache, last), (1,),
-                   f"one decode step (model + greedy, no while loop), experts {experts}", batch)
+    return Program(
+        step,
+        (params, cache, last),
+        (1,),
+        f"one decode step (model + greedy, no while loop), experts {experts}",
+        batch,
+    )
 
 
 # ============================================================================ FLOPs
@@ -468,12 +545,18 @@ def active_matmul_params(cfg: ModelConfig) -> dict[str, float]:
     mlp = L * 3 * d * f * (cfg.num_shared_experts + cfg.moe_top_k)
     router = L * d * cfg.num_experts
     head = d * cfg.vocab_size
-    return {"attention": attn, "mlp": mlp, "router": router, "lm_head": head,
-            "total": attn + mlp + router + head}
+    return {
+        "attention": attn,
+        "mlp": mlp,
+        "router": router,
+        "lm_head": head,
+        "total": attn + mlp + router + head,
+    }
 
 
-def analytic_flops(cfg: ModelConfig, mode: str, batch: int, seq: int, context: int,
-                   remat: bool) -> dict[str, float]:
+def analytic_flops(
+    cfg: ModelConfig, mode: str, batch: int, seq: int, context: int, remat: bool
+) -> dict[str, float]:
     """Whole-slice FLOPs per step. Matmuls: 2 x weights x tokens forward; backward twice that;
     full remat adds one more forward. Attention: QK^T and PV, 4 x heads x head_dim x context
     per token and layer, full (masked, not causally halved: this implementation computes the
@@ -487,8 +570,12 @@ def analytic_flops(cfg: ModelConfig, mode: str, batch: int, seq: int, context: i
         hardware = model + (fwd if remat else 0)
     else:
         model = hardware = fwd
-    return {"model": float(model), "hardware": float(hardware), "tokens": tokens,
-            "active_params": float(n)}
+    return {
+        "model": float(model),
+        "hardware": float(hardware),
+        "tokens": tokens,
+        "active_params": float(n),
+    }
 
 
 def compiled_cost(compiled) -> dict[str, float]:
@@ -496,8 +583,10 @@ def compiled_cost(compiled) -> dict[str, float]:
     if isinstance(ca, (list, tuple)):
         ca = ca[0] if ca else {}
     ca = ca or {}
-    return {"flops": float(ca.get("flops", 0.0)),
-            "bytes_accessed": float(ca.get("bytes accessed", 0.0))}
+    return {
+        "flops": float(ca.get("flops", 0.0)),
+        "bytes_accessed": float(ca.get("bytes accessed", 0.0)),
+    }
 
 
 # ============================================================================ compile + report
@@ -514,11 +603,15 @@ class Memory:
         return self.argument + self.output - self.alias + self.temp + self.code
 
     @classmethod
-    def of(cls, compiled) -> "Memory":
+    def of(cls, compiled) -> Memory:
         m = compiled.memory_analysis()
-        return cls(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
-                   int(m.alias_size_in_bytes), int(m.temp_size_in_bytes),
-                   int(m.generated_code_size_in_bytes))
+        return cls(
+            int(m.argument_size_in_bytes),
+            int(m.output_size_in_bytes),
+            int(m.alias_size_in_bytes),
+            int(m.temp_size_in_bytes),
+            int(m.generated_code_size_in_bytes),
+        )
 
 
 class DoesNotFit(Exception):
@@ -537,7 +630,7 @@ _OOM_PATTERNS = (
 
 def _parse_oom(text: str) -> tuple[float | None, float | None]:
     """(required GiB, available GiB) from XLA:TPU's out-of-memory message ('G' is GiB)."""
-    unit = {"G": 1.0, "M": 1 / 1024, "K": 1 / 2 ** 20}
+    unit = {"G": 1.0, "M": 1 / 1024, "K": 1 / 2**20}
     for pattern in _OOM_PATTERNS:
         m = pattern.search(text)
         if m:
@@ -591,13 +684,22 @@ def read_dump(directory: str, since: float, top: int = 12) -> tuple[str, list[st
     """(optimized HLO text, the `top` largest rows of the memory-usage report) of the
     biggest module XLA dumped into `directory` after `since` (our program)."""
     import glob as _glob
-    reports = [p for p in _glob.glob(os.path.join(directory, "*memory-usage-report.txt"))
-               if os.path.getmtime(p) >= since - 1]
+
+    reports = [
+        p
+        for p in _glob.glob(os.path.join(directory, "*memory-usage-report.txt"))
+        if os.path.getmtime(p) >= since - 1
+    ]
     if not reports:
         return "", []
-    report = max(reports, key=lambda p: os.path.getsize(p.replace(
-        "-memory-usage-report.txt", ".txt")) if os.path.exists(p.replace(
-            "-memory-usage-report.txt", ".txt")) else 0)
+    report = max(
+        reports,
+        key=lambda p: (
+            os.path.getsize(p.replace("-memory-usage-report.txt", ".txt"))
+            if os.path.exists(p.replace("-memory-usage-report.txt", ".txt"))
+            else 0
+        ),
+    )
     rows = []
     with open(report) as fh:
         for line in fh:
@@ -610,8 +712,9 @@ def read_dump(directory: str, since: float, top: int = 12) -> tuple[str, list[st
     return hlo, rows
 
 
-def build_program(mode, cfg, rules, mesh, batch, seq, cache_len, micro=1, cache_dtype=None,
-                  experts="default"):
+def build_program(
+    mode, cfg, rules, mesh, batch, seq, cache_len, micro=1, cache_dtype=None, experts="default"
+):
     if mode == "train":
         return train_program(cfg, rules, mesh, batch, seq, micro)
     if mode == "prefill":
@@ -621,8 +724,9 @@ def build_program(mode, cfg, rules, mesh, batch, seq, cache_len, micro=1, cache_
     return decode_program(cfg, rules, mesh, batch, cache_len, cache_dtype, experts)
 
 
-def unrolled_flops(mode, cfg, rules, mesh, batch, seq, cache_len, micro, cache_dtype,
-                   experts="default"):
+def unrolled_flops(
+    mode, cfg, rules, mesh, batch, seq, cache_len, micro, cache_dtype, experts="default"
+):
     """Per-chip FLOPs and bytes of the full model from two unrolled compiles (1 and 2 layer
     groups): rest + G x per-group. The unrolled compiles use remat 'none': unrolled, XLA
     merges a remat'd layer's recomputation with its first forward (the model's checkpoint
@@ -632,8 +736,9 @@ def unrolled_flops(mode, cfg, rules, mesh, batch, seq, cache_len, micro, cache_d
     costs = []
     for groups in (1, 2):
         small = cfg.replace(num_layers=groups * csf, scan_layers=False, remat="none")
-        prog = build_program(mode, small, rules, mesh, batch, seq, cache_len, micro, cache_dtype,
-                             experts)
+        prog = build_program(
+            mode, small, rules, mesh, batch, seq, cache_len, micro, cache_dtype, experts
+        )
         compiled, _, _ = compile_program(prog, mesh)
         costs.append(compiled_cost(compiled))
     g = cfg.num_groups
@@ -649,8 +754,10 @@ def run(args) -> dict:
     cfg = load_config(args.config)
     if args.set:
         from hunyuan_jax.train_config import parse_overrides
+
         train_over, model_over = parse_overrides(
-            s if s.startswith("model.") else "model." + s for s in args.set)
+            s if s.startswith("model.") else "model." + s for s in args.set
+        )
         cfg = cfg.replace(**model_over)
     if args.mode != "train":
         cfg = _serve_cfg(cfg, args.dtype)
@@ -663,8 +770,10 @@ def run(args) -> dict:
         sl = parse_topology(args.topology, args.slices)
         devices = topology_devices(sl)
     slices = sl.num_slices if sl else 1
-    mesh_str = args.mesh or (default_mesh(args.mode, cfg, len(devices) // slices)
-                             + (f",dcn.data={slices}" if slices > 1 else ""))
+    mesh_str = args.mesh or (
+        default_mesh(args.mode, cfg, len(devices) // slices)
+        + (f",dcn.data={slices}" if slices > 1 else "")
+    )
     rules_name = args.rules or default_rules(args.mode)
     overrides = {}
     for item in args.rule:
@@ -672,8 +781,9 @@ def run(args) -> dict:
         if not _:
             raise ValueError(f"--rule expects logical=axis[+axis], got {item!r}")
         parts = [a for a in axes.replace("+", ",").split(",") if a and a != "none"]
-        overrides[name.strip()] = None if not parts else parts[0] if len(parts) == 1 \
-            else tuple(parts)
+        overrides[name.strip()] = (
+            None if not parts else parts[0] if len(parts) == 1 else tuple(parts)
+        )
     rules = get_rules(rules_name, overrides)
     if overrides:
         rules_name += " + " + ",".join(args.rule)
@@ -689,36 +799,68 @@ def run(args) -> dict:
         seq = 1
     cache_len = args.cache_len or 32768
     if batch % shards:
-        raise SystemExit(f"error: --batch {batch} is not a multiple of the {shards} devices the "
-                         f"batch is sharded over (mesh {mesh_str}, rules {rules_name})")
+        raise SystemExit(
+            f"error: --batch {batch} is not a multiple of the {shards} devices the "
+            f"batch is sharded over (mesh {mesh_str}, rules {rules_name})"
+        )
 
     report: dict[str, Any] = {
-        "config": args.config, "mode": args.mode, "topology": args.topology,
-        "topology_string": (sl.topology + (f" x {slices} slices" if slices > 1 else "")
-                            if sl else "local"), "chips": mesh.devices.size,
-        "platform": platform, "device_kind": mesh.devices.flat[0].device_kind,
-        "mesh": dict(mesh.shape), "mesh_arg": mesh_str, "rules": rules_name,
-        "batch": batch, "seq": seq, "cache_len": cache_len if args.mode != "train" else None,
-        "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype, "remat": cfg.remat,
+        "config": args.config,
+        "mode": args.mode,
+        "topology": args.topology,
+        "topology_string": (
+            sl.topology + (f" x {slices} slices" if slices > 1 else "") if sl else "local"
+        ),
+        "chips": mesh.devices.size,
+        "platform": platform,
+        "device_kind": mesh.devices.flat[0].device_kind,
+        "mesh": dict(mesh.shape),
+        "mesh_arg": mesh_str,
+        "rules": rules_name,
+        "batch": batch,
+        "seq": seq,
+        "cache_len": cache_len if args.mode != "train" else None,
+        "param_dtype": cfg.param_dtype,
+        "compute_dtype": cfg.compute_dtype,
+        "remat": cfg.remat,
         "hbm_gib": hbm_gib,
     }
-    prog = build_program(args.mode, cfg, rules, mesh, batch, seq, cache_len, args.micro,
-                         args.cache_dtype, args.experts)
+    prog = build_program(
+        args.mode,
+        cfg,
+        rules,
+        mesh,
+        batch,
+        seq,
+        cache_len,
+        args.micro,
+        args.cache_dtype,
+        args.experts,
+    )
     report["step_source"] = prog.source
     compile_started = time.time()
     try:
         compiled, t_lower, t_compile = compile_program(prog, mesh)
     except DoesNotFit as e:
-        report.update(fits=False, required_gib=e.required_gib, available_gib=e.available_gib,
-                      error=str(e))
+        report.update(
+            fits=False, required_gib=e.required_gib, available_gib=e.available_gib, error=str(e)
+        )
         if args.dump:  # XLA writes its memory report even for a program that does not fit
             report["largest_buffers"] = read_dump(args.dump, compile_started)[1]
         return report
     report["lower_s"], report["compile_s"] = round(t_lower, 1), round(t_compile, 1)
     mem = Memory.of(compiled)
-    report["memory_gib"] = {k: round(v / GiB, 3) for k, v in dict(
-        arguments=mem.argument, outputs=mem.output, aliased=mem.alias, temporaries=mem.temp,
-        code=mem.code, total=mem.total).items()}
+    report["memory_gib"] = {
+        k: round(v / GiB, 3)
+        for k, v in dict(
+            arguments=mem.argument,
+            outputs=mem.output,
+            aliased=mem.alias,
+            temporaries=mem.temp,
+            code=mem.code,
+            total=mem.total,
+        ).items()
+    }
     report["fits"] = hbm_gib is None or mem.total / GiB <= hbm_gib
     hlo, usage = read_dump(args.dump, compile_started) if args.dump else ("", "")
     params_tree = prog.args[0].params if hasattr(prog.args[0], "params") else prog.args[0]
@@ -732,17 +874,30 @@ def run(args) -> dict:
     context = seq if args.mode == "train" else cache_len
     ana = analytic_flops(cfg, args.mode, batch, seq, context, cfg.remat != "none")
     raw = compiled_cost(compiled)
-    flops = {"analytic_model_per_chip": ana["model"] / chips,
-             "analytic_hardware_per_chip": ana["hardware"] / chips,
-             "compiled_raw_per_chip": raw["flops"],
-             "compiled_raw_note": "XLA cost_analysis: each loop body (layer scan, decode "
-                                  "while-loop) counted once",
-             "active_matmul_params": ana["active_params"], "tokens_per_step": ana["tokens"]}
+    flops = {
+        "analytic_model_per_chip": ana["model"] / chips,
+        "analytic_hardware_per_chip": ana["hardware"] / chips,
+        "compiled_raw_per_chip": raw["flops"],
+        "compiled_raw_note": "XLA cost_analysis: each loop body (layer scan, decode "
+        "while-loop) counted once",
+        "active_matmul_params": ana["active_params"],
+        "tokens_per_step": ana["tokens"],
+    }
     bytes_per_chip = raw["bytes_accessed"]
     if args.unrolled_flops:
         t0 = time.perf_counter()
-        unrolled = unrolled_flops(args.mode, cfg, rules, mesh, batch, seq, cache_len, args.micro,
-                                  args.cache_dtype, args.experts)
+        unrolled = unrolled_flops(
+            args.mode,
+            cfg,
+            rules,
+            mesh,
+            batch,
+            seq,
+            cache_len,
+            args.micro,
+            args.cache_dtype,
+            args.experts,
+        )
         recompute = flops["analytic_hardware_per_chip"] - flops["analytic_model_per_chip"]
         flops["compiled_unrolled_no_remat_per_chip"] = unrolled["flops"]
         flops["compiled_unrolled_per_group"] = unrolled["flops_per_group"]
@@ -756,8 +911,7 @@ def run(args) -> dict:
     return report
 
 
-def step_time_model(report, chip: Chip | None, step_time: float | None,
-                    efficiency: float) -> dict:
+def step_time_model(report, chip: Chip | None, step_time: float | None, efficiency: float) -> dict:
     """MFU = analytic model FLOPs per chip / (step time x peak FLOP/s).
 
     The step time is a stated model, not a measurement (`--step-time` replaces it):
@@ -784,113 +938,181 @@ def step_time_model(report, chip: Chip | None, step_time: float | None,
         t, how = step_time, "given --step-time"
     else:
         t = max(t_compute, t_memory or 0.0)
-        how = (f"max(hardware FLOPs at {efficiency:.0%} of {chip.peak_flops / 1e12:.0f} "
-               f"TFLOP/s = {t_compute * 1e3:.2f} ms"
-               + (f", {bytes_ / GiB:.2f} GiB of HBM traffic at "
-                  f"{chip.hbm_bytes_per_s / 1e12:.2f} TB/s = {t_memory * 1e3:.2f} ms"
-                  if t_memory else "") + ")")
+        how = (
+            f"max(hardware FLOPs at {efficiency:.0%} of {chip.peak_flops / 1e12:.0f} "
+            f"TFLOP/s = {t_compute * 1e3:.2f} ms"
+            + (
+                f", {bytes_ / GiB:.2f} GiB of HBM traffic at "
+                f"{chip.hbm_bytes_per_s / 1e12:.2f} TB/s = {t_memory * 1e3:.2f} ms"
+                if t_memory
+                else ""
+            )
+            + ")"
+        )
     model = f["analytic_model_per_chip"]
-    return {"step_time_s": t, "model": how, "mfu": model / (t * chip.peak_flops),
-            "tokens_per_s_per_chip": f["tokens_per_step"] / report["chips"] / t,
-            "compute_time_s": t_compute, "hbm_time_s": t_memory,
-            "bound": "given" if step_time else (
-                "memory" if (t_memory or 0) > t_compute else "compute")}
+    return {
+        "step_time_s": t,
+        "model": how,
+        "mfu": model / (t * chip.peak_flops),
+        "tokens_per_s_per_chip": f["tokens_per_step"] / report["chips"] / t,
+        "compute_time_s": t_compute,
+        "hbm_time_s": t_memory,
+        "bound": "given" if step_time else ("memory" if (t_memory or 0) > t_compute else "compute"),
+    }
 
 
 def format_report(r: dict) -> str:
-    lines = [f"{r['mode']} | {r['config']} | {r['topology']} ({r['topology_string']}, "
-             f"{r['chips']} chips, {r['device_kind']}) | mesh {r['mesh_arg']} "
-             f"{ {k: v for k, v in r['mesh'].items() if v > 1} } | rules {r['rules']}",
-             f"batch {r['batch']} x seq {r['seq']}"
-             + (f", cache {r['cache_len']}" if r.get("cache_len") else "")
-             + f" | params {r['param_dtype']}, compute {r['compute_dtype']}, remat {r['remat']}",
-             f"step: {r.get('step_source', '?')}"]
+    lines = [
+        f"{r['mode']} | {r['config']} | {r['topology']} ({r['topology_string']}, "
+        f"{r['chips']} chips, {r['device_kind']}) | mesh {r['mesh_arg']} "
+        f"{ {k: v for k, v in r['mesh'].items() if v > 1} } | rules {r['rules']}",
+        f"batch {r['batch']} x seq {r['seq']}"
+        + (f", cache {r['cache_len']}" if r.get("cache_len") else "")
+        + f" | params {r['param_dtype']}, compute {r['compute_dtype']}, remat {r['remat']}",
+        f"step: {r.get('step_source', '?')}",
+    ]
     hbm = r.get("hbm_gib")
     if not r.get("fits", True) and "memory_gib" not in r:
         need, have = r.get("required_gib"), r.get("available_gib") or hbm
-        lines.append(f"DOES NOT FIT: the compiler needs "
-                     f"{'%.1f GiB' % need if need else 'more than'} of {have} GiB HBM per chip")
+        lines.append(
+            f"DOES NOT FIT: the compiler needs "
+            f"{f'{need:.1f} GiB' if need else 'more than'} of {have} GiB HBM per chip"
+        )
         lines.append(f"  ({r.get('error', '')})")
         if r.get("largest_buffers"):
             lines.append("largest buffers (XLA memory-usage report):")
             lines += ["  " + row for row in r["largest_buffers"]]
         return "\n".join(lines)
     m = r["memory_gib"]
-    lines.append(f"memory per chip (GiB): arguments {m['arguments']:.2f}, outputs "
-                 f"{m['outputs']:.2f} (aliased {m['aliased']:.2f}), temporaries "
-                 f"{m['temporaries']:.2f}, code {m['code']:.2f} -> total {m['total']:.2f}"
-                 + (f" of {hbm:.2f} HBM ({'fits' if r['fits'] else 'DOES NOT FIT'})"
-                    if hbm else ""))
+    lines.append(
+        f"memory per chip (GiB): arguments {m['arguments']:.2f}, outputs "
+        f"{m['outputs']:.2f} (aliased {m['aliased']:.2f}), temporaries "
+        f"{m['temporaries']:.2f}, code {m['code']:.2f} -> total {m['total']:.2f}"
+        + (f" of {hbm:.2f} HBM ({'fits' if r['fits'] else 'DOES NOT FIT'})" if hbm else "")
+    )
     lines.append(f"compile: lower {r['lower_s']} s, compile {r['compile_s']} s")
     if r.get("largest_buffers"):
         lines.append("largest buffers (XLA memory-usage report):")
         lines += ["  " + row for row in r["largest_buffers"]]
     if r.get("hoisted_cast_shapes"):
-        lines.append(f"WARNING: XLA keeps bf16 copies of stacked fp32 weights outside the layer "
-                     f"scan ({r['hoisted_cast_gib'] * 1024:.1f} MiB per chip; shapes "
-                     f"{r['hoisted_cast_shapes']}): the cast was hoisted out of the loop")
+        lines.append(
+            f"WARNING: XLA keeps bf16 copies of stacked fp32 weights outside the layer "
+            f"scan ({r['hoisted_cast_gib'] * 1024:.1f} MiB per chip; shapes "
+            f"{r['hoisted_cast_shapes']}): the cast was hoisted out of the loop"
+        )
     f = r["flops"]
-    lines.append(f"FLOPs per chip per step: analytic model {f['analytic_model_per_chip']:.3e}, "
-                 f"analytic hardware {f['analytic_hardware_per_chip']:.3e}, compiled raw "
-                 f"{f['compiled_raw_per_chip']:.3e} (loop bodies counted once)"
-                 + (f", compiled unrolled {f['compiled_unrolled_no_remat_per_chip']:.3e} "
-                    f"(+ {f['analytic_remat_recompute_per_chip']:.3e} remat recompute = "
-                    f"{f['compiled_unrolled_per_chip']:.3e})"
-                    if "compiled_unrolled_per_chip" in f else ""))
+    lines.append(
+        f"FLOPs per chip per step: analytic model {f['analytic_model_per_chip']:.3e}, "
+        f"analytic hardware {f['analytic_hardware_per_chip']:.3e}, compiled raw "
+        f"{f['compiled_raw_per_chip']:.3e} (loop bodies counted once)"
+        + (
+            f", compiled unrolled {f['compiled_unrolled_no_remat_per_chip']:.3e} "
+            f"(+ {f['analytic_remat_recompute_per_chip']:.3e} remat recompute = "
+            f"{f['compiled_unrolled_per_chip']:.3e})"
+            if "compiled_unrolled_per_chip" in f
+            else ""
+        )
+    )
     mfu = r.get("mfu", {})
     if "mfu" in mfu:
-        lines.append(f"step-time model: {mfu['model']} -> {mfu['step_time_s'] * 1e3:.2f} ms "
-                     f"({mfu['bound']}-bound): MFU {mfu['mfu']:.1%}, "
-                     f"{mfu['tokens_per_s_per_chip']:.1f} tokens/s/chip")
+        lines.append(
+            f"step-time model: {mfu['model']} -> {mfu['step_time_s'] * 1e3:.2f} ms "
+            f"({mfu['bound']}-bound): MFU {mfu['mfu']:.1%}, "
+            f"{mfu['tokens_per_s_per_chip']:.1f} tokens/s/chip"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hunyuan_jax.aot", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m hunyuan_jax.aot",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True, help="model YAML (configs/*.yaml) or HF config")
-    p.add_argument("--topology", required=True,
-                   help="v5p-256 / v6e-32 / v5e-64 / v4-128 (Cloud TPU names: TensorCores on "
-                        "v4 and v5p, chips on v5e and v6e), a topology like v5p:4x4x8, or "
-                        "'local' (this host's devices)")
-    p.add_argument("--slices", type=int, default=1, help="number of slices (multi-slice; "
-                   "use dcn.* mesh sizes)")
+    p.add_argument(
+        "--topology",
+        required=True,
+        help="v5p-256 / v6e-32 / v5e-64 / v4-128 (Cloud TPU names: TensorCores on "
+        "v4 and v5p, chips on v5e and v6e), a topology like v5p:4x4x8, or "
+        "'local' (this host's devices)",
+    )
+    p.add_argument(
+        "--slices", type=int, default=1, help="number of slices (multi-slice; use dcn.* mesh sizes)"
+    )
     p.add_argument("--mode", choices=MODES, default="train")
     p.add_argument("--mesh", default=None, help="e.g. fsdp=-1,expert=16 (default per mode)")
-    p.add_argument("--rules", default=None, help="sharding preset (default: fsdp_ep for train, "
-                   "serve_ep_tp otherwise)")
-    p.add_argument("--rule", action="append", default=[], metavar="LOGICAL=AXES",
-                   help="override one logical axis of the preset, e.g. cache_length=expert or "
-                        "cache_batch=data+expert (repeatable)")
-    p.add_argument("--batch", type=int, default=None, help="global batch (sequences); train "
-                   "default: one sequence per batch shard; prefill/decode default 1")
-    p.add_argument("--seq", type=int, default=None, help="train: sequence length (4096); "
-                   "prefill: chunk length (512)")
+    p.add_argument(
+        "--rules",
+        default=None,
+        help="sharding preset (default: fsdp_ep for train, serve_ep_tp otherwise)",
+    )
+    p.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="LOGICAL=AXES",
+        help="override one logical axis of the preset, e.g. cache_length=expert or "
+        "cache_batch=data+expert (repeatable)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="global batch (sequences); train "
+        "default: one sequence per batch shard; prefill/decode default 1",
+    )
+    p.add_argument(
+        "--seq",
+        type=int,
+        default=None,
+        help="train: sequence length (4096); prefill: chunk length (512)",
+    )
     p.add_argument("--cache-len", type=int, default=None, help="KV cache slots (32768)")
     p.add_argument("--micro", type=int, default=1, help="train: micro-batches per step")
     p.add_argument("--dtype", default="bfloat16", help="serving weights/compute dtype")
     p.add_argument("--param-dtype", default=None, help="train: override param_dtype")
     p.add_argument("--cache-dtype", default=None, help="KV cache dtype (default compute; int8)")
-    p.add_argument("--experts", default="default", choices=("default", "gather", "auto"),
-                   help="prefill/decode MoE dispatch: gather = expert-parallel shard_map "
-                        "(default when experts are sharded), auto = decode.Generator's default")
+    p.add_argument(
+        "--experts",
+        default="default",
+        choices=("default", "gather", "auto"),
+        help="prefill/decode MoE dispatch: gather = expert-parallel shard_map "
+        "(default when experts are sharded), auto = decode.Generator's default",
+    )
     p.add_argument("--set", action="append", default=[], help="model key=value override")
     p.add_argument("--hbm-gib", type=float, default=None, help="override usable HBM per chip")
-    p.add_argument("--step-time", type=float, default=None,
-                   help="seconds per step for the MFU (default: the roofline model)")
-    p.add_argument("--efficiency", type=float, default=1.0,
-                   help="fraction of peak FLOP/s in the step-time model (default 1.0)")
-    p.add_argument("--unrolled-flops", action="store_true",
-                   help="two more compiles (1 and 2 layer groups unrolled) for exact FLOPs")
+    p.add_argument(
+        "--step-time",
+        type=float,
+        default=None,
+        help="seconds per step for the MFU (default: the roofline model)",
+    )
+    p.add_argument(
+        "--efficiency",
+        type=float,
+        default=1.0,
+        help="fraction of peak FLOP/s in the step-time model (default 1.0)",
+    )
+    p.add_argument(
+        "--unrolled-flops",
+        action="store_true",
+        help="two more compiles (1 and 2 layer groups unrolled) for exact FLOPs",
+    )
     p.add_argument("--json", default=None, help="also write the report as JSON here")
-    p.add_argument("--dump", default=None, metavar="DIR",
-                   help="XLA dump directory (sets XLA_FLAGS=--xla_dump_to=DIR): prints the "
-                        "largest buffers and checks for bf16 copies of stacked weights")
+    p.add_argument(
+        "--dump",
+        default=None,
+        metavar="DIR",
+        help="XLA dump directory (sets XLA_FLAGS=--xla_dump_to=DIR): prints the "
+        "largest buffers and checks for bf16 copies of stacked weights",
+    )
     args = p.parse_args(argv)
     if args.dump:  # read by XLA when the first compile builds its options
         os.makedirs(args.dump, exist_ok=True)
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to="
-                                   f"{args.dump} --xla_dump_hlo_as_text").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump} --xla_dump_hlo_as_text"
+        ).strip()
     try:
         report = run(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:

@@ -77,8 +77,14 @@ MANIFEST = "manifest.json"
 PARAMS_DIR = "params"
 CONFIG = "config.json"
 WORK_DIR = ".convert"
-TOKENIZER_FILES = ("hy.tiktoken", "tokenizer_config.json", "generation_config.json",
-                   "special_tokens_map.json", "tokenizer.json", "tokenizer.model")
+TOKENIZER_FILES = (
+    "hy.tiktoken",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+)
 DEFAULT_CHUNK_BYTES = 4 << 20
 
 
@@ -87,6 +93,7 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 class Leaf:
     """One parameter leaf: its nnx path, orbax name and key path, shape and dtype, and the
     HF mapping entry that fills it (one zarr3 shard per HF tensor)."""
+
     path: tuple
     name: str
     keys: tuple[tuple[str, int], ...]  # (key name, orbax key type: 1 sequence, 2 dict)
@@ -107,6 +114,7 @@ class Leaf:
 
 def _key_entry(k) -> tuple[str, int]:
     import jax
+
     if isinstance(k, jax.tree_util.SequenceKey):
         return str(k.idx), 1
     if isinstance(k, jax.tree_util.DictKey):
@@ -121,7 +129,9 @@ def _key_entry(k) -> tuple[str, int]:
 def abstract_param_state(cfg: ModelConfig, rules=None):
     """(graphdef, abstract nnx.State of the Params, abstract rest of the state)."""
     from flax import nnx
+
     from hunyuan_jax.state import abstract_model
+
     return nnx.split(abstract_model(cfg, rules), nnx.Param, ...)
 
 
@@ -130,11 +140,13 @@ def param_leaves(cfg: ModelConfig) -> dict[tuple, Leaf]:
     `nnx.state(model, nnx.Param)` (the same flattening orbax applies at restore)."""
     import jax
     from flax import nnx
+
     _, state, _ = abstract_param_state(cfg)
     entries = {e.path: e for e in hf_mapping.mapping_table(cfg)}
     out = {}
     for vpath, var in jax.tree_util.tree_flatten_with_path(
-            state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )[0]:
         sub = jax.tree_util.tree_flatten_with_path(var)[0]
         if len(sub) != 1:
             raise ValueError(f"parameter {vpath} flattens to {len(sub)} leaves")
@@ -143,8 +155,14 @@ def param_leaves(cfg: ModelConfig) -> dict[tuple, Leaf]:
         # nnx paths use ints for list indices; match the mapping table's paths.
         path = tuple(int(p) if p.isdigit() else p for p in path)
         leaf = sub[0][1]
-        out[path] = Leaf(path, ".".join(k for k, _ in keys), keys, tuple(leaf.shape),
-                         np.dtype(leaf.dtype), entries.get(path))
+        out[path] = Leaf(
+            path,
+            ".".join(k for k, _ in keys),
+            keys,
+            tuple(leaf.shape),
+            np.dtype(leaf.dtype),
+            entries.get(path),
+        )
     missing = set(entries) - set(out)
     if missing:
         raise ValueError(f"mapping table paths not in the model: {sorted(missing)}")
@@ -152,8 +170,9 @@ def param_leaves(cfg: ModelConfig) -> dict[tuple, Leaf]:
 
 
 # ----------------------------------------------------------------------------- tensorstore specs
-def choose_chunk_shape(shard_shape, itemsize: int, target_bytes: int = DEFAULT_CHUNK_BYTES
-                       ) -> tuple[int, ...]:
+def choose_chunk_shape(
+    shard_shape, itemsize: int, target_bytes: int = DEFAULT_CHUNK_BYTES
+) -> tuple[int, ...]:
     """Inner chunk shape dividing `shard_shape` (zarr3 sharding requires it), <= target bytes
     where possible: repeatedly divide the largest dim by its smallest prime factor."""
     chunk = list(shard_shape)
@@ -170,8 +189,15 @@ def choose_chunk_shape(shard_shape, itemsize: int, target_bytes: int = DEFAULT_C
     return tuple(chunk)
 
 
-def array_spec(params_dir: str | Path, name: str, shape, dtype, shard_shape, chunk_shape,
-               compression: str = "zstd") -> dict[str, Any]:
+def array_spec(
+    params_dir: str | Path,
+    name: str,
+    shape,
+    dtype,
+    shard_shape,
+    chunk_shape,
+    compression: str = "zstd",
+) -> dict[str, Any]:
     """The zarr3 spec of one leaf: one shard per `shard_shape` block, `chunk_shape` chunks."""
     codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
     if compression == "zstd":
@@ -184,15 +210,21 @@ def array_spec(params_dir: str | Path, name: str, shape, dtype, shard_shape, chu
         "metadata": {
             "shape": list(shape),
             "data_type": np.dtype(dtype).name,
-            "chunk_grid": {"name": "regular",
-                           "configuration": {"chunk_shape": list(shard_shape)}},
-            "codecs": [{"name": "sharding_indexed", "configuration": {
-                "chunk_shape": list(chunk_shape),
-                "codecs": codecs,
-                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                                 {"name": "crc32c"}],
-                "index_location": "end",
-            }}],
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(shard_shape)}},
+            "codecs": [
+                {
+                    "name": "sharding_indexed",
+                    "configuration": {
+                        "chunk_shape": list(chunk_shape),
+                        "codecs": codecs,
+                        "index_codecs": [
+                            {"name": "bytes", "configuration": {"endian": "little"}},
+                            {"name": "crc32c"},
+                        ],
+                        "index_location": "end",
+                    },
+                }
+            ],
             "fill_value": 0,
         },
         # Orbax restores with fill_missing_data_reads=False: every chunk must exist, zeros too.
@@ -200,8 +232,9 @@ def array_spec(params_dir: str | Path, name: str, shape, dtype, shard_shape, chu
     }
 
 
-def read_spec(params_dir: str | Path, name: str, use_ocdbt: bool, use_zarr3: bool
-              ) -> dict[str, Any]:
+def read_spec(
+    params_dir: str | Path, name: str, use_ocdbt: bool, use_zarr3: bool
+) -> dict[str, Any]:
     """Spec to read one leaf of any orbax PyTree checkpoint (ours, or an OCDBT one saved by
     orbax, e.g. the params of a train.py checkpoint after the OCDBT merge)."""
     params_dir = str(Path(params_dir).absolute())
@@ -209,16 +242,24 @@ def read_spec(params_dir: str | Path, name: str, use_ocdbt: bool, use_zarr3: boo
         kv = {"driver": "ocdbt", "base": {"driver": "file", "path": params_dir}, "path": name}
     else:
         kv = {"driver": "file", "path": os.path.join(params_dir, name)}
-    return {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kv,
-            "recheck_cached_data": False, "recheck_cached_metadata": False}
+    return {
+        "driver": "zarr3" if use_zarr3 else "zarr",
+        "kvstore": kv,
+        "recheck_cached_data": False,
+        "recheck_cached_metadata": False,
+    }
 
 
 def open_for_read(params_dir: str | Path, name: str, use_ocdbt: bool, use_zarr3: bool):
     import tensorstore as ts
+
     try:
-        return ts.open(read_spec(params_dir, name, use_ocdbt, use_zarr3), open=True,
-                       read=True, context=ts.Context({"cache_pool": {"total_bytes_limit": 0}})
-                       ).result()
+        return ts.open(
+            read_spec(params_dir, name, use_ocdbt, use_zarr3),
+            open=True,
+            read=True,
+            context=ts.Context({"cache_pool": {"total_bytes_limit": 0}}),
+        ).result()
     except ValueError as e:
         raise CheckpointError(f"{params_dir}: cannot open parameter {name}: {e}") from e
 
@@ -249,23 +290,39 @@ def orbax_tree_metadata(leaves: dict[tuple, Leaf], use_zarr3: bool = True) -> di
     for leaf in leaves.values():
         tree[str(tuple(k for k, _ in leaf.keys))] = {
             "key_metadata": [{"key": k, "key_type": t} for k, t in leaf.keys],
-            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
-                               "write_shape": list(leaf.shard_shape)},
+            "value_metadata": {
+                "value_type": "jax.Array",
+                "skip_deserialize": False,
+                "write_shape": list(leaf.shard_shape),
+            },
         }
-    return {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": use_zarr3,
-            "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+    return {
+        "tree_metadata": tree,
+        "use_ocdbt": False,
+        "use_zarr3": use_zarr3,
+        "store_array_data_equal_to_fill_value": True,
+        "custom_metadata": None,
+    }
 
 
 def write_orbax_metadata(params_dir: str | Path, leaves: dict[tuple, Leaf]) -> None:
     import time
+
     params_dir = Path(params_dir)
     write_json_atomic(params_dir / "_METADATA", orbax_tree_metadata(leaves))
     now = time.time_ns()
-    write_json_atomic(params_dir / "_CHECKPOINT_METADATA", {
-        "item_handlers": "orbax.checkpoint._src.handlers.pytree_checkpoint_handler."
-                         "PyTreeCheckpointHandler",
-        "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now,
-        "commit_timestamp_nsecs": now, "custom_metadata": {"format": FORMAT_NAME}})
+    write_json_atomic(
+        params_dir / "_CHECKPOINT_METADATA",
+        {
+            "item_handlers": "orbax.checkpoint._src.handlers.pytree_checkpoint_handler."
+            "PyTreeCheckpointHandler",
+            "metrics": {},
+            "performance_metrics": {},
+            "init_timestamp_nsecs": now,
+            "commit_timestamp_nsecs": now,
+            "custom_metadata": {"format": FORMAT_NAME},
+        },
+    )
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -273,10 +330,14 @@ def read_manifest(directory: str | Path) -> dict:
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
-        hint = (" (a conversion was interrupted: rerun the same hf-to-jax command to resume)"
-                if (directory / WORK_DIR).is_dir() else "")
-        raise CheckpointError(f"{directory}: no {MANIFEST}: not a complete converted "
-                              f"checkpoint{hint}")
+        hint = (
+            " (a conversion was interrupted: rerun the same hf-to-jax command to resume)"
+            if (directory / WORK_DIR).is_dir()
+            else ""
+        )
+        raise CheckpointError(
+            f"{directory}: no {MANIFEST}: not a complete converted checkpoint{hint}"
+        )
     try:
         man = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -284,8 +345,10 @@ def read_manifest(directory: str | Path) -> dict:
     if man.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: format {man.get('format')!r}, expected {FORMAT_NAME!r}")
     if man.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {man.get('version')} is newer than this "
-                              f"code understands ({FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{path}: format version {man.get('version')} is newer than this "
+            f"code understands ({FORMAT_VERSION})"
+        )
     if not man.get("complete"):
         raise CheckpointError(f"{path}: checkpoint is marked incomplete")
     return man
@@ -301,16 +364,19 @@ def load_config(directory: str | Path, **overrides) -> ModelConfig:
 # ----------------------------------------------------------------------------- restore
 def _target_state(cfg: ModelConfig, mesh, rules):
     import jax
+
     # Without a mesh the model gets no rules (activation constraints need a mesh).
     graphdef, abstract, rest = abstract_param_state(cfg, rules if mesh is not None else None)
     if mesh is not None:
         from sharding.rules import state_shardings
+
         shardings = state_shardings(abstract, rules, mesh)
     else:
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: one, abstract)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
     return graphdef, target, rest
 
 
@@ -319,6 +385,7 @@ def restore_param_state(directory: str | Path, target):
     with the same structure as `nnx.state(model, nnx.Param)`) of `jax.ShapeDtypeStruct`s with
     shardings; each process reads only its shards; dtypes are cast on read."""
     import orbax.checkpoint as ocp
+
     read_manifest(directory)
     params = Path(directory).absolute() / PARAMS_DIR
     with ocp.StandardCheckpointer() as ckptr:
@@ -341,12 +408,15 @@ def restore_params(directory: str | Path, mesh=None, rules=None, **overrides):
 def restore_model(directory: str | Path, mesh=None, rules=None, **overrides):
     """(ModelConfig, model): as `restore_params`, with the config (the convention of
     `checkpointing.restore_params` and decode's checkpoint formats)."""
-    from flax import nnx
     import jax
+    from flax import nnx
+
     cfg = load_config(directory, **overrides)
     graphdef, target, rest = _target_state(cfg, mesh, rules)
     if jax.tree.leaves(rest):
-        raise ValueError("the model has non-Param state that a params checkpoint cannot "
-                         "restore: restore with restore_param_state and initialise the rest")
+        raise ValueError(
+            "the model has non-Param state that a params checkpoint cannot "
+            "restore: restore with restore_param_state and initialise the rest"
+        )
     state = restore_param_state(directory, target)
     return cfg, nnx.merge(graphdef, state, rest)

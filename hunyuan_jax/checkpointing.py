@@ -89,8 +89,9 @@ def copy_tokenizer_files(tokenizer, run_dir: str | Path) -> Path:
 # ----------------------------------------------------------------------------- abstract trees
 def with_shardings(abstract, shardings):
     """ShapeDtypeStructs carrying the target shardings (restore targets)."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
 
 
 # ----------------------------------------------------------------------------- manager
@@ -100,8 +101,12 @@ class Checkpointer:
     def __init__(self, run_dir: str | Path, keep: int = 3, async_save: bool = True):
         self.directory = checkpoint_dir(run_dir)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=1, create=True,
-            enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+            max_to_keep=keep,
+            save_interval_steps=1,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -113,16 +118,24 @@ class Checkpointer:
     def save(self, step: int, params, opt_state, data_states: dict[str, Any]) -> bool:
         """Starts saving step `step`; returns once the arrays are copied to host memory (so the
         caller may donate the buffers), the files are written in the background."""
-        args = ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params),
-                                     OPT_STATE: ocp.args.StandardSave(opt_state),
-                                     DATA: ocp.args.JsonSave(data_states)})
+        args = ocp.args.Composite(
+            **{
+                PARAMS: ocp.args.StandardSave(params),
+                OPT_STATE: ocp.args.StandardSave(opt_state),
+                DATA: ocp.args.JsonSave(data_states),
+            }
+        )
         return self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, abstract_params, abstract_opt_state):
         """(params, opt_state, data states) of `step`, placed as the abstract targets say."""
-        args = ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract_params),
-                                     OPT_STATE: ocp.args.StandardRestore(abstract_opt_state),
-                                     DATA: ocp.args.JsonRestore()})
+        args = ocp.args.Composite(
+            **{
+                PARAMS: ocp.args.StandardRestore(abstract_params),
+                OPT_STATE: ocp.args.StandardRestore(abstract_opt_state),
+                DATA: ocp.args.JsonRestore(),
+            }
+        )
         out = self.manager.restore(step, args=args)
         return out[PARAMS], out[OPT_STATE], out[DATA]
 
@@ -139,13 +152,16 @@ def latest_step(run_dir: str | Path) -> int | None:
     directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
         return None
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-            read_only=True, create=False, save_interval_steps=0)) as mgr:
+    with ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+    ) as mgr:
         return mgr.latest_step()
 
 
-def restore_params(run_dir: str | Path, mesh=None, rules=None, step: int | None = None,
-                   **model_overrides) -> tuple[ModelConfig, nnx.Module]:
+def restore_params(
+    run_dir: str | Path, mesh=None, rules=None, step: int | None = None, **model_overrides
+) -> tuple[ModelConfig, nnx.Module]:
     """The trained model of a run directory: (ModelConfig from <run>/config.yaml, model with
     the params of checkpoint `step` (default: the latest complete one)).
 
@@ -161,8 +177,10 @@ def restore_params(run_dir: str | Path, mesh=None, rules=None, step: int | None 
     if model_overrides:
         mcfg = mcfg.replace(**model_overrides)
     directory = checkpoint_dir(run_dir)
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-            read_only=True, create=False, save_interval_steps=0)) as mgr:
+    with ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+    ) as mgr:
         step = mgr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint under {directory}")
@@ -177,6 +195,7 @@ def restore_params(run_dir: str | Path, mesh=None, rules=None, step: int | None 
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree.map(lambda _: device, abstract)
         target = with_shardings(abstract, shardings)
-        out = mgr.restore(step, args=ocp.args.Composite(
-            **{PARAMS: ocp.args.StandardRestore(target)}))
+        out = mgr.restore(
+            step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)})
+        )
     return mcfg, nnx.merge(graphdef, out[PARAMS])

@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -52,29 +53,47 @@ class ModelConfig:
         _check_types(self)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_heads, 1))
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_kv_heads", "num_experts", "moe_top_k", "cla_share_factor", "head_dim",
-                    "max_position_embeddings"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "num_experts",
+            "moe_top_k",
+            "cla_share_factor",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, key) <= 0:
                 raise ValueError(f"config key {key!r} must be positive, got {getattr(self, key)}")
         if self.num_shared_experts not in (0, 1):
-            raise ValueError(f"config key 'num_shared_experts' must be 0 or 1, "
-                             f"got {self.num_shared_experts}")
+            raise ValueError(
+                f"config key 'num_shared_experts' must be 0 or 1, got {self.num_shared_experts}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"config key 'num_heads' ({self.num_heads}) must be divisible by "
-                             f"'num_kv_heads' ({self.num_kv_heads})")
+            raise ValueError(
+                f"config key 'num_heads' ({self.num_heads}) must be divisible by "
+                f"'num_kv_heads' ({self.num_kv_heads})"
+            )
         if self.num_layers % self.cla_share_factor:
-            raise ValueError(f"config key 'num_layers' ({self.num_layers}) must be divisible by "
-                             f"'cla_share_factor' ({self.cla_share_factor})")
+            raise ValueError(
+                f"config key 'num_layers' ({self.num_layers}) must be divisible by "
+                f"'cla_share_factor' ({self.cla_share_factor})"
+            )
         if self.moe_top_k > self.num_experts:
-            raise ValueError(f"config key 'moe_top_k' ({self.moe_top_k}) exceeds "
-                             f"'num_experts' ({self.num_experts})")
+            raise ValueError(
+                f"config key 'moe_top_k' ({self.moe_top_k}) exceeds "
+                f"'num_experts' ({self.num_experts})"
+            )
         if self.head_dim % 2:
             raise ValueError(f"config key 'head_dim' must be even for RoPE, got {self.head_dim}")
         for key in ("param_dtype", "compute_dtype"):
             if getattr(self, key) not in _DTYPES:
-                raise ValueError(f"config key {key!r} must be one of {_DTYPES}, "
-                                 f"got {getattr(self, key)!r}")
+                raise ValueError(
+                    f"config key {key!r} must be one of {_DTYPES}, got {getattr(self, key)!r}"
+                )
         if self.remat not in _REMAT:
             raise ValueError(f"config key 'remat' must be one of {_REMAT}, got {self.remat!r}")
         if self.rope_alpha <= 0 or self.rope_theta <= 0:
@@ -83,8 +102,9 @@ class ModelConfig:
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"config key {key!r} must be in [0, 1), got {getattr(self, key)}")
         if self.capacity_factor <= 0:
-            raise ValueError(f"config key 'capacity_factor' must be positive, "
-                             f"got {self.capacity_factor}")
+            raise ValueError(
+                f"config key 'capacity_factor' must be positive, got {self.capacity_factor}"
+            )
 
     # Derived quantities -------------------------------------------------------------------
     @property
@@ -98,7 +118,7 @@ class ModelConfig:
         d = self.head_dim
         return self.rope_theta * self.rope_alpha ** (d / (d - 2))
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown config key(s) {sorted(unknown)}")
@@ -106,11 +126,11 @@ class ModelConfig:
 
     # Loading ------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> ModelConfig:
         return dataclass_from_dict(cls, d, source, "config")
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
         """A YAML file: either the model keys at top level or under a `model:` section."""
         path = Path(path)
         if not path.is_file():
@@ -122,34 +142,47 @@ class ModelConfig:
         return cls.from_dict(data, source=str(path))
 
     @classmethod
-    def from_hf(cls, path: str | Path) -> "ModelConfig":
+    def from_hf(cls, path: str | Path) -> ModelConfig:
         """A Hugging Face Hunyuan-Large `config.json` (file or checkpoint directory)."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"Hugging Face config not found: {path}")
-        return cls.from_dict(hf_to_fields(json.loads(path.read_text()), str(path)),
-                             source=str(path))
+        return cls.from_dict(
+            hf_to_fields(json.loads(path.read_text()), str(path)), source=str(path)
+        )
 
     def to_hf(self) -> dict:
         """The Hugging Face `config.json` fields of this architecture (for export)."""
         return {
-            "architectures": ["HunYuanForCausalLM"], "model_type": "hunyuan",
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-            "num_experts": self.num_experts, "num_shared_expert": self.num_shared_experts,
-            "moe_topk": self.moe_top_k, "use_mixed_mlp_moe": self.num_shared_experts > 0,
-            "use_cla": self.cla_share_factor > 1, "cla_share_factor": self.cla_share_factor,
-            "use_qk_norm": self.use_qk_norm, "rope_theta": self.rope_theta,
+            "architectures": ["HunYuanForCausalLM"],
+            "model_type": "hunyuan",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "num_experts": self.num_experts,
+            "num_shared_expert": self.num_shared_experts,
+            "moe_topk": self.moe_top_k,
+            "use_mixed_mlp_moe": self.num_shared_experts > 0,
+            "use_cla": self.cla_share_factor > 1,
+            "cla_share_factor": self.cla_share_factor,
+            "use_qk_norm": self.use_qk_norm,
+            "rope_theta": self.rope_theta,
             "rope_scaling": {"type": "dynamic", "alpha": self.rope_alpha, "factor": 1.0},
             "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
-            "initializer_range": self.initializer_range, "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "hidden_act": "silu",
             "attention_dropout": self.attention_dropout,
-            "attention_bias": False, "capacity_factor": self.capacity_factor,
-            "moe_drop_tokens": False, "moe_random_routing_dropped_token": False,
+            "attention_bias": False,
+            "capacity_factor": self.capacity_factor,
+            "moe_drop_tokens": False,
+            "moe_random_routing_dropped_token": False,
         }
 
 
@@ -158,13 +191,13 @@ def dataclass_from_dict(cls, d: Mapping[str, Any], source: str, what: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"{source}: unknown {what} key(s) {unknown}; known keys: "
-                         f"{sorted(known)}")
+        raise ValueError(f"{source}: unknown {what} key(s) {unknown}; known keys: {sorted(known)}")
     return cls(**d)
 
 
 def hf_to_fields(hf: Mapping[str, Any], source: str = "config.json") -> dict:
     """Translate Hugging Face Hunyuan field spellings into ModelConfig fields."""
+
     def need(key):
         if key not in hf:
             raise ValueError(f"{source}: missing required key {key!r}")
@@ -231,8 +264,9 @@ def _check_types(cfg: ModelConfig) -> None:
         if isinstance(value, bool) and bool not in allowed:
             raise TypeError(f"config key {f.name!r} must be {hint}, got bool {value!r}")
         if not isinstance(value, allowed):
-            raise TypeError(f"config key {f.name!r} must be {hint}, got "
-                            f"{type(value).__name__} {value!r}")
+            raise TypeError(
+                f"config key {f.name!r} must be {hint}, got {type(value).__name__} {value!r}"
+            )
 
 
 def load_config(path: str | Path) -> ModelConfig:

@@ -60,8 +60,15 @@ import numpy as np
 from hunyuan_jax import checkpoint_format as fmt
 from hunyuan_jax import hf_mapping
 from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.hf_checkpoint import (FP8_DTYPES, ST_DTYPE_NAMES, CheckpointError,
-                                       HFCheckpoint, fp8_scale_key, is_quant_aux_key, verify)
+from hunyuan_jax.hf_checkpoint import (
+    FP8_DTYPES,
+    ST_DTYPE_NAMES,
+    CheckpointError,
+    HFCheckpoint,
+    fp8_scale_key,
+    is_quant_aux_key,
+    verify,
+)
 
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _FLOAT_DTYPES = {np.dtype(d) for d in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)}
@@ -85,6 +92,7 @@ def peak_rss_bytes() -> int:
     if peak is not None:
         return peak
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -95,9 +103,11 @@ def run_measuring_peak_rss(cmd: list[str], env=None) -> tuple[int, int, float, s
     would report >= 700 MB."""
     import subprocess
     import threading
+
     t0 = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.append(proc.stderr.read()))
     reader.start()
@@ -118,9 +128,9 @@ def transpose2d(a: np.ndarray, block: int = 128) -> np.ndarray:
         out[...] = a.T
         return out
     for r in range(0, rows, block):
-        src = a[r:r + block]
+        src = a[r : r + block]
         for c in range(0, cols, block):
-            out[c:c + block, r:r + block] = src[:, c:c + block].T
+            out[c : c + block, r : r + block] = src[:, c : c + block].T
     return out
 
 
@@ -143,7 +153,7 @@ def to_hf(entry: hf_mapping.TensorMap, tree_slice: np.ndarray, dtype) -> np.ndar
     if not entry.transpose:
         return np.ascontiguousarray(tree_slice.astype(dtype, copy=False))
     s = tree_slice.shape
-    t = tree_slice.reshape(math.prod(s[:entry.in_ndim]), math.prod(s[entry.in_ndim:]))
+    t = tree_slice.reshape(math.prod(s[: entry.in_ndim]), math.prod(s[entry.in_ndim :]))
     if dtype.itemsize < t.dtype.itemsize:
         return transpose2d(t.astype(dtype))
     return transpose2d(t).astype(dtype, copy=False)
@@ -151,8 +161,18 @@ def to_hf(entry: hf_mapping.TensorMap, tree_slice: np.ndarray, dtype) -> np.ndar
 
 def _progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
-                disable=not enabled, dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        disable=not enabled,
+        dynamic_ncols=True,
+        smoothing=0.1,
+        file=sys.stderr,
+    )
 
 
 def _dtype_name(dtype) -> str:
@@ -175,8 +195,11 @@ class _InfoView:
 
 def _source_record(ckpt: HFCheckpoint) -> dict:
     files = []
-    index = [n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-             if (ckpt.dir / n).is_file()]
+    index = [
+        n
+        for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+        if (ckpt.dir / n).is_file()
+    ]
     for name in index + ckpt.files:
         st = (ckpt.dir / name).stat()
         files.append({"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
@@ -207,8 +230,11 @@ def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None):
     """Scan and verify a HF checkpoint. Returns (cfg, ckpt, infos, leaves, hf_config, fp8)."""
     hf_dir = Path(hf_dir)
     ckpt = HFCheckpoint(hf_dir)
-    hf_config = json.loads((hf_dir / "config.json").read_text()) if (
-        hf_dir / "config.json").is_file() else None
+    hf_config = (
+        json.loads((hf_dir / "config.json").read_text())
+        if (hf_dir / "config.json").is_file()
+        else None
+    )
     if hf_config is None:
         raise CheckpointError(f"{hf_dir}: no config.json")
     cfg = ModelConfig.from_hf(hf_dir)
@@ -218,8 +244,11 @@ def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None):
         src = str(hf_config.get("torch_dtype") or "")
         if fp8 or src not in _DTYPES:
             emb = infos.get("model.embed_tokens.weight")
-            src = "bfloat16" if fp8 or emb is None or emb.dtype.name not in _DTYPES else (
-                emb.dtype.name)
+            src = (
+                "bfloat16"
+                if fp8 or emb is None or emb.dtype.name not in _DTYPES
+                else (emb.dtype.name)
+            )
         dtype = src
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -232,8 +261,9 @@ def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None):
             if key.endswith(".weight_scale"):
                 w = key[: -len("_scale")]
                 if w not in infos or infos[w].dtype not in FP8_DTYPES:
-                    problems.append(f"{key!r} in {info.file}: a weight scale without an FP8 "
-                                    f"weight {w!r}")
+                    problems.append(
+                        f"{key!r} in {info.file}: a weight scale without an FP8 weight {w!r}"
+                    )
             continue
         if info.dtype in FP8_DTYPES and fp8_scale_key(key) not in infos:
             problems.append(f"FP8 tensor {key!r} in {info.file} has no {fp8_scale_key(key)!r}")
@@ -282,8 +312,9 @@ def _prepare_out(out: Path, plan: dict, overwrite: bool, log) -> str:
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not ours:
-        raise CheckpointError(f"--out {out} exists, is not empty and holds no conversion: "
-                              f"refusing to write into it")
+        raise CheckpointError(
+            f"--out {out} exists, is not empty and holds no conversion: refusing to write into it"
+        )
     if ours and overwrite:
         log(f"--overwrite: removing the previous conversion in {out}")
         shutil.rmtree(out)
@@ -295,8 +326,9 @@ def _prepare_out(out: Path, plan: dict, overwrite: bool, log) -> str:
             man = None
         if man and man.get("plan") == plan:
             return "done"
-        raise CheckpointError(f"--out {out} holds a different complete conversion; use "
-                              f"--overwrite or another --out")
+        raise CheckpointError(
+            f"--out {out} holds a different complete conversion; use --overwrite or another --out"
+        )
     if work.is_dir():
         try:
             old = json.loads((work / "plan.json").read_text())
@@ -305,10 +337,10 @@ def _prepare_out(out: Path, plan: dict, overwrite: bool, log) -> str:
         if old != plan:
             raise CheckpointError(
                 f"--out {out} holds an unfinished conversion of a different source, dtype or "
-                f"layout (or the source files changed since); use --overwrite or another --out")
+                f"layout (or the source files changed since); use --overwrite or another --out"
+            )
         return "resume"
     return "fresh"
-
 
 
 class _ProgressRecord:
@@ -357,11 +389,21 @@ def _finish_write(pending, record: _ProgressRecord, bar) -> None:
     bar.update(nbytes)
 
 
-def hf_to_jax(hf_dir: str | Path, out: str | Path, dtype: str | None = None, *,
-              tokenizer_dir: str | Path | None = None, compression: str = "zstd",
-              chunk_mb: float = 4.0, overwrite: bool = False, progress: bool = True,
-              workers: int = 2, max_inflight_bytes: int = 1 << 30,
-              sync_seconds: float = 10.0, log=None) -> dict:
+def hf_to_jax(
+    hf_dir: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    compression: str = "zstd",
+    chunk_mb: float = 4.0,
+    overwrite: bool = False,
+    progress: bool = True,
+    workers: int = 2,
+    max_inflight_bytes: int = 1 << 30,
+    sync_seconds: float = 10.0,
+    log=None,
+) -> dict:
     """Convert a HF checkpoint directory into `out` (see the module docstring); returns the
     manifest. `dtype` None keeps the source dtype (bfloat16 for FP8 sources)."""
     log = log or (lambda msg: print(f"[convert] {msg}", file=sys.stderr, flush=True))
@@ -370,10 +412,20 @@ def hf_to_jax(hf_dir: str | Path, out: str | Path, dtype: str | None = None, *,
     cfg, ckpt, infos, leaves, hf_config, fp8 = plan_hf_to_jax(hf_dir, dtype)
     dtype = cfg.param_dtype
     chunk_bytes = int(chunk_mb * (1 << 20))
-    layout = {"dir": fmt.PARAMS_DIR, "use_ocdbt": False, "use_zarr3": True,
-              "compression": compression, "chunk_bytes": chunk_bytes}
-    plan = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "dtype": dtype,
-            "source": _source_record(ckpt), "layout": layout}
+    layout = {
+        "dir": fmt.PARAMS_DIR,
+        "use_ocdbt": False,
+        "use_zarr3": True,
+        "compression": compression,
+        "chunk_bytes": chunk_bytes,
+    }
+    plan = {
+        "format": fmt.FORMAT_NAME,
+        "version": fmt.FORMAT_VERSION,
+        "dtype": dtype,
+        "source": _source_record(ckpt),
+        "layout": layout,
+    }
     state = _prepare_out(out, plan, overwrite, log)
     if state == "done":
         log(f"{out} already holds this conversion, complete; nothing to do")
@@ -390,17 +442,22 @@ def hf_to_jax(hf_dir: str | Path, out: str | Path, dtype: str | None = None, *,
     probe.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(probe).free
     if need > free:
-        raise CheckpointError(f"not enough disk space in {probe}: the conversion needs up to "
-                              f"{need / 1e9:.1f} GB more, {free / 1e9:.1f} GB free")
+        raise CheckpointError(
+            f"not enough disk space in {probe}: the conversion needs up to "
+            f"{need / 1e9:.1f} GB more, {free / 1e9:.1f} GB free"
+        )
     if state == "fresh":
         work.mkdir(parents=True, exist_ok=True)
         fmt.write_json_atomic(work / "plan.json", plan)
-        log(f"converting {len(items)} tensors ({sum(infos[k].nbytes for *_, k in items) / 1e9:.2f}"
-            f" GB, {ckpt.format}{', FP8' if fp8 else ''}) from {hf_dir} to {out} as {dtype}")
+        log(
+            f"converting {len(items)} tensors ({sum(infos[k].nbytes for *_, k in items) / 1e9:.2f}"
+            f" GB, {ckpt.format}{', FP8' if fp8 else ''}) from {hf_dir} to {out} as {dtype}"
+        )
     else:
         log(f"resuming: {len(items) - len(todo)} of {len(items)} tensors already written")
 
     import tensorstore as ts
+
     params_dir = out / fmt.PARAMS_DIR
     params_dir.mkdir(parents=True, exist_ok=True)
     # file_io_sync (tensorstore's default): each shard file is fsync'd before its write
@@ -408,14 +465,22 @@ def hf_to_jax(hf_dir: str | Path, out: str | Path, dtype: str | None = None, *,
     ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "file_io_sync": True})
     arrays = {}
     for leaf in leaves.values():
-        spec = fmt.array_spec(params_dir, leaf.name, leaf.shape, leaf.dtype, leaf.shard_shape,
-                              fmt.choose_chunk_shape(leaf.shard_shape, leaf.dtype.itemsize,
-                                                     chunk_bytes), compression)
+        spec = fmt.array_spec(
+            params_dir,
+            leaf.name,
+            leaf.shape,
+            leaf.dtype,
+            leaf.shard_shape,
+            fmt.choose_chunk_shape(leaf.shard_shape, leaf.dtype.itemsize, chunk_bytes),
+            compression,
+        )
         try:
             arrays[leaf.path] = ts.open(spec, create=True, open=True, context=ctx).result()
         except ValueError as e:
-            raise CheckpointError(f"{params_dir / leaf.name}: existing array does not match "
-                                  f"the plan ({e}); use --overwrite") from e
+            raise CheckpointError(
+                f"{params_dir / leaf.name}: existing array does not match "
+                f"the plan ({e}); use --overwrite"
+            ) from e
 
     kill_after = int(os.environ.get(_KILL_ENV, "0") or 0)
     np_dtype = np.dtype(_DTYPES[dtype])
@@ -428,8 +493,10 @@ def hf_to_jax(hf_dir: str | Path, out: str | Path, dtype: str | None = None, *,
         tensor = ckpt.read(key)
         want = hf_mapping.hf_shape(entry, leaf.shape)
         if tuple(tensor.shape) != tuple(want):
-            raise CheckpointError(f"{hf_dir / infos[key].file}: tensor {key!r} has shape "
-                                  f"{tuple(tensor.shape)}, expected {want}")
+            raise CheckpointError(
+                f"{hf_dir / infos[key].file}: tensor {key!r} has shape "
+                f"{tuple(tensor.shape)}, expected {want}"
+            )
         return to_slice(entry, tensor, leaf.shape, np_dtype)
 
     # Pipeline: `workers` threads read + transpose upcoming tensors while tensorstore encodes
@@ -439,6 +506,7 @@ def hf_to_jax(hf_dir: str | Path, out: str | Path, dtype: str | None = None, *,
     # footprint plus 3 x max(budget, largest tensor), whatever the number of layers.
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
+
     workers = max(1, workers)
     reads, writes = deque(), deque()
     inflight = 0
@@ -470,8 +538,9 @@ def hf_to_jax(hf_dir: str | Path, out: str | Path, dtype: str | None = None, *,
         try:
             for item in todo:
                 n = cost(item)
-                while (reads or writes) and (inflight + n > max_inflight_bytes
-                                             or len(reads) >= workers):
+                while (reads or writes) and (
+                    inflight + n > max_inflight_bytes or len(reads) >= workers
+                ):
                     step()
                 reads.append((item, pool.submit(prepare, item), n))
                 inflight += n
@@ -498,25 +567,44 @@ def hf_to_jax(hf_dir: str | Path, out: str | Path, dtype: str | None = None, *,
     seconds = time.time() - t0
     src_bytes = sum(infos[k].nbytes for *_, k in todo)
     manifest = {
-        "format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "complete": True,
-        "dtype": dtype, "plan": plan, "source": dict(plan["source"], fp8=fp8),
-        "params": dict(layout, bytes=out_bytes, leaves={
-            l.name: {"shape": list(l.shape), "dtype": _dtype_name(l.dtype),
-                     "shard_shape": list(l.shard_shape),
-                     "chunk_shape": list(fmt.choose_chunk_shape(
-                         l.shard_shape, l.dtype.itemsize, chunk_bytes))}
-            for l in leaves.values()}),
-        "hf_config": hf_config, "tokenizer_files": sorted(carried),
-        "stats": {"seconds": round(seconds, 3), "source_bytes_this_run": src_bytes,
-                  "mb_per_s": round(src_bytes / 1e6 / max(seconds, 1e-9), 1),
-                  "peak_rss_mb": round(peak_rss_bytes() / 1e6, 1),
-                  "resumed": state == "resume"},
+        "format": fmt.FORMAT_NAME,
+        "version": fmt.FORMAT_VERSION,
+        "complete": True,
+        "dtype": dtype,
+        "plan": plan,
+        "source": dict(plan["source"], fp8=fp8),
+        "params": dict(
+            layout,
+            bytes=out_bytes,
+            leaves={
+                l.name: {
+                    "shape": list(l.shape),
+                    "dtype": _dtype_name(l.dtype),
+                    "shard_shape": list(l.shard_shape),
+                    "chunk_shape": list(
+                        fmt.choose_chunk_shape(l.shard_shape, l.dtype.itemsize, chunk_bytes)
+                    ),
+                }
+                for l in leaves.values()
+            },
+        ),
+        "hf_config": hf_config,
+        "tokenizer_files": sorted(carried),
+        "stats": {
+            "seconds": round(seconds, 3),
+            "source_bytes_this_run": src_bytes,
+            "mb_per_s": round(src_bytes / 1e6 / max(seconds, 1e-9), 1),
+            "peak_rss_mb": round(peak_rss_bytes() / 1e6, 1),
+            "resumed": state == "resume",
+        },
         "created_unix": int(time.time()),
     }
     fmt.write_json_atomic(out / fmt.MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)
-    log(f"done: {out} ({out_bytes / 1e9:.2f} GB params, {seconds:.1f} s, "
-        f"{manifest['stats']['mb_per_s']} MB/s, peak RSS {manifest['stats']['peak_rss_mb']} MB)")
+    log(
+        f"done: {out} ({out_bytes / 1e9:.2f} GB params, {seconds:.1f} s, "
+        f"{manifest['stats']['mb_per_s']} MB/s, peak RSS {manifest['stats']['peak_rss_mb']} MB)"
+    )
     return manifest
 
 
@@ -526,8 +614,11 @@ def safetensors_header(tensors: list[tuple[str, np.dtype, tuple]]) -> tuple[byte
     header, off = {"__metadata__": {"format": "pt"}}, 0
     for key, dtype, shape in tensors:
         n = math.prod(shape) * np.dtype(dtype).itemsize
-        header[key] = {"dtype": ST_DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
-                       "data_offsets": [off, off + n]}
+        header[key] = {
+            "dtype": ST_DTYPE_NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [off, off + n],
+        }
         off += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -545,8 +636,10 @@ def write_safetensors(path: str | Path, tensors, produce) -> int:
         for key, dtype, shape in tensors:
             arr = produce(key)
             if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):
-                raise CheckpointError(f"{key}: produced {arr.dtype} {arr.shape}, header says "
-                                      f"{np.dtype(dtype)} {tuple(shape)}")
+                raise CheckpointError(
+                    f"{key}: produced {arr.dtype} {arr.shape}, header says "
+                    f"{np.dtype(dtype)} {tuple(shape)}"
+                )
             f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
         f.flush()
         os.fsync(f.fileno())
@@ -562,10 +655,18 @@ def _hf_order(key: str):
 
 
 # ----------------------------------------------------------------------------- jax -> hf
-def jax_to_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None, *,
-              max_shard_bytes: int = 5 * 10**9, config: str | Path | None = None,
-              tree_prefix: str = "", overwrite: bool = False, progress: bool = True,
-              log=None) -> dict:
+def jax_to_hf(
+    ckpt: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    *,
+    max_shard_bytes: int = 5 * 10**9,
+    config: str | Path | None = None,
+    tree_prefix: str = "",
+    overwrite: bool = False,
+    progress: bool = True,
+    log=None,
+) -> dict:
     """Export a converted checkpoint (or an orbax params checkpoint + `config`) as sharded
     safetensors + index + config.json. Returns the index dict."""
     log = log or (lambda msg: print(f"[convert] {msg}", file=sys.stderr, flush=True))
@@ -580,21 +681,30 @@ def jax_to_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None, *,
         extra_dir = ckpt
     else:
         if config is None:
-            raise CheckpointError(f"{ckpt}: no {fmt.MANIFEST}; a bare orbax params checkpoint "
-                                  f"needs --config (HF config.json or our YAML)")
+            raise CheckpointError(
+                f"{ckpt}: no {fmt.MANIFEST}; a bare orbax params checkpoint "
+                f"needs --config (HF config.json or our YAML)"
+            )
         params_dir = ckpt
         meta_path = params_dir / "_METADATA"
         if not meta_path.is_file():
-            raise CheckpointError(f"{ckpt}: neither a converted checkpoint ({fmt.MANIFEST}) nor "
-                                  f"an orbax checkpoint (_METADATA)")
+            raise CheckpointError(
+                f"{ckpt}: neither a converted checkpoint ({fmt.MANIFEST}) nor "
+                f"an orbax checkpoint (_METADATA)"
+            )
         meta = json.loads(meta_path.read_text())
         use_ocdbt = bool(meta.get("use_ocdbt"))
         use_zarr3 = bool(meta.get("use_zarr3"))
         from hunyuan_jax.config import load_config
+
         cfg = load_config(config)
-        hf_config = (json.loads(Path(config).read_text()) if str(config).endswith(".json")
-                     else json.loads((Path(config) / "config.json").read_text())
-                     if Path(config).is_dir() else cfg.to_hf())
+        hf_config = (
+            json.loads(Path(config).read_text())
+            if str(config).endswith(".json")
+            else json.loads((Path(config) / "config.json").read_text())
+            if Path(config).is_dir()
+            else cfg.to_hf()
+        )
         extra_dir = Path(config) if Path(config).is_dir() else None
     leaves = fmt.param_leaves(cfg)
     arrays = {}
@@ -602,8 +712,10 @@ def jax_to_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None, *,
         name = tree_prefix + leaf.name
         arr = fmt.open_for_read(params_dir, name, use_ocdbt, use_zarr3)
         if tuple(arr.shape) != leaf.shape:
-            raise CheckpointError(f"{params_dir}: parameter {name} has shape {tuple(arr.shape)}"
-                                  f", the config implies {leaf.shape}")
+            raise CheckpointError(
+                f"{params_dir}: parameter {name} has shape {tuple(arr.shape)}"
+                f", the config implies {leaf.shape}"
+            )
         arrays[leaf.path] = arr
     stored = np.dtype(next(iter(arrays.values())).dtype.numpy_dtype)
     out_dtype = np.dtype(_DTYPES[dtype]) if dtype else stored
@@ -665,14 +777,21 @@ def jax_to_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None, *,
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     fmt.write_json_atomic(out / index_name, index)  # last: the export is usable from here on
     seconds = time.time() - t0
-    log(f"done: {out} ({n} shards, {total / 1e9:.2f} GB, {seconds:.1f} s, "
-        f"{total / 1e6 / max(seconds, 1e-9):.0f} MB/s, peak RSS {peak_rss_bytes() / 1e6:.0f} MB)")
+    log(
+        f"done: {out} ({n} shards, {total / 1e9:.2f} GB, {seconds:.1f} s, "
+        f"{total / 1e6 / max(seconds, 1e-9):.0f} MB/s, peak RSS {peak_rss_bytes() / 1e6:.0f} MB)"
+    )
     return index
 
 
 # ----------------------------------------------------------------------------- synthetic input
-def write_synthetic_hf(directory: str | Path, hf_config: dict, dtype: str = "bfloat16",
-                       shard_bytes: int = 1 << 30, seed: int = 0) -> int:
+def write_synthetic_hf(
+    directory: str | Path,
+    hf_config: dict,
+    dtype: str = "bfloat16",
+    shard_bytes: int = 1 << 30,
+    seed: int = 0,
+) -> int:
     """A random HF safetensors checkpoint for `hf_config` (tests and bench/convert.py), written
     one tensor at a time from a pool of random bytes. Returns its size in bytes."""
     directory = Path(directory)
@@ -705,66 +824,106 @@ def write_synthetic_hf(directory: str | Path, hf_config: dict, dtype: str = "bfl
     def produce(key):
         shape = next(s for k, _, s in group if k == key)
         o = int(rng.integers(0, 4096))
-        return pool[o:o + math.prod(shape)].reshape(shape)
+        return pool[o : o + math.prod(shape)].reshape(shape)
 
     for i, group in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         total += write_safetensors(directory / name, group, produce)
         weight_map.update({k: name for k, _, _ in group})
-    (directory / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return total
 
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hunyuan_jax.convert",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m hunyuan_jax.convert", description=__doc__.split("\n\n")[0]
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("hf-to-jax", help="HF checkpoint -> orbax/tensorstore params")
     a.add_argument("--hf-dir", required=True, help="HF checkpoint directory (index + shards)")
     a.add_argument("--out", required=True, help="output directory")
-    a.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
-                   help="stored param dtype (default: the source's; bfloat16 for FP8)")
-    a.add_argument("--tokenizer-dir", default=None,
-                   help="also carry the tokenizer files from here (hy.tiktoken, ...)")
+    a.add_argument(
+        "--dtype",
+        choices=sorted(_DTYPES),
+        default=None,
+        help="stored param dtype (default: the source's; bfloat16 for FP8)",
+    )
+    a.add_argument(
+        "--tokenizer-dir",
+        default=None,
+        help="also carry the tokenizer files from here (hy.tiktoken, ...)",
+    )
     a.add_argument("--compression", choices=("zstd", "none"), default="zstd")
-    a.add_argument("--chunk-mb", type=float, default=4.0,
-                   help="inner chunk size, the unit of partial reads at restore")
-    a.add_argument("--workers", type=int, default=2,
-                   help="threads reading + transposing tensors, and tensorstore writes in "
-                        "flight")
-    a.add_argument("--max-inflight-gb", type=float, default=1.0,
-                   help="tensors in flight at once, in GB (a larger single tensor goes alone); "
-                        "peak RAM ~ start-up + 3 x max(this, largest tensor)")
+    a.add_argument(
+        "--chunk-mb",
+        type=float,
+        default=4.0,
+        help="inner chunk size, the unit of partial reads at restore",
+    )
+    a.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="threads reading + transposing tensors, and tensorstore writes in flight",
+    )
+    a.add_argument(
+        "--max-inflight-gb",
+        type=float,
+        default=1.0,
+        help="tensors in flight at once, in GB (a larger single tensor goes alone); "
+        "peak RAM ~ start-up + 3 x max(this, largest tensor)",
+    )
     a.add_argument("--overwrite", action="store_true")
     a.add_argument("--no-progress", action="store_true")
     b = sub.add_parser("jax-to-hf", help="converted (orbax) params -> HF safetensors")
-    b.add_argument("--ckpt", required=True, help="converted checkpoint dir (or orbax params "
-                   "dir with --config)")
+    b.add_argument(
+        "--ckpt", required=True, help="converted checkpoint dir (or orbax params dir with --config)"
+    )
     b.add_argument("--out", required=True)
-    b.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
-                   help="exported dtype (default: the stored one)")
+    b.add_argument(
+        "--dtype",
+        choices=sorted(_DTYPES),
+        default=None,
+        help="exported dtype (default: the stored one)",
+    )
     b.add_argument("--max-shard-gb", type=float, default=5.0)
     b.add_argument("--config", default=None, help="config for a bare orbax checkpoint")
-    b.add_argument("--tree-prefix", default="",
-                   help="name prefix of the params inside a bare orbax checkpoint, e.g. "
-                        "'params.'")
+    b.add_argument(
+        "--tree-prefix",
+        default="",
+        help="name prefix of the params inside a bare orbax checkpoint, e.g. 'params.'",
+    )
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "hf-to-jax":
-            hf_to_jax(args.hf_dir, args.out, args.dtype, tokenizer_dir=args.tokenizer_dir,
-                      compression=args.compression, chunk_mb=args.chunk_mb,
-                      overwrite=args.overwrite, progress=not args.no_progress,
-                      workers=args.workers,
-                      max_inflight_bytes=int(args.max_inflight_gb * 2**30))
+            hf_to_jax(
+                args.hf_dir,
+                args.out,
+                args.dtype,
+                tokenizer_dir=args.tokenizer_dir,
+                compression=args.compression,
+                chunk_mb=args.chunk_mb,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+                workers=args.workers,
+                max_inflight_bytes=int(args.max_inflight_gb * 2**30),
+            )
         else:
-            jax_to_hf(args.ckpt, args.out, args.dtype,
-                      max_shard_bytes=int(args.max_shard_gb * 1e9), config=args.config,
-                      tree_prefix=args.tree_prefix, overwrite=args.overwrite,
-                      progress=not args.no_progress)
+            jax_to_hf(
+                args.ckpt,
+                args.out,
+                args.dtype,
+                max_shard_bytes=int(args.max_shard_gb * 1e9),
+                config=args.config,
+                tree_prefix=args.tree_prefix,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

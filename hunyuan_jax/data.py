@@ -20,9 +20,9 @@ from __future__ import annotations
 import glob
 import json
 import sysconfig
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -58,8 +58,11 @@ def embedded_corpus(max_bytes: int = 4_000_000) -> list[str]:
 def _expand(spec: str) -> list[Path]:
     p = Path(spec)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file()
-                       and f.suffix in (".txt", ".md", ".jsonl", ".json", ".py"))
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file() and f.suffix in (".txt", ".md", ".jsonl", ".json", ".py")
+        )
     elif p.is_file():
         files = [p]
     else:
@@ -69,8 +72,13 @@ def _expand(spec: str) -> list[Path]:
     return files
 
 
-def read_documents(spec: str, fmt: str = "auto", text_field: str = "text",
-                   process_index: int = 0, process_count: int = 1) -> tuple[list, str]:
+def read_documents(
+    spec: str,
+    fmt: str = "auto",
+    text_field: str = "text",
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tuple[list, str]:
     """This host's share of the documents of `spec` and their kind ('text' or 'chat').
 
     Documents are numbered across all files in sorted order; process p keeps those with
@@ -118,8 +126,9 @@ def encode_text(tok: Tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
     return ids, np.ones(len(ids), np.float32)
 
 
-def encode_chat(tok: Tokenizer, messages: Sequence[Mapping[str, str]]
-                ) -> tuple[np.ndarray, np.ndarray]:
+def encode_chat(
+    tok: Tokenizer, messages: Sequence[Mapping[str, str]]
+) -> tuple[np.ndarray, np.ndarray]:
     """An SFT conversation in the Hunyuan chat layout; weight 1 only on assistant tokens (their
     text and the closing <|eos|>), so the loss is taken on what the assistant says.
 
@@ -132,7 +141,7 @@ def encode_chat(tok: Tokenizer, messages: Sequence[Mapping[str, str]]
         text = render_chat(messages[: i + 1])
         if not text.startswith(prev):
             raise ValueError("chat template is not prefix-stable for this conversation")
-        piece = tok.encode(text[len(prev):])
+        piece = tok.encode(text[len(prev) :])
         ids += piece
         weights += [1.0 if m.get("role") == "assistant" else 0.0] * len(piece)
         prev = text
@@ -163,14 +172,23 @@ class PackedLoader:
     rows: this host's rows per optimizer step (global batch_size / process_count).
     """
 
-    def __init__(self, docs: Sequence[tuple[np.ndarray, np.ndarray]], rows: int, seq_len: int,
-                 micro_batches: int = 1, seed: int = 0, shuffle: bool = True, pack: bool = True,
-                 pad_id: int = 0):
+    def __init__(
+        self,
+        docs: Sequence[tuple[np.ndarray, np.ndarray]],
+        rows: int,
+        seq_len: int,
+        micro_batches: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        pack: bool = True,
+        pad_id: int = 0,
+    ):
         if not docs:
             raise ValueError("no documents with at least 2 tokens to train on")
         if rows % micro_batches:
-            raise ValueError(f"rows per host ({rows}) not divisible by micro_batches "
-                             f"({micro_batches})")
+            raise ValueError(
+                f"rows per host ({rows}) not divisible by micro_batches ({micro_batches})"
+            )
         self.docs = list(docs)
         self.rows, self.seq_len, self.micro = rows, seq_len, micro_batches
         self.seed, self.shuffle, self.pack, self.pad_id = seed, shuffle, pack, pad_id
@@ -187,8 +205,11 @@ class PackedLoader:
     def _doc(self) -> tuple[np.ndarray, np.ndarray]:
         if self._order_epoch != self.st.epoch:
             n = len(self.docs)
-            self._order = (np.random.default_rng([self.seed, self.st.epoch]).permutation(n)
-                           if self.shuffle else np.arange(n))
+            self._order = (
+                np.random.default_rng([self.seed, self.st.epoch]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            )
             self._order_epoch = self.st.epoch
         return self.docs[self._order[self.st.cursor]]
 
@@ -201,10 +222,13 @@ class PackedLoader:
     # rows -------------------------------------------------------------------------------
     def _row(self) -> dict[str, np.ndarray]:
         s = self.seq_len
-        row = {"inputs": np.full(s, self.pad_id, np.int32),
-               "targets": np.full(s, self.pad_id, np.int32),
-               "positions": np.zeros(s, np.int32), "segment_ids": np.zeros(s, np.int32),
-               "loss_mask": np.zeros(s, np.float32)}
+        row = {
+            "inputs": np.full(s, self.pad_id, np.int32),
+            "targets": np.full(s, self.pad_id, np.int32),
+            "positions": np.zeros(s, np.int32),
+            "segment_ids": np.zeros(s, np.int32),
+            "loss_mask": np.zeros(s, np.float32),
+        }
         fill, seg = 0, 0
         while fill < s:
             ids, weights = self._doc()
@@ -212,11 +236,11 @@ class PackedLoader:
             take = min(pairs - self.st.offset, s - fill)
             lo = self.st.offset
             seg += 1
-            row["inputs"][fill:fill + take] = ids[lo:lo + take]
-            row["targets"][fill:fill + take] = ids[lo + 1:lo + take + 1]
-            row["loss_mask"][fill:fill + take] = weights[lo + 1:lo + take + 1]
-            row["positions"][fill:fill + take] = np.arange(take, dtype=np.int32)
-            row["segment_ids"][fill:fill + take] = seg
+            row["inputs"][fill : fill + take] = ids[lo : lo + take]
+            row["targets"][fill : fill + take] = ids[lo + 1 : lo + take + 1]
+            row["loss_mask"][fill : fill + take] = weights[lo + 1 : lo + take + 1]
+            row["positions"][fill : fill + take] = np.arange(take, dtype=np.int32)
+            row["segment_ids"][fill : fill + take] = seg
             fill += take
             self.st.offset += take
             if not self.pack:  # one document per row: the rest of the row is padding
@@ -238,7 +262,9 @@ class PackedLoader:
 # ----------------------------------------------------------------------------- global batches
 def batch_sharding(mesh, rules):
     """NamedSharding of a [micro, rows, seq] batch array: rows over the rules' batch axes."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     from sharding.rules import logical_to_spec
 
     spec = logical_to_spec(("batch",), rules, mesh=mesh)
@@ -266,8 +292,10 @@ def gather_states(state: Mapping[str, int]) -> dict[str, dict]:
 
     local = np.asarray([state["epoch"], state["cursor"], state["offset"]], np.int64)
     everything = np.asarray(multihost_utils.process_allgather(local))  # [processes, 3]
-    return {str(p): {"epoch": int(e), "cursor": int(c), "offset": int(o)}
-            for p, (e, c, o) in enumerate(everything)}
+    return {
+        str(p): {"epoch": int(e), "cursor": int(c), "offset": int(o)}
+        for p, (e, c, o) in enumerate(everything)
+    }
 
 
 def texts_for_tokenizer(docs: Iterable, kind: str, max_bytes: int) -> list[str]:

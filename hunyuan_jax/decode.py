@@ -35,14 +35,16 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hunyuan_jax import moe
 from hunyuan_jax.config import ModelConfig
@@ -79,17 +81,20 @@ def cache_specs(cache: KVCache, rules, mesh) -> KVCache:
 
     def tensor(t):
         if isinstance(t, QuantizedKV):
-            return QuantizedKV(spec(t.values, KVCache.LOGICAL_AXES),
-                               spec(t.scale, QuantizedKV.SCALE_LOGICAL_AXES))
+            return QuantizedKV(
+                spec(t.values, KVCache.LOGICAL_AXES), spec(t.scale, QuantizedKV.SCALE_LOGICAL_AXES)
+            )
         return spec(t, KVCache.LOGICAL_AXES)
 
-    return KVCache(tensor(cache.k), tensor(cache.v),
-                   spec(cache.index, (KVCache.LOGICAL_AXES[1],)))
+    return KVCache(tensor(cache.k), tensor(cache.v), spec(cache.index, (KVCache.LOGICAL_AXES[1],)))
 
 
 def cache_shardings(cache: KVCache, rules, mesh) -> KVCache:
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), cache_specs(cache, rules, mesh),
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s),
+        cache_specs(cache, rules, mesh),
+        is_leaf=lambda x: isinstance(x, P),
+    )
 
 
 def batch_multiple(rules, mesh) -> int:
@@ -97,6 +102,7 @@ def batch_multiple(rules, mesh) -> int:
     if mesh is None or rules is None:
         return 1
     from sharding.rules import logical_to_spec
+
     (axes,) = logical_to_spec(("cache_batch",), rules, mesh=mesh)
     axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
     return math.prod(mesh.shape[a] for a in axes)
@@ -187,17 +193,26 @@ class Generator:
       v6e-32, measured with hunyuan_jax.aot), so 'auto' picks 'host' on TPU, else 'device'.
     """
 
-    def __init__(self, model: HunyuanForCausalLM, *, sampling: SamplingConfig | None = None,
-                 eos_ids: Sequence[int] = (), cache_dtype: str | None = None,
-                 vocab_limit: int | None = None, mesh=None, rules=None,
-                 prefill_chunk: int = 512, record_logits: bool = False,
-                 experts_fn: Any = "auto", decode_loop: str = "auto"):
+    def __init__(
+        self,
+        model: HunyuanForCausalLM,
+        *,
+        sampling: SamplingConfig | None = None,
+        eos_ids: Sequence[int] = (),
+        cache_dtype: str | None = None,
+        vocab_limit: int | None = None,
+        mesh=None,
+        rules=None,
+        prefill_chunk: int = 512,
+        record_logits: bool = False,
+        experts_fn: Any = "auto",
+        decode_loop: str = "auto",
+    ):
         self.cfg: ModelConfig = model.cfg
         self.sampling = sampling or SamplingConfig()
         vocab = self.cfg.vocab_size
         self.eos_ids = self._check_eos(eos_ids)
-        self.vocab_limit = None if vocab_limit is None or vocab_limit >= vocab else int(
-            vocab_limit)
+        self.vocab_limit = None if vocab_limit is None or vocab_limit >= vocab else int(vocab_limit)
         if cache_dtype in (None, "auto"):
             cache_dtype = self.cfg.compute_dtype
         if cache_dtype not in CACHE_DTYPES:
@@ -230,21 +245,23 @@ class Generator:
     def _pin(self, cache: KVCache) -> KVCache:
         if self.mesh is None:
             return cache
-        return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, self.rules,
-                                                                       self.mesh))
+        return jax.lax.with_sharding_constraint(
+            cache, cache_shardings(cache, self.rules, self.mesh)
+        )
 
     def _prefill_fn(self, params, tokens, start, cache, lengths, last_logits):
         """One chunk: tokens [B, C] at positions start..start+C-1 of every row."""
         b, c = tokens.shape
         cache = cache._replace(index=jnp.full((b,), start, jnp.int32))
-        logits, _, cache = self._model(params)(tokens, cache=cache,
-                                               experts_fn=self._experts_fn(b * c))
+        logits, _, cache = self._model(params)(
+            tokens, cache=cache, experts_fn=self._experts_fn(b * c)
+        )
         offset = lengths - 1 - start  # row's last prompt position within this chunk
-        picked = jnp.take_along_axis(logits, jnp.clip(offset, 0, c - 1)[:, None, None],
-                                     axis=1)[:, 0]
+        picked = jnp.take_along_axis(logits, jnp.clip(offset, 0, c - 1)[:, None, None], axis=1)[
+            :, 0
+        ]
         in_chunk = (offset >= 0) & (offset < c)
-        return self._pin(cache), self._pin_batch(jnp.where(in_chunk[:, None], picked,
-                                                           last_logits))
+        return self._pin(cache), self._pin_batch(jnp.where(in_chunk[:, None], picked, last_logits))
 
     def _experts_fn(self, num_tokens: int):
         if self.experts_fn != "auto":
@@ -252,6 +269,7 @@ class Generator:
         if self.mesh is not None:  # routed experts stay where the rules put them
             if self._ep_fn is None:
                 from hunyuan_jax.expert_parallel import make_expert_parallel_fn
+
                 self._ep_fn = make_expert_parallel_fn(self.mesh, self.rules, "gather")
             return self._ep_fn
         return moe.experts_fn_for(num_tokens, self.cfg.moe_top_k, self.cfg.num_experts)
@@ -274,8 +292,9 @@ class Generator:
     def _finished(tok, eos):
         return jnp.any(tok[:, None] == eos[None, :], axis=-1)
 
-    def _start_fn(self, last_logits, lengths, prompts, active, key, cache, max_new_tokens,
-                  buffer, eos):
+    def _start_fn(
+        self, last_logits, lengths, prompts, active, key, cache, max_new_tokens, buffer, eos
+    ):
         """First new token from the prefill logits; the decode loop's initial state."""
         b = lengths.shape[0]
         seen = None
@@ -294,8 +313,20 @@ class Generator:
         if self.record_logits:
             logits = jnp.zeros((b, buffer.shape[0], last_logits.shape[-1]), jnp.float32)
             logits = logits.at[:, 0].set(last_logits)
-        return self._pin_state(DecodeState(cache, tokens, tok, done, active.astype(jnp.int32),
-                                           seen, key, jnp.ones((), jnp.int32), logits, eos))
+        return self._pin_state(
+            DecodeState(
+                cache,
+                tokens,
+                tok,
+                done,
+                active.astype(jnp.int32),
+                seen,
+                key,
+                jnp.ones((), jnp.int32),
+                logits,
+                eos,
+            )
+        )
 
     def _decode_fn(self, params, state: DecodeState, num_steps, max_new_tokens):
         """Up to `num_steps` tokens per row (fewer when every row is done)."""
@@ -307,8 +338,7 @@ class Generator:
             return (s.step < stop) & ~jnp.all(s.done)
 
         def body(s):
-            logits, _, cache = model(s.last[:, None], cache=s.cache,
-                                     experts_fn=self._experts_fn(b))
+            logits, _, cache = model(s.last[:, None], cache=s.cache, experts_fn=self._experts_fn(b))
             tok = self._pick(logits[:, 0], s.key, s.step, s.seen)
             seen = s.seen
             if seen is not None:
@@ -319,8 +349,11 @@ class Generator:
             recorded = s.logits
             if recorded is not None:
                 recorded = jax.lax.dynamic_update_slice(recorded, logits, (0, s.step, 0))
-            return self._pin_state(DecodeState(cache, tokens, tok, done, num_new, seen, s.key,
-                                               s.step + 1, recorded, s.eos))
+            return self._pin_state(
+                DecodeState(
+                    cache, tokens, tok, done, num_new, seen, s.key, s.step + 1, recorded, s.eos
+                )
+            )
 
         if self.decode_loop == "host":  # one token per call: no weights carried by a loop
             return body(state)
@@ -354,8 +387,8 @@ class Generator:
 
     def _batch_spec(self, ndim: int) -> P:
         from sharding.rules import logical_to_spec
-        return logical_to_spec(("cache_batch",) + (None,) * (ndim - 1), self.rules,
-                               mesh=self.mesh)
+
+        return logical_to_spec(("cache_batch",) + (None,) * (ndim - 1), self.rules, mesh=self.mesh)
 
     def _pin_state(self, s: DecodeState) -> DecodeState:
         """Fixes the layout of the decode state (cache as its rules say, per-row arrays over the
@@ -364,22 +397,36 @@ class Generator:
             return s
         pin = self._pin_batch
         rep = lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P()))
-        return DecodeState(self._pin(s.cache), pin(s.tokens), pin(s.last), pin(s.done),
-                           pin(s.num_new), pin(s.seen), rep(s.key), rep(s.step), pin(s.logits),
-                           rep(s.eos))
+        return DecodeState(
+            self._pin(s.cache),
+            pin(s.tokens),
+            pin(s.last),
+            pin(s.done),
+            pin(s.num_new),
+            pin(s.seen),
+            rep(s.key),
+            rep(s.step),
+            pin(s.logits),
+            rep(s.eos),
+        )
 
     def _pin_batch(self, x):
         if self.mesh is None or x is None:
             return x
         return jax.lax.with_sharding_constraint(
-            x, NamedSharding(self.mesh, self._batch_spec(x.ndim)))
+            x, NamedSharding(self.mesh, self._batch_spec(x.ndim))
+        )
 
     # ------------------------------------------------------------------ public API
-    def check_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                      max_len: int | None) -> int:
+    def check_prompts(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len: int | None
+    ) -> int:
         """Validates prompts and sizes; returns the cache length to use."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-                or max_new_tokens < 1:
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, (int, np.integer))
+            or max_new_tokens < 1
+        ):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if not prompts:
             raise ValueError("no prompts to decode")
@@ -389,24 +436,38 @@ class Generator:
                 raise ValueError(f"prompt {i} is empty (at least one token is needed)")
             lo, hi = min(p), max(p)
             if lo < 0 or hi >= vocab:
-                raise ValueError(f"prompt {i} has token id {hi if hi >= vocab else lo} outside "
-                                 f"the model's vocabulary [0, {vocab})")
+                raise ValueError(
+                    f"prompt {i} has token id {hi if hi >= vocab else lo} outside "
+                    f"the model's vocabulary [0, {vocab})"
+                )
         longest = max(len(p) for p in prompts)
         if max_len is None:
             max_len = _round_up(longest + max_new_tokens, 64)
         if longest > max_len:
-            raise ValueError(f"a prompt of {longest} tokens is longer than the KV cache "
-                             f"({max_len} slots); shorten it or use a longer cache")
+            raise ValueError(
+                f"a prompt of {longest} tokens is longer than the KV cache "
+                f"({max_len} slots); shorten it or use a longer cache"
+            )
         if longest + max_new_tokens > max_len:
-            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens="
-                             f"{max_new_tokens} needs {longest + max_new_tokens} cache slots, "
-                             f"more than the KV cache's {max_len}; lower max_new_tokens to at "
-                             f"most {max_len - longest} or use a longer cache")
+            raise ValueError(
+                f"a prompt of {longest} tokens plus max_new_tokens="
+                f"{max_new_tokens} needs {longest + max_new_tokens} cache slots, "
+                f"more than the KV cache's {max_len}; lower max_new_tokens to at "
+                f"most {max_len - longest} or use a longer cache"
+            )
         return max_len
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int = 0,
-                 max_len: int | None = None, stream: StreamFn | None = None,
-                 stream_every: int = 1, eos_ids: Sequence[int] | None = None) -> Generation:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        *,
+        seed: int = 0,
+        max_len: int | None = None,
+        stream: StreamFn | None = None,
+        stream_every: int = 1,
+        eos_ids: Sequence[int] | None = None,
+    ) -> Generation:
         """Decode every prompt (token id lists of any lengths) in one batch.
 
         max_len: cache slots (default: longest prompt + max_new_tokens rounded up to 64).
@@ -417,7 +478,7 @@ class Generator:
         """
         eos_ids = self.eos_ids if eos_ids is None else self._check_eos(eos_ids)
         eos_np = np.full((_round_up(max(len(eos_ids), 1), 8),), -1, np.int32)
-        eos_np[:len(eos_ids)] = eos_ids
+        eos_np[: len(eos_ids)] = eos_ids
         max_len = self.check_prompts(prompts, max_new_tokens, max_len)
         n = len(prompts)
         b = _round_up(n, batch_multiple(self.rules, self.mesh))
@@ -429,7 +490,7 @@ class Generator:
         slots = max(max_len, padded)  # a chunk never writes past the cache end
         tokens_np = np.zeros((b, padded), np.int32)
         for i, p in enumerate(prompts):
-            tokens_np[i, :len(p)] = p
+            tokens_np[i, : len(p)] = p
         active_np = np.arange(b) < n
 
         cache = KVCache.zeros(self.cfg, b, slots, self.cache_dtype)
@@ -440,14 +501,18 @@ class Generator:
         lengths = self._batch_sharded(lengths_np)
         active = self._batch_sharded(active_np)
         prompts_dev = self._batch_sharded(tokens_np)
-        chunks = [self._batch_sharded(tokens_np[:, s:s + chunk]) for s in range(0, padded, chunk)]
+        chunks = [self._batch_sharded(tokens_np[:, s : s + chunk]) for s in range(0, padded, chunk)]
         last_logits = self._batch_sharded(np.zeros((b, self.cfg.vocab_size), np.float32))
         max_new = np.int32(max_new_tokens)
         buffer = np.zeros((slots,), bool)  # only its shape matters: the token buffer's width
 
         # Compile before timing (prefill and start from the first chunk's arguments).
-        prefill, c0 = self._executable("prefill", self._prefill_fn, (3, 5), (
-            self.params, chunks[0], np.int32(0), cache, lengths, last_logits))
+        prefill, c0 = self._executable(
+            "prefill",
+            self._prefill_fn,
+            (3, 5),
+            (self.params, chunks[0], np.int32(0), cache, lengths, last_logits),
+        )
         eos = jax.device_put(eos_np, NamedSharding(self.mesh, P())) if self.mesh else eos_np
         start_args = (last_logits, lengths, prompts_dev, active, key, cache, max_new, buffer, eos)
         start, c1 = self._executable("start", self._start_fn, (5,), start_args)
@@ -455,8 +520,9 @@ class Generator:
 
         t0 = time.perf_counter()
         for i, toks in enumerate(chunks):
-            cache, last_logits = prefill(self.params, toks, np.int32(i * chunk), cache, lengths,
-                                         last_logits)
+            cache, last_logits = prefill(
+                self.params, toks, np.int32(i * chunk), cache, lengths, last_logits
+            )
         state = start(last_logits, lengths, prompts_dev, active, key, cache, max_new, buffer, eos)
         first = np.asarray(state.last)
         t1 = time.perf_counter()
@@ -469,8 +535,9 @@ class Generator:
         decode_s = 0.0
         done = bool(np.asarray(state.done).all())
         while not done:
-            decode, c = self._executable("decode", self._decode_fn, (1,),
-                                         (self.params, state, every, max_new))
+            decode, c = self._executable(
+                "decode", self._decode_fn, (1,), (self.params, state, every, max_new)
+            )
             compile_s += c
             step_before = int(state.step)
             t_call = time.perf_counter()
@@ -489,15 +556,16 @@ class Generator:
         out, reasons = [], []
         eos = set(eos_ids)
         for i in range(n):
-            row = tokens[i, :num_new[i]].tolist()
+            row = tokens[i, : num_new[i]].tolist()
             out.append(row)
             reasons.append("eos" if row and row[-1] in eos else "length")
         logits = None
         if state.logits is not None:
             recorded = np.asarray(state.logits)
-            logits = [recorded[i, :num_new[i]] for i in range(n)]
-        return Generation(out, reasons, int(lengths_np[:n].sum()), t1 - t0, decode_s, compile_s,
-                          logits)
+            logits = [recorded[i, : num_new[i]] for i in range(n)]
+        return Generation(
+            out, reasons, int(lengths_np[:n].sum()), t1 - t0, decode_s, compile_s, logits
+        )
 
 
 # ============================================================================ loading
@@ -558,8 +626,12 @@ def _dtype_overrides(d: Path, dtype: str) -> dict:
 
 
 # Hugging Face layout ----------------------------------------------------------------------
-_HF_WEIGHTS = ("model.safetensors.index.json", "pytorch_model.bin.index.json",
-               "model.safetensors", "pytorch_model.bin")
+_HF_WEIGHTS = (
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+)
 
 
 def _is_hf(d: Path) -> bool:
@@ -568,22 +640,26 @@ def _is_hf(d: Path) -> bool:
 
 def _load_hf(d: Path, dtype: str, mesh, rules):
     from hunyuan_jax.state import load_hf_model
+
     return load_hf_model(d, mesh=mesh, rules=rules, **_dtype_overrides(d, dtype))
 
 
 # `python -m hunyuan_jax.convert hf-to-jax` output (hunyuan_jax.checkpoint_format) ---------
 def _is_converted(d: Path) -> bool:
     from hunyuan_jax import checkpoint_format
+
     return checkpoint_format.is_converted(d)
 
 
 def _converted_config(d: Path) -> ModelConfig:
     from hunyuan_jax import checkpoint_format
+
     return checkpoint_format.load_config(d)
 
 
 def _load_converted(d: Path, dtype: str, mesh, rules):
     from hunyuan_jax import checkpoint_format
+
     return checkpoint_format.restore_model(d, mesh, rules, **_dtype_overrides(d, dtype))
 
 
@@ -594,6 +670,7 @@ def _is_run(d: Path) -> bool:
 
 def _run_config(d: Path) -> ModelConfig:
     from hunyuan_jax.checkpointing import read_run_config
+
     return read_run_config(d)[0]
 
 
@@ -601,6 +678,7 @@ def _load_run(d: Path, dtype: str, mesh, rules):
     """The latest complete step. 'auto' keeps the run's dtypes (e.g. float32 master weights,
     bfloat16 compute); otherwise the compute dtype is set (the weights are cast as used)."""
     from hunyuan_jax.checkpointing import restore_params
+
     overrides = dict(remat="none")
     if dtype != "auto":
         overrides["compute_dtype"] = dtype
@@ -612,34 +690,63 @@ def _is_orbax(d: Path) -> bool:
     """orbax writes `_CHECKPOINT_METADATA` into each step directory (`DIR` or `DIR/<step>`)."""
     if (d / "_CHECKPOINT_METADATA").is_file():
         return True
-    return any((s / "_CHECKPOINT_METADATA").is_file() for s in d.iterdir()
-               if s.is_dir() and s.name.isdigit())
+    return any(
+        (s / "_CHECKPOINT_METADATA").is_file()
+        for s in d.iterdir()
+        if s.is_dir() and s.name.isdigit()
+    )
 
 
 def _load_orbax(d: Path, *args):
     raise FileNotFoundError(
         f"{d} is an orbax checkpoint directory without its model config: pass the train.py "
         f"run directory (the one holding config.yaml and checkpoints/) or a directory "
-        f"written by `python -m hunyuan_jax.convert hf-to-jax`")
+        f"written by `python -m hunyuan_jax.convert hf-to-jax`"
+    )
 
 
-register_checkpoint_format(CheckpointFormat(
-    "hf", "Hugging Face layout: config.json + safetensors or PyTorch .bin shards",
-    _is_hf, ModelConfig.from_hf, _load_hf))
-register_checkpoint_format(CheckpointFormat(
-    "converted", "hunyuan_jax.convert hf-to-jax output: manifest.json + params/",
-    _is_converted, _converted_config, _load_converted))
-register_checkpoint_format(CheckpointFormat(
-    "run", "train.py run directory: config.yaml + checkpoints/<step>/", _is_run, _run_config,
-    _load_run))
-register_checkpoint_format(CheckpointFormat(
-    "orbax", "a bare orbax step directory (point at its run directory instead)", _is_orbax,
-    _load_orbax, _load_orbax))
+register_checkpoint_format(
+    CheckpointFormat(
+        "hf",
+        "Hugging Face layout: config.json + safetensors or PyTorch .bin shards",
+        _is_hf,
+        ModelConfig.from_hf,
+        _load_hf,
+    )
+)
+register_checkpoint_format(
+    CheckpointFormat(
+        "converted",
+        "hunyuan_jax.convert hf-to-jax output: manifest.json + params/",
+        _is_converted,
+        _converted_config,
+        _load_converted,
+    )
+)
+register_checkpoint_format(
+    CheckpointFormat(
+        "run",
+        "train.py run directory: config.yaml + checkpoints/<step>/",
+        _is_run,
+        _run_config,
+        _load_run,
+    )
+)
+register_checkpoint_format(
+    CheckpointFormat(
+        "orbax",
+        "a bare orbax step directory (point at its run directory instead)",
+        _is_orbax,
+        _load_orbax,
+        _load_orbax,
+    )
+)
 
 
 def find_tokenizer(*dirs: Path):
     """The first tokenizer found in `dirs` (each dir itself, then its `tokenizer/`), or None."""
     from hunyuan_jax.tokenizer import load_tokenizer
+
     for d in dirs:
         for cand in (d, d / "tokenizer"):
             if cand.is_dir() and ((cand / "hy.tiktoken").is_file() or any(cand.glob("*.model"))):
@@ -652,11 +759,18 @@ def check_tokenizer(tokenizer, cfg: ModelConfig) -> None:
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is only "
-            f"{cfg.vocab_size}: this tokenizer does not belong to this checkpoint")
+            f"{cfg.vocab_size}: this tokenizer does not belong to this checkpoint"
+        )
 
 
-def load_for_inference(directory: str | Path, *, dtype: str = "auto", mesh=None, rules=None,
-                       tokenizer: str | Path | None = None) -> InferenceModel:
+def load_for_inference(
+    directory: str | Path,
+    *,
+    dtype: str = "auto",
+    mesh=None,
+    rules=None,
+    tokenizer: str | Path | None = None,
+) -> InferenceModel:
     """Loads a checkpoint directory for decoding, whatever registered format it is in.
 
     Formats (`register_checkpoint_format` adds more): Hugging Face (config.json + shards), a
@@ -674,13 +788,15 @@ def load_for_inference(directory: str | Path, *, dtype: str = "auto", mesh=None,
     fmt = next((f for f in _FORMATS if f.detect(d)), None)
     if fmt is None:
         known = "; ".join(f"{f.name}: {f.description}" for f in _FORMATS)
-        raise FileNotFoundError(f"{d} is not a checkpoint directory this program knows "
-                                f"(formats: {known})")
+        raise FileNotFoundError(
+            f"{d} is not a checkpoint directory this program knows (formats: {known})"
+        )
     if dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
     cfg = fmt.config(d)
     if tokenizer is not None:
         from hunyuan_jax.tokenizer import load_tokenizer
+
         tok = load_tokenizer(tokenizer)
     else:
         tok = find_tokenizer(d)
@@ -689,8 +805,11 @@ def load_for_inference(directory: str | Path, *, dtype: str = "auto", mesh=None,
     cfg, model = fmt.load(d, dtype, mesh, rules)
 
     sampling, eos = SamplingConfig(), None
-    gen_dirs = [d] + ([Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent]
-                      if tokenizer is not None else [])
+    gen_dirs = [d] + (
+        [Path(tokenizer) if Path(tokenizer).is_dir() else Path(tokenizer).parent]
+        if tokenizer is not None
+        else []
+    )
     for g in gen_dirs:
         if (g / "generation_config.json").is_file():
             sampling = SamplingConfig.from_generation_config(g / "generation_config.json")

@@ -41,8 +41,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import jax
 
@@ -102,8 +102,11 @@ def _cluster_processes() -> tuple[str, int] | None:
         return "Cloud TPU (TPU_WORKER_HOSTNAMES)", len(hosts.split(","))
     if env.get("MEGASCALE_NUM_SLICES", "1") not in ("", "1"):
         return "Cloud TPU multislice (MEGASCALE_*)", -1
-    for var, name in (("SLURM_NTASKS", "SLURM"), ("OMPI_COMM_WORLD_SIZE", "Open MPI"),
-                      ("PMI_SIZE", "PMI/MPICH")):
+    for var, name in (
+        ("SLURM_NTASKS", "SLURM"),
+        ("OMPI_COMM_WORLD_SIZE", "Open MPI"),
+        ("PMI_SIZE", "PMI/MPICH"),
+    ):
         n = env.get(var)
         if n and n.isdigit() and int(n) > 1:
             return f"{name} ({var}={n})", int(n)
@@ -112,12 +115,19 @@ def _cluster_processes() -> tuple[str, int] | None:
     return None
 
 
-def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
-            process_id: int | None = None,
-            local_device_ids: Sequence[int] | str | None = None) -> DistributedConfig:
+def resolve(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | str | None = None,
+) -> DistributedConfig:
     """Decides how to initialise (see the module docstring) without doing it."""
-    given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
-             "process_id": process_id, "local_device_ids": local_device_ids}
+    given = {
+        "coordinator_address": coordinator_address,
+        "num_processes": num_processes,
+        "process_id": process_id,
+        "local_device_ids": local_device_ids,
+    }
     source = "arguments" if any(v is not None for v in given.values()) else ""
     values = {k: v if v is not None else _env(k) for k, v in given.items()}
     if not source and any(v is not None for v in values.values()):
@@ -127,21 +137,31 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
     pid = _int(values["process_id"], "process_id")
     ids = _ids(values["local_device_ids"])
     if address is not None or count is not None or pid is not None:
-        missing = [n for n, v in (("coordinator address", address), ("number of processes",
-                                                                     count),
-                                  ("process id", pid)) if v is None]
+        missing = [
+            n
+            for n, v in (
+                ("coordinator address", address),
+                ("number of processes", count),
+                ("process id", pid),
+            )
+            if v is None
+        ]
         if missing:
             raise ValueError(
                 f"distributed ({source}): a cluster without auto-detection needs the coordinator "
                 f"address, the number of processes and this process's id; missing: "
                 f"{', '.join(missing)} (set HUNYUAN_COORDINATOR=host:port, "
-                f"HUNYUAN_NUM_PROCESSES=N, HUNYUAN_PROCESS_ID=i)")
+                f"HUNYUAN_NUM_PROCESSES=N, HUNYUAN_PROCESS_ID=i)"
+            )
         if count < 1 or not 0 <= pid < count:
-            raise ValueError(f"distributed ({source}): process id {pid} is not in "
-                             f"[0, {count}) processes")
+            raise ValueError(
+                f"distributed ({source}): process id {pid} is not in [0, {count}) processes"
+            )
         if ":" not in address:
-            raise ValueError(f"distributed ({source}): coordinator address {address!r} must "
-                             f"be host:port (port of process 0, e.g. 8476)")
+            raise ValueError(
+                f"distributed ({source}): coordinator address {address!r} must "
+                f"be host:port (port of process 0, e.g. 8476)"
+            )
         return DistributedConfig("explicit", address, count, pid, ids, source)
     cluster = _cluster_processes()
     if cluster is not None:
@@ -158,14 +178,19 @@ def _is_initialized() -> bool:
     if fn is not None:
         return bool(fn())
     from jax._src import distributed as _d  # older JAX
+
     return _d.global_state.client is not None
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None,
-               local_device_ids: Sequence[int] | str | None = None, *,
-               cpu_collectives: str | None = None,
-               initialization_timeout: int | None = None) -> DistributedConfig:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | str | None = None,
+    *,
+    cpu_collectives: str | None = None,
+    initialization_timeout: int | None = None,
+) -> DistributedConfig:
     """Initialises JAX's multi-process runtime as the arguments / environment / cluster say
     (module docstring); returns what was decided. Safe to call twice; a no-op on one host."""
     global _INITIALISED
@@ -190,15 +215,29 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if cfg.local_device_ids is not None:
         kwargs["local_device_ids"] = list(cfg.local_device_ids)
     if cfg.mode == "explicit":
-        jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
-                                   num_processes=cfg.num_processes, process_id=cfg.process_id,
-                                   **kwargs)
+        jax.distributed.initialize(
+            coordinator_address=cfg.coordinator_address,
+            num_processes=cfg.num_processes,
+            process_id=cfg.process_id,
+            **kwargs,
+        )
     else:
         jax.distributed.initialize(**kwargs)
-    cfg = DistributedConfig(cfg.mode, cfg.coordinator_address, jax.process_count(),
-                            jax.process_index(), cfg.local_device_ids, cfg.source)
-    logger.info("distributed: process %d of %d (%s, %s)", cfg.process_id, cfg.num_processes,
-                cfg.mode, cfg.source)
+    cfg = DistributedConfig(
+        cfg.mode,
+        cfg.coordinator_address,
+        jax.process_count(),
+        jax.process_index(),
+        cfg.local_device_ids,
+        cfg.source,
+    )
+    logger.info(
+        "distributed: process %d of %d (%s, %s)",
+        cfg.process_id,
+        cfg.num_processes,
+        cfg.mode,
+        cfg.source,
+    )
     _INITIALISED = cfg
     return cfg
 
@@ -212,13 +251,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def initialize_from_args(args: argparse.Namespace) -> DistributedConfig:
-    return initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
-                      getattr(args, "process_id", None))
+    return initialize(
+        getattr(args, "coordinator", None),
+        getattr(args, "num_processes", None),
+        getattr(args, "process_id", None),
+    )
 
 
 # ----------------------------------------------------------------------------- per-host data
-def process_rows(sharding: jax.sharding.Sharding, global_shape: Sequence[int],
-                 axis: int = 0) -> tuple[int, int]:
+def process_rows(
+    sharding: jax.sharding.Sharding, global_shape: Sequence[int], axis: int = 0
+) -> tuple[int, int]:
     """[start, stop) along `axis` of a global array that this process's devices hold under
     `sharding` (contiguous for the meshes `build_mesh` makes). The rows a host must load."""
     index_map = sharding.addressable_devices_indices_map(tuple(global_shape))
@@ -233,8 +276,10 @@ def process_rows(sharding: jax.sharding.Sharding, global_shape: Sequence[int],
     for a, b in zip(starts, stops):
         covered.update(range(a, b))
     if len(covered) != stop - start:
-        raise ValueError(f"this process's devices hold non-contiguous rows of axis {axis} "
-                         f"under {sharding}; load rows {sorted(covered)} explicitly")
+        raise ValueError(
+            f"this process's devices hold non-contiguous rows of axis {axis} "
+            f"under {sharding}; load rows {sorted(covered)} explicitly"
+        )
     return start, stop
 
 
@@ -247,8 +292,10 @@ def host_local_to_global(local, sharding: jax.sharding.Sharding, global_shape: S
 def summary() -> str:
     """One line for logs: process i of n, local/global devices, platform."""
     local = jax.local_devices()
-    return (f"process {jax.process_index()} of {jax.process_count()}: {len(local)} local / "
-            f"{jax.device_count()} global {local[0].platform} devices")
+    return (
+        f"process {jax.process_index()} of {jax.process_count()}: {len(local)} local / "
+        f"{jax.device_count()} global {local[0].platform} devices"
+    )
 
 
 def main(argv=None) -> int:
@@ -257,10 +304,12 @@ def main(argv=None) -> int:
     import runpy
     import sys
 
-    ap = argparse.ArgumentParser(prog="python -m hunyuan_jax.distributed",
-                                 description="Initialise JAX's multi-process runtime (from the "
-                                             "environment, a cluster or these options), then "
-                                             "run a script, e.g. train.py, in this process.")
+    ap = argparse.ArgumentParser(
+        prog="python -m hunyuan_jax.distributed",
+        description="Initialise JAX's multi-process runtime (from the "
+        "environment, a cluster or these options), then "
+        "run a script, e.g. train.py, in this process.",
+    )
     add_arguments(ap)
     ap.add_argument("script", help="Python script to run after initialising (train.py, ...)")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
@@ -268,8 +317,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = initialize_from_args(a)
     if cfg.mode != "single":
-        print(f"[distributed] {summary()} ({cfg.mode}: {cfg.source})", file=sys.stderr,
-              flush=True)
+        print(f"[distributed] {summary()} ({cfg.mode}: {cfg.source})", file=sys.stderr, flush=True)
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
     sys.argv = [a.script, *args]
     try:

@@ -44,8 +44,9 @@ def _token_axes(num_tokens: int, batch_axes: tuple[str, ...], mesh) -> tuple[str
     return tuple(a for a in chosen if mesh.shape[a] > 1)
 
 
-def make_expert_parallel_fn(mesh, rules, strategy: str = "gather",
-                            capacity_factor: float = 1.0) -> moe.ExpertsFn:
+def make_expert_parallel_fn(
+    mesh, rules, strategy: str = "gather", capacity_factor: float = 1.0
+) -> moe.ExpertsFn:
     """An ExpertsFn running the routed experts sharded over `mesh` as `rules` place them."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown expert-parallel strategy {strategy!r}; use one of {STRATEGIES}")
@@ -55,28 +56,40 @@ def make_expert_parallel_fn(mesh, rules, strategy: str = "gather",
     fsdp_axes = tuple(a for a in live(table["exp_embed"]) if a not in ep_axes)
     tp_axes = tuple(a for a in live(table["exp_mlp"]) if a not in ep_axes + fsdp_axes)
     batch_axes = live(table["batch"])
-    w_specs = ExpertWeights(P(ep_axes or None, fsdp_axes or None, tp_axes or None),
-                            P(ep_axes or None, fsdp_axes or None, tp_axes or None),
-                            P(ep_axes or None, tp_axes or None, fsdp_axes or None))
+    w_specs = ExpertWeights(
+        P(ep_axes or None, fsdp_axes or None, tp_axes or None),
+        P(ep_axes or None, fsdp_axes or None, tp_axes or None),
+        P(ep_axes or None, tp_axes or None, fsdp_axes or None),
+    )
 
     def experts_fn(x, routing: Routing, w: ExpertWeights, key):
         num_experts = w.gate.shape[0]
         ep = math.prod(mesh.shape[a] for a in ep_axes)
         if num_experts % ep:
-            raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel "
-                             f"mesh axes {ep_axes} of size {ep}")
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by the expert-parallel "
+                f"mesh axes {ep_axes} of size {ep}"
+            )
         tok_axes = _token_axes(x.shape[0], batch_axes, mesh)
         tok_spec = P(tok_axes or None)
-        body = partial(_gather_body if strategy == "gather" else _all_to_all_body,
-                       ep_axes=ep_axes, fsdp_axes=fsdp_axes, tp_axes=tp_axes,
-                       tokens_over_ep=set(ep_axes) <= set(tok_axes),
-                       tok_axes=tok_axes, capacity_factor=capacity_factor)
+        body = partial(
+            _gather_body if strategy == "gather" else _all_to_all_body,
+            ep_axes=ep_axes,
+            fsdp_axes=fsdp_axes,
+            tp_axes=tp_axes,
+            tokens_over_ep=set(ep_axes) <= set(tok_axes),
+            tok_axes=tok_axes,
+            capacity_factor=capacity_factor,
+        )
         if key is None:
             key = jax.random.key(0)  # unused by the dropless strategy
-        fn = jax.shard_map(body, mesh=mesh,
-                           in_specs=(tok_spec, Routing(tok_spec, tok_spec, tok_spec, tok_spec),
-                                     w_specs, P()),
-                           out_specs=(tok_spec, P()), check_vma=False)
+        fn = jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(tok_spec, Routing(tok_spec, tok_spec, tok_spec, tok_spec), w_specs, P()),
+            out_specs=(tok_spec, P()),
+            check_vma=False,
+        )
         return fn(x, routing, w, key)
 
     return experts_fn
@@ -90,8 +103,9 @@ def _full_weights(w: ExpertWeights, fsdp_axes) -> ExpertWeights:
     return ExpertWeights(gather(w.gate, 1), gather(w.up, 1), gather(w.down, 2))
 
 
-def _gather_body(x, routing, w, key, *, ep_axes, fsdp_axes, tp_axes, tokens_over_ep,
-                 tok_axes, capacity_factor):
+def _gather_body(
+    x, routing, w, key, *, ep_axes, fsdp_axes, tp_axes, tokens_over_ep, tok_axes, capacity_factor
+):
     """Dropless: all-gather tokens over the expert axes, run local experts, reduce-scatter."""
     del key, capacity_factor
     w = _full_weights(w, fsdp_axes)
@@ -114,13 +128,17 @@ def _gather_body(x, routing, w, key, *, ep_axes, fsdp_axes, tp_axes, tokens_over
     if tp_axes:
         y = jax.lax.psum(y, tp_axes)
     if ep_axes:
-        y = (jax.lax.psum_scatter(y, ep_axes, scatter_dimension=0, tiled=True) if tokens_over_ep
-             else jax.lax.psum(y, ep_axes))
+        y = (
+            jax.lax.psum_scatter(y, ep_axes, scatter_dimension=0, tiled=True)
+            if tokens_over_ep
+            else jax.lax.psum(y, ep_axes)
+        )
     return y.astype(x.dtype), {}
 
 
-def _all_to_all_body(x, routing, w, key, *, ep_axes, fsdp_axes, tp_axes, tokens_over_ep,
-                     tok_axes, capacity_factor):
+def _all_to_all_body(
+    x, routing, w, key, *, ep_axes, fsdp_axes, tp_axes, tokens_over_ep, tok_axes, capacity_factor
+):
     """Capacity routing on local tokens, all-to-all to the experts' devices and back."""
     w = _full_weights(w, fsdp_axes)
     local_experts = w.gate.shape[0]

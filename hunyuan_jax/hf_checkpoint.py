@@ -34,8 +34,10 @@ import numpy as np
 from hunyuan_jax import hf_mapping
 from hunyuan_jax.config import ModelConfig
 
-_INDEXES = (("model.safetensors.index.json", "safetensors"),
-            ("pytorch_model.bin.index.json", "bin"))
+_INDEXES = (
+    ("model.safetensors.index.json", "safetensors"),
+    ("pytorch_model.bin.index.json", "bin"),
+)
 _SINGLE = (("model.safetensors", "safetensors"), ("pytorch_model.bin", "bin"))
 
 
@@ -73,7 +75,8 @@ class HFCheckpoint:
                 return fmt, {k: name for k in keys}
         raise FileNotFoundError(
             f"{self.dir}: no checkpoint found (looked for "
-            f"{', '.join(n for n, _ in _INDEXES + _SINGLE)})")
+            f"{', '.join(n for n, _ in _INDEXES + _SINGLE)})"
+        )
 
     def _keys_of_single(self, name: str, fmt: str) -> list[str]:
         return list(self._handle(name, fmt).keys())
@@ -96,13 +99,16 @@ class HFCheckpoint:
         try:
             if fmt == "safetensors":
                 from safetensors import safe_open
+
                 handle = safe_open(str(path), framework="numpy")
             else:
                 try:
                     import torch
                 except ImportError as e:  # torch is an optional extra
-                    raise ImportError("reading PyTorch .bin checkpoints needs torch: "
-                                      "pip install 'hunyuan-jax[torch]'") from e
+                    raise ImportError(
+                        "reading PyTorch .bin checkpoints needs torch: "
+                        "pip install 'hunyuan-jax[torch]'"
+                    ) from e
                 handle = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
         except (OSError, RuntimeError, ValueError, EOFError) as e:
             raise CheckpointError(f"{path}: cannot read shard (truncated or corrupt?): {e}") from e
@@ -120,18 +126,22 @@ class HFCheckpoint:
         try:
             if self.format == "safetensors":
                 if key not in handle.keys():
-                    raise CheckpointError(f"{self.dir / name}: tensor {key!r} listed in the "
-                                          f"index but absent from the shard")
+                    raise CheckpointError(
+                        f"{self.dir / name}: tensor {key!r} listed in the "
+                        f"index but absent from the shard"
+                    )
                 return _safetensors_get(self.dir / name, handle, key)
             if key not in handle:
-                raise CheckpointError(f"{self.dir / name}: tensor {key!r} listed in the index "
-                                      f"but absent from the shard")
+                raise CheckpointError(
+                    f"{self.dir / name}: tensor {key!r} listed in the index "
+                    f"but absent from the shard"
+                )
             return _torch_to_numpy(handle[key])
         except (OSError, RuntimeError) as e:
             raise CheckpointError(f"{self.dir / name}: cannot read {key!r}: {e}") from e
 
     # Streaming access: headers only, then one tensor by plain reads ----------------------
-    def file_infos(self, name: str) -> dict[str, "TensorInfo"]:
+    def file_infos(self, name: str) -> dict[str, TensorInfo]:
         """The tensors of one shard file (header only), cached."""
         cache = self.__dict__.setdefault("_infos", {})
         if name not in cache:
@@ -142,7 +152,7 @@ class HFCheckpoint:
             cache[name] = scan(path)
         return cache[name]
 
-    def tensor_infos(self) -> dict[str, "TensorInfo"]:
+    def tensor_infos(self) -> dict[str, TensorInfo]:
         """Every indexed tensor's TensorInfo, reading only the shards' headers. Raises one
         CheckpointError listing missing shards, unreadable / truncated shards and tensors the
         index names but the shard lacks."""
@@ -151,7 +161,9 @@ class HFCheckpoint:
         if missing:
             raise MissingShardError(
                 f"{self.dir}: {len(missing)} shard file(s) named by the index are missing: "
-                + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+                + ", ".join(missing[:10])
+                + (" ..." if len(missing) > 10 else "")
+            )
         for name in self.files:
             try:
                 infos = self.file_infos(name)
@@ -162,22 +174,27 @@ class HFCheckpoint:
                 if file != name:
                     continue
                 if key not in infos:
-                    problems.append(f"{self.dir / name}: tensor {key!r} listed in the index but "
-                                    f"absent from the shard")
+                    problems.append(
+                        f"{self.dir / name}: tensor {key!r} listed in the index but "
+                        f"absent from the shard"
+                    )
                 else:
                     out[key] = infos[key]
         if problems:
-            raise CheckpointError(f"checkpoint {self.dir} is unreadable:\n  "
-                                  + "\n  ".join(problems[:20]))
+            raise CheckpointError(
+                f"checkpoint {self.dir} is unreadable:\n  " + "\n  ".join(problems[:20])
+            )
         return out
 
-    def info(self, key: str) -> "TensorInfo":
+    def info(self, key: str) -> TensorInfo:
         if key not in self.weight_map:
             raise CheckpointError(f"{self.dir}: tensor {key!r} not in the checkpoint")
         infos = self.file_infos(self.weight_map[key])
         if key not in infos:
-            raise CheckpointError(f"{self.dir / self.weight_map[key]}: tensor {key!r} listed in "
-                                  f"the index but absent from the shard")
+            raise CheckpointError(
+                f"{self.dir / self.weight_map[key]}: tensor {key!r} listed in "
+                f"the index but absent from the shard"
+            )
         return infos[key]
 
     def read(self, key: str, dequantize: bool = True) -> np.ndarray:
@@ -188,8 +205,9 @@ class HFCheckpoint:
         if dequantize and info.dtype in FP8_DTYPES:
             skey = fp8_scale_key(key)
             if skey not in self.weight_map:
-                raise CheckpointError(f"{self.dir / info.file}: FP8 tensor {key!r} has no scale "
-                                      f"tensor {skey!r}")
+                raise CheckpointError(
+                    f"{self.dir / info.file}: FP8 tensor {key!r} has no scale tensor {skey!r}"
+                )
             scale = read_tensor(self.dir, self.info(skey))
             arr = dequantize_fp8(arr, scale, key=key)
         return arr
@@ -199,8 +217,9 @@ class HFCheckpoint:
         handle = self._handle(name)
         present = key in (handle.keys() if self.format == "safetensors" else handle)
         if not present:
-            raise CheckpointError(f"{self.dir / name}: tensor {key!r} listed in the index but "
-                                  f"absent from the shard")
+            raise CheckpointError(
+                f"{self.dir / name}: tensor {key!r} listed in the index but absent from the shard"
+            )
         if self.format == "safetensors":
             return tuple(handle.get_slice(key).get_shape())
         return tuple(handle[key].shape)
@@ -211,32 +230,47 @@ def _safetensors_get(path, handle, key):
         return handle.get_tensor(key)
     except TypeError:  # bfloat16 is not a numpy dtype: read raw bytes
         from safetensors import safe_open
+
         with safe_open(str(path), framework="pt") as f:  # needs torch
             return _torch_to_numpy(f.get_tensor(key))
 
 
 def _torch_to_numpy(t) -> np.ndarray:
     import torch
+
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
 
 
-
 # ----------------------------------------------------------------------------- streaming reads
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
     "BOOL": np.bool_,
 }
 ST_DTYPE_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 FP8_DTYPES = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
 # Quantisation side tensors of the AutoFP8 / vLLM "fp8" format; weight scales are consumed by
 # dequantisation, activation and KV-cache scales are dropped.
-QUANT_SUFFIXES = (".weight_scale", ".input_scale", ".output_scale", ".k_scale", ".v_scale",
-                  ".kv_scale")
+QUANT_SUFFIXES = (
+    ".weight_scale",
+    ".input_scale",
+    ".output_scale",
+    ".k_scale",
+    ".v_scale",
+    ".kv_scale",
+)
 
 
 def fp8_scale_key(key: str) -> str:
@@ -252,6 +286,7 @@ def is_quant_aux_key(key: str) -> bool:
 class TensorInfo:
     """Where one tensor's bytes are: shard file (relative), dtype, shape, byte offset of element
     0, and element strides when the stored view is not C-contiguous (torch views)."""
+
     key: str
     file: str
     dtype: np.dtype
@@ -282,8 +317,10 @@ def scan_safetensors(path: str | Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
         n = int.from_bytes(head, "little")
         if n > size - 8 or n > (1 << 30):
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors header (header "
-                                  f"length {n}, file size {size})")
+            raise CheckpointError(
+                f"{path}: corrupt or truncated safetensors header (header "
+                f"length {n}, file size {size})"
+            )
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -297,29 +334,48 @@ def scan_safetensors(path: str | Path) -> dict[str, TensorInfo]:
             shape = tuple(int(d) for d in meta["shape"])
             begin, end = (int(x) for x in meta["data_offsets"])
         except KeyError as e:
-            raise CheckpointError(f"{path}: tensor {key!r}: unsupported or malformed header "
-                                  f"entry {meta} ({e})") from e
+            raise CheckpointError(
+                f"{path}: tensor {key!r}: unsupported or malformed header entry {meta} ({e})"
+            ) from e
         if end - begin != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {key!r}: {end - begin} bytes for shape "
-                                  f"{shape} {dtype}")
+            raise CheckpointError(
+                f"{path}: tensor {key!r}: {end - begin} bytes for shape {shape} {dtype}"
+            )
         if base + end > size:
-            raise CheckpointError(f"{path}: truncated: tensor {key!r} ends at byte {base + end} "
-                                  f"but the file has {size} bytes")
+            raise CheckpointError(
+                f"{path}: truncated: tensor {key!r} ends at byte {base + end} "
+                f"but the file has {size} bytes"
+            )
         out[key] = TensorInfo(key, path.name, dtype, shape, base + begin)
     return out
 
 
 _TORCH_DTYPES = {
-    "float64": np.float64, "float32": np.float32, "float16": np.float16,
-    "bfloat16": ml_dtypes.bfloat16, "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
-    "float8_e5m2": ml_dtypes.float8_e5m2, "int64": np.int64, "int32": np.int32,
-    "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
+    "float64": np.float64,
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
+    "float8_e5m2": ml_dtypes.float8_e5m2,
+    "int64": np.int64,
+    "int32": np.int32,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "bool": np.bool_,
 }
 _TORCH_STORAGES = {
-    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
-    "BoolStorage": "bool", "UntypedStorage": "uint8",
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "UntypedStorage": "uint8",
 }
 
 
@@ -344,13 +400,13 @@ class _Tensor:
     dtype: np.dtype
 
 
-def _rebuild_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None,
-                metadata=None):
+def _rebuild_v2(
+    storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None
+):
     return _Tensor(storage, int(storage_offset), tuple(size), tuple(stride), storage.dtype)
 
 
-def _rebuild_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype,
-                metadata=None):
+def _rebuild_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
     return _Tensor(storage, int(storage_offset), tuple(size), tuple(stride), np.dtype(dtype))
 
 
@@ -389,8 +445,10 @@ def scan_torch_bin(path: str | Path) -> dict[str, TensorInfo]:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read shard (truncated or corrupt, or a legacy "
-                              f"pre-1.6 torch.save file): {e}") from e
+        raise CheckpointError(
+            f"{path}: cannot read shard (truncated or corrupt, or a legacy "
+            f"pre-1.6 torch.save file): {e}"
+        ) from e
     with zf, open(path, "rb") as raw:
         names = zf.namelist()
         pkls = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
@@ -401,10 +459,19 @@ def scan_torch_bin(path: str | Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
         try:
             obj = _MetaUnpickler(io.BytesIO(zf.read(pkls[0]))).load()
-        except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError,
-                AttributeError, KeyError) as e:
-            raise CheckpointError(f"{path}: cannot parse the state dict (truncated or not a "
-                                  f"plain state dict of tensors): {e}") from e
+        except (
+            pickle.UnpicklingError,
+            zipfile.BadZipFile,
+            EOFError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            KeyError,
+        ) as e:
+            raise CheckpointError(
+                f"{path}: cannot parse the state dict (truncated or not a "
+                f"plain state dict of tensors): {e}"
+            ) from e
         if not isinstance(obj, dict):
             raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
         starts = {}
@@ -424,12 +491,18 @@ def scan_torch_bin(path: str | Path) -> dict[str, TensorInfo]:
                 local = raw.read(30)
                 if len(local) < 30 or local[:4] != b"PK\x03\x04":
                     raise CheckpointError(f"{path}: corrupt zip entry for storage {skey}")
-                start = (zi.header_offset + 30 + int.from_bytes(local[26:28], "little")
-                         + int.from_bytes(local[28:30], "little"))
+                start = (
+                    zi.header_offset
+                    + 30
+                    + int.from_bytes(local[26:28], "little")
+                    + int.from_bytes(local[28:30], "little")
+                )
                 nbytes = t.storage.numel * t.storage.dtype.itemsize
                 if zi.file_size < nbytes or start + nbytes > size:
-                    raise CheckpointError(f"{path}: truncated: storage of {key!r} needs bytes "
-                                          f"up to {start + nbytes}, file has {size}")
+                    raise CheckpointError(
+                        f"{path}: truncated: storage of {key!r} needs bytes "
+                        f"up to {start + nbytes}, file has {size}"
+                    )
                 starts[skey] = (start, nbytes)
             start, nbytes = starts[skey]
             item = t.dtype.itemsize
@@ -438,8 +511,14 @@ def scan_torch_bin(path: str | Path) -> dict[str, TensorInfo]:
                 if t.offset < 0 or (last + 1) * item > nbytes:
                     raise CheckpointError(f"{path}: tensor {key!r} lies outside its storage")
             strides = None if tuple(t.stride) == _c_strides(t.shape) else tuple(t.stride)
-            out[key] = TensorInfo(key, path.name, t.dtype, tuple(int(d) for d in t.shape),
-                                  start + t.offset * item, strides)
+            out[key] = TensorInfo(
+                key,
+                path.name,
+                t.dtype,
+                tuple(int(d) for d in t.shape),
+                start + t.offset * item,
+                strides,
+            )
     return out
 
 
@@ -449,8 +528,9 @@ def _read_exact(f, offset: int, buf: memoryview, path) -> None:
     while done < len(buf):
         n = f.readinto(buf[done:])
         if not n:
-            raise CheckpointError(f"{path}: truncated: unexpected end of file at byte "
-                                  f"{offset + done}")
+            raise CheckpointError(
+                f"{path}: truncated: unexpected end of file at byte {offset + done}"
+            )
         done += n
 
 
@@ -462,23 +542,28 @@ def read_tensor(directory: str | Path, info: TensorInfo) -> np.ndarray:
             if info.strides is None:
                 arr = np.empty(info.shape, info.dtype)
                 if arr.size:
-                    _read_exact(f, info.offset, memoryview(arr.reshape(-1).view(np.uint8)),
-                                path)
+                    _read_exact(f, info.offset, memoryview(arr.reshape(-1).view(np.uint8)), path)
                 return arr
             span = 1 + sum((d - 1) * s for d, s in zip(info.shape, info.strides))
             flat = np.empty(span, info.dtype)
             _read_exact(f, info.offset, memoryview(flat.view(np.uint8)), path)
             item = info.dtype.itemsize
             return np.lib.stride_tricks.as_strided(
-                flat, info.shape, tuple(s * item for s in info.strides)).copy()
+                flat, info.shape, tuple(s * item for s in info.strides)
+            ).copy()
     except FileNotFoundError as e:
         raise MissingShardError(f"{path}: shard file missing") from e
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read {info.key!r}: {e}") from e
 
 
-def dequantize_fp8(weight: np.ndarray, scale: np.ndarray, dtype=ml_dtypes.bfloat16,
-                   key: str = "tensor", block_elems: int = 1 << 24) -> np.ndarray:
+def dequantize_fp8(
+    weight: np.ndarray,
+    scale: np.ndarray,
+    dtype=ml_dtypes.bfloat16,
+    key: str = "tensor",
+    block_elems: int = 1 << 24,
+) -> np.ndarray:
     """FP8 weight [out, ...] times its float32 scale (per tensor: one value; per output channel:
     `out` values), in float32, rounded to `dtype`; done in row blocks to bound memory."""
     scale = np.asarray(scale, np.float32)
@@ -490,15 +575,17 @@ def dequantize_fp8(weight: np.ndarray, scale: np.ndarray, dtype=ml_dtypes.bfloat
         s = scale.reshape(-1)
         per_row = True
     else:
-        raise CheckpointError(f"{key}: scale of shape {scale.shape} does not fit weight "
-                              f"{weight.shape} (expected per-tensor or per-output-channel)")
+        raise CheckpointError(
+            f"{key}: scale of shape {scale.shape} does not fit weight "
+            f"{weight.shape} (expected per-tensor or per-output-channel)"
+        )
     if weight.ndim == 0:
         return (weight.astype(np.float32) * s).astype(dtype)
     rows = max(1, block_elems // max(1, math.prod(weight.shape[1:])))
     for r in range(0, weight.shape[0], rows):
-        w = weight[r:r + rows].astype(np.float32)
-        f = s[r:r + rows].reshape((-1,) + (1,) * (weight.ndim - 1)) if per_row else s
-        out[r:r + rows] = (w * f).astype(dtype)
+        w = weight[r : r + rows].astype(np.float32)
+        f = s[r : r + rows].reshape((-1,) + (1,) * (weight.ndim - 1)) if per_row else s
+        out[r : r + rows] = (w * f).astype(dtype)
     return out
 
 
@@ -516,20 +603,25 @@ def verify(cfg: ModelConfig, ckpt: HFCheckpoint, tree_shapes: dict[tuple, tuple]
                 continue
             got = ckpt.shape(key)
             if tuple(got) != tuple(want):
-                problems.append(f"tensor {key!r} in {ckpt.weight_map[key]} has shape "
-                                f"{tuple(got)}, expected {tuple(want)} for {entry.name}")
+                problems.append(
+                    f"tensor {key!r} in {ckpt.weight_map[key]} has shape "
+                    f"{tuple(got)}, expected {tuple(want)} for {entry.name}"
+                )
     for key in ckpt.keys:
         if key not in used and not hf_mapping.ignorable_hf_key(key, cfg):
             problems.append(f"unexpected tensor {key!r} in {ckpt.weight_map[key]}")
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20
-                                 else [])
-        raise CheckpointError(f"checkpoint {ckpt.dir} does not match the model config:\n  "
-                              + "\n  ".join(shown))
+        shown = problems[:20] + (
+            [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
+        )
+        raise CheckpointError(
+            f"checkpoint {ckpt.dir} does not match the model config:\n  " + "\n  ".join(shown)
+        )
 
 
-def load_numpy_params(cfg: ModelConfig, ckpt: HFCheckpoint, tree_shapes: dict[tuple, tuple],
-                      dtype) -> dict[tuple, np.ndarray]:
+def load_numpy_params(
+    cfg: ModelConfig, ckpt: HFCheckpoint, tree_shapes: dict[tuple, tuple], dtype
+) -> dict[tuple, np.ndarray]:
     """All parameters in memory as {tree path: array}. For small checkpoints."""
     verify(cfg, ckpt, tree_shapes)
     out = {}

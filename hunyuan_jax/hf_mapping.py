@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -45,25 +45,37 @@ def mapping_table(cfg: ModelConfig) -> list[TensorMap]:
             t(("attn", "q_proj"), "self_attn.q_proj.weight"),
         ]
         if j == 0:
-            table += [t(("attn", "k_proj"), "self_attn.k_proj.weight"),
-                      t(("attn", "v_proj"), "self_attn.v_proj.weight")]
+            table += [
+                t(("attn", "k_proj"), "self_attn.k_proj.weight"),
+                t(("attn", "v_proj"), "self_attn.v_proj.weight"),
+            ]
         table += [t(("attn", "o_proj"), "self_attn.o_proj.weight", in_ndim=2)]
         if cfg.use_qk_norm:
             table += [
-                t(("attn", "query_norm", "weight"), "self_attn.query_layernorm.weight",
-                  transpose=False),
-                t(("attn", "key_norm", "weight"), "self_attn.key_layernorm.weight",
-                  transpose=False),
+                t(
+                    ("attn", "query_norm", "weight"),
+                    "self_attn.query_layernorm.weight",
+                    transpose=False,
+                ),
+                t(
+                    ("attn", "key_norm", "weight"),
+                    "self_attn.key_layernorm.weight",
+                    transpose=False,
+                ),
             ]
         table += [
             t(("post_attn_norm", "weight"), "post_attention_layernorm.weight", transpose=False),
             t(("moe", "router"), "mlp.gate.wg.weight"),
         ]
         if cfg.num_shared_experts:
-            table += [t(("moe", "shared", p), f"mlp.shared_mlp.{p}.weight")
-                      for p in ("gate_proj", "up_proj", "down_proj")]
-        table += [t(("moe", p), "mlp.experts.{expert}." + p + ".weight", per_expert=True)
-                  for p in ("gate_proj", "up_proj", "down_proj")]
+            table += [
+                t(("moe", "shared", p), f"mlp.shared_mlp.{p}.weight")
+                for p in ("gate_proj", "up_proj", "down_proj")
+            ]
+        table += [
+            t(("moe", p), "mlp.experts.{expert}." + p + ".weight", per_expert=True)
+            for p in ("gate_proj", "up_proj", "down_proj")
+        ]
     table.append(TensorMap(("final_norm", "weight"), "model.norm.weight", transpose=False))
     if not cfg.tie_word_embeddings:
         table.append(TensorMap(("lm_head",), "lm_head.weight"))
@@ -81,7 +93,7 @@ def hf_shape(entry: TensorMap, tree_shape: tuple[int, ...]) -> tuple[int, ...]:
     s = slice_shape(entry, tree_shape)
     if not entry.transpose:
         return s
-    return (math.prod(s[entry.in_ndim:]), math.prod(s[:entry.in_ndim]))
+    return (math.prod(s[entry.in_ndim :]), math.prod(s[: entry.in_ndim]))
 
 
 def hf_slices(entry: TensorMap, cfg: ModelConfig) -> Iterator[tuple[tuple[int, ...], str]]:
@@ -109,7 +121,8 @@ def to_hf_tensor(entry: TensorMap, tree_slice: np.ndarray) -> np.ndarray:
         return tree_slice
     s = tree_slice.shape
     return np.ascontiguousarray(
-        tree_slice.reshape(math.prod(s[:entry.in_ndim]), math.prod(s[entry.in_ndim:])).T)
+        tree_slice.reshape(math.prod(s[: entry.in_ndim]), math.prod(s[entry.in_ndim :])).T
+    )
 
 
 def ignorable_hf_key(key: str, cfg: ModelConfig) -> bool:
@@ -117,7 +130,8 @@ def ignorable_hf_key(key: str, cfg: ModelConfig) -> bool:
     by dequantisation when their weight is read; see hf_checkpoint.dequantize_fp8)."""
     if key.endswith("rotary_emb.inv_freq"):
         return True
-    if key.endswith((".weight_scale", ".input_scale", ".output_scale", ".k_scale", ".v_scale",
-                     ".kv_scale")):
+    if key.endswith(
+        (".weight_scale", ".input_scale", ".output_scale", ".k_scale", ".v_scale", ".kv_scale")
+    ):
         return True
     return key == "lm_head.weight" and cfg.tie_word_embeddings

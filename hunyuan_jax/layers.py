@@ -14,8 +14,13 @@ from flax import nnx
 from hunyuan_jax.config import ModelConfig
 
 
-def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], logical_axes: tuple[str | None, ...],
-          dtype, std: float | None) -> nnx.Param:
+def param(
+    rngs: nnx.Rngs | None,
+    shape: tuple[int, ...],
+    logical_axes: tuple[str | None, ...],
+    dtype,
+    std: float | None,
+) -> nnx.Param:
     """A parameter initialised N(0, std^2) (or ones when std is None) with its logical axes."""
     if len(shape) != len(logical_axes):
         raise ValueError(f"shape {shape} and logical axes {logical_axes} differ in rank")

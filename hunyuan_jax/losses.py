@@ -18,19 +18,36 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None 
     return jnp.sum(nll * mask) / jnp.maximum(tokens, 1.0), tokens
 
 
-def lm_loss(model, batch: dict, *, experts_fn=None, key=None, aux_loss_coef: float = 0.0,
-            z_loss_coef: float = 0.0):
+def lm_loss(
+    model,
+    batch: dict,
+    *,
+    experts_fn=None,
+    key=None,
+    aux_loss_coef: float = 0.0,
+    z_loss_coef: float = 0.0,
+):
     """Loss of a batch {inputs, targets, [positions, segment_ids, loss_mask]}.
 
     Returns (total loss, metrics): total = cross entropy + aux_loss_coef * (Switch auxiliary
     loss) + z_loss_coef * (router z-loss), both averaged over layers.
     """
-    logits, stats, _ = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
-                             experts_fn=experts_fn, key=key)
+    logits, stats, _ = model(
+        batch["inputs"],
+        batch.get("positions"),
+        batch.get("segment_ids"),
+        experts_fn=experts_fn,
+        key=key,
+    )
     ce, tokens = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
     aux, z = jnp.mean(stats["aux_loss"]), jnp.mean(stats["z_loss"])
-    metrics = {"ce_loss": ce, "aux_loss": aux, "z_loss": z, "tokens": tokens,
-               "expert_load": jnp.mean(stats["expert_load"], axis=0)}
+    metrics = {
+        "ce_loss": ce,
+        "aux_loss": aux,
+        "z_loss": z,
+        "tokens": tokens,
+        "expert_load": jnp.mean(stats["expert_load"], axis=0),
+    }
     for name in ("rerouted_fraction", "dropped_fraction"):
         if name in stats:
             metrics[name] = jnp.mean(stats[name])

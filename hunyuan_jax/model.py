@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.layers import RMSNorm, apply_rope, param, rope_inv_freq
-from hunyuan_jax.moe import MoE, ExpertsFn
+from hunyuan_jax.moe import ExpertsFn, MoE
 from sharding.rules import constrain
 
 _REMAT_POLICIES = {
@@ -58,7 +58,7 @@ class QuantizedKV(NamedTuple):
         return self.values.dtype
 
     @classmethod
-    def quantize(cls, x: jax.Array) -> "QuantizedKV":
+    def quantize(cls, x: jax.Array) -> QuantizedKV:
         """x: [..., S, KVH, Dh] -> int8 values and scales [..., KVH, S]."""
         x32 = x.astype(jnp.float32)
         amax = jnp.max(jnp.abs(x32), axis=-1)  # [..., S, KVH]
@@ -84,15 +84,16 @@ class KVCache(NamedTuple):
     index: jax.Array
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
         """dtype: default the compute dtype; `int8` gives a quantised cache (QuantizedKV)."""
         dtype = jnp.dtype(dtype or cfg.compute_dtype)
         shape = (cfg.num_groups, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         index = jnp.zeros((batch,), jnp.int32)
         if dtype == jnp.int8:
             scale_shape = (cfg.num_groups, batch, cfg.num_kv_heads, max_len)
-            make = lambda: QuantizedKV(jnp.zeros(shape, jnp.int8),
-                                       jnp.zeros(scale_shape, jnp.float32))
+            make = lambda: QuantizedKV(
+                jnp.zeros(shape, jnp.int8), jnp.zeros(scale_shape, jnp.float32)
+            )
             return cls(make(), make(), index)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), index)
 
@@ -165,13 +166,15 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
         self.moe = MoE(cfg, rngs=rngs)
 
-    def __call__(self, x, kv, positions, mask, inv_freq, cache=None, rules=None, experts_fn=None,
-                 key=None):
+    def __call__(
+        self, x, kv, positions, mask, inv_freq, cache=None, rules=None, experts_fn=None, key=None
+    ):
         """Returns (x, kv, moe stats). A KV-producing layer computes kv (and writes the cache).
         `key` (training only) drives dropout and the MoE's training-time routing."""
         keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
-        attn_drop = None if key is None or not self.attention_dropout else (
-            self.attention_dropout, keys[0])
+        attn_drop = (
+            None if key is None or not self.attention_dropout else (self.attention_dropout, keys[0])
+        )
         h = self.input_norm(x)
         if self.attn.produces_kv:
             kv = self.attn.project_kv(h, positions, inv_freq)
@@ -179,8 +182,9 @@ class DecoderLayer(nnx.Module):
                 kv = tuple(_write_rows(c, new, cache.index) for c, new in zip(cache[:2], kv))
         # An int8 cache travels quantised between the layers of a group (and out as the new
         # cache); each layer dequantises it for its own attention.
-        attn_kv = tuple(t.dequantize(self.attn.compute_dtype) if isinstance(t, QuantizedKV)
-                        else t for t in kv)
+        attn_kv = tuple(
+            t.dequantize(self.attn.compute_dtype) if isinstance(t, QuantizedKV) else t for t in kv
+        )
         attn_out = self.attn(h, *attn_kv, positions, mask, inv_freq, rules, attn_drop)
         x = x + _dropout(attn_out, self.hidden_dropout, keys[1])
         x = constrain(x, ("batch", "length", "act_embed"), rules)
@@ -203,8 +207,10 @@ def _write_rows(cache, new: jax.Array, index: jax.Array):
     if isinstance(cache, QuantizedKV):
         q = QuantizedKV.quantize(new)
         write_scale = lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (0, i))
-        return QuantizedKV(jax.vmap(write)(cache.values, q.values, index),
-                           jax.vmap(write_scale)(cache.scale, q.scale, index))
+        return QuantizedKV(
+            jax.vmap(write)(cache.values, q.values, index),
+            jax.vmap(write_scale)(cache.scale, q.scale, index),
+        )
     return jax.vmap(write)(cache, new, index)
 
 
@@ -212,16 +218,22 @@ class DecoderGroup(nnx.Module):
     """`cla_share_factor` consecutive layers; the first one produces the shared K/V."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.layers = nnx.List([DecoderLayer(cfg, produces_kv=(j == 0), rngs=rngs)
-                                for j in range(cfg.cla_share_factor)])
+        self.layers = nnx.List(
+            [
+                DecoderLayer(cfg, produces_kv=(j == 0), rngs=rngs)
+                for j in range(cfg.cla_share_factor)
+            ]
+        )
 
-    def __call__(self, x, positions, mask, inv_freq, cache=None, rules=None, experts_fn=None,
-                 key=None):
+    def __call__(
+        self, x, positions, mask, inv_freq, cache=None, rules=None, experts_fn=None, key=None
+    ):
         kv, stats = None, []
         for j, layer in enumerate(self.layers):
             layer_key = None if key is None else jax.random.fold_in(key, j)
-            x, kv, layer_stats = layer(x, kv, positions, mask, inv_freq, cache, rules, experts_fn,
-                                       layer_key)
+            x, kv, layer_stats = layer(
+                x, kv, positions, mask, inv_freq, cache, rules, experts_fn, layer_key
+            )
             stats.append(layer_stats)
         stats = jax.tree.map(lambda *s: jnp.stack(s), *stats)
         return x, kv, stats
@@ -229,8 +241,12 @@ class DecoderGroup(nnx.Module):
 
 def _make_groups(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderGroup:
     @nnx.split_rngs(splits=cfg.num_groups)
-    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_groups,
-              transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
+    @nnx.vmap(
+        in_axes=(0,),
+        out_axes=0,
+        axis_size=cfg.num_groups,
+        transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
+    )
     def make(rngs):
         return DecoderGroup(cfg, rngs=rngs)
 
@@ -245,17 +261,33 @@ class HunyuanForCausalLM(nnx.Module):
         self.cfg = cfg
         self.rules = rules  # logical -> mesh axis rules for activation constraints (or None)
         pdt = jnp.dtype(cfg.param_dtype)
-        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt,
-                           cfg.initializer_range)
+        self.embed = param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt, cfg.initializer_range
+        )
         self.groups = _make_groups(cfg, rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
-        self.lm_head = None if cfg.tie_word_embeddings else param(
-            rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt,
-            cfg.initializer_range)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else param(
+                rngs,
+                (cfg.hidden_size, cfg.vocab_size),
+                ("embed", "vocab"),
+                pdt,
+                cfg.initializer_range,
+            )
+        )
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, *, cache: KVCache | None = None,
-                 experts_fn: ExpertsFn | None = None, key: jax.Array | None = None):
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        cache: KVCache | None = None,
+        experts_fn: ExpertsFn | None = None,
+        key: jax.Array | None = None,
+    ):
         """tokens [B, S] -> (logits [B, S, V] float32, stats, new cache or None).
 
         `key` turns on training behaviour (dropout; `experts_fn` gets per-layer keys); None is
@@ -279,7 +311,8 @@ class HunyuanForCausalLM(nnx.Module):
                 segment_ids = jnp.ones((b, s), jnp.int32)
             idx = jnp.arange(s)
             mask = (idx[None, :, None] >= idx[None, None, :]) & (
-                segment_ids[:, :, None] == segment_ids[:, None, :])
+                segment_ids[:, :, None] == segment_ids[:, None, :]
+            )
         inv_freq = rope_inv_freq(cfg)
 
         x = jnp.take(self.embed[...].astype(dtype), tokens, axis=0)
@@ -292,14 +325,18 @@ class HunyuanForCausalLM(nnx.Module):
             group = nnx.merge(graphdef, group_state)
             layer_cache = None if group_cache is None else KVCache(*group_cache, cache.index)
             group_key = None if key is None else jax.random.fold_in(key, g)
-            x, kv, stats = group(x, positions, mask, inv_freq, layer_cache, rules, experts_fn,
-                                 group_key)
+            x, kv, stats = group(
+                x, positions, mask, inv_freq, layer_cache, rules, experts_fn, group_key
+            )
             return x, (stats, kv if cache is not None else None)
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        xs = (stacked, None if cache is None else (cache.k, cache.v),
-              jnp.arange(cfg.num_groups, dtype=jnp.int32))
+        xs = (
+            stacked,
+            None if cache is None else (cache.k, cache.v),
+            jnp.arange(cfg.num_groups, dtype=jnp.int32),
+        )
         if cfg.scan_layers:
             x, (stats, new_kv) = jax.lax.scan(body, x, xs)
         else:
@@ -313,8 +350,9 @@ class HunyuanForCausalLM(nnx.Module):
 
         x = self.final_norm(x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum("bsd,dv->bsv", x, head.astype(dtype),
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "bsd,dv->bsv", x, head.astype(dtype), preferred_element_type=jnp.float32
+        )
         logits = constrain(logits, ("batch", "length", "act_vocab"), rules)
         new_cache = None
         if cache is not None:

@@ -15,7 +15,8 @@ through `MoE.__call__(..., experts_fn=...)`.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,20 +46,21 @@ class ExpertWeights(NamedTuple):
 # experts_fn(x [T, D], routing, weights, key) -> ([T, D] routed part of the MoE output, extra
 # stats): the hook through which training-time capacity routing and expert parallelism plug in.
 # `key` is a per-layer PRNG key in training and None at inference.
-ExpertsFn = Callable[[jax.Array, Routing, ExpertWeights, jax.Array | None],
-                     tuple[jax.Array, dict]]
+ExpertsFn = Callable[[jax.Array, Routing, ExpertWeights, jax.Array | None], tuple[jax.Array, dict]]
 
 
 def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> Routing:
     """Router in float32: softmax over all experts, then top-k."""
-    logits = jnp.dot(x.astype(jnp.float32), router_kernel.astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
+    logits = jnp.dot(
+        x.astype(jnp.float32),
+        router_kernel.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
     probs = jax.nn.softmax(logits, axis=-1)
     weights, expert_ids = jax.lax.top_k(probs, top_k)
     if top_k > 1:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return Routing(expert_ids.astype(jnp.int32), weights, probs,
-                   jax.nn.logsumexp(logits, axis=-1))
+    return Routing(expert_ids.astype(jnp.int32), weights, probs, jax.nn.logsumexp(logits, axis=-1))
 
 
 def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w: ExpertWeights) -> jax.Array:
@@ -68,8 +70,9 @@ def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w: ExpertWeights) -> j
     return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w.down, group_sizes)
 
 
-def dropless_experts(x: jax.Array, routing: Routing, w: ExpertWeights,
-                     key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+def dropless_experts(
+    x: jax.Array, routing: Routing, w: ExpertWeights, key: jax.Array | None = None
+) -> tuple[jax.Array, dict]:
     """Every (token, choice) pair is computed: sort by expert, grouped matmul, unsort, combine."""
     num_tokens, k = routing.expert_ids.shape
     num_experts = w.gate.shape[0]
@@ -117,8 +120,7 @@ def assign_slots(routing: Routing, capacity: int, key: jax.Array | None) -> Slot
     # Free slots of all experts, in random order (or in order without a key).
     slot_ids = jnp.arange(num_experts * capacity, dtype=jnp.int32)
     free = (slot_ids % capacity) >= taken[slot_ids // capacity]
-    noise = (jnp.zeros(slot_ids.shape) if key is None
-             else jax.random.uniform(key, slot_ids.shape))
+    noise = jnp.zeros(slot_ids.shape) if key is None else jax.random.uniform(key, slot_ids.shape)
     free_in_order = slot_ids[jnp.argsort(jnp.where(free, noise, 2.0), stable=True)]
     rank = jnp.cumsum(overflow) - 1  # the i-th overflowing pair takes the i-th free slot
     num_free = jnp.sum(free)
@@ -135,8 +137,9 @@ def assign_slots(routing: Routing, capacity: int, key: jax.Array | None) -> Slot
         prob = prob / jnp.sum(orig, axis=-1, keepdims=True)
     weights = jnp.where(rerouted, prob, routing.weights)
     weights = jnp.where(dropped, 0.0, weights)
-    return SlotAssignment(expert.astype(jnp.int32), slot.astype(jnp.int32), weights,
-                          rerouted, dropped)
+    return SlotAssignment(
+        expert.astype(jnp.int32), slot.astype(jnp.int32), weights, rerouted, dropped
+    )
 
 
 def dispatch(x: jax.Array, a: SlotAssignment, num_experts: int, capacity: int) -> jax.Array:
@@ -163,8 +166,10 @@ def swiglu_batched(buffers: jax.Array, w: ExpertWeights) -> jax.Array:
 
 
 def capacity_stats(a: SlotAssignment) -> dict[str, jax.Array]:
-    return {"rerouted_fraction": jnp.mean(a.rerouted.astype(jnp.float32)),
-            "dropped_fraction": jnp.mean(a.dropped.astype(jnp.float32))}
+    return {
+        "rerouted_fraction": jnp.mean(a.rerouted.astype(jnp.float32)),
+        "dropped_fraction": jnp.mean(a.dropped.astype(jnp.float32)),
+    }
 
 
 def make_capacity_experts(capacity_factor: float) -> ExpertsFn:
@@ -172,8 +177,9 @@ def make_capacity_experts(capacity_factor: float) -> ExpertsFn:
 
     def experts_fn(x, routing, w, key):
         num_experts = w.gate.shape[0]
-        capacity = expert_capacity(x.shape[0], routing.expert_ids.shape[1], num_experts,
-                                   capacity_factor)
+        capacity = expert_capacity(
+            x.shape[0], routing.expert_ids.shape[1], num_experts, capacity_factor
+        )
         a = assign_slots(routing, capacity, key)
         out = swiglu_batched(dispatch(x, a, num_experts, capacity), w)
         return combine(out, a, x.dtype), capacity_stats(a)
@@ -220,11 +226,15 @@ def tiled_experts(x: jax.Array, routing, w, key=None):
     rank = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[sorted_expert]
     dest = (ends - padded)[sorted_expert] + rank  # row of each sorted pair in the tiled layout
     num_tiles = (pairs + num_experts * (m - 1)) // m + 1
-    rows = jnp.full((num_tiles * m,), num_tokens, jnp.int32).at[dest].set(
-        (order // k).astype(jnp.int32))  # token of each row; num_tokens = a zero pad row
+    rows = (
+        jnp.full((num_tiles * m,), num_tokens, jnp.int32)
+        .at[dest]
+        .set((order // k).astype(jnp.int32))
+    )  # token of each row; num_tokens = a zero pad row
     xs = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[rows]
-    tile_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_tiles) * m, side="right"),
-                              num_experts - 1)
+    tile_expert = jnp.minimum(
+        jnp.searchsorted(ends, jnp.arange(num_tiles) * m, side="right"), num_experts - 1
+    )
 
     def tile(args):
         xt, e = args
@@ -254,8 +264,11 @@ def load_balancing_stats(routing: Routing, num_experts: int) -> dict[str, jax.Ar
     counts = jnp.zeros((num_experts,), jnp.float32).at[routing.expert_ids.reshape(-1)].add(1.0)
     fraction = counts / jnp.maximum(jnp.sum(counts), 1.0)
     mean_prob = jnp.mean(routing.probs, axis=0)
-    return {"aux_loss": num_experts * jnp.sum(mean_prob * fraction), "expert_load": fraction,
-            "z_loss": jnp.mean(jnp.square(routing.log_z))}
+    return {
+        "aux_loss": num_experts * jnp.sum(mean_prob * fraction),
+        "expert_load": fraction,
+        "z_loss": jnp.mean(jnp.square(routing.log_z)),
+    }
 
 
 class MoE(nnx.Module):
@@ -265,7 +278,12 @@ class MoE(nnx.Module):
         self.num_experts = cfg.num_experts
         self.top_k = cfg.moe_top_k
         self.compute_dtype = jnp.dtype(cfg.compute_dtype)
-        d, f, e, std = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.initializer_range
+        d, f, e, std = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_experts,
+            cfg.initializer_range,
+        )
         pdt = jnp.dtype(cfg.param_dtype)
         # The router stays float32 whatever the parameter dtype (as in the released checkpoints).
         self.router = param(rngs, (d, e), ("embed", "router"), jnp.float32, std)
@@ -278,13 +296,16 @@ class MoE(nnx.Module):
         cast = lambda p: p[...].astype(self.compute_dtype)
         return ExpertWeights(cast(self.gate_proj), cast(self.up_proj), cast(self.down_proj))
 
-    def __call__(self, x: jax.Array, experts_fn: ExpertsFn | None = None,
-                 key: jax.Array | None = None):
+    def __call__(
+        self, x: jax.Array, experts_fn: ExpertsFn | None = None, key: jax.Array | None = None
+    ):
         """x: [B, S, D] -> ([B, S, D], load-balancing stats)."""
         b, s, d = x.shape
         tokens = x.reshape(b * s, d)
         routing = route(tokens, self.router[...], self.top_k)
-        routed, extra = (experts_fn or dropless_experts)(tokens, routing, self.expert_weights(), key)
+        routed, extra = (experts_fn or dropless_experts)(
+            tokens, routing, self.expert_weights(), key
+        )
         out = routed.reshape(b, s, d)
         if self.shared is not None:
             out = out + self.shared(x)

@@ -70,7 +70,7 @@ def param_group(path) -> str:
     names = _names(path) if path and not isinstance(path[0], str) else tuple(map(str, path))
     if "moe" in names:
         i = names.index("moe")
-        rest = names[i + 1:]
+        rest = names[i + 1 :]
         if rest[:1] == ("shared",):
             return SHARED
         if len(rest) == 1 and rest[0] in _ROUTED_LEAVES:
@@ -97,17 +97,21 @@ def decays(path, leaf) -> bool:
 
 def decay_mask(params):
     """Same structure as `params` (nnx.State or plain tree), True where weight decay applies."""
+
     def f(path, leaf):
         m = decays(path, leaf)
         return leaf.replace(m) if _is_var(leaf) else m
+
     return jax.tree_util.tree_map_with_path(f, params, is_leaf=_is_var)
 
 
 def lr_factors(params, scales: dict[str, float]):
     """Same structure as `params`: the learning-rate factor of each parameter's group."""
+
     def f(path, leaf):
         s = scales[param_group(_names(path))]
         return leaf.replace(s) if _is_var(leaf) else s
+
     return jax.tree_util.tree_map_with_path(f, params, is_leaf=_is_var)
 
 
@@ -121,7 +125,8 @@ def scale_by_param_group(scales: dict[str, float]) -> optax.GradientTransformati
     def update_fn(updates, state, params=None):
         del params
         updates = jax.tree_util.tree_map_with_path(
-            lambda path, u: u * jnp.asarray(scales[param_group(_names(path))], u.dtype), updates)
+            lambda path, u: u * jnp.asarray(scales[param_group(_names(path))], u.dtype), updates
+        )
         return updates, state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -132,8 +137,12 @@ def make_schedule(tcfg: TrainConfig) -> optax.Schedule:
     warmup_steps (the first update already uses lr / warmup_steps, not 0), cosine decay to
     lr * min_lr_ratio at update decay_steps, constant after."""
     inner = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=tcfg.lr, warmup_steps=tcfg.warmup_steps,
-        decay_steps=tcfg.total_decay_steps, end_value=tcfg.lr * tcfg.min_lr_ratio)
+        init_value=0.0,
+        peak_value=tcfg.lr,
+        warmup_steps=tcfg.warmup_steps,
+        decay_steps=tcfg.total_decay_steps,
+        end_value=tcfg.lr * tcfg.min_lr_ratio,
+    )
     return lambda count: inner(count + 1)
 
 
@@ -151,9 +160,12 @@ def make_optimizer(tcfg: TrainConfig, mcfg: ModelConfig) -> Optimizer:
     if tcfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(tcfg.grad_clip))
     parts += [
-        optax.scale_by_adam(b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
-                            mu_dtype=jnp.dtype(tcfg.adam_mu_dtype) if tcfg.adam_mu_dtype
-                            else None),
+        optax.scale_by_adam(
+            b1=tcfg.b1,
+            b2=tcfg.b2,
+            eps=tcfg.eps,
+            mu_dtype=jnp.dtype(tcfg.adam_mu_dtype) if tcfg.adam_mu_dtype else None,
+        ),
         optax.add_decayed_weights(tcfg.weight_decay, mask=decay_mask),
         optax.scale_by_learning_rate(schedule),
         scale_by_param_group(scales),
@@ -173,5 +185,3 @@ def active_params(mcfg: ModelConfig, params) -> int:
     """Parameters used per token: everything but the routed experts, plus top_k / E of them."""
     g = group_sizes(params)
     return int(g[DENSE] + g[SHARED] + g[ROUTED] * mcfg.moe_top_k / mcfg.num_experts)
-
-

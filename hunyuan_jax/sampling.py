@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,35 +49,40 @@ class SamplingConfig:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
             raise TypeError(f"sampling top_k must be an integer, got {self.top_k!r}")
         if not (self.temperature >= 0.0 and self.temperature != float("inf")):
-            raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), "
-                             f"got {self.temperature}")
+            raise ValueError(
+                f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}"
+            )
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not (self.repetition_penalty > 0.0 and self.repetition_penalty != float("inf")):
-            raise ValueError(f"repetition_penalty must be > 0 and finite (1 = off), "
-                             f"got {self.repetition_penalty}")
+            raise ValueError(
+                f"repetition_penalty must be > 0 and finite (1 = off), "
+                f"got {self.repetition_penalty}"
+            )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def replace(self, **changes) -> "SamplingConfig":
+    def replace(self, **changes) -> SamplingConfig:
         """A copy with `changes`; None values are ignored (convenient for CLI flags)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     @classmethod
-    def from_generation_config(cls, source: str | Path | Mapping[str, Any]) -> "SamplingConfig":
+    def from_generation_config(cls, source: str | Path | Mapping[str, Any]) -> SamplingConfig:
         """From a HF `generation_config.json` (path, or its parsed dict). `do_sample: false`
         (or absent, HF's default) means greedy whatever the other fields say."""
         gen = _read_json(source) if not isinstance(source, Mapping) else source
         if not gen.get("do_sample", False):
             return cls(repetition_penalty=float(gen.get("repetition_penalty", 1.0)))
-        return cls(temperature=float(gen.get("temperature", 1.0)),
-                   top_k=int(gen.get("top_k", 0) or 0),
-                   top_p=float(gen.get("top_p", 1.0)),
-                   repetition_penalty=float(gen.get("repetition_penalty", 1.0)))
+        return cls(
+            temperature=float(gen.get("temperature", 1.0)),
+            top_k=int(gen.get("top_k", 0) or 0),
+            top_p=float(gen.get("top_p", 1.0)),
+            repetition_penalty=float(gen.get("repetition_penalty", 1.0)),
+        )
 
 
 def eos_ids_from_generation_config(source: str | Path | Mapping[str, Any]) -> list[int] | None:
@@ -131,8 +137,9 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
     return jnp.take_along_axis(keep_sorted, inverse, axis=-1)
 
 
-def processed_logits(logits: jax.Array, cfg: SamplingConfig,
-                     seen: jax.Array | None = None) -> jax.Array:
+def processed_logits(
+    logits: jax.Array, cfg: SamplingConfig, seen: jax.Array | None = None
+) -> jax.Array:
     """The float32 logits the draw uses: penalty, temperature, then -inf outside top-k/top-p."""
     logits = logits.astype(jnp.float32)
     if seen is not None:
@@ -147,8 +154,9 @@ def processed_logits(logits: jax.Array, cfg: SamplingConfig,
     return logits
 
 
-def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig,
-           seen: jax.Array | None = None) -> jax.Array:
+def sample(
+    logits: jax.Array, key: jax.Array, cfg: SamplingConfig, seen: jax.Array | None = None
+) -> jax.Array:
     """logits [B, V] -> token ids [B] int32. `key` is one PRNG key; row b draws with
     fold_in(key, b), so a row's draw does not depend on the other rows' logits.
     `seen` [B, V] bool marks the tokens the repetition penalty applies to (None: off).

@@ -43,35 +43,44 @@ def init_model(cfg: ModelConfig, seed: int = 0, mesh=None, rules=None) -> Hunyua
     out_shardings = None
     if mesh is not None:
         from sharding.rules import state_shardings
+
         out_shardings = state_shardings(abstract_state, rules, mesh)
     state = jax.jit(create, out_shardings=out_shardings)(jax.random.key(seed))
     return nnx.merge(graphdef, state)
 
 
-def model_from_arrays(cfg: ModelConfig, arrays: dict[tuple, np.ndarray], mesh=None,
-                      rules=None) -> HunyuanForCausalLM:
+def model_from_arrays(
+    cfg: ModelConfig, arrays: dict[tuple, np.ndarray], mesh=None, rules=None
+) -> HunyuanForCausalLM:
     """A model whose parameters are `arrays` ({path: array}); placed by `rules` on `mesh`."""
     graphdef, abstract_state = nnx.split(abstract_model(cfg, rules))
     flat = nnx.to_flat_state(abstract_state)
     shardings = None
     if mesh is not None:
         from sharding.rules import state_shardings
+
         shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, rules, mesh)))
     for path, var in flat:
         if path not in arrays:
             raise KeyError(f"no array for parameter {'.'.join(map(str, path))}")
         arr = arrays[path]
         if tuple(arr.shape) != tuple(var.shape):
-            raise ValueError(f"parameter {'.'.join(map(str, path))}: array shape "
-                             f"{tuple(arr.shape)} != model shape {tuple(var.shape)}")
-        value = jnp.asarray(arr, var.dtype) if shardings is None else jax.device_put(
-            arr.astype(var.dtype), shardings[path].get_value())
+            raise ValueError(
+                f"parameter {'.'.join(map(str, path))}: array shape "
+                f"{tuple(arr.shape)} != model shape {tuple(var.shape)}"
+            )
+        value = (
+            jnp.asarray(arr, var.dtype)
+            if shardings is None
+            else jax.device_put(arr.astype(var.dtype), shardings[path].get_value())
+        )
         var.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def load_hf_model(directory: str | Path, cfg: ModelConfig | None = None, mesh=None,
-                  rules=None, **overrides) -> tuple[ModelConfig, HunyuanForCausalLM]:
+def load_hf_model(
+    directory: str | Path, cfg: ModelConfig | None = None, mesh=None, rules=None, **overrides
+) -> tuple[ModelConfig, HunyuanForCausalLM]:
     """A HF checkpoint directory (its config.json unless `cfg` is given), loaded in memory."""
     cfg = cfg or ModelConfig.from_hf(directory)
     if overrides:

@@ -77,9 +77,7 @@ def _nfc(text: str) -> str:
 # --------------------------------------------------------------------------- chat layout
 
 
-def render_chat(
-    messages: Sequence[Mapping[str, str]], system_prompt: str | None = None
-) -> str:
+def render_chat(messages: Sequence[Mapping[str, str]], system_prompt: str | None = None) -> str:
     """Render ``messages`` with the Hunyuan-Large Instruct chat template.
 
     A line-for-line port of the jinja ``chat_template`` in tokenizer_config.json:
@@ -217,7 +215,9 @@ def _load_ranks(path: Path) -> dict[bytes, int]:
                 tok = base64.b64decode(tok_b64, validate=True)
                 rank_i = int(rank)
             except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: expected 'base64 rank', got {line[:80]!r}") from e
+                raise ValueError(
+                    f"{path}:{lineno}: expected 'base64 rank', got {line[:80]!r}"
+                ) from e
             if tok in ranks:
                 raise ValueError(f"{path}:{lineno}: duplicated token {tok!r}")
             ranks[tok] = rank_i

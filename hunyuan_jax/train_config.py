@@ -9,8 +9,9 @@ that a run directory alone is enough to resume training or to decode.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -93,26 +94,40 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_types(self)
-        for key in ("steps", "batch_size", "seq_len", "micro_batches", "save_every",
-                    "keep_checkpoints", "log_every", "corpus_max_bytes", "tokenizer_train_bytes"):
+        for key in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "micro_batches",
+            "save_every",
+            "keep_checkpoints",
+            "log_every",
+            "corpus_max_bytes",
+            "tokenizer_train_bytes",
+        ):
             if getattr(self, key) <= 0:
                 raise ValueError(f"train key {key!r} must be positive, got {getattr(self, key)}")
         for key in ("warmup_steps",):
             if getattr(self, key) < 0:
                 raise ValueError(f"train key {key!r} must be >= 0, got {getattr(self, key)}")
         if self.batch_size % self.micro_batches:
-            raise ValueError(f"train key 'batch_size' ({self.batch_size}) must be divisible by "
-                             f"'micro_batches' ({self.micro_batches})")
+            raise ValueError(
+                f"train key 'batch_size' ({self.batch_size}) must be divisible by "
+                f"'micro_batches' ({self.micro_batches})"
+            )
         if self.lr <= 0:
             raise ValueError(f"train key 'lr' must be positive, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"train key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
         if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
-            raise ValueError(f"train key 'decay_steps' ({self.decay_steps}) must exceed "
-                             f"'warmup_steps' ({self.warmup_steps})")
+            raise ValueError(
+                f"train key 'decay_steps' ({self.decay_steps}) must exceed "
+                f"'warmup_steps' ({self.warmup_steps})"
+            )
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
-            raise ValueError(f"train key 'stop_at' must be in [1, steps={self.steps}], "
-                             f"got {self.stop_at}")
+            raise ValueError(
+                f"train key 'stop_at' must be in [1, steps={self.steps}], got {self.stop_at}"
+            )
         for key in ("lr_noise_batch_tokens", "peak_flops_per_device"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -124,22 +139,30 @@ class TrainConfig:
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("train keys 'weight_decay' and 'grad_clip' must be >= 0")
         if self.on_nonfinite not in _NONFINITE:
-            raise ValueError(f"train key 'on_nonfinite' must be one of {_NONFINITE}, "
-                             f"got {self.on_nonfinite!r}")
+            raise ValueError(
+                f"train key 'on_nonfinite' must be one of {_NONFINITE}, got {self.on_nonfinite!r}"
+            )
         if self.data_format not in _DATA_FORMATS:
-            raise ValueError(f"train key 'data_format' must be one of {_DATA_FORMATS}, "
-                             f"got {self.data_format!r}")
+            raise ValueError(
+                f"train key 'data_format' must be one of {_DATA_FORMATS}, got {self.data_format!r}"
+            )
         if self.adam_mu_dtype not in (None, "float32", "bfloat16"):
-            raise ValueError(f"train key 'adam_mu_dtype' must be null, float32 or bfloat16, "
-                             f"got {self.adam_mu_dtype!r}")
+            raise ValueError(
+                f"train key 'adam_mu_dtype' must be null, float32 or bfloat16, "
+                f"got {self.adam_mu_dtype!r}"
+            )
         if self.ep_strategy not in _EP_STRATEGIES:
-            raise ValueError(f"train key 'ep_strategy' must be one of {_EP_STRATEGIES}, "
-                             f"got {self.ep_strategy!r}")
+            raise ValueError(
+                f"train key 'ep_strategy' must be one of {_EP_STRATEGIES}, got {self.ep_strategy!r}"
+            )
 
     @property
     def total_decay_steps(self) -> int:
-        return self.decay_steps if self.decay_steps is not None else max(self.steps,
-                                                                          self.warmup_steps + 1)
+        return (
+            self.decay_steps
+            if self.decay_steps is not None
+            else max(self.steps, self.warmup_steps + 1)
+        )
 
     @property
     def end_step(self) -> int:
@@ -150,7 +173,7 @@ class TrainConfig:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"unknown train key(s) {sorted(unknown)}")
@@ -160,7 +183,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "train config") -> "TrainConfig":
+    def from_dict(cls, d: Mapping[str, Any], source: str = "train config") -> TrainConfig:
         return dataclass_from_dict(cls, d, source, "train")
 
 
@@ -180,14 +203,15 @@ def parse_overrides(items: Iterable[str]) -> tuple[dict, dict]:
             except ValueError:
                 pass
         if key.startswith("model."):
-            model[key[len("model."):]] = value
+            model[key[len("model.") :]] = value
         else:
             train[key.removeprefix("train.")] = value
     return train, model
 
 
-def load_configs(path: str | Path | None = None, overrides: Iterable[str] = (),
-                 **train_changes) -> tuple[ModelConfig, TrainConfig]:
+def load_configs(
+    path: str | Path | None = None, overrides: Iterable[str] = (), **train_changes
+) -> tuple[ModelConfig, TrainConfig]:
     """(ModelConfig, TrainConfig) from a YAML file with `model:` and `train:` sections, then
     `--set` style overrides, then keyword changes to the train section."""
     data: dict = {}

@@ -9,11 +9,12 @@ the activation constraint helper (`constrain`). Parameters name their dimensions
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import MESH_AXES
 
@@ -22,66 +23,66 @@ Rules = tuple[tuple[str, MeshAxes], ...]
 
 # Logical names used by the model (every preset maps each of them).
 PARAM_AXES = (
-    'vocab',
-    'embed',
-    'heads',
-    'kv_heads',
-    'head_dim',
-    'mlp',
-    'exp',
-    'exp_embed',
-    'exp_mlp',
-    'layers',
-    'norm',
-    'router',
+    "vocab",
+    "embed",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "mlp",
+    "exp",
+    "exp_embed",
+    "exp_mlp",
+    "layers",
+    "norm",
+    "router",
 )
 ACTIVATION_AXES = (
-    'batch',
-    'length',
-    'act_embed',
-    'act_heads',
-    'act_kv_heads',
-    'act_mlp',
-    'act_vocab',
-    'act_exp',
-    'cache_batch',
-    'cache_length',
-    'cache_kv_heads',
-    'cache_layers',
+    "batch",
+    "length",
+    "act_embed",
+    "act_heads",
+    "act_kv_heads",
+    "act_mlp",
+    "act_vocab",
+    "act_exp",
+    "cache_batch",
+    "cache_length",
+    "cache_kv_heads",
+    "cache_layers",
 )
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 
-_DP = ('data', 'fsdp')
-_DP_EP = ('data', 'fsdp', 'expert')
-_FSDP_EP = ('fsdp', 'expert')
+_DP = ("data", "fsdp")
+_DP_EP = ("data", "fsdp", "expert")
+_FSDP_EP = ("fsdp", "expert")
 
 # Pure FSDP (mesh expert = tensor = 1): weights sharded on their hidden (embed) dim over 'fsdp',
 # activations on batch over (data, fsdp).
 FSDP: Rules = (
-    ('vocab', None),
-    ('embed', 'fsdp'),
-    ('heads', None),
-    ('kv_heads', None),
-    ('head_dim', None),
-    ('mlp', None),
-    ('exp', None),
-    ('exp_embed', 'fsdp'),
-    ('exp_mlp', None),
-    ('layers', None),
-    ('norm', None),
-    ('router', None),
-    ('batch', _DP),
-    ('length', None),
-    ('act_embed', None),
-    ('act_heads', None),
-    ('act_kv_heads', None),
-    ('act_mlp', None),
-    ('act_vocab', None),
-    ('act_exp', None),
-    ('cache_batch', _DP),
-    ('cache_length', None),
-    ('cache_kv_heads', None),
-    ('cache_layers', None),
+    ("vocab", None),
+    ("embed", "fsdp"),
+    ("heads", None),
+    ("kv_heads", None),
+    ("head_dim", None),
+    ("mlp", None),
+    ("exp", None),
+    ("exp_embed", "fsdp"),
+    ("exp_mlp", None),
+    ("layers", None),
+    ("norm", None),
+    ("router", None),
+    ("batch", _DP),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", None),
+    ("act_kv_heads", None),
+    ("act_mlp", None),
+    ("act_vocab", None),
+    ("act_exp", None),
+    ("cache_batch", _DP),
+    ("cache_length", None),
+    ("cache_kv_heads", None),
+    ("cache_layers", None),
 )
 
 
@@ -96,27 +97,27 @@ def _override(rules: Rules, changes: Mapping[str, MeshAxes]) -> Rules:
 FSDP_EP: Rules = _override(
     FSDP,
     {
-        'embed': _FSDP_EP,
-        'exp': 'expert',
-        'batch': _DP_EP,
-        'act_exp': 'expert',
-        'cache_batch': _DP_EP,
+        "embed": _FSDP_EP,
+        "exp": "expert",
+        "batch": _DP_EP,
+        "act_exp": "expert",
+        "cache_batch": _DP_EP,
     },
 )
 
 # FSDP_EP + tensor parallelism over 'tensor' (heads, kv heads, FFN hidden, vocab); 'tensor' does
 # not shard the batch.
 _TP_OVERRIDES = {
-    'vocab': 'tensor',
-    'heads': 'tensor',
-    'kv_heads': 'tensor',
-    'mlp': 'tensor',
-    'exp_mlp': 'tensor',
-    'act_heads': 'tensor',
-    'act_kv_heads': 'tensor',
-    'act_mlp': 'tensor',
-    'act_vocab': 'tensor',
-    'cache_kv_heads': 'tensor',
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "exp_mlp": "tensor",
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+    "cache_kv_heads": "tensor",
 }
 FSDP_EP_TP: Rules = _override(FSDP_EP, _TP_OVERRIDES)
 
@@ -124,20 +125,20 @@ FSDP_EP_TP: Rules = _override(FSDP_EP, _TP_OVERRIDES)
 # their hidden dim over ('fsdp', 'expert') like the weights' embed dim (only activations move,
 # never weights); batch and cache batch over 'data' only (decode batches are small).
 _SERVE_OVERRIDES = {
-    'batch': 'data',
-    'cache_batch': 'data',
-    'act_embed': _FSDP_EP,
+    "batch": "data",
+    "cache_batch": "data",
+    "act_embed": _FSDP_EP,
     # The 32K-token cache of a batch of 8 does not fit v5e-64 unless its length is split too
     # (measured with hunyuan_jax.aot: 16.4 -> 13.1 GiB of 15.75 per chip).
-    'cache_length': 'expert',
+    "cache_length": "expert",
 }
 SERVE_EP_TP: Rules = _override(FSDP_EP_TP, _SERVE_OVERRIDES)
 
 PRESETS: dict[str, Rules] = {
-    'fsdp': FSDP,
-    'fsdp_ep': FSDP_EP,
-    'fsdp_ep_tp': FSDP_EP_TP,
-    'serve_ep_tp': SERVE_EP_TP,
+    "fsdp": FSDP,
+    "fsdp_ep": FSDP_EP,
+    "fsdp_ep_tp": FSDP_EP_TP,
+    "serve_ep_tp": SERVE_EP_TP,
 }
 
 
@@ -157,29 +158,29 @@ def rules_dict(rules: Rules) -> dict[str, tuple[str, ...]]:
             name, axes = entry
         except (TypeError, ValueError):
             raise ValueError(
-                f'sharding rule {entry!r} is not a (logical_name, mesh_axes) pair'
+                f"sharding rule {entry!r} is not a (logical_name, mesh_axes) pair"
             ) from None
         if name in out:
-            raise ValueError(f'sharding rules: logical axis {name!r} appears more than once')
+            raise ValueError(f"sharding rules: logical axis {name!r} appears more than once")
         axes_t = _as_tuple(axes)
         bad = [a for a in axes_t if a not in MESH_AXES]
         if bad:
             raise ValueError(
-                f'sharding rule for {name!r}: unknown mesh axis name(s) {bad}; '
-                f'known axes are {list(MESH_AXES)}'
+                f"sharding rule for {name!r}: unknown mesh axis name(s) {bad}; "
+                f"known axes are {list(MESH_AXES)}"
             )
         if len(set(axes_t)) != len(axes_t):
-            raise ValueError(f'sharding rule for {name!r}: mesh axis repeated in {axes_t}')
+            raise ValueError(f"sharding rule for {name!r}: mesh axis repeated in {axes_t}")
         out[name] = axes_t
     return out
 
 
-def get_rules(rules: 'Rules | str', overrides: Mapping[str, MeshAxes] | None = None) -> Rules:
+def get_rules(rules: Rules | str, overrides: Mapping[str, MeshAxes] | None = None) -> Rules:
     """A rules tuple from a preset name or a rules tuple, with optional {logical: mesh axes}
     overrides (e.g. from a YAML config); an override of an unknown logical name is an error."""
     if isinstance(rules, str):
         if rules not in PRESETS:
-            raise ValueError(f'unknown sharding preset {rules!r}; presets are {list(PRESETS)}')
+            raise ValueError(f"unknown sharding preset {rules!r}; presets are {list(PRESETS)}")
         rules = PRESETS[rules]
     rules = tuple((k, v) for k, v in rules)
     if overrides:
@@ -187,8 +188,7 @@ def get_rules(rules: 'Rules | str', overrides: Mapping[str, MeshAxes] | None = N
         unknown = [k for k in overrides if k not in known]
         if unknown:
             raise ValueError(
-                f'sharding rule overrides: unknown logical axis name(s) {unknown}; '
-                f'known: {known}'
+                f"sharding rule overrides: unknown logical axis name(s) {unknown}; known: {known}"
             )
         rules = tuple((k, overrides.get(k, v)) for k, v in rules)
         rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
@@ -204,10 +204,10 @@ def _mesh_sizes(mesh) -> dict[str, int] | None:
 
 def logical_to_spec(
     logical_axes: Sequence[str | None] | None,
-    rules: 'Rules | str',
+    rules: Rules | str,
     mesh=None,
     shape: Sequence[int] | None = None,
-    name: str = '',
+    name: str = "",
 ) -> P:
     """PartitionSpec for an array whose dims carry `logical_axes` (one name or None per dim).
 
@@ -215,20 +215,20 @@ def logical_to_spec(
     `mesh` (Mesh or AbstractMesh) given, mesh axes of size 1 are dropped; with `shape` too, every
     sharded dim must be divisible by the product of its mesh axes (ValueError naming `name`).
     """
-    where = f' of {name!r}' if name else ''
+    where = f" of {name!r}" if name else ""
     if logical_axes is None:
         logical_axes = ()
     if isinstance(logical_axes, str):
         raise ValueError(
-            f'logical_axes{where} must be a tuple of names, got the string ' f'{logical_axes!r}'
+            f"logical_axes{where} must be a tuple of names, got the string {logical_axes!r}"
         )
     logical_axes = tuple(logical_axes)
     table = rules_dict(get_rules(rules) if isinstance(rules, str) else rules)
     sizes = _mesh_sizes(mesh)
     if shape is not None and len(shape) != len(logical_axes):
         raise ValueError(
-            f'logical_axes{where} {logical_axes} has {len(logical_axes)} names but the '
-            f'array has shape {tuple(shape)} ({len(shape)} dims)'
+            f"logical_axes{where} {logical_axes} has {len(logical_axes)} names but the "
+            f"array has shape {tuple(shape)} ({len(shape)} dims)"
         )
     used: set[str] = set()
     spec: list[MeshAxes] = []
@@ -238,8 +238,8 @@ def logical_to_spec(
             continue
         if lname not in table:
             raise ValueError(
-                f'unknown logical axis name {lname!r} (dim {dim}{where}); the rules map '
-                f'{sorted(table)}'
+                f"unknown logical axis name {lname!r} (dim {dim}{where}); the rules map "
+                f"{sorted(table)}"
             )
         axes = []
         for a in table[lname]:
@@ -248,8 +248,8 @@ def logical_to_spec(
             if sizes is not None:
                 if a not in sizes:
                     raise ValueError(
-                        f'mesh axis {a!r} (rule for {lname!r}) is not in the mesh, whose axes '
-                        f'are {list(sizes)}'
+                        f"mesh axis {a!r} (rule for {lname!r}) is not in the mesh, whose axes "
+                        f"are {list(sizes)}"
                     )
                 if sizes[a] == 1:
                     continue
@@ -259,15 +259,15 @@ def logical_to_spec(
             n = math.prod(sizes[a] for a in axes)
             if shape[dim] % n:
                 raise ValueError(
-                    f'cannot shard {name or "array"}: dim {dim} (logical {lname!r}) has size '
-                    f'{shape[dim]}, not divisible by the product of mesh axes {tuple(axes)} = {n} '
-                    f'(shape {tuple(shape)}, logical_axes {logical_axes})'
+                    f"cannot shard {name or 'array'}: dim {dim} (logical {lname!r}) has size "
+                    f"{shape[dim]}, not divisible by the product of mesh axes {tuple(axes)} = {n} "
+                    f"(shape {tuple(shape)}, logical_axes {logical_axes})"
                 )
         spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     return P(*spec)
 
 
-def activation_spec(logical_axes: Sequence[str | None], rules: 'Rules | str', mesh=None) -> P:
+def activation_spec(logical_axes: Sequence[str | None], rules: Rules | str, mesh=None) -> P:
     """PartitionSpec of an activation; drops size-1 axes of `mesh` (default: the ambient mesh)."""
     if mesh is None:
         ambient = jax.sharding.get_abstract_mesh()
@@ -275,15 +275,15 @@ def activation_spec(logical_axes: Sequence[str | None], rules: 'Rules | str', me
     return logical_to_spec(logical_axes, rules, mesh=mesh)
 
 
-def constrain(x, logical_axes: Sequence[str | None], rules: 'Rules | str | None'):
+def constrain(x, logical_axes: Sequence[str | None], rules: Rules | str | None):
     """`with_sharding_constraint(x, spec)` under an ambient mesh (`jax.set_mesh`) when `rules`
     is given; the identity otherwise (no mesh, e.g. single-device tests, or rules None)."""
     if rules is None:
         return x
     if len(logical_axes) != x.ndim:
         raise ValueError(
-            f'constrain: logical_axes {tuple(logical_axes)} has {len(logical_axes)} '
-            f'names but the array has shape {x.shape}'
+            f"constrain: logical_axes {tuple(logical_axes)} has {len(logical_axes)} "
+            f"names but the array has shape {x.shape}"
         )
     mesh = jax.sharding.get_abstract_mesh()
     # Checked even without a mesh, so that a wrong logical name fails in single-device tests too.
@@ -298,22 +298,22 @@ def _is_var(x) -> bool:
 
 
 def _leaf_spec(path, leaf, rules, mesh) -> P:
-    name = jax.tree_util.keystr(path, simple=True, separator='.')
+    name = jax.tree_util.keystr(path, simple=True, separator=".")
     value = leaf.get_value() if _is_var(leaf) else leaf
-    shape = tuple(getattr(value, 'shape', ()))
-    axes = leaf.get_metadata('logical_axes', None) if _is_var(leaf) else None
+    shape = tuple(getattr(value, "shape", ()))
+    axes = leaf.get_metadata("logical_axes", None) if _is_var(leaf) else None
     if axes is None:
         if not shape:
             return P()  # scalars (step counters, RNG keys) are replicated
         kind = type(leaf).__name__
         raise ValueError(
-            f'{kind} {name!r} of shape {shape} has no logical_axes metadata; give it '
-            f'logical_axes=(one name or None per dim)'
+            f"{kind} {name!r} of shape {shape} has no logical_axes metadata; give it "
+            f"logical_axes=(one name or None per dim)"
         )
     return logical_to_spec(axes, rules, mesh=mesh, shape=shape, name=name)
 
 
-def state_specs(abstract_state, rules: 'Rules | str', mesh=None):
+def state_specs(abstract_state, rules: Rules | str, mesh=None):
     """The same structure as `abstract_state` (an nnx.State whose Variables hold arrays or
     ShapeDtypeStructs), each Variable's value replaced by its PartitionSpec."""
     rules = get_rules(rules)
@@ -325,7 +325,7 @@ def state_specs(abstract_state, rules: 'Rules | str', mesh=None):
     return jax.tree_util.tree_map_with_path(f, abstract_state, is_leaf=_is_var)
 
 
-def state_shardings(abstract_state, rules: 'Rules | str', mesh):
+def state_shardings(abstract_state, rules: Rules | str, mesh):
     """As `state_specs`, with `NamedSharding(mesh, spec)` values (e.g. for jit out_shardings)."""
     rules = get_rules(rules)
 
@@ -336,7 +336,7 @@ def state_shardings(abstract_state, rules: 'Rules | str', mesh):
     return jax.tree_util.tree_map_with_path(f, abstract_state, is_leaf=_is_var)
 
 
-def unused_mesh_axes(rules: 'Rules | str', mesh) -> list[str]:
+def unused_mesh_axes(rules: Rules | str, mesh) -> list[str]:
     """Mesh axes of size > 1 that no rule uses: every device along them would hold and compute
     the same thing (MaxText's rule: each axis shards the batch unless it is used for TP)."""
     used = {a for axes in rules_dict(get_rules(rules)).values() for a in axes}

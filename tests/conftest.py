@@ -15,4 +15,5 @@ HY_TINY = DATA / "hy_tiny"
 @pytest.fixture(scope="session")
 def reference():
     import numpy as np
+
     return dict(np.load(HY_TINY / "expected.npz"))

@@ -50,10 +50,11 @@ def rope(x, positions, base):
     """NeoX rotate-half RoPE. x: [S, N, Dh]; positions: [S]. inv_freq in float32."""
     dh = x.shape[-1]
     inv_freq = (1.0 / np.float32(base) ** (np.arange(0, dh, 2, dtype=np.float32) / dh)).astype(
-        np.float32)
+        np.float32
+    )
     freqs = positions[:, None].astype(np.float32) * inv_freq  # [S, Dh/2]
     emb = np.concatenate([freqs, freqs], axis=-1)[:, None, :]  # [S, 1, Dh]
-    x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+    x1, x2 = x[..., : dh // 2], x[..., dh // 2 :]
     rotated = np.concatenate([-x2, x1], axis=-1)
     return (x * np.cos(emb) + rotated * np.sin(emb)).astype(x.dtype)
 
@@ -78,8 +79,11 @@ def moe(x, sd, prefix, config):
     """Shared MLP + top-k routed experts, computed token by token. x: [S, D]."""
     top_k = config.get("moe_topk", 1)
     top_k = top_k[0] if isinstance(top_k, list) else top_k
-    out = mlp(x, sd, prefix + "shared_mlp.") if config.get("use_mixed_mlp_moe", False) \
+    out = (
+        mlp(x, sd, prefix + "shared_mlp.")
+        if config.get("use_mixed_mlp_moe", False)
         else np.zeros_like(x)
+    )
     probs = softmax(x.astype(np.float32) @ sd[prefix + "gate.wg.weight"].astype(np.float32).T)
     for t in range(x.shape[0]):
         chosen = np.argsort(-probs[t], kind="stable")[:top_k]
@@ -87,7 +91,7 @@ def moe(x, sd, prefix, config):
         if top_k > 1:  # top-1 keeps the raw softmax probability
             weights = weights / weights.sum()
         for e, w in zip(chosen, weights):
-            out[t] = out[t] + w * mlp(x[t:t + 1], sd, f"{prefix}experts.{e}.")[0]
+            out[t] = out[t] + w * mlp(x[t : t + 1], sd, f"{prefix}experts.{e}.")[0]
     return out
 
 
@@ -129,13 +133,19 @@ def forward(sd: dict, config: dict, input_ids, dtype=np.float32) -> np.ndarray:
             p = f"model.layers.{i}."
             x = rms_norm(h, sd[p + "input_layernorm.weight"], eps)
             if i % f == 0:  # this layer publishes raw k, v; layers i+1 .. i+f-1 reuse them
-                kv = ((x @ sd[p + "self_attn.k_proj.weight"].T).reshape(s, kv_heads, dh),
-                      (x @ sd[p + "self_attn.v_proj.weight"].T).reshape(s, kv_heads, dh))
+                kv = (
+                    (x @ sd[p + "self_attn.k_proj.weight"].T).reshape(s, kv_heads, dh),
+                    (x @ sd[p + "self_attn.v_proj.weight"].T).reshape(s, kv_heads, dh),
+                )
             h = h + attention(x, kv, sd, p + "self_attn.", config, positions)
-            h = h + moe(rms_norm(h, sd[p + "post_attention_layernorm.weight"], eps), sd,
-                        p + "mlp.", config)
+            h = h + moe(
+                rms_norm(h, sd[p + "post_attention_layernorm.weight"], eps), sd, p + "mlp.", config
+            )
         h = rms_norm(h, sd["model.norm.weight"], eps)
-        head = sd.get("lm_head.weight") if not config.get("tie_word_embeddings", True) \
+        head = (
+            sd.get("lm_head.weight")
+            if not config.get("tie_word_embeddings", True)
             else sd["model.embed_tokens.weight"]
+        )
         out.append(h @ head.T)
     return np.stack(out)

@@ -28,24 +28,29 @@ def _libtpu_ok() -> bool:
         return False
 
 
-needs_libtpu = pytest.mark.skipif(not _libtpu_ok(), reason="libtpu not installed: no "
-                                  "ahead-of-time TPU compiles (pip install libtpu)")
+needs_libtpu = pytest.mark.skipif(
+    not _libtpu_ok(),
+    reason="libtpu not installed: no ahead-of-time TPU compiles (pip install libtpu)",
+)
 
 
 # ---------------------------------------------------------------------------- no compiler
-@pytest.mark.parametrize("name, topology, chips, cloud", [
-    ("v5p-8", "v5:2x2x1", 4, "v5p-8"),
-    ("v5p-128", "v5:4x4x4", 64, "v5p-128"),
-    ("v5p-256", "v5:4x4x8", 128, "v5p-256"),
-    ("v5p-512", "v5:4x8x8", 256, "v5p-512"),
-    ("v4-128", "v4:4x4x4", 64, "v4-128"),
-    ("v6e-32", "v6e:4x8", 32, "v6e-32"),
-    ("v6e-256", "v6e:16x16", 256, "v6e-256"),
-    ("v5e-64", "v5e:8x8", 64, "v5e-64"),
-    ("v5litepod-16", "v5e:4x4", 16, "v5e-16"),
-    ("v5p:4x4x12", "v5:4x4x12", 192, "v5p-384"),
-    ("v6e:2x4", "v6e:2x4", 8, "v6e-8"),
-])
+@pytest.mark.parametrize(
+    "name, topology, chips, cloud",
+    [
+        ("v5p-8", "v5:2x2x1", 4, "v5p-8"),
+        ("v5p-128", "v5:4x4x4", 64, "v5p-128"),
+        ("v5p-256", "v5:4x4x8", 128, "v5p-256"),
+        ("v5p-512", "v5:4x8x8", 256, "v5p-512"),
+        ("v4-128", "v4:4x4x4", 64, "v4-128"),
+        ("v6e-32", "v6e:4x8", 32, "v6e-32"),
+        ("v6e-256", "v6e:16x16", 256, "v6e-256"),
+        ("v5e-64", "v5e:8x8", 64, "v5e-64"),
+        ("v5litepod-16", "v5e:4x4", 16, "v5e-16"),
+        ("v5p:4x4x12", "v5:4x4x12", 192, "v5p-384"),
+        ("v6e:2x4", "v6e:2x4", 8, "v6e-8"),
+    ],
+)
 def test_topology_names(name, topology, chips, cloud):
     sl = aot.parse_topology(name)
     assert (sl.topology, sl.chips, sl.cloud_name) == (topology, chips, cloud)
@@ -77,11 +82,15 @@ def test_analytic_flops_a52b():
 
 
 def test_parse_oom_messages():
-    text = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total "
-            "memory required for HLO temporaries (240.00G) exceeds available HBM (95.73G).")
+    text = (
+        "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total "
+        "memory required for HLO temporaries (240.00G) exceeds available HBM (95.73G)."
+    )
     assert aot._parse_oom(text) == (240.0, 95.73)
-    assert aot._parse_oom("Ran out of memory in memory space hbm. Used 187.00G of 95.74G hbm.")\
-        == (187.0, 95.74)
+    assert aot._parse_oom("Ran out of memory in memory space hbm. Used 187.00G of 95.74G hbm.") == (
+        187.0,
+        95.74,
+    )
     assert aot._parse_oom("something else") == (None, None)
 
 
@@ -89,9 +98,26 @@ def test_local_devices_decode_step(capsys, tmp_path):
     """The same tool on this host's 8 CPU devices (platform from the mesh: cpu, no HBM), with a
     rule override sharding the cache's sequence over `expert`."""
     out = tmp_path / "r.json"
-    rc = aot.main(["--config", TINY, "--topology", "local", "--mode", "decode-step", "--mesh",
-                   "expert=2,tensor=4", "--batch", "2", "--cache-len", "64",
-                   "--rule", "cache_length=expert", "--json", str(out)])
+    rc = aot.main(
+        [
+            "--config",
+            TINY,
+            "--topology",
+            "local",
+            "--mode",
+            "decode-step",
+            "--mesh",
+            "expert=2,tensor=4",
+            "--batch",
+            "2",
+            "--cache-len",
+            "64",
+            "--rule",
+            "cache_length=expert",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     r = json.loads(out.read_text())
     assert r["platform"] == "cpu" and r["chips"] == 8 and r["fits"] and r["hbm_gib"] is None
@@ -102,15 +128,19 @@ def test_local_devices_decode_step(capsys, tmp_path):
 
 # ---------------------------------------------------------------------------- XLA:TPU
 @needs_libtpu
-@pytest.mark.parametrize("mode, extra", [
-    ("train", ["--seq", "64"]),
-    ("prefill", ["--seq", "32", "--cache-len", "128", "--batch", "2"]),
-    ("decode", ["--cache-len", "256", "--batch", "4"]),
-])
+@pytest.mark.parametrize(
+    "mode, extra",
+    [
+        ("train", ["--seq", "64"]),
+        ("prefill", ["--seq", "32", "--cache-len", "128", "--batch", "2"]),
+        ("decode", ["--cache-len", "256", "--batch", "4"]),
+    ],
+)
 def test_tiny_compiles_for_v5p(mode, extra, tmp_path, capsys):
     out = tmp_path / "r.json"
-    rc = aot.main(["--config", TINY, "--topology", "v5p-8", "--mode", mode, "--json", str(out),
-                   *extra])
+    rc = aot.main(
+        ["--config", TINY, "--topology", "v5p-8", "--mode", mode, "--json", str(out), *extra]
+    )
     text = capsys.readouterr().out
     assert rc == 0, text
     r = json.loads(out.read_text())
@@ -132,9 +162,24 @@ def test_tiny_compiles_for_v5p(mode, extra, tmp_path, capsys):
 @needs_libtpu
 def test_exit_status_when_it_does_not_fit(tmp_path, capsys):
     # The compiler's own verdict: a 2^22-slot cache for 64 rows does not fit a v5e chip.
-    rc = aot.main(["--config", TINY, "--topology", "v5e-4", "--mode", "decode", "--batch",
-                   "64", "--cache-len", str(2 ** 22), "--mesh", "data=1,tensor=4",
-                   "--json", str(tmp_path / "oom.json")])
+    rc = aot.main(
+        [
+            "--config",
+            TINY,
+            "--topology",
+            "v5e-4",
+            "--mode",
+            "decode",
+            "--batch",
+            "64",
+            "--cache-len",
+            str(2**22),
+            "--mesh",
+            "data=1,tensor=4",
+            "--json",
+            str(tmp_path / "oom.json"),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 2
     assert "DOES NOT FIT" in captured.out and "does not fit" in captured.err
@@ -142,16 +187,43 @@ def test_exit_status_when_it_does_not_fit(tmp_path, capsys):
     assert r["fits"] is False and r["available_gib"] == pytest.approx(15.75)
     assert r["required_gib"] > 15.75
     # A program that compiles but exceeds a given HBM budget fails the same way.
-    rc = aot.main(["--config", TINY, "--topology", "v5p-8", "--mode", "decode",
-                   "--cache-len", "128", "--hbm-gib", "1e-6"])
+    rc = aot.main(
+        [
+            "--config",
+            TINY,
+            "--topology",
+            "v5p-8",
+            "--mode",
+            "decode",
+            "--cache-len",
+            "128",
+            "--hbm-gib",
+            "1e-6",
+        ]
+    )
     assert rc == 2
 
 
 @needs_libtpu
 def test_unrolled_flops_close_to_analytic(tmp_path):
     out = tmp_path / "r.json"
-    rc = aot.main(["--config", TINY, "--topology", "v5p-8", "--mode", "prefill", "--seq", "64",
-                   "--cache-len", "64", "--unrolled-flops", "--json", str(out)])
+    rc = aot.main(
+        [
+            "--config",
+            TINY,
+            "--topology",
+            "v5p-8",
+            "--mode",
+            "prefill",
+            "--seq",
+            "64",
+            "--cache-len",
+            "64",
+            "--unrolled-flops",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     f = json.loads(out.read_text())["flops"]
     # The scan undercounts by about the number of layer groups (3); unrolled does not.

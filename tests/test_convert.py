@@ -15,13 +15,17 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-
 from conftest import DATA, HY_TINY
+
 from hunyuan_jax import checkpoint_format as fmt
 from hunyuan_jax import convert, hf_mapping
 from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.hf_checkpoint import (CheckpointError, HFCheckpoint, MissingShardError,
-                                       dequantize_fp8)
+from hunyuan_jax.hf_checkpoint import (
+    CheckpointError,
+    HFCheckpoint,
+    MissingShardError,
+    dequantize_fp8,
+)
 from sharding.mesh import build_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,14 +61,17 @@ def _write_hf(directory: Path, tensors: dict, config: dict, shards: int = 2) -> 
     per = -(-len(keys) // shards)
     weight_map = {}
     for i in range(shards):
-        group = keys[i * per:(i + 1) * per]
+        group = keys[i * per : (i + 1) * per]
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        convert.write_safetensors(directory / name,
-                                  [(k, tensors[k].dtype, tensors[k].shape) for k in group],
-                                  lambda k: tensors[k])
+        convert.write_safetensors(
+            directory / name,
+            [(k, tensors[k].dtype, tensors[k].shape) for k in group],
+            lambda k: tensors[k],
+        )
         weight_map.update({k: name for k in group})
     (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}))
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return directory
 
 
@@ -102,8 +109,9 @@ def test_restore_on_mesh_gives_reference_logits(layout, converted, reference):
     assert not (out / fmt.WORK_DIR).exists()
 
     model = fmt.restore_params(out, _mesh(), "fsdp_ep", compute_dtype="float32")
-    np.testing.assert_allclose(_logits(model, reference["input_ids"]), reference["logits"],
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        _logits(model, reference["input_ids"]), reference["logits"], atol=1e-4, rtol=0
+    )
     # Restored straight into the sharded layout: experts split over 'expert', dense embed dims
     # over ('fsdp', 'expert'); every device holds only its part.
     gate = model.groups.layers[0].moe.gate_proj[...]
@@ -121,8 +129,11 @@ def test_restore_single_device_with_dtype_cast(converted):
     src = HFCheckpoint(HY_TINY / "hf_st").get("model.layers.3.self_attn.q_proj.weight")
     q = np.asarray(model.groups.layers[1].attn.q_proj[...])  # layer 3 = group 1, member 1
     assert q.dtype == BF16
-    entry = next(e for e in hf_mapping.mapping_table(fmt.load_config(out))
-                 if e.path == ("groups", "layers", 1, "attn", "q_proj"))
+    entry = next(
+        e
+        for e in hf_mapping.mapping_table(fmt.load_config(out))
+        if e.path == ("groups", "layers", 1, "attn", "q_proj")
+    )
     assert _same_bits(q[1], hf_mapping.to_tree_slice(entry, src, q.shape).astype(BF16))
 
 
@@ -130,6 +141,7 @@ def test_tree_names_match_what_orbax_saves(converted, tmp_path):
     """Our hand-written _METADATA equals the one orbax writes for nnx.state(model, Param)."""
     import orbax.checkpoint as ocp
     from flax import nnx
+
     out = converted["hf_st"]
     model = fmt.restore_params(out)
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True)
@@ -140,8 +152,10 @@ def test_tree_names_match_what_orbax_saves(converted, tmp_path):
     assert set(ours["tree_metadata"]) == set(theirs["tree_metadata"])
     for k, v in theirs["tree_metadata"].items():
         assert ours["tree_metadata"][k]["key_metadata"] == v["key_metadata"]
-        assert ours["tree_metadata"][k]["value_metadata"]["value_type"] == v["value_metadata"][
-            "value_type"]
+        assert (
+            ours["tree_metadata"][k]["value_metadata"]["value_type"]
+            == v["value_metadata"]["value_type"]
+        )
     assert ours["use_zarr3"] and not ours["use_ocdbt"]
 
 
@@ -160,12 +174,12 @@ def test_round_trip_bit_exact(layout, converted, tmp_path, reference):
         assert _same_bits(out[k], src[k]), k
     # What the original PyTorch code reads: config.json, index, safetensors shards via torch.
     from safetensors.torch import load_file
+
     assert ModelConfig.from_hf(back) == cfg
     hf_cfg = json.loads((back / "config.json").read_text())
     assert hf_cfg["architectures"] == ["HunYuanForCausalLM"] and hf_cfg["torch_dtype"] == "float32"
     t = load_file(str(back / index["weight_map"]["model.embed_tokens.weight"]))
-    assert np.array_equal(t["model.embed_tokens.weight"].numpy(),
-                          src["model.embed_tokens.weight"])
+    assert np.array_equal(t["model.embed_tokens.weight"].numpy(), src["model.embed_tokens.weight"])
     for name in TOKENIZER_FILES:
         assert (back / name).is_file()
 
@@ -194,6 +208,7 @@ def test_export_from_orbax_ocdbt_checkpoint(converted, tmp_path):
     saves, given the config."""
     import orbax.checkpoint as ocp
     from flax import nnx
+
     model = fmt.restore_params(converted["hf_st"])
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())  # orbax defaults: OCDBT, zarr2
     ckptr.save(tmp_path / "orbax", args=ocp.args.PyTreeSave(nnx.state(model, nnx.Param)))
@@ -220,8 +235,13 @@ def test_fast_transforms_equal_mapping_table():
 
 
 def test_chunk_shapes_divide_shards():
-    for shape, item in [((1, 6400, 80, 80), 2), ((1, 1, 6400, 18304), 2), ((129024, 6400), 2),
-                        ((1, 97), 4), ((1,), 4)]:
+    for shape, item in [
+        ((1, 6400, 80, 80), 2),
+        ((1, 1, 6400, 18304), 2),
+        ((129024, 6400), 2),
+        ((1, 97), 4),
+        ((1,), 4),
+    ]:
         chunk = fmt.choose_chunk_shape(shape, item, 4 << 20)
         assert all(s % c == 0 for s, c in zip(shape, chunk))
         assert np.prod(chunk) * item <= 4 << 20 or np.prod(chunk) == 1 or max(chunk) == 97
@@ -232,8 +252,14 @@ def test_fp8_input_dequantised_to_bfloat16(tmp_path):
     src = _hf_tensors(HY_TINY / "hf_st")
     cfg = ModelConfig.from_hf(HY_TINY / "hf_st")
     config = json.loads((HY_TINY / "hf_st" / "config.json").read_text())
-    config.update(torch_dtype="bfloat16", quantization_config={
-        "quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]})
+    config.update(
+        torch_dtype="bfloat16",
+        quantization_config={
+            "quant_method": "fp8",
+            "activation_scheme": "static",
+            "ignored_layers": ["lm_head"],
+        },
+    )
     tensors, expected = {}, {}
     for k, v in src.items():
         linear = k.endswith("proj.weight")  # q/k/v/o, shared and expert MLPs; not the router
@@ -274,6 +300,7 @@ def tiny_copy(tmp_path):
         d = tmp_path / f"src_{layout}"
         shutil.copytree(HY_TINY / layout, d)
         return d
+
     return make
 
 
@@ -289,8 +316,10 @@ def test_missing_shard(tiny_copy, tmp_path):
     _assert_nothing_written(tmp_path / "out")
 
 
-@pytest.mark.parametrize("layout,shard", [("hf_st", "model-00002-of-00002.safetensors"),
-                                          ("hf_bin", "pytorch_model-00001-of-00002.bin")])
+@pytest.mark.parametrize(
+    "layout,shard",
+    [("hf_st", "model-00002-of-00002.safetensors"), ("hf_bin", "pytorch_model-00001-of-00002.bin")],
+)
 def test_truncated_shard(layout, shard, tiny_copy, tmp_path):
     src = tiny_copy(layout)
     path = src / shard
@@ -310,9 +339,11 @@ def _modified(tmp_path, change):
 def test_wrong_shape(tmp_path):
     key = "model.layers.1.self_attn.q_proj.weight"
     src = _modified(tmp_path, lambda t: t.update({key: t[key][:, :-8]}))
-    with pytest.raises(CheckpointError,
-                       match=r"(?s)'model.layers.1.self_attn.q_proj.weight' in model-0000\d-of-"
-                             r"00002.safetensors has shape \(96, 88\), expected \(96, 96\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"(?s)'model.layers.1.self_attn.q_proj.weight' in model-0000\d-of-"
+        r"00002.safetensors has shape \(96, 88\), expected \(96, 96\)",
+    ):
         convert.hf_to_jax(src, tmp_path / "out", **QUIET)
     _assert_nothing_written(tmp_path / "out")
 
@@ -355,10 +386,24 @@ def test_kill_midway_then_resume(tmp_path, converted, reference):
     """SIGKILL after 40 of 212 slices: no manifest, restore and export refuse; progress lists
     exactly the slices on disk; the same command resumes and gives the full checkpoint."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "hunyuan_jax.convert", "hf-to-jax", "--hf-dir",
-           str(HY_TINY / "hf_bin"), "--out", str(out), "--no-progress"]
-    r = subprocess.run(cmd, env=dict(_env(), HUNYUAN_CONVERT_KILL_AFTER="40"),
-                       capture_output=True, text=True, timeout=120)
+    cmd = [
+        sys.executable,
+        "-m",
+        "hunyuan_jax.convert",
+        "hf-to-jax",
+        "--hf-dir",
+        str(HY_TINY / "hf_bin"),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    r = subprocess.run(
+        cmd,
+        env=dict(_env(), HUNYUAN_CONVERT_KILL_AFTER="40"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not (out / fmt.MANIFEST).exists()
     done = (out / fmt.WORK_DIR / "progress.jsonl").read_text().splitlines()
@@ -379,12 +424,20 @@ def test_kill_midway_then_resume(tmp_path, converted, reference):
     leaves = fmt.param_leaves(fmt.load_config(out))
     for leaf in leaves.values():
         a = fmt.open_for_read(out / fmt.PARAMS_DIR, leaf.name, False, True).read().result()
-        b = fmt.open_for_read(converted["hf_bin"] / fmt.PARAMS_DIR, leaf.name, False,
-                              True).read().result()
+        b = (
+            fmt.open_for_read(converted["hf_bin"] / fmt.PARAMS_DIR, leaf.name, False, True)
+            .read()
+            .result()
+        )
         assert _same_bits(a, b), leaf.name
     # Running it again on the complete output is a no-op.
-    r = subprocess.run(cmd, env=dict(_env(), HUNYUAN_CONVERT_KILL_AFTER="5"),
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        cmd,
+        env=dict(_env(), HUNYUAN_CONVERT_KILL_AFTER="5"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and "nothing to do" in r.stderr  # complete: a no-op
 
 
@@ -396,9 +449,23 @@ def test_external_sigkill_during_writes_then_resume(tmp_path):
     convert.write_synthetic_hf(hf, cfg, "bfloat16", shard_bytes=48 << 20)
     out = tmp_path / "out"
     progress = out / fmt.WORK_DIR / "progress.jsonl"
-    p = subprocess.Popen([sys.executable, "-m", "hunyuan_jax.convert", "hf-to-jax", "--hf-dir",
-                          str(hf), "--out", str(out), "--no-progress", "--max-inflight-gb",
-                          "0.01"], env=_env(), stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hunyuan_jax.convert",
+            "hf-to-jax",
+            "--hf-dir",
+            str(hf),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--max-inflight-gb",
+            "0.01",
+        ],
+        env=_env(),
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 90
     while p.poll() is None and time.time() < deadline:
         if progress.is_file() and len(progress.read_text().splitlines()) >= 20:
@@ -418,17 +485,33 @@ def test_external_sigkill_during_writes_then_resume(tmp_path):
     for k in src.keys:
         assert _same_bits(back.read(k), src.read(k)), k
     # No temporary files of interrupted writes survive in the params tree.
-    assert not [f for f in (out / fmt.PARAMS_DIR).rglob("*") if "tmp" in f.name.lower()
-                or "lock" in f.name.lower()]
+    assert not [
+        f
+        for f in (out / fmt.PARAMS_DIR).rglob("*")
+        if "tmp" in f.name.lower() or "lock" in f.name.lower()
+    ]
 
 
 def test_resume_refuses_changed_source(tmp_path, tiny_copy):
     src = tiny_copy("hf_st")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "hunyuan_jax.convert", "hf-to-jax", "--hf-dir",
-                        str(src), "--out", str(out), "--no-progress"],
-                       env=dict(_env(), HUNYUAN_CONVERT_KILL_AFTER="10"), capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hunyuan_jax.convert",
+            "hf-to-jax",
+            "--hf-dir",
+            str(src),
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        env=dict(_env(), HUNYUAN_CONVERT_KILL_AFTER="10"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == -signal.SIGKILL
     shard = src / "model-00001-of-00002.safetensors"
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
@@ -441,18 +524,35 @@ def test_resume_refuses_changed_source(tmp_path, tiny_copy):
 # ----------------------------------------------------------------------------- peak memory
 def _synthetic_config(layers, hidden, intermediate, experts=4, vocab=4096):
     base = json.loads((HY_TINY / "hf_st" / "config.json").read_text())
-    return dict(base, hidden_size=hidden, intermediate_size=intermediate,
-                num_hidden_layers=layers, num_attention_heads=hidden // 128,
-                num_key_value_heads=max(1, hidden // 512), num_experts=experts,
-                vocab_size=vocab)
+    return dict(
+        base,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=max(1, hidden // 512),
+        num_experts=experts,
+        vocab_size=vocab,
+    )
 
 
 def _convert_measured(hf, out) -> int:
     """Convert in a fresh subprocess; its peak RSS in bytes: VmHWM polled from /proc while it
     runs (see convert.run_measuring_peak_rss), or as it reported itself in the manifest."""
     code, polled, _, err = convert.run_measuring_peak_rss(
-        [sys.executable, "-m", "hunyuan_jax.convert", "hf-to-jax", "--hf-dir", str(hf), "--out",
-         str(out), "--no-progress"], env=_env())
+        [
+            sys.executable,
+            "-m",
+            "hunyuan_jax.convert",
+            "hf-to-jax",
+            "--hf-dir",
+            str(hf),
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        env=_env(),
+    )
     assert code == 0, err
     man = fmt.read_manifest(out)
     return max(polled, int(man["stats"]["peak_rss_mb"] * 1e6))
@@ -462,8 +562,9 @@ def _peak_for_depths(tmp_path, depths, hidden, intermediate):
     out = []
     for layers in depths:
         hf = tmp_path / f"hf_{layers}"
-        size = convert.write_synthetic_hf(hf, _synthetic_config(layers, hidden, intermediate),
-                                          "bfloat16", shard_bytes=256 << 20)
+        size = convert.write_synthetic_hf(
+            hf, _synthetic_config(layers, hidden, intermediate), "bfloat16", shard_bytes=256 << 20
+        )
         peak = _convert_measured(hf, tmp_path / f"jax_{layers}")
         out.append((size, peak))
         shutil.rmtree(hf)

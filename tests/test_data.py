@@ -23,20 +23,23 @@ from hunyuan_jax.tokenizer import HunyuanTokenizer, SentencePieceTokenizer
 DATA = Path(__file__).parent / "data"
 
 CHATS = [
-    [{"role": "system", "content": "You are terse."},
-     {"role": "user", "content": "What is 2+2?"},
-     {"role": "assistant", "content": "4."},
-     {"role": "user", "content": "And 3+3?"},
-     {"role": "assistant", "content": "6, of course."}],
-    [{"role": "user", "content": "Name a colour."},
-     {"role": "assistant", "content": "Blue"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6, of course."},
+    ],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue"}],
 ]
 
 
 def _docs(lengths, start=1000):
     """Synthetic tokenized documents with distinct ids: doc d is d*start + 0..n-1."""
-    return [(np.arange(n, dtype=np.int32) + (d + 1) * start, np.ones(n, np.float32))
-            for d, n in enumerate(lengths)]
+    return [
+        (np.arange(n, dtype=np.int32) + (d + 1) * start, np.ones(n, np.float32))
+        for d, n in enumerate(lengths)
+    ]
 
 
 def _segments(row):
@@ -72,7 +75,9 @@ def test_packing_segments_positions_targets():
             for _, lo, hi in segs:
                 np.testing.assert_array_equal(row["positions"][lo:hi], np.arange(hi - lo))
                 # targets are the next token of the same document, within the segment
-                np.testing.assert_array_equal(row["targets"][lo:hi - 1], row["inputs"][lo + 1:hi])
+                np.testing.assert_array_equal(
+                    row["targets"][lo : hi - 1], row["inputs"][lo + 1 : hi]
+                )
                 assert np.all(row["targets"][lo:hi] // 1000 == row["inputs"][lo:hi] // 1000)
                 assert np.all(row["targets"][lo:hi] == row["inputs"][lo:hi] + 1)
                 pairs_seen += list(zip(row["inputs"][lo:hi], row["targets"][lo:hi]))
@@ -81,7 +86,7 @@ def test_packing_segments_positions_targets():
     expected = [(a, a + 1) for ids, _ in docs for a in ids[:-1]]
     epochs = -(-len(pairs_seen) // len(expected))
     assert len(pairs_seen) > 2 * len(expected)
-    assert pairs_seen == (expected * epochs)[:len(pairs_seen)]
+    assert pairs_seen == (expected * epochs)[: len(pairs_seen)]
 
 
 def test_unpacked_rows_pad_and_mask():
@@ -181,8 +186,10 @@ def test_packed_row_scores_like_separate_documents():
     cfg = ModelConfig.from_yaml(Path(__file__).parent.parent / "configs" / "tiny.yaml")
     model = init_model(cfg, seed=0)
     rng = np.random.default_rng(0)
-    docs = [(rng.integers(1, cfg.vocab_size, 11).astype(np.int32), np.ones(11, np.float32))
-            for _ in range(3)]
+    docs = [
+        (rng.integers(1, cfg.vocab_size, 11).astype(np.int32), np.ones(11, np.float32))
+        for _ in range(3)
+    ]
     loader = PackedLoader(docs, rows=1, seq_len=30, shuffle=False)
     row = _rows(next(loader))[0]
     assert [hi - lo for _, lo, hi in _segments(row)] == [10, 10, 10]

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import DATA, HY_TINY
+
 from hunyuan_jax import decode, moe, sampling
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.decode import Generator, cache_bytes_per_token, load_for_inference
@@ -54,7 +54,7 @@ def _full_forward(model, seqs):
     """Logits of every position of each sequence, no cache (right-padded, causal)."""
     arr = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
     for i, s in enumerate(seqs):
-        arr[i, :len(s)] = s
+        arr[i, : len(s)] = s
     return np.asarray(jax.jit(lambda t: model(t)[0])(arr))
 
 
@@ -73,7 +73,7 @@ def test_cached_logits_equal_full_forward_every_step(model, prompts, batch_out):
     for i, p in enumerate(prompts):
         n = len(batch_out.tokens[i])
         assert n == MAX_NEW
-        want = full[i, len(p) - 1:len(p) - 1 + n]  # logits that chose each new token
+        want = full[i, len(p) - 1 : len(p) - 1 + n]  # logits that chose each new token
         np.testing.assert_allclose(batch_out.logits[i], want, atol=ATOL, rtol=0)
         assert batch_out.tokens[i] == want.argmax(-1).tolist()
 
@@ -88,8 +88,12 @@ def test_batch_equals_each_prompt_alone(gen, prompts, batch_out):
 def test_decode_is_compiled_once(gen, prompts, batch_out):
     before = dict(gen.compiles)
     seen = []
-    out = gen.generate(prompts, 7, stream=lambda step, toks, live: seen.append(
-        (step, toks.copy(), live.copy())), stream_every=3)
+    out = gen.generate(
+        prompts,
+        7,
+        stream=lambda step, toks, live: seen.append((step, toks.copy(), live.copy())),
+        stream_every=3,
+    )
     gen.generate(prompts, 13, stream=lambda *a: None)  # one token per call
     assert gen.compiles == before  # new max_new_tokens, streaming: the same executables
     assert [s for s, _, _ in seen] == list(range(7))
@@ -114,8 +118,7 @@ def test_eos_ends_each_row(gen, prompts, batch_out):
 
 # ----------------------------------------------------------------------------- int8 cache
 def test_quantized_kv_round_trip():
-    x = jax.random.normal(jax.random.key(0), (2, 5, 4, 80)) * jnp.arange(1, 6)[None, :, None,
-                                                                                  None]
+    x = jax.random.normal(jax.random.key(0), (2, 5, 4, 80)) * jnp.arange(1, 6)[None, :, None, None]
     q = QuantizedKV.quantize(x)
     assert q.values.dtype == jnp.int8 and q.scale.shape == (2, 4, 5)
     err = np.abs(np.asarray(q.dequantize(jnp.float32) - x))
@@ -141,13 +144,15 @@ def test_int8_cache_accuracy(model, prompts, int8_out):
     full = _full_forward(model, seqs)
     errs, agree = [], []
     for i, p in enumerate(prompts):
-        want = full[i, len(p) - 1:len(p) - 1 + len(out.tokens[i])]
+        want = full[i, len(p) - 1 : len(p) - 1 + len(out.tokens[i])]
         errs.append(np.abs(out.logits[i] - want).max(-1))
         agree.append(np.mean(out.logits[i].argmax(-1) == want.argmax(-1)))
     errs = np.concatenate(errs)
     assert np.median(errs) < 0.1
-    print(f"int8 cache: median |err| {np.median(errs):.4f}, p90 {np.percentile(errs, 90):.4f}, "
-          f"max {errs.max():.4f}; argmax agreement {np.mean(agree):.3f}")
+    print(
+        f"int8 cache: median |err| {np.median(errs):.4f}, p90 {np.percentile(errs, 90):.4f}, "
+        f"max {errs.max():.4f}; argmax agreement {np.mean(agree):.3f}"
+    )
     assert np.mean(agree) >= 0.75
 
 
@@ -171,17 +176,21 @@ def test_cache_bytes_per_token_a52b(name):
 
 # ----------------------------------------------------------------------------- mesh
 @needs8
-@pytest.mark.parametrize("shape,cache_dtype", [("data=2,tensor=4", None),
-                                               ("data=2,expert=2,tensor=2", "int8")])
+@pytest.mark.parametrize(
+    "shape,cache_dtype", [("data=2,tensor=4", None), ("data=2,expert=2,tensor=2", "int8")]
+)
 def test_mesh_decode_equals_one_device(prompts, batch_out, int8_out, shape, cache_dtype):
     """serve_ep_tp: cache batch over data, KV heads over tensor, cache length over expert."""
     from sharding.mesh import build_mesh
     from sharding.rules import get_rules
+
     mesh, rules = build_mesh(shape), get_rules("serve_ep_tp")
-    _, m = load_hf_model(HY_TINY / "hf_st", compute_dtype="float32", remat="none", mesh=mesh,
-                         rules=rules)
-    g = Generator(m, eos_ids=[2], record_logits=True, prefill_chunk=8, mesh=mesh,
-                  cache_dtype=cache_dtype)
+    _, m = load_hf_model(
+        HY_TINY / "hf_st", compute_dtype="float32", remat="none", mesh=mesh, rules=rules
+    )
+    g = Generator(
+        m, eos_ids=[2], record_logits=True, prefill_chunk=8, mesh=mesh, cache_dtype=cache_dtype
+    )
     want = int8_out if cache_dtype == "int8" else batch_out
     out = g.generate(prompts, MAX_NEW)  # 3 prompts -> 4 rows (data=2)
     assert out.tokens == want.tokens
@@ -204,9 +213,15 @@ def test_mesh_decode_equals_one_device(prompts, batch_out, int8_out, shape, cach
 
 # ----------------------------------------------------------------------------- sampling
 def test_sampling_config_ranges():
-    for bad in (dict(temperature=-0.1), dict(temperature=float("inf")), dict(top_k=-1),
-                dict(top_p=0.0), dict(top_p=1.01), dict(repetition_penalty=0.0),
-                dict(repetition_penalty=-1.0)):
+    for bad in (
+        dict(temperature=-0.1),
+        dict(temperature=float("inf")),
+        dict(top_k=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.01),
+        dict(repetition_penalty=0.0),
+        dict(repetition_penalty=-1.0),
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingConfig(**bad)
     with pytest.raises(TypeError):
@@ -249,19 +264,27 @@ def test_repetition_penalty():
     assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]
     assert sampling.apply_repetition_penalty(logits, seen, 1.0) is logits
     # penalty pushes greedy off a repeated token
-    assert int(sampling.sample(logits, jax.random.key(0), SamplingConfig(
-        repetition_penalty=3.0), seen)[0]) == 2
+    assert (
+        int(
+            sampling.sample(
+                logits, jax.random.key(0), SamplingConfig(repetition_penalty=3.0), seen
+            )[0]
+        )
+        == 2
+    )
 
 
 def test_sample_draws_only_allowed_tokens_and_is_seeded():
     logits = jnp.tile(jnp.log(jnp.array([0.05, 0.4, 0.1, 0.3, 0.15])), (2048, 1))
     draw = jax.jit(sampling.sample, static_argnums=2)
-    for cfg, allowed in ((SamplingConfig(temperature=1.0, top_k=2), {1, 3}),
-                         (SamplingConfig(temperature=1.0, top_p=0.5), {1, 3}),
-                         # top-p over the renormalised top-3: .47, .35, .18
-                         (SamplingConfig(temperature=1.0, top_k=3, top_p=0.71), {1, 3}),
-                         (SamplingConfig(temperature=1.0, top_k=3, top_p=0.83), {1, 3, 4}),
-                         (SamplingConfig(temperature=1.0), {0, 1, 2, 3, 4})):
+    for cfg, allowed in (
+        (SamplingConfig(temperature=1.0, top_k=2), {1, 3}),
+        (SamplingConfig(temperature=1.0, top_p=0.5), {1, 3}),
+        # top-p over the renormalised top-3: .47, .35, .18
+        (SamplingConfig(temperature=1.0, top_k=3, top_p=0.71), {1, 3}),
+        (SamplingConfig(temperature=1.0, top_k=3, top_p=0.83), {1, 3, 4}),
+        (SamplingConfig(temperature=1.0), {0, 1, 2, 3, 4}),
+    ):
         toks = np.asarray(draw(logits, jax.random.key(0), cfg))
         assert set(toks.tolist()) == allowed, cfg
     cfg = SamplingConfig(temperature=1.0)
@@ -270,8 +293,9 @@ def test_sample_draws_only_allowed_tokens_and_is_seeded():
     assert (np.asarray(a) == np.asarray(b)).all() and (np.asarray(a) != np.asarray(c)).any()
     freq = np.bincount(np.asarray(c), minlength=5) / len(c)
     np.testing.assert_allclose(freq, [0.05, 0.4, 0.1, 0.3, 0.15], atol=0.035)
-    greedy = sampling.sample(logits[:2], jax.random.key(0), SamplingConfig(temperature=0.7,
-                                                                            top_k=1))
+    greedy = sampling.sample(
+        logits[:2], jax.random.key(0), SamplingConfig(temperature=0.7, top_k=1)
+    )
     assert greedy.tolist() == [1, 1]
 
 
@@ -305,11 +329,15 @@ def test_generate_argument_errors(gen):
 def ckpt(tmp_path_factory):
     """hy_tiny plus a SentencePiece tokenizer (600 ids <= the model's 1024)."""
     from hunyuan_jax.tokenizer import SentencePieceTokenizer
+
     d = tmp_path_factory.mktemp("ckpt")
     for f in (HY_TINY / "hf_st").iterdir():
         shutil.copy(f, d / f.name)
-    corpus = [line for f in sorted((DATA.parent.parent / "hunyuan_jax").glob("*.py"))
-              for line in f.read_text().splitlines()]
+    corpus = [
+        line
+        for f in sorted((DATA.parent.parent / "hunyuan_jax").glob("*.py"))
+        for line in f.read_text().splitlines()
+    ]
     SentencePieceTokenizer.train(corpus, d / "tokenizer", 600)
     return d
 
@@ -334,22 +362,27 @@ def test_load_for_inference_dispatch(ckpt, tmp_path):
 
 def _same_params(a, b):
     from flax import nnx
-    fa, fb = nnx.to_flat_state(nnx.state(a, nnx.Param)), dict(nnx.to_flat_state(
-        nnx.state(b, nnx.Param)))
+
+    fa, fb = (
+        nnx.to_flat_state(nnx.state(a, nnx.Param)),
+        dict(nnx.to_flat_state(nnx.state(b, nnx.Param))),
+    )
     assert len(fa) == len(fb)
     for path, v in fa:
-        np.testing.assert_array_equal(np.asarray(v.get_value()),
-                                      np.asarray(fb[path].get_value()), err_msg=str(path))
+        np.testing.assert_array_equal(
+            np.asarray(v.get_value()), np.asarray(fb[path].get_value()), err_msg=str(path)
+        )
 
 
 def test_load_converted_and_train_run_dirs(ckpt, model, tmp_path):
     """The checkpoints of `convert hf-to-jax` and of train.py (its run directory) load into the
     same parameter tree as the Hugging Face original, with the tokenizer found beside them."""
     from flax import nnx
+
     from hunyuan_jax import checkpointing, convert
+
     out = tmp_path / "converted"
-    convert.hf_to_jax(ckpt, out, "float32", tokenizer_dir=ckpt, progress=False,
-                      log=lambda m: None)
+    convert.hf_to_jax(ckpt, out, "float32", tokenizer_dir=ckpt, progress=False, log=lambda m: None)
     bundle = load_for_inference(out)
     assert bundle.format == "converted" and bundle.cfg.compute_dtype == "float32"
     _same_params(bundle.model, model)
@@ -371,8 +404,9 @@ def test_load_converted_and_train_run_dirs(ckpt, model, tmp_path):
 def test_generation_config_sets_defaults(ckpt, tmp_path):
     d = tmp_path / "ck"
     shutil.copytree(ckpt, d)
-    (d / "generation_config.json").write_text(json.dumps(
-        {"do_sample": True, "temperature": 0.5, "top_k": 7, "eos_token_id": [3, 9]}))
+    (d / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.5, "top_k": 7, "eos_token_id": [3, 9]})
+    )
     bundle = load_for_inference(d)
     assert bundle.sampling == SamplingConfig(temperature=0.5, top_k=7)
     assert bundle.eos_ids == [3, 9]
@@ -380,25 +414,30 @@ def test_generation_config_sets_defaults(ckpt, tmp_path):
 
 def _cli(capsys, *argv):
     import infer
+
     code = infer.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
 
-@pytest.mark.parametrize("flags,msg", [
-    (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
-    (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
-    (["--top-k", "-3"], "--top-k must be >= 0"),
-    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--greedy", "--temperature", "0.5"], "contradict"),
-])
+@pytest.mark.parametrize(
+    "flags,msg",
+    [
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+        (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+        (["--top-k", "-3"], "--top-k must be >= 0"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--greedy", "--temperature", "0.5"], "contradict"),
+    ],
+)
 def test_cli_rejects_sampling_values(capsys, ckpt, flags, msg):
     code, _, err = _cli(capsys, "--checkpoint", ckpt, "--prompt", "x", *flags)
     assert code == 2
     assert err.startswith("infer.py: error: ")
     import re
+
     assert re.search(msg, err), err
 
 
@@ -409,13 +448,13 @@ def test_cli_input_errors(capsys, ckpt, tmp_path):
     assert code == 2 and "not a checkpoint directory" in err
     code, _, err = _cli(capsys, "--checkpoint", ckpt)
     assert code == 2 and "no prompt" in err
-    code, _, err = _cli(capsys, "--checkpoint", ckpt, "--prompt", "x", "--tokenizer",
-                        DATA / "hunyuan_tokenizer")
+    code, _, err = _cli(
+        capsys, "--checkpoint", ckpt, "--prompt", "x", "--tokenizer", DATA / "hunyuan_tokenizer"
+    )
     assert code == 2 and "tokenizer has 128166 ids but the model's vocabulary is only 1024" in err
     code, _, err = _cli(capsys, "--checkpoint", ckpt, "--prompt", "word " * 40, "--max-len", 16)
     assert code == 2 and "longer than the KV cache (16 slots)" in err and "--max-len" in err
-    code, _, err = _cli(capsys, "--checkpoint", ckpt, "--prompt", "ab", "--max-new-tokens",
-                        300)
+    code, _, err = _cli(capsys, "--checkpoint", ckpt, "--prompt", "ab", "--max-new-tokens", 300)
     assert code == 2 and "max_position_embeddings" in err
     bare = tmp_path / "bare"
     shutil.copytree(HY_TINY / "hf_st", bare)
@@ -424,19 +463,36 @@ def test_cli_input_errors(capsys, ckpt, tmp_path):
 
 
 def test_cli_streams_and_reports_throughput(capsys, ckpt, tmp_path):
-    code, out, err = _cli(capsys, "--checkpoint", ckpt, "--prompt", "def main(",
-                          "--max-new-tokens", 12, "--greedy")
+    code, out, err = _cli(
+        capsys, "--checkpoint", ckpt, "--prompt", "def main(", "--max-new-tokens", 12, "--greedy"
+    )
     assert code == 0, err
     assert out.endswith("\n") and len(out) > 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("prefill: ") and "tokens/s" in last and "decode: " in last
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def main(\n\nclass Foo:\n")
-    code, out, err = _cli(capsys, "--checkpoint", ckpt, "--prompts-file", prompts, "--chat",
-                          "--system", "Be brief.", "--max-new-tokens", 6, "--temperature",
-                          "0.8", "--top-k", 5, "--seed", 3)
+    code, out, err = _cli(
+        capsys,
+        "--checkpoint",
+        ckpt,
+        "--prompts-file",
+        prompts,
+        "--chat",
+        "--system",
+        "Be brief.",
+        "--max-new-tokens",
+        6,
+        "--temperature",
+        "0.8",
+        "--top-k",
+        5,
+        "--seed",
+        3,
+    )
     assert code == 0, err
     import re
+
     assert sorted(re.findall(r"^\[(\d)\] ", out, re.M)) == ["0", "1"]  # text may hold newlines
 
 
@@ -447,6 +503,7 @@ def test_cli_printer_streams_the_final_text(ckpt):
 
     import infer
     from hunyuan_jax.tokenizer import load_tokenizer
+
     tok = load_tokenizer(ckpt)
     ids = tok.encode("héllo wörld 猫 def main():") + [tok.eos_ids[0]]
     buf = io.StringIO()
@@ -460,8 +517,11 @@ def test_cli_printer_streams_the_final_text(ckpt):
     a, b = tok.encode("ab") + [tok.eos_ids[0]], tok.encode("cdef ghij klmn opqr")
     assert len(b) > len(a)
     for step in range(max(len(a), len(b))):
-        p(step, np.array([a[min(step, len(a) - 1)], b[min(step, len(b) - 1)]]),
-          np.array([step < len(a), step < len(b)]))
+        p(
+            step,
+            np.array([a[min(step, len(a) - 1)], b[min(step, len(b) - 1)]]),
+            np.array([step < len(a), step < len(b)]),
+        )
     assert buf.getvalue() == "[0] ab\n"  # row 0 ended with its EOS
     p.ids[1] = b
     p.finish(1)
@@ -475,8 +535,12 @@ def test_decode_experts_fns_equal_dropless(tokens, k, experts):
     on CPU for prefill) compute exactly what the model's ragged_dot dispatch does."""
     keys = jax.random.split(jax.random.key(tokens), 5)
     x = jax.random.normal(keys[0], (tokens, 32))
-    w = moe.ExpertWeights(*(0.1 * jax.random.normal(kk, s) for kk, s in zip(
-        keys[1:4], [(experts, 32, 48), (experts, 32, 48), (experts, 48, 32)])))
+    w = moe.ExpertWeights(
+        *(
+            0.1 * jax.random.normal(kk, s)
+            for kk, s in zip(keys[1:4], [(experts, 32, 48), (experts, 32, 48), (experts, 48, 32)])
+        )
+    )
     routing = moe.route(x, jax.random.normal(keys[4], (32, experts)), k)
     want = np.asarray(moe.dropless_experts(x, routing, w)[0])
     fn = moe.few_token_experts if tokens * k <= experts else moe.tiled_experts
@@ -492,8 +556,10 @@ def test_host_decode_loop_equals_device_loop():
     on-device while loop."""
     _, model = load_hf_model(HY_TINY / "hf_st", compute_dtype="float32", remat="none")
     prompts = [[5, 9, 200, 31], [7, 7, 1000, 2, 3, 4, 8]]
-    outs = {loop: Generator(model, decode_loop=loop).generate(prompts, 12).tokens
-            for loop in ("device", "host")}
+    outs = {
+        loop: Generator(model, decode_loop=loop).generate(prompts, 12).tokens
+        for loop in ("device", "host")
+    }
     assert outs["device"] == outs["host"]
     with pytest.raises(ValueError, match="decode_loop"):
         Generator(model, decode_loop="gpu")

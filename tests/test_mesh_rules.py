@@ -2,9 +2,9 @@
 
 import os
 
-if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = (
-        os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
 import dataclasses
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import MESH_AXES, MeshConfig, build_mesh
 from sharding.rules import (
@@ -30,7 +31,7 @@ from sharding.rules import (
 )
 
 needs8 = pytest.mark.skipif(
-    jax.device_count() < 8, reason='needs 8 devices (XLA_FLAGS set after jax was initialised)'
+    jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS set after jax was initialised)"
 )
 
 
@@ -42,14 +43,14 @@ class FakeTpu:
     slice_index: int = 0
     core_on_chip: int = 0
     process_index: int = 0
-    platform: str = 'tpu'
-    device_kind: str = 'TPU v4'  # no special-case handler in mesh_utils: generic torus logic
+    platform: str = "tpu"
+    device_kind: str = "TPU v4"  # no special-case handler in mesh_utils: generic torus logic
 
     def __repr__(self):
-        return f'FakeTpu({self.id}, s{self.slice_index}, {self.coords})'
+        return f"FakeTpu({self.id}, s{self.slice_index}, {self.coords})"
 
 
-def fake_slice(dims, slice_index=0, start_id=0, kind='TPU v4'):
+def fake_slice(dims, slice_index=0, start_id=0, kind="TPU v4"):
     x, y, z = dims
     devs = []
     for k in range(z):
@@ -61,30 +62,30 @@ def fake_slice(dims, slice_index=0, start_id=0, kind='TPU v4'):
 
 # ----------------------------------------------------------------------------- MeshConfig
 def test_config_forms():
-    a = MeshConfig(ici={'fsdp': -1, 'expert': 4})
+    a = MeshConfig(ici={"fsdp": -1, "expert": 4})
     assert a.ici == (1, -1, 4, 1) and a.dcn == (1, 1, 1, 1)
-    assert MeshConfig.parse('data=1,fsdp=-1,expert=4,tensor=1') == a
-    assert MeshConfig.parse('fsdp=-1, expert=4') == a
-    assert MeshConfig.from_dict({'ici': {'data': 1, 'fsdp': -1, 'expert': 4, 'tensor': 1}}) == a
-    assert MeshConfig.from_dict({'fsdp': -1, 'expert': 4}) == a
-    b = MeshConfig.from_dict({'ici': {'fsdp': -1, 'expert': 4}, 'dcn': {'data': 2}})
+    assert MeshConfig.parse("data=1,fsdp=-1,expert=4,tensor=1") == a
+    assert MeshConfig.parse("fsdp=-1, expert=4") == a
+    assert MeshConfig.from_dict({"ici": {"data": 1, "fsdp": -1, "expert": 4, "tensor": 1}}) == a
+    assert MeshConfig.from_dict({"fsdp": -1, "expert": 4}) == a
+    b = MeshConfig.from_dict({"ici": {"fsdp": -1, "expert": 4}, "dcn": {"data": 2}})
     assert b.dcn == (2, 1, 1, 1) and b.num_slices == 2
-    assert MeshConfig.parse('fsdp=-1,expert=4,dcn.data=2') == b
+    assert MeshConfig.parse("fsdp=-1,expert=4,dcn.data=2") == b
     assert MeshConfig.parse(str(b)) == b
     assert MeshConfig(ici=(1, 8, 1, 1)).ici == (1, 8, 1, 1)
 
 
 def test_resolve_arithmetic():
-    assert MeshConfig.parse('fsdp=-1,expert=4').resolve(256) == ((1, 64, 4, 1), (1, 1, 1, 1))
+    assert MeshConfig.parse("fsdp=-1,expert=4").resolve(256) == ((1, 64, 4, 1), (1, 1, 1, 1))
     # multi-slice: -1 fills devices per slice; axis size is ici * dcn.
-    cfg = MeshConfig.parse('fsdp=-1,expert=16,dcn.data=4')
+    cfg = MeshConfig.parse("fsdp=-1,expert=16,dcn.data=4")
     assert cfg.resolve(1024) == ((1, 16, 16, 1), (4, 1, 1, 1))
-    assert cfg.axis_sizes(1024) == {'data': 4, 'fsdp': 16, 'expert': 16, 'tensor': 1}
-    assert MeshConfig.parse('expert=2,dcn.fsdp=2,dcn.data=2').axis_sizes(8) == {
-        'data': 2,
-        'fsdp': 2,
-        'expert': 2,
-        'tensor': 1,
+    assert cfg.axis_sizes(1024) == {"data": 4, "fsdp": 16, "expert": 16, "tensor": 1}
+    assert MeshConfig.parse("expert=2,dcn.fsdp=2,dcn.data=2").axis_sizes(8) == {
+        "data": 2,
+        "fsdp": 2,
+        "expert": 2,
+        "tensor": 1,
     }
 
 
@@ -92,40 +93,40 @@ def test_config_errors():
     with pytest.raises(
         ValueError, match=r"'model'.*known axes.*'data', 'fsdp', 'expert', 'tensor'"
     ):
-        MeshConfig(ici={'model': 2})
+        MeshConfig(ici={"model": 2})
     with pytest.raises(ValueError, match=r"unknown mesh axis name 'model'"):
-        MeshConfig.parse('model=2')
+        MeshConfig.parse("model=2")
     with pytest.raises(ValueError, match=r"'bogus'"):
-        MeshConfig.from_dict({'ici': {'fsdp': -1}, 'bogus': 1})
+        MeshConfig.from_dict({"ici": {"fsdp": -1}, "bogus": 1})
     with pytest.raises(ValueError, match=r"'dtaa'"):
-        MeshConfig.from_dict({'ici': {'dtaa': 2}})
+        MeshConfig.from_dict({"ici": {"dtaa": 2}})
     with pytest.raises(ValueError, match=r"at most one.*\['data', 'fsdp'\]"):
-        MeshConfig(ici={'data': -1, 'fsdp': -1})
+        MeshConfig(ici={"data": -1, "fsdp": -1})
     with pytest.raises(ValueError, match=r"'expert' must be positive.*got 0"):
-        MeshConfig(ici={'expert': 0})
+        MeshConfig(ici={"expert": 0})
     with pytest.raises(ValueError, match=r"'tensor' must be positive.*got -2"):
-        MeshConfig(ici={'tensor': -2})
+        MeshConfig(ici={"tensor": -2})
     with pytest.raises(ValueError, match=r"dcn: size of axis 'data' must be positive.*-1"):
-        MeshConfig(dcn={'data': -1})
+        MeshConfig(dcn={"data": -1})
     with pytest.raises(ValueError, match=r"'fsdp' must be an integer"):
-        MeshConfig.parse('fsdp=x')
+        MeshConfig.parse("fsdp=x")
     with pytest.raises(ValueError, match=r"'fsdp' given twice"):
-        MeshConfig.parse('fsdp=2,fsdp=4')
+        MeshConfig.parse("fsdp=2,fsdp=4")
     with pytest.raises(
-        ValueError, match=r'data=2,fsdp=2,expert=1,tensor=1.*is 4.*8 devices per slice'
+        ValueError, match=r"data=2,fsdp=2,expert=1,tensor=1.*is 4.*8 devices per slice"
     ):
-        MeshConfig(ici={'data': 2, 'fsdp': 2}).resolve(8)
+        MeshConfig(ici={"data": 2, "fsdp": 2}).resolve(8)
     with pytest.raises(ValueError, match=r"auto-fill fsdp=-1.*product 3.*8 devices per slice"):
-        MeshConfig(ici={'fsdp': -1, 'expert': 3}).resolve(8)
-    with pytest.raises(ValueError, match=r'8 devices cannot be split into 3 slices'):
-        MeshConfig(ici={'fsdp': -1}, dcn={'data': 3}).resolve(8)
+        MeshConfig(ici={"fsdp": -1, "expert": 3}).resolve(8)
+    with pytest.raises(ValueError, match=r"8 devices cannot be split into 3 slices"):
+        MeshConfig(ici={"fsdp": -1}, dcn={"data": 3}).resolve(8)
     with pytest.raises(TypeError):
         MeshConfig.coerce(3)
 
 
 # ----------------------------------------------------------------------------- build_mesh
 @needs8
-@pytest.mark.parametrize('sizes', [(8, 1, 1, 1), (1, 8, 1, 1), (2, 1, 4, 1), (1, 2, 2, 2)])
+@pytest.mark.parametrize("sizes", [(8, 1, 1, 1), (1, 8, 1, 1), (2, 1, 4, 1), (1, 2, 2, 2)])
 def test_build_mesh_shapes(sizes):
     mesh = build_mesh(MeshConfig(ici=sizes))
     assert mesh.axis_names == MESH_AXES
@@ -136,33 +137,33 @@ def test_build_mesh_shapes(sizes):
 
 @needs8
 def test_build_mesh_autofill_and_forms():
-    assert dict(build_mesh('fsdp=-1,expert=2').shape) == {
-        'data': 1,
-        'fsdp': 4,
-        'expert': 2,
-        'tensor': 1,
+    assert dict(build_mesh("fsdp=-1,expert=2").shape) == {
+        "data": 1,
+        "fsdp": 4,
+        "expert": 2,
+        "tensor": 1,
     }
-    assert dict(build_mesh({'ici': {'data': 2, 'fsdp': -1}}).shape)['fsdp'] == 4
+    assert dict(build_mesh({"ici": {"data": 2, "fsdp": -1}}).shape)["fsdp"] == 4
     # any device subset works (and jax.devices() is not consulted)
-    m = build_mesh('fsdp=-1', devices=jax.devices()[:4])
+    m = build_mesh("fsdp=-1", devices=jax.devices()[:4])
     assert m.devices.shape == (1, 4, 1, 1)
 
 
 @needs8
 def test_build_mesh_errors_name_sizes_and_count():
-    with pytest.raises(ValueError, match=r'data=2,fsdp=2,expert=1,tensor=1.*is 4.*8 devices'):
-        build_mesh(MeshConfig(ici={'data': 2, 'fsdp': 2}))
+    with pytest.raises(ValueError, match=r"data=2,fsdp=2,expert=1,tensor=1.*is 4.*8 devices"):
+        build_mesh(MeshConfig(ici={"data": 2, "fsdp": 2}))
 
 
 @needs8
 def test_multi_slice_cpu_fallback():
     # CPU devices have no slice_index: consecutive groups of devices play the slices.
     devs = jax.devices()
-    mesh = build_mesh('fsdp=-1,dcn.data=2', devices=devs)
+    mesh = build_mesh("fsdp=-1,dcn.data=2", devices=devs)
     assert mesh.devices.shape == (2, 4, 1, 1)
     assert [d.id for d in mesh.devices[0].flat] == [d.id for d in devs[:4]]
     assert [d.id for d in mesh.devices[1].flat] == [d.id for d in devs[4:]]
-    mesh = build_mesh('fsdp=2,expert=-1,dcn.fsdp=2', devices=devs)
+    mesh = build_mesh("fsdp=2,expert=-1,dcn.fsdp=2", devices=devs)
     assert mesh.devices.shape == (1, 4, 2, 1)
     ids0 = {d.id for d in devs[:4]}
     assert {d.id for d in mesh.devices[0, :2].flat} == ids0  # slice 0 = first half of fsdp
@@ -171,36 +172,36 @@ def test_multi_slice_cpu_fallback():
 def test_multi_slice_hybrid_with_stub_tpus():
     devs = fake_slice((2, 2, 1), 0, 0) + fake_slice((2, 2, 1), 1, 4)
     devs = devs[::-1]  # order must not matter: slices are found by slice_index
-    mesh = build_mesh('fsdp=-1,expert=2,dcn.data=2', devices=devs)
+    mesh = build_mesh("fsdp=-1,expert=2,dcn.data=2", devices=devs)
     assert mesh.devices.shape == (2, 2, 2, 1)
     assert {d.slice_index for d in mesh.devices[0].flat} == {0}
     assert {d.slice_index for d in mesh.devices[1].flat} == {1}
-    mesh = build_mesh('fsdp=2,expert=-1,dcn.fsdp=2', devices=devs)
+    mesh = build_mesh("fsdp=2,expert=-1,dcn.fsdp=2", devices=devs)
     assert mesh.devices.shape == (1, 4, 2, 1)
     assert {d.slice_index for d in mesh.devices[0, :2].flat} == {0}
     assert {d.slice_index for d in mesh.devices[0, 2:].flat} == {1}
     # errors: wrong slice count; several slices but dcn all 1
-    with pytest.raises(ValueError, match=r'ask for 4 slices.*span 2 slice'):
-        build_mesh('fsdp=-1,dcn.data=4', devices=devs)
-    with pytest.raises(ValueError, match=r'span 2 slices.*dcn'):
-        build_mesh('fsdp=-1', devices=devs)
+    with pytest.raises(ValueError, match=r"ask for 4 slices.*span 2 slice"):
+        build_mesh("fsdp=-1,dcn.data=4", devices=devs)
+    with pytest.raises(ValueError, match=r"span 2 slices.*dcn"):
+        build_mesh("fsdp=-1", devices=devs)
 
 
 def test_v5p_256_topology_stub():
-    devs = fake_slice((4, 8, 8), kind='TPU v5p')
-    mesh = build_mesh('fsdp=-1,expert=4', devices=devs)  # 4 and 8x8 are whole physical axes
+    devs = fake_slice((4, 8, 8), kind="TPU v5p")
+    mesh = build_mesh("fsdp=-1,expert=4", devices=devs)  # 4 and 8x8 are whole physical axes
     assert mesh.devices.shape == (1, 64, 4, 1)
     # topology-aware, not a plain reshape: each 'expert' group is one physical x-ring
     for grp in mesh.devices[0, :, :, 0]:
         assert sorted(d.coords[0] for d in grp) == [0, 1, 2, 3]
         assert len({d.coords[1:] for d in grp}) == 1
     # expert=16 is no product of whole axes of 4x8x8: needs a split physical axis
-    mesh = build_mesh('fsdp=-1,expert=16', devices=devs)
+    mesh = build_mesh("fsdp=-1,expert=16", devices=devs)
     assert mesh.devices.shape == (1, 16, 16, 1)
     assert len({d.id for d in mesh.devices.flat}) == 256
-    with pytest.raises(ValueError, match=r'allow_split_physical_axes'):
+    with pytest.raises(ValueError, match=r"allow_split_physical_axes"):
         build_mesh(
-            MeshConfig(ici={'fsdp': -1, 'expert': 16}, allow_split_physical_axes=False),
+            MeshConfig(ici={"fsdp": -1, "expert": 16}, allow_split_physical_axes=False),
             devices=devs,
         )
 
@@ -218,139 +219,139 @@ def test_presets_cover_all_logical_axes():
 
 
 def test_logical_to_spec_presets():
-    exp_w = ('layers', 'exp', 'exp_embed', 'exp_mlp')
-    dense = ('embed', 'heads', 'head_dim')
-    assert logical_to_spec(exp_w, 'fsdp_ep_tp') == P(None, 'expert', 'fsdp', 'tensor')
-    assert logical_to_spec(dense, 'fsdp_ep_tp') == P(('fsdp', 'expert'), 'tensor', None)
-    assert logical_to_spec(exp_w, 'fsdp_ep') == P(None, 'expert', 'fsdp', None)
-    assert logical_to_spec(dense, 'fsdp_ep') == P(('fsdp', 'expert'), None, None)
-    assert logical_to_spec(exp_w, 'fsdp') == P(None, None, 'fsdp', None)
-    assert logical_to_spec(dense, 'fsdp') == P('fsdp', None, None)
-    assert logical_to_spec(('vocab', 'embed'), 'fsdp_ep_tp') == P('tensor', ('fsdp', 'expert'))
-    assert logical_to_spec(('layers', 'norm'), 'fsdp_ep_tp') == P(None, None)
-    assert logical_to_spec(('embed', 'router'), 'fsdp_ep') == P(('fsdp', 'expert'), None)
-    assert logical_to_spec(('batch', 'length', 'act_embed'), 'fsdp_ep_tp') == P(
-        ('data', 'fsdp', 'expert'), None, None
+    exp_w = ("layers", "exp", "exp_embed", "exp_mlp")
+    dense = ("embed", "heads", "head_dim")
+    assert logical_to_spec(exp_w, "fsdp_ep_tp") == P(None, "expert", "fsdp", "tensor")
+    assert logical_to_spec(dense, "fsdp_ep_tp") == P(("fsdp", "expert"), "tensor", None)
+    assert logical_to_spec(exp_w, "fsdp_ep") == P(None, "expert", "fsdp", None)
+    assert logical_to_spec(dense, "fsdp_ep") == P(("fsdp", "expert"), None, None)
+    assert logical_to_spec(exp_w, "fsdp") == P(None, None, "fsdp", None)
+    assert logical_to_spec(dense, "fsdp") == P("fsdp", None, None)
+    assert logical_to_spec(("vocab", "embed"), "fsdp_ep_tp") == P("tensor", ("fsdp", "expert"))
+    assert logical_to_spec(("layers", "norm"), "fsdp_ep_tp") == P(None, None)
+    assert logical_to_spec(("embed", "router"), "fsdp_ep") == P(("fsdp", "expert"), None)
+    assert logical_to_spec(("batch", "length", "act_embed"), "fsdp_ep_tp") == P(
+        ("data", "fsdp", "expert"), None, None
     )
-    assert logical_to_spec(('batch', 'length', 'act_embed'), 'fsdp') == P(
-        ('data', 'fsdp'), None, None
+    assert logical_to_spec(("batch", "length", "act_embed"), "fsdp") == P(
+        ("data", "fsdp"), None, None
     )
-    assert logical_to_spec(('batch', 'length', 'act_vocab'), 'fsdp_ep_tp') == P(
-        ('data', 'fsdp', 'expert'), None, 'tensor'
+    assert logical_to_spec(("batch", "length", "act_vocab"), "fsdp_ep_tp") == P(
+        ("data", "fsdp", "expert"), None, "tensor"
     )
     # dispatched expert activations: 'expert' goes to the expert dim, the batch keeps the rest
-    assert logical_to_spec(('act_exp', 'batch', 'act_embed'), 'fsdp_ep') == P(
-        'expert', ('data', 'fsdp'), None
+    assert logical_to_spec(("act_exp", "batch", "act_embed"), "fsdp_ep") == P(
+        "expert", ("data", "fsdp"), None
     )
-    assert logical_to_spec(('batch', 'act_exp'), 'fsdp_ep') == P(('data', 'fsdp', 'expert'), None)
+    assert logical_to_spec(("batch", "act_exp"), "fsdp_ep") == P(("data", "fsdp", "expert"), None)
     assert logical_to_spec(
-        ('cache_layers', 'cache_batch', 'cache_length', 'cache_kv_heads', 'head_dim'), 'fsdp_ep_tp'
-    ) == P(None, ('data', 'fsdp', 'expert'), None, 'tensor', None)
-    assert logical_to_spec(('batch', 'length', 'act_embed'), 'serve_ep_tp') == P(
-        'data', None, ('fsdp', 'expert')
+        ("cache_layers", "cache_batch", "cache_length", "cache_kv_heads", "head_dim"), "fsdp_ep_tp"
+    ) == P(None, ("data", "fsdp", "expert"), None, "tensor", None)
+    assert logical_to_spec(("batch", "length", "act_embed"), "serve_ep_tp") == P(
+        "data", None, ("fsdp", "expert")
     )
-    assert logical_to_spec((None, 'embed'), 'fsdp') == P(None, 'fsdp')
-    assert logical_to_spec((), 'fsdp') == P()
+    assert logical_to_spec((None, "embed"), "fsdp") == P(None, "fsdp")
+    assert logical_to_spec((), "fsdp") == P()
 
 
 def test_never_names_an_axis_twice():
-    rules = (('a', ('fsdp', 'expert')), ('b', ('expert', 'tensor')), ('c', 'fsdp'))
-    assert logical_to_spec(('a', 'b', 'c'), rules) == P(('fsdp', 'expert'), 'tensor', None)
-    assert logical_to_spec(('c', 'a'), rules) == P('fsdp', 'expert')
+    rules = (("a", ("fsdp", "expert")), ("b", ("expert", "tensor")), ("c", "fsdp"))
+    assert logical_to_spec(("a", "b", "c"), rules) == P(("fsdp", "expert"), "tensor", None)
+    assert logical_to_spec(("c", "a"), rules) == P("fsdp", "expert")
 
 
 def test_size_one_axes_dropped_with_mesh():
     mesh = _M(fsdp=8)
-    assert logical_to_spec(('embed', 'heads'), 'fsdp_ep_tp', mesh=mesh) == P('fsdp', None)
-    assert logical_to_spec(('batch', 'act_embed'), 'fsdp_ep_tp', mesh=mesh) == P('fsdp', None)
+    assert logical_to_spec(("embed", "heads"), "fsdp_ep_tp", mesh=mesh) == P("fsdp", None)
+    assert logical_to_spec(("batch", "act_embed"), "fsdp_ep_tp", mesh=mesh) == P("fsdp", None)
     assert logical_to_spec(
-        ('layers', 'exp', 'exp_embed', 'exp_mlp'), 'fsdp_ep_tp', mesh=_M(expert=2, tensor=2)
-    ) == P(None, 'expert', None, 'tensor')
+        ("layers", "exp", "exp_embed", "exp_mlp"), "fsdp_ep_tp", mesh=_M(expert=2, tensor=2)
+    ) == P(None, "expert", None, "tensor")
 
 
 def test_divisibility_error_names_everything():
     with pytest.raises(ValueError) as e:
         logical_to_spec(
-            ('layers', 'embed', 'heads'),
-            'fsdp_ep_tp',
+            ("layers", "embed", "heads"),
+            "fsdp_ep_tp",
             mesh=_M(fsdp=4, expert=2),
             shape=(2, 12, 16),
-            name='layers.attn.q.kernel',
+            name="layers.attn.q.kernel",
         )
     msg = str(e.value)
     for part in (
         "layers.attn.q.kernel",
-        'dim 1',
+        "dim 1",
         "'embed'",
-        'size 12',
+        "size 12",
         "('fsdp', 'expert')",
-        '= 8',
+        "= 8",
     ):
         assert part in msg, (part, msg)
     with pytest.raises(ValueError, match=r"'w'.*2 names.*3 dims"):
-        logical_to_spec(('embed', 'mlp'), 'fsdp', mesh=_M(fsdp=2), shape=(2, 2, 2), name='w')
+        logical_to_spec(("embed", "mlp"), "fsdp", mesh=_M(fsdp=2), shape=(2, 2, 2), name="w")
 
 
 def test_rules_errors():
     with pytest.raises(ValueError, match=r"unknown logical axis name 'embd'.*'w'"):
-        logical_to_spec(('embd',), 'fsdp', name='w')
+        logical_to_spec(("embd",), "fsdp", name="w")
     with pytest.raises(ValueError, match=r"unknown sharding preset 'tp'"):
-        get_rules('tp')
+        get_rules("tp")
     with pytest.raises(ValueError, match=r"'model'.*known axes"):
-        logical_to_spec(('x',), (('x', 'model'),))
+        logical_to_spec(("x",), (("x", "model"),))
     with pytest.raises(ValueError, match=r"'x' appears more than once"):
-        logical_to_spec(('x',), (('x', 'fsdp'), ('x', 'data')))
+        logical_to_spec(("x",), (("x", "fsdp"), ("x", "data")))
     with pytest.raises(ValueError, match=r"unknown logical axis name\(s\) \['lenght'\]"):
-        get_rules('fsdp', {'lenght': 'fsdp'})
-    with pytest.raises(ValueError, match=r'string'):
-        logical_to_spec('embed', 'fsdp')
+        get_rules("fsdp", {"lenght": "fsdp"})
+    with pytest.raises(ValueError, match=r"string"):
+        logical_to_spec("embed", "fsdp")
     with pytest.raises(ValueError, match=r"'data'.*not in the mesh"):
-        logical_to_spec(('batch',), 'fsdp', mesh=type('M', (), {'shape': {'fsdp': 2}})())
+        logical_to_spec(("batch",), "fsdp", mesh=type("M", (), {"shape": {"fsdp": 2}})())
 
 
 def test_overrides_and_unused_axes():
-    r = get_rules('fsdp_ep', {'length': 'tensor'})
-    assert logical_to_spec(('batch', 'length'), r) == P(('data', 'fsdp', 'expert'), 'tensor')
-    assert unused_mesh_axes('fsdp', _M(fsdp=4, expert=2)) == ['expert']
-    assert unused_mesh_axes('fsdp_ep', _M(fsdp=4, expert=2)) == []
-    assert unused_mesh_axes('fsdp_ep', _M(fsdp=4, tensor=2)) == ['tensor']
+    r = get_rules("fsdp_ep", {"length": "tensor"})
+    assert logical_to_spec(("batch", "length"), r) == P(("data", "fsdp", "expert"), "tensor")
+    assert unused_mesh_axes("fsdp", _M(fsdp=4, expert=2)) == ["expert"]
+    assert unused_mesh_axes("fsdp_ep", _M(fsdp=4, expert=2)) == []
+    assert unused_mesh_axes("fsdp_ep", _M(fsdp=4, tensor=2)) == ["tensor"]
 
 
 # ----------------------------------------------------------------------------- nnx state
 class Tiny(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
-        self.embed = nnx.Param(init(rngs.params(), (64, 16)), logical_axes=('vocab', 'embed'))
+        self.embed = nnx.Param(init(rngs.params(), (64, 16)), logical_axes=("vocab", "embed"))
         self.wq = nnx.Param(
             init(rngs.params(), (2, 16, 4, 8)),
-            logical_axes=('layers', 'embed', 'heads', 'head_dim'),
+            logical_axes=("layers", "embed", "heads", "head_dim"),
         )
         self.experts = nnx.Param(
             init(rngs.params(), (2, 4, 16, 32)),
-            logical_axes=('layers', 'exp', 'exp_embed', 'exp_mlp'),
+            logical_axes=("layers", "exp", "exp_embed", "exp_mlp"),
         )
-        self.norm = nnx.Param(jnp.ones((16,)), logical_axes=('norm',))
+        self.norm = nnx.Param(jnp.ones((16,)), logical_axes=("norm",))
         self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))  # scalar, no logical_axes
 
 
 @needs8
 def test_state_shardings_nnx():
-    mesh = build_mesh('fsdp=2,expert=2,tensor=2')
+    mesh = build_mesh("fsdp=2,expert=2,tensor=2")
     abstract = nnx.eval_shape(lambda: Tiny(nnx.Rngs(0)))
     state = nnx.state(abstract)
-    specs = state_specs(state, 'fsdp_ep_tp', mesh)
-    assert isinstance(specs['embed'], nnx.Param)
-    assert specs['embed'].get_value() == P('tensor', ('fsdp', 'expert'))
-    assert specs['embed'].get_metadata('logical_axes') == ('vocab', 'embed')
-    assert specs['wq'].get_value() == P(None, ('fsdp', 'expert'), 'tensor', None)
-    assert specs['experts'].get_value() == P(None, 'expert', 'fsdp', 'tensor')
-    assert specs['norm'].get_value() == P(None)
-    assert specs['count'].get_value() == P()
+    specs = state_specs(state, "fsdp_ep_tp", mesh)
+    assert isinstance(specs["embed"], nnx.Param)
+    assert specs["embed"].get_value() == P("tensor", ("fsdp", "expert"))
+    assert specs["embed"].get_metadata("logical_axes") == ("vocab", "embed")
+    assert specs["wq"].get_value() == P(None, ("fsdp", "expert"), "tensor", None)
+    assert specs["experts"].get_value() == P(None, "expert", "fsdp", "tensor")
+    assert specs["norm"].get_value() == P(None)
+    assert specs["count"].get_value() == P()
 
-    shardings = state_shardings(state, 'fsdp_ep_tp', mesh)
-    s = shardings['experts'].get_value()
+    shardings = state_shardings(state, "fsdp_ep_tp", mesh)
+    s = shardings["experts"].get_value()
     assert isinstance(s, NamedSharding) and s.mesh == mesh
-    assert s.spec == P(None, 'expert', 'fsdp', 'tensor')
+    assert s.spec == P(None, "expert", "fsdp", "tensor")
 
     # the shardings are usable: create the sharded model with jit out_shardings
     graphdef, _ = nnx.split(abstract)
@@ -365,8 +366,8 @@ def test_state_shardings_nnx():
         ),
         out_shardings=out_sh,
     )()
-    assert state_pure['experts'].sharding.spec == P(None, 'expert', 'fsdp', 'tensor')
-    assert state_pure['experts'].addressable_shards[0].data.shape == (2, 2, 8, 16)
+    assert state_pure["experts"].sharding.spec == P(None, "expert", "fsdp", "tensor")
+    assert state_pure["experts"].addressable_shards[0].data.shape == (2, 2, 8, 16)
     del graphdef
 
 
@@ -375,43 +376,43 @@ def test_state_errors_name_the_path():
     class Bad(nnx.Module):
         def __init__(self):
             self.block = nnx.Dict(
-                w=nnx.Param(jnp.zeros((3, 16)), logical_axes=('embed', 'mlp')),
+                w=nnx.Param(jnp.zeros((3, 16)), logical_axes=("embed", "mlp")),
                 v=nnx.Param(jnp.zeros((4, 4))),
             )
 
-    mesh = build_mesh('fsdp=-1')
+    mesh = build_mesh("fsdp=-1")
     state = nnx.state(nnx.eval_shape(Bad))
     with pytest.raises(ValueError, match=r"'block\.(v|w)'"):
-        state_shardings(state, 'fsdp', mesh)
+        state_shardings(state, "fsdp", mesh)
     with pytest.raises(ValueError, match=r"'block\.v' of shape \(4, 4\) has no logical_axes"):
-        state_specs(nnx.State({'block': {'v': state['block']['v']}}), 'fsdp', mesh)
+        state_specs(nnx.State({"block": {"v": state["block"]["v"]}}), "fsdp", mesh)
     with pytest.raises(ValueError, match=r"block\.w.*dim 0.*'embed'.*size 3.*8"):
-        state_specs(nnx.State({'block': {'w': state['block']['w']}}), 'fsdp', mesh)
+        state_specs(nnx.State({"block": {"w": state["block"]["w"]}}), "fsdp", mesh)
 
 
 # ----------------------------------------------------------------------------- constrain
 def test_constrain_identity_without_mesh():
     x = jnp.ones((4, 8))
-    assert constrain(x, ('batch', 'act_embed'), 'fsdp') is x
-    assert constrain(x, ('batch', 'act_embed'), None) is x
+    assert constrain(x, ("batch", "act_embed"), "fsdp") is x
+    assert constrain(x, ("batch", "act_embed"), None) is x
     with pytest.raises(ValueError, match=r"'bach'"):
-        constrain(x, ('bach', 'act_embed'), 'fsdp')
+        constrain(x, ("bach", "act_embed"), "fsdp")
 
 
 @needs8
 def test_constrain_under_mesh():
-    mesh = build_mesh('data=2,fsdp=2,tensor=2')
+    mesh = build_mesh("data=2,fsdp=2,tensor=2")
 
     @jax.jit
     def f(x):
-        return constrain(x * 2, ('batch', 'act_mlp'), 'fsdp_ep_tp')
+        return constrain(x * 2, ("batch", "act_mlp"), "fsdp_ep_tp")
 
     with jax.set_mesh(mesh):
         y = f(jnp.ones((8, 16)))
-        spec = activation_spec(('batch', 'act_mlp'), 'fsdp_ep_tp')
-    assert activation_spec(('batch', 'act_mlp'), 'fsdp_ep_tp') == P(
-        ('data', 'fsdp', 'expert'), 'tensor'
+        spec = activation_spec(("batch", "act_mlp"), "fsdp_ep_tp")
+    assert activation_spec(("batch", "act_mlp"), "fsdp_ep_tp") == P(
+        ("data", "fsdp", "expert"), "tensor"
     )
-    assert spec == P(('data', 'fsdp'), 'tensor')  # size-1 'expert' dropped under the mesh
-    assert y.sharding.spec == P(('data', 'fsdp'), 'tensor')
+    assert spec == P(("data", "fsdp"), "tensor")  # size-1 'expert' dropped under the mesh
+    assert y.sharding.spec == P(("data", "fsdp"), "tensor")
     np.testing.assert_array_equal(np.asarray(y), 2.0)

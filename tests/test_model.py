@@ -11,21 +11,26 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as nr
 import pytest
 import yaml
+from conftest import HY_TINY
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-import numpy_reference as nr
-from conftest import HY_TINY
 from hunyuan_jax import hf_mapping
 from hunyuan_jax.config import ModelConfig, hf_to_fields, load_config
 from hunyuan_jax.hf_checkpoint import CheckpointError
 from hunyuan_jax.layers import apply_rope, rope_inv_freq
 from hunyuan_jax.model import Attention, KVCache
 from hunyuan_jax.moe import ExpertWeights, dropless_experts, route
-from hunyuan_jax.state import (abstract_model, flat_shapes, load_hf_model, model_from_arrays,
-                               param_count)
+from hunyuan_jax.state import (
+    abstract_model,
+    flat_shapes,
+    load_hf_model,
+    model_from_arrays,
+    param_count,
+)
 
 CONFIGS = HY_TINY.parents[2] / "configs"
 REF_TOL = 1e-4  # SPEC section 5: converted float32 logits agree with PyTorch to ~1e-4
@@ -39,10 +44,23 @@ def logits_of(model, tokens):
 
 def small_cfg(**kw):
     """A hand-built config smaller than hy_tiny (fast to compile), every feature on."""
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                num_kv_heads=2, num_experts=4, moe_top_k=1, cla_share_factor=2,
-                rope_alpha=1000.0, max_position_embeddings=64, initializer_range=0.2,
-                param_dtype="float32", compute_dtype="float32", remat="none")
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=4,
+        moe_top_k=1,
+        cla_share_factor=2,
+        rope_alpha=1000.0,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        param_dtype="float32",
+        compute_dtype="float32",
+        remat="none",
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -209,8 +227,9 @@ def test_qk_norm_applied_after_rope():
 # ----------------------------------------------------------------------------- CLA
 @pytest.mark.parametrize("f,layers", [(1, 3), (2, 6), (3, 6)])
 def test_cla_only_first_of_group_owns_kv(f, layers):
-    cfg = ModelConfig.from_yaml(CONFIGS / "tiny.yaml").replace(cla_share_factor=f,
-                                                                num_layers=layers)
+    cfg = ModelConfig.from_yaml(CONFIGS / "tiny.yaml").replace(
+        cla_share_factor=f, num_layers=layers
+    )
     shapes = flat_shapes(abstract_model(cfg))
     for name in ("k_proj", "v_proj"):
         owners = [p for p in shapes if p[-1] == name]
@@ -219,10 +238,17 @@ def test_cla_only_first_of_group_owns_kv(f, layers):
     for j in range(f):  # every layer has its own q_proj and qk norms
         for leaf in (("q_proj",), ("query_norm", "weight"), ("key_norm", "weight")):
             assert ("groups", "layers", j, "attn") + leaf in shapes
-    hf_kv = {key for e in hf_mapping.mapping_table(cfg) for _, key in hf_mapping.hf_slices(e, cfg)
-             if "k_proj" in key or "v_proj" in key}
-    assert hf_kv == {f"model.layers.{i}.self_attn.{n}.weight" for i in range(0, layers, f)
-                     for n in ("k_proj", "v_proj")}
+    hf_kv = {
+        key
+        for e in hf_mapping.mapping_table(cfg)
+        for _, key in hf_mapping.hf_slices(e, cfg)
+        if "k_proj" in key or "v_proj" in key
+    }
+    assert hf_kv == {
+        f"model.layers.{i}.self_attn.{n}.weight"
+        for i in range(0, layers, f)
+        for n in ("k_proj", "v_proj")
+    }
 
 
 def test_cla_reusing_layer_uses_shared_kv_and_own_key_norm():
@@ -241,8 +267,12 @@ def test_cla_reusing_layer_uses_shared_kv_and_own_key_norm():
     base = np.asarray(logits_of(model, ids))
     l0, l1 = model.groups.layers[0], model.groups.layers[1]
     changes = {}
-    for name, var in (("k0", l0.attn.k_proj), ("v0", l0.attn.v_proj),
-                      ("keynorm1", l1.attn.key_norm.weight), ("keynorm0", l0.attn.key_norm.weight)):
+    for name, var in (
+        ("k0", l0.attn.k_proj),
+        ("v0", l0.attn.v_proj),
+        ("keynorm1", l1.attn.key_norm.weight),
+        ("keynorm0", l0.attn.key_norm.weight),
+    ):
         old = var[...]
         perturb(var, 0, 0.3, seed=7)
         changes[name] = np.abs(np.asarray(logits_of(model, ids)) - base).max()
@@ -285,11 +315,13 @@ def test_router_top1_raw_probability_top2_renormalised():
     assert np.all(np.asarray(r1.weights) < 0.999)  # not renormalised to 1
     r2 = route(jnp.asarray(x), jnp.asarray(kernel), 2)
     top2 = np.sort(probs, -1)[:, ::-1][:, :2]
-    np.testing.assert_allclose(np.asarray(r2.weights), top2 / top2.sum(-1, keepdims=True),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(r2.weights), top2 / top2.sum(-1, keepdims=True), rtol=1e-5
+    )
     np.testing.assert_allclose(np.asarray(r2.weights).sum(-1), 1.0, rtol=1e-6)
-    np.testing.assert_array_equal(np.sort(np.asarray(r2.expert_ids), -1),
-                                  np.sort(np.argsort(-probs, -1)[:, :2], -1))
+    np.testing.assert_array_equal(
+        np.sort(np.asarray(r2.expert_ids), -1), np.sort(np.argsort(-probs, -1)[:, :2], -1)
+    )
 
 
 def test_router_float32_with_bfloat16_inputs():
@@ -336,8 +368,9 @@ def test_dropless_experts_equal_token_loop(k):
     sparse = real._replace(expert_ids=jnp.asarray(ids, jnp.int32), weights=jnp.asarray(weights))
     for routing in (sparse, real):
         got, _ = dropless_experts(jnp.asarray(x), routing, jw)
-        np.testing.assert_allclose(np.asarray(got), _expert_loop(x, routing, w), atol=1e-5,
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(got), _expert_loop(x, routing, w), atol=1e-5, rtol=1e-5
+        )
 
 
 # ----------------------------------------------------------------------------- dtypes, scan
@@ -346,8 +379,7 @@ def test_bfloat16_policy_close_to_float32(reference):
     router (top-1 vs top-2 probability margin 0.0015 at layer 0, row 1, token 2), so bf16
     flips their expert and those logits move by up to ~2: the bound is statistical."""
     ids = jnp.asarray(reference["input_ids"])
-    _, model = load_hf_model(HY_TINY / "hf_st", param_dtype="bfloat16",
-                             compute_dtype="bfloat16")
+    _, model = load_hf_model(HY_TINY / "hf_st", param_dtype="bfloat16", compute_dtype="bfloat16")
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         assert var.dtype == (jnp.float32 if path[-1] == "router" else jnp.bfloat16), path
     logits = logits_of(model, ids)
@@ -393,13 +425,16 @@ def test_kv_cache_prefill_and_steps_equal_full_forward(reference, tiny):
         return logits, cache
 
     cache = KVCache.zeros(cfg, b, s, jnp.float32)
-    assert cache.k.shape == cache.v.shape == (cfg.num_layers // cfg.cla_share_factor, b, s,
-                                              cfg.num_kv_heads, cfg.head_dim)
+    assert (
+        cache.k.shape
+        == cache.v.shape
+        == (cfg.num_layers // cfg.cla_share_factor, b, s, cfg.num_kv_heads, cfg.head_dim)
+    )
     prefill = 10
     out, cache = step(model, ids[:, :prefill], cache)
     outs = [np.asarray(out)]
     for t in range(prefill, s):
-        out, cache = step(model, ids[:, t:t + 1], cache)
+        out, cache = step(model, ids[:, t : t + 1], cache)
         outs.append(np.asarray(out))
     np.testing.assert_array_equal(np.asarray(cache.index), [s, s])
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)  # 4.8e-6
@@ -413,8 +448,10 @@ def test_kv_cache_prefill_and_steps_equal_full_forward(reference, tiny):
 #   total  = 64*(81,920,000+160+12,800+102,400+17*351,436,800) + 32*8,192,000 + V*D + 6,400
 #   active = the same with 2 SwiGLUs per layer (shared + 1 expert) instead of 17.
 # (SPEC says "about 388.9B total, about 51.5B active"; the formulas give 388.70B / 51.32B.)
-A52B = {"hunyuan_a52b_pretrain": (128512, 388_698_128_640, 51_318_800_640),
-        "hunyuan_a52b_instruct": (129024, 388_701_405_440, 51_322_077_440)}
+A52B = {
+    "hunyuan_a52b_pretrain": (128512, 388_698_128_640, 51_318_800_640),
+    "hunyuan_a52b_instruct": (129024, 388_701_405_440, 51_322_077_440),
+}
 
 
 def _a52b_by_hand(vocab, swiglus_per_layer):
@@ -431,8 +468,11 @@ def test_a52b_param_counts(name):
     shapes = flat_shapes(abstract_model(cfg))
     assert param_count(abstract_model(cfg)) == total
     assert 388e9 < total < 390e9
-    routed = sum(int(np.prod(s)) for p, s in shapes.items()
-                 if len(p) > 2 and p[-2] == "moe" and p[-1] in ("gate_proj", "up_proj", "down_proj"))
+    routed = sum(
+        int(np.prod(s))
+        for p, s in shapes.items()
+        if len(p) > 2 and p[-2] == "moe" and p[-1] in ("gate_proj", "up_proj", "down_proj")
+    )
     model_active = total - routed + routed * cfg.moe_top_k // cfg.num_experts
     assert model_active == active
     assert 51.0e9 < active < 52.0e9
@@ -468,14 +508,17 @@ def _yaml(tmp_path, **changes):
     return path
 
 
-@pytest.mark.parametrize("changes,exc,names", [
-    ({"hiden_size": 96}, ValueError, ["hiden_size"]),
-    ({"hidden_size": "96"}, TypeError, ["hidden_size"]),
-    ({"use_qk_norm": "yes"}, TypeError, ["use_qk_norm"]),
-    ({"num_kv_heads": 5}, ValueError, ["num_heads", "num_kv_heads"]),
-    ({"num_layers": 5}, ValueError, ["num_layers", "cla_share_factor"]),
-    ({"moe_top_k": 9}, ValueError, ["moe_top_k", "num_experts"]),
-])
+@pytest.mark.parametrize(
+    "changes,exc,names",
+    [
+        ({"hiden_size": 96}, ValueError, ["hiden_size"]),
+        ({"hidden_size": "96"}, TypeError, ["hidden_size"]),
+        ({"use_qk_norm": "yes"}, TypeError, ["use_qk_norm"]),
+        ({"num_kv_heads": 5}, ValueError, ["num_heads", "num_kv_heads"]),
+        ({"num_layers": 5}, ValueError, ["num_layers", "cla_share_factor"]),
+        ({"moe_top_k": 9}, ValueError, ["moe_top_k", "num_experts"]),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path, changes, exc, names):
     with pytest.raises(exc) as info:
         ModelConfig.from_yaml(_yaml(tmp_path, **changes))
@@ -485,18 +528,36 @@ def test_config_errors_name_the_key(tmp_path, changes, exc, names):
 
 def test_config_from_hf_and_round_trip(tmp_path):
     cfg = load_config(HY_TINY / "hf_st" / "config.json")
-    want = dict(vocab_size=1024, hidden_size=96, intermediate_size=128, num_layers=6,
-                num_heads=12, num_kv_heads=4, head_dim=8, num_experts=8, num_shared_experts=1,
-                moe_top_k=1, cla_share_factor=2, use_qk_norm=True, rope_theta=10000.0,
-                rope_alpha=100000.0, max_position_embeddings=256, rms_norm_eps=1e-5,
-                tie_word_embeddings=True)
+    want = dict(
+        vocab_size=1024,
+        hidden_size=96,
+        intermediate_size=128,
+        num_layers=6,
+        num_heads=12,
+        num_kv_heads=4,
+        head_dim=8,
+        num_experts=8,
+        num_shared_experts=1,
+        moe_top_k=1,
+        cla_share_factor=2,
+        use_qk_norm=True,
+        rope_theta=10000.0,
+        rope_alpha=100000.0,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
     assert {k: getattr(cfg, k) for k in want} == want
     assert cfg == ModelConfig.from_hf(HY_TINY / "hf_bin")
     # Our tiny.yaml describes the same architecture.
     yaml_cfg = load_config(CONFIGS / "tiny.yaml")
     assert {k: getattr(yaml_cfg, k) for k in want} == want
-    for c in (cfg, cfg.replace(cla_share_factor=1, num_shared_experts=0, moe_top_k=2,
-                               use_qk_norm=False, rope_alpha=1.0)):
+    for c in (
+        cfg,
+        cfg.replace(
+            cla_share_factor=1, num_shared_experts=0, moe_top_k=2, use_qk_norm=False, rope_alpha=1.0
+        ),
+    ):
         back = ModelConfig.from_dict(hf_to_fields(json.loads(json.dumps(c.to_hf()))))
         assert back == c
         (tmp_path / "config.json").write_text(json.dumps(c.to_hf()))
@@ -524,6 +585,7 @@ def _rewrite(tmp_path, edit):
 def test_checkpoint_missing_tensor(tmp_path):
     def edit(tensors, wmap, shard):
         del tensors[BAD_KEY], wmap[BAD_KEY]
+
     with pytest.raises(CheckpointError, match=BAD_KEY.replace(".", r"\.")):
         load_hf_model(_rewrite(tmp_path, edit))
 
@@ -534,6 +596,7 @@ def test_checkpoint_unexpected_tensor(tmp_path):
     def edit(tensors, wmap, shard):
         tensors[extra] = np.zeros((128, 96), np.float32)
         wmap[extra] = shard
+
     with pytest.raises(CheckpointError, match=extra.replace(".", r"\.")):
         load_hf_model(_rewrite(tmp_path, edit))
 
@@ -541,6 +604,7 @@ def test_checkpoint_unexpected_tensor(tmp_path):
 def test_checkpoint_wrong_shape(tmp_path):
     def edit(tensors, wmap, shard):
         tensors[BAD_KEY] = np.zeros((96, 95), np.float32)
+
     with pytest.raises(CheckpointError) as info:
         load_hf_model(_rewrite(tmp_path, edit))
     msg = str(info.value)
@@ -558,5 +622,6 @@ def test_checkpoint_missing_shard(tmp_path):
 def test_checkpoint_tensor_in_index_but_not_in_shard(tmp_path):
     def edit(tensors, wmap, shard):
         del tensors[BAD_KEY]  # the index still lists it
+
     with pytest.raises(CheckpointError, match=BAD_KEY.replace(".", r"\.")):
         load_hf_model(_rewrite(tmp_path, edit))

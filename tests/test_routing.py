@@ -5,7 +5,8 @@ per-expert queues, plus the capacity expert path against the dropless one."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hunyuan_jax import moe
 
@@ -38,9 +39,15 @@ _assign = jax.jit(moe.assign_slots, static_argnums=1)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
-@given(seed=st.integers(0, 2**31 - 1), tokens=st.sampled_from([1, 7, 32]),
-       experts=st.sampled_from([1, 3, 8]), k=st.integers(1, 2),
-       capacity=st.sampled_from([1, 3, 8]), skew=st.floats(0.0, 6.0), keyed=st.booleans())
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    tokens=st.sampled_from([1, 7, 32]),
+    experts=st.sampled_from([1, 3, 8]),
+    k=st.integers(1, 2),
+    capacity=st.sampled_from([1, 3, 8]),
+    skew=st.floats(0.0, 6.0),
+    keyed=st.booleans(),
+)
 def test_assign_slots_properties(seed, tokens, experts, k, capacity, skew, keyed):
     k = min(k, experts)
     r = _routing(seed, tokens, experts, k, skew)
@@ -91,8 +98,12 @@ def test_capacity_experts_equal_dropless_when_nothing_overflows():
     rng = np.random.default_rng(0)
     tokens, d, f, e = 24, 16, 32, 4
     x = jnp.asarray(rng.normal(size=(tokens, d)), jnp.float32)
-    w = moe.ExpertWeights(*(jnp.asarray(rng.normal(size=s) * 0.2, jnp.float32)
-                            for s in ((e, d, f), (e, d, f), (e, f, d))))
+    w = moe.ExpertWeights(
+        *(
+            jnp.asarray(rng.normal(size=s) * 0.2, jnp.float32)
+            for s in ((e, d, f), (e, d, f), (e, f, d))
+        )
+    )
     r = moe.route(x, jnp.asarray(rng.normal(size=(d, e)), jnp.float32), 1)
     dropless, _ = moe.dropless_experts(x, r, w)
     capped, stats = moe.make_capacity_experts(float(e))(x, r, w, jax.random.key(0))

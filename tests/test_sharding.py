@@ -6,9 +6,9 @@ sharded initialisation never materialises the full tree on one device."""
 import jax
 import numpy as np
 import pytest
+from conftest import HY_TINY
 from flax import nnx
 
-from conftest import HY_TINY
 from hunyuan_jax import moe
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.expert_parallel import make_expert_parallel_fn
@@ -46,23 +46,30 @@ def batch(reference):
     segment_ids = np.ones_like(inputs)
     segment_ids[4:, 12:] = 2  # packed rows: two documents
     positions = np.where(segment_ids == 2, np.arange(24) - 12, np.arange(24)).astype(np.int32)
-    return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
-            "positions": positions, "loss_mask": np.ones_like(inputs, np.float32)}
+    return {
+        "inputs": inputs,
+        "targets": targets,
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "loss_mask": np.ones_like(inputs, np.float32),
+    }
 
 
 def _loss_and_grads(model, batch, experts_fn=None):
     graphdef, state = nnx.split(model)
 
     def loss_fn(state):
-        loss, metrics = lm_loss(nnx.merge(graphdef, state), batch, experts_fn=experts_fn,
-                                aux_loss_coef=0.01)
+        loss, metrics = lm_loss(
+            nnx.merge(graphdef, state), batch, experts_fn=experts_fn, aux_loss_coef=0.01
+        )
         return loss, metrics
 
     @jax.jit
     def run(state):
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state)
-        logits, _, _ = nnx.merge(graphdef, state)(batch["inputs"], batch["positions"],
-                                                  batch["segment_ids"], experts_fn=experts_fn)
+        logits, _, _ = nnx.merge(graphdef, state)(
+            batch["inputs"], batch["positions"], batch["segment_ids"], experts_fn=experts_fn
+        )
         return logits, loss, grads
 
     return run(state)
@@ -80,8 +87,9 @@ def test_sharded_equals_single_device(shape, preset, strategy, batch, single_dev
     if strategy == "all_to_all" and preset == "fsdp":
         pytest.skip("no expert axis: the experts are not distributed")
     mesh, rules = _mesh(shape), get_rules(preset)
-    _, model = load_hf_model(HY_TINY / "hf_st", compute_dtype="float32", remat="full",
-                             mesh=mesh, rules=rules)
+    _, model = load_hf_model(
+        HY_TINY / "hf_st", compute_dtype="float32", remat="full", mesh=mesh, rules=rules
+    )
     # Capacity large enough that no pair is re-routed: then all_to_all is exact too.
     experts_fn = make_expert_parallel_fn(mesh, rules, strategy, capacity_factor=8.0)
     with jax.set_mesh(mesh):
@@ -92,8 +100,13 @@ def test_sharded_equals_single_device(shape, preset, strategy, batch, single_dev
     flat, ref_flat = nnx.to_flat_state(grads), dict(nnx.to_flat_state(ref_grads))
     assert len(flat) == len(ref_flat)
     for path, g in flat:
-        np.testing.assert_allclose(np.asarray(g.get_value()), ref_flat[path].get_value(),
-                                   atol=GRAD_ATOL, rtol=0, err_msg=".".join(map(str, path)))
+        np.testing.assert_allclose(
+            np.asarray(g.get_value()),
+            ref_flat[path].get_value(),
+            atol=GRAD_ATOL,
+            rtol=0,
+            err_msg=".".join(map(str, path)),
+        )
 
 
 def test_capacity_routing_all_to_all_matches_single_device_when_routing_agrees(batch):
@@ -104,8 +117,7 @@ def test_capacity_routing_all_to_all_matches_single_device_when_routing_agrees(b
     w = jax.tree.map(lambda a: a[0], nnx.state(model.groups.layers[0].moe))  # group 0
     router = w["router"].get_value()
     routing = moe.route(x, router, 1)
-    weights = moe.ExpertWeights(*(w[n].get_value() for n in ("gate_proj", "up_proj",
-                                                             "down_proj")))
+    weights = moe.ExpertWeights(*(w[n].get_value() for n in ("gate_proj", "up_proj", "down_proj")))
     key = jax.random.key(7)
     single, stats = moe.make_capacity_experts(1.0)(x, routing, weights, key)
     assert float(stats["rerouted_fraction"]) > 0  # the test exercises re-routing
@@ -116,30 +128,34 @@ def test_capacity_routing_all_to_all_matches_single_device_when_routing_agrees(b
         sharded, sharded_stats = jax.jit(fn)(x, routing, weights, key)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-5)
     # keys differ per device layout, so re-routing may pick other slots; the fraction agrees
-    np.testing.assert_allclose(float(sharded_stats["rerouted_fraction"]),
-                               float(stats["rerouted_fraction"]))
+    np.testing.assert_allclose(
+        float(sharded_stats["rerouted_fraction"]), float(stats["rerouted_fraction"])
+    )
 
 
 def test_parameters_are_placed_as_the_preset_says():
     _, abstract_state = nnx.split(abstract_model(ModelConfig.from_hf(HY_TINY / "hf_st")))
     mesh = _mesh((1, 2, 2, 2))
-    specs = dict(nnx.to_flat_state(state_shardings(abstract_state, get_rules("fsdp_ep_tp"),
-                                                   mesh)))
+    specs = dict(nnx.to_flat_state(state_shardings(abstract_state, get_rules("fsdp_ep_tp"), mesh)))
     spec = lambda *path: specs[path].get_value().spec
     P = jax.sharding.PartitionSpec
     assert spec("groups", "layers", 0, "moe", "gate_proj") == P(None, "expert", "fsdp", "tensor")
     assert spec("groups", "layers", 1, "moe", "down_proj") == P(None, "expert", "tensor", "fsdp")
-    assert spec("groups", "layers", 0, "attn", "q_proj") == P(None, ("fsdp", "expert"), "tensor",
-                                                               None)
-    assert spec("groups", "layers", 0, "attn", "k_proj") == P(None, ("fsdp", "expert"), "tensor",
-                                                               None)
+    assert spec("groups", "layers", 0, "attn", "q_proj") == P(
+        None, ("fsdp", "expert"), "tensor", None
+    )
+    assert spec("groups", "layers", 0, "attn", "k_proj") == P(
+        None, ("fsdp", "expert"), "tensor", None
+    )
     assert spec("embed") == P("tensor", ("fsdp", "expert"))
     assert spec("groups", "layers", 0, "input_norm", "weight") == P(None, None)
-    fsdp_specs = dict(nnx.to_flat_state(state_shardings(abstract_state, get_rules("fsdp"),
-                                                        _mesh((1, 8, 1, 1)))))
+    fsdp_specs = dict(
+        nnx.to_flat_state(state_shardings(abstract_state, get_rules("fsdp"), _mesh((1, 8, 1, 1))))
+    )
     assert fsdp_specs[("embed",)].get_value().spec == P(None, "fsdp")
     assert fsdp_specs[("groups", "layers", 0, "moe", "up_proj")].get_value().spec == P(
-        None, None, "fsdp", None)
+        None, None, "fsdp", None
+    )
 
 
 def test_sharded_init_never_holds_the_full_tree_on_one_device():
@@ -148,9 +164,12 @@ def test_sharded_init_never_holds_the_full_tree_on_one_device():
     cfg = ModelConfig.from_yaml("configs/small.yaml")
     mesh, rules = _mesh((1, 8, 1, 1)), get_rules("fsdp")
     graphdef, abstract_state = nnx.split(abstract_model(cfg, rules))
-    full_bytes = sum(v.get_value().size * v.get_value().dtype.itemsize
-                     for _, v in nnx.to_flat_state(abstract_state))
+    full_bytes = sum(
+        v.get_value().size * v.get_value().dtype.itemsize
+        for _, v in nnx.to_flat_state(abstract_state)
+    )
     shardings = state_shardings(abstract_state, rules, mesh)
+
     def create(key):
         return nnx.state(HunyuanForCausalLM(cfg, rngs=nnx.Rngs(key), rules=rules))
 

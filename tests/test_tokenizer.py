@@ -37,11 +37,23 @@ MESSAGE_SETS = [
     REF["chat"]["messages"],
     [{"role": "user", "content": "hi"}],
     [{"role": "system", "content": "sys"}, {"role": "user", "content": "q"}],
-    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+    [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ],
     [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
-    [{"role": "system", "content": ""}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}],
-    [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "system", "content": "mid"},
-     {"role": "user", "content": "q2"}],
+    [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "r"},
+    ],
+    [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q"},
+        {"role": "system", "content": "mid"},
+        {"role": "user", "content": "q2"},
+    ],
 ]
 
 
@@ -63,7 +75,18 @@ def _stdlib_corpus():
     import textwrap
 
     texts = []
-    for mod in (string, textwrap, collections, functools, itertools, json_mod, pathlib, re, os, inspect):
+    for mod in (
+        string,
+        textwrap,
+        collections,
+        functools,
+        itertools,
+        json_mod,
+        pathlib,
+        re,
+        os,
+        inspect,
+    ):
         for obj in [mod, *vars(mod).values()]:
             doc = getattr(obj, "__doc__", None)
             if isinstance(doc, str):
@@ -75,7 +98,9 @@ def _stdlib_corpus():
 @pytest.fixture(scope="module", params=["bpe", "unigram"])
 def spt(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"sp_{request.param}")
-    return SentencePieceTokenizer.train(_stdlib_corpus(), out / "tokenizer", 512, model_type=request.param)
+    return SentencePieceTokenizer.train(
+        _stdlib_corpus(), out / "tokenizer", 512, model_type=request.param
+    )
 
 
 # --------------------------------------------------------------------------- Hunyuan reference
@@ -93,17 +118,34 @@ def test_reference_chat(hy):
     assert hy.apply_chat_template(chat["messages"]) == chat["ids"]
     assert hy.apply_chat_template(chat["messages"], add_generation_prompt=False) == chat["ids"]
     # Explicit system message present -> the default system prompt changes nothing.
-    assert hy.apply_chat_template(chat["messages"], system_prompt=DEFAULT_SYSTEM_PROMPT) == chat["ids"]
+    assert (
+        hy.apply_chat_template(chat["messages"], system_prompt=DEFAULT_SYSTEM_PROMPT) == chat["ids"]
+    )
     # Without one, system_prompt=DEFAULT_SYSTEM_PROMPT reproduces the reference conversation.
-    assert hy.apply_chat_template(chat["messages"][1:], system_prompt=DEFAULT_SYSTEM_PROMPT) == chat["ids"]
+    assert (
+        hy.apply_chat_template(chat["messages"][1:], system_prompt=DEFAULT_SYSTEM_PROMPT)
+        == chat["ids"]
+    )
 
 
 def test_chat_layout_by_segments(hy):
-    sot, e0, e4, eos = (SPECIAL_TOKENS[t] for t in ("<|startoftext|>", "<|extra_0|>", "<|extra_4|>", "<|eos|>"))
+    sot, e0, e4, eos = (
+        SPECIAL_TOKENS[t] for t in ("<|startoftext|>", "<|extra_0|>", "<|extra_4|>", "<|eos|>")
+    )
     msgs = REF["chat"]["messages"]
     enc = hy.encode
-    expected = ([sot] + enc(msgs[0]["content"]) + [e4] + enc(msgs[1]["content"]) + [e0]
-                + enc(msgs[2]["content"]) + [eos] + [sot] + enc(msgs[3]["content"]) + [e0])
+    expected = (
+        [sot]
+        + enc(msgs[0]["content"])
+        + [e4]
+        + enc(msgs[1]["content"])
+        + [e0]
+        + enc(msgs[2]["content"])
+        + [eos]
+        + [sot]
+        + enc(msgs[3]["content"])
+        + [e0]
+    )
     assert hy.apply_chat_template(msgs) == expected
     assert hy.decode(expected) == render_chat(msgs)
 
@@ -113,7 +155,9 @@ def test_render_chat_matches_jinja_template(messages):
     jinja2 = pytest.importorskip("jinja2")
     cfg = json.loads((HY_DIR / "tokenizer_config.json").read_text())
     env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
-    want = env.from_string(cfg["chat_template"]).render(messages=messages, add_generation_prompt=True)
+    want = env.from_string(cfg["chat_template"]).render(
+        messages=messages, add_generation_prompt=True
+    )
     assert render_chat(messages) == want
 
 
@@ -220,7 +264,11 @@ def test_sentencepiece_specials(spt):
         assert spt.encode(name) == [idx]
         assert spt.decode([idx]) == name
     body = spt.encode("hello")
-    assert spt.encode("hello", add_special_tokens=True) == [spt.bos_id, *body, specials["<|endoftext|>"]]
+    assert spt.encode("hello", add_special_tokens=True) == [
+        spt.bos_id,
+        *body,
+        specials["<|endoftext|>"],
+    ]
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP + ["def f(x):\n    return x ** 2  # <|eos|> inline"])
@@ -233,8 +281,18 @@ def test_sentencepiece_chat(spt):
     sot, e0, e4, eos = sp["<|startoftext|>"], sp["<|extra_0|>"], sp["<|extra_4|>"], sp["<|eos|>"]
     msgs = REF["chat"]["messages"]
     enc = spt.encode
-    expected = ([sot] + enc(msgs[0]["content"]) + [e4] + enc(msgs[1]["content"]) + [e0]
-                + enc(msgs[2]["content"]) + [eos] + [sot] + enc(msgs[3]["content"]) + [e0])
+    expected = (
+        [sot]
+        + enc(msgs[0]["content"])
+        + [e4]
+        + enc(msgs[1]["content"])
+        + [e0]
+        + enc(msgs[2]["content"])
+        + [eos]
+        + [sot]
+        + enc(msgs[3]["content"])
+        + [e0]
+    )
     ids = spt.apply_chat_template(msgs)
     assert ids == expected
     assert spt.decode(ids) == render_chat(msgs)

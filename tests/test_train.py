@@ -22,6 +22,7 @@ import jax
 
 if "HUNYUAN_TEST_JAX_CACHE" not in os.environ:
     import atexit
+
     os.environ["HUNYUAN_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="hy-jax-cache-")
     atexit.register(shutil.rmtree, os.environ["HUNYUAN_TEST_JAX_CACHE"], ignore_errors=True)
 
@@ -45,17 +46,29 @@ STEPS = 30
 # single device, micro-batches (gradient accumulation), dropout on (the PRNG must replay on
 # resume), capacity routing at factor 1.0 (tokens are re-routed), explicit expert LR factors.
 BASE = [
-    "mesh=data=1,fsdp=1,expert=1,tensor=1", "rules=fsdp", f"steps={STEPS}", "batch_size=8",
-    "seq_len=64", "micro_batches=2", "lr=3e-3", "warmup_steps=3", "save_every=10",
-    "keep_checkpoints=3", "log_every=10", "corpus_max_bytes=300000",
-    "shared_expert_lr_scale=0.5", "routed_expert_lr_scale=0.25",
-    "model.hidden_dropout=0.1", "model.attention_dropout=0.1",
+    "mesh=data=1,fsdp=1,expert=1,tensor=1",
+    "rules=fsdp",
+    f"steps={STEPS}",
+    "batch_size=8",
+    "seq_len=64",
+    "micro_batches=2",
+    "lr=3e-3",
+    "warmup_steps=3",
+    "save_every=10",
+    "keep_checkpoints=3",
+    "log_every=10",
+    "corpus_max_bytes=300000",
+    "shared_expert_lr_scale=0.5",
+    "routed_expert_lr_scale=0.25",
+    "model.hidden_dropout=0.1",
+    "model.attention_dropout=0.1",
 ]
 
 
 def _configs(run_dir, tokenizer, *extra, **changes):
-    return load_configs(TINY, BASE + [f"run_dir={run_dir}", f"tokenizer={tokenizer}",
-                                      *extra], **changes)
+    return load_configs(
+        TINY, BASE + [f"run_dir={run_dir}", f"tokenizer={tokenizer}", *extra], **changes
+    )
 
 
 def _metrics(run_dir):
@@ -72,6 +85,7 @@ def compilation_cache():
     """A persistent compilation cache for this module only (restored afterwards, so other
     modules' compiles, e.g. AOT TPU programs, are not affected)."""
     from jax._src import compilation_cache as cc
+
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     old = {n: getattr(jax.config, n) for n in names}
     jax.config.update(names[0], os.environ["HUNYUAN_TEST_JAX_CACHE"])
@@ -137,6 +151,7 @@ def test_loss_falls_and_run_dir_layout(reference):
     _, model20 = restore_params(run, step=20)
     assert not _params_equal(model, model20)
     from sharding.mesh import build_mesh
+
     mesh = build_mesh("data=2,fsdp=1,expert=4,tensor=1")
     _, sharded = restore_params(run, mesh=mesh, rules="fsdp_ep")
     assert _params_equal(model, sharded)
@@ -186,15 +201,22 @@ def test_kill_during_save_resumes_from_last_complete(reference, workdir, tokeniz
     script = workdir / "hang_in_save.py"
     script.write_text(_HANG)
     marker = workdir / "hang_marker"
-    env = dict(os.environ, HANG_AT_STEP="20", HANG_MARKER=str(marker),
-               TRAIN_PY=str(REPO / "train.py"), JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=os.environ["HUNYUAN_TEST_JAX_CACHE"],
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ,
+        HANG_AT_STEP="20",
+        HANG_MARKER=str(marker),
+        TRAIN_PY=str(REPO / "train.py"),
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=os.environ["HUNYUAN_TEST_JAX_CACHE"],
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+        PYTHONPATH=str(REPO),
+    )
     args = [sys.executable, str(script), "--config", str(TINY)]
     for s in BASE + [f"run_dir={run}", f"tokenizer={tokenizer}"]:
         args += ["--set", s]
-    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.time() + 240
         while not marker.exists():
@@ -268,9 +290,18 @@ def test_nonfinite_loss_skip_leaves_state_unchanged(reference, workdir, tokenize
 
 # ----------------------------------------------------------------------------- config
 def test_configs_and_overrides(tmp_path):
-    mcfg, tcfg = load_configs(TINY, ["lr=1e-4", "steps=7", "model.hidden_dropout=0.2",
-                                     "mesh=data=2,fsdp=1,expert=4,tensor=1", "data=null",
-                                     "pack=false"], run_dir=str(tmp_path))
+    mcfg, tcfg = load_configs(
+        TINY,
+        [
+            "lr=1e-4",
+            "steps=7",
+            "model.hidden_dropout=0.2",
+            "mesh=data=2,fsdp=1,expert=4,tensor=1",
+            "data=null",
+            "pack=false",
+        ],
+        run_dir=str(tmp_path),
+    )
     assert tcfg.lr == 1e-4 and tcfg.steps == 7 and tcfg.data is None and not tcfg.pack
     assert tcfg.mesh == "data=2,fsdp=1,expert=4,tensor=1" and tcfg.run_dir == str(tmp_path)
     assert mcfg.hidden_dropout == 0.2 and mcfg.vocab_size == 1024
@@ -284,6 +315,7 @@ def test_configs_and_overrides(tmp_path):
         load_configs(TINY, ["steps=abc"])
     # The resolved run config round-trips through <run>/config.yaml.
     from hunyuan_jax.checkpointing import read_run_config, write_run_config
+
     write_run_config(tmp_path, mcfg, tcfg)
     m2, t2 = read_run_config(tmp_path)
     assert m2 == mcfg and TrainConfig.from_dict(t2) == tcfg
@@ -294,6 +326,7 @@ def test_configs_and_overrides(tmp_path):
 # ----------------------------------------------------------------------------- optimizer
 def test_expert_lr_rule_defaults():
     from hunyuan_jax.config import ModelConfig
+
     mcfg = ModelConfig.from_yaml(REPO / "configs" / "hunyuan_a52b_pretrain.yaml")
     tcfg = TrainConfig(batch_size=64, seq_len=4096)
     s = optim.expert_lr_scales(tcfg, mcfg)
@@ -305,23 +338,32 @@ def test_expert_lr_rule_defaults():
         want = optim.lr_opt(b / 16, bn) / optim.lr_opt(b, bn)
         assert s["routed_expert"] == pytest.approx(want)
     assert optim.lr_opt(b, b, 1e-3) == pytest.approx(1e-3)  # B == B_noise gives lr_max
-    s = optim.expert_lr_scales(tcfg.replace(routed_expert_lr_scale=0.1,
-                                            shared_expert_lr_scale=0.7), mcfg)
+    s = optim.expert_lr_scales(
+        tcfg.replace(routed_expert_lr_scale=0.1, shared_expert_lr_scale=0.7), mcfg
+    )
     assert (s["routed_expert"], s["shared_expert"]) == (0.1, 0.7)
 
 
 def _groups_of(params):
     out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    for path, _ in jax.tree_util.tree_leaves_with_path(params):
         out[jax.tree_util.keystr(path)] = optim.param_group(path)
     return out
 
 
 def test_optimizer_groups_and_decay_mask():
     from hunyuan_jax.state import abstract_model
-    mcfg, tcfg = load_configs(TINY, ["warmup_steps=0", "weight_decay=0.1", "grad_clip=0",
-                                     "shared_expert_lr_scale=0.5",
-                                     "routed_expert_lr_scale=0.25"])
+
+    mcfg, tcfg = load_configs(
+        TINY,
+        [
+            "warmup_steps=0",
+            "weight_decay=0.1",
+            "grad_clip=0",
+            "shared_expert_lr_scale=0.5",
+            "routed_expert_lr_scale=0.25",
+        ],
+    )
     _, params = nnx.split(abstract_model(mcfg))
     params = jax.tree.map(lambda a: jnp.full(a.shape, 2.0, a.dtype), params)
     groups = _groups_of(params)
@@ -341,8 +383,9 @@ def test_optimizer_groups_and_decay_mask():
         name = jax.tree_util.keystr(path)
         factor = {"dense": 1.0, "shared_expert": 0.5, "routed_expert": 0.25}[groups[name]]
         decay = 0.0 if "norm" in name else 0.1 * 2.0
-        np.testing.assert_allclose(np.asarray(u), -lr * factor * (1 + decay), rtol=1e-5,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(u), -lr * factor * (1 + decay), rtol=1e-5, err_msg=name
+        )
 
 
 def test_train_step_applies_expert_lrs(tokenizer, workdir):
@@ -351,8 +394,14 @@ def test_train_step_applies_expert_lrs(tokenizer, workdir):
     back from the parameter change; norms show no weight decay."""
     from hunyuan_jax.data import batch_sharding, to_global
     from hunyuan_jax.state import init_model
-    from hunyuan_jax.train_step import (init_train_state, jit_train_step, make_experts_fn, make_mesh,
-                                        make_train_step, train_shardings)
+    from hunyuan_jax.train_step import (
+        init_train_state,
+        jit_train_step,
+        make_experts_fn,
+        make_mesh,
+        make_train_step,
+        train_shardings,
+    )
     from sharding.rules import get_rules
 
     mcfg, tcfg = _configs(workdir / "unused", tokenizer)
@@ -361,9 +410,12 @@ def test_train_step_applies_expert_lrs(tokenizer, workdir):
     graphdef, state = init_train_state(init_model(mcfg, tcfg.seed, mesh, rules), opt, mesh, rules)
     before = jax.tree.map(np.asarray, state.params)
     sh = train_shardings(jax.eval_shape(lambda: state), mesh, rules)
-    step = jit_train_step(make_train_step(graphdef, opt, mcfg, tcfg,
-                                          make_experts_fn(mcfg, tcfg, mesh, rules)),
-                          sh, batch_sharding(mesh, rules), mesh)
+    step = jit_train_step(
+        make_train_step(graphdef, opt, mcfg, tcfg, make_experts_fn(mcfg, tcfg, mesh, rules)),
+        sh,
+        batch_sharding(mesh, rules),
+        mesh,
+    )
     rng = np.random.default_rng(0)
     docs = [(rng.integers(0, 1024, 200).astype(np.int32), np.ones(200, np.float32))]
     loader = PackedLoader(docs, 8, 64, 2)
@@ -373,8 +425,9 @@ def test_train_step_applies_expert_lrs(tokenizer, workdir):
     assert lr == pytest.approx(3e-3 / 3)
     groups = _groups_of(before)
     seen = {}
-    for (path, p0), p1 in zip(jax.tree_util.tree_leaves_with_path(before),
-                              jax.tree.leaves(state.params)):
+    for (path, p0), p1 in zip(
+        jax.tree_util.tree_leaves_with_path(before), jax.tree.leaves(state.params)
+    ):
         name = jax.tree_util.keystr(path)
         delta = (np.asarray(p1) - p0).ravel()
         p0 = p0.ravel()
@@ -395,21 +448,32 @@ def test_train_step_applies_expert_lrs(tokenizer, workdir):
 def test_expert_parallel_mesh_matches_single_device(workdir, tokenizer):
     """data=2 x expert=4 (fsdp_ep, all-to-all dispatch) vs one device: the same loss curve and
     parameters. Capacity factor 8 = experts: no token is re-routed, so the math is the same."""
-    common = ["steps=4", "batch_size=16", "seq_len=32", "micro_batches=2", "save_every=4",
-              "model.capacity_factor=8.0", "model.hidden_dropout=0.0",
-              "model.attention_dropout=0.0"]
+    common = [
+        "steps=4",
+        "batch_size=16",
+        "seq_len=32",
+        "micro_batches=2",
+        "save_every=4",
+        "model.capacity_factor=8.0",
+        "model.hidden_dropout=0.0",
+        "model.attention_dropout=0.0",
+    ]
     runs = {}
-    for name, mesh, rules in (("one", "data=1,fsdp=1,expert=1,tensor=1", "fsdp"),
-                              ("ep8", "data=2,fsdp=1,expert=4,tensor=1", "fsdp_ep")):
-        mcfg, tcfg = _configs(workdir / f"mesh_{name}", tokenizer, *common, f"mesh={mesh}",
-                              f"rules={rules}")
+    for name, mesh, rules in (
+        ("one", "data=1,fsdp=1,expert=1,tensor=1", "fsdp"),
+        ("ep8", "data=2,fsdp=1,expert=4,tensor=1", "fsdp_ep"),
+    ):
+        mcfg, tcfg = _configs(
+            workdir / f"mesh_{name}", tokenizer, *common, f"mesh={mesh}", f"rules={rules}"
+        )
         train(mcfg, tcfg, log=lambda *_: None)
         runs[name] = workdir / f"mesh_{name}"
     one, ep8 = (_metrics(runs[n]) for n in ("one", "ep8"))
     assert all(m["rerouted_fraction"] == 0.0 for m in one + ep8)
     np.testing.assert_allclose([m["loss"] for m in ep8], [m["loss"] for m in one], rtol=2e-5)
-    np.testing.assert_allclose([m["expert_load"] for m in ep8],
-                               [m["expert_load"] for m in one], atol=1e-6)
+    np.testing.assert_allclose(
+        [m["expert_load"] for m in ep8], [m["expert_load"] for m in one], atol=1e-6
+    )
     # Parameters: Adam divides by sqrt(v), so an element whose gradient is ~0 can move by up to
     # lr in either direction on a 1e-7 difference in summation order; all others agree.
     a, b = (jax.tree.leaves(nnx.state(restore_params(runs[n])[1])) for n in ("one", "ep8"))
