@@ -33,20 +33,13 @@ import numpy as np
 
 from hunyuan_jax import hf_mapping
 from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.errors import CheckpointError, MissingShardError  # noqa: F401 (re-exported)
 
 _INDEXES = (
     ("model.safetensors.index.json", "safetensors"),
     ("pytorch_model.bin.index.json", "bin"),
 )
 _SINGLE = (("model.safetensors", "safetensors"), ("pytorch_model.bin", "bin"))
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: names the tensor, file and shapes."""
-
-
-class MissingShardError(CheckpointError, FileNotFoundError):
-    """A shard file named by the index does not exist."""
 
 
 class HFCheckpoint:

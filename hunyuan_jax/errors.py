@@ -1,0 +1,115 @@
+"""The errors a user can cause, one class per kind, each with its documented exit status.
+
+Every CLI (train.py, infer.py, the converter, the AOT tool, the server) runs its body through
+`run_cli`: an expected error becomes one line on stderr naming the file, key, tensor or line at
+fault, and the process exits with the class's status; `--debug` shows the traceback instead.
+Anything else is a bug and keeps Python's traceback (exit status 1).
+
+| status | class | meaning |
+|---|---|---|
+| 0 | | success |
+| 1 | (any other exception) | internal error: a bug, with its traceback |
+| 2 | `UsageError`, `ConfigError` | bad command line or configuration (flag, YAML, key) |
+| 3 | `DataError` | bad input data (training files, prompts file, preference data) |
+| 4 | `CheckpointError` | checkpoint missing, truncated, corrupt or incompatible |
+| 5 | `NonFiniteLoss` | training stopped on a non-finite loss or gradient |
+| 6 | `DoesNotFit` | the program does not fit the accelerator's memory (AOT tool) |
+| 130 | | interrupted (Ctrl-C) |
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class HunyuanError(Exception):
+    """Base class of expected errors (subclasses set `exit_code`)."""
+
+    exit_code = 1
+
+
+class UsageError(HunyuanError, ValueError):
+    """A bad command line: a flag, a value out of range, a missing argument."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A bad configuration file or key (YAML, config.json, --set)."""
+
+
+class DataError(HunyuanError, ValueError):
+    """Bad input data; the message names the file and line."""
+
+    exit_code = 3
+
+
+class CheckpointError(HunyuanError, ValueError):
+    """A checkpoint that is missing, truncated, corrupt or does not match the model."""
+
+    exit_code = 4
+
+
+class MissingShardError(CheckpointError, FileNotFoundError):
+    """A shard listed in a checkpoint's index is not on disk."""
+
+
+class NonFiniteLoss(HunyuanError, RuntimeError):
+    """Training stopped because a step's loss or gradient was not finite."""
+
+    exit_code = 5
+
+
+class DoesNotFit(HunyuanError):
+    """A compiled program needs more memory per chip than the chip has."""
+
+    exit_code = 6
+
+    def __init__(
+        self, message: str, required_gib: float | None = None, available_gib: float | None = None
+    ):
+        super().__init__(message)
+        self.required_gib, self.available_gib = required_gib, available_gib
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "internal error (a bug: the traceback is printed)",
+    2: "usage or configuration error",
+    3: "bad input data",
+    4: "checkpoint missing, truncated, corrupt or incompatible",
+    5: "training stopped on a non-finite loss",
+    6: "does not fit the accelerator's memory",
+    130: "interrupted",
+}
+
+
+def add_debug_flag(parser) -> None:
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of an error instead of one line",
+    )
+
+
+def run_cli(prog: str, main: Callable[[], int | None], debug: bool = False) -> int:
+    """Runs `main()`; an expected error is printed as `prog: error: message` (one line) and
+    returns its exit status. With `debug` the exception propagates (full traceback)."""
+    try:
+        return int(main() or 0)
+    except HunyuanError as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
