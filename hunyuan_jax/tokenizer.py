@@ -3,18 +3,25 @@
 This module owns tokenisation: the common ``Tokenizer`` interface, the original
 Hunyuan tiktoken BPE (``HunyuanTokenizer``, SPEC section 4), a SentencePiece
 tokenizer that can be trained on a small corpus (``SentencePieceTokenizer``),
-the Hunyuan chat layout (``render_chat``) shared by both, and ``load_tokenizer``
-which picks the right one for a directory or file.
+chat rendering, and ``load_tokenizer`` which picks the right one for a directory or file.
+
+Chat: a tokenizer whose ``tokenizer_config.json`` has a ``chat_template`` renders conversations
+with it exactly as Hugging Face's ``apply_chat_template`` does (``render_chat_template``); one
+without (e.g. the SentencePiece model the smoke run trains) uses ``render_chat``, a hand port of
+the Hunyuan-Large Instruct template.
 """
 
 from __future__ import annotations
 
 import abc
 import base64
+import functools
 import json
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+from hunyuan_jax.errors import ConfigError, DataError
 
 __all__ = [
     "Tokenizer",
@@ -22,6 +29,8 @@ __all__ = [
     "SentencePieceTokenizer",
     "load_tokenizer",
     "render_chat",
+    "render_chat_template",
+    "compile_chat_template",
     "PAT_STR",
     "SPECIAL_START_ID",
     "SPECIAL_TOKENS",
@@ -78,9 +87,11 @@ def _nfc(text: str) -> str:
 
 
 def render_chat(messages: Sequence[Mapping[str, str]], system_prompt: str | None = None) -> str:
-    """Render ``messages`` with the Hunyuan-Large Instruct chat template.
+    """Render ``messages`` in the Hunyuan-Large Instruct chat layout, without jinja.
 
-    A line-for-line port of the jinja ``chat_template`` in tokenizer_config.json:
+    The fallback for tokenizers that have no ``chat_template`` (a tokenizer that has one renders
+    with ``render_chat_template``).  A line-for-line port of the jinja ``chat_template`` in the
+    released tokenizer_config.json:
 
     * message 0: empty content -> emits nothing and marks "no head";
       a system message -> ``<|startoftext|>{sys}<|extra_4|>``.
@@ -88,6 +99,10 @@ def render_chat(messages: Sequence[Mapping[str, str]], system_prompt: str | None
       -> ``<|startoftext|><|startoftext|>{text}<|extra_0|>`` (template quirk, kept);
       otherwise ``<|startoftext|>{text}<|extra_0|>``.
     * assistant: ``{text}<|eos|>``.  Any other message is emitted raw.
+
+    One difference: a first message with empty content.  Here it renders as above; Hugging Face
+    renders the template in an immutable sandbox, where the template's ``context.update(...)``
+    is refused, so ``apply_chat_template`` raises (jinja2 ``SecurityError``) for it.
 
     The template has no generation suffix: a prompt already ends with the user
     turn's ``<|extra_0|>``.  ``system_prompt`` (e.g. ``DEFAULT_SYSTEM_PROMPT``) is
@@ -102,11 +117,11 @@ def render_chat(messages: Sequence[Mapping[str, str]], system_prompt: str | None
         try:
             role, content = message["role"], message["content"]
         except (KeyError, TypeError) as e:
-            raise ValueError(
+            raise DataError(
                 f"chat message {i} must be a mapping with 'role' and 'content', got {message!r}"
             ) from e
         if not isinstance(content, str):
-            raise ValueError(f"chat message {i}: content must be str, got {type(content).__name__}")
+            raise DataError(f"chat message {i}: content must be str, got {type(content).__name__}")
         if i == 0:
             if content == "":
                 has_head = False
@@ -123,6 +138,142 @@ def render_chat(messages: Sequence[Mapping[str, str]], system_prompt: str | None
             content = content + EOS
         out.append(content)
     return "".join(out)
+
+
+# --------------------------------------------------------------------------- jinja chat template
+
+
+def _jinja_env():
+    """The jinja environment Hugging Face renders chat templates in (transformers
+    ``chat_template_utils._compile_jinja_template``): immutable sandbox, ``trim_blocks`` and
+    ``lstrip_blocks``, the ``loopcontrols`` extension and a ``{% generation %}`` block tag
+    (rendered as its body), ``tojson`` without HTML escaping, and the globals
+    ``raise_exception`` and ``strftime_now``."""
+    import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2 import nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _Generation(jinja2.ext.Extension):
+        # HF's AssistantTracker outside ``return_assistant_tokens_mask``: the body, unchanged.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    def strftime_now(fmt):
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env
+
+
+@functools.lru_cache(maxsize=8)
+def compile_chat_template(template: str):
+    """The compiled jinja ``Template`` of a chat template (cached).  Raises
+    ``jinja2.TemplateSyntaxError`` for a template that does not parse."""
+    return _jinja_env().from_string(template)
+
+
+def render_chat_template(
+    template: str,
+    messages: Sequence[Mapping],
+    add_generation_prompt: bool = False,
+    special_tokens_map: Mapping[str, object] | None = None,
+    **kwargs,
+) -> str:
+    """Render ``messages`` with the jinja chat ``template`` as Hugging Face's
+    ``tokenizer.apply_chat_template(messages, tokenize=False, ...)`` does.
+
+    The template sees ``messages``, ``tools=None``, ``documents=None``,
+    ``add_generation_prompt``, the tokenizer's special-token map (``bos_token``, ``eos_token``,
+    ``pad_token``, ``additional_special_tokens`` ...) and ``kwargs`` (which win over the map).
+    Messages are passed as given (no validation: the template decides).  Errors raised while
+    rendering (``raise_exception``, sandbox refusals, undefined values) are jinja2
+    ``TemplateError``s.
+    """
+    return compile_chat_template(template).render(
+        messages=list(messages),
+        tools=None,
+        documents=None,
+        add_generation_prompt=add_generation_prompt,
+        **{**dict(special_tokens_map or {}), **kwargs},
+    )
+
+
+_SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+    "additional_special_tokens",
+)
+
+
+def _token_content(value):
+    # tokenizer_config.json spells a token as a string or an AddedToken dict {"content": ...}.
+    if isinstance(value, Mapping):
+        return value.get("content")
+    if isinstance(value, list):
+        return [_token_content(v) for v in value]
+    return value
+
+
+def _read_tokenizer_config(path: Path) -> tuple[str | None, dict[str, object]]:
+    """(chat_template or None, special-token map overrides) of a tokenizer_config.json.
+
+    A template that does not parse is a ``ConfigError`` naming the file.  A list of named
+    templates (HF's format for several) yields the one named "default".
+    """
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read tokenizer config: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+        if "default" not in named:
+            raise ConfigError(
+                f"{path}: chat_template lists the templates {sorted(map(str, named))} "
+                "but none named 'default'"
+            )
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise ConfigError(f"{path}: chat_template must be a string, got {type(template).__name__}")
+    if template is not None:
+        import jinja2
+
+        try:
+            compile_chat_template(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise ConfigError(f"{path}: chat_template line {e.lineno}: {e.message}") from e
+    tokens = {k: _token_content(cfg[k]) for k in _SPECIAL_TOKEN_KEYS if cfg.get(k) is not None}
+    return template, tokens
 
 
 # --------------------------------------------------------------------------- interface
@@ -168,26 +319,71 @@ class Tokenizer(abc.ABC):
     def special_tokens(self) -> dict[str, int]:
         """Special-token string -> id, for those this tokenizer has."""
 
+    #: The jinja chat template (tokenizer_config.json's ``chat_template``), or None: then chats
+    #: are rendered by ``render_chat``.  ``chat_template_source`` names where it came from.
+    chat_template: str | None = None
+    chat_template_source: str | None = None
+
+    @property
+    def special_tokens_map(self) -> dict[str, object]:
+        """What Hugging Face's ``special_tokens_map`` holds (``bos_token``, ``eos_token``,
+        ``pad_token``, ``additional_special_tokens`` ...): variables a chat template may read."""
+        return {}
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping],
+        add_generation_prompt: bool = True,
+        system_prompt: str | None = None,
+    ) -> str:
+        """The text of ``messages`` in this tokenizer's chat format.
+
+        With a ``chat_template``: rendered as Hugging Face's ``apply_chat_template`` renders it
+        (``render_chat_template``); a rendering error is a ``DataError``.  Without one: the
+        hand-written Hunyuan layout (module-level ``render_chat``), which needs the chat special
+        tokens (``ValueError`` if the tokenizer lacks them) and has no generation suffix.
+        ``system_prompt`` (e.g. ``DEFAULT_SYSTEM_PROMPT``) is prepended as a system message when
+        given and the conversation does not start with one.
+        """
+        msgs = list(messages)
+        if system_prompt is not None and not (
+            msgs and isinstance(msgs[0], Mapping) and msgs[0].get("role") == "system"
+        ):
+            msgs.insert(0, {"role": "system", "content": system_prompt})
+        if self.chat_template is None:
+            missing = [
+                t for t in (STARTOFTEXT, EXTRA_0, EXTRA_4, EOS) if t not in self.special_tokens
+            ]
+            if missing:
+                raise ValueError(
+                    f"{type(self).__name__} has no chat_template and lacks the chat special "
+                    f"tokens {missing}; the Hunyuan chat layout cannot be rendered with it"
+                )
+            return render_chat(msgs)
+        import jinja2
+
+        try:
+            return render_chat_template(
+                self.chat_template, msgs, add_generation_prompt, self.special_tokens_map
+            )
+        except jinja2.TemplateError as e:
+            where = self.chat_template_source or "the tokenizer's chat_template"
+            raise DataError(
+                f"chat template of {where} cannot render this conversation: {type(e).__name__}: {e}"
+            ) from e
+
     def apply_chat_template(
         self,
-        messages: Sequence[Mapping[str, str]],
+        messages: Sequence[Mapping],
         add_generation_prompt: bool = True,
         system_prompt: str | None = None,
     ) -> list[int]:
-        """Ids of ``messages`` in the Hunyuan chat layout (see ``render_chat``).
-
-        ``add_generation_prompt`` is accepted for interface compatibility; the
-        Hunyuan layout needs no suffix (a user turn already ends with the
-        assistant cue ``<|extra_0|>``), so it changes nothing.
-        """
-        del add_generation_prompt
-        missing = [t for t in (STARTOFTEXT, EXTRA_0, EXTRA_4, EOS) if t not in self.special_tokens]
-        if missing:
-            raise ValueError(
-                f"{type(self).__name__} lacks the chat special tokens {missing}; "
-                "the Hunyuan chat template cannot be rendered with it"
-            )
-        return self.encode(render_chat(messages, system_prompt=system_prompt))
+        """Ids of ``messages`` in this tokenizer's chat format: ``encode(render_chat(...))``,
+        i.e. Hugging Face's ``apply_chat_template(messages, tokenize=True)`` (the rendered text
+        is encoded without added special tokens).  The Hunyuan template and the fallback layout
+        ignore ``add_generation_prompt``: a user turn already ends with the assistant cue
+        ``<|extra_0|>``."""
+        return self.encode(self.render_chat(messages, add_generation_prompt, system_prompt))
 
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
         n = self.vocab_size
@@ -234,6 +430,9 @@ class HunyuanTokenizer(Tokenizer):
         vocab_file: str | Path,
         eos_ids: Sequence[int] | None = None,
         pad_id: int | None = None,
+        chat_template: str | None = None,
+        special_tokens_map: Mapping[str, object] | None = None,
+        chat_template_source: str | None = None,
     ):
         import tiktoken
 
@@ -255,11 +454,21 @@ class HunyuanTokenizer(Tokenizer):
         self._eos_ids = list(eos_ids) if eos_ids is not None else list(_DEFAULT_EOS_IDS)
         self._pad_id = int(pad_id) if pad_id is not None else _DEFAULT_PAD_ID
         self.vocab_file = vocab_file
+        self.chat_template = chat_template
+        self.chat_template_source = chat_template_source
+        # The original HYTokenizer's defaults, overridden by tokenizer_config.json's keys.
+        self._special_tokens_map = {
+            "bos_token": STARTOFTEXT,
+            "eos_token": ENDOFTEXT,
+            "pad_token": PAD,
+        }
+        self._special_tokens_map.update(special_tokens_map or {})
 
     @classmethod
     def from_dir(cls, path: str | Path) -> HunyuanTokenizer:
-        """Load ``path/hy.tiktoken`` (or ``path`` itself if it is the file) and, if present,
-        ``generation_config.json`` beside it for ``eos_token_id`` / ``pad_token_id``."""
+        """Load ``path/hy.tiktoken`` (or ``path`` itself if it is the file) and, if present
+        beside it, ``generation_config.json`` (``eos_token_id`` / ``pad_token_id``) and
+        ``tokenizer_config.json`` (``chat_template`` and special-token names)."""
         path = Path(path)
         vocab = path if path.is_file() else path / "hy.tiktoken"
         if not vocab.is_file():
@@ -273,7 +482,19 @@ class HunyuanTokenizer(Tokenizer):
                 eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos])]
             if cfg.get("pad_token_id") is not None:
                 pad_id = int(cfg["pad_token_id"])
-        return cls(vocab, eos_ids=eos_ids, pad_id=pad_id)
+        template, tokens, source = None, None, None
+        tok_cfg = vocab.parent / "tokenizer_config.json"
+        if tok_cfg.is_file():
+            template, tokens = _read_tokenizer_config(tok_cfg)
+            source = str(tok_cfg)
+        return cls(
+            vocab,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            chat_template=template,
+            special_tokens_map=tokens,
+            chat_template_source=source,
+        )
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids = self._enc.encode(_nfc(text), allowed_special="all", disallowed_special=())
@@ -306,6 +527,10 @@ class HunyuanTokenizer(Tokenizer):
     @property
     def special_tokens(self) -> dict[str, int]:
         return dict(SPECIAL_TOKENS)
+
+    @property
+    def special_tokens_map(self) -> dict[str, object]:
+        return dict(self._special_tokens_map)
 
 
 # --------------------------------------------------------------------------- SentencePiece

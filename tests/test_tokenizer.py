@@ -1,13 +1,16 @@
 """Tests for hunyuan_jax.tokenizer: reference ids of the original Hunyuan tokenizer,
-round trips, special tokens, the chat layout, SentencePiece training and dispatch."""
+round trips, special tokens, the chat layout (the released jinja chat_template rendered as
+Hugging Face does, and the hand-written fallback), SentencePiece training and dispatch."""
 
 import json
 import shutil
 import unicodedata
 from pathlib import Path
 
+import jinja2
 import pytest
 
+from hunyuan_jax.errors import ConfigError, DataError
 from hunyuan_jax.tokenizer import (
     CHAT_SPECIAL_TOKENS,
     DEFAULT_SYSTEM_PROMPT,
@@ -17,6 +20,7 @@ from hunyuan_jax.tokenizer import (
     Tokenizer,
     load_tokenizer,
     render_chat,
+    render_chat_template,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -44,9 +48,11 @@ MESSAGE_SETS = [
     ],
     [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
     [
-        {"role": "system", "content": ""},
-        {"role": "user", "content": "q"},
-        {"role": "assistant", "content": "r"},
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6, of course."},
     ],
     [
         {"role": "system", "content": "s"},
@@ -54,12 +60,30 @@ MESSAGE_SETS = [
         {"role": "system", "content": "mid"},
         {"role": "user", "content": "q2"},
     ],
+    [{"role": "assistant", "content": "first"}, {"role": "user", "content": "  写诗\n"}],
+    [{"role": "user", "content": "x<|eos|>y"}, {"role": "assistant", "content": ""}],
+]
+
+# First message with empty content: the template's `context.update(...)` runs, which Hugging
+# Face's immutable sandbox refuses (apply_chat_template raises SecurityError).
+EMPTY_FIRST = [
+    [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "r"},
+    ],
+    [{"role": "user", "content": ""}, {"role": "user", "content": "q"}],
 ]
 
 
 @pytest.fixture(scope="module")
 def hy():
-    return HunyuanTokenizer.from_dir(HY_DIR)
+    return HunyuanTokenizer.from_dir(HY_DIR)  # with tokenizer_config.json's chat_template
+
+
+@pytest.fixture(scope="module")
+def hy_fallback():
+    return HunyuanTokenizer(HY_DIR / "hy.tiktoken")  # no chat_template: render_chat
 
 
 def _stdlib_corpus():
@@ -150,15 +174,135 @@ def test_chat_layout_by_segments(hy):
     assert hy.decode(expected) == render_chat(msgs)
 
 
-@pytest.mark.parametrize("messages", MESSAGE_SETS, ids=range(len(MESSAGE_SETS)))
-def test_render_chat_matches_jinja_template(messages):
-    jinja2 = pytest.importorskip("jinja2")
+def test_chat_template_loaded(hy, hy_fallback):
     cfg = json.loads((HY_DIR / "tokenizer_config.json").read_text())
-    env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
-    want = env.from_string(cfg["chat_template"]).render(
-        messages=messages, add_generation_prompt=True
+    assert hy.chat_template == cfg["chat_template"]
+    assert hy.chat_template_source == str(HY_DIR / "tokenizer_config.json")
+    # The original HYTokenizer's defaults plus the config's additional_special_tokens.
+    assert hy.special_tokens_map == {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|pad|>",
+        "additional_special_tokens": cfg["additional_special_tokens"],
+    }
+    assert hy_fallback.chat_template is None
+
+
+def test_reference_chat_both_paths(hy, hy_fallback):
+    """The original tokenizer's chat ids (hy_tiny/tokenizer.json) from the template and from
+    the fallback."""
+    chat = REF["chat"]
+    for tok in (hy, hy_fallback):
+        for gen in (True, False):
+            assert (
+                tok.apply_chat_template(chat["messages"], add_generation_prompt=gen) == chat["ids"]
+            )
+        assert (
+            tok.apply_chat_template(chat["messages"][1:], system_prompt=DEFAULT_SYSTEM_PROMPT)
+            == chat["ids"]
+        )
+
+
+@pytest.mark.parametrize("messages", MESSAGE_SETS, ids=range(len(MESSAGE_SETS)))
+@pytest.mark.parametrize("gen", [True, False], ids=["gen", "nogen"])
+@pytest.mark.parametrize("system", [None, DEFAULT_SYSTEM_PROMPT], ids=["nosys", "sys"])
+def test_template_and_fallback_agree(hy, hy_fallback, messages, gen, system):
+    text = hy.render_chat(messages, add_generation_prompt=gen, system_prompt=system)
+    assert text == hy_fallback.render_chat(
+        messages, add_generation_prompt=gen, system_prompt=system
     )
-    assert render_chat(messages) == want
+    assert text == render_chat(messages, system_prompt=system)
+    ids = hy.apply_chat_template(messages, add_generation_prompt=gen, system_prompt=system)
+    assert ids == hy_fallback.apply_chat_template(
+        messages, add_generation_prompt=gen, system_prompt=system
+    )
+    assert ids == hy.encode(text)
+
+
+@pytest.mark.parametrize("messages", EMPTY_FIRST, ids=range(len(EMPTY_FIRST)))
+def test_empty_first_message_hf_refuses(hy, hy_fallback, messages):
+    """Where template and fallback differ: Hugging Face's sandbox refuses the template's
+    dict.update, so the original code cannot render these; the fallback renders them as the
+    template would outside the sandbox."""
+    with pytest.raises(DataError, match=r"SecurityError.*'update'") as err:
+        hy.apply_chat_template(messages)
+    assert "tokenizer_config.json" in str(err.value)
+    unsandboxed = jinja2.Environment().from_string(hy.chat_template).render(messages=messages)
+    assert render_chat(messages) == unsandboxed
+    assert hy_fallback.render_chat(messages) == unsandboxed
+    assert unsandboxed.startswith("<|startoftext|>")
+
+
+def test_render_chat_template_like_hf():
+    msgs = [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": "x"}]
+    # trim_blocks / lstrip_blocks, loopcontrols, special-token variables, tojson without
+    # escaping non-ASCII or HTML, {% generation %} rendered as its body.
+    template = (
+        "{{ bos_token }}\n"
+        "{% for m in messages %}\n"
+        "    {% if m.role == 'assistant' %}\n"
+        "{% generation %}{{ m.content | tojson }}{% endgeneration %}\n"
+        "        {% break %}\n"
+        "    {% endif %}\n"
+        "{{ m.role }}:{{ m | tojson }}<&>\n"
+        "{% endfor %}\n"
+        "{% if add_generation_prompt %}GEN{% endif %}"
+        "{{ tools }}{{ documents }}"
+    )
+    out = render_chat_template(template, msgs, True, {"bos_token": "<s>"})
+    assert out == '<s>\nuser:{"role": "user", "content": "héllo"}<&>\n"x"GENNoneNone'
+    out = render_chat_template(template, msgs, False, {"bos_token": "<s>"})
+    assert out.endswith('<&>\n"x"NoneNone')
+    # kwargs win over the special-token map
+    assert (
+        render_chat_template(
+            "{{ bos_token }}", [], bos_token="B", special_tokens_map={"bos_token": "A"}
+        )
+        == "B"
+    )
+    with pytest.raises(jinja2.TemplateError, match="no system"):
+        render_chat_template("{{ raise_exception('no system') }}", msgs)
+    # The sandbox is immutable: templates cannot mutate what they are given.
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        render_chat_template("{{ messages.append(1) }}", msgs)
+    # No extension beyond HF's: `do` is not a tag there.
+    with pytest.raises(jinja2.TemplateSyntaxError, match="'do'"):
+        render_chat_template("{% do messages.append(1) %}", msgs)
+
+
+def test_custom_template_is_used(tmp_path):
+    (tmp_path / "hy.tiktoken").symlink_to((HY_DIR / "hy.tiktoken").resolve())
+    cfg = {
+        "chat_template": "{% for m in messages %}<|startoftext|>{{ m.role }}\n{{ m.content }}"
+        "<|eos|>{% endfor %}{% if add_generation_prompt %}<|startoftext|>assistant\n{% endif %}",
+        "bos_token": {"content": "<|bos|>", "lstrip": False},
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = load_tokenizer(tmp_path)
+    assert tok.special_tokens_map["bos_token"] == "<|bos|>"
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.render_chat(msgs) == "<|startoftext|>user\nhi<|eos|><|startoftext|>assistant\n"
+    assert tok.render_chat(msgs, add_generation_prompt=False) == "<|startoftext|>user\nhi<|eos|>"
+    assert tok.apply_chat_template(msgs) == tok.encode(tok.render_chat(msgs))
+
+
+def test_bad_chat_template_config(tmp_path):
+    (tmp_path / "hy.tiktoken").symlink_to((HY_DIR / "hy.tiktoken").resolve())
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": "{% for m in messages %}{{ m }}"}))
+    with pytest.raises(ConfigError, match=str(config) + ": chat_template line 1"):
+        load_tokenizer(tmp_path)
+    config.write_text(json.dumps({"chat_template": 3}))
+    with pytest.raises(ConfigError, match="must be a string"):
+        load_tokenizer(tmp_path)
+    config.write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": "x"}]}))
+    with pytest.raises(ConfigError, match="none named 'default'"):
+        load_tokenizer(tmp_path)
+    config.write_text(json.dumps({"chat_template": [{"name": "default", "template": "T"}]}))
+    assert load_tokenizer(tmp_path).render_chat([]) == "T"
+    config.write_text("{not json")
+    with pytest.raises(ConfigError, match=str(config)):
+        load_tokenizer(tmp_path)
 
 
 def test_hunyuan_properties(hy):
