@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hunyuan_jax.errors import ConfigError, DataError
 from hunyuan_jax.tokenizer import Tokenizer, render_chat
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -68,8 +69,66 @@ def _expand(spec: str) -> list[Path]:
     else:
         files = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
     if not files:
-        raise FileNotFoundError(f"training data: nothing matches {spec!r}")
+        raise DataError(f"training data: nothing matches {spec!r}")
     return files
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class Conversation(list):
+    """A chat document: its messages (a list), plus `source` ("file:line") for errors."""
+
+    def __init__(self, messages: Iterable[Mapping[str, str]] = (), source: str = ""):
+        super().__init__(messages)
+        self.source = source
+
+
+def _json_type(value) -> str:
+    """'an object', 'an array', 'a string', 'a number', 'a boolean' or 'null'."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    kinds = {dict: "an object", list: "an array", str: "a string", type(None): "null"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
+def check_messages(messages, where: str) -> Conversation:
+    """A validated SFT conversation; `DataError` (message starting with `where`) unless
+    `messages` is a non-empty list of objects, each with a `role` in CHAT_ROLES (exact
+    spelling) and a string `content`, with at least one assistant message (a conversation
+    without one would contribute no loss tokens)."""
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if isinstance(messages, list) else _json_type(messages)
+        raise DataError(f"{where}: 'messages' must be a non-empty list of messages, got {got}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: message {i} must be an object, got {_json_type(m)}")
+        if "role" not in m:
+            raise DataError(f"{where}: message {i} has no 'role'")
+        if m["role"] not in CHAT_ROLES:
+            raise DataError(
+                f"{where}: message {i} has role {m['role']!r}; expected one of "
+                + ", ".join(map(repr, CHAT_ROLES))
+            )
+        if "content" not in m:
+            raise DataError(f"{where}: message {i} ({m['role']}) has no 'content'")
+        if not isinstance(m["content"], str):
+            raise DataError(
+                f"{where}: message {i} ({m['role']}): 'content' must be a string, "
+                f"got {_json_type(m['content'])}"
+            )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(
+            f"{where}: conversation has no assistant message (it would contribute no loss tokens)"
+        )
+    return Conversation(messages, where)
+
+
+def _names(files: Sequence[Path], limit: int = 5) -> str:
+    shown = ", ".join(str(f) for f in files[:limit])
+    return shown + (f" and {len(files) - limit} more" if len(files) > limit else "")
 
 
 def read_documents(
@@ -82,41 +141,93 @@ def read_documents(
     """This host's share of the documents of `spec` and their kind ('text' or 'chat').
 
     Documents are numbered across all files in sorted order; process p keeps those with
-    index % process_count == p (JSONL lines of other hosts are skipped without parsing).
+    index % process_count == p (JSONL lines of other hosts are skipped without parsing, so each
+    host checks its own records). Text documents are strings; chat documents are
+    `Conversation`s (lists of messages that know their "file:line").
+
+    `DataError` (naming the file, and the line for JSONL) for: no file matching `spec`; an
+    empty file (0 bytes, or only whitespace / blank lines); text that is not UTF-8; a JSONL
+    line that is not JSON or not a JSON object; a text record without `text_field` or whose
+    value is not a string; a chat record without `messages` or failing `check_messages`; with
+    fmt="auto", records of both kinds (the first record decides); no usable document in this
+    host's share. Records whose text is empty or only whitespace are skipped.
     """
     files = _expand(spec)
-    kind = "chat" if fmt == "chat" else "text"
-    docs, index = [], 0
+    kind = {"chat": "chat", "jsonl": "text", "text": "text"}.get(fmt)  # None: the data decide
+    first = None  # where the data decided the kind (fmt="auto")
+    docs, index, skipped = [], 0, 0
+
+    def decide(rec_kind: str, where: str) -> None:
+        nonlocal kind, first
+        if kind is None:
+            kind, first = rec_kind, where
+        elif fmt == "auto" and rec_kind != kind:
+            raise DataError(
+                f"{where}: a {rec_kind} record in {kind} data (the first record, {first}, is "
+                f"{kind}); set data_format to 'chat' or 'text'"
+            )
+
     for f in files:
+        if f.stat().st_size == 0:
+            raise DataError(f"{f}: empty data file")
         jsonl = f.suffix in (".jsonl", ".json") or fmt in ("jsonl", "chat")
-        if not jsonl:
-            if index % process_count == process_index:
-                docs.append(f.read_text(encoding="utf-8"))
+        if not jsonl:  # one document per file
+            mine = index % process_count == process_index
             index += 1
+            if not mine:
+                continue
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{f}: not UTF-8 text: {e}") from e
+            if not text.strip():
+                raise DataError(f"{f}: empty data file (only whitespace)")
+            decide("text", str(f))
+            docs.append(text)
             continue
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
+        records = 0
+        with open(f, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if not raw.strip():
                     continue
+                records += 1
                 mine = index % process_count == process_index
                 index += 1
                 if not mine:
                     continue
+                where = f"{f}:{lineno}"
                 try:
-                    rec = json.loads(line)
+                    rec = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not UTF-8 text: {e}") from e
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{f}:{lineno}: invalid JSON: {e}") from e
-                if fmt == "auto" and "messages" in rec:
-                    kind = "chat"
+                    raise DataError(f"{where}: invalid JSON: {e}") from e
+                if not isinstance(rec, dict):
+                    raise DataError(f"{where}: expected a JSON object, got {_json_type(rec)}")
+                decide("chat" if "messages" in rec else "text", where)
                 if kind == "chat":
                     if "messages" not in rec:
-                        raise ValueError(f"{f}:{lineno}: chat record without 'messages'")
-                    docs.append(rec["messages"])
-                else:
-                    if text_field not in rec:
-                        raise ValueError(f"{f}:{lineno}: no {text_field!r} field")
-                    docs.append(rec[text_field])
-    return docs, kind
+                        raise DataError(f"{where}: chat record without 'messages'")
+                    docs.append(check_messages(rec["messages"], where))
+                    continue
+                if text_field not in rec:
+                    raise DataError(f"{where}: no {text_field!r} field")
+                text = rec[text_field]
+                if not isinstance(text, str):
+                    raise DataError(
+                        f"{where}: field {text_field!r} must be a string, got {_json_type(text)}"
+                    )
+                if not text.strip():
+                    skipped += 1
+                    continue
+                docs.append(text)
+        if not records:
+            raise DataError(f"{f}: empty data file (only blank lines)")
+    if not docs:
+        share = f" for process {process_index} of {process_count}" if process_count > 1 else ""
+        note = f" ({skipped} records with empty {text_field!r} skipped)" if skipped else ""
+        raise DataError(f"{spec}: no usable document{share} in {_names(files)}{note}")
+    return docs, kind or "text"
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -129,29 +240,85 @@ def encode_text(tok: Tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
 def encode_chat(
     tok: Tokenizer, messages: Sequence[Mapping[str, str]]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """An SFT conversation in the Hunyuan chat layout; weight 1 only on assistant tokens (their
-    text and the closing <|eos|>), so the loss is taken on what the assistant says.
+    """An SFT conversation in the tokenizer's chat format (its chat_template as Hugging Face
+    renders it with add_generation_prompt=False, else the Hunyuan layout); weight 1 only on
+    assistant tokens (their text and the closing <|eos|>), so the loss is taken on what the
+    assistant says.
 
-    Each message is rendered as the template's increment (the template is prefix-stable) and
-    encoded separately; the increments end in special tokens, which delimit tokenization, so the
-    ids equal those of encoding the whole rendered conversation.
+    Each message is rendered as the template's increment (rendering a prefix of the
+    conversation must give a prefix of the whole rendering) and encoded separately. The ids
+    equal those of encoding the whole rendered conversation: increments that start right after
+    a special token are delimited by it; otherwise the whole text is encoded to check.
+    DataError if the template is not prefix-stable or the two encodings differ.
     """
-    ids, weights, prev = [], [], ""
+    specials = tuple(tok.special_tokens)
+    ids, weights, prev, check = [], [], "", False
     for i, m in enumerate(messages):
-        text = render_chat(messages[: i + 1])
+        text = tok.render_chat(messages[: i + 1], add_generation_prompt=False)
         if not text.startswith(prev):
-            raise ValueError("chat template is not prefix-stable for this conversation")
+            raise DataError(
+                f"chat template is not prefix-stable for this conversation (message {i} "
+                "changes the rendering of the messages before it)"
+            )
+        check = check or (prev != "" and not prev.endswith(specials))
         piece = tok.encode(text[len(prev) :])
         ids += piece
         weights += [1.0 if m.get("role") == "assistant" else 0.0] * len(piece)
         prev = text
+    if check and tok.encode(prev) != ids:
+        raise DataError(
+            "chat template: encoding the messages one by one differs from encoding the whole "
+            "conversation (a message boundary is not at a special token)"
+        )
     return np.asarray(ids, np.int32), np.asarray(weights, np.float32)
 
 
 def tokenize(tok: Tokenizer, docs: Sequence, kind: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Encoded documents (ids, weights), without those shorter than 2 tokens. DataError for a
+    conversation the chat format cannot render (naming its file:line), or when no document
+    yields an (input, target) pair."""
     enc = encode_chat if kind == "chat" else encode_text
-    out = [enc(tok, d) for d in docs]
-    return [d for d in out if len(d[0]) >= 2]
+    out = []
+    for i, d in enumerate(docs):
+        try:
+            out.append(enc(tok, d))
+        except DataError as e:
+            where = getattr(d, "source", "") or f"{kind} document {i} of this host"
+            raise DataError(f"{where}: {e}") from e
+    kept = [d for d in out if len(d[0]) >= 2]
+    if not kept:
+        raise DataError(
+            f"no (input, target) pair to train on: none of the {len(docs)} {kind} documents "
+            "has 2 tokens or more"
+        )
+    return kept
+
+
+def check_batch(batch: Mapping[str, np.ndarray], step: int) -> float:
+    """The number of loss tokens of a host batch (sum of loss_mask); DataError naming `step`
+    if it is 0 (the step would train on nothing). With several hosts, each checks its own
+    share: sum the returned counts over hosts to judge the global batch instead."""
+    n = float(np.sum(batch["loss_mask"]))
+    if n == 0:
+        shape = "x".join(map(str, np.shape(batch["loss_mask"])))
+        raise DataError(
+            f"step {step}: the batch has no loss tokens (loss_mask [{shape}] is 0 everywhere), "
+            "e.g. chat data whose assistant replies all fall outside these rows"
+        )
+    return n
+
+
+def check_seq_len(seq_len: int, max_position_embeddings: int, allow_longer: bool) -> None:
+    """ConfigError unless 0 < seq_len <= max_position_embeddings; with `allow_longer`, a longer
+    seq_len is accepted (the explicit opt-in to train past the model's trained positions)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if seq_len > max_position_embeddings and not allow_longer:
+        raise ConfigError(
+            f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+            f"{max_position_embeddings}; positions past it were never trained "
+            "(opt in explicitly with allow_longer to train longer rows anyway)"
+        )
 
 
 # ----------------------------------------------------------------------------- packing
@@ -183,8 +350,11 @@ class PackedLoader:
         pack: bool = True,
         pad_id: int = 0,
     ):
-        if not docs:
-            raise ValueError("no documents with at least 2 tokens to train on")
+        if not any(len(ids) >= 2 for ids, _ in docs):
+            raise DataError(
+                f"no (input, target) pair to train on: none of the {len(docs)} documents has "
+                "2 tokens or more"
+            )
         if rows % micro_batches:
             raise ValueError(
                 f"rows per host ({rows}) not divisible by micro_batches ({micro_batches})"
