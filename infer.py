@@ -231,17 +231,14 @@ def _main(args) -> int:
         raise UsageError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     prompts = _read_prompts(args)
 
-    from hunyuan_jax import decode
+    from hunyuan_jax import loading
+    from hunyuan_jax.generate import Generator
+    from sharding.plan import ShardingPlan
 
-    mesh = rules = None
+    plan = ShardingPlan.single()
     if args.mesh:
-        from sharding.mesh import build_mesh
-        from sharding.rules import get_rules
-
-        mesh, rules = build_mesh(args.mesh), get_rules(args.rules)
-    bundle = decode.load_for_inference(
-        args.checkpoint, dtype=args.dtype, mesh=mesh, rules=rules, tokenizer=args.tokenizer
-    )
+        plan = ShardingPlan.from_flags(args.mesh, args.rules)
+    bundle = loading.load(args.checkpoint, dtype=args.dtype, plan=plan, tokenizer=args.tokenizer)
     if bundle.tokenizer is None:
         raise UsageError(
             f"no tokenizer in {args.checkpoint} (looked for hy.tiktoken and "
@@ -250,14 +247,12 @@ def _main(args) -> int:
     sampling = bundle.sampling.replace(**flags)
     ids = _encode(bundle.tokenizer, prompts, args)
 
-    gen = decode.Generator(
+    gen = Generator(
         bundle.model,
         sampling=sampling,
         eos_ids=bundle.eos_ids,
         cache_dtype=args.cache_dtype,
         vocab_limit=bundle.tokenizer.vocab_size,
-        mesh=mesh,
-        rules=rules,
         prefill_chunk=args.prefill_chunk,
         decode_loop=args.decode_loop,
     )

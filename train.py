@@ -59,17 +59,18 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     distributed.initialize_from_args(args)  # multi-host: before JAX touches devices
+    from hunyuan_jax.errors import NonFiniteLoss
     from hunyuan_jax.train_config import load_configs
-    from hunyuan_jax.train_step import NonFiniteLoss, train
+    from hunyuan_jax.train_loop import train
 
     changes = {}
     if args.init_from:
         changes["init_from"] = args.init_from
     if args.run_dir:
         changes["run_dir"] = args.run_dir
-    mcfg, tcfg = load_configs(args.config, args.overrides, **changes)
+    mcfg, policy, tcfg = load_configs(args.config, args.overrides, **changes)
     try:
-        summary = train(mcfg, tcfg)
+        summary = train(mcfg, policy, tcfg)
     except NonFiniteLoss as e:
         print(f"[train] STOPPED: {e}", file=sys.stderr)
         return 1

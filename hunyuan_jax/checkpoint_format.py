@@ -14,7 +14,7 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.convert h
                              No manifest (or "complete" false) = not a usable checkpoint.
       config.json            the source's Hugging Face config.json (`torch_dtype` set to the
                              stored dtype, FP8 `quantization_config` dropped):
-                             `ModelConfig.from_hf(O)` / `config.load_config(O)` read it.
+                             `hunyuan_jax.loading.open_checkpoint(O)` reads it.
       params/                an orbax PyTree checkpoint of `nnx.state(model, nnx.Param)`:
         _METADATA            orbax tree metadata (use_ocdbt=false, use_zarr3=true)
         _CHECKPOINT_METADATA
@@ -40,19 +40,11 @@ fits a single save but not an interruptible, slice-by-slice writer. Orbax restor
 non-OCDBT zarr3 checkpoints natively (`_METADATA` says so), and the inner chunks (<= 4 MiB)
 let each host of a pod read only the chunks overlapping its own shards of a slice.
 
-Restoring: `restore_params(O, mesh, rules)` builds the abstract model, its shardings from the
-logical-axis rules, and restores with orbax `StandardCheckpointer` into `ShapeDtypeStruct`s
-carrying those shardings: tensorstore reads only each process's shards, nothing is assembled
-on one host. A different dtype (e.g. `param_dtype="float32"` master weights from a bf16
-checkpoint) is cast on read:
-
-    model = restore_params(O, mesh, "fsdp_ep", param_dtype="float32")   # -> model
-    cfg, model = restore_model(O, mesh=mesh, rules=rules, **policy)     # -> (config, model)
-    state = restore_param_state(O, target)   # into any abstract nnx.State with shardings
-
-`restore_model` follows the (cfg, model) convention of `checkpointing.restore_params` and of
-decode's checkpoint formats (`is_converted` detects the layout, `load_config` reads the
-config cheaply); infer.py finds the tokenizer files and generation_config.json in `O`.
+Restoring: `restore_param_state(O, target)` restores with orbax `StandardCheckpointer` into
+`ShapeDtypeStruct`s carrying the plan's shardings: tensorstore reads only each process's
+shards, nothing is assembled on one host; a different dtype (e.g. float32 master weights from
+a bf16 checkpoint) is cast on read. `hunyuan_jax.loading` is the one place that recognises a
+converted directory and builds that target.
 `python -m hunyuan_jax.convert jax-to-hf` exports back to Hugging Face safetensors.
 """
 
@@ -126,22 +118,17 @@ def _key_entry(k) -> tuple[str, int]:
     raise ValueError(f"unsupported pytree key {k!r}")
 
 
-def abstract_param_state(cfg: ModelConfig, rules=None):
-    """(graphdef, abstract nnx.State of the Params, abstract rest of the state)."""
-    from flax import nnx
-
-    from hunyuan_jax.state import abstract_model
-
-    return nnx.split(abstract_model(cfg, rules), nnx.Param, ...)
-
-
-def param_leaves(cfg: ModelConfig) -> dict[tuple, Leaf]:
-    """{nnx path: Leaf} for every parameter, with the names orbax gives them when saving
-    `nnx.state(model, nnx.Param)` (the same flattening orbax applies at restore)."""
+def param_leaves(cfg: ModelConfig, dtype: str) -> dict[tuple, Leaf]:
+    """{nnx path: Leaf} for every parameter stored in `dtype` (the router stays float32), with
+    the names orbax gives them when saving `nnx.state(model, nnx.Param)` (the same flattening
+    orbax applies at restore)."""
     import jax
     from flax import nnx
 
-    _, state, _ = abstract_param_state(cfg)
+    from hunyuan_jax.policy import RuntimePolicy
+    from hunyuan_jax.state import abstract_model
+
+    state = nnx.state(abstract_model(cfg, RuntimePolicy(param_dtype=dtype)), nnx.Param)
     entries = {e.path: e for e in hf_mapping.mapping_table(cfg)}
     out = {}
     for vpath, var in jax.tree_util.tree_flatten_with_path(
@@ -354,30 +341,10 @@ def read_manifest(directory: str | Path) -> dict:
     return man
 
 
-def load_config(directory: str | Path, **overrides) -> ModelConfig:
-    """The ModelConfig of a converted checkpoint (param_dtype = the stored dtype)."""
+def stored_config(directory: str | Path) -> tuple[ModelConfig, str]:
+    """(ModelConfig, stored parameter dtype) of a complete converted checkpoint."""
     man = read_manifest(directory)
-    cfg = ModelConfig.from_hf(Path(directory) / CONFIG).replace(param_dtype=man["dtype"])
-    return cfg.replace(**overrides) if overrides else cfg
-
-
-# ----------------------------------------------------------------------------- restore
-def _target_state(cfg: ModelConfig, mesh, rules):
-    import jax
-
-    # Without a mesh the model gets no rules (activation constraints need a mesh).
-    graphdef, abstract, rest = abstract_param_state(cfg, rules if mesh is not None else None)
-    if mesh is not None:
-        from sharding.rules import state_shardings
-
-        shardings = state_shardings(abstract, rules, mesh)
-    else:
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: one, abstract)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    return graphdef, target, rest
+    return ModelConfig.from_hf(Path(directory) / CONFIG), man["dtype"]
 
 
 def restore_param_state(directory: str | Path, target):
@@ -396,27 +363,3 @@ def is_converted(directory: str | Path) -> bool:
     """Whether `directory` holds a converted checkpoint (complete or not)."""
     directory = Path(directory)
     return (directory / MANIFEST).is_file() or (directory / WORK_DIR / "plan.json").is_file()
-
-
-def restore_params(directory: str | Path, mesh=None, rules=None, **overrides):
-    """The model of a converted checkpoint, each parameter placed by `rules` on `mesh` (one
-    device when mesh is None). `overrides` are ModelConfig fields, e.g. compute_dtype="float32"
-    or param_dtype="float32" (cast on read)."""
-    return restore_model(directory, mesh, rules, **overrides)[1]
-
-
-def restore_model(directory: str | Path, mesh=None, rules=None, **overrides):
-    """(ModelConfig, model): as `restore_params`, with the config (the convention of
-    `checkpointing.restore_params` and decode's checkpoint formats)."""
-    import jax
-    from flax import nnx
-
-    cfg = load_config(directory, **overrides)
-    graphdef, target, rest = _target_state(cfg, mesh, rules)
-    if jax.tree.leaves(rest):
-        raise ValueError(
-            "the model has non-Param state that a params checkpoint cannot "
-            "restore: restore with restore_param_state and initialise the rest"
-        )
-    state = restore_param_state(directory, target)
-    return cfg, nnx.merge(graphdef, state, rest)

@@ -17,7 +17,8 @@ restores only finished steps and removes stale temporary directories when it sta
 Restores go straight into the target shardings (ShapeDtypeStructs carrying NamedShardings): no
 host ever materialises the full tree.
 
-Decoding loads a trained model with `restore_params(run_dir, mesh, rules)`.
+Reading a run directory as a model (for decoding, export or `--init-from`) is
+`hunyuan_jax.loading`; this module only restores arrays into given abstract targets.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 import yaml
-from flax import nnx
 
-from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.config import ModelConfig, read_yaml
+from hunyuan_jax.errors import CheckpointError
+from hunyuan_jax.policy import RuntimePolicy
 
 PARAMS, OPT_STATE, DATA = "params", "opt_state", "data"
 
@@ -42,12 +44,14 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir).resolve() / "checkpoints"
 
 
-def write_run_config(run_dir: str | Path, mcfg: ModelConfig, tcfg=None) -> Path:
-    """<run>/config.yaml with the resolved model (and train) sections (process 0 writes)."""
+def write_run_config(
+    run_dir: str | Path, mcfg: ModelConfig, policy: RuntimePolicy, tcfg=None
+) -> Path:
+    """<run>/config.yaml with the resolved model, runtime (and train) sections (process 0)."""
     path = Path(run_dir) / "config.yaml"
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"model": dataclasses.asdict(mcfg)}
+        data = {"model": dataclasses.asdict(mcfg), "runtime": dataclasses.asdict(policy)}
         if tcfg is not None:
             data["train"] = dataclasses.asdict(tcfg)
         tmp = path.with_suffix(".yaml.tmp")
@@ -56,13 +60,19 @@ def write_run_config(run_dir: str | Path, mcfg: ModelConfig, tcfg=None) -> Path:
     return path
 
 
-def read_run_config(run_dir: str | Path) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, train section as a dict) of a run directory."""
+def read_run_config(run_dir: str | Path) -> tuple[ModelConfig, RuntimePolicy, dict]:
+    """(ModelConfig, RuntimePolicy, train section as a dict) of a run directory."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: no config.yaml")
-    data = yaml.safe_load(path.read_text()) or {}
-    return ModelConfig.from_dict(data["model"], str(path)), dict(data.get("train") or {})
+        raise CheckpointError(f"{run_dir} is not a run directory: no config.yaml")
+    data = read_yaml(path)
+    if "model" not in data:
+        raise CheckpointError(f"{path}: no 'model:' section")
+    return (
+        ModelConfig.from_dict(data["model"], str(path)),
+        RuntimePolicy.from_dict(data.get("runtime"), str(path)),
+        dict(data.get("train") or {}),
+    )
 
 
 def copy_tokenizer_files(tokenizer, run_dir: str | Path) -> Path:
@@ -159,43 +169,20 @@ def latest_step(run_dir: str | Path) -> int | None:
         return mgr.latest_step()
 
 
-def restore_params(
-    run_dir: str | Path, mesh=None, rules=None, step: int | None = None, **model_overrides
-) -> tuple[ModelConfig, nnx.Module]:
-    """The trained model of a run directory: (ModelConfig from <run>/config.yaml, model with
-    the params of checkpoint `step` (default: the latest complete one)).
-
-    With `mesh` and `rules` the parameters are restored directly into the rules' shardings;
-    without, onto the default device. `model_overrides` replace ModelConfig fields that do not
-    change the parameter tree (e.g. compute_dtype="bfloat16", remat="none").
-    """
-    from hunyuan_jax.state import abstract_model
-    from sharding.rules import get_rules, state_shardings
-
-    run_dir = Path(run_dir)
-    mcfg, _ = read_run_config(run_dir)
-    if model_overrides:
-        mcfg = mcfg.replace(**model_overrides)
+def restore_run_params(run_dir: str | Path, target, step: int | None = None):
+    """(step, params) of checkpoint `step` of a run (default: the latest complete one),
+    restored into `target` (an abstract nnx.State of ShapeDtypeStructs with shardings)."""
     directory = checkpoint_dir(run_dir)
+    if not directory.is_dir():
+        raise CheckpointError(f"{run_dir}: no checkpoints/ directory")
     with ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
     ) as mgr:
         step = mgr.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no complete checkpoint under {directory}")
-        if rules is not None:
-            rules = get_rules(rules)
-        graphdef, abstract = nnx.split(abstract_model(mcfg, rules if mesh is not None else None))
-        if mesh is not None:
-            if rules is None:
-                raise ValueError("restore_params: a mesh needs rules")
-            shardings = state_shardings(abstract, rules, mesh)
-        else:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            shardings = jax.tree.map(lambda _: device, abstract)
-        target = with_shardings(abstract, shardings)
+            raise CheckpointError(f"no complete checkpoint under {directory}")
         out = mgr.restore(
             step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)})
         )
-    return mcfg, nnx.merge(graphdef, out[PARAMS])
+    return step, out[PARAMS]

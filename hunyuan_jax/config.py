@@ -1,5 +1,12 @@
-"""Model configuration: one frozen dataclass, loaded from our YAML files or a Hugging Face
-`config.json` of Hunyuan-Large, validated with errors that name the key at fault."""
+"""The architecture: one frozen dataclass, what a checkpoint says about the model (shapes,
+RoPE, CLA, experts), loaded from our YAML files or a Hugging Face `config.json` of
+Hunyuan-Large and validated with errors that name the file and key at fault.
+
+How a run uses the architecture (dtypes, remat, kernels, dropout, capacity) is the runtime
+policy (`hunyuan_jax.policy.RuntimePolicy`), never a field here. Reading YAML files as a whole
+(model + runtime + train sections) is `hunyuan_jax.train_config.load_configs`; recognising any
+checkpoint directory is `hunyuan_jax.loading`.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +19,28 @@ from typing import Any
 
 import yaml
 
-_DTYPES = ("float32", "bfloat16", "float16")
-_REMAT = ("none", "full", "save_dots", "save_attn_out")
+from hunyuan_jax.errors import ConfigError
+
+# Keys that were once model keys and are now runtime keys: a clear error instead of "unknown".
+RUNTIME_KEYS = (
+    "param_dtype",
+    "compute_dtype",
+    "remat",
+    "scan_layers",
+    "attention",
+    "attention_dropout",
+    "hidden_dropout",
+    "capacity_factor",
+)
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A config value of the wrong type."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Hunyuan-Large architecture plus the numeric policy of this implementation."""
+    """The Hunyuan-Large architecture (what a checkpoint's config.json says)."""
 
     vocab_size: int
     hidden_size: int
@@ -38,19 +60,9 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     head_dim: int | None = None  # derived: hidden_size // num_heads
-    # Training-time routing (used by the train step; inference is always dropless).
-    capacity_factor: float = 1.0
-    # Dropout in training (the SFT recipe uses 0.1 / 0.2); never applied at inference.
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
-    # Numeric policy.
-    param_dtype: str = "float32"
-    compute_dtype: str = "bfloat16"
-    remat: str = "full"  # none | full | save_dots | save_attn_out
-    scan_layers: bool = True
 
     def __post_init__(self):
-        _check_types(self)
+        check_types(self, "config")
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_heads, 1))
         for key in (
@@ -67,44 +79,30 @@ class ModelConfig:
             "max_position_embeddings",
         ):
             if getattr(self, key) <= 0:
-                raise ValueError(f"config key {key!r} must be positive, got {getattr(self, key)}")
+                raise ConfigError(f"config key {key!r} must be positive, got {getattr(self, key)}")
         if self.num_shared_experts not in (0, 1):
-            raise ValueError(
+            raise ConfigError(
                 f"config key 'num_shared_experts' must be 0 or 1, got {self.num_shared_experts}"
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"config key 'num_heads' ({self.num_heads}) must be divisible by "
                 f"'num_kv_heads' ({self.num_kv_heads})"
             )
         if self.num_layers % self.cla_share_factor:
-            raise ValueError(
+            raise ConfigError(
                 f"config key 'num_layers' ({self.num_layers}) must be divisible by "
                 f"'cla_share_factor' ({self.cla_share_factor})"
             )
         if self.moe_top_k > self.num_experts:
-            raise ValueError(
+            raise ConfigError(
                 f"config key 'moe_top_k' ({self.moe_top_k}) exceeds "
                 f"'num_experts' ({self.num_experts})"
             )
         if self.head_dim % 2:
-            raise ValueError(f"config key 'head_dim' must be even for RoPE, got {self.head_dim}")
-        for key in ("param_dtype", "compute_dtype"):
-            if getattr(self, key) not in _DTYPES:
-                raise ValueError(
-                    f"config key {key!r} must be one of {_DTYPES}, got {getattr(self, key)!r}"
-                )
-        if self.remat not in _REMAT:
-            raise ValueError(f"config key 'remat' must be one of {_REMAT}, got {self.remat!r}")
+            raise ConfigError(f"config key 'head_dim' must be even for RoPE, got {self.head_dim}")
         if self.rope_alpha <= 0 or self.rope_theta <= 0:
-            raise ValueError("config keys 'rope_theta' and 'rope_alpha' must be positive")
-        for key in ("attention_dropout", "hidden_dropout"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"config key {key!r} must be in [0, 1), got {getattr(self, key)}")
-        if self.capacity_factor <= 0:
-            raise ValueError(
-                f"config key 'capacity_factor' must be positive, got {self.capacity_factor}"
-            )
+            raise ConfigError("config keys 'rope_theta' and 'rope_alpha' must be positive")
 
     # Derived quantities -------------------------------------------------------------------
     @property
@@ -121,24 +119,27 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"unknown config key(s) {sorted(unknown)}")
+            raise ConfigError(f"unknown config key(s) {sorted(unknown)}")
         return dataclasses.replace(self, **changes)
 
     # Loading ------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> ModelConfig:
+        moved = sorted(set(d) & set(RUNTIME_KEYS))
+        if moved:
+            raise ConfigError(
+                f"{source}: {moved} are runtime keys, not architecture: move them from the "
+                f"'model:' section to the 'runtime:' section"
+            )
         return dataclass_from_dict(cls, d, source, "config")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:
         """A YAML file: either the model keys at top level or under a `model:` section."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at top level")
+        data = read_yaml(path)
         data = data.get("model", data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the 'model:' section must be a mapping")
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -147,11 +148,7 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"Hugging Face config not found: {path}")
-        return cls.from_dict(
-            hf_to_fields(json.loads(path.read_text()), str(path)), source=str(path)
-        )
+        return cls.from_dict(hf_to_fields(read_json(path), str(path)), source=str(path))
 
     def to_hf(self) -> dict:
         """The Hugging Face `config.json` fields of this architecture (for export)."""
@@ -178,81 +175,138 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "initializer_range": self.initializer_range,
             "hidden_act": "silu",
-            "attention_dropout": self.attention_dropout,
             "attention_bias": False,
-            "capacity_factor": self.capacity_factor,
+            "attention_dropout": 0.0,
+            "capacity_factor": 1.0,
             "moe_drop_tokens": False,
             "moe_random_routing_dropped_token": False,
         }
 
 
+# ----------------------------------------------------------------------------- file readers
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping; ConfigError naming the file (and line) when it is missing or broken."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object; ConfigError naming the file (and line) when it is missing or broken."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def dataclass_from_dict(cls, d: Mapping[str, Any], source: str, what: str):
     """cls(**d), refusing keys the dataclass does not have (naming them and the known ones)."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{source}: the {what} section must be a mapping, got {d!r}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"{source}: unknown {what} key(s) {unknown}; known keys: {sorted(known)}")
-    return cls(**d)
+        raise ConfigError(f"{source}: unknown {what} key(s) {unknown}; known keys: {sorted(known)}")
+    try:
+        return cls(**d)
+    except ConfigError as e:
+        if str(e).startswith(source):
+            raise
+        raise type(e)(f"{source}: {e}") from None
 
 
 def hf_to_fields(hf: Mapping[str, Any], source: str = "config.json") -> dict:
-    """Translate Hugging Face Hunyuan field spellings into ModelConfig fields."""
+    """Translate Hugging Face Hunyuan field spellings into ModelConfig fields. Run-policy
+    fields of config.json (attention_dropout, capacity_factor) are not architecture and are
+    not read."""
 
     def need(key):
         if key not in hf:
-            raise ValueError(f"{source}: missing required key {key!r}")
+            raise ConfigError(f"{source}: missing required key {key!r}")
         return hf[key]
 
+    def number(key, kind, default=None):
+        value = need(key) if default is None else hf.get(key, default)
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: key {key!r} must be a number, got {value!r}") from None
+
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported (only 'silu')")
+        raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported (only 'silu')")
     if hf.get("attention_bias", False):
-        raise ValueError(f"{source}: attention_bias=true is not part of Hunyuan-Large")
+        raise ConfigError(f"{source}: attention_bias=true is not part of Hunyuan-Large")
     scaling = hf.get("rope_scaling") or {}
+    if not isinstance(scaling, Mapping):
+        raise ConfigError(f"{source}: rope_scaling must be an object, got {scaling!r}")
     if scaling and scaling.get("type", "dynamic") != "dynamic":
-        raise ValueError(f"{source}: rope_scaling.type {scaling.get('type')!r} unsupported")
+        raise ConfigError(f"{source}: rope_scaling.type {scaling.get('type')!r} unsupported")
     if scaling and "alpha" not in scaling:
-        raise ValueError(f"{source}: rope_scaling has no 'alpha' (NTK-alpha is required)")
+        raise ConfigError(f"{source}: rope_scaling has no 'alpha' (NTK-alpha is required)")
     if scaling and float(scaling.get("factor", 1.0)) != 1.0:
-        raise ValueError(f"{source}: rope_scaling.factor != 1 is not supported")
+        raise ConfigError(f"{source}: rope_scaling.factor != 1 is not supported")
     use_cla = bool(hf.get("use_cla", False))
-    num_heads = int(need("num_attention_heads"))
-    hidden = int(need("hidden_size"))
+    num_heads = number("num_attention_heads", int)
+    hidden = number("hidden_size", int)
     top_k = hf.get("moe_topk", 1)
     if isinstance(top_k, list):  # some releases store one value per layer
         if len(set(top_k)) != 1:
-            raise ValueError(f"{source}: per-layer moe_topk {top_k} unsupported")
+            raise ConfigError(f"{source}: per-layer moe_topk {top_k} unsupported")
         top_k = top_k[0]
     shared = hf.get("num_shared_expert", 1 if hf.get("use_mixed_mlp_moe", False) else 0)
     if isinstance(shared, list):
         shared = shared[0]
     if not hf.get("use_mixed_mlp_moe", shared > 0):
         shared = 0
-    fields = dict(
-        vocab_size=int(need("vocab_size")),
+    return dict(
+        vocab_size=number("vocab_size", int),
         hidden_size=hidden,
-        intermediate_size=int(need("intermediate_size")),
-        num_layers=int(need("num_hidden_layers")),
+        intermediate_size=number("intermediate_size", int),
+        num_layers=number("num_hidden_layers", int),
         num_heads=num_heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-        num_experts=int(need("num_experts")),
+        num_experts=number("num_experts", int),
         num_shared_experts=int(shared),
         moe_top_k=int(top_k),
-        cla_share_factor=int(hf.get("cla_share_factor", 1)) if use_cla else 1,
+        cla_share_factor=number("cla_share_factor", int, 1) if use_cla else 1,
         use_qk_norm=bool(hf.get("use_qk_norm", False)),
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rope_theta=number("rope_theta", float, 10000.0),
         rope_alpha=float(scaling.get("alpha", 1.0)) if scaling else 1.0,
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        max_position_embeddings=number("max_position_embeddings", int, 4096),
+        rms_norm_eps=number("rms_norm_eps", float, 1e-5),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        initializer_range=float(hf.get("initializer_range", 0.02)),
+        initializer_range=number("initializer_range", float, 0.02),
         head_dim=int(hf.get("head_dim") or hidden // num_heads),
-        capacity_factor=float(hf.get("capacity_factor", 1.0)),
-        attention_dropout=float(hf.get("attention_dropout", 0.0)),
     )
-    return fields
 
 
-def _check_types(cfg: ModelConfig) -> None:
+def check_types(cfg, what: str) -> None:
+    """Type-check a config dataclass's fields against their annotations (ints accepted and
+    converted where a float is expected); ConfigTypeError naming the key."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, hint = getattr(cfg, f.name), hints[f.name]
@@ -262,16 +316,8 @@ def _check_types(cfg: ModelConfig) -> None:
             object.__setattr__(cfg, f.name, float(value))
             continue
         if isinstance(value, bool) and bool not in allowed:
-            raise TypeError(f"config key {f.name!r} must be {hint}, got bool {value!r}")
+            raise ConfigTypeError(f"{what} key {f.name!r} must be {hint}, got bool {value!r}")
         if not isinstance(value, allowed):
-            raise TypeError(
-                f"config key {f.name!r} must be {hint}, got {type(value).__name__} {value!r}"
+            raise ConfigTypeError(
+                f"{what} key {f.name!r} must be {hint}, got {type(value).__name__} {value!r}"
             )
-
-
-def load_config(path: str | Path) -> ModelConfig:
-    """A YAML config of ours, or an HF `config.json` / checkpoint directory."""
-    path = Path(path)
-    if path.is_dir() or path.suffix == ".json":
-        return ModelConfig.from_hf(path)
-    return ModelConfig.from_yaml(path)

@@ -7,7 +7,7 @@ orbax/tensorstore layout, streaming one tensor at a time. Usage::
     python -m hunyuan_jax.convert jax-to-hf --ckpt O --out D [--dtype bfloat16]
         [--max-shard-gb 5] [--config C [--tree-prefix P]] [--overwrite] [--no-progress]
 
-The output layout and the restore API (`checkpoint_format.restore_params(O, mesh, rules)`)
+The output layout and the restore API (`checkpoint_format.restore_param_state(O, target)`)
 are documented in `hunyuan_jax/checkpoint_format.py`. Errors exit with status 2 and one
 message naming the file and tensor.
 
@@ -252,8 +252,7 @@ def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None):
         dtype = src
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    cfg = cfg.replace(param_dtype=dtype)
-    leaves = fmt.param_leaves(cfg)
+    leaves = fmt.param_leaves(cfg, dtype)
     verify(cfg, _InfoView(ckpt, infos), {p: l.shape for p, l in leaves.items()})
     problems = []
     for key, info in infos.items():
@@ -410,7 +409,7 @@ def hf_to_jax(
     t0 = time.time()
     hf_dir, out = Path(hf_dir), Path(out)
     cfg, ckpt, infos, leaves, hf_config, fp8 = plan_hf_to_jax(hf_dir, dtype)
-    dtype = cfg.param_dtype
+    dtype = _dtype_name(next(l.dtype for l in leaves.values() if l.path[0] == "embed"))
     chunk_bytes = int(chunk_mb * (1 << 20))
     layout = {
         "dir": fmt.PARAMS_DIR,
@@ -676,7 +675,7 @@ def jax_to_hf(
         man = fmt.read_manifest(ckpt)  # refuses incomplete conversions
         params_dir = ckpt / man["params"]["dir"]
         hf_config = json.loads((ckpt / fmt.CONFIG).read_text())
-        cfg = fmt.load_config(ckpt)
+        cfg, _ = fmt.stored_config(ckpt)
         use_ocdbt, use_zarr3 = man["params"]["use_ocdbt"], man["params"]["use_zarr3"]
         extra_dir = ckpt
     else:
@@ -695,9 +694,9 @@ def jax_to_hf(
         meta = json.loads(meta_path.read_text())
         use_ocdbt = bool(meta.get("use_ocdbt"))
         use_zarr3 = bool(meta.get("use_zarr3"))
-        from hunyuan_jax.config import load_config
+        from hunyuan_jax.loading import read_model_config
 
-        cfg = load_config(config)
+        cfg = read_model_config(config)
         hf_config = (
             json.loads(Path(config).read_text())
             if str(config).endswith(".json")
@@ -706,7 +705,7 @@ def jax_to_hf(
             else cfg.to_hf()
         )
         extra_dir = Path(config) if Path(config).is_dir() else None
-    leaves = fmt.param_leaves(cfg)
+    leaves = fmt.param_leaves(cfg, "float32")  # names and shapes only
     arrays = {}
     for leaf in leaves.values():
         name = tree_prefix + leaf.name
@@ -797,8 +796,8 @@ def write_synthetic_hf(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(dict(hf_config, torch_dtype=dtype)))
-    cfg = ModelConfig.from_hf(directory).replace(param_dtype=dtype)
-    leaves = fmt.param_leaves(cfg)
+    cfg = ModelConfig.from_hf(directory)
+    leaves = fmt.param_leaves(cfg, dtype)
     np_dtype = np.dtype(_DTYPES[dtype])
     tensors = []
     for entry in hf_mapping.mapping_table(cfg):

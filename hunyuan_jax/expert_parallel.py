@@ -28,34 +28,23 @@ from jax.sharding import PartitionSpec as P
 
 from hunyuan_jax import moe
 from hunyuan_jax.moe import ExpertWeights, Routing
-from sharding.rules import get_rules, rules_dict
 
 STRATEGIES = ("gather", "all_to_all")
 
 
-def _token_axes(num_tokens: int, batch_axes: tuple[str, ...], mesh) -> tuple[str, ...]:
-    """The longest prefix of the batch axes whose size divides the token count."""
-    chosen, size = [], 1
-    for ax in batch_axes:
-        if num_tokens % (size * mesh.shape[ax]):
-            break
-        chosen.append(ax)
-        size *= mesh.shape[ax]
-    return tuple(a for a in chosen if mesh.shape[a] > 1)
-
-
 def make_expert_parallel_fn(
-    mesh, rules, strategy: str = "gather", capacity_factor: float = 1.0
+    plan, strategy: str = "gather", capacity_factor: float = 1.0
 ) -> moe.ExpertsFn:
-    """An ExpertsFn running the routed experts sharded over `mesh` as `rules` place them."""
+    """An ExpertsFn running the routed experts sharded over the plan's mesh as its rules place
+    them. Tokens [B, S, D] enter the `shard_map` with the layout the plan gives the logical
+    axes (batch, length): the same layout as every other activation, so nothing is resharded
+    on the way in or out."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown expert-parallel strategy {strategy!r}; use one of {STRATEGIES}")
-    table = rules_dict(get_rules(rules))
-    live = lambda axes: tuple(a for a in axes if mesh.shape[a] > 1)
-    ep_axes = live(table["exp"])
-    fsdp_axes = tuple(a for a in live(table["exp_embed"]) if a not in ep_axes)
-    tp_axes = tuple(a for a in live(table["exp_mlp"]) if a not in ep_axes + fsdp_axes)
-    batch_axes = live(table["batch"])
+    mesh = plan.mesh
+    ep_axes = plan.mesh_axes("exp")
+    fsdp_axes = tuple(a for a in plan.mesh_axes("exp_embed") if a not in ep_axes)
+    tp_axes = tuple(a for a in plan.mesh_axes("exp_mlp") if a not in ep_axes + fsdp_axes)
     w_specs = ExpertWeights(
         P(ep_axes or None, fsdp_axes or None, tp_axes or None),
         P(ep_axes or None, fsdp_axes or None, tp_axes or None),
@@ -70,8 +59,13 @@ def make_expert_parallel_fn(
                 f"num_experts={num_experts} is not divisible by the expert-parallel "
                 f"mesh axes {ep_axes} of size {ep}"
             )
-        tok_axes = _token_axes(x.shape[0], batch_axes, mesh)
-        tok_spec = P(tok_axes or None)
+        lead = x.shape[:-1]
+        names = ("batch", "length")[: len(lead)]
+        tok_spec = plan.activation_spec(names, lead)
+        tok_axes = tuple(
+            a for axes in tok_spec if axes for a in ((axes,) if isinstance(axes, str) else axes)
+        )
+        with_dims = lambda extra: P(*tok_spec, *([None] * extra))
         body = partial(
             _gather_body if strategy == "gather" else _all_to_all_body,
             ep_axes=ep_axes,
@@ -83,16 +77,29 @@ def make_expert_parallel_fn(
         )
         if key is None:
             key = jax.random.key(0)  # unused by the dropless strategy
+        routing_specs = Routing(with_dims(1), with_dims(1), with_dims(1), with_dims(0))
         fn = jax.shard_map(
-            body,
+            _flat(body),
             mesh=mesh,
-            in_specs=(tok_spec, Routing(tok_spec, tok_spec, tok_spec, tok_spec), w_specs, P()),
-            out_specs=(tok_spec, P()),
+            in_specs=(with_dims(1), routing_specs, w_specs, P()),
+            out_specs=(with_dims(1), P()),
             check_vma=False,
         )
         return fn(x, routing, w, key)
 
     return experts_fn
+
+
+def _flat(body):
+    """The per-device body sees its tokens as [T_local, D] (and routing as [T_local, ...])."""
+
+    def flat_body(x, routing, w, key):
+        lead = x.shape[:-1]
+        routing = Routing(*(a.reshape((-1,) + a.shape[len(lead) :]) for a in routing))
+        y, stats = body(x.reshape(-1, x.shape[-1]), routing, w, key)
+        return y.reshape(x.shape), stats
+
+    return flat_body
 
 
 def _full_weights(w: ExpertWeights, fsdp_axes) -> ExpertWeights:

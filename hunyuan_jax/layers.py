@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.policy import RuntimePolicy
 
 
 def param(
@@ -65,10 +66,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); the shared expert of the MoE block."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, policy: RuntimePolicy, *, rngs: nnx.Rngs):
         d, f, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
-        pdt = jnp.dtype(cfg.param_dtype)
-        self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+        pdt = jnp.dtype(policy.param_dtype)
+        self.compute_dtype = jnp.dtype(policy.compute_dtype)
         self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), pdt, std)
         self.up_proj = param(rngs, (d, f), ("embed", "mlp"), pdt, std)
         self.down_proj = param(rngs, (f, d), ("mlp", "embed"), pdt, std)

@@ -22,12 +22,16 @@ def lm_loss(
     model,
     batch: dict,
     *,
-    experts_fn=None,
     key=None,
     aux_loss_coef: float = 0.0,
     z_loss_coef: float = 0.0,
+    phase: str = "train",
+    experts_fn=None,
 ):
     """Loss of a batch {inputs, targets, [positions, segment_ids, loss_mask]}.
+
+    `phase` selects the MoE dispatch (training's capacity routing by default; `key` drives its
+    random re-assignment and dropout); `experts_fn` overrides it (tests).
 
     Returns (total loss, metrics): total = cross entropy + aux_loss_coef * (Switch auxiliary
     loss) + z_loss_coef * (router z-loss), both averaged over layers.
@@ -36,8 +40,9 @@ def lm_loss(
         batch["inputs"],
         batch.get("positions"),
         batch.get("segment_ids"),
-        experts_fn=experts_fn,
+        phase=phase,
         key=key,
+        experts_fn=experts_fn,
     )
     ce, tokens = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
     aux, z = jnp.mean(stats["aux_loss"]), jnp.mean(stats["z_loss"])

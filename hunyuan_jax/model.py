@@ -5,12 +5,18 @@
 
 Attention: GQA, RoPE (NeoX, NTK-alpha base), QK-norm *after* RoPE, and cross-layer attention
 (CLA): in each group of `cla_share_factor` consecutive layers only the first projects K/V; the
-others reuse its roped, un-normed K and V and apply their own key-norm. The KV cache therefore
-holds one K/V pair per group.
+others reuse its roped, un-normed K and V and apply their own key-norm. The KV cache
+(`hunyuan_jax.kv_cache`) therefore holds one K/V pair per group.
 
 Layers are stored stacked per group (leading logical axis `layers`) and run with `lax.scan`
 over groups, so trace and compile time do not grow with depth. One `nnx.State` holds every
 parameter; training and decoding use the same tree.
+
+The model is built from three frozen objects: the architecture (`ModelConfig`), the runtime
+policy (`RuntimePolicy`: dtypes, remat, attention kernel, dropout) and the sharding plan
+(`ShardingPlan`: where every logical axis lives). The model code never names a mesh axis and
+never chooses a kernel or a MoE dispatch itself: `plan.constrain`, `kernels.attention.attend`
+and `dispatch.experts_fn_for` do.
 """
 
 from __future__ import annotations
@@ -22,10 +28,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from hunyuan_jax import dispatch
 from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.kv_cache import KVCache, QuantizedKV, write_rows
 from hunyuan_jax.layers import RMSNorm, apply_rope, param, rope_inv_freq
 from hunyuan_jax.moe import ExpertsFn, MoE
-from sharding.rules import constrain
+from hunyuan_jax.policy import RuntimePolicy
+from sharding.plan import ShardingPlan
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -35,85 +44,35 @@ _REMAT_POLICIES = {
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
-class QuantizedKV(NamedTuple):
-    """An int8 cache tensor with one float32 scale per (token, kv head): x ~= values * scale.
+class Context(NamedTuple):
+    """What every layer of one forward shares (built once per call)."""
 
-    values: [..., max_len, kv_heads, head_dim] int8 (symmetric, round-to-nearest, +-127);
-    scale:  [..., kv_heads, max_len] float32 = max|x| over head_dim / 127. The slot axis is the
-    minor one so the scales tile densely on TPU (a minor axis of kv_heads=8 would pad to 128).
-    A pytree like any NamedTuple, so it slices and stacks through the layer scan as an array does.
-    """
-
-    values: jax.Array
-    scale: jax.Array
-
-    SCALE_LOGICAL_AXES = ("cache_layers", "cache_batch", "cache_kv_heads", "cache_length")
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.values.shape
-
-    @property
-    def dtype(self):
-        return self.values.dtype
-
-    @classmethod
-    def quantize(cls, x: jax.Array) -> QuantizedKV:
-        """x: [..., S, KVH, Dh] -> int8 values and scales [..., KVH, S]."""
-        x32 = x.astype(jnp.float32)
-        amax = jnp.max(jnp.abs(x32), axis=-1)  # [..., S, KVH]
-        scale = jnp.where(amax > 0, amax, 1.0) / 127.0
-        q = jnp.clip(jnp.round(x32 / scale[..., None]), -127, 127).astype(jnp.int8)
-        return cls(q, jnp.swapaxes(scale, -1, -2))
-
-    def dequantize(self, dtype) -> jax.Array:
-        scale = jnp.swapaxes(self.scale, -1, -2)[..., None]  # [..., T, KVH, 1]
-        return (self.values.astype(jnp.float32) * scale).astype(dtype)
-
-
-class KVCache(NamedTuple):
-    """Keys (roped, un-normed) and values of the KV-producing layers only.
-
-    k, v: [groups, batch, max_len, kv_heads, head_dim] arrays (compute dtype), or `QuantizedKV`
-    (int8 values of that shape plus per-token, per-head scales); index: [batch] next slot to
-    write. A row's token at position p lives in slot p, so the causal mask is `slot <= position`.
-    """
-
-    k: jax.Array | QuantizedKV
-    v: jax.Array | QuantizedKV
-    index: jax.Array
-
-    @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-        """dtype: default the compute dtype; `int8` gives a quantised cache (QuantizedKV)."""
-        dtype = jnp.dtype(dtype or cfg.compute_dtype)
-        shape = (cfg.num_groups, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        index = jnp.zeros((batch,), jnp.int32)
-        if dtype == jnp.int8:
-            scale_shape = (cfg.num_groups, batch, cfg.num_kv_heads, max_len)
-            make = lambda: QuantizedKV(
-                jnp.zeros(shape, jnp.int8), jnp.zeros(scale_shape, jnp.float32)
-            )
-            return cls(make(), make(), index)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), index)
-
-    @property
-    def quantized(self) -> bool:
-        return isinstance(self.k, QuantizedKV)
-
-    LOGICAL_AXES = ("cache_layers", "cache_batch", "cache_length", "cache_kv_heads", None)
+    positions: jax.Array  # [B, S] RoPE positions
+    mask: jax.Array  # [B, S, T] bool: query s may attend key slot t
+    inv_freq: jax.Array  # [Dh / 2] RoPE inverse frequencies
+    cache_index: jax.Array | None  # [B] first cache slot written by this call (or None)
+    experts_fn: ExpertsFn
 
 
 # ----------------------------------------------------------------------------- attention
 class Attention(nnx.Module):
     """GQA self-attention with QK-norm after RoPE; `produces_kv` marks a group's first layer."""
 
-    def __init__(self, cfg: ModelConfig, produces_kv: bool, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        policy: RuntimePolicy,
+        plan: ShardingPlan,
+        produces_kv: bool,
+        *,
+        rngs: nnx.Rngs,
+    ):
         d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        std, pdt = cfg.initializer_range, jnp.dtype(cfg.param_dtype)
+        std, pdt = cfg.initializer_range, jnp.dtype(policy.param_dtype)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
         self.produces_kv = produces_kv
-        self.compute_dtype = jnp.dtype(cfg.compute_dtype)
+        self.compute_dtype = jnp.dtype(policy.compute_dtype)
+        self.plan = plan
         self.q_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pdt, std)
         if produces_kv:
             self.k_proj = param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), pdt, std)
@@ -125,26 +84,26 @@ class Attention(nnx.Module):
     def _w(self, p: nnx.Param) -> jax.Array:
         return p[...].astype(self.compute_dtype)
 
-    def project_kv(self, x, positions, inv_freq):
+    def project_kv(self, x, ctx: Context):
         """The K/V this group shares: RoPE-rotated keys (not yet key-normed) and values."""
         k = jnp.einsum("bsd,dnh->bsnh", x, self._w(self.k_proj))
         v = jnp.einsum("bsd,dnh->bsnh", x, self._w(self.v_proj))
-        return apply_rope(k, positions, inv_freq), v
+        return apply_rope(k, ctx.positions, ctx.inv_freq), v
 
-    def __call__(self, x, k, v, positions, mask, inv_freq, rules=None, dropout=None):
-        """x: [B,S,D]; k, v: [B,T,KVH,Dh] (shared, roped); mask: [B,S,T] bool -> [B,S,D].
+    def __call__(self, x, k, v, ctx: Context, dropout=None):
+        """x: [B,S,D]; k, v: [B,T,KVH,Dh] (shared, roped) -> [B,S,D].
         `dropout`: (rate, key) for attention-probability dropout in training, else None."""
         b, s, _ = x.shape
         q = jnp.einsum("bsd,dnh->bsnh", x, self._w(self.q_proj))
-        q = apply_rope(q, positions, inv_freq)
+        q = apply_rope(q, ctx.positions, ctx.inv_freq)
         if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
-        q = constrain(q, ("batch", "length", "act_heads", None), rules)
+        q = self.plan.constrain(q, ("batch", "length", "act_heads", None))
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("bsngh,btnh->bngst", q, k, preferred_element_type=jnp.float32)
         scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
-        scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+        scores = jnp.where(ctx.mask[:, None, None, :, :], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1)
         if dropout is not None:
             probs = _dropout(probs, *dropout)
@@ -158,39 +117,48 @@ class Attention(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm attention + pre-norm MoE, each with a residual connection."""
 
-    def __init__(self, cfg: ModelConfig, produces_kv: bool, *, rngs: nnx.Rngs):
-        pdt = jnp.dtype(cfg.param_dtype)
-        self.attention_dropout, self.hidden_dropout = cfg.attention_dropout, cfg.hidden_dropout
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
-        self.attn = Attention(cfg, produces_kv, rngs=rngs)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
-        self.moe = MoE(cfg, rngs=rngs)
-
-    def __call__(
-        self, x, kv, positions, mask, inv_freq, cache=None, rules=None, experts_fn=None, key=None
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        policy: RuntimePolicy,
+        plan: ShardingPlan,
+        produces_kv: bool,
+        *,
+        rngs: nnx.Rngs,
     ):
-        """Returns (x, kv, moe stats). A KV-producing layer computes kv (and writes the cache).
-        `key` (training only) drives dropout and the MoE's training-time routing."""
+        pdt = jnp.dtype(policy.param_dtype)
+        self.attention_dropout = policy.attention_dropout
+        self.hidden_dropout = policy.hidden_dropout
+        self.plan = plan
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+        self.attn = Attention(cfg, policy, plan, produces_kv, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+        self.moe = MoE(cfg, policy, rngs=rngs)
+
+    def __call__(self, x, kv, ctx: Context, cache_kv=None, key=None):
+        """Returns (x, kv, moe stats). A KV-producing layer computes kv (and writes it into
+        `cache_kv`, this group's (k, v) cache). `key` (training only) drives dropout and the
+        MoE's training-time routing."""
         keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
-        attn_drop = (
-            None if key is None or not self.attention_dropout else (self.attention_dropout, keys[0])
-        )
+        attn_drop = None
+        if key is not None and self.attention_dropout:
+            attn_drop = (self.attention_dropout, keys[0])
         h = self.input_norm(x)
         if self.attn.produces_kv:
-            kv = self.attn.project_kv(h, positions, inv_freq)
-            if cache is not None:
-                kv = tuple(_write_rows(c, new, cache.index) for c, new in zip(cache[:2], kv))
+            kv = self.attn.project_kv(h, ctx)
+            if cache_kv is not None:
+                kv = tuple(write_rows(c, new, ctx.cache_index) for c, new in zip(cache_kv, kv))
         # An int8 cache travels quantised between the layers of a group (and out as the new
         # cache); each layer dequantises it for its own attention.
         attn_kv = tuple(
             t.dequantize(self.attn.compute_dtype) if isinstance(t, QuantizedKV) else t for t in kv
         )
-        attn_out = self.attn(h, *attn_kv, positions, mask, inv_freq, rules, attn_drop)
+        attn_out = self.attn(h, *attn_kv, ctx, attn_drop)
         x = x + _dropout(attn_out, self.hidden_dropout, keys[1])
-        x = constrain(x, ("batch", "length", "act_embed"), rules)
-        moe_out, stats = self.moe(self.post_attn_norm(x), experts_fn, keys[2])
+        x = self.plan.constrain(x, ("batch", "length", "act_embed"))
+        moe_out, stats = self.moe(self.post_attn_norm(x), ctx.experts_fn, keys[2])
         x = x + _dropout(moe_out, self.hidden_dropout, keys[3])
-        x = constrain(x, ("batch", "length", "act_embed"), rules)
+        x = self.plan.constrain(x, ("batch", "length", "act_embed"))
         return x, kv, stats
 
 
@@ -201,45 +169,30 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _write_rows(cache, new: jax.Array, index: jax.Array):
-    """cache[b, index[b] : index[b] + S] = new[b] for every row b (quantising for int8)."""
-    write = lambda c, n, i: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (i, 0, 0))
-    if isinstance(cache, QuantizedKV):
-        q = QuantizedKV.quantize(new)
-        write_scale = lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (0, i))
-        return QuantizedKV(
-            jax.vmap(write)(cache.values, q.values, index),
-            jax.vmap(write_scale)(cache.scale, q.scale, index),
-        )
-    return jax.vmap(write)(cache, new, index)
-
-
 class DecoderGroup(nnx.Module):
     """`cla_share_factor` consecutive layers; the first one produces the shared K/V."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, policy: RuntimePolicy, plan: ShardingPlan, *, rngs: nnx.Rngs
+    ):
         self.layers = nnx.List(
             [
-                DecoderLayer(cfg, produces_kv=(j == 0), rngs=rngs)
+                DecoderLayer(cfg, policy, plan, produces_kv=(j == 0), rngs=rngs)
                 for j in range(cfg.cla_share_factor)
             ]
         )
 
-    def __call__(
-        self, x, positions, mask, inv_freq, cache=None, rules=None, experts_fn=None, key=None
-    ):
+    def __call__(self, x, ctx: Context, cache_kv=None, key=None):
         kv, stats = None, []
         for j, layer in enumerate(self.layers):
             layer_key = None if key is None else jax.random.fold_in(key, j)
-            x, kv, layer_stats = layer(
-                x, kv, positions, mask, inv_freq, cache, rules, experts_fn, layer_key
-            )
+            x, kv, layer_stats = layer(x, kv, ctx, cache_kv, layer_key)
             stats.append(layer_stats)
         stats = jax.tree.map(lambda *s: jnp.stack(s), *stats)
         return x, kv, stats
 
 
-def _make_groups(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderGroup:
+def _make_groups(cfg: ModelConfig, policy, plan, rngs: nnx.Rngs) -> DecoderGroup:
     @nnx.split_rngs(splits=cfg.num_groups)
     @nnx.vmap(
         in_axes=(0,),
@@ -248,7 +201,7 @@ def _make_groups(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderGroup:
         transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
     )
     def make(rngs):
-        return DecoderGroup(cfg, rngs=rngs)
+        return DecoderGroup(cfg, policy, plan, rngs=rngs)
 
     return make(rngs)
 
@@ -257,26 +210,42 @@ def _make_groups(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderGroup:
 class HunyuanForCausalLM(nnx.Module):
     """Token ids -> float32 logits (and MoE statistics, and the updated KV cache if given)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rules=None):
-        self.cfg = cfg
-        self.rules = rules  # logical -> mesh axis rules for activation constraints (or None)
-        pdt = jnp.dtype(cfg.param_dtype)
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        policy: RuntimePolicy | None = None,
+        plan: ShardingPlan | None = None,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        policy = policy or RuntimePolicy()
+        plan = plan or ShardingPlan.single()
+        self.cfg, self.policy, self.plan = cfg, policy, plan
+        pdt = jnp.dtype(policy.param_dtype)
         self.embed = param(
-            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt, cfg.initializer_range
+            rngs,
+            (cfg.vocab_size, cfg.hidden_size),
+            ("vocab", "embed"),
+            pdt,
+            cfg.initializer_range,
         )
-        self.groups = _make_groups(cfg, rngs)
+        self.groups = _make_groups(cfg, policy, plan, rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
-        self.lm_head = (
-            None
-            if cfg.tie_word_embeddings
-            else param(
+        self.lm_head = None
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(
                 rngs,
                 (cfg.hidden_size, cfg.vocab_size),
                 ("embed", "vocab"),
                 pdt,
                 cfg.initializer_range,
             )
-        )
+
+    def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
+        """An empty KV cache for `batch` rows of `max_len` slots; dtype default the compute
+        dtype, 'int8' for a quantised cache (`hunyuan_jax.kv_cache`)."""
+        dtype = self.policy.compute_dtype if dtype in (None, "auto") else dtype
+        return KVCache.zeros(self.cfg, batch, max_len, dtype)
 
     def __call__(
         self,
@@ -285,24 +254,30 @@ class HunyuanForCausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         *,
         cache: KVCache | None = None,
-        experts_fn: ExpertsFn | None = None,
+        phase: str | None = None,
         key: jax.Array | None = None,
+        experts_fn: ExpertsFn | None = None,
     ):
         """tokens [B, S] -> (logits [B, S, V] float32, stats, new cache or None).
 
-        `key` turns on training behaviour (dropout; `experts_fn` gets per-layer keys); None is
-        inference.
+        phase: 'train' | 'prefill' | 'decode' selects the MoE dispatch
+          (`dispatch.experts_fn_for`); default 'train' when `key` is given, else 'prefill'.
+        key: turns on training behaviour (dropout, random re-routing); None is inference.
+        experts_fn: overrides the dispatch (tests, benchmarks).
 
         Without a cache: causal attention within each segment (segment_ids, default one per
         row; positions default 0..S-1). With a cache: row b's tokens sit at positions
         cache.index[b] + (0..S-1) and attend to every earlier slot of that row.
         """
-        cfg, rules = self.cfg, self.rules
-        dtype = jnp.dtype(cfg.compute_dtype)
+        cfg, plan = self.cfg, self.plan
+        dtype = jnp.dtype(self.policy.compute_dtype)
         b, s = tokens.shape
+        phase = phase or ("train" if key is not None else "prefill")
+        if experts_fn is None:
+            experts_fn = dispatch.experts_fn_for(phase, cfg, self.policy, plan, b * s)
         if cache is not None:
             positions = cache.index[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
-            slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
+            slots = jnp.arange(cache.max_len, dtype=jnp.int32)
             mask = slots[None, None, :] <= positions[:, :, None]
         else:
             if positions is None:
@@ -313,31 +288,39 @@ class HunyuanForCausalLM(nnx.Module):
             mask = (idx[None, :, None] >= idx[None, None, :]) & (
                 segment_ids[:, :, None] == segment_ids[:, None, :]
             )
-        inv_freq = rope_inv_freq(cfg)
+        ctx = Context(
+            positions,
+            mask,
+            rope_inv_freq(cfg),
+            None if cache is None else cache.index,
+            experts_fn,
+        )
 
-        x = jnp.take(self.embed[...].astype(dtype), tokens, axis=0)
-        x = constrain(x, ("batch", "length", "act_embed"), rules)
+        # FSDP: the table is all-gathered on its hidden dim before the lookup (its gradient is
+        # reduce-scattered back), never gathered row by row.
+        table = plan.constrain(self.embed[...].astype(dtype), ("vocab", None))
+        x = jnp.take(table, tokens, axis=0)
+        x = plan.constrain(x, ("batch", "length", "act_embed"))
 
         graphdef, stacked = nnx.split(self.groups)
 
         def body(x, xs):
             group_state, group_cache, g = xs
             group = nnx.merge(graphdef, group_state)
-            layer_cache = None if group_cache is None else KVCache(*group_cache, cache.index)
             group_key = None if key is None else jax.random.fold_in(key, g)
-            x, kv, stats = group(
-                x, positions, mask, inv_freq, layer_cache, rules, experts_fn, group_key
-            )
+            x, kv, stats = group(x, ctx, group_cache, group_key)
             return x, (stats, kv if cache is not None else None)
 
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        if self.policy.remat != "none":
+            body = jax.checkpoint(
+                body, policy=_REMAT_POLICIES[self.policy.remat], prevent_cse=False
+            )
         xs = (
             stacked,
             None if cache is None else (cache.k, cache.v),
             jnp.arange(cfg.num_groups, dtype=jnp.int32),
         )
-        if cfg.scan_layers:
+        if self.policy.scan_layers:
             x, (stats, new_kv) = jax.lax.scan(body, x, xs)
         else:
             outs = []
@@ -349,12 +332,18 @@ class HunyuanForCausalLM(nnx.Module):
         stats = jax.tree.map(lambda a: a.reshape((cfg.num_layers,) + a.shape[2:]), stats)
 
         x = self.final_norm(x)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum(
-            "bsd,dv->bsv", x, head.astype(dtype), preferred_element_type=jnp.float32
-        )
-        logits = constrain(logits, ("batch", "length", "act_vocab"), rules)
+        logits = self.logits(x)
         new_cache = None
         if cache is not None:
             new_cache = KVCache(new_kv[0], new_kv[1], cache.index + s)
         return logits, stats, new_cache
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final hidden states [B, S, D] (after the final norm) -> float32 logits [B, S, V]."""
+        dtype = jnp.dtype(self.policy.compute_dtype)
+        if self.lm_head is None:
+            head = self.plan.constrain(self.embed[...].astype(dtype), ("vocab", None)).T
+        else:
+            head = self.plan.constrain(self.lm_head[...].astype(dtype), (None, "vocab"))
+        logits = jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=jnp.float32)
+        return self.plan.constrain(logits, ("batch", "length", "act_vocab"))

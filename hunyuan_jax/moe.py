@@ -7,13 +7,18 @@ experts only when k > 1.
 
 Dropless dispatch sorts the (token, choice) pairs by expert and runs one `jax.lax.ragged_dot`
 per projection: memory is O(tokens x k x hidden), never tokens x experts x capacity. Two exact
-alternatives serve decoding (`few_token_experts`, `tiled_experts`; `experts_fn_for` picks).
-Expert-parallel dispatch across devices lives in `hunyuan_jax.expert_parallel`; it plugs in
-through `MoE.__call__(..., experts_fn=...)`.
+alternatives serve decoding (`few_token_experts`, `tiled_experts`), and training uses capacity
+routing with random compensation (`make_capacity_experts`). Expert-parallel dispatch across
+devices lives in `hunyuan_jax.expert_parallel`. Which one runs is decided in one place,
+`hunyuan_jax.dispatch.experts_fn_for(phase, ...)`; the MoE block receives it as `experts_fn`.
+
+Every `ExpertsFn` takes tokens with any leading shape ([B, S, D] from the model) and routing
+arrays with the same leading shape; the single-device strategies flatten them (`on_tokens`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -24,6 +29,7 @@ from flax import nnx
 
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.layers import MLP, param
+from hunyuan_jax.policy import RuntimePolicy
 
 
 class Routing(NamedTuple):
@@ -49,6 +55,20 @@ class ExpertWeights(NamedTuple):
 ExpertsFn = Callable[[jax.Array, Routing, ExpertWeights, jax.Array | None], tuple[jax.Array, dict]]
 
 
+def on_tokens(fn):
+    """A strategy written for tokens [T, D] and routing [T, ...] as an `ExpertsFn` for any
+    leading shape (e.g. [B, S, D]): flattens the leading dims, unflattens the output."""
+
+    @functools.wraps(fn)
+    def experts_fn(x, routing, w, key=None):
+        lead = x.shape[:-1]
+        flat = Routing(*(a.reshape((-1,) + a.shape[len(lead) :]) for a in routing))
+        out, stats = fn(x.reshape(-1, x.shape[-1]), flat, w, key)
+        return out.reshape(x.shape), stats
+
+    return experts_fn
+
+
 def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> Routing:
     """Router in float32: softmax over all experts, then top-k."""
     logits = jnp.dot(
@@ -70,6 +90,7 @@ def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w: ExpertWeights) -> j
     return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w.down, group_sizes)
 
 
+@on_tokens
 def dropless_experts(
     x: jax.Array, routing: Routing, w: ExpertWeights, key: jax.Array | None = None
 ) -> tuple[jax.Array, dict]:
@@ -175,6 +196,7 @@ def capacity_stats(a: SlotAssignment) -> dict[str, jax.Array]:
 def make_capacity_experts(capacity_factor: float) -> ExpertsFn:
     """The single-device training path: capacity routing with random compensation."""
 
+    @on_tokens
     def experts_fn(x, routing, w, key):
         num_experts = w.gate.shape[0]
         capacity = expert_capacity(
@@ -187,6 +209,7 @@ def make_capacity_experts(capacity_factor: float) -> ExpertsFn:
     return experts_fn
 
 
+@on_tokens
 def few_token_experts(x: jax.Array, routing, w, key=None):
     """Routed experts for a handful of tokens (decode steps): for each (token, choice) pair,
     its expert's weights are indexed dynamically and applied to that token alone, so a step
@@ -206,6 +229,7 @@ def few_token_experts(x: jax.Array, routing, w, key=None):
     return jnp.stack(rows).astype(x.dtype), {}
 
 
+@on_tokens
 def tiled_experts(x: jax.Array, routing, w, key=None):
     """Routed experts for many tokens as fixed-size row tiles: (token, choice) pairs sorted by
     expert, each expert's group padded to a multiple of the tile size m, then one matmul per
@@ -247,23 +271,12 @@ def tiled_experts(x: jax.Array, routing, w, key=None):
     return combined.astype(x.dtype), {}
 
 
-def experts_fn_for(num_tokens: int, top_k: int, num_experts: int) -> ExpertsFn | None:
-    """The fastest exact dropless strategy on one device for a call with `num_tokens` tokens:
-    `few_token_experts` for decode steps (tokens * k <= experts), `tiled_experts` on CPU (whose
-    ragged_dot lowering is slow), else None (the model's ragged_dot)."""
-    if num_tokens * top_k <= num_experts:
-        return few_token_experts
-    if jax.default_backend() == "cpu":
-        return tiled_experts
-    return None
-
-
 def load_balancing_stats(routing: Routing, num_experts: int) -> dict[str, jax.Array]:
     """Switch auxiliary loss E * sum_e(mean p_e * fraction routed to e), the load histogram and
     the router z-loss mean(logsumexp(logits)^2)."""
     counts = jnp.zeros((num_experts,), jnp.float32).at[routing.expert_ids.reshape(-1)].add(1.0)
     fraction = counts / jnp.maximum(jnp.sum(counts), 1.0)
-    mean_prob = jnp.mean(routing.probs, axis=0)
+    mean_prob = jnp.mean(routing.probs.reshape(-1, num_experts), axis=0)
     return {
         "aux_loss": num_experts * jnp.sum(mean_prob * fraction),
         "expert_load": fraction,
@@ -274,20 +287,15 @@ def load_balancing_stats(routing: Routing, num_experts: int) -> dict[str, jax.Ar
 class MoE(nnx.Module):
     """Shared SwiGLU expert plus routed SwiGLU experts (Hunyuan-Large "mixed MLP-MoE")."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, policy: RuntimePolicy, *, rngs: nnx.Rngs):
         self.num_experts = cfg.num_experts
         self.top_k = cfg.moe_top_k
-        self.compute_dtype = jnp.dtype(cfg.compute_dtype)
-        d, f, e, std = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.num_experts,
-            cfg.initializer_range,
-        )
-        pdt = jnp.dtype(cfg.param_dtype)
+        self.compute_dtype = jnp.dtype(policy.compute_dtype)
+        d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+        std, pdt = cfg.initializer_range, jnp.dtype(policy.param_dtype)
         # The router stays float32 whatever the parameter dtype (as in the released checkpoints).
         self.router = param(rngs, (d, e), ("embed", "router"), jnp.float32, std)
-        self.shared = MLP(cfg, rngs=rngs) if cfg.num_shared_experts else None
+        self.shared = MLP(cfg, policy, rngs=rngs) if cfg.num_shared_experts else None
         self.gate_proj = param(rngs, (e, d, f), ("exp", "exp_embed", "exp_mlp"), pdt, std)
         self.up_proj = param(rngs, (e, d, f), ("exp", "exp_embed", "exp_mlp"), pdt, std)
         self.down_proj = param(rngs, (e, f, d), ("exp", "exp_mlp", "exp_embed"), pdt, std)
@@ -296,17 +304,12 @@ class MoE(nnx.Module):
         cast = lambda p: p[...].astype(self.compute_dtype)
         return ExpertWeights(cast(self.gate_proj), cast(self.up_proj), cast(self.down_proj))
 
-    def __call__(
-        self, x: jax.Array, experts_fn: ExpertsFn | None = None, key: jax.Array | None = None
-    ):
-        """x: [B, S, D] -> ([B, S, D], load-balancing stats)."""
-        b, s, d = x.shape
-        tokens = x.reshape(b * s, d)
-        routing = route(tokens, self.router[...], self.top_k)
-        routed, extra = (experts_fn or dropless_experts)(
-            tokens, routing, self.expert_weights(), key
-        )
-        out = routed.reshape(b, s, d)
+    def __call__(self, x: jax.Array, experts_fn: ExpertsFn, key: jax.Array | None = None):
+        """x: [B, S, D] -> ([B, S, D], load-balancing stats). `experts_fn` computes the routed
+        part (`hunyuan_jax.dispatch.experts_fn_for` picks it); `key` only in training."""
+        routing = route(x, self.router[...], self.top_k)
+        routed, extra = experts_fn(x, routing, self.expert_weights(), key)
+        out = routed.astype(x.dtype)
         if self.shared is not None:
             out = out + self.shared(x)
         return out, {**load_balancing_stats(routing, self.num_experts), **extra}

@@ -36,81 +36,105 @@ def _say(msg: str) -> None:
     print(f"[smoke] {msg}", flush=True)
 
 
-def _logits(model, ids, experts_fn=None):
+def _logits(model, ids):
     import jax
 
-    return np.asarray(jax.jit(lambda m, x: m(x, experts_fn=experts_fn)[0])(model, ids))
+    return np.asarray(jax.jit(lambda m, x: m(x)[0])(model, ids))
 
 
 def step_reference(ref) -> bool:
-    from hunyuan_jax.state import load_hf_model
+    from hunyuan_jax import loading
 
     ok = True
     for layout in ("hf_bin", "hf_st"):
-        _, model = load_hf_model(HY_TINY / layout, compute_dtype="float32", remat="none")
+        model = loading.load(HY_TINY / layout, dtype="float32").model
         err = float(np.abs(_logits(model, ref["input_ids"]) - ref["logits"]).max())
         ok &= err < TOLERANCE
         _say(f"1. reference logits from {layout}: max |diff| {err:.1e} (tolerance {TOLERANCE})")
     return ok
 
 
-def step_convert(ref, work: Path, mesh, rules) -> bool:
-    import jax
-
-    from hunyuan_jax import checkpoint_format, convert
-    from hunyuan_jax.decode import Generator
-    from hunyuan_jax.expert_parallel import make_expert_parallel_fn
+def step_convert(ref, work: Path, plan) -> bool:
+    from hunyuan_jax import convert, loading
+    from hunyuan_jax.generate import Generator
 
     out = work / "hy_tiny_converted"
     convert.hf_to_jax(HY_TINY / "hf_st", out, progress=False, log=lambda m: None)
-    cfg, model = checkpoint_format.restore_model(
-        out, mesh=mesh, rules=rules, compute_dtype="float32", remat="none"
+    model = loading.load(out, dtype="float32", plan=plan).model
+    err = float(np.abs(_logits(model, ref["input_ids"]) - ref["logits"]).max())
+    gen = Generator(model).generate(
+        ref["greedy_prompt"].tolist(),
+        ref["greedy_out"].shape[1] - ref["greedy_prompt"].shape[1],
     )
-    experts_fn = make_expert_parallel_fn(mesh, rules, "gather")
-    with jax.set_mesh(mesh):
-        err = float(np.abs(_logits(model, ref["input_ids"], experts_fn) - ref["logits"]).max())
-        gen = Generator(model, mesh=mesh, rules=rules).generate(
-            ref["greedy_prompt"].tolist(),
-            ref["greedy_out"].shape[1] - ref["greedy_prompt"].shape[1],
-        )
     greedy = ref["greedy_prompt"][0].tolist() + gen.tokens[0]
     same = greedy == ref["greedy_out"][0].tolist()
     _say(
-        f"2. converted to orbax, restored on mesh {dict(mesh.shape)}: logits max |diff| "
+        f"2. converted to orbax, restored on {plan.describe()}: logits max |diff| "
         f"{err:.1e}; greedy decode {'reproduces' if same else 'DIFFERS FROM'} the original "
         f"{len(greedy)} tokens"
     )
     return err < TOLERANCE and same
 
 
-def step_train(work: Path, steps: int) -> tuple[bool, Path]:
-    from hunyuan_jax.train_step import smoke_train
+def smoke_train(
+    run_dir: str | Path, config: str | Path | None = None, overrides=(), log=print
+) -> dict:
+    """The tiny model on the embedded corpus (configs/tiny.yaml: SentencePiece tokenizer
+    trained on it, 8-device expert-parallel mesh): train to half the steps and stop, resume
+    from the checkpoint in a second `train` call (as a restarted process would), finish, and
+    check that the loss fell. Returns a summary dict."""
+    import shutil
 
+    from hunyuan_jax.train_config import load_configs
+    from hunyuan_jax.train_loop import train
+
+    config = config or REPO / "configs" / "tiny.yaml"
+    run_dir = Path(run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    mcfg, policy, tcfg = load_configs(config, [*overrides, f"run_dir={run_dir}"])
+    half = max(1, tcfg.steps // 2)
+    t0 = time.time()
+    first = train(mcfg, policy, tcfg.replace(stop_at=half), log=log)
+    second = train(mcfg, policy, tcfg, log=log)
+    losses = first["losses"] + second["losses"]
+    k = min(5, len(losses))
+    summary = {
+        "steps": tcfg.steps,
+        "resumed_at": second["start_step"],
+        "first_loss": losses[0],
+        "last_loss_mean": float(np.mean(losses[-k:])),
+        "wall_s": time.time() - t0,
+    }
+    summary["ok"] = (
+        second["start_step"] == half and summary["last_loss_mean"] < summary["first_loss"] - 0.5
+    )
+    return summary
+
+
+def step_train(work: Path, steps: int) -> tuple[bool, Path]:
     run = work / "tiny_run"
     summary = smoke_train(
         run, overrides=[f"steps={steps}"], log=lambda m: print(f"    {m}", flush=True)
     )
     _say(
-        f"3. trained {summary['steps']} steps, resumed at {summary['resumed_at']}: loss "
-        f"{summary['first_loss']:.3f} -> {summary['last_loss_mean']:.3f}"
+        f"3. trained {summary['steps']} steps on 8 devices, stopped at {summary['resumed_at']} "
+        f"and resumed from its checkpoint: loss {summary['first_loss']:.3f} -> "
+        f"{summary['last_loss_mean']:.3f} ({summary['wall_s']:.0f}s)"
     )
     return bool(summary["ok"]), run
 
 
-def step_decode(run: Path, mesh, rules) -> bool:
-    import jax
-
-    from hunyuan_jax.decode import Generator, load_for_inference
+def step_decode(run: Path, plan) -> bool:
+    from hunyuan_jax import loading
+    from hunyuan_jax.generate import Generator
     from hunyuan_jax.sampling import SamplingConfig
 
-    inf = load_for_inference(run, dtype="float32", mesh=mesh, rules=rules)
+    inf = loading.load(run, dtype="float32", plan=plan)
     sampling = SamplingConfig(temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.2)
     prompts = ["def main(", "The quick brown fox", "import os\nimport"]
     ids = [inf.tokenizer.encode(p) for p in prompts]
-    with jax.set_mesh(mesh):
-        gen = Generator(
-            inf.model, mesh=mesh, rules=rules, eos_ids=inf.eos_ids, sampling=sampling
-        ).generate(ids, 24, seed=0)
+    gen = Generator(inf.model, eos_ids=inf.eos_ids, sampling=sampling).generate(ids, 24, seed=0)
     for p, toks in zip(prompts, gen.tokens):
         _say(f"4. {p!r} -> {inf.tokenizer.decode(toks)!r}")
     _say(
@@ -121,9 +145,8 @@ def step_decode(run: Path, mesh, rules) -> bool:
 
 
 def step_export(run: Path, work: Path) -> bool:
-    from hunyuan_jax import convert
-    from hunyuan_jax.checkpointing import checkpoint_dir, latest_step, restore_params
-    from hunyuan_jax.state import load_hf_model
+    from hunyuan_jax import convert, loading
+    from hunyuan_jax.checkpointing import checkpoint_dir, latest_step
 
     step = latest_step(run)
     hf_out = work / "tiny_run_hf"
@@ -134,8 +157,8 @@ def step_export(run: Path, work: Path) -> bool:
         progress=False,
         log=lambda m: None,
     )
-    _, trained = restore_params(run, compute_dtype="float32", remat="none")
-    _, reloaded = load_hf_model(hf_out, compute_dtype="float32", remat="none")
+    trained = loading.load(run, dtype="float32").model
+    reloaded = loading.load(hf_out, dtype="float32").model
     ids = np.arange(32, dtype=np.int32).reshape(2, 16) % trained.cfg.vocab_size
     err = float(np.abs(_logits(trained, ids) - _logits(reloaded, ids)).max())
     _say(
@@ -153,23 +176,22 @@ def main(argv=None) -> int:
 
     import jax
 
-    from sharding.mesh import build_mesh
-    from sharding.rules import get_rules
+    from sharding.plan import ShardingPlan
 
     t0 = time.time()
     _say(f"JAX {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices")
-    mesh, rules = build_mesh("data=2,fsdp=1,expert=4,tensor=1"), get_rules("fsdp_ep")
+    plan = ShardingPlan.create("data=2,fsdp=1,expert=4,tensor=1", "fsdp_ep")
     ref = dict(np.load(HY_TINY / "expected.npz"))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         results = {
             "reference": step_reference(ref),
-            "convert": step_convert(ref, work, mesh, rules),
+            "convert": step_convert(ref, work, plan),
         }
         ok_train, run = step_train(work, args.steps)
         results["train"] = ok_train
-        results["decode"] = step_decode(run, mesh, rules)
+        results["decode"] = step_decode(run, plan)
         results["export"] = step_export(run, work)
     failed = [k for k, v in results.items() if not v]
     _say(

@@ -1,13 +1,12 @@
-"""Creating the model's parameter state: abstract (shapes only), random, or from a Hugging Face
-checkpoint; on one device or directly in its sharded layout over a mesh.
+"""Creating the model's parameter state: abstract (shapes only), random, or from arrays; on one
+device or directly in its sharded layout.
 
-Sharded creation runs the initialiser under `jax.jit` with the rules' output shardings, so each
-device only ever materialises its own shards: no host holds the full tree.
+Sharded creation runs the initialiser under `jax.jit` with the plan's output shardings, so each
+device only ever materialises its own shards: no host holds the full tree. Reading checkpoints
+is `hunyuan_jax.loading`.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +14,23 @@ import numpy as np
 from flax import nnx
 
 from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.hf_checkpoint import HFCheckpoint, load_numpy_params
 from hunyuan_jax.model import HunyuanForCausalLM
+from hunyuan_jax.policy import RuntimePolicy
+from sharding.plan import ShardingPlan
 
 
-def abstract_model(cfg: ModelConfig, rules=None) -> HunyuanForCausalLM:
+def abstract_model(
+    cfg: ModelConfig, policy: RuntimePolicy | None = None, plan: ShardingPlan | None = None
+) -> HunyuanForCausalLM:
     """The model with ShapeDtypeStructs instead of arrays (no memory, no compute)."""
-    return nnx.eval_shape(lambda: HunyuanForCausalLM(cfg, rngs=nnx.Rngs(0), rules=rules))
+    return nnx.eval_shape(lambda: HunyuanForCausalLM(cfg, policy, plan, rngs=nnx.Rngs(0)))
+
+
+def abstract_state(cfg: ModelConfig, policy=None, plan=None):
+    """(graphdef, parameters as ShapeDtypeStructs carrying the plan's shardings)."""
+    plan = plan or ShardingPlan.single()
+    graphdef, state = nnx.split(abstract_model(cfg, policy, plan))
+    return graphdef, plan.abstract(state)
 
 
 def flat_shapes(model: nnx.Module) -> dict[tuple, tuple[int, ...]]:
@@ -33,58 +42,48 @@ def param_count(model: nnx.Module) -> int:
     return sum(int(np.prod(s)) for s in flat_shapes(model).values())
 
 
-def init_model(cfg: ModelConfig, seed: int = 0, mesh=None, rules=None) -> HunyuanForCausalLM:
-    """Random parameters; with a mesh, created already sharded by `rules`."""
-    graphdef, abstract_state = nnx.split(abstract_model(cfg, rules))
+def init_model(
+    cfg: ModelConfig,
+    policy: RuntimePolicy | None = None,
+    plan: ShardingPlan | None = None,
+    seed: int = 0,
+) -> HunyuanForCausalLM:
+    """Random parameters, created already sharded by the plan."""
+    plan = plan or ShardingPlan.single()
+    graphdef, abstract = nnx.split(abstract_model(cfg, policy, plan))
 
     def create(key):
-        return nnx.state(HunyuanForCausalLM(cfg, rngs=nnx.Rngs(key), rules=rules))
+        return nnx.state(HunyuanForCausalLM(cfg, policy, plan, rngs=nnx.Rngs(key)))
 
-    out_shardings = None
-    if mesh is not None:
-        from sharding.rules import state_shardings
-
-        out_shardings = state_shardings(abstract_state, rules, mesh)
+    out_shardings = plan.state_shardings(abstract) if plan.is_sharded else None
     state = jax.jit(create, out_shardings=out_shardings)(jax.random.key(seed))
     return nnx.merge(graphdef, state)
 
 
 def model_from_arrays(
-    cfg: ModelConfig, arrays: dict[tuple, np.ndarray], mesh=None, rules=None
+    cfg: ModelConfig,
+    arrays: dict[tuple, np.ndarray],
+    policy: RuntimePolicy | None = None,
+    plan: ShardingPlan | None = None,
 ) -> HunyuanForCausalLM:
-    """A model whose parameters are `arrays` ({path: array}); placed by `rules` on `mesh`."""
-    graphdef, abstract_state = nnx.split(abstract_model(cfg, rules))
-    flat = nnx.to_flat_state(abstract_state)
-    shardings = None
-    if mesh is not None:
-        from sharding.rules import state_shardings
-
-        shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, rules, mesh)))
+    """A model whose parameters are `arrays` ({path: array}), placed by the plan."""
+    plan = plan or ShardingPlan.single()
+    graphdef, abstract = nnx.split(abstract_model(cfg, policy, plan))
+    flat = nnx.to_flat_state(abstract)
+    shardings = dict(nnx.to_flat_state(plan.state_shardings(abstract))) if plan.is_sharded else {}
     for path, var in flat:
+        name = ".".join(map(str, path))
         if path not in arrays:
-            raise KeyError(f"no array for parameter {'.'.join(map(str, path))}")
+            raise KeyError(f"no array for parameter {name}")
         arr = arrays[path]
         if tuple(arr.shape) != tuple(var.shape):
             raise ValueError(
-                f"parameter {'.'.join(map(str, path))}: array shape "
-                f"{tuple(arr.shape)} != model shape {tuple(var.shape)}"
+                f"parameter {name}: array shape {tuple(arr.shape)} != model shape "
+                f"{tuple(var.shape)}"
             )
-        value = (
-            jnp.asarray(arr, var.dtype)
-            if shardings is None
-            else jax.device_put(arr.astype(var.dtype), shardings[path].get_value())
-        )
+        if plan.is_sharded:
+            value = jax.device_put(np.asarray(arr).astype(var.dtype), shardings[path].get_value())
+        else:
+            value = jnp.asarray(arr, var.dtype)
         var.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def load_hf_model(
-    directory: str | Path, cfg: ModelConfig | None = None, mesh=None, rules=None, **overrides
-) -> tuple[ModelConfig, HunyuanForCausalLM]:
-    """A HF checkpoint directory (its config.json unless `cfg` is given), loaded in memory."""
-    cfg = cfg or ModelConfig.from_hf(directory)
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    shapes = flat_shapes(abstract_model(cfg))
-    arrays = load_numpy_params(cfg, HFCheckpoint(directory), shapes, jnp.dtype(cfg.param_dtype))
-    return cfg, model_from_arrays(cfg, arrays, mesh, rules)

@@ -1,9 +1,10 @@
-"""Training configuration: one frozen dataclass read from the `train:` section of the same YAML
-file whose `model:` section is the `ModelConfig`, plus `--set key=value` overrides (`model.*`
-keys go to the model section). `load_configs` returns both, validated.
+"""Training configuration: one frozen dataclass read from the `train:` section of the YAML
+file whose `model:` section is the architecture (`ModelConfig`) and whose `runtime:` section is
+the runtime policy (`RuntimePolicy`), plus `--set key=value` overrides (`model.*` and
+`runtime.*` keys go to those sections). `load_configs` returns all three, validated.
 
-The resolved pair is written to `<run>/config.yaml` (see `checkpointing.write_run_config`), so
-that a run directory alone is enough to resume training or to decode.
+The resolved sections are written to `<run>/config.yaml` (`checkpointing.write_run_config`),
+so that a run directory alone is enough to resume training or to decode.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Any
 
 import yaml
 
-from hunyuan_jax.config import ModelConfig, _check_types, dataclass_from_dict
+from hunyuan_jax.config import ModelConfig, check_types, dataclass_from_dict, read_yaml
+from hunyuan_jax.errors import ConfigError
+from hunyuan_jax.policy import RuntimePolicy
 
 _NONFINITE = ("stop", "skip")
 _DATA_FORMATS = ("auto", "text", "jsonl", "chat")
-_EP_STRATEGIES = ("all_to_all", "gather")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,8 @@ class TrainConfig:
     # `micro_batches` equal micro-batches whose gradients are accumulated (lax.scan).
     batch_size: int = 8
     seq_len: int = 128
+    # seq_len above the model's max_position_embeddings is an error unless this is true.
+    allow_long_sequences: bool = False
     micro_batches: int = 1
     # AdamW with linear warmup then cosine decay from `lr` to `lr * min_lr_ratio`.
     lr: float = 3e-4
@@ -55,10 +59,9 @@ class TrainConfig:
     shared_expert_lr_scale: float | None = None
     routed_expert_lr_scale: float | None = None
     lr_noise_batch_tokens: float | None = None
-    # Routing and MoE losses (the capacity factor and dropout live in the model section).
+    # MoE losses (the capacity factor, dropout and dispatch live in the runtime section).
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
-    ep_strategy: str = "all_to_all"  # expert-parallel dispatch when rules shard 'exp'
     # Parallelism: mesh sizes ("data=1,fsdp=-1,expert=1,tensor=1"; -1 = the rest) and the
     # logical-axis rules preset of sharding/rules.py.
     mesh: str = "data=1,fsdp=-1,expert=1,tensor=1"
@@ -93,7 +96,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"
 
     def __post_init__(self):
-        _check_types(self)
+        check_types(self, "train")
         for key in (
             "steps",
             "batch_size",
@@ -106,54 +109,52 @@ class TrainConfig:
             "tokenizer_train_bytes",
         ):
             if getattr(self, key) <= 0:
-                raise ValueError(f"train key {key!r} must be positive, got {getattr(self, key)}")
+                raise ConfigError(f"train key {key!r} must be positive, got {getattr(self, key)}")
         for key in ("warmup_steps",):
             if getattr(self, key) < 0:
-                raise ValueError(f"train key {key!r} must be >= 0, got {getattr(self, key)}")
+                raise ConfigError(f"train key {key!r} must be >= 0, got {getattr(self, key)}")
         if self.batch_size % self.micro_batches:
-            raise ValueError(
+            raise ConfigError(
                 f"train key 'batch_size' ({self.batch_size}) must be divisible by "
                 f"'micro_batches' ({self.micro_batches})"
             )
         if self.lr <= 0:
-            raise ValueError(f"train key 'lr' must be positive, got {self.lr}")
+            raise ConfigError(f"train key 'lr' must be positive, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"train key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError(
+                f"train key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}"
+            )
         if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"train key 'decay_steps' ({self.decay_steps}) must exceed "
                 f"'warmup_steps' ({self.warmup_steps})"
             )
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
-            raise ValueError(
+            raise ConfigError(
                 f"train key 'stop_at' must be in [1, steps={self.steps}], got {self.stop_at}"
             )
         for key in ("lr_noise_batch_tokens", "peak_flops_per_device"):
             value = getattr(self, key)
             if value is not None and value <= 0:
-                raise ValueError(f"train key {key!r} must be positive (or null), got {value}")
+                raise ConfigError(f"train key {key!r} must be positive (or null), got {value}")
         for key in ("shared_expert_lr_scale", "routed_expert_lr_scale"):  # 0 freezes them
             value = getattr(self, key)
             if value is not None and value < 0:
-                raise ValueError(f"train key {key!r} must be >= 0 (or null), got {value}")
+                raise ConfigError(f"train key {key!r} must be >= 0 (or null), got {value}")
         if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("train keys 'weight_decay' and 'grad_clip' must be >= 0")
+            raise ConfigError("train keys 'weight_decay' and 'grad_clip' must be >= 0")
         if self.on_nonfinite not in _NONFINITE:
-            raise ValueError(
+            raise ConfigError(
                 f"train key 'on_nonfinite' must be one of {_NONFINITE}, got {self.on_nonfinite!r}"
             )
         if self.data_format not in _DATA_FORMATS:
-            raise ValueError(
+            raise ConfigError(
                 f"train key 'data_format' must be one of {_DATA_FORMATS}, got {self.data_format!r}"
             )
         if self.adam_mu_dtype not in (None, "float32", "bfloat16"):
-            raise ValueError(
+            raise ConfigError(
                 f"train key 'adam_mu_dtype' must be null, float32 or bfloat16, "
                 f"got {self.adam_mu_dtype!r}"
-            )
-        if self.ep_strategy not in _EP_STRATEGIES:
-            raise ValueError(
-                f"train key 'ep_strategy' must be one of {_EP_STRATEGIES}, got {self.ep_strategy!r}"
             )
 
     @property
@@ -176,7 +177,7 @@ class TrainConfig:
     def replace(self, **changes) -> TrainConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"unknown train key(s) {sorted(unknown)}")
+            raise ConfigError(f"unknown train key(s) {sorted(unknown)}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -187,46 +188,57 @@ class TrainConfig:
         return dataclass_from_dict(cls, d, source, "train")
 
 
-def parse_overrides(items: Iterable[str]) -> tuple[dict, dict]:
-    """`key=value` strings -> (train overrides, model overrides). Values are parsed as YAML
-    scalars (`lr=1e-3`, `data=null`, `pack=false`); `model.key=value` targets the model."""
-    train, model = {}, {}
+SECTIONS = ("model", "runtime", "train")
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, dict]:
+    """`key=value` strings -> {section: overrides}. Values are parsed as YAML scalars
+    (`lr=1e-3`, `data=null`, `pack=false`); `model.key=value` and `runtime.key=value` target
+    those sections, anything else (or `train.key`) the train section."""
+    out: dict[str, dict] = {s: {} for s in SECTIONS}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         key = key.strip()
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
                 pass
-        if key.startswith("model."):
-            model[key[len("model.") :]] = value
+        section, dot, name = key.partition(".")
+        if dot and section in SECTIONS:
+            out[section][name] = value
         else:
-            train[key.removeprefix("train.")] = value
-    return train, model
+            out["train"][key] = value
+    return out
 
 
 def load_configs(
     path: str | Path | None = None, overrides: Iterable[str] = (), **train_changes
-) -> tuple[ModelConfig, TrainConfig]:
-    """(ModelConfig, TrainConfig) from a YAML file with `model:` and `train:` sections, then
-    `--set` style overrides, then keyword changes to the train section."""
+) -> tuple[ModelConfig, RuntimePolicy, TrainConfig]:
+    """(ModelConfig, RuntimePolicy, TrainConfig) from a YAML file with `model:`, `runtime:` and
+    `train:` sections, then `--set` style overrides, then keyword changes to the train
+    section. Errors name the file and the key."""
     data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict) or "model" not in data:
-            raise ValueError(f"{path}: expected a mapping with a 'model:' section")
-    model_d = dict(data.get("model") or {})
-    train_d = dict(data.get("train") or {})
-    t_over, m_over = parse_overrides(overrides)
-    model_d.update(m_over)
-    train_d.update(t_over)
-    train_d.update(train_changes)
     source = str(path) if path is not None else "config"
-    return ModelConfig.from_dict(model_d, source), TrainConfig.from_dict(train_d, source)
+    if path is not None:
+        data = read_yaml(path)
+        if "model" not in data:
+            raise ConfigError(f"{path}: expected a mapping with a 'model:' section")
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"{path}: unknown section(s) {unknown}; sections are {SECTIONS}")
+    sections = {s: dict(data.get(s) or {}) for s in SECTIONS}
+    for s, changes in parse_overrides(overrides).items():
+        sections[s].update(changes)
+    sections["train"].update(train_changes)
+    return (
+        ModelConfig.from_dict(sections["model"], source),
+        RuntimePolicy.from_dict(sections["runtime"], source),
+        TrainConfig.from_dict(sections["train"], source),
+    )

@@ -1,9 +1,9 @@
 """Logical-axis rules: the one table mapping the model's logical axis names to mesh axes.
 
-This module owns the presets (`PRESETS`), the logical -> `PartitionSpec` translation
-(`logical_to_spec`), the shardings of a whole `nnx.State` (`state_specs`, `state_shardings`) and
-the activation constraint helper (`constrain`). Parameters name their dimensions with the
-`logical_axes` metadata of `nnx.Param` (one name or None per dimension).
+This module owns the presets (`PRESETS`) and the logical -> `PartitionSpec` translation
+(`logical_to_spec`). Parameters name their dimensions with the `logical_axes` metadata of
+`nnx.Param` (one name or None per dimension). Programs never use the rules alone: they take a
+`sharding.plan.ShardingPlan` (mesh + rules), which answers every sharding question.
 """
 
 from __future__ import annotations
@@ -11,9 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import jax
-from flax import nnx
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import MESH_AXES
@@ -265,79 +262,3 @@ def logical_to_spec(
                 )
         spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     return P(*spec)
-
-
-def activation_spec(logical_axes: Sequence[str | None], rules: Rules | str, mesh=None) -> P:
-    """PartitionSpec of an activation; drops size-1 axes of `mesh` (default: the ambient mesh)."""
-    if mesh is None:
-        ambient = jax.sharding.get_abstract_mesh()
-        mesh = None if ambient.empty else ambient
-    return logical_to_spec(logical_axes, rules, mesh=mesh)
-
-
-def constrain(x, logical_axes: Sequence[str | None], rules: Rules | str | None):
-    """`with_sharding_constraint(x, spec)` under an ambient mesh (`jax.set_mesh`) when `rules`
-    is given; the identity otherwise (no mesh, e.g. single-device tests, or rules None)."""
-    if rules is None:
-        return x
-    if len(logical_axes) != x.ndim:
-        raise ValueError(
-            f"constrain: logical_axes {tuple(logical_axes)} has {len(logical_axes)} "
-            f"names but the array has shape {x.shape}"
-        )
-    mesh = jax.sharding.get_abstract_mesh()
-    # Checked even without a mesh, so that a wrong logical name fails in single-device tests too.
-    spec = logical_to_spec(logical_axes, rules, mesh=None if mesh.empty else mesh)
-    if mesh.empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, spec)
-
-
-def _is_var(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _leaf_spec(path, leaf, rules, mesh) -> P:
-    name = jax.tree_util.keystr(path, simple=True, separator=".")
-    value = leaf.get_value() if _is_var(leaf) else leaf
-    shape = tuple(getattr(value, "shape", ()))
-    axes = leaf.get_metadata("logical_axes", None) if _is_var(leaf) else None
-    if axes is None:
-        if not shape:
-            return P()  # scalars (step counters, RNG keys) are replicated
-        kind = type(leaf).__name__
-        raise ValueError(
-            f"{kind} {name!r} of shape {shape} has no logical_axes metadata; give it "
-            f"logical_axes=(one name or None per dim)"
-        )
-    return logical_to_spec(axes, rules, mesh=mesh, shape=shape, name=name)
-
-
-def state_specs(abstract_state, rules: Rules | str, mesh=None):
-    """The same structure as `abstract_state` (an nnx.State whose Variables hold arrays or
-    ShapeDtypeStructs), each Variable's value replaced by its PartitionSpec."""
-    rules = get_rules(rules)
-
-    def f(path, leaf):
-        spec = _leaf_spec(path, leaf, rules, mesh)
-        return leaf.replace(spec) if _is_var(leaf) else spec
-
-    return jax.tree_util.tree_map_with_path(f, abstract_state, is_leaf=_is_var)
-
-
-def state_shardings(abstract_state, rules: Rules | str, mesh):
-    """As `state_specs`, with `NamedSharding(mesh, spec)` values (e.g. for jit out_shardings)."""
-    rules = get_rules(rules)
-
-    def f(path, leaf):
-        sharding = NamedSharding(mesh, _leaf_spec(path, leaf, rules, mesh))
-        return leaf.replace(sharding) if _is_var(leaf) else sharding
-
-    return jax.tree_util.tree_map_with_path(f, abstract_state, is_leaf=_is_var)
-
-
-def unused_mesh_axes(rules: Rules | str, mesh) -> list[str]:
-    """Mesh axes of size > 1 that no rule uses: every device along them would hold and compute
-    the same thing (MaxText's rule: each axis shards the batch unless it is used for TP)."""
-    used = {a for axes in rules_dict(get_rules(rules)).values() for a in axes}
-    return [a for a, s in _mesh_sizes(mesh).items() if s > 1 and a not in used]

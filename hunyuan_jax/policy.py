@@ -1,0 +1,97 @@
+"""How a run uses the architecture: the runtime policy.
+
+`ModelConfig` (config.py) is what a checkpoint says: shapes, RoPE, CLA, experts. Everything
+else about a run lives here, in one frozen dataclass read from the `runtime:` section of a YAML
+file (or built by an entry point): parameter and compute dtypes, rematerialisation, layer scan,
+the attention kernel, dropout, training-time routing capacity and the expert-parallel dispatch
+of training. Loaders take a policy instead of `**overrides`, and the same checkpoint can be run
+under any policy without touching the parameter tree's structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from hunyuan_jax.config import check_types, dataclass_from_dict
+from hunyuan_jax.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "save_dots", "save_attn_out")
+ATTENTION = ("auto", "xla", "flash", "splash")
+TRAIN_DISPATCH = ("all_to_all", "gather")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimePolicy:
+    """Numerics, memory and kernel choices of a run (never changes the parameter tree).
+
+    param_dtype: dtype the parameters are stored in (float32 master weights for training).
+    compute_dtype: dtype of activations and of the weights as used (cast on use).
+    remat: per layer group: none | full | save_dots | save_attn_out.
+    scan_layers: run the layer groups with `lax.scan` (compile time independent of depth).
+    attention: auto | xla | flash | splash (see `hunyuan_jax.kernels.attention`).
+    attention_dropout / hidden_dropout: training only (the SFT recipe uses 0.1 / 0.2).
+    capacity_factor: training-time expert capacity (inference is always dropless).
+    train_dispatch: expert-parallel dispatch in training when the plan shards the experts.
+    """
+
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    remat: str = "full"
+    scan_layers: bool = True
+    attention: str = "auto"
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    capacity_factor: float = 1.0
+    train_dispatch: str = "all_to_all"
+
+    def __post_init__(self):
+        check_types(self, "runtime")
+        for key in ("param_dtype", "compute_dtype"):
+            _one_of(key, getattr(self, key), DTYPES)
+        _one_of("remat", self.remat, REMAT)
+        _one_of("attention", self.attention, ATTENTION)
+        _one_of("train_dispatch", self.train_dispatch, TRAIN_DISPATCH)
+        for key in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(
+                    f"runtime key {key!r} must be in [0, 1), got {getattr(self, key)}"
+                )
+        if self.capacity_factor <= 0:
+            raise ConfigError(
+                f"runtime key 'capacity_factor' must be positive, got {self.capacity_factor}"
+            )
+
+    def replace(self, **changes) -> RuntimePolicy:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown runtime key(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None, source: str = "runtime") -> RuntimePolicy:
+        return dataclass_from_dict(cls, dict(d or {}), source, "runtime")
+
+    @classmethod
+    def inference(cls, dtype: str = "bfloat16", **changes) -> RuntimePolicy:
+        """Serving: parameters and compute in one dtype, no remat, no dropout."""
+        return cls(param_dtype=dtype, compute_dtype=dtype, remat="none", **changes)
+
+    def for_inference(self, dtype: str | None = None) -> RuntimePolicy:
+        """This policy as decoding uses it: no remat (nothing to save for a backward pass),
+        no dropout; `dtype` sets the compute dtype (the stored weights are cast on use)."""
+        changes: dict[str, Any] = dict(remat="none", attention_dropout=0.0, hidden_dropout=0.0)
+        if dtype is not None:
+            changes["compute_dtype"] = dtype
+        return self.replace(**changes)
+
+    @property
+    def training_dropout(self) -> bool:
+        return self.attention_dropout > 0.0 or self.hidden_dropout > 0.0
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"runtime key {key!r} must be one of {choices}, got {value!r}")

@@ -1,0 +1,87 @@
+"""A training run's tokenizer and data loader: which tokenizer the run uses (copied into
+<run>/tokenizer/ so the run directory alone can resume or decode), this host's share of the
+documents, and the packed-row loader over them (`data.PackedLoader`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+
+from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.errors import ConfigError
+from hunyuan_jax.train_config import TrainConfig
+
+
+def setup_tokenizer(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, docs, kind: str):
+    """The run's tokenizer, copied into <run>/tokenizer/ (a resumed run reuses that copy):
+    tokenizer="auto": the --init-from checkpoint's tokenizer if it has one, else as
+    "sentencepiece": train a SentencePiece model on (this host's share of) the corpus; any
+    other value: a tokenizer path (hy.tiktoken directory or file, SentencePiece .model)."""
+    from hunyuan_jax.checkpointing import copy_tokenizer_files
+    from hunyuan_jax.data import texts_for_tokenizer
+    from hunyuan_jax.loading import find_tokenizer
+    from hunyuan_jax.tokenizer import SentencePieceTokenizer, load_tokenizer
+
+    tok_dir = run_dir / "tokenizer"
+    tok = find_tokenizer(tok_dir) if tok_dir.is_dir() else None
+    if tok is None and tcfg.tokenizer == "auto" and tcfg.init_from:
+        tok = find_tokenizer(Path(tcfg.init_from))
+    if tok is None and tcfg.tokenizer in ("auto", "sentencepiece"):
+        if jax.process_index() == 0:
+            vocab = tcfg.tokenizer_vocab_size or mcfg.vocab_size
+            SentencePieceTokenizer.train(
+                texts_for_tokenizer(docs, kind, tcfg.tokenizer_train_bytes),
+                tok_dir / "tokenizer",
+                vocab,
+                hard_vocab_limit=False,  # small corpora: fewer pieces
+            )
+        if jax.process_count() > 1:  # the run directory is shared by the hosts
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("tokenizer trained")
+        tok = SentencePieceTokenizer.load(tok_dir / "tokenizer.model")
+    if tok is None:
+        tok = load_tokenizer(tcfg.tokenizer)
+    copy_tokenizer_files(tok, run_dir)
+    if tok.vocab_size > mcfg.vocab_size:
+        raise ConfigError(
+            f"tokenizer {type(tok).__name__} has {tok.vocab_size} ids but the model's "
+            f"vocab_size is {mcfg.vocab_size} (tokenizer=sentencepiece trains one that fits)"
+        )
+    return tok
+
+
+def make_loader(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, log=print):
+    """(tokenizer, PackedLoader of this host's rows)."""
+    from hunyuan_jax.data import PackedLoader, embedded_corpus, read_documents, tokenize
+
+    pi, pc = jax.process_index(), jax.process_count()
+    if tcfg.batch_size % pc:
+        raise ConfigError(f"batch_size {tcfg.batch_size} not divisible by {pc} hosts")
+    if tcfg.data is None:
+        docs = embedded_corpus(tcfg.corpus_max_bytes)[pi::pc]
+        kind = "text"
+    else:
+        docs, kind = read_documents(tcfg.data, tcfg.data_format, tcfg.text_field, pi, pc)
+    t0 = time.time()
+    tok = setup_tokenizer(tcfg, mcfg, run_dir, docs, kind)
+    tokenized = tokenize(tok, docs, kind)
+    n_tokens = sum(len(ids) for ids, _ in tokenized)
+    log(
+        f"[data] {len(tokenized)} {kind} documents, {n_tokens:,} tokens on this host "
+        f"({type(tok).__name__}, {tok.vocab_size} ids; {time.time() - t0:.1f}s)"
+    )
+    loader = PackedLoader(
+        tokenized,
+        tcfg.batch_size // pc,
+        tcfg.seq_len,
+        tcfg.micro_batches,
+        seed=tcfg.seed,
+        shuffle=tcfg.shuffle,
+        pack=tcfg.pack,
+        pad_id=tok.pad_id,
+    )
+    return tok, loader
