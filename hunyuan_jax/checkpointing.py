@@ -157,32 +157,33 @@ class Checkpointer:
         self.manager.close()
 
 
-def latest_step(run_dir: str | Path) -> int | None:
-    """The last complete checkpoint step of a run (None if none)."""
+def complete_steps(run_dir: str | Path) -> list[int]:
+    """The finalized checkpoint steps of a run, ascending (orbax renames a step directory into
+    place only when every item is written, so a killed save never appears here)."""
     directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
-        return None
-    with ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
-    ) as mgr:
-        return mgr.latest_step()
+        return []
+    return sorted(ocp.utils.checkpoint_steps(directory))
+
+
+def latest_step(run_dir: str | Path) -> int | None:
+    """The last complete checkpoint step of a run (None if none)."""
+    steps = complete_steps(run_dir)
+    return steps[-1] if steps else None
 
 
 def restore_run_params(run_dir: str | Path, target, step: int | None = None):
     """(step, params) of checkpoint `step` of a run (default: the latest complete one),
-    restored into `target` (an abstract nnx.State of ShapeDtypeStructs with shardings)."""
+    restored into `target` (an abstract nnx.State of ShapeDtypeStructs with shardings).
+    Reads only the params item (no CheckpointManager: nothing is written or cleaned)."""
     directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
         raise CheckpointError(f"{run_dir}: no checkpoints/ directory")
-    with ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
-    ) as mgr:
-        step = mgr.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no complete checkpoint under {directory}")
-        out = mgr.restore(
-            step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)})
-        )
-    return step, out[PARAMS]
+    step = latest_step(run_dir) if step is None else step
+    if step is None:
+        raise CheckpointError(f"no complete checkpoint under {directory}")
+    path = directory / str(step) / PARAMS
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint item (steps: {complete_steps(run_dir)})")
+    with ocp.StandardCheckpointer() as ckptr:
+        return step, ckptr.restore(path, target)
