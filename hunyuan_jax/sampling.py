@@ -114,14 +114,6 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float)
     return jnp.where(seen, penalised, logits)
 
 
-def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
-    """True for the k largest logits of each row (ties at the threshold are all kept)."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return jnp.ones(logits.shape, bool)
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
-    return logits >= kth
-
-
 def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
     """True for the smallest set of most likely tokens whose probability reaches p: a token is
     kept when the probability of the tokens strictly more likely than it is below p (so the
@@ -135,23 +127,6 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
     keep_sorted = before < p
     inverse = jnp.argsort(order, axis=-1)
     return jnp.take_along_axis(keep_sorted, inverse, axis=-1)
-
-
-def processed_logits(
-    logits: jax.Array, cfg: SamplingConfig, seen: jax.Array | None = None
-) -> jax.Array:
-    """The float32 logits the draw uses: penalty, temperature, then -inf outside top-k/top-p."""
-    logits = logits.astype(jnp.float32)
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-    if cfg.greedy:
-        return logits
-    logits = logits / cfg.temperature
-    if cfg.top_k:
-        logits = jnp.where(top_k_mask(logits, cfg.top_k), logits, _NEG_INF)
-    if cfg.top_p < 1.0:
-        logits = jnp.where(top_p_mask(logits, cfg.top_p), logits, _NEG_INF)
-    return logits
 
 
 def sample(
