@@ -231,15 +231,17 @@ class HunyuanForCausalLM(nnx.Module):
         )
         self.groups = _make_groups(cfg, policy, plan, rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
-        self.lm_head = None
-        if not cfg.tie_word_embeddings:
-            self.lm_head = param(
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else param(
                 rngs,
                 (cfg.hidden_size, cfg.vocab_size),
                 ("embed", "vocab"),
                 pdt,
                 cfg.initializer_range,
             )
+        )
 
     def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
         """An empty KV cache for `batch` rows of `max_len` slots; dtype default the compute
