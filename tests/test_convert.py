@@ -3,9 +3,10 @@ the reference logits after restoring on an 8-device mesh, bit-exact round trips,
 train.py run directory, FP8 dequantisation, bad inputs and the CLI's one-line errors, SIGKILL
 from outside + resume, bounded peak RSS that does not grow with depth.
 
-Durations on 2 shared CPU cores: most tests take < 6 s; the kill tests start the converter as
-a process (~5-15 s each); `test_peak_rss_does_not_grow_with_layers` ~40 s;
-`test_peak_rss_bounded_for_2gb_checkpoint` (marked slow) ~150 s and writes 6 GB of scratch."""
+Durations on 2 shared CPU cores (loaded): most tests take < 9 s; the two SIGKILL tests start
+the converter as a process (15 and 30 s); `test_peak_rss_does_not_grow_with_layers` 40-60 s;
+`test_peak_rss_bounded_for_2gb_checkpoint` (marked slow) 150-240 s, 6 GB of scratch. The
+whole file: ~3.5 min without the slow test, ~7 min with it."""
 
 import json
 import os
@@ -490,6 +491,13 @@ def test_cli_errors_are_one_line_with_their_exit_status(tmp_path, converted, cap
     assert code == 2 and "--step is only for a train.py run directory" in err
     code, err = _cli(capsys, "jax-to-hf", "--ckpt", HY_TINY / "hf_st", "--out", tmp_path / "o")
     assert code == 4 and "already a Hugging Face checkpoint" in err
+    from hunyuan_jax import checkpointing
+
+    run = tmp_path / "run"  # a run that has not saved a checkpoint yet
+    checkpointing.write_run_config(run, ModelConfig.from_hf(HY_TINY / "hf_st"), RuntimePolicy())
+    (run / "checkpoints").mkdir()
+    code, err = _cli(capsys, "jax-to-hf", "--ckpt", run, "--out", tmp_path / "o")
+    assert code == 4 and f"run {run} has no complete checkpoint under" in err
     with pytest.raises(SystemExit) as e:  # argparse's own usage errors: status 2 as well
         convert_main(["jax-to-hf", "--ckpt", "x", "--out", "y", "--dtype", "int8"])
     assert e.value.code == 2

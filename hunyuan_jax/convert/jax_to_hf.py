@@ -211,7 +211,7 @@ def jax_to_hf(
     None keeps the stored dtype. Returns the index dict."""
     log = log or default_log
     t0 = time.time()
-    src, out = open_source(ckpt, config, step, tree_prefix), Path(out)
+    src, out = open_source(ckpt, config, step, tree_prefix), Path(out).resolve()
     out_dtype = None if dtype is None else np_dtype(dtype)
     leaves = fmt.param_leaves(src.cfg, "float32")  # names and shapes only
     arrays = {}

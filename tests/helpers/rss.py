@@ -1,4 +1,5 @@
-"""Peak resident memory of a process, from Linux's VmHWM (tests and bench/convert.py)."""
+"""Peak resident memory of a child process, from Linux's VmHWM (tests and bench/convert.py).
+The converter reports its own peak in its manifest (`convert.common.own_peak_rss_bytes`)."""
 
 from __future__ import annotations
 
@@ -17,16 +18,6 @@ def vmhwm_bytes(pid: int | str) -> int | None:
     except OSError:
         pass
     return None
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size, in bytes."""
-    peak = vmhwm_bytes("self")
-    if peak is not None:
-        return peak
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_measuring_peak_rss(cmd: list[str], env=None) -> tuple[int, int, float, str]:
