@@ -29,29 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def synthetic_config(
-    layers: int,
-    hidden: int,
-    intermediate: int,
-    experts: int,
-    vocab: int,
-    heads: int | None = None,
-    kv_heads: int | None = None,
-) -> dict:
-    """An HF config.json of Hunyuan-Large's structure (CLA 2, QK-norm, shared expert)."""
-    base = json.loads((ROOT / "tests/data/hy_tiny/hf_st/config.json").read_text())
-    return dict(
-        base,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads or max(1, hidden // 128),
-        num_key_value_heads=kv_heads or max(1, hidden // 512),
-        num_experts=experts,
-        vocab_size=vocab,
-        torch_dtype="bfloat16",
-    )
+from tests.helpers.rss import run_measuring_peak_rss  # noqa: E402
+from tests.helpers.synthetic import synthetic_config, write_synthetic_hf  # noqa: E402
 
 
 def bytes_per_layer(
@@ -65,9 +44,7 @@ def bytes_per_layer(
 
 def run_measured(cmd: list[str], env=None) -> tuple[int, int, float, str]:
     """(return code, peak RSS bytes of that child, seconds, stderr)."""
-    from hunyuan_jax import convert
-
-    code, peak, seconds, err = convert.run_measuring_peak_rss(cmd, env)
+    code, peak, seconds, err = run_measuring_peak_rss(cmd, env)
     if code:
         print(err, file=sys.stderr)
     return code, peak, seconds, err
@@ -86,7 +63,6 @@ def main(argv=None) -> int:
     ap.add_argument("--export", action="store_true", help="also time jax-to-hf")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
-    from hunyuan_jax.convert import write_synthetic_hf
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
     heads = args.heads or max(1, args.hidden // 128)

@@ -1,7 +1,8 @@
 """The on-disk layout of a converted Hunyuan-Large checkpoint, and restoring it straight into a
 sharded model.
 
-Layout of a converted directory `O` (written by `python -m hunyuan_jax.convert hf-to-jax`)::
+Layout of a converted directory `O` (written by `python -m hunyuan_jax.convert hf-to-jax`,
+`hunyuan_jax/convert/hf_to_jax.py`)::
 
     O/
       manifest.json          written last, atomically: {"format": "hunyuan-jax-params",
@@ -10,7 +11,9 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.convert h
                              "leaves": {name: {"shape", "dtype", "shard_shape", "chunk_shape"}},
                              "bytes"}, "source": {"dir", "format": "safetensors"|"bin",
                              "files": [{"name", "size", "mtime_ns"}], "fp8": bool},
-                             "hf_config": {...}, "tokenizer_files": [...], "stats": {...}}
+                             "plan": {...} (as .convert/plan.json), "hf_config": {...},
+                             "tokenizer_files": [...], "stats": {"seconds",
+                             "source_bytes_this_run", "mb_per_s", "peak_rss_mb", "resumed"}}
                              No manifest (or "complete" false) = not a usable checkpoint.
       config.json            the source's Hugging Face config.json (`torch_dtype` set to the
                              stored dtype, FP8 `quantization_config` dropped):
@@ -29,7 +32,11 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.convert h
         ...
       hy.tiktoken, tokenizer_config.json, generation_config.json   (if the source had them)
       *.py                   remote-code files of the source (configuration / modeling), if any
-      .convert/              only while converting: plan.json + progress.jsonl (resume record)
+      .convert/              only while converting:
+        plan.json            what is being written (source files with sizes and mtimes, dtype,
+                             layout); a resume must find the same plan
+        progress.jsonl       one {"k": "<HF key>"} line per slice written and fsync'd (the
+                             resume record; a torn last line is ignored)
 
 Why zarr3 without OCDBT: every stacked slice (one HF tensor) is one whole zarr3 shard file,
 written in one piece by tensorstore with no read-modify-write and atomically (temp file +
@@ -69,6 +76,8 @@ MANIFEST = "manifest.json"
 PARAMS_DIR = "params"
 CONFIG = "config.json"
 WORK_DIR = ".convert"
+WORK_PLAN = "plan.json"  # in WORK_DIR
+WORK_PROGRESS = "progress.jsonl"  # in WORK_DIR
 TOKENIZER_FILES = (
     "hy.tiktoken",
     "tokenizer_config.json",
@@ -362,4 +371,4 @@ def restore_param_state(directory: str | Path, target):
 def is_converted(directory: str | Path) -> bool:
     """Whether `directory` holds a converted checkpoint (complete or not)."""
     directory = Path(directory)
-    return (directory / MANIFEST).is_file() or (directory / WORK_DIR / "plan.json").is_file()
+    return (directory / MANIFEST).is_file() or (directory / WORK_DIR / WORK_PLAN).is_file()

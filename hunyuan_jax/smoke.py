@@ -146,17 +146,11 @@ def step_decode(run: Path, plan) -> bool:
 
 def step_export(run: Path, work: Path) -> bool:
     from hunyuan_jax import convert, loading
-    from hunyuan_jax.checkpointing import checkpoint_dir, latest_step
+    from hunyuan_jax.checkpointing import latest_step
 
     step = latest_step(run)
     hf_out = work / "tiny_run_hf"
-    convert.jax_to_hf(
-        checkpoint_dir(run) / str(step) / "params",
-        hf_out,
-        config=run / "config.yaml",
-        progress=False,
-        log=lambda m: None,
-    )
+    convert.jax_to_hf(run, hf_out, progress=False, log=lambda m: None)  # its latest step
     trained = loading.load(run, dtype="float32").model
     reloaded = loading.load(hf_out, dtype="float32").model
     ids = np.arange(32, dtype=np.int32).reshape(2, 16) % trained.cfg.vocab_size

@@ -1,13 +1,17 @@
 """Checkpoint conversion HF <-> orbax/tensorstore (hunyuan_jax.convert, checkpoint_format):
-the reference logits after restoring on an 8-device mesh, bit-exact round trips, FP8
-dequantisation, bounded peak RSS that does not grow with depth, bad inputs, kill + resume."""
+the reference logits after restoring on an 8-device mesh, bit-exact round trips, export from a
+train.py run directory, FP8 dequantisation, bad inputs and the CLI's one-line errors, SIGKILL
+from outside + resume, bounded peak RSS that does not grow with depth.
+
+Durations on 2 shared CPU cores (loaded): most tests take < 9 s; the two SIGKILL tests start
+the converter as a process (15 and 30 s); `test_peak_rss_does_not_grow_with_layers` 40-60 s;
+`test_peak_rss_bounded_for_2gb_checkpoint` (marked slow) 150-240 s, 6 GB of scratch. The
+whole file: ~3.5 min without the slow test, ~7 min with it."""
 
 import json
 import os
+import random
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,25 +22,23 @@ import pytest
 from conftest import DATA, HY_TINY
 
 from hunyuan_jax import checkpoint_format as fmt
-from hunyuan_jax import convert, hf_mapping
+from hunyuan_jax import convert, hf_mapping, loading
 from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.hf_checkpoint import (
-    CheckpointError,
-    HFCheckpoint,
-    MissingShardError,
-    dequantize_fp8,
-)
-from sharding.mesh import build_mesh
+from hunyuan_jax.convert.__main__ import main as convert_main
+from hunyuan_jax.convert.common import hf_tensors
+from hunyuan_jax.errors import CheckpointError, MissingShardError, UsageError
+from hunyuan_jax.hf_checkpoint import HFCheckpoint, dequantize_fp8
+from hunyuan_jax.policy import RuntimePolicy
+from sharding.plan import ShardingPlan
+from tests.helpers.process import converter_cmd, converter_env, kill_when_recorded
+from tests.helpers.rss import run_measuring_peak_rss
+from tests.helpers.synthetic import synthetic_config, write_hf, write_synthetic_hf
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = DATA / "hunyuan_tokenizer"
 TOKENIZER_FILES = ("hy.tiktoken", "tokenizer_config.json", "generation_config.json")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 QUIET = dict(progress=False, log=lambda msg: None)
-
-
-def _env():
-    return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+PROG = "python -m hunyuan_jax.convert"
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -53,26 +55,15 @@ def _hf_tensors(directory) -> dict[str, np.ndarray]:
     return {k: ckpt.get(k) for k in ckpt.keys}
 
 
-def _write_hf(directory: Path, tensors: dict, config: dict, shards: int = 2) -> Path:
-    """A safetensors HF checkpoint of `tensors` in `shards` files plus index and config."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config))
-    keys = list(tensors)
-    per = -(-len(keys) // shards)
-    weight_map = {}
-    for i in range(shards):
-        group = keys[i * per : (i + 1) * per]
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        convert.write_safetensors(
-            directory / name,
-            [(k, tensors[k].dtype, tensors[k].shape) for k in group],
-            lambda k: tensors[k],
-        )
-        weight_map.update({k: name for k in group})
-    (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
-    return directory
+def _hy_tiny_config() -> dict:
+    return json.loads((HY_TINY / "hf_st" / "config.json").read_text())
+
+
+def _load(directory, plan=None, dtype="float32"):
+    """The model of a checkpoint directory (its weights only: the tokenizer these tests carry
+    is the real Hunyuan one, larger than hy_tiny's vocabulary, which `loading.load` refuses)."""
+    ckpt = loading.open_checkpoint(directory)
+    return loading.load_params(ckpt, RuntimePolicy.inference(dtype), plan)
 
 
 def _logits(model, tokens):
@@ -80,8 +71,15 @@ def _logits(model, tokens):
     return np.asarray(logits)
 
 
-def _mesh():
-    return build_mesh({"fsdp": 2, "expert": 4})
+def _read_leaf(out: Path, name: str, index=()) -> np.ndarray:
+    arr = fmt.open_for_read(out / fmt.PARAMS_DIR, name, False, True)
+    return (arr[index] if index else arr).read().result()
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    """(exit status, stderr) of the converter's CLI run in this process."""
+    code = convert_main([str(a) for a in argv])
+    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +106,9 @@ def test_restore_on_mesh_gives_reference_logits(layout, converted, reference):
         assert (out / name).read_bytes() == (TOKENIZER / name).read_bytes()
     assert not (out / fmt.WORK_DIR).exists()
 
-    model = fmt.restore_params(out, _mesh(), "fsdp_ep", compute_dtype="float32")
+    plan = ShardingPlan.create("data=1,fsdp=2,expert=4,tensor=1", "fsdp_ep")
+    model = _load(out, plan)
+    # float32 throughout, the same arithmetic as the HF load: only summation order differs.
     np.testing.assert_allclose(
         _logits(model, reference["input_ids"]), reference["logits"], atol=1e-4, rtol=0
     )
@@ -124,14 +124,15 @@ def test_restore_on_mesh_gives_reference_logits(layout, converted, reference):
 def test_restore_single_device_with_dtype_cast(converted):
     out = converted["hf_st"]
     assert fmt.is_converted(out) and not fmt.is_converted(HY_TINY / "hf_st")
-    cfg, model = fmt.restore_model(out, param_dtype="bfloat16")
-    assert cfg.param_dtype == "bfloat16" and fmt.load_config(out).param_dtype == "float32"
+    ckpt = loading.open_checkpoint(out)
+    assert ckpt.format == "converted" and ckpt.stored_dtype == "float32"
+    model = loading.load_params(ckpt, RuntimePolicy.inference("bfloat16"))
     src = HFCheckpoint(HY_TINY / "hf_st").get("model.layers.3.self_attn.q_proj.weight")
     q = np.asarray(model.groups.layers[1].attn.q_proj[...])  # layer 3 = group 1, member 1
     assert q.dtype == BF16
     entry = next(
         e
-        for e in hf_mapping.mapping_table(fmt.load_config(out))
+        for e in hf_mapping.mapping_table(ckpt.cfg)
         if e.path == ("groups", "layers", 1, "attn", "q_proj")
     )
     assert _same_bits(q[1], hf_mapping.to_tree_slice(entry, src, q.shape).astype(BF16))
@@ -143,7 +144,7 @@ def test_tree_names_match_what_orbax_saves(converted, tmp_path):
     from flax import nnx
 
     out = converted["hf_st"]
-    model = fmt.restore_params(out)
+    model = _load(out)
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True)
     ckptr = ocp.Checkpointer(handler)
     ckptr.save(tmp_path / "orbax", args=ocp.args.PyTreeSave(nnx.state(model, nnx.Param)))
@@ -161,7 +162,7 @@ def test_tree_names_match_what_orbax_saves(converted, tmp_path):
 
 # ----------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("layout", ["hf_st", "hf_bin"])
-def test_round_trip_bit_exact(layout, converted, tmp_path, reference):
+def test_round_trip_bit_exact(layout, converted, tmp_path):
     back = tmp_path / "back"
     index = convert.jax_to_hf(converted[layout], back, max_shard_bytes=3_000_000, **QUIET)
     src = _hf_tensors(HY_TINY / layout)
@@ -182,15 +183,15 @@ def test_round_trip_bit_exact(layout, converted, tmp_path, reference):
     assert np.array_equal(t["model.embed_tokens.weight"].numpy(), src["model.embed_tokens.weight"])
     for name in TOKENIZER_FILES:
         assert (back / name).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back"]  # no temp dir left beside
 
 
 def test_round_trip_bfloat16_and_dtype_cast(tmp_path):
     """bf16 HF -> bf16 params -> bf16 HF is bit-exact; f32 -> --dtype bfloat16 rounds like
     ml_dtypes (round to nearest even), and back to f32 is exact for those values."""
     src = _hf_tensors(HY_TINY / "hf_st")
-    config = json.loads((HY_TINY / "hf_st" / "config.json").read_text())
     bf = {k: v.astype(BF16) for k, v in src.items()}
-    hf = _write_hf(tmp_path / "bf16", bf, dict(config, torch_dtype="bfloat16"), shards=3)
+    hf = write_hf(tmp_path / "bf16", bf, dict(_hy_tiny_config(), torch_dtype="bfloat16"), 3)
     convert.hf_to_jax(hf, tmp_path / "jax", **QUIET)
     assert fmt.read_manifest(tmp_path / "jax")["dtype"] == "bfloat16"
     convert.jax_to_hf(tmp_path / "jax", tmp_path / "back", **QUIET)
@@ -203,23 +204,100 @@ def test_round_trip_bfloat16_and_dtype_cast(tmp_path):
     assert all(np.array_equal(back[k], src[k].astype(BF16).astype(np.float32)) for k in back)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="model.py assigns the untied lm_head Param to an attribute first set to None, "
+    "which flax 0.12 refuses ('static attribute lm_head'); remove this mark once fixed",
+)
+def test_round_trip_untied_lm_head(tmp_path):
+    src = _hf_tensors(HY_TINY / "hf_st")
+    src["lm_head.weight"] = src["model.embed_tokens.weight"] * 2
+    hf = write_hf(tmp_path / "hf", src, dict(_hy_tiny_config(), tie_word_embeddings=False))
+    convert.hf_to_jax(hf, tmp_path / "jax", **QUIET)
+    convert.jax_to_hf(tmp_path / "jax", tmp_path / "back", **QUIET)
+    back = _hf_tensors(tmp_path / "back")
+    assert "lm_head.weight" in back and _same_bits(back["lm_head.weight"], src["lm_head.weight"])
+
+
 def test_export_from_orbax_ocdbt_checkpoint(converted, tmp_path):
-    """jax-to-hf also reads a plain orbax (OCDBT, zarr2) params checkpoint such as train.py
-    saves, given the config."""
+    """jax-to-hf also reads a bare orbax (OCDBT, zarr2) params checkpoint, given the config."""
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    model = fmt.restore_params(converted["hf_st"])
+    model = _load(converted["hf_st"])
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())  # orbax defaults: OCDBT, zarr2
     ckptr.save(tmp_path / "orbax", args=ocp.args.PyTreeSave(nnx.state(model, nnx.Param)))
+    with pytest.raises(CheckpointError, match="--config"):  # without it: what is missing
+        convert.jax_to_hf(tmp_path / "orbax", tmp_path / "back", **QUIET)
     convert.jax_to_hf(tmp_path / "orbax", tmp_path / "back", config=HY_TINY / "hf_st", **QUIET)
     src, back = _hf_tensors(HY_TINY / "hf_st"), _hf_tensors(tmp_path / "back")
     assert all(_same_bits(back[k], src[k]) for k in back)
 
 
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory, converted):
+    """A train.py run directory: config.yaml, tokenizer/, checkpoints of steps 3 (the hy_tiny
+    weights) and 5 (every weight doubled, exact in float32)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from hunyuan_jax import checkpointing
+
+    run = tmp_path_factory.mktemp("run")
+    model = _load(converted["hf_st"])
+    checkpointing.write_run_config(run, model.cfg, RuntimePolicy())
+    params = nnx.state(model, nnx.Param)
+    saver = checkpointing.Checkpointer(run, async_save=False)
+    opt = {"count": jnp.zeros((), jnp.int32)}
+    saver.save(3, params, opt, {"0": {}})
+    saver.save(5, jax.tree.map(lambda x: x * 2, params), opt, {"0": {}})
+    saver.close()
+    (run / "tokenizer").mkdir()
+    for name in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER / name, run / "tokenizer")
+    return run
+
+
+def test_export_train_run_directory(train_run, tmp_path, capsys):
+    """A run directory exports its latest complete step (no --config), `--step` another."""
+    src = _hf_tensors(HY_TINY / "hf_st")
+    convert.jax_to_hf(train_run, tmp_path / "latest", **QUIET)
+    back = _hf_tensors(tmp_path / "latest")
+    assert back and all(_same_bits(back[k], src[k] * 2) for k in back)  # step 5
+    for name in TOKENIZER_FILES:
+        assert (tmp_path / "latest" / name).read_bytes() == (TOKENIZER / name).read_bytes()
+    assert ModelConfig.from_hf(tmp_path / "latest") == ModelConfig.from_hf(HY_TINY / "hf_st")
+
+    code, err = _cli(
+        capsys, "jax-to-hf", "--ckpt", train_run, "--out", tmp_path / "s3", "--step", 3
+    )
+    assert code == 0, err
+    assert "step 3 of run" in err
+    back = _hf_tensors(tmp_path / "s3")
+    assert all(_same_bits(back[k], src[k]) for k in back)
+
+    code, err = _cli(
+        capsys, "jax-to-hf", "--ckpt", train_run, "--out", tmp_path / "s4", "--step", 4
+    )
+    assert code == 4 and "no complete checkpoint of step 4 (steps: 3, 5)" in err
+    assert not (tmp_path / "s4").exists()
+    code, err = _cli(
+        capsys,
+        "jax-to-hf",
+        "--ckpt",
+        train_run,
+        "--out",
+        tmp_path / "c",
+        "--config",
+        HY_TINY / "hf_st",
+    )
+    assert code == 2 and "--config is only for a bare orbax params directory" in err
+
+
 def test_fast_transforms_equal_mapping_table():
     cfg = ModelConfig.from_hf(HY_TINY / "hf_st")
-    leaves = fmt.param_leaves(cfg)
+    leaves = fmt.param_leaves(cfg, "float32")
     rng = np.random.default_rng(0)
     for entry in hf_mapping.mapping_table(cfg):
         shape = leaves[entry.path].shape
@@ -251,7 +329,7 @@ def test_chunk_shapes_divide_shards():
 def test_fp8_input_dequantised_to_bfloat16(tmp_path):
     src = _hf_tensors(HY_TINY / "hf_st")
     cfg = ModelConfig.from_hf(HY_TINY / "hf_st")
-    config = json.loads((HY_TINY / "hf_st" / "config.json").read_text())
+    config = _hy_tiny_config()
     config.update(
         torch_dtype="bfloat16",
         quantization_config={
@@ -276,7 +354,7 @@ def test_fp8_input_dequantised_to_bfloat16(tmp_path):
         tensors[k[: -len("weight")] + "input_scale"] = np.float32(0.5).reshape(())
         s = scale[:, None] if per_channel else scale
         expected[k] = (q.astype(np.float32) * s).astype(BF16)
-    hf = _write_hf(tmp_path / "fp8", tensors, config)
+    hf = write_hf(tmp_path / "fp8", tensors, config)
     ck = HFCheckpoint(hf)
     key = "model.layers.2.mlp.experts.1.down_proj.weight"
     assert _same_bits(ck.get(key), expected[key])  # the in-memory loader dequantises too
@@ -308,12 +386,16 @@ def _assert_nothing_written(out: Path):
     assert not out.exists() or not (out / fmt.PARAMS_DIR).exists()
 
 
-def test_missing_shard(tiny_copy, tmp_path):
+def test_missing_shard(tiny_copy, tmp_path, capsys):
     src = tiny_copy("hf_bin")
     (src / "pytorch_model-00002-of-00002.bin").unlink()
     with pytest.raises(MissingShardError, match="pytorch_model-00002-of-00002.bin"):
         convert.hf_to_jax(src, tmp_path / "out", **QUIET)
     _assert_nothing_written(tmp_path / "out")
+    code, err = _cli(capsys, "hf-to-jax", "--hf-dir", src, "--out", tmp_path / "out")
+    assert code == 4
+    assert err.startswith(f"{PROG}: error: ") and "pytorch_model-00002-of-00002.bin" in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize(
@@ -331,9 +413,8 @@ def test_truncated_shard(layout, shard, tiny_copy, tmp_path):
 
 def _modified(tmp_path, change):
     src = _hf_tensors(HY_TINY / "hf_st")
-    config = json.loads((HY_TINY / "hf_st" / "config.json").read_text())
     change(src)
-    return _write_hf(tmp_path / "modified", src, config)
+    return write_hf(tmp_path / "modified", src, _hy_tiny_config())
 
 
 def test_wrong_shape(tmp_path):
@@ -381,110 +462,152 @@ def test_refuses_foreign_or_different_output(tmp_path, converted):
     assert (done / fmt.MANIFEST).read_text() == before
 
 
-# ----------------------------------------------------------------------------- kill + resume
-def test_kill_midway_then_resume(tmp_path, converted, reference):
-    """SIGKILL after 40 of 212 slices: no manifest, restore and export refuse; progress lists
-    exactly the slices on disk; the same command resumes and gives the full checkpoint."""
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "hunyuan_jax.convert",
-        "hf-to-jax",
-        "--hf-dir",
-        str(HY_TINY / "hf_bin"),
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
-    r = subprocess.run(
-        cmd,
-        env=dict(_env(), HUNYUAN_CONVERT_KILL_AFTER="40"),
-        capture_output=True,
-        text=True,
-        timeout=120,
+def test_cli_errors_are_one_line_with_their_exit_status(tmp_path, converted, capsys):
+    """Usage / config errors exit 2, checkpoint problems 4, each as one line naming the path;
+    --debug raises instead."""
+    code, err = _cli(capsys, "hf-to-jax", "--hf-dir", tmp_path / "nowhere", "--out", tmp_path / "o")
+    assert (code, err) == (
+        4,
+        f"{PROG}: error: --hf-dir {tmp_path / 'nowhere'}: no such directory\n",
     )
-    assert r.returncode == -signal.SIGKILL, r.stderr
-    assert not (out / fmt.MANIFEST).exists()
-    done = (out / fmt.WORK_DIR / "progress.jsonl").read_text().splitlines()
-    assert len(done) == 40
-    with pytest.raises(CheckpointError, match="interrupted"):
-        fmt.restore_params(out)
-    with pytest.raises(CheckpointError, match="interrupted"):
-        convert.jax_to_hf(out, tmp_path / "back", **QUIET)
-    with open(out / fmt.WORK_DIR / "progress.jsonl", "a") as f:
-        f.write('{"k": "model.layers.5.mlp.exp')  # a torn line, as a kill mid-append leaves
-
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "resuming: 40 of 212 tensors already written" in r.stderr
-    man = fmt.read_manifest(out)
-    assert man["stats"]["resumed"] and not (out / fmt.WORK_DIR).exists()
-    # Identical to an uninterrupted conversion, leaf by leaf.
-    leaves = fmt.param_leaves(fmt.load_config(out))
-    for leaf in leaves.values():
-        a = fmt.open_for_read(out / fmt.PARAMS_DIR, leaf.name, False, True).read().result()
-        b = (
-            fmt.open_for_read(converted["hf_bin"] / fmt.PARAMS_DIR, leaf.name, False, True)
-            .read()
-            .result()
-        )
-        assert _same_bits(a, b), leaf.name
-    # Running it again on the complete output is a no-op.
-    r = subprocess.run(
-        cmd,
-        env=dict(_env(), HUNYUAN_CONVERT_KILL_AFTER="5"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0 and "nothing to do" in r.stderr  # complete: a no-op
-
-
-def test_external_sigkill_during_writes_then_resume(tmp_path):
-    """SIGKILL from outside while slices are being written (untied lm_head, bf16, 0.2 GB):
-    the resumed conversion exports back bit-exactly to the source."""
-    cfg = dict(_synthetic_config(8, 512, 1024), tie_word_embeddings=False)
-    hf = tmp_path / "hf"
-    convert.write_synthetic_hf(hf, cfg, "bfloat16", shard_bytes=48 << 20)
-    out = tmp_path / "out"
-    progress = out / fmt.WORK_DIR / "progress.jsonl"
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "hunyuan_jax.convert",
+    with pytest.raises(CheckpointError):
+        _cli(
+            capsys,
             "hf-to-jax",
             "--hf-dir",
-            str(hf),
+            tmp_path / "nowhere",
             "--out",
-            str(out),
-            "--no-progress",
-            "--max-inflight-gb",
-            "0.01",
-        ],
-        env=_env(),
-        stderr=subprocess.PIPE,
+            tmp_path / "o",
+            "--debug",
+        )
+    bad = tmp_path / "bad_config"
+    shutil.copytree(HY_TINY / "hf_st", bad)
+    (bad / "config.json").write_text(json.dumps(dict(_hy_tiny_config(), hidden_act="gelu")))
+    code, err = _cli(capsys, "hf-to-jax", "--hf-dir", bad, "--out", tmp_path / "o")
+    assert code == 2 and "hidden_act 'gelu' unsupported" in err and len(err.splitlines()) == 1
+    code, err = _cli(
+        capsys, "jax-to-hf", "--ckpt", converted["hf_st"], "--out", tmp_path / "o", "--step", 1
     )
-    deadline = time.time() + 90
-    while p.poll() is None and time.time() < deadline:
-        if progress.is_file() and len(progress.read_text().splitlines()) >= 20:
-            break
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    p.stderr.close()
-    assert p.returncode == -signal.SIGKILL, "finished before it could be killed"
+    assert code == 2 and "--step is only for a train.py run directory" in err
+    code, err = _cli(capsys, "jax-to-hf", "--ckpt", HY_TINY / "hf_st", "--out", tmp_path / "o")
+    assert code == 4 and "already a Hugging Face checkpoint" in err
+    from hunyuan_jax import checkpointing
+
+    run = tmp_path / "run"  # a run that has not saved a checkpoint yet
+    checkpointing.write_run_config(run, ModelConfig.from_hf(HY_TINY / "hf_st"), RuntimePolicy())
+    (run / "checkpoints").mkdir()
+    code, err = _cli(capsys, "jax-to-hf", "--ckpt", run, "--out", tmp_path / "o")
+    assert code == 4 and f"run {run} has no complete checkpoint under" in err
+    with pytest.raises(SystemExit) as e:  # argparse's own usage errors: status 2 as well
+        convert_main(["jax-to-hf", "--ckpt", "x", "--out", "y", "--dtype", "int8"])
+    assert e.value.code == 2
+    with pytest.raises(UsageError, match="--dtype"):
+        convert.jax_to_hf(converted["hf_st"], tmp_path / "o", "int8", **QUIET)
+    assert not (tmp_path / "o").exists()
+
+
+def test_failed_export_leaves_nothing_behind(converted, tmp_path, capsys):
+    """A corrupt param shard: exit 4 naming the tensor, no `out` and no temp dir; once fixed
+    the same command succeeds. A temp dir left by a killed export does not block either;
+    --overwrite replaces an HF export but nothing else."""
+    ckpt = shutil.copytree(converted["hf_st"], tmp_path / "ckpt")
+    shard = next((ckpt / fmt.PARAMS_DIR / "groups.layers.1.attn.o_proj.value").rglob("c/2/*/*/*"))
+    good = shard.read_bytes()
+    shard.write_bytes(good[: len(good) // 2])
+    out = tmp_path / "exports" / "hf"
+    argv = ("jax-to-hf", "--ckpt", ckpt, "--out", out, "--no-progress")
+    code, err = _cli(capsys, *argv)
+    assert code == 4 and "'model.layers.5.self_attn.o_proj.weight'" in err, err
+    assert err.splitlines()[-1].startswith(f"{PROG}: error: ")
+    assert list((tmp_path / "exports").iterdir()) == []
+
+    shard.write_bytes(good)
+    (tmp_path / "exports" / ".hf.jax-to-hf.tmp").mkdir()  # as a SIGKILL'd export leaves it
+    (tmp_path / "exports" / ".hf.jax-to-hf.tmp" / "model-00001-of-00009.safetensors").touch()
+    assert _cli(capsys, *argv)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["hf"]
+    assert _cli(capsys, *argv)[0] == 4  # exists: needs --overwrite
+    assert _cli(capsys, *argv, "--overwrite", "--dtype", "bfloat16")[0] == 0
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["hf"]
+    code, err = _cli(capsys, "jax-to-hf", "--ckpt", ckpt, "--out", tmp_path, "--overwrite")
+    assert code == 4 and "not a Hugging Face checkpoint" in err
+
+
+# ----------------------------------------------------------------------------- kill + resume
+def test_sigkill_midway_then_resume(tmp_path, converted, capsys):
+    """SIGKILL from outside once >= 40 of 212 slices are recorded: no manifest, loading and
+    export refuse; every recorded slice is on disk; the same command resumes (a torn last
+    record line is ignored) and gives the uninterrupted conversion, bit for bit."""
+    out = tmp_path / "out"
+    cmd = converter_cmd(
+        "hf-to-jax",
+        "--hf-dir",
+        HY_TINY / "hf_bin",
+        "--out",
+        out,
+        "--no-progress",
+        "--workers",
+        1,
+        "--max-inflight-gb",
+        1e-6,  # one slice at a time: a wide window
+    )
+    k = kill_when_recorded(cmd, out, 40, env=converter_env())
+    assert k.killed, f"finished before it could be killed (status {k.returncode}): {k.stderr}"
     assert not (out / fmt.MANIFEST).exists()
-    n_done = len(progress.read_text().splitlines())
+    progress = out / fmt.WORK_DIR / "progress.jsonl"
+    recorded = [json.loads(line)["k"] for line in progress.read_text().splitlines()]
+    assert 40 <= len(recorded) < 212 and len(set(recorded)) == len(recorded)
+    cfg = ModelConfig.from_hf(HY_TINY / "hf_bin")
+    items = hf_tensors(cfg, fmt.param_leaves(cfg, "float32"))
+    for key in recorded:  # the record never lists a slice that is not on disk
+        leaf, _, index, _ = items[key]
+        a, b = _read_leaf(out, leaf.name, index), _read_leaf(converted["hf_bin"], leaf.name, index)
+        assert _same_bits(a, b), key
+    with pytest.raises(CheckpointError, match="interrupted"):
+        loading.open_checkpoint(out)
+    with pytest.raises(CheckpointError, match="interrupted"):
+        convert.jax_to_hf(out, tmp_path / "back", **QUIET)
+    with open(progress, "a") as f:
+        f.write('{"k": "model.layers.5.mlp.exp')  # a torn line, as a kill mid-append leaves
+
+    logs = []
+    man = convert.hf_to_jax(HY_TINY / "hf_bin", out, progress=False, log=logs.append)
+    assert f"resuming: {len(recorded)} of 212 tensors already written" in logs
+    assert man["stats"]["resumed"] and not (out / fmt.WORK_DIR).exists()
+    for leaf in fmt.param_leaves(cfg, "float32").values():  # = the uninterrupted conversion
+        assert _same_bits(_read_leaf(out, leaf.name), _read_leaf(converted["hf_bin"], leaf.name))
+    code, err = _cli(capsys, *cmd[3:])  # the same command line, in this process
+    assert code == 0 and "nothing to do" in err  # complete: a no-op
+
+
+def test_sigkill_at_random_points_then_resume(tmp_path):
+    """bf16, 0.2 GB, slices written concurrently: SIGKILL at a random number of recorded
+    slices, resume, SIGKILL again, resume to the end; the export equals the source bit for
+    bit and no temporary file of an interrupted write survives."""
+    seed = time.time_ns() % 2**32
+    rng = random.Random(seed)
+    hf = tmp_path / "hf"
+    write_synthetic_hf(hf, synthetic_config(8, 512, 1024), "bfloat16", shard_bytes=48 << 20)
+    total = len(HFCheckpoint(hf).keys)
+    out = tmp_path / "out"
+    cmd = converter_cmd(
+        "hf-to-jax", "--hf-dir", hf, "--out", out, "--no-progress", "--max-inflight-gb", 0.01
+    )
+    first = rng.randint(1, total // 3)
+    k = kill_when_recorded(cmd, out, first, env=converter_env())
+    assert k.killed and k.recorded >= first, (seed, k)
+    second = rng.randint(k.recorded + 1, max(k.recorded + 1, 2 * total // 3))
+    k = kill_when_recorded(cmd, out, second, env=converter_env())
+    assert k.killed and k.recorded >= second, (seed, k)
+    assert "resuming" in k.stderr and not (out / fmt.MANIFEST).exists()
     man = convert.hf_to_jax(hf, out, **QUIET)
-    assert man["stats"]["resumed"] and n_done >= 20
+    assert man["stats"]["resumed"]
     convert.jax_to_hf(out, tmp_path / "back", **QUIET)
     src, back = HFCheckpoint(hf), HFCheckpoint(tmp_path / "back")
-    assert set(back.keys) == set(src.keys) and "lm_head.weight" in back.keys
-    for k in src.keys:
-        assert _same_bits(back.read(k), src.read(k)), k
-    # No temporary files of interrupted writes survive in the params tree.
+    assert set(back.keys) == set(src.keys)
+    for key in src.keys:
+        assert _same_bits(back.read(key), src.read(key)), (seed, key)
     assert not [
         f
         for f in (out / fmt.PARAMS_DIR).rglob("*")
@@ -493,26 +616,18 @@ def test_external_sigkill_during_writes_then_resume(tmp_path):
 
 
 def test_resume_refuses_changed_source(tmp_path, tiny_copy):
+    """An interrupted conversion (here: Ctrl-C right after the plan is recorded) is resumed
+    only from the same source files: a changed shard mtime is refused; --overwrite restarts."""
     src = tiny_copy("hf_st")
     out = tmp_path / "out"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hunyuan_jax.convert",
-            "hf-to-jax",
-            "--hf-dir",
-            str(src),
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
-        env=dict(_env(), HUNYUAN_CONVERT_KILL_AFTER="10"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == -signal.SIGKILL
+
+    def interrupt(msg):
+        if msg.startswith("converting"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert.hf_to_jax(src, out, progress=False, log=interrupt)
+    assert (out / fmt.WORK_DIR / "plan.json").is_file() and not (out / fmt.MANIFEST).exists()
     shard = src / "model-00001-of-00002.safetensors"
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     with pytest.raises(CheckpointError, match="unfinished conversion of a different source"):
@@ -522,36 +637,12 @@ def test_resume_refuses_changed_source(tmp_path, tiny_copy):
 
 
 # ----------------------------------------------------------------------------- peak memory
-def _synthetic_config(layers, hidden, intermediate, experts=4, vocab=4096):
-    base = json.loads((HY_TINY / "hf_st" / "config.json").read_text())
-    return dict(
-        base,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 128,
-        num_key_value_heads=max(1, hidden // 512),
-        num_experts=experts,
-        vocab_size=vocab,
-    )
-
-
 def _convert_measured(hf, out) -> int:
     """Convert in a fresh subprocess; its peak RSS in bytes: VmHWM polled from /proc while it
-    runs (see convert.run_measuring_peak_rss), or as it reported itself in the manifest."""
-    code, polled, _, err = convert.run_measuring_peak_rss(
-        [
-            sys.executable,
-            "-m",
-            "hunyuan_jax.convert",
-            "hf-to-jax",
-            "--hf-dir",
-            str(hf),
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
-        env=_env(),
+    runs (tests.helpers.rss), or as it reported itself in the manifest."""
+    code, polled, _, err = run_measuring_peak_rss(
+        converter_cmd("hf-to-jax", "--hf-dir", hf, "--out", out, "--no-progress"),
+        env=converter_env(),
     )
     assert code == 0, err
     man = fmt.read_manifest(out)
@@ -562,8 +653,8 @@ def _peak_for_depths(tmp_path, depths, hidden, intermediate):
     out = []
     for layers in depths:
         hf = tmp_path / f"hf_{layers}"
-        size = convert.write_synthetic_hf(
-            hf, _synthetic_config(layers, hidden, intermediate), "bfloat16", shard_bytes=256 << 20
+        size = write_synthetic_hf(
+            hf, synthetic_config(layers, hidden, intermediate), "bfloat16", shard_bytes=256 << 20
         )
         peak = _convert_measured(hf, tmp_path / f"jax_{layers}")
         out.append((size, peak))

@@ -1,0 +1,151 @@
+"""The converter's command line::
+
+    python -m hunyuan_jax.convert hf-to-jax --hf-dir D --out O [--dtype bfloat16]
+        [--tokenizer-dir T] [--compression zstd|none] [--chunk-mb 4] [--workers 2]
+        [--max-inflight-gb 1] [--overwrite] [--no-progress] [--debug]
+    python -m hunyuan_jax.convert jax-to-hf --ckpt C --out D [--dtype bfloat16] [--step N]
+        [--max-shard-gb 5] [--config F [--tree-prefix P]] [--overwrite] [--no-progress]
+        [--debug]
+
+`--ckpt` is a converted checkpoint, a train.py run directory (its latest complete step, or
+`--step N`), or a bare orbax params directory with `--config`. What each direction does:
+`hunyuan_jax/convert/hf_to_jax.py` and `jax_to_hf.py`; the output layout:
+`hunyuan_jax/checkpoint_format.py`.
+
+Exit status (`hunyuan_jax.errors`): 0 success (also a rerun on a complete conversion, which
+does nothing); 2 bad command line (argparse, a flag that does not fit the source) or bad
+config; 4 checkpoint problem (missing / truncated / corrupt shard, wrong shape, missing or
+unknown tensor, an `--out` that must not be written into, an interrupted conversion given to
+jax-to-hf, an I/O error such as a full disk or a permission denied); 130 interrupted; 1 a bug
+(with its traceback). Expected errors print one line, `python -m hunyuan_jax.convert: error:
+...`, naming the file / tensor at fault; `--debug` shows the traceback instead. An
+interrupted hf-to-jax resumes when rerun; an interrupted jax-to-hf leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hunyuan_jax.convert.common import DTYPES
+from hunyuan_jax.errors import CheckpointError, HunyuanError, add_debug_flag, run_cli
+
+PROG = "python -m hunyuan_jax.convert"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description="Checkpoint conversion HF <-> JAX.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("hf-to-jax", help="HF checkpoint -> orbax/tensorstore params")
+    a.add_argument("--hf-dir", required=True, help="HF checkpoint directory (index + shards)")
+    a.add_argument("--out", required=True, help="output directory")
+    a.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="stored param dtype (default: the source's; bfloat16 for FP8)",
+    )
+    a.add_argument(
+        "--tokenizer-dir",
+        default=None,
+        help="also carry the tokenizer files from here (hy.tiktoken, ...)",
+    )
+    a.add_argument("--compression", choices=("zstd", "none"), default="zstd")
+    a.add_argument(
+        "--chunk-mb",
+        type=float,
+        default=4.0,
+        help="inner chunk size, the unit of partial reads at restore",
+    )
+    a.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="threads reading + transposing tensors, and tensorstore writes in flight",
+    )
+    a.add_argument(
+        "--max-inflight-gb",
+        type=float,
+        default=1.0,
+        help="tensors in flight at once, in GB (a larger single tensor goes alone); "
+        "peak RAM ~ start-up + 3 x max(this, largest tensor)",
+    )
+    a.add_argument("--overwrite", action="store_true", help="replace a previous conversion")
+    a.add_argument("--no-progress", action="store_true")
+    add_debug_flag(a)
+    b = sub.add_parser("jax-to-hf", help="converted / trained params -> HF safetensors")
+    b.add_argument(
+        "--ckpt",
+        required=True,
+        help="converted checkpoint, train.py run directory, or bare orbax params dir (+ --config)",
+    )
+    b.add_argument("--out", required=True)
+    b.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="exported dtype (default: the stored one)",
+    )
+    b.add_argument(
+        "--step", type=int, default=None, help="run directory: export this step (default latest)"
+    )
+    b.add_argument("--max-shard-gb", type=float, default=5.0)
+    b.add_argument(
+        "--config",
+        default=None,
+        help="architecture of a bare orbax params dir (HF config.json, our YAML, a checkpoint dir)",
+    )
+    b.add_argument(
+        "--tree-prefix",
+        default="",
+        help="name prefix of the params inside a bare orbax checkpoint, e.g. 'params.'",
+    )
+    b.add_argument("--overwrite", action="store_true", help="replace an existing HF checkpoint")
+    b.add_argument("--no-progress", action="store_true")
+    add_debug_flag(b)
+    return ap
+
+
+def _run(args) -> int:
+    from hunyuan_jax.convert import hf_to_jax, jax_to_hf
+
+    try:
+        if args.cmd == "hf-to-jax":
+            hf_to_jax(
+                args.hf_dir,
+                args.out,
+                args.dtype,
+                tokenizer_dir=args.tokenizer_dir,
+                compression=args.compression,
+                chunk_mb=args.chunk_mb,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+                workers=args.workers,
+                max_inflight_bytes=int(args.max_inflight_gb * 2**30),
+            )
+        else:
+            jax_to_hf(
+                args.ckpt,
+                args.out,
+                args.dtype,
+                step=args.step,
+                max_shard_bytes=int(args.max_shard_gb * 1e9),
+                config=args.config,
+                tree_prefix=args.tree_prefix,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
+    except HunyuanError:
+        raise
+    except OSError as e:  # disk full, permission denied, ...: the checkpoint cannot be written
+        raise CheckpointError(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from e
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(PROG, lambda: _run(args), debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
