@@ -204,12 +204,6 @@ def test_round_trip_bfloat16_and_dtype_cast(tmp_path):
     assert all(np.array_equal(back[k], src[k].astype(BF16).astype(np.float32)) for k in back)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="model.py assigns the untied lm_head Param to an attribute first set to None, "
-    "which flax 0.12 refuses ('static attribute lm_head'); remove this mark once fixed",
-)
 def test_round_trip_untied_lm_head(tmp_path):
     src = _hf_tensors(HY_TINY / "hf_st")
     src["lm_head.weight"] = src["model.embed_tokens.weight"] * 2
