@@ -3,14 +3,15 @@ value and in gradient w.r.t. q, k, v, plus the masks, the dispatcher, flash's me
 an ahead-of-time XLA:TPU compile of sharded splash (skipped without libtpu).
 
 Tolerances (errors are max|x - ref| / max(|ref|, 1) over the whole tensor):
-  float32: 2e-5. Every implementation computes the same float32 sums in a different order
-  (blocks, online rescaling by exp(m_old - m_new), 1/sqrt(D) multiplied vs divided); with
-  rows of <= 256 terms the differences measured are ~1e-6 (8 float32 eps), while any mask or
-  indexing error is O(1e-1).
-  bfloat16: 4 bf16 steps (4 * 2^-8 ~ 0.016): the reference casts normalised probabilities to
-  bf16, flash casts un-normalised exp(s - m) and divides at the end, splash scales q in bf16;
-  each rounding is one bf16 step (2^-8 relative) of a value of magnitude <= max|out|. And the
-  error against the float32 truth must stay within 2x the reference's own bf16 error.
+  float32: 5e-6. Every implementation computes the same float32 sums in a different order
+  (blocks, online rescaling by exp(m_old - m_new), 1/sqrt(D) multiplied vs divided); over
+  rows of <= 256 terms the differences measured are <= 5e-7 (~4 float32 eps), while any mask
+  or indexing error is O(1e-1).
+  bfloat16: 4 bf16 steps (4 * 2^-8 ~ 0.016; measured <= 5.3e-3): the reference casts
+  normalised probabilities to bf16, flash casts un-normalised exp(s - m) and divides at the
+  end, splash scales q in bf16; each rounding is one bf16 step (2^-8 relative) of a value of
+  magnitude <= max|out|. The error against the float64 truth must also stay within 2x the
+  reference's own bf16 error (+1e-3).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from hunyuan_jax.kernels import AttentionMask, attend, flash, reference_attention, splash
 
-F32_TOL = 2e-5
+F32_TOL = 5e-6
 BF16_TOL = 4 * 2.0**-8
 
 
@@ -146,7 +147,6 @@ FLASH_CASES = {
     # name: (B, S, T, H, KVH, D, block_q, block_kv, mask)
     "packed_gqa_odd": (2, 45, 45, 4, 2, 16, 16, 8, "packed"),
     "cached_mqa_rows_differ": (2, 5, 40, 4, 1, 16, 8, 16, "cached"),
-    "one_block": (1, 7, 7, 2, 2, 8, 512, 512, "packed"),
 }
 
 
