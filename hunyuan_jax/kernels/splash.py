@@ -28,6 +28,10 @@ from hunyuan_jax.kernels.attention import AttentionMask, _check_shapes, shard_ma
 
 DEFAULT_BLOCK = 512
 LANES = 128
+# checkpoint_name of the kernel's forward residuals (output and log-sum-exp): a remat policy
+# saving it (jax.checkpoint_policies.save_only_these_names(RESIDUAL_NAME, ...)) keeps the
+# backward from re-running the forward kernel.
+RESIDUAL_NAME = "splash_residuals"
 
 
 class SplashUnsupported(ValueError):
@@ -89,7 +93,12 @@ def _kernel(heads: int, length: int, block_sizes: sk.BlockSizes, interpret: bool
     # kernel would leak them into later traces). CausalMask is lazy, so this is cheap.
     mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
     return sk.make_splash_mha(
-        mask, block_sizes=block_sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+        mask,
+        block_sizes=block_sizes,
+        head_shards=1,
+        q_seq_shards=1,
+        residual_checkpoint_name=RESIDUAL_NAME,
+        interpret=interpret,
     )
 
 
