@@ -1,0 +1,155 @@
+"""Splash attention (jax.experimental.pallas.ops.tpu.splash_attention) for the model's causal,
+packed-segment self-attention: a per-device function and a shard_map wrapper.
+
+Uses jax's own kernel (no tokamax). GQA runs without repeating K/V: the MHA kernel accepts
+k/v with fewer heads and maps query head h to KV head h // (H // KVH) in its index maps (the
+dK/dV kernel accumulates over each KV head's query heads). The static mask is CausalMask;
+packed rows come in as SegmentIds. Splash does not scale the scores: q is multiplied by
+1/sqrt(D) (in q.dtype) before the kernel.
+
+Constraints (checked up front; violations raise SplashUnsupported, a ValueError, so `attend`
+can fall back to flash): `mask.causal_self` (no KV cache), S == T, S a multiple of 128, every
+block size a multiple of 128 dividing S. Pallas calls are not auto-partitioned: inside jit on
+a mesh use `sharded_splash_attention`, which runs the per-device function under shard_map with
+batch over the data axes and heads over the tensor axis; the sequence must not be sharded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+from jax.sharding import PartitionSpec as P
+
+from hunyuan_jax.kernels.attention import AttentionMask, _check_shapes, shard_map_attention
+
+DEFAULT_BLOCK = 512
+LANES = 128
+# checkpoint_name of the kernel's forward residuals (output and log-sum-exp): a remat policy
+# saving it (jax.checkpoint_policies.save_only_these_names(RESIDUAL_NAME, ...)) keeps the
+# backward from re-running the forward kernel.
+RESIDUAL_NAME = "splash_residuals"
+
+
+class SplashUnsupported(ValueError):
+    """Splash cannot serve this mask or shape (use flash or xla)."""
+
+
+def _pick_block(requested: int | None, length: int) -> int:
+    if requested is not None:
+        if requested % LANES or length % requested:
+            raise SplashUnsupported(
+                f"block size {requested} must be a multiple of {LANES} dividing length {length}"
+            )
+        return requested
+    for block in (DEFAULT_BLOCK, 256, LANES):
+        if length % block == 0:
+            return block
+    raise SplashUnsupported(f"sequence length {length} is not a multiple of {LANES}")
+
+
+def block_sizes_for(
+    length: int, block_q: int | None = None, block_kv: int | None = None
+) -> sk.BlockSizes:
+    """Splash BlockSizes for a self-attention of `length` tokens: block_q for every query
+    tile, block_kv for every key tile (forward, dQ and dK/dV kernels), separate dQ kernel.
+    Default: the largest of 512 / 256 / 128 dividing `length`."""
+    if length % LANES:
+        raise SplashUnsupported(f"sequence length {length} is not a multiple of {LANES}")
+    bq, bkv = _pick_block(block_q, length), _pick_block(block_kv, length)
+    return sk.BlockSizes(
+        block_q=bq,
+        block_kv=bkv,
+        block_kv_compute=bkv,
+        block_q_dkv=bq,
+        block_kv_dkv=bkv,
+        block_kv_dkv_compute=bkv,
+        block_q_dq=bq,
+        block_kv_dq=bkv,
+    )
+
+
+def check_supported(
+    q_shape, kv_shape, mask: AttentionMask, block_q: int | None = None, block_kv: int | None = None
+) -> None:
+    """Raise SplashUnsupported unless splash can serve q [B,S,H,D] over k/v [B,T,KVH,D] with
+    these block sizes. Shapes are per device (sharding never splits S)."""
+    if not mask.causal_self:
+        raise SplashUnsupported(
+            "splash needs the static causal self-attention mask (AttentionMask.causal); "
+            "cached / generic position masks need flash or xla"
+        )
+    s, t = q_shape[1], kv_shape[1]
+    if s != t:
+        raise SplashUnsupported(f"splash needs S == T, got S={s}, T={t}")
+    block_sizes_for(s, block_q, block_kv)
+
+
+def _kernel(heads: int, length: int, block_sizes: sk.BlockSizes, interpret: bool):
+    # Built at every trace: its mask metadata becomes jnp arrays of the current trace (a cached
+    # kernel would leak them into later traces). CausalMask is lazy, so this is cheap.
+    mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
+    return sk.make_splash_mha(
+        mask,
+        block_sizes=block_sizes,
+        head_shards=1,
+        q_seq_shards=1,
+        residual_checkpoint_name=RESIDUAL_NAME,
+        interpret=interpret,
+    )
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: AttentionMask,
+    *,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Per-device splash: q [B,S,H,D], k/v [B,S,KVH,D] -> [B,S,H,D] in q.dtype.
+
+    Only the segment ids of `mask` are read (its positions are 0..S-1 by `causal_self`).
+    interpret=True runs the kernel in the Pallas interpreter (any backend; slow)."""
+    _check_shapes(q, k, v, mask)
+    check_supported(q.shape, k.shape, mask, block_q, block_kv)
+    b, s, h, d = q.shape
+    kernel = _kernel(h, s, block_sizes_for(s, block_q, block_kv), bool(interpret))
+    q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    qt = q.transpose(0, 2, 1, 3)  # [B, H, S, D]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, S, D]
+    seg = sk.SegmentIds(q=mask.q_segments, kv=mask.kv_segments)
+    out = jax.vmap(kernel)(qt, kt, vt, seg)
+    return out.transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+def sharded_splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: AttentionMask,
+    *,
+    mesh: jax.sharding.Mesh,
+    q_spec: P,
+    kv_spec: P | None = None,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """splash_attention under `jax.shard_map` on `mesh` (Pallas calls are not partitioned by
+    XLA). q_spec: PartitionSpec of q [B,S,H,D], e.g. P(("data", "fsdp"), None, "tensor",
+    None); kv_spec: of k/v [B,S,KVH,D] (default q_spec); segment ids follow the batch axis.
+    Spec requirements: see attention.shard_map_attention (ValueError)."""
+    check_supported(q.shape, k.shape, mask, block_q, block_kv)
+
+    def local(q, k, v, mask):
+        return splash_attention(
+            q, k, v, mask, block_q=block_q, block_kv=block_kv, interpret=interpret
+        )
+
+    return shard_map_attention(local, q, k, v, mask, mesh=mesh, q_spec=q_spec, kv_spec=kv_spec)
