@@ -1,4 +1,5 @@
-"""The one choice of how the routed experts run, per phase and sharding plan.
+"""The one place where kernels are chosen: how the routed experts run (per phase and sharding
+plan) and which attention implementation serves a call (per policy, platform and shape).
 
     experts_fn = experts_fn_for("train", cfg, policy, plan, num_tokens)
 
@@ -7,9 +8,16 @@
 | train | expert parallel, `policy.train_dispatch` (all-to-all with capacity routing, or gather) | capacity routing with random compensation |
 | prefill / decode | expert parallel `gather` (dropless) | per-token experts when tokens x k <= experts; row tiles on CPU; `ragged_dot` elsewhere |
 
-Inference is always dropless and exact; training follows the report's capacity routing. The
-model calls this once per forward (`HunyuanForCausalLM.__call__(phase=...)`); nothing else
-decides it.
+Inference is always dropless and exact; training follows the report's capacity routing.
+
+Attention (`attention_impl_for`): `policy.attention` when it names one (xla | flash | splash);
+`auto` picks xla while attention-probability dropout is on (the kernels have none), splash on TPU
+for plain causal self-attention whose length is a multiple of 128, flash when a call's score
+matrix would be large (>= FLASH_MIN_SCORES per row and head: long training rows, long prefill
+chunks against a long cache), else xla (decode steps, short calls).
+
+The model calls both once per forward (`HunyuanForCausalLM.__call__(phase=...)`); nothing else
+decides them.
 """
 
 from __future__ import annotations
@@ -39,3 +47,21 @@ def experts_fn_for(
     if plan.platform == "cpu":
         return moe.tiled_experts  # XLA:CPU's ragged_dot lowering is slow
     return moe.dropless_experts
+
+
+FLASH_MIN_SCORES = 1 << 20  # S * T above which `auto` uses flash instead of materialised scores
+
+
+def attention_impl_for(
+    policy: RuntimePolicy, plan, mask, num_queries: int, num_keys: int, dropout: bool
+) -> str:
+    """'xla' | 'flash' | 'splash' for one forward's attention calls."""
+    if policy.attention != "auto":
+        return policy.attention
+    if dropout:
+        return "xla"
+    if plan.platform == "tpu" and mask.causal_self and num_queries % 128 == 0:
+        return "splash"
+    if num_queries > 1 and num_queries * num_keys >= FLASH_MIN_SCORES:
+        return "flash"
+    return "xla"

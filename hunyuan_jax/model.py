@@ -30,6 +30,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from hunyuan_jax import dispatch
 from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.kernels import flash, splash
+from hunyuan_jax.kernels.attention import AttentionMask, attend
 from hunyuan_jax.kv_cache import KVCache, QuantizedKV, write_rows
 from hunyuan_jax.layers import RMSNorm, apply_rope, param, rope_inv_freq
 from hunyuan_jax.moe import ExpertsFn, MoE
@@ -39,19 +41,22 @@ from sharding.plan import ShardingPlan
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    # The attention output plus what the flash / splash backward needs (no second forward).
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names(
+        "attn_out", *flash.RESIDUAL_NAMES, splash.RESIDUAL_NAME
+    ),
 }
-_NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
 class Context(NamedTuple):
     """What every layer of one forward shares (built once per call)."""
 
     positions: jax.Array  # [B, S] RoPE positions
-    mask: jax.Array  # [B, S, T] bool: query s may attend key slot t
+    mask: AttentionMask  # which key slots each query may attend
     inv_freq: jax.Array  # [Dh / 2] RoPE inverse frequencies
     cache_index: jax.Array | None  # [B] first cache slot written by this call (or None)
     experts_fn: ExpertsFn
+    attention: str = "xla"  # 'xla' | 'flash' | 'splash' (dispatch.attention_impl_for)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -93,24 +98,38 @@ class Attention(nnx.Module):
     def __call__(self, x, k, v, ctx: Context, dropout=None):
         """x: [B,S,D]; k, v: [B,T,KVH,Dh] (shared, roped) -> [B,S,D].
         `dropout`: (rate, key) for attention-probability dropout in training, else None."""
-        b, s, _ = x.shape
         q = jnp.einsum("bsd,dnh->bsnh", x, self._w(self.q_proj))
         q = apply_rope(q, ctx.positions, ctx.inv_freq)
         if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
         q = self.plan.constrain(q, ("batch", "length", "act_heads", None))
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("bsngh,btnh->bngst", q, k, preferred_element_type=jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(self.head_dim))
-        scores = jnp.where(ctx.mask[:, None, None, :, :], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1)
-        if dropout is not None:
-            probs = _dropout(probs, *dropout)
-        probs = probs.astype(self.compute_dtype)
-        out = jnp.einsum("bngst,btnh->bsngh", probs, v).reshape(b, s, self.num_heads, self.head_dim)
+        out = attend(
+            q,
+            k,
+            v.astype(self.compute_dtype),
+            ctx.mask,
+            impl=ctx.attention,
+            dropout=dropout,
+            **self._kernel_layout(ctx.attention, q, k),
+        )
         out = checkpoint_name(out, "attn_out")
         return jnp.einsum("bsnh,nhd->bsd", out, self._w(self.o_proj))
+
+    def _kernel_layout(self, impl: str, q, k) -> dict:
+        """flash / splash on a mesh run per device in shard_map, with q and K/V laid out by the
+        plan (whole rows; heads over the tensor axes when both q and KV heads divide them);
+        otherwise XLA partitions the call itself (splash cannot be partitioned that way)."""
+        if impl == "xla" or not self.plan.is_sharded:
+            return {}
+        q_spec = self.plan.activation_spec(("batch", None, "act_heads", None), q.shape)
+        kv_spec = self.plan.activation_spec(("batch", None, "act_kv_heads", None), k.shape)
+        if q_spec[0] != kv_spec[0] or q_spec[2] != kv_spec[2]:
+            if impl == "splash":
+                head_less = lambda spec: jax.sharding.PartitionSpec(spec[0], None, None, None)
+                q_spec = kv_spec = head_less(q_spec)
+            else:
+                return {}
+        return {"mesh": self.plan.mesh, "q_spec": q_spec, "kv_spec": kv_spec}
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -279,23 +298,24 @@ class HunyuanForCausalLM(nnx.Module):
             experts_fn = dispatch.experts_fn_for(phase, cfg, self.policy, plan, b * s)
         if cache is not None:
             positions = cache.index[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
-            slots = jnp.arange(cache.max_len, dtype=jnp.int32)
-            mask = slots[None, None, :] <= positions[:, :, None]
+            mask = AttentionMask.cached(cache.index, s, cache.max_len)
         else:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             if segment_ids is None:
                 segment_ids = jnp.ones((b, s), jnp.int32)
-            idx = jnp.arange(s)
-            mask = (idx[None, :, None] >= idx[None, None, :]) & (
-                segment_ids[:, :, None] == segment_ids[:, None, :]
-            )
+            mask = AttentionMask.causal(segment_ids)
+        dropout = key is not None and self.policy.attention_dropout > 0
+        attention = dispatch.attention_impl_for(
+            self.policy, plan, mask, s, mask.kv_positions.shape[1], dropout
+        )
         ctx = Context(
             positions,
             mask,
             rope_inv_freq(cfg),
             None if cache is None else cache.index,
             experts_fn,
+            attention,
         )
 
         # FSDP: the table is all-gathered on its hidden dim before the lookup (its gradient is

@@ -59,6 +59,11 @@ class RuntimePolicy:
                 raise ConfigError(
                     f"runtime key {key!r} must be in [0, 1), got {getattr(self, key)}"
                 )
+        if self.attention_dropout and self.attention not in ("auto", "xla"):
+            raise ConfigError(
+                f"runtime key 'attention_dropout' ({self.attention_dropout}) needs attention "
+                f"'auto' or 'xla': the {self.attention!r} kernel has no dropout"
+            )
         if self.capacity_factor <= 0:
             raise ConfigError(
                 f"runtime key 'capacity_factor' must be positive, got {self.capacity_factor}"
