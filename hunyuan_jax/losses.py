@@ -1,5 +1,12 @@
 """Training objectives: next-token cross entropy (float32, masked) plus the MoE auxiliary
-load-balancing loss and an optional router z-loss term."""
+load-balancing loss and an optional router z-loss term.
+
+With `policy.loss_chunk` = c > 0 the cross entropy is computed c tokens of the sequence at a
+time (`chunked_cross_entropy`): each chunk's [B, c, V] float32 logits are made from the hidden
+states, reduced to per-token losses and dropped, and recomputed in the backward pass, so the
+[B, S, V] logits never exist whole (for the A52B's 129K vocabulary at 32K tokens that is
+16 GiB per sequence).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,38 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None 
     return jnp.sum(nll * mask) / jnp.maximum(tokens, 1.0), tokens
 
 
+def chunked_cross_entropy(
+    logits_fn, hidden: jax.Array, targets: jax.Array, mask: jax.Array | None, chunk: int
+):
+    """`cross_entropy(logits_fn(hidden), targets, mask)` with the sequence cut into chunks of
+    `chunk` tokens (a rematerialised `lax.scan`); same value, O(B x chunk x V) memory."""
+    b, s, _ = hidden.shape
+    mask = jnp.ones((b, s), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    pad = -s % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    n = (s + pad) // chunk
+    split = lambda a: jnp.swapaxes(a.reshape((b, n, chunk) + a.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def chunk_nll(h, t, m):
+        logits = logits_fn(h).astype(jnp.float32)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return jnp.sum((log_z - target_logit) * m)
+
+    def body(total, xs):
+        return total + chunk_nll(*xs), None
+
+    total, _ = jax.lax.scan(
+        body, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask))
+    )
+    tokens = jnp.sum(mask)
+    return total / jnp.maximum(tokens, 1.0), tokens
+
+
 def lm_loss(
     model,
     batch: dict,
@@ -27,24 +66,33 @@ def lm_loss(
     z_loss_coef: float = 0.0,
     phase: str = "train",
     experts_fn=None,
+    loss_chunk: int | None = None,
 ):
     """Loss of a batch {inputs, targets, [positions, segment_ids, loss_mask]}.
 
     `phase` selects the MoE dispatch (training's capacity routing by default; `key` drives its
-    random re-assignment and dropout); `experts_fn` overrides it (tests).
+    random re-assignment and dropout); `experts_fn` overrides it (tests). `loss_chunk`: see
+    `chunked_cross_entropy` (default the model's `policy.loss_chunk`; 0 = whole sequence).
 
     Returns (total loss, metrics): total = cross entropy + aux_loss_coef * (Switch auxiliary
     loss) + z_loss_coef * (router z-loss), both averaged over layers.
     """
-    logits, stats, _ = model(
+    chunk = model.policy.loss_chunk if loss_chunk is None else loss_chunk
+    out, stats, _ = model(
         batch["inputs"],
         batch.get("positions"),
         batch.get("segment_ids"),
         phase=phase,
         key=key,
         experts_fn=experts_fn,
+        return_hidden=bool(chunk),
     )
-    ce, tokens = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
+    if chunk:
+        ce, tokens = chunked_cross_entropy(
+            model.logits, out, batch["targets"], batch.get("loss_mask"), chunk
+        )
+    else:
+        ce, tokens = cross_entropy(out, batch["targets"], batch.get("loss_mask"))
     aux, z = jnp.mean(stats["aux_loss"]), jnp.mean(stats["z_loss"])
     metrics = {
         "ce_loss": ce,

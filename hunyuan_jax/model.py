@@ -278,9 +278,12 @@ class HunyuanForCausalLM(nnx.Module):
         phase: str | None = None,
         key: jax.Array | None = None,
         experts_fn: ExpertsFn | None = None,
+        return_hidden: bool = False,
     ):
         """tokens [B, S] -> (logits [B, S, V] float32, stats, new cache or None).
 
+        return_hidden: return the final-normed hidden states [B, S, D] instead of the logits
+          (`self.logits(h)` makes them; the chunked loss never holds all [B, S, V] at once).
         phase: 'train' | 'prefill' | 'decode' selects the MoE dispatch
           (`dispatch.experts_fn_for`); default 'train' when `key` is given, else 'prefill'.
         key: turns on training behaviour (dropout, random re-routing); None is inference.
@@ -354,7 +357,7 @@ class HunyuanForCausalLM(nnx.Module):
         stats = jax.tree.map(lambda a: a.reshape((cfg.num_layers,) + a.shape[2:]), stats)
 
         x = self.final_norm(x)
-        logits = self.logits(x)
+        logits = x if return_hidden else self.logits(x)
         new_cache = None
         if cache is not None:
             new_cache = KVCache(new_kv[0], new_kv[1], cache.index + s)

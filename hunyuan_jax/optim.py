@@ -20,7 +20,7 @@ tree (the same tree decoding uses), instead of `optax.multi_transform`'s one sta
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +146,48 @@ def make_schedule(tcfg: TrainConfig) -> optax.Schedule:
     return lambda count: inner(count + 1)
 
 
+class AdamState(NamedTuple):
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+def scale_by_adam(
+    b1: float, b2: float, eps: float, dtype: str | None = None
+) -> optax.GradientTransformation:
+    """Adam's update direction with both moments stored in `dtype` (None: the parameters'
+    dtype). The arithmetic is float32 whatever the storage: each step reads the moments,
+    updates them in float32 and rounds them back (round-to-nearest). With float32 storage this
+    is optax.scale_by_adam exactly."""
+    store = None if dtype is None else jnp.dtype(dtype)
+
+    def init_fn(params):
+        zeros = lambda p: jnp.zeros(p.shape, store or p.dtype)
+        return AdamState(
+            jnp.zeros((), jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params)
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        f32 = lambda x: x.astype(jnp.float32)
+        mu = jax.tree.map(lambda g, m: b1 * f32(m) + (1 - b1) * f32(g), updates, state.mu)
+        nu = jax.tree.map(
+            lambda g, v: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)), updates, state.nu
+        )
+        count = state.count + 1
+        c1 = 1 - b1 ** count.astype(jnp.float32)
+        c2 = 1 - b2 ** count.astype(jnp.float32)
+        out = jax.tree.map(
+            lambda g, m, v: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype), updates, mu, nu
+        )
+        cast = lambda new, old: new.astype(old.dtype)
+        return out, AdamState(
+            count, jax.tree.map(cast, mu, state.mu), jax.tree.map(cast, nu, state.nu)
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 class Optimizer(NamedTuple):
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -160,12 +202,7 @@ def make_optimizer(tcfg: TrainConfig, mcfg: ModelConfig) -> Optimizer:
     if tcfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(tcfg.grad_clip))
     parts += [
-        optax.scale_by_adam(
-            b1=tcfg.b1,
-            b2=tcfg.b2,
-            eps=tcfg.eps,
-            mu_dtype=jnp.dtype(tcfg.adam_mu_dtype) if tcfg.adam_mu_dtype else None,
-        ),
+        scale_by_adam(tcfg.b1, tcfg.b2, tcfg.eps, tcfg.opt_state_dtype),
         optax.add_decayed_weights(tcfg.weight_decay, mask=decay_mask),
         optax.scale_by_learning_rate(schedule),
         scale_by_param_group(scales),

@@ -35,6 +35,8 @@ class RuntimePolicy:
     attention_dropout / hidden_dropout: training only (the SFT recipe uses 0.1 / 0.2).
     capacity_factor: training-time expert capacity (inference is always dropless).
     train_dispatch: expert-parallel dispatch in training when the plan shards the experts.
+    loss_chunk: training cross entropy over this many tokens of the sequence at a time (the
+      [B, S, vocab] logits never exist whole); 0 = the whole sequence at once.
     """
 
     param_dtype: str = "float32"
@@ -46,6 +48,7 @@ class RuntimePolicy:
     hidden_dropout: float = 0.0
     capacity_factor: float = 1.0
     train_dispatch: str = "all_to_all"
+    loss_chunk: int = 0
 
     def __post_init__(self):
         check_types(self, "runtime")
@@ -64,6 +67,8 @@ class RuntimePolicy:
                 f"runtime key 'attention_dropout' ({self.attention_dropout}) needs attention "
                 f"'auto' or 'xla': the {self.attention!r} kernel has no dropout"
             )
+        if self.loss_chunk < 0:
+            raise ConfigError(f"runtime key 'loss_chunk' must be >= 0, got {self.loss_chunk}")
         if self.capacity_factor <= 0:
             raise ConfigError(
                 f"runtime key 'capacity_factor' must be positive, got {self.capacity_factor}"

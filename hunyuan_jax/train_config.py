@@ -48,7 +48,9 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    adam_mu_dtype: str | None = None  # e.g. "bfloat16": first moment in bf16 (SPEC 7, 64 chips)
+    # AdamW moments' dtype: None / "float32" (exact), or "bfloat16" (both moments: half the
+    # optimizer state, the difference between 64 and 128 v5p chips for the A52B; SPEC 7).
+    opt_state_dtype: str | None = None
     weight_decay: float = 0.1  # never applied to norm weights / 1-D parameters
     grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
     # Expert-specific learning rates (SPEC 3): lr_opt(B) = 2 lr_max / (sqrt(Bn/B) + sqrt(B/Bn));
@@ -151,10 +153,10 @@ class TrainConfig:
             raise ConfigError(
                 f"train key 'data_format' must be one of {_DATA_FORMATS}, got {self.data_format!r}"
             )
-        if self.adam_mu_dtype not in (None, "float32", "bfloat16"):
+        if self.opt_state_dtype not in (None, "float32", "bfloat16"):
             raise ConfigError(
-                f"train key 'adam_mu_dtype' must be null, float32 or bfloat16, "
-                f"got {self.adam_mu_dtype!r}"
+                f"train key 'opt_state_dtype' must be null, float32 or bfloat16, "
+                f"got {self.opt_state_dtype!r}"
             )
 
     @property
