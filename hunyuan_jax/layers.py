@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hunyuan_jax import qops
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.policy import RuntimePolicy
 
@@ -75,6 +76,6 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, (f, d), ("mlp", "embed"), pdt, std)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        cast = lambda p: p[...].astype(self.compute_dtype)
-        h = jax.nn.silu(x @ cast(self.gate_proj)) * (x @ cast(self.up_proj))
-        return h @ cast(self.down_proj)
+        w = lambda name: qops.weight(self, name, self.compute_dtype)
+        h = jax.nn.silu(qops.matmul(x, w("gate_proj"))) * qops.matmul(x, w("up_proj"))
+        return qops.matmul(h, w("down_proj"))

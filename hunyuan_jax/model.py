@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from hunyuan_jax import dispatch
+from hunyuan_jax import dispatch, qops
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.kernels import flash, splash
 from hunyuan_jax.kernels.attention import AttentionMask, attend
@@ -86,19 +86,19 @@ class Attention(nnx.Module):
         self.query_norm = RMSNorm(hd, cfg.rms_norm_eps, pdt) if cfg.use_qk_norm else None
         self.key_norm = RMSNorm(hd, cfg.rms_norm_eps, pdt) if cfg.use_qk_norm else None
 
-    def _w(self, p: nnx.Param) -> jax.Array:
-        return p[...].astype(self.compute_dtype)
+    def _w(self, name: str):
+        return qops.weight(self, name, self.compute_dtype)
 
     def project_kv(self, x, ctx: Context):
         """The K/V this group shares: RoPE-rotated keys (not yet key-normed) and values."""
-        k = jnp.einsum("bsd,dnh->bsnh", x, self._w(self.k_proj))
-        v = jnp.einsum("bsd,dnh->bsnh", x, self._w(self.v_proj))
+        k = qops.einsum("bsd,dnh->bsnh", x, self._w("k_proj"))
+        v = qops.einsum("bsd,dnh->bsnh", x, self._w("v_proj"))
         return apply_rope(k, ctx.positions, ctx.inv_freq), v
 
     def __call__(self, x, k, v, ctx: Context, dropout=None):
         """x: [B,S,D]; k, v: [B,T,KVH,Dh] (shared, roped) -> [B,S,D].
         `dropout`: (rate, key) for attention-probability dropout in training, else None."""
-        q = jnp.einsum("bsd,dnh->bsnh", x, self._w(self.q_proj))
+        q = qops.einsum("bsd,dnh->bsnh", x, self._w("q_proj"))
         q = apply_rope(q, ctx.positions, ctx.inv_freq)
         if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
@@ -113,7 +113,7 @@ class Attention(nnx.Module):
             **self._kernel_layout(ctx.attention, q, k),
         )
         out = checkpoint_name(out, "attn_out")
-        return jnp.einsum("bsnh,nhd->bsd", out, self._w(self.o_proj))
+        return qops.einsum("bsnh,nhd->bsd", out, self._w("o_proj"))
 
     def _kernel_layout(self, impl: str, q, k) -> dict:
         """flash / splash on a mesh run per device in shard_map, with q and K/V laid out by the

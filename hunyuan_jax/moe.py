@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hunyuan_jax import qops
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.layers import MLP, param
 from hunyuan_jax.policy import RuntimePolicy
@@ -85,9 +86,9 @@ def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> Routing:
 
 def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w: ExpertWeights) -> jax.Array:
     """SwiGLU of rows already sorted by expert: rows [offset_e, offset_e + size_e) use expert e."""
-    gate = jax.lax.ragged_dot(xs, w.gate, group_sizes)
-    up = jax.lax.ragged_dot(xs, w.up, group_sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w.down, group_sizes)
+    gate = qops.ragged_dot(xs, w.gate, group_sizes)
+    up = qops.ragged_dot(xs, w.up, group_sizes)
+    return qops.ragged_dot(jax.nn.silu(gate) * up, w.down, group_sizes)
 
 
 @on_tokens
@@ -181,9 +182,9 @@ def combine(buffers: jax.Array, a: SlotAssignment, dtype) -> jax.Array:
 
 def swiglu_batched(buffers: jax.Array, w: ExpertWeights) -> jax.Array:
     """SwiGLU of every expert on its own buffer: [E, C, D] -> [E, C, D]."""
-    gate = jnp.einsum("ecd,edf->ecf", buffers, w.gate)
-    up = jnp.einsum("ecd,edf->ecf", buffers, w.up)
-    return jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w.down)
+    gate = qops.einsum("ecd,edf->ecf", buffers, w.gate)
+    up = qops.einsum("ecd,edf->ecf", buffers, w.up)
+    return qops.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w.down)
 
 
 def capacity_stats(a: SlotAssignment) -> dict[str, jax.Array]:
@@ -217,14 +218,14 @@ def few_token_experts(x: jax.Array, routing, w, key=None):
     small batch; on CPU 10x faster at batch 1). Unrolled over the T*k pairs: meant for
     T*k <= num_experts. Same math as `moe.dropless_experts`."""
     num_tokens, k = routing.expert_ids.shape
-    take = lambda a, e: jax.lax.dynamic_index_in_dim(a, e, keepdims=False)
+    take, mm = qops.take, qops.matmul
     rows = []
     for t in range(num_tokens):
         acc = jnp.zeros((x.shape[-1],), jnp.float32)
         for j in range(k):
             e = routing.expert_ids[t, j]
-            h = jax.nn.silu(x[t] @ take(w.gate, e)) * (x[t] @ take(w.up, e))
-            acc = acc + (h @ take(w.down, e)).astype(jnp.float32) * routing.weights[t, j]
+            h = jax.nn.silu(mm(x[t], take(w.gate, e))) * mm(x[t], take(w.up, e))
+            acc = acc + mm(h, take(w.down, e)).astype(jnp.float32) * routing.weights[t, j]
         rows.append(acc)
     return jnp.stack(rows).astype(x.dtype), {}
 
@@ -262,8 +263,8 @@ def tiled_experts(x: jax.Array, routing, w, key=None):
 
     def tile(args):
         xt, e = args
-        take = lambda a: jax.lax.dynamic_index_in_dim(a, e, keepdims=False)
-        return (jax.nn.silu(xt @ take(w.gate)) * (xt @ take(w.up))) @ take(w.down)
+        take, mm = (lambda a: qops.take(a, e)), qops.matmul
+        return mm(jax.nn.silu(mm(xt, take(w.gate))) * mm(xt, take(w.up)), take(w.down))
 
     y = jax.lax.map(tile, (xs.reshape(num_tiles, m, -1), tile_expert)).reshape(num_tiles * m, -1)
     y = y[dest][jnp.argsort(order)].reshape(num_tokens, k, -1)  # back to (token, choice)
@@ -301,8 +302,8 @@ class MoE(nnx.Module):
         self.down_proj = param(rngs, (e, f, d), ("exp", "exp_mlp", "exp_embed"), pdt, std)
 
     def expert_weights(self) -> ExpertWeights:
-        cast = lambda p: p[...].astype(self.compute_dtype)
-        return ExpertWeights(cast(self.gate_proj), cast(self.up_proj), cast(self.down_proj))
+        w = lambda name: qops.weight(self, name, self.compute_dtype)
+        return ExpertWeights(w("gate_proj"), w("up_proj"), w("down_proj"))
 
     def __call__(self, x: jax.Array, experts_fn: ExpertsFn, key: jax.Array | None = None):
         """x: [B, S, D] -> ([B, S, D], load-balancing stats). `experts_fn` computes the routed

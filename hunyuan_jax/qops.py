@@ -1,0 +1,101 @@
+"""Weight reads and weight matmuls: the one place that knows how a matmul weight is stored.
+
+What the parameter tree holds decides what runs (no flags in the model code):
+- a float array: cast to the compute dtype, `jnp.einsum` / `@` / `jax.lax.ragged_dot` as usual;
+- a qwix `QArray` (int8 or float8 values + per-channel scales, `hunyuan_jax.quantize`): qwix's
+  ops (`qwix.einsum`, `qwix.dot`, `qwix.ragged_dot`), which dequantize next to the matmul;
+- LoRA adapters stored beside a weight (`<name>_lora_a`, `<name>_lora_b` as `nnx.LoRAParam`,
+  scale `<name>_lora_scale` = alpha / rank): the base product plus scale * (x A) B, for float
+  and quantized (QLoRA) bases alike.
+
+Model code reads a weight with `weight(module, "q_proj", dtype)` and multiplies with `einsum`,
+`matmul`, `ragged_dot` or `take` from here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import qwix
+
+QArray = qwix.QArray
+
+
+class Adapted(NamedTuple):
+    """A weight with a LoRA adapter: base + scale * A @ B over the contracted dims."""
+
+    base: jax.Array | QArray
+    a: jax.Array  # [*batch, *contracted, r]
+    b: jax.Array  # [*batch, r, *out]
+    scale: float  # alpha / rank (static)
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+
+def _stored(module, name: str):
+    v = getattr(module, name)[...]
+    array = getattr(v, "array", None)  # qwix's PTQ wrapper (WithAux) around a QArray
+    return array if isinstance(array, QArray) else v
+
+
+def weight(module, name: str, dtype):
+    """`module.<name>` as a matmul uses it: a float array cast to `dtype`, a QArray whose
+    scales are cast to `dtype` (so the dequantized operand is `dtype`), or `Adapted`."""
+    v = _stored(module, name).astype(dtype)  # a QArray casts its scales
+    a = getattr(module, name + "_lora_a", None)
+    if a is None:
+        return v
+    b = getattr(module, name + "_lora_b")
+    return Adapted(
+        v, a[...].astype(dtype), b[...].astype(dtype), getattr(module, name + "_lora_scale")
+    )
+
+
+def _base_einsum(eq, x, w, **kw):
+    if isinstance(w, QArray):
+        return qwix.einsum(eq, x, w, **kw)
+    return jnp.einsum(eq, x, w, **kw)
+
+
+def einsum(eq: str, x, w, **kw):
+    """`jnp.einsum(eq, x, w)` for any stored weight (activations first, weight second)."""
+    if not isinstance(w, Adapted):
+        return _base_einsum(eq, x, w, **kw)
+    ins, out = eq.split("->")
+    lhs, rhs = ins.split(",")
+    batch = "".join(c for c in rhs if c in lhs and c in out)
+    contracted = "".join(c for c in rhs if c in lhs and c not in out)
+    rest = "".join(c for c in rhs if c not in lhs)
+    lora_eq = f"{lhs},{batch}{contracted}r,{batch}r{rest}->{out}"
+    return _base_einsum(eq, x, w.base, **kw) + w.scale * jnp.einsum(lora_eq, x, w.a, w.b)
+
+
+def matmul(x, w):
+    """`x @ w` for any stored weight."""
+    if isinstance(w, Adapted):
+        return matmul(x, w.base) + w.scale * ((x @ w.a) @ w.b)
+    return qwix.dot(x, w) if isinstance(w, QArray) else x @ w
+
+
+def ragged_dot(x, w, group_sizes):
+    """`jax.lax.ragged_dot(x, w, group_sizes)` for any stored (stacked expert) weight."""
+    if isinstance(w, Adapted):
+        delta = jax.lax.ragged_dot(jax.lax.ragged_dot(x, w.a, group_sizes), w.b, group_sizes)
+        return ragged_dot(x, w.base, group_sizes) + w.scale * delta
+    if isinstance(w, QArray):
+        return qwix.ragged_dot(x, w, group_sizes)
+    return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def take(w, e):
+    """w[e] along the leading (expert) axis, for arrays, QArrays and adapters alike: a decode
+    step reads only the chosen expert's weights (and dequantizes only those)."""
+    if isinstance(w, Adapted):
+        return Adapted(take(w.base, e), take(w.a, e), take(w.b, e), w.scale)
+    if isinstance(w, QArray):
+        return w[e]
+    return jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
