@@ -4,8 +4,10 @@
 else about a run lives here, in one frozen dataclass read from the `runtime:` section of a YAML
 file (or built by an entry point): parameter and compute dtypes, rematerialisation, layer scan,
 the attention kernel, dropout, training-time routing capacity and the expert-parallel dispatch
-of training. Loaders take a policy instead of `**overrides`, and the same checkpoint can be run
-under any policy without touching the parameter tree's structure.
+of training, and how the matmul weights are stored (`weights`). Loaders take a policy instead of
+`**overrides`, and the same checkpoint can be run under any policy: only `weights` changes what
+the parameter tree holds (quantized values + scales in place of a float matmul weight), never
+the architecture.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "save_dots", "save_attn_out")
 ATTENTION = ("auto", "xla", "flash", "splash")
 TRAIN_DISPATCH = ("all_to_all", "gather")
+WEIGHTS = ("auto", "bf16", "int8", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
 class RuntimePolicy:
-    """Numerics, memory and kernel choices of a run (never changes the parameter tree).
+    """Numerics, memory and kernel choices of a run (never changes the architecture).
 
     param_dtype: dtype the parameters are stored in (float32 master weights for training).
     compute_dtype: dtype of activations and of the weights as used (cast on use).
@@ -37,6 +40,12 @@ class RuntimePolicy:
     train_dispatch: expert-parallel dispatch in training when the plan shards the experts.
     loss_chunk: training cross entropy over this many tokens of the sequence at a time (the
       [B, S, vocab] logits never exist whole); 0 = the whole sequence at once.
+    weights: how the matmul weights (attention q/k/v/o, shared and routed experts' gate/up/
+      down) are stored for this run: auto (as the checkpoint stores them; float in param_dtype
+      for a fresh model), bf16, int8 (per output channel) or fp8 (e4m3, per output channel);
+      the router, norms and embedding stay float (`hunyuan_jax.quantize`). The one field that
+      changes the stored form of parameters (values + scales instead of a float array); the
+      model code does not branch on it (`hunyuan_jax.qops` dispatches on what is stored).
     """
 
     param_dtype: str = "float32"
@@ -49,6 +58,7 @@ class RuntimePolicy:
     capacity_factor: float = 1.0
     train_dispatch: str = "all_to_all"
     loss_chunk: int = 0
+    weights: str = "auto"
 
     def __post_init__(self):
         check_types(self, "runtime")
@@ -57,6 +67,7 @@ class RuntimePolicy:
         _one_of("remat", self.remat, REMAT)
         _one_of("attention", self.attention, ATTENTION)
         _one_of("train_dispatch", self.train_dispatch, TRAIN_DISPATCH)
+        _one_of("weights", self.weights, WEIGHTS)
         for key in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(

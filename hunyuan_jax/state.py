@@ -22,8 +22,11 @@ from sharding.plan import ShardingPlan
 def abstract_model(
     cfg: ModelConfig, policy: RuntimePolicy | None = None, plan: ShardingPlan | None = None
 ) -> HunyuanForCausalLM:
-    """The model with ShapeDtypeStructs instead of arrays (no memory, no compute)."""
-    return nnx.eval_shape(lambda: HunyuanForCausalLM(cfg, policy, plan, rngs=nnx.Rngs(0)))
+    """The model with ShapeDtypeStructs instead of arrays (no memory, no compute); its matmul
+    weights in the form `policy.weights` names (`hunyuan_jax.quantize`)."""
+    from hunyuan_jax import quantize
+
+    return quantize.abstract_model(cfg, policy or RuntimePolicy(), plan)
 
 
 def abstract_state(cfg: ModelConfig, policy=None, plan=None):
@@ -48,12 +51,17 @@ def init_model(
     plan: ShardingPlan | None = None,
     seed: int = 0,
 ) -> HunyuanForCausalLM:
-    """Random parameters, created already sharded by the plan."""
+    """Random parameters, created already sharded by the plan (matmul weights then converted
+    to `policy.weights`)."""
+    from hunyuan_jax import quantize
+
     plan = plan or ShardingPlan.single()
+    policy = policy or RuntimePolicy()
     graphdef, abstract = nnx.split(abstract_model(cfg, policy, plan))
 
     def create(key):
-        return nnx.state(HunyuanForCausalLM(cfg, policy, plan, rngs=nnx.Rngs(key)))
+        model = HunyuanForCausalLM(cfg, policy, plan, rngs=nnx.Rngs(key))
+        return nnx.state(quantize.convert_model(model, policy.weights))
 
     out_shardings = plan.state_shardings(abstract) if plan.is_sharded else None
     state = jax.jit(create, out_shardings=out_shardings)(jax.random.key(seed))
