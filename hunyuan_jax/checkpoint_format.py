@@ -11,6 +11,11 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.convert h
                              "leaves": {name: {"shape", "dtype", "shard_shape", "chunk_shape"}},
                              "bytes"}, "source": {"dir", "format": "safetensors"|"bin",
                              "files": [{"name", "size", "mtime_ns"}], "fp8": bool},
+                             "weights": {"form": "float", "dtype"} or, with
+                             `hf-to-jax --quantize`, {"form": "int8"|"fp8", "dtype":
+                             "int8"|"float8_e4m3fn", "scale_dtype": "float32", "scales",
+                             "calibration"} (the loader's restore target comes from it:
+                             orbax casts silently to the target's dtype),
                              "plan": {...} (as .convert/plan.json), "hf_config": {...},
                              "tokenizer_files": [...], "stats": {"seconds",
                              "source_bytes_this_run", "mb_per_s", "peak_rss_mb", "resumed"}}
@@ -25,6 +30,10 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.convert h
         final_norm.weight.value/   an nnx.State ("." joined key path, ending in ".value")
         groups.layers.0.attn.q_proj.value/
           zarr.json          shape [groups, embed, heads, head_dim], dtype, codecs
+        groups.layers.0.attn.q_proj.array.qvalue.value/   with --quantize: the int8 / e4m3
+        groups.layers.0.attn.q_proj.array.scale.value/    values and their float32 scales
+                             [groups, 1, heads, head_dim] (1 on the contracted dims) of
+                             each matmul weight, in place of the float leaf
           c/<g>/0/0/0        one file ("zarr3 shard") per stacked slice = one HF tensor: per
                              layer group (c/<g>/...), or per (group, expert) for routed
                              experts (c/<g>/<e>/...); inside it, chunks of <= 4 MiB and an
@@ -93,7 +102,9 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 @dataclasses.dataclass(frozen=True)
 class Leaf:
     """One parameter leaf: its nnx path, orbax name and key path, shape and dtype, and the
-    HF mapping entry that fills it (one zarr3 shard per HF tensor)."""
+    HF mapping entry that fills it (one zarr3 shard per HF tensor). A quantized weight is two
+    leaves filled from the same HF tensor: role 'qvalue' (the weight's shape) and 'scale' (1 on
+    the contracted dims); every other leaf has role 'value'."""
 
     path: tuple
     name: str
@@ -101,6 +112,7 @@ class Leaf:
     shape: tuple[int, ...]
     dtype: np.dtype
     entry: hf_mapping.TensorMap | None
+    role: str = "value"  # 'value' | 'qvalue' | 'scale'
 
     @property
     def shard_shape(self) -> tuple[int, ...]:
@@ -127,17 +139,19 @@ def _key_entry(k) -> tuple[str, int]:
     raise ValueError(f"unsupported pytree key {k!r}")
 
 
-def param_leaves(cfg: ModelConfig, dtype: str) -> dict[tuple, Leaf]:
-    """{nnx path: Leaf} for every parameter stored in `dtype` (the router stays float32), with
-    the names orbax gives them when saving `nnx.state(model, nnx.Param)` (the same flattening
-    orbax applies at restore)."""
+def param_leaves(cfg: ModelConfig, dtype: str, weights: str = "auto") -> dict[tuple, Leaf]:
+    """{nnx path: Leaf} for every parameter stored in `dtype` (the router stays float32) with
+    the matmul weights in form `weights` ('auto': `dtype`; 'bf16'; 'int8' / 'fp8': values +
+    float32 scales, `hunyuan_jax.quantize`), with the names orbax gives them when saving
+    `nnx.state(model, nnx.Param)` (the same flattening orbax applies at restore)."""
     import jax
     from flax import nnx
 
+    from hunyuan_jax import quantize
     from hunyuan_jax.policy import RuntimePolicy
-    from hunyuan_jax.state import abstract_model
 
-    state = nnx.state(abstract_model(cfg, RuntimePolicy(param_dtype=dtype)), nnx.Param)
+    policy = RuntimePolicy(param_dtype=dtype, weights=weights)
+    state = nnx.state(quantize.abstract_model(cfg, policy), nnx.Param)
     entries = {e.path: e for e in hf_mapping.mapping_table(cfg)}
     out = {}
     for vpath, var in jax.tree_util.tree_flatten_with_path(
@@ -150,6 +164,9 @@ def param_leaves(cfg: ModelConfig, dtype: str) -> dict[tuple, Leaf]:
         path = tuple(_key_entry(k)[0] for k in vpath)
         # nnx paths use ints for list indices; match the mapping table's paths.
         path = tuple(int(p) if p.isdigit() else p for p in path)
+        role, weight = "value", path
+        if path[-2:] in (("array", "qvalue"), ("array", "scale")):
+            role, weight = path[-1], path[:-2]
         leaf = sub[0][1]
         out[path] = Leaf(
             path,
@@ -157,12 +174,32 @@ def param_leaves(cfg: ModelConfig, dtype: str) -> dict[tuple, Leaf]:
             keys,
             tuple(leaf.shape),
             np.dtype(leaf.dtype),
-            entries.get(path),
+            entries.get(weight),
+            role,
         )
-    missing = set(entries) - set(out)
+    missing = set(entries) - {l.entry.path for l in out.values() if l.entry is not None}
     if missing:
         raise ValueError(f"mapping table paths not in the model: {sorted(missing)}")
     return out
+
+
+def leaves_form(leaves: dict[tuple, Leaf]) -> str:
+    """'int8' | 'fp8' when the matmul weights are stored quantized, else 'float'."""
+    from hunyuan_jax import quantize
+
+    q = {np.dtype(l.dtype) for l in leaves.values() if l.role == "qvalue"}
+    if not q:
+        return "float"
+    return next(f for f, d in quantize.QTYPES.items() if {d} == q)
+
+
+def weight_leaf(leaves: dict[tuple, Leaf], entry_path: tuple) -> Leaf:
+    """The leaf holding the values of the weight at `entry_path` (the weight, or its qvalue)."""
+    return leaves.get(entry_path) or leaves[entry_path + ("array", "qvalue")]
+
+
+def scale_leaf(leaves: dict[tuple, Leaf], entry_path: tuple) -> Leaf | None:
+    return leaves.get(entry_path + ("array", "scale"))
 
 
 # ----------------------------------------------------------------------------- tensorstore specs
@@ -354,6 +391,12 @@ def stored_config(directory: str | Path) -> tuple[ModelConfig, str]:
     """(ModelConfig, stored parameter dtype) of a complete converted checkpoint."""
     man = read_manifest(directory)
     return ModelConfig.from_hf(Path(directory) / CONFIG), man["dtype"]
+
+
+def stored_weights(directory: str | Path) -> str:
+    """How a converted checkpoint stores its matmul weights: 'float' (in the manifest's
+    dtype), 'int8' or 'fp8' (values + float32 scales, `hunyuan_jax.quantize`)."""
+    return read_manifest(directory).get("weights", {}).get("form", "float")
 
 
 def restore_param_state(directory: str | Path, target):

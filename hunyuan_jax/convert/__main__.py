@@ -1,15 +1,17 @@
 """The converter's command line::
 
     python -m hunyuan_jax.convert hf-to-jax --hf-dir D --out O [--dtype bfloat16]
-        [--tokenizer-dir T] [--compression zstd|none] [--chunk-mb 4] [--workers 2]
-        [--max-inflight-gb 1] [--overwrite] [--no-progress] [--debug]
+        [--quantize int8|fp8] [--tokenizer-dir T] [--compression zstd|none] [--chunk-mb 4]
+        [--workers 2] [--max-inflight-gb 1] [--overwrite] [--no-progress] [--debug]
     python -m hunyuan_jax.convert jax-to-hf --ckpt C --out D [--dtype bfloat16] [--step N]
         [--max-shard-gb 5] [--config F [--tree-prefix P]] [--overwrite] [--no-progress]
         [--debug]
 
 `--ckpt` is a converted checkpoint, a train.py run directory (its latest complete step, or
 `--step N`), or a bare orbax params directory with `--config`. What each direction does:
-`hunyuan_jax/convert/hf_to_jax.py` and `jax_to_hf.py`; the output layout:
+`hunyuan_jax/convert/hf_to_jax.py` and `jax_to_hf.py` (`--quantize` stores the matmul weights
+as int8 / fp8 values + scales; jax-to-hf of such a checkpoint dequantizes them, to bfloat16 by
+default); the output layout:
 `hunyuan_jax/checkpoint_format.py`.
 
 Exit status (`hunyuan_jax.errors`): 0 success (also a rerun on a complete conversion, which
@@ -44,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(DTYPES),
         default=None,
         help="stored param dtype (default: the source's; bfloat16 for FP8)",
+    )
+    a.add_argument(
+        "--quantize",
+        choices=("int8", "fp8"),
+        default=None,
+        help="store the matmul weights quantized (per output channel; values + float32 "
+        "scales); an FP8 source's e4m3 weights and scales are kept as they are with fp8",
     )
     a.add_argument(
         "--tokenizer-dir",
@@ -122,6 +131,7 @@ def _run(args) -> int:
                 progress=not args.no_progress,
                 workers=args.workers,
                 max_inflight_bytes=int(args.max_inflight_gb * 2**30),
+                quantize=args.quantize,
             )
         else:
             jax_to_hf(

@@ -94,6 +94,68 @@ def to_hf(entry: hf_mapping.TensorMap, tree_slice: np.ndarray, dtype) -> np.ndar
     return transpose2d(t).astype(dtype, copy=False)
 
 
+# ----------------------------------------------------------------------------- quantized slices
+def hf_scale(entry: hf_mapping.TensorMap, scale, tree_shape, key: str = "tensor") -> np.ndarray:
+    """An FP8 release's `weight_scale` (per tensor: one value; per output channel: `out`
+    values, shape [out] or [out, 1]) as the channelwise float32 scale of the weight's slice in
+    our tree: 1 on the HF `in` dims (what the matmul contracts), the `out` dims whole. A
+    per-tensor scale is broadcast, so both scale layouts give the one layout of
+    `hunyuan_jax.quantize`."""
+    sl = hf_mapping.slice_shape(entry, tree_shape)
+    shape = (1,) * entry.in_ndim + tuple(sl[entry.in_ndim :])
+    scale = np.asarray(scale, np.float32)
+    if scale.size == 1:
+        return np.full(shape, scale.reshape(()), np.float32)
+    if scale.size == math.prod(shape):
+        return np.ascontiguousarray(scale.reshape(shape))
+    raise CheckpointError(
+        f"{key}: weight_scale of shape {scale.shape} fits neither per-tensor (1 value) nor "
+        f"per-output-channel ({math.prod(shape)} values) scaling of its weight"
+    )
+
+
+def _row_scale(scale, tensor: np.ndarray, key: str) -> np.ndarray:
+    """An FP8 scale broadcastable against the HF tensor [out, in]."""
+    scale = np.asarray(scale, np.float32)
+    if scale.size == 1:
+        return scale.reshape(())
+    if tensor.ndim >= 1 and scale.size == tensor.shape[0]:
+        return scale.reshape((-1,) + (1,) * (tensor.ndim - 1))
+    raise CheckpointError(
+        f"{key}: weight_scale of shape {scale.shape} does not fit weight {tensor.shape} "
+        f"(expected per-tensor or per-output-channel)"
+    )
+
+
+def hf_slice(
+    entry: hf_mapping.TensorMap,
+    tensor: np.ndarray,
+    tree_shape,
+    form: str,
+    scale=None,
+    float_dtype=np.float32,
+    key: str = "tensor",
+) -> dict[str, np.ndarray]:
+    """One HF tensor as its slice of the tree leaf in `form`: {"value": ...} for 'float'
+    (`float_dtype`) or 'bf16'; {"qvalue": ..., "scale": ...} (`hunyuan_jax.quantize`'s layout,
+    scale 1 on the `in` dims) for 'int8' / 'fp8'. `scale`: the tensor's `weight_scale` when it
+    is an FP8 release's float8 weight. FP8 into 'fp8' keeps the stored values and scale (no
+    float copy); anything else is dequantized / read in float32 and quantized."""
+    from hunyuan_jax import quantize
+
+    if scale is not None and form == "fp8" and tensor.dtype == quantize.QTYPES["fp8"]:
+        q = to_slice(entry, tensor, tree_shape, tensor.dtype)
+        return {"qvalue": q, "scale": hf_scale(entry, scale, tree_shape, key)}
+    if scale is not None:
+        tensor = quantize.dequantize_numpy(tensor, _row_scale(scale, tensor, key))
+    if form not in quantize.QUANTIZED:
+        dtype = DTYPES["bfloat16"] if form == "bf16" else float_dtype
+        return {"value": to_slice(entry, tensor, tree_shape, dtype)}
+    w = to_slice(entry, tensor, tree_shape, np.float32)
+    q, s = quantize.quantize_numpy(w, tuple(range(entry.in_ndim)), form)
+    return {"qvalue": q, "scale": s}
+
+
 # ----------------------------------------------------------------------------- safetensors
 def safetensors_header(tensors: list[tuple[str, np.dtype, tuple]]) -> tuple[bytes, int]:
     """(8-byte length + JSON header padded to 8 bytes, data bytes) for tensors in order."""
@@ -151,11 +213,11 @@ def hf_order(key: str):
 
 def hf_tensors(cfg, leaves: dict) -> dict[str, tuple]:
     """{HF key: (leaf, mapping entry, stacked index, HF shape)} of every HF tensor of `cfg`,
-    for `leaves` from `checkpoint_format.param_leaves`."""
-    by_path = {l.path: l for l in leaves.values()}
+    for `leaves` from `checkpoint_format.param_leaves` (a quantized weight's leaf is its
+    values; `checkpoint_format.scale_leaf` finds its scales)."""
     out = {}
     for entry in hf_mapping.mapping_table(cfg):
-        leaf = by_path[entry.path]
+        leaf = fmt.weight_leaf(leaves, entry.path)
         for index, key in hf_mapping.hf_slices(entry, cfg):
             out[key] = (leaf, entry, index, hf_mapping.hf_shape(entry, leaf.shape))
     return out

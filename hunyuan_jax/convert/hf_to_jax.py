@@ -38,12 +38,14 @@ from hunyuan_jax.convert import plan as planning
 from hunyuan_jax.convert.common import (
     carried_files,
     default_log,
+    hf_slice,
     np_dtype,
     own_peak_rss_bytes,
     progress_bar,
     to_slice,
 )
 from hunyuan_jax.errors import CheckpointError
+from hunyuan_jax.hf_checkpoint import FP8_DTYPES, fp8_scale_key
 
 
 class _ProgressRecord:
@@ -122,18 +124,22 @@ def _stream(todo, prepare, arrays, infos, record, bar, workers, max_inflight_byt
         leaf, key = item[0], item[3]
         return max(infos[key].nbytes, math.prod(leaf.shard_shape) * itemsize)
 
-    def promote():  # oldest prepared tensor -> tensorstore write
+    def promote():  # oldest prepared tensor -> tensorstore writes (values, and scales)
         item, fut, n = reads.popleft()
-        piece = fut.result()
-        leaf, _, index, key = item
-        target = arrays[leaf.path][index] if index else arrays[leaf.path]
-        writes.append((target.write(piece), key, infos[key].nbytes, n))
+        pieces = fut.result()
+        _, _, index, key = item
+        futs = []
+        for path, piece in pieces.items():
+            target = arrays[path][index] if index else arrays[path]
+            futs.append(target.write(piece))
+        writes.append((futs, key, infos[key].nbytes, n))
 
-    def retire():  # oldest write done -> recorded; its memory is free
+    def retire():  # oldest writes done -> recorded; their memory is free
         nonlocal inflight
-        fut, key, nbytes, n = writes.popleft()
+        futs, key, nbytes, n = writes.popleft()
         try:
-            fut.result()
+            for fut in futs:
+                fut.result()
         except Exception as e:
             raise CheckpointError(f"writing the slice of {key!r} failed: {e}") from e
         record.add(key)
@@ -156,7 +162,7 @@ def _stream(todo, prepare, arrays, infos, record, bar, workers, max_inflight_byt
                     step()
                 reads.append((item, pool.submit(prepare, item), n))
                 inflight += n
-                while writes and writes[0][0].done():
+                while writes and all(f.done() for f in writes[0][0]):
                     retire()
                 while reads and reads[0][1].done() and len(writes) < workers:
                     promote()
@@ -181,17 +187,22 @@ def hf_to_jax(
     workers: int = 2,
     max_inflight_bytes: int = 1 << 30,
     sync_seconds: float = 10.0,
+    quantize: str | None = None,
     log=None,
 ) -> dict:
     """Convert a HF checkpoint directory into `out` (see the module docstring); returns the
-    manifest. `dtype` None keeps the source dtype (bfloat16 for FP8 sources)."""
+    manifest. `dtype` None keeps the source dtype (bfloat16 for FP8 sources). `quantize`
+    'int8' | 'fp8' stores the matmul weights quantized (`hunyuan_jax.quantize`): values and
+    float32 scales, quantized slice by slice as they stream; an FP8 source's e4m3 weights and
+    scales are stored as they are with 'fp8' (and dequantized in float32, then quantized, with
+    'int8'); `dtype` is then the dtype of the other parameters (embedding, norms)."""
     log = log or default_log
     t0 = time.time()
     hf_dir, out = Path(hf_dir), Path(out)
-    cfg, ckpt, infos, leaves, hf_config, fp8 = planning.plan_hf_to_jax(hf_dir, dtype)
+    cfg, ckpt, infos, leaves, hf_config, fp8 = planning.plan_hf_to_jax(hf_dir, dtype, quantize)
     dtype = np.dtype(leaves[("embed",)].dtype).name
     chunk_bytes = int(chunk_mb * (1 << 20))
-    plan = planning.output_plan(ckpt, dtype, compression, chunk_bytes)
+    plan = planning.output_plan(ckpt, dtype, compression, chunk_bytes, quantize)
     state = planning.prepare_out(out, plan, overwrite, log)
     if state == "done":
         log(f"{out} already holds this conversion, complete; nothing to do")
@@ -201,7 +212,11 @@ def hf_to_jax(
     work = out / fmt.WORK_DIR
     done = planning.read_progress(out) if state == "resume" else set()
     todo = [it for it in items if it[3] not in done]
-    need = sum(math.prod(l.shard_shape) * l.dtype.itemsize for l, _, _, _ in todo)
+    need = sum(
+        math.prod(l.shard_shape) * l.dtype.itemsize
+        + (0 if (sl := fmt.scale_leaf(leaves, e.path)) is None else math.prod(sl.shard_shape) * 4)
+        for l, e, _, _ in todo
+    )
     probe = out if out.exists() else out.parent
     probe.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(probe).free
@@ -216,7 +231,10 @@ def hf_to_jax(
         log(
             f"converting {len(items)} tensors ({sum(infos[k].nbytes for *_, k in items) / 1e9:.2f}"
             f" GB, {ckpt.format}{', FP8' if fp8 else ''}) from {hf_dir} to {out} as {dtype}"
+            + (f", matmul weights {quantize}" if quantize else "")
         )
+        if fp8 and not quantize:
+            log("the source stores FP8 weights: --quantize fp8 keeps them (and their scales)")
     else:
         log(f"resuming: {len(items) - len(todo)} of {len(items)} tensors already written")
 
@@ -225,16 +243,25 @@ def hf_to_jax(
     out_dtype = np_dtype(dtype)
 
     def prepare(item):
-        """Read one HF tensor (dequantised if FP8) and make its slice of the stacked leaf."""
+        """Read one HF tensor and make its slice(s) of the stacked leaf: {leaf path: piece}.
+        FP8 tensors are dequantised unless they are stored quantized (then read as stored,
+        with their scale)."""
         leaf, entry, index, key = item
-        tensor = ckpt.read(key)
+        scale_leaf = fmt.scale_leaf(leaves, entry.path)
+        quantized = scale_leaf is not None
+        tensor = ckpt.read(key, dequantize=not quantized)
         want = hf_mapping.hf_shape(entry, leaf.shape)
         if tuple(tensor.shape) != tuple(want):
             raise CheckpointError(
                 f"{hf_dir / infos[key].file}: tensor {key!r} has shape "
                 f"{tuple(tensor.shape)}, expected {want}"
             )
-        return to_slice(entry, tensor, leaf.shape, out_dtype)
+        if not quantized:
+            return {leaf.path: to_slice(entry, tensor, leaf.shape, out_dtype)}
+        scale = ckpt.read(fp8_scale_key(key)) if tensor.dtype in FP8_DTYPES else None
+        form = fmt.leaves_form(leaves)
+        pieces = hf_slice(entry, tensor, leaf.shape, form, scale, key=key)
+        return {leaf.path: pieces["qvalue"], scale_leaf.path: pieces["scale"]}
 
     bar = progress_bar(sum(infos[k].nbytes for *_, k in todo), "hf-to-jax", progress)
     with _ProgressRecord(work / planning.PROGRESS, sync_seconds) as record:
@@ -247,7 +274,7 @@ def hf_to_jax(
             bar,
             workers,
             max_inflight_bytes,
-            out_dtype.itemsize,
+            4 if quantize else out_dtype.itemsize,  # quantizing works on a float32 slice
         )
     bar.close()
 
@@ -260,6 +287,7 @@ def hf_to_jax(
     for name, src in carried.items():
         shutil.copyfile(src, out / name)
     manifest = _manifest(plan, fp8, leaves, hf_config, sorted(carried), chunk_bytes)
+    manifest["weights"] = stored_weights(leaves, fp8_source=fp8)
     seconds = time.time() - t0
     src_bytes = sum(infos[k].nbytes for *_, k in todo)
     manifest["stats"] = {
@@ -305,4 +333,21 @@ def _manifest(plan, fp8, leaves, hf_config, tokenizer_files, chunk_bytes) -> dic
         "hf_config": hf_config,
         "tokenizer_files": tokenizer_files,
         "created_unix": int(time.time()),
+    }
+
+
+def stored_weights(leaves, fp8_source: bool = False) -> dict:
+    """The manifest's "weights" record: how the matmul weights are stored. Orbax casts to the
+    restore target's dtype without a word, so the loader builds its target from this."""
+    from hunyuan_jax import quantize
+
+    form = fmt.leaves_form(leaves)
+    if form == "float":
+        return {"form": "float", "dtype": np.dtype(leaves[("embed",)].dtype).name}
+    return {
+        "form": form,
+        "dtype": quantize.QTYPES[form].name,
+        "scale_dtype": quantize.SCALE_DTYPE.name,
+        "scales": "per output channel (1 on the contracted dims; layers and exp channelwise)",
+        "calibration": "the source's FP8 scales" if fp8_source and form == "fp8" else "absmax",
     }

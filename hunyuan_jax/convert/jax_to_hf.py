@@ -13,7 +13,9 @@ Each stacked slice is read on its own with tensorstore (only that HF tensor is i
 written into sharded safetensors (`model-0000i-of-0000n`, at most `max_shard_bytes` each) with
 `model.safetensors.index.json`, `config.json` (the source's, `torch_dtype` updated) and the
 tokenizer / remote-code files: the layout the original PyTorch code loads. In the same dtype,
-HF -> JAX -> HF is bit-exact. Everything is written into `.<out>.jax-to-hf.tmp` beside `out`
+HF -> JAX -> HF is bit-exact. Quantized matmul weights (`hf-to-jax --quantize`) are dequantized
+(values x scales in float32) and written in the export dtype (default: the stored dtype of the
+other parameters, bfloat16 for a bfloat16 source); no FP8 / int8 HF layout is written. Everything is written into `.<out>.jax-to-hf.tmp` beside `out`
 and renamed to `out` at the end, so a failed or killed export leaves no partial `out`; the
 next try removes that temp directory.
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from hunyuan_jax import checkpoint_format as fmt
-from hunyuan_jax import loading
+from hunyuan_jax import loading, quantize
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.convert.common import (
     HF_INDEX,
@@ -151,6 +153,22 @@ def open_source(
     )
 
 
+def _stored_form(src: Source) -> str:
+    """'float', or 'int8' / 'fp8' when the matmul weights are stored quantized (the values
+    leaves of `hunyuan_jax.quantize`'s layout are in the orbax tree)."""
+    try:
+        tree = json.loads((src.params_dir / "_METADATA").read_text())["tree_metadata"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{src.params_dir}: unreadable orbax metadata: {e}") from e
+    for entry in tree.values():
+        name = ".".join(k["key"] for k in entry.get("key_metadata", ()))
+        if name.startswith(src.tree_prefix) and name.endswith(".array.qvalue.value"):
+            arr = fmt.open_for_read(src.params_dir, name, src.use_ocdbt, src.use_zarr3)
+            dt = np.dtype(arr.dtype.numpy_dtype)
+            return next(f for f, q in quantize.QTYPES.items() if q == dt)
+    return "float"
+
+
 def _temp_out(out: Path, overwrite: bool) -> Path:
     """The temp directory to write into; refuses an `out` it must not replace."""
     if out.exists():
@@ -213,7 +231,8 @@ def jax_to_hf(
     t0 = time.time()
     src, out = open_source(ckpt, config, step, tree_prefix), Path(out).resolve()
     out_dtype = None if dtype is None else np_dtype(dtype)
-    leaves = fmt.param_leaves(src.cfg, "float32")  # names and shapes only
+    form = _stored_form(src)
+    leaves = fmt.param_leaves(src.cfg, "float32", "auto" if form == "float" else form)
     arrays = {}
     for leaf in leaves.values():
         name = src.tree_prefix + leaf.name
@@ -241,16 +260,22 @@ def jax_to_hf(
     tmp = _temp_out(out, overwrite)
     bar = progress_bar(total, "jax-to-hf", progress)
 
-    def produce(key):
-        leaf, entry, index, _ = items[key]
+    def read(leaf, index, key):
         arr = arrays[leaf.path][index] if index else arrays[leaf.path]
         try:
-            piece = arr.read().result()
+            return arr.read().result()
         except Exception as e:  # tensorstore: a truncated / corrupt shard file, an I/O error
             raise CheckpointError(
                 f"{src.params_dir / (src.tree_prefix + leaf.name)}: cannot read the slice "
                 f"of {key!r}: {e}"
             ) from e
+
+    def produce(key):
+        leaf, entry, index, _ = items[key]
+        piece = read(leaf, index, key)
+        scale = fmt.scale_leaf(leaves, entry.path)
+        if scale is not None:  # a quantized weight: dequantized in float32
+            piece = quantize.dequantize_numpy(piece, read(scale, index, key))
         hf = to_hf(entry, piece, out_dtype)
         bar.update(hf.nbytes)
         return hf

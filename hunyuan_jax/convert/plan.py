@@ -55,8 +55,9 @@ def _open_source(hf_dir: Path) -> tuple[HFCheckpoint, dict]:
     return ckpt, json.loads((hf_dir / "config.json").read_text())
 
 
-def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None):
-    """Scan and verify a HF checkpoint. Returns (cfg, ckpt, infos, leaves, hf_config, fp8)."""
+def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None, quantize: str | None = None):
+    """Scan and verify a HF checkpoint. Returns (cfg, ckpt, infos, leaves, hf_config, fp8);
+    `quantize` ('int8' | 'fp8') makes the matmul weights' leaves values + scales."""
     hf_dir = Path(hf_dir)
     ckpt, hf_config = _open_source(hf_dir)
     cfg = ModelConfig.from_hf(hf_dir)
@@ -71,8 +72,11 @@ def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None):
             )
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    leaves = fmt.param_leaves(cfg, dtype)
-    verify(cfg, _InfoView(ckpt, infos), {p: l.shape for p, l in leaves.items()})
+    if quantize not in (None, "int8", "fp8"):
+        raise UsageError(f"--quantize must be int8 or fp8, got {quantize!r}")
+    leaves = fmt.param_leaves(cfg, dtype, quantize or "auto")
+    shapes = {l.entry.path: l.shape for l in leaves.values() if l.role in ("value", "qvalue")}
+    verify(cfg, _InfoView(ckpt, infos), shapes)
     problems = []
     for key, info in infos.items():
         if is_quant_aux_key(key):
@@ -92,9 +96,12 @@ def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None):
     return cfg, ckpt, infos, leaves, hf_config, fp8
 
 
-def output_plan(ckpt: HFCheckpoint, dtype: str, compression: str, chunk_bytes: int) -> dict:
+def output_plan(
+    ckpt: HFCheckpoint, dtype: str, compression: str, chunk_bytes: int, quantize=None
+) -> dict:
     """What the output will be, recorded before the first write and compared on resume: the
-    source files (names, sizes, mtimes), the stored dtype and the on-disk layout."""
+    source files (names, sizes, mtimes), the stored dtype, the quantization of the matmul
+    weights (only when quantized) and the on-disk layout."""
     files = []
     index = [
         n
@@ -104,7 +111,7 @@ def output_plan(ckpt: HFCheckpoint, dtype: str, compression: str, chunk_bytes: i
     for name in index + ckpt.files:
         st = (ckpt.dir / name).stat()
         files.append({"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return {
+    plan = {
         "format": fmt.FORMAT_NAME,
         "version": fmt.FORMAT_VERSION,
         "dtype": dtype,
@@ -117,6 +124,9 @@ def output_plan(ckpt: HFCheckpoint, dtype: str, compression: str, chunk_bytes: i
             "chunk_bytes": chunk_bytes,
         },
     }
+    if quantize:
+        plan["quantize"] = quantize
+    return plan
 
 
 def work_items(cfg, infos, leaves) -> list[tuple]:
@@ -179,8 +189,8 @@ def prepare_out(out: Path, plan: dict, overwrite: bool, log) -> str:
             old = None
         if old != plan:
             raise CheckpointError(
-                f"--out {out} holds an unfinished conversion of a different source, dtype or "
-                f"layout (or the source files changed since); use --overwrite or another --out"
+                f"--out {out} holds an unfinished conversion of a different source, dtype, "
+                f"quantization or layout (or the source files changed since); use --overwrite or another --out"
             )
         return "resume"
     return "fresh"
