@@ -13,6 +13,16 @@ Formats (checked in this order):
     model = load_params(ckpt, policy, plan)       # the weights, created sharded
     bundle = load(path, dtype="auto", plan=plan)  # + tokenizer, sampling defaults, EOS ids
 
+Quantized weights (`hunyuan_jax.quantize`): `policy.weights` ('auto' | 'bf16' | 'int8' | 'fp8')
+says how the matmul weights are held; 'auto' keeps what the checkpoint stores
+(`Checkpoint.weights`: 'float', or 'int8' / 'fp8' for `hf-to-jax --quantize` output and 'fp8' for
+an FP8 release). A quantized converted checkpoint restores straight into the abstract quantized
+tree (no float copy; on a mesh straight into its shardings). A float checkpoint served quantized
+is quantized on load, one weight at a time on device (restored alone, then quantized by a jitted
+call with the plan's output shardings), so neither a host nor the devices ever hold the float
+model whole. An FP8 release is read as stored (e4m3 values + scales) into fp8 weights, or
+dequantized in float32 and quantized for 'int8'.
+
 infer.py, the server, `train.py --init-from`, the converter's export and the AOT tool all go
 through here; nothing else recognises checkpoint directories.
 """
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +63,7 @@ class Checkpoint:
     cfg: ModelConfig
     stored_dtype: str  # dtype of the stored parameters
     runtime: RuntimePolicy | None = None  # a run directory's own policy
+    weights: str = "float"  # how the matmul weights are stored: 'float' | 'int8' | 'fp8'
 
     def inference_policy(self, dtype: str = "auto") -> RuntimePolicy:
         """The policy decoding uses. 'auto': HF / converted keep their stored dtype for
@@ -95,19 +107,26 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     fmt = detect_format(path)
     if fmt == "hf":
         hf = read_json(path / "config.json")
+        quant = hf.get("quantization_config") or {}
+        weights = "fp8" if str(quant.get("quant_method", "")).lower() == "fp8" else "float"
         return Checkpoint(
-            path, fmt, ModelConfig.from_hf(path), str(hf.get("torch_dtype") or "bfloat16")
+            path,
+            fmt,
+            ModelConfig.from_hf(path),
+            str(hf.get("torch_dtype") or "bfloat16"),
+            weights=weights,
         )
     if fmt == "converted":
         from hunyuan_jax import checkpoint_format
 
         cfg, dtype = checkpoint_format.stored_config(path)
-        return Checkpoint(path, fmt, cfg, dtype)
+        return Checkpoint(path, fmt, cfg, dtype, weights=checkpoint_format.stored_weights(path))
     if fmt == "run":
         from hunyuan_jax.checkpointing import read_run_config
 
         cfg, runtime, _ = read_run_config(path)
-        return Checkpoint(path, fmt, cfg, runtime.param_dtype, runtime)
+        weights = runtime.weights if runtime.weights in ("int8", "fp8") else "float"
+        return Checkpoint(path, fmt, cfg, runtime.param_dtype, runtime, weights)
     if _is_orbax_step(path):
         raise CheckpointError(
             f"{path} is an orbax checkpoint directory without its model config: pass the "
@@ -144,38 +163,192 @@ def read_model_config(path: str | Path) -> ModelConfig:
 # ----------------------------------------------------------------------------- weights
 def load_params(ckpt: Checkpoint | str | Path, policy: RuntimePolicy, plan=None):
     """The model of `ckpt` with `policy`, every parameter created in the plan's layout
-    (restored shard by shard for orbax formats; read tensor by tensor for HF)."""
+    (restored shard by shard for orbax formats; read tensor by tensor for HF), its matmul
+    weights in the form `policy.weights` asks for ('auto': as stored)."""
     from sharding.plan import ShardingPlan
 
     if not isinstance(ckpt, Checkpoint):
         ckpt = open_checkpoint(ckpt)
     plan = plan or ShardingPlan.single()
+    form = ckpt.weights if policy.weights == "auto" else policy.weights
     if ckpt.format == "hf":
-        import jax.numpy as jnp
-
-        from hunyuan_jax.hf_checkpoint import HFCheckpoint, load_numpy_params
-        from hunyuan_jax.state import abstract_model, flat_shapes, model_from_arrays
-
-        shapes = flat_shapes(abstract_model(ckpt.cfg, policy))
-        arrays = load_numpy_params(
-            ckpt.cfg, HFCheckpoint(ckpt.path), shapes, jnp.dtype(policy.param_dtype)
-        )
-        return model_from_arrays(ckpt.cfg, arrays, policy, plan)
+        return _load_hf(ckpt, policy, plan, form)
+    import jax
     from flax import nnx
 
-    from hunyuan_jax.state import abstract_model
+    from hunyuan_jax import quantize
 
-    graphdef, abstract, rest = nnx.split(abstract_model(ckpt.cfg, policy, plan), nnx.Param, ...)
+    # The restore target is what is stored (orbax would cast to any other dtype silently).
+    stored = "auto" if ckpt.weights == "float" else ckpt.weights
+    model = quantize.abstract_model(ckpt.cfg, policy, plan, weights=stored)
+    graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
     target = plan.abstract(abstract)
+    if ckpt.weights != "float" or form == "float":
+        model = nnx.merge(graphdef, _restore(ckpt, target), rest)
+        return quantize.convert_model(model, "auto" if form == "float" else form, plan)
+    # A float checkpoint served as int8 / fp8 / bf16: first everything but the matmul weights,
+    # then each matmul weight alone, in its stored dtype, converted on device before the next
+    # one is read (peak: the converted model plus one float weight).
+    weights = {path + (name,) for path, _, name in quantize.matmul_weights(model)}
+    skip = lambda path, var: _PLACEHOLDER if path in weights else var
+    model = nnx.merge(graphdef, _restore_some(ckpt, _map_vars(target, skip)), rest)
+    for path, module, name in list(quantize.matmul_weights(model)):
+        want = path + (name,)
+
+        def only(p, var, want=want):
+            if p != want:
+                return _PLACEHOLDER
+            return jax.ShapeDtypeStruct(var.shape, ckpt.stored_dtype, sharding=var.sharding)
+
+        value = dict(nnx.to_flat_state(_restore_some(ckpt, _map_vars(target, only))))[want]
+        quantize.set_weight(module, name, value.get_value(), form, plan)
+    return model
+
+
+try:
+    from orbax.checkpoint import PLACEHOLDER as _PLACEHOLDER
+except ImportError:  # pragma: no cover
+    _PLACEHOLDER = ...
+
+
+def _map_vars(state, fn):
+    """`state` (an nnx.State of ShapeDtypeStructs) with each Variable's value fn(path, value)."""
+    from flax import nnx
+
+    flat = [(p, v.replace(fn(tuple(p), v.get_value()))) for p, v in nnx.to_flat_state(state)]
+    return nnx.from_flat_state(flat)
+
+
+def _restore(ckpt: Checkpoint, target):
+    """Restore the params of a converted checkpoint / run directory into `target` (an
+    abstract nnx.State with shardings)."""
     if ckpt.format == "converted":
         from hunyuan_jax.checkpoint_format import restore_param_state
 
-        state = restore_param_state(ckpt.path, target)
-    else:
-        from hunyuan_jax.checkpointing import restore_run_params
+        return restore_param_state(ckpt.path, target)
+    from hunyuan_jax.checkpointing import restore_run_params
 
-        _, state = restore_run_params(ckpt.path, target)
-    return nnx.merge(graphdef, state, rest)
+    return restore_run_params(ckpt.path, target)[1]
+
+
+def _restore_some(ckpt: Checkpoint, target):
+    """As `_restore`, reading only the leaves of `target` that are not orbax PLACEHOLDERs."""
+    import orbax.checkpoint as ocp
+
+    if ckpt.format == "converted":
+        from hunyuan_jax import checkpoint_format as fmt
+
+        fmt.read_manifest(ckpt.path)
+        params = ckpt.path / fmt.PARAMS_DIR
+    else:
+        from hunyuan_jax import checkpointing
+
+        step = checkpointing.latest_step(ckpt.path)
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {ckpt.path}")
+        params = checkpointing.checkpoint_dir(ckpt.path) / str(step) / checkpointing.PARAMS
+    args = jax_tree_map(
+        lambda a: a if a is _PLACEHOLDER else ocp.checkpoint_utils.construct_restore_args(a),
+        target,
+    )
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(
+            params.absolute(), args=ocp.args.PyTreeRestore(item=target, restore_args=args)
+        )
+
+
+def jax_tree_map(fn, tree):
+    import jax
+
+    return jax.tree.map(fn, tree, is_leaf=lambda a: a is _PLACEHOLDER)
+
+
+def _load_hf(ckpt: Checkpoint, policy: RuntimePolicy, plan, form: str):
+    """A HF checkpoint read one leaf at a time (never the whole model in host memory), each
+    HF tensor turned into its slice in `form` (`convert.common.hf_slice`: FP8 release values
+    kept for 'fp8')."""
+    from hunyuan_jax.hf_checkpoint import HFCheckpoint, verify
+    from hunyuan_jax.state import abstract_model, flat_shapes, model_from_arrays
+
+    policy = policy.replace(weights="auto" if form == "float" else form)
+    hf = HFCheckpoint(ckpt.path)
+    verify(ckpt.cfg, hf, _weight_shapes(flat_shapes(abstract_model(ckpt.cfg, policy))))
+    return model_from_arrays(ckpt.cfg, _HFLeaves(ckpt.cfg, hf, policy, form), policy, plan)
+
+
+def _weight_shapes(shapes: dict) -> dict:
+    """{weight path: shape} from leaf shapes (a quantized weight's values have its shape)."""
+    out = {}
+    for path, shape in shapes.items():
+        if path[-2:] == ("array", "qvalue"):
+            out[path[:-2]] = shape
+        elif path[-2:] != ("array", "scale"):
+            out[path] = shape
+    return out
+
+
+class _HFLeaves(Mapping):
+    """{leaf path: numpy array} of a HF checkpoint, built on access, one leaf at a time (a
+    quantized weight's values and scales come from one read of its tensors)."""
+
+    def __init__(self, cfg: ModelConfig, hf, policy: RuntimePolicy, form: str):
+        import numpy as np
+        from flax import nnx
+
+        from hunyuan_jax import hf_mapping
+        from hunyuan_jax.state import abstract_model
+
+        self.cfg, self.hf, self.form = cfg, hf, form
+        model = abstract_model(cfg, policy)
+        self.leaves = {
+            tuple(p): (tuple(v.shape), np.dtype(v.dtype))
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        }
+        self.entries = {e.path: e for e in hf_mapping.mapping_table(cfg)}
+        self.ready: dict[tuple, object] = {}
+
+    def __len__(self):
+        return len(self.leaves)
+
+    def __iter__(self):
+        return iter(self.leaves)
+
+    def __contains__(self, path):
+        return path in self.leaves
+
+    def __getitem__(self, path):
+        import numpy as np
+
+        from hunyuan_jax import hf_mapping
+        from hunyuan_jax.convert.common import hf_slice
+        from hunyuan_jax.hf_checkpoint import FP8_DTYPES, fp8_scale_key
+
+        if path in self.ready:
+            return self.ready.pop(path)
+        quantized = path[-2:] in (("array", "qvalue"), ("array", "scale"))
+        weight = path[:-2] if quantized else path
+        entry = self.entries[weight]
+        shape, dtype = self.leaves[weight + ("array", "qvalue") if quantized else weight]
+        # A matmul weight held as bf16 has a bf16 leaf already: every unquantized leaf is read
+        # as a float in its leaf's dtype (FP8 release values dequantized).
+        form = self.form if quantized else "float"
+        parts: dict[str, np.ndarray] = {}
+        for index, key in hf_mapping.hf_slices(entry, self.cfg):
+            tensor = self.hf.read(key, dequantize=False)
+            scale = None
+            if tensor.dtype in FP8_DTYPES:
+                scale = self.hf.read(fp8_scale_key(key))
+            pieces = hf_slice(entry, tensor, shape, form, scale, float_dtype=dtype, key=key)
+            for role, piece in pieces.items():
+                if role not in parts:
+                    full = shape if role != "scale" else self.leaves[weight + ("array", "scale")][0]
+                    parts[role] = np.empty(full, piece.dtype)
+                parts[role][index] = piece
+        if not quantized:
+            return parts["value"]
+        self.ready[weight + ("array", "scale")] = parts["scale"]
+        self.ready[weight + ("array", "qvalue")] = parts["qvalue"]
+        return self.ready.pop(path)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -234,6 +407,7 @@ def load(
     path: str | Path,
     *,
     dtype: str = "auto",
+    weights: str | None = None,
     policy: RuntimePolicy | None = None,
     plan=None,
     tokenizer: str | Path | None = None,
@@ -241,11 +415,15 @@ def load(
     """Loads a checkpoint directory for decoding, whatever format it is in.
 
     dtype: see `Checkpoint.inference_policy` (ignored when `policy` is given).
+    weights: 'auto' | 'bf16' | 'int8' | 'fp8', how the matmul weights are held (sets
+    `policy.weights`; None keeps the policy's, 'auto' by default: as the checkpoint stores them).
     tokenizer: a tokenizer file or directory; by default one is looked for in the checkpoint
     directory and its `tokenizer/`; generation_config.json there sets the sampling defaults.
     """
     ckpt = open_checkpoint(path)
     policy = policy or ckpt.inference_policy(dtype)
+    if weights is not None:
+        policy = policy.replace(weights=weights)
     dirs = list(ckpt.search_dirs)
     if tokenizer is not None:
         from hunyuan_jax.tokenizer import load_tokenizer
