@@ -15,6 +15,11 @@ Two strategies, both `ExpertsFn`s for `MoE.__call__(experts_fn=...)`:
 Inside, expert weights sharded over other axes are handled as FSDP (`exp_embed`: all-gathered
 before use) and tensor parallelism (`exp_mlp`: partial sums reduced with `psum`).
 The code never names a mesh axis: it reads them from the rules.
+
+Quantized expert weights (qwix `QArray`s, `hunyuan_jax.quantize`) enter the `shard_map` as they
+are stored: the values with the weight's spec, the scales with the same spec except on their
+size-1 (contracted) dims; the FSDP all-gather moves the int8 / fp8 values (and the scales where
+they are sharded), and each device dequantizes only its local experts next to the matmul.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from hunyuan_jax import moe
 from hunyuan_jax.moe import ExpertWeights, Routing
+from hunyuan_jax.qops import QArray
 
 STRATEGIES = ("gather", "all_to_all")
 
@@ -45,7 +51,7 @@ def make_expert_parallel_fn(
     ep_axes = plan.mesh_axes("exp")
     fsdp_axes = tuple(a for a in plan.mesh_axes("exp_embed") if a not in ep_axes)
     tp_axes = tuple(a for a in plan.mesh_axes("exp_mlp") if a not in ep_axes + fsdp_axes)
-    w_specs = ExpertWeights(
+    float_specs = ExpertWeights(
         P(ep_axes or None, fsdp_axes or None, tp_axes or None),
         P(ep_axes or None, fsdp_axes or None, tp_axes or None),
         P(ep_axes or None, tp_axes or None, fsdp_axes or None),
@@ -78,6 +84,7 @@ def make_expert_parallel_fn(
         if key is None:
             key = jax.random.key(0)  # unused by the dropless strategy
         routing_specs = Routing(with_dims(1), with_dims(1), with_dims(1), with_dims(0))
+        w_specs = ExpertWeights(*(_leaf_spec(a, spec) for a, spec in zip(w, float_specs)))
         fn = jax.shard_map(
             _flat(body),
             mesh=mesh,
@@ -102,11 +109,28 @@ def _flat(body):
     return flat_body
 
 
+def _leaf_spec(w, spec: P):
+    """The in_spec of one expert weight: `spec` for an array; for a QArray, `spec` for its
+    values and `spec` without the axes of its size-1 (contracted) dims for its scales."""
+    if not isinstance(w, QArray):
+        return spec
+    scale = P(*(None if s == 1 and d != 1 else a for a, s, d in zip(spec, w.scale.shape, w.shape)))
+    return QArray(spec, scale, None, w.qtype)
+
+
 def _full_weights(w: ExpertWeights, fsdp_axes) -> ExpertWeights:
-    """FSDP: gather the hidden (embed) dimension of the local experts' weights."""
+    """FSDP: gather the hidden (embed) dimension of the local experts' weights (a QArray's
+    values as stored, and its scales when they have that dimension)."""
     if not fsdp_axes:
         return w
-    gather = lambda a, axis: jax.lax.all_gather(a, fsdp_axes, axis=axis, tiled=True)
+
+    def gather(a, axis):
+        g = lambda x: jax.lax.all_gather(x, fsdp_axes, axis=axis, tiled=True)
+        if not isinstance(a, QArray):
+            return g(a)
+        scale = a.scale if a.scale.shape[axis] == 1 else g(a.scale)
+        return QArray(g(a.qvalue), scale, None, a.qtype)
+
     return ExpertWeights(gather(w.gate, 1), gather(w.up, 1), gather(w.down, 2))
 
 
