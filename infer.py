@@ -4,6 +4,7 @@
     python infer.py --checkpoint DIR --chat --system "You are terse." --prompt "Hi!"
     python infer.py --checkpoint DIR --prompts-file prompts.txt --max-new-tokens 64
     python infer.py --checkpoint DIR --prompt "..." --mesh data=1,tensor=8 --cache-dtype int8
+    python infer.py --checkpoint DIR --prompt "..." --weights int8
 
 DIR is a Hugging Face checkpoint, a converted one (`python -m hunyuan_jax.convert hf-to-jax`)
 or a train.py run directory (its latest checkpoint, its tokenizer/).
@@ -79,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=("auto", "float32", "bfloat16"),
         help="parameter and compute dtype (auto: the checkpoint's torch_dtype)",
+    )
+    run.add_argument(
+        "--weights",
+        default="auto",
+        choices=("auto", "bf16", "int8", "fp8"),
+        help="how the matmul weights are held: auto (as the checkpoint stores them), bf16, "
+        "int8 (per output channel) or fp8 (e4m3); a float checkpoint is quantized on load "
+        "(`python -m hunyuan_jax.convert hf-to-jax --quantize` does it once, on disk)",
     )
     run.add_argument(
         "--cache-dtype",
@@ -238,7 +247,13 @@ def _main(args) -> int:
     plan = ShardingPlan.single()
     if args.mesh:
         plan = ShardingPlan.from_flags(args.mesh, args.rules)
-    bundle = loading.load(args.checkpoint, dtype=args.dtype, plan=plan, tokenizer=args.tokenizer)
+    bundle = loading.load(
+        args.checkpoint,
+        dtype=args.dtype,
+        weights=args.weights,
+        plan=plan,
+        tokenizer=args.tokenizer,
+    )
     if bundle.tokenizer is None:
         raise UsageError(
             f"no tokenizer in {args.checkpoint} (looked for hy.tiktoken and "
