@@ -1,4 +1,5 @@
-"""KV-cached decoding (hunyuan_jax.decode), sampling (hunyuan_jax.sampling) and infer.py.
+"""KV-cached generation (hunyuan_jax.generate, hunyuan_jax.kv_cache), loading checkpoints for
+decoding (hunyuan_jax.loading), sampling (hunyuan_jax.sampling) and infer.py.
 
 Everything runs the reference checkpoint hy_tiny in float32 on CPU. Tolerances: cached
 logits vs a full forward over the whole sequence agree to 1e-4 absolute (measured ~1.5e-5,
@@ -16,21 +17,27 @@ import numpy as np
 import pytest
 from conftest import DATA, HY_TINY
 
-from hunyuan_jax import decode, moe, sampling
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.decode import Generator, cache_bytes_per_token, load_for_inference
-from hunyuan_jax.model import KVCache, QuantizedKV
+from hunyuan_jax import dispatch, kv_cache, loading, moe, sampling
+from hunyuan_jax.errors import CheckpointError
+from hunyuan_jax.generate import Generator
+from hunyuan_jax.kv_cache import QuantizedKV
+from hunyuan_jax.policy import RuntimePolicy
 from hunyuan_jax.sampling import SamplingConfig
-from hunyuan_jax.state import load_hf_model
+from sharding.plan import ShardingPlan
 
 ATOL = 1e-4  # float32 cached decode vs full forward / mesh vs one device
 MAX_NEW = 20
 needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
 
+def _load(plan=None):
+    """hy_tiny in float32 (parameters and compute), placed by `plan` (default one device)."""
+    return loading.load(HY_TINY / "hf_st", dtype="float32", plan=plan).model
+
+
 @pytest.fixture(scope="module")
 def model():
-    return load_hf_model(HY_TINY / "hf_st", compute_dtype="float32", remat="none")[1]
+    return _load()
 
 
 @pytest.fixture(scope="module")
@@ -162,14 +169,17 @@ def test_cache_bytes_per_token_a52b(name):
     """From the real cache shapes (eval_shape). MHA without CLA: K and V for 64 layers x 80
     heads x 80 dims in bf16. int8: the K/V payload is 2.5%; its scales (one float32 per token,
     KV head, K/V and KV layer: 2 x 32 x 8 x 4 = 2,048 bytes) add 0.125%."""
-    cfg = ModelConfig.from_yaml(DATA.parent.parent / "configs" / f"{name}.yaml")
+    from hunyuan_jax.train_config import load_configs
+
+    cfg, policy, _ = load_configs(DATA.parent.parent / "configs" / f"{name}.yaml")
     mha = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 2
     assert mha == 1_638_400
-    bf16 = cache_bytes_per_token(cfg, "bfloat16")
+    bf16 = kv_cache.bytes_per_token(cfg, "bfloat16")
     assert bf16 == {"kv": 81_920, "scales": 0, "total": 81_920}
     assert bf16["total"] / mha == 0.05
-    assert cache_bytes_per_token(cfg) == bf16  # compute dtype bf16
-    i8 = cache_bytes_per_token(cfg, "int8")
+    assert policy.compute_dtype == "bfloat16"  # the runtime section: the cache's default dtype
+    assert kv_cache.bytes_per_token(cfg, policy.compute_dtype) == bf16
+    i8 = kv_cache.bytes_per_token(cfg, "int8")
     assert i8 == {"kv": 40_960, "scales": 2_048, "total": 43_008}
     assert i8["kv"] / mha == 0.025 and i8["total"] / mha == 0.02625
 
@@ -181,16 +191,9 @@ def test_cache_bytes_per_token_a52b(name):
 )
 def test_mesh_decode_equals_one_device(prompts, batch_out, int8_out, shape, cache_dtype):
     """serve_ep_tp: cache batch over data, KV heads over tensor, cache length over expert."""
-    from sharding.mesh import build_mesh
-    from sharding.rules import get_rules
-
-    mesh, rules = build_mesh(shape), get_rules("serve_ep_tp")
-    _, m = load_hf_model(
-        HY_TINY / "hf_st", compute_dtype="float32", remat="none", mesh=mesh, rules=rules
-    )
-    g = Generator(
-        m, eos_ids=[2], record_logits=True, prefill_chunk=8, mesh=mesh, cache_dtype=cache_dtype
-    )
+    plan = ShardingPlan.create(shape, "serve_ep_tp")
+    m = _load(plan)
+    g = Generator(m, eos_ids=[2], record_logits=True, prefill_chunk=8, cache_dtype=cache_dtype)
     want = int8_out if cache_dtype == "int8" else batch_out
     out = g.generate(prompts, MAX_NEW)  # 3 prompts -> 4 rows (data=2)
     assert out.tokens == want.tokens
@@ -199,8 +202,8 @@ def test_mesh_decode_equals_one_device(prompts, batch_out, int8_out, shape, cach
     streamed = g.generate(prompts, MAX_NEW, stream=lambda *a: None)
     assert streamed.tokens == want.tokens
     assert g.compiles == {"prefill": 1, "start": 1, "decode": 1}
-    cache = jax.eval_shape(lambda: KVCache.zeros(m.cfg, 4, 64, cache_dtype))
-    spec = decode.cache_specs(cache, rules, mesh)
+    cache = jax.eval_shape(lambda: m.init_cache(4, 64, cache_dtype))
+    spec = kv_cache.cache_specs(cache, plan)
     P = jax.sharding.PartitionSpec
     length = "expert" if "expert=2" in shape else None
     if cache_dtype == "int8":
@@ -342,22 +345,21 @@ def ckpt(tmp_path_factory):
     return d
 
 
-def test_load_for_inference_dispatch(ckpt, tmp_path):
-    bundle = load_for_inference(ckpt)
-    assert bundle.format == "hf" and bundle.cfg.compute_dtype == "float32"  # torch_dtype
+def test_load_dispatch(ckpt, tmp_path):
+    bundle = loading.load(ckpt)
+    assert bundle.format == "hf" and bundle.model.policy.compute_dtype == "float32"  # torch_dtype
+    assert bundle.model.policy.param_dtype == "float32"
     assert bundle.tokenizer.vocab_size == 600 and bundle.eos_ids == bundle.tokenizer.eos_ids
     assert bundle.sampling.greedy  # no generation_config.json
     (tmp_path / "7").mkdir()
     (tmp_path / "7" / "_CHECKPOINT_METADATA").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="run directory"):
-        load_for_inference(tmp_path)
-    with pytest.raises(FileNotFoundError, match="not found"):
-        load_for_inference(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="run directory"):
+        loading.load(tmp_path)
+    with pytest.raises(CheckpointError, match="not found"):
+        loading.load(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
-        load_for_inference(tmp_path / "empty")
-    with pytest.raises(ValueError, match="already registered"):
-        decode.register_checkpoint_format(decode._FORMATS[0])
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        loading.load(tmp_path / "empty")
 
 
 def _same_params(a, b):
@@ -383,22 +385,26 @@ def test_load_converted_and_train_run_dirs(ckpt, model, tmp_path):
 
     out = tmp_path / "converted"
     convert.hf_to_jax(ckpt, out, "float32", tokenizer_dir=ckpt, progress=False, log=lambda m: None)
-    bundle = load_for_inference(out)
-    assert bundle.format == "converted" and bundle.cfg.compute_dtype == "float32"
+    bundle = loading.load(out)
+    assert bundle.format == "converted" and bundle.model.policy.compute_dtype == "float32"
     _same_params(bundle.model, model)
 
     run = tmp_path / "run"
-    checkpointing.write_run_config(run, model.cfg.replace(compute_dtype="bfloat16"))
+    # The run's own policy: float32 master weights, bfloat16 compute.
+    checkpointing.write_run_config(
+        run, model.cfg, RuntimePolicy(param_dtype="float32", compute_dtype="bfloat16")
+    )
     saver = checkpointing.Checkpointer(run, async_save=False)
     saver.save(3, nnx.state(model, nnx.Param), {"count": jnp.zeros((), jnp.int32)}, {"0": {}})
     saver.close()
     (run / "tokenizer").mkdir()
     shutil.copy(ckpt / "tokenizer.model", run / "tokenizer")
-    bundle = load_for_inference(run)
-    assert bundle.format == "run" and bundle.cfg.compute_dtype == "bfloat16"  # the run's own
+    bundle = loading.load(run)
+    assert bundle.format == "run" and bundle.model.policy.compute_dtype == "bfloat16"  # its own
     assert bundle.tokenizer is not None and bundle.tokenizer.vocab_size == 600
     _same_params(bundle.model, model)
-    assert load_for_inference(run, dtype="float32").cfg.compute_dtype == "float32"
+    f32 = loading.load(run, dtype="float32").model.policy
+    assert f32.compute_dtype == "float32" and f32.remat == "none"
 
 
 def test_generation_config_sets_defaults(ckpt, tmp_path):
@@ -407,7 +413,7 @@ def test_generation_config_sets_defaults(ckpt, tmp_path):
     (d / "generation_config.json").write_text(
         json.dumps({"do_sample": True, "temperature": 0.5, "top_k": 7, "eos_token_id": [3, 9]})
     )
-    bundle = load_for_inference(d)
+    bundle = loading.load(d)
     assert bundle.sampling == SamplingConfig(temperature=0.5, top_k=7)
     assert bundle.eos_ids == [3, 9]
 
@@ -531,8 +537,9 @@ def test_cli_printer_streams_the_final_text(ckpt):
 
 @pytest.mark.parametrize("tokens,k,experts", [(5, 1, 8), (300, 2, 8)])
 def test_decode_experts_fns_equal_dropless(tokens, k, experts):
-    """The MoE hooks the Generator picks (`few_token_experts` for decode steps, `tiled_experts`
-    on CPU for prefill) compute exactly what the model's ragged_dot dispatch does."""
+    """The MoE hooks the dispatch picks for decoding on one device (`few_token_experts` for
+    decode steps, `tiled_experts` on CPU for prefill; see test_dispatch_picks_decode_hooks)
+    compute exactly what the model's ragged_dot dispatch does."""
     keys = jax.random.split(jax.random.key(tokens), 5)
     x = jax.random.normal(keys[0], (tokens, 32))
     w = moe.ExpertWeights(
@@ -551,10 +558,22 @@ def test_decode_experts_fns_equal_dropless(tokens, k, experts):
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
 
 
-def test_host_decode_loop_equals_device_loop():
+def test_dispatch_picks_decode_hooks(model):
+    """`dispatch.experts_fn_for` on one CPU device: few-token experts when tokens x k <=
+    experts (a decode step of up to 8 rows of hy_tiny), row tiles for a prefill chunk."""
+    cfg, plan = model.cfg, model.plan
+    assert not plan.is_sharded and plan.platform == "cpu"
+    assert cfg.num_experts == 8 and cfg.moe_top_k == 1
+    for phase, tokens in (("decode", 4), ("decode", 8), ("prefill", 8)):
+        fn = dispatch.experts_fn_for(phase, cfg, model.policy, plan, tokens)
+        assert fn is moe.few_token_experts, (phase, tokens)
+    assert dispatch.experts_fn_for("prefill", cfg, model.policy, plan, 24) is moe.tiled_experts
+    assert dispatch.experts_fn_for("decode", cfg, model.policy, plan, 9) is moe.tiled_experts
+
+
+def test_host_decode_loop_equals_device_loop(model):
     """One executable call per token ('host', the TPU default) gives the same tokens as the
     on-device while loop."""
-    _, model = load_hf_model(HY_TINY / "hf_st", compute_dtype="float32", remat="none")
     prompts = [[5, 9, 200, 31], [7, 7, 1000, 2, 3, 4, 8]]
     outs = {
         loop: Generator(model, decode_loop=loop).generate(prompts, 12).tokens
