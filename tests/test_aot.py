@@ -11,8 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import HY_TINY
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hunyuan_jax.aot import cli, compiler, flops, topology
 from hunyuan_jax.aot.cli import main
@@ -149,6 +154,29 @@ def test_parse_oom_messages():
     used = "Ran out of memory in memory space hbm. Used 187.00G of 95.74G hbm."
     assert compiler.parse_oom(used) == (187.0, 95.74)
     assert compiler.parse_oom("something else") == (None, None)
+
+
+def test_hoisted_cast_check_reads_the_entry_computation():
+    """A bf16 array of a stacked weight's per-device shape defined in the entry computation
+    (convert or fusion; not a loop body's slice, not a tuple element) is a hoisted copy."""
+    mesh = Mesh(np.array(jax.devices()[:2]), ("fsdp",))
+    w = jax.ShapeDtypeStruct((4, 8, 16), jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp")))
+    hlo = """%body (p: bf16[4,4,16]) -> bf16[1,4,16] {
+  %p = bf16[4,4,16]{2,1,0} parameter(0)
+  %c = bf16[4,4,16]{2,1,0} convert(%x)
+}
+
+ENTRY %main (param.1: f32[4,4,16]) -> f32[4,4,16] {
+  %param.1 = f32[4,4,16]{2,1,0} parameter(0)
+  %convert.1 = bf16[4,4,16]{2,1,0:T(8,128)(2,1)} convert(%param.1), backend_config={}
+  %fusion.2 = bf16[4,4,16]{2,1,0} fusion(%param.1), kind=kLoop, calls=%f
+  %gte.3 = bf16[4,4,16]{2,1,0} get-tuple-element(%while.4), index=3
+  %slice.5 = bf16[1,4,16]{2,1,0} convert(%param.1)
+}
+"""
+    copies = compiler.stacked_cast_copies(hlo, {"w": w})
+    assert copies == {"4,4,16": [2, 2 * (4 * 4 * 16) * 2]}
+    assert compiler.stacked_cast_copies(hlo.split("ENTRY")[0], {"w": w}) == {}
 
 
 def test_local_devices_decode_step(capsys, tmp_path):

@@ -136,14 +136,15 @@ def read_dump(directory: str, since: float, top: int = 12) -> tuple[str, list[st
     return hlo, rows
 
 
-def stacked_cast_copies(hlo_text: str, params, dtype: str = "bf16") -> dict[str, int]:
-    """Full `dtype` copies of stacked (scanned) parameters in the optimized HLO.
+def stacked_cast_copies(hlo_text: str, params, dtype: str = "bf16") -> dict[str, list[int]]:
+    """Full `dtype` copies of stacked (scanned) parameters made outside the layer loops.
 
     Inside the layer scan each iteration should cast only its own group's slice. If XLA
-    hoists the fp32 -> bf16 cast of the stacked weights out of the loop (SPEC 7), a `dtype`
-    array with the stacked per-device shape [groups, ...] appears: a second copy of those
-    weights held for the whole step. Only meaningful when the parameters are stored in a wider
-    dtype than `dtype` (else the parameters themselves match). Returns {shape: bytes}."""
+    hoists the fp32 -> bf16 cast of the stacked weights out of the loop (SPEC 7), the entry
+    computation of the optimized HLO defines a `dtype` array with the stacked per-device shape
+    [groups, ...] (a convert, or a fusion / copy producing one): a second copy of those weights
+    held across the loops. Only meaningful when the parameters are stored in a wider dtype than
+    `dtype` (else the parameters themselves match). Returns {shape: [copies, bytes]}."""
     shapes = {}
     for leaf in jax.tree.leaves(params):
         sharding = getattr(leaf, "sharding", None)
@@ -152,9 +153,14 @@ def stacked_cast_copies(hlo_text: str, params, dtype: str = "bf16") -> dict[str,
         local = sharding.shard_shape(leaf.shape)
         shapes[",".join(map(str, local))] = math.prod(local)
     width = {"bf16": 2, "f16": 2, "f32": 4}[dtype]
-    found = {}
-    for m in re.finditer(rf"\b{dtype}\[([\d,]+)\]", hlo_text):
+    entry = re.search(r"^ENTRY .*?^}", hlo_text, re.M | re.S)
+    found: dict[str, list[int]] = {}
+    if entry is None:
+        return found
+    definition = rf"^\s*%\S+ = {dtype}\[([\d,]+)\]\S* (?:convert|fusion|copy)\("
+    for m in re.finditer(definition, entry.group(0), re.M):
         dims = m.group(1)
         if dims in shapes:
-            found[dims] = shapes[dims] * width
+            count, size = found.get(dims, [0, 0])
+            found[dims] = [count + 1, size + shapes[dims] * width]
     return found

@@ -86,8 +86,10 @@ def measure(
         wide = _DTYPE_BITS[job.policy.param_dtype] > _DTYPE_BITS[job.policy.compute_dtype]
         narrow = {"bfloat16": "bf16", "float16": "f16"}.get(job.policy.compute_dtype)
         hoisted = stacked_cast_copies(hlo, program.params, narrow) if wide and narrow else {}
-        report["hoisted_cast_gib"] = sum(hoisted.values()) / GiB
-        report["hoisted_cast_shapes"] = sorted(hoisted)
+        report["hoisted_cast_gib"] = sum(size for _, size in hoisted.values()) / GiB
+        report["hoisted_cast_shapes"] = [
+            f"{n} x [{dims}]" for dims, (n, _) in sorted(hoisted.items())
+        ]
 
     chips = plan.num_devices
     remat = job.policy.remat != "none"
@@ -168,8 +170,8 @@ def format_report(r: dict) -> str:
     if r.get("hoisted_cast_shapes"):
         lines.append(
             f"WARNING: XLA keeps bf16 copies of stacked fp32 weights outside the layer "
-            f"scan ({r['hoisted_cast_gib'] * 1024:.1f} MiB per chip; shapes "
-            f"{r['hoisted_cast_shapes']}): the cast was hoisted out of the loop"
+            f"scan ({r['hoisted_cast_gib']:.2f} GiB per chip: "
+            f"{', '.join(r['hoisted_cast_shapes'])}): the cast was hoisted out of the loop"
         )
     f = r["flops"]
     lines.append(
