@@ -147,10 +147,9 @@ def stacked_cast_copies(hlo_text: str, params, dtype: str = "bf16") -> dict[str,
     `dtype` (else the parameters themselves match). Returns {shape: [copies, bytes]}."""
     shapes = {}
     for leaf in jax.tree.leaves(params):
-        sharding = getattr(leaf, "sharding", None)
-        if sharding is None or len(leaf.shape) < 3:
+        if leaf.sharding is None or len(leaf.shape) < 3:
             continue
-        local = sharding.shard_shape(leaf.shape)
+        local = leaf.sharding.shard_shape(leaf.shape)
         shapes[",".join(map(str, local))] = math.prod(local)
     width = {"bf16": 2, "f16": 2, "f32": 4}[dtype]
     entry = re.search(r"^ENTRY .*?^}", hlo_text, re.M | re.S)
