@@ -12,7 +12,7 @@ sections (`train_config.load_configs`), a train.py run directory's own policy, e
 `RuntimePolicy()` (fp32 parameters, bf16 compute, full remat); `--param-dtype` overrides the
 parameter dtype. Serving uses `RuntimePolicy.inference(--dtype)`. `--set model.K=V`,
 `--set runtime.K=V` and (train) `--set K=V` / `--set train.K=V` override keys as train.py's
-`--set` does; the flags below win over them.
+`--set` does; the dedicated flags win over them.
 
 Exit status (`hunyuan_jax.errors`): 0 fits, 2 usage or configuration error, 6 does not fit
 (the compiler's own out-of-memory verdict, or a total above the chip's usable HBM), 4 an
