@@ -21,11 +21,14 @@ from hunyuan_jax.state import abstract_model, init_model
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
-MESHES = [  # (data, fsdp, expert, tensor), rules preset
-    ((8, 1, 1, 1), "fsdp"),
-    ((1, 8, 1, 1), "fsdp"),
-    ((2, 1, 4, 1), "fsdp_ep"),
-    ((1, 2, 2, 2), "fsdp_ep_tp"),
+MESHES = [  # (data, fsdp, expert, tensor), rules preset, rule overrides (--rule)
+    ((8, 1, 1, 1), "fsdp", None),
+    ((1, 8, 1, 1), "fsdp", None),
+    ((2, 1, 4, 1), "fsdp_ep", None),
+    ((1, 2, 2, 2), "fsdp_ep_tp", None),
+    # Sequence split over the tensor axis: the tokens reach the experts split over an axis the
+    # expert weights are tensor-parallel over (a wrong psum there once gave logits off by 3.7).
+    ((1, 2, 2, 2), "fsdp_ep_tp", {"length": "tensor"}),
 ]
 # Float32 on CPU: sharded reductions (psum, reduce-scatter, split contractions) add in another
 # order than one device; measured differences are ~1e-6 for logits and ~1e-7 for gradients.
@@ -98,10 +101,12 @@ def single_device(batch):
     return jax.tree.map(np.asarray, _loss_and_grads(model, batch, moe.dropless_experts))
 
 
-@pytest.mark.parametrize("shape,preset", MESHES)
+@pytest.mark.parametrize("shape,preset,overrides", MESHES)
 @pytest.mark.parametrize("train_dispatch", ["gather", "all_to_all"])
-def test_sharded_equals_single_device(shape, preset, train_dispatch, batch, single_device):
-    plan = make_plan(shape, preset)
+def test_sharded_equals_single_device(
+    shape, preset, overrides, train_dispatch, batch, single_device
+):
+    plan = make_plan(shape, preset, overrides)
     if train_dispatch == "all_to_all" and not plan.shards("exp"):
         pytest.skip("no expert axis: the experts are not distributed")
     # The model picks its MoE dispatch: expert parallel (train: `train_dispatch`; prefill:
@@ -219,25 +224,31 @@ def moe_layer():
 
 
 @pytest.mark.parametrize(
-    "shape,preset",
+    "shape,preset,overrides",
     [
-        ((1, 8, 1, 1), "fsdp"),  # no expert axis: FSDP weights gathered inside the shard_map
-        ((2, 1, 4, 1), "fsdp_ep"),
-        ((1, 2, 2, 2), "fsdp_ep_tp"),
-        ((1, 1, 8, 1), "fsdp_ep"),
+        ((1, 8, 1, 1), "fsdp", None),  # no expert axis: FSDP weights gathered in the shard_map
+        ((2, 1, 4, 1), "fsdp_ep", None),
+        ((1, 2, 2, 2), "fsdp_ep_tp", None),
+        ((1, 1, 8, 1), "fsdp_ep", None),
+        # tokens split over the TP axis of the expert weights (sequence over 'tensor')
+        ((1, 2, 2, 2), "fsdp_ep_tp", {"length": "tensor"}),
+        # experts over two axes; a batch of 2 divides only 'fsdp' of them
+        ((1, 2, 4, 1), "fsdp_ep", {"exp": ("fsdp", "expert")}),
     ],
 )
 @pytest.mark.parametrize("strategy", ["gather", "all_to_all"])
 @pytest.mark.parametrize("lead", [(8, 6), (2, 24), (1, 48)])
 def test_expert_parallel_equals_dropless_for_every_token_layout(
-    shape, preset, strategy, lead, moe_layer
+    shape, preset, overrides, strategy, lead, moe_layer
 ):
     """Tokens [B, S, D] enter the shard_map laid out as the plan lays out (batch, length):
     a batch that divides every batch axis is split over all of them (tokens over the expert
     axes: all-gather / all-to-all), a smaller one over a prefix of them or none (tokens
-    replicated over the expert axes). Every layout computes the dropless result."""
+    replicated over the expert axes); layouts the bodies cannot take as they are (tokens split
+    over a tensor-parallel axis, or over only some expert-parallel axes) are resharded on the
+    way in. Every layout computes the dropless result."""
     router, w = moe_layer
-    plan = make_plan(shape, preset)
+    plan = make_plan(shape, preset, overrides)
     if strategy == "all_to_all" and not plan.shards("exp"):
         pytest.skip("no expert axis: the experts are not distributed")
     x = jax.random.normal(jax.random.key(3), (*lead, w.gate.shape[1]))
