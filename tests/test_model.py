@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 from hunyuan_jax import hf_mapping
 from hunyuan_jax.config import ConfigTypeError, ModelConfig, hf_to_fields
 from hunyuan_jax.errors import CheckpointError, ConfigError
+from hunyuan_jax.kernels.attention import AttentionMask
 from hunyuan_jax.kv_cache import KVCache
 from hunyuan_jax.layers import apply_rope, rope_inv_freq
 from hunyuan_jax.loading import load_params, read_model_config
@@ -195,7 +196,7 @@ def test_qk_norm_applied_after_rope():
     x = rng.standard_normal((1, s, 64)).astype(np.float32)
     pos = np.arange(s, dtype=np.int32)[None] + 5
     inv = rope_inv_freq(cfg)
-    mask = jnp.asarray(np.tril(np.ones((1, s, s), bool)))
+    mask = AttentionMask.causal(jnp.ones((1, s), jnp.int32))
     ctx = Context(jnp.asarray(pos), mask, inv, cache_index=None, experts_fn=None)
     k, v = attn.project_kv(jnp.asarray(x), ctx)
     got = np.asarray(attn(jnp.asarray(x), k, v, ctx))[0]
