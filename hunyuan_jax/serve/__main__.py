@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -154,6 +155,11 @@ def _main(args) -> int:
 
     from hunyuan_jax.serve.api import create_app
 
+    # uvicorn re-raises the signal that stopped it once it is done; catch it here so that the
+    # engine shuts down (and, multi-host, sends the other processes their stop plan).
+    stopped: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _frame: stopped.append(s))
     engine.start()
     print(
         f"[serve] model '{state.model_name}' on http://{args.host}:{args.port}/v1 "
@@ -164,6 +170,8 @@ def _main(args) -> int:
         uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine.shutdown()
+    names = ", ".join(signal.Signals(s).name for s in stopped)
+    print(f"[serve] stopped{' by ' + names if names else ''}; engine shut down", flush=True)
     return 0
 
 

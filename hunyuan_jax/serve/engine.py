@@ -201,7 +201,7 @@ class Executor:
         )
         final = length - start <= c
         seen_row = seen_row.at[tok[0]].max(final)
-        seen = put(seen, seen_row[None], 0)
+        seen = self._rep(put(seen, seen_row[None], 0))
         first = self._logprobs(last_logits[0], tok[0])
         prompt = self._logprobs(logits, next_tokens)
         return cache, seen, self._rep((tok[0],) + first + prompt)
@@ -216,7 +216,7 @@ class Executor:
         logits = self._limit(logits[:, 0])
         kd = jax.vmap(lambda d, i: jax.random.fold_in(jax.random.wrap_key_data(d), i))(keys, n)
         tok = sample_rows(logits, kd, temp, top_k, top_p, rep, seen)
-        seen = seen.at[jnp.arange(self.slots), tok].max(active)
+        seen = self._rep(seen.at[jnp.arange(self.slots), tok].max(active))
         cache = self._pin_cache(new._replace(index=cache.index))
         return cache, seen, self._rep((tok,) + self._logprobs(logits, tok))
 
