@@ -206,17 +206,26 @@ def sample_rows(
     scores = jnp.where(seen & (penalty != 1.0), penalised, scores)
     greedy_tok = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     greedy = temperature <= 0.0
-    scaled = scores / jnp.where(greedy, 1.0, temperature)[:, None]
-    vocab = scaled.shape[-1]
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    rank = jnp.arange(vocab)[None, :]
-    k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)[:, None]
-    in_k = rank < k
-    probs = jax.nn.softmax(jnp.where(in_k, sorted_desc, _NEG_INF), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative probability
-    keep_sorted = in_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))
-    # the smallest kept logit of each row: every token at or above it is kept
-    threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    masked = jnp.where(scaled >= threshold, scaled, _NEG_INF)
-    drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
-    return jnp.where(greedy, greedy_tok, drawn)
+    vocab = scores.shape[-1]
+
+    def draw():
+        scaled = scores / jnp.where(greedy, 1.0, temperature)[:, None]
+        k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)[:, None]
+
+        def truncated():  # one full sort serves top-k and top-p
+            sorted_desc = -jnp.sort(-scaled, axis=-1)
+            in_k = jnp.arange(vocab)[None, :] < k
+            probs = jax.nn.softmax(jnp.where(in_k, sorted_desc, _NEG_INF), axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative probability
+            keep = in_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))
+            # the smallest kept logit of each row: every token at or above it is kept
+            threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+            return jnp.where(scaled >= threshold, scaled, _NEG_INF)
+
+        needs_sort = jnp.any(~greedy & ((k[:, 0] < vocab) | (top_p < 1.0)))
+        masked = jax.lax.cond(needs_sort, truncated, lambda: scaled)
+        drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+        return jnp.where(greedy, greedy_tok, drawn)
+
+    # all-greedy batches (the common case of evaluation traffic) skip the sort and the draw
+    return jax.lax.cond(jnp.all(greedy), lambda: greedy_tok, draw)

@@ -2,7 +2,8 @@
 
     python -m hunyuan_jax.serve                       # the embedded tiny default model
     python -m hunyuan_jax.serve --checkpoint DIR [--mesh data=1,tensor=8 --rules serve_ep_tp]
-        [--slots 8] [--max-len 4096] [--prefill-chunk 256] [--max-queue 64]
+        [--slots 8] [--max-len 4096] [--prefill-chunk 256] [--prefill-budget 2]
+        [--max-queue 64]
         [--host 127.0.0.1] [--port 8000] [--served-model-name NAME] [--dtype auto]
 
 DIR: any checkpoint infer.py accepts (Hugging Face, converted, train.py run). Without
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per slot: prompt + max_tokens (default: min(model context, 4096))",
     )
     p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per prefill call")
+    p.add_argument(
+        "--prefill-budget",
+        type=int,
+        default=2,
+        help="prefill chunks per engine step (refills free slots faster; delays decoding)",
+    )
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -67,6 +74,7 @@ def build_state(
     slots=4,
     max_len=None,
     prefill_chunk=64,
+    prefill_budget=2,
     max_queue=64,
     broadcast=False,
     log=print,
@@ -101,7 +109,12 @@ def build_state(
     log(f"[serve] {path} ({bundle.format}): {ex.describe()}")
     metrics = Metrics()
     engine = Engine(
-        ex, eos_ids=bundle.eos_ids, max_queue=max_queue, metrics=metrics, broadcast=broadcast
+        ex,
+        eos_ids=bundle.eos_ids,
+        max_queue=max_queue,
+        metrics=metrics,
+        broadcast=broadcast,
+        prefill_budget=prefill_budget,
     )
     metrics.bind(engine)
     name = name or (DEFAULT_NAME if not checkpoint else path.resolve().name)
@@ -143,6 +156,7 @@ def _main(args) -> int:
         slots=args.slots,
         max_len=args.max_len,
         prefill_chunk=args.prefill_chunk,
+        prefill_budget=args.prefill_budget,
         max_queue=args.max_queue,
         broadcast=multi,
         log=print if jax.process_index() == 0 else (lambda m: None),

@@ -64,6 +64,21 @@ class PrefillWork:
     repetition_penalty: float
     key: np.ndarray  # [2] uint32 key data of the request
 
+    def pack(self) -> tuple[np.ndarray, np.ndarray]:
+        """(int32 [6 + 2C], float32 [3]): one transfer each (and the multi-host plan)."""
+        key = np.asarray(self.key, np.uint32).view(np.int32)
+        head = np.array([self.slot, self.start, self.length, self.top_k], np.int32)
+        ints = np.concatenate([head, key, self.tokens, self.next_tokens]).astype(np.int32)
+        floats = np.array([self.temperature, self.top_p, self.repetition_penalty], np.float32)
+        return ints, floats
+
+    @classmethod
+    def unpack(cls, ints, floats) -> PrefillWork:
+        c = (len(ints) - 6) // 2
+        i, f = [int(x) for x in ints[:4]], [float(x) for x in floats]
+        key = np.asarray(ints[4:6], np.int32).view(np.uint32)
+        return cls(i[0], i[1], ints[6 : 6 + c], ints[6 + c :], i[2], f[0], i[3], f[1], f[2], key)
+
 
 @dataclasses.dataclass
 class DecodeWork:
@@ -78,6 +93,20 @@ class DecodeWork:
     repetition_penalty: np.ndarray  # float32
     keys: np.ndarray  # [slots, 2] uint32 key data
     count: np.ndarray  # int32 tokens already produced by the request (PRNG stream position)
+
+    def pack(self) -> tuple[np.ndarray, np.ndarray]:
+        """(int32 [7, S], float32 [3, S]): one transfer each (and the multi-host plan)."""
+        keys = np.asarray(self.keys, np.uint32).view(np.int32).T
+        rows = [self.last, self.index, self.active, self.top_k, self.count]
+        ints = np.concatenate([np.stack(rows).astype(np.int32), keys])
+        floats = np.stack([self.temperature, self.top_p, self.repetition_penalty])
+        return ints, floats.astype(np.float32)
+
+    @classmethod
+    def unpack(cls, ints, floats) -> DecodeWork:
+        keys = np.ascontiguousarray(np.asarray(ints[5:7], np.int32).T).view(np.uint32)
+        return cls(ints[0], ints[1], ints[2].astype(bool), floats[0], ints[3], floats[1],
+                   floats[2], keys, ints[4])  # fmt: skip
 
 
 def _round_up(n: int, m: int) -> int:
@@ -170,8 +199,11 @@ class Executor:
         top_lp, top_ids = jax.lax.top_k(lp, TOP_LOGPROBS)
         return picked, top_ids.astype(jnp.int32), top_lp
 
-    def _prefill_fn(self, params, cache, seen, slot, start, tokens, next_tokens, length, sp, key):
-        """sp: [4] float32 (temperature, top_k, top_p, repetition penalty); key: [2] uint32."""
+    def _prefill_fn(self, params, cache, seen, ints, floats):
+        """ints, floats: `PrefillWork.pack()`."""
+        slot, start, length, top_k = ints[0], ints[1], ints[2], ints[3:4]
+        key = jax.lax.bitcast_convert_type(ints[4:6], jnp.uint32)
+        tokens, next_tokens = jnp.split(ints[6:], 2)
         c = tokens.shape[0]
         row = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis)
         put = lambda a, r, axis: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis)
@@ -193,10 +225,10 @@ class Executor:
         tok = sample_rows(
             last_logits,
             jax.random.fold_in(kd, 0)[None],
-            sp[0:1],
-            sp[1:2].astype(jnp.int32),
-            sp[2:3],
-            sp[3:4],
+            floats[0:1],
+            top_k,
+            floats[1:2],
+            floats[2:3],
             seen_row[None],
         )
         final = length - start <= c
@@ -204,11 +236,13 @@ class Executor:
         seen = self._rep(put(seen, seen_row[None], 0))
         first = self._logprobs(last_logits[0], tok[0])
         prompt = self._logprobs(logits, next_tokens)
-        return cache, seen, self._rep((tok[0],) + first + prompt)
+        return cache, seen, self._rep(((tok[0], first[0]), first[1:], prompt))
 
-    def _decode_fn(
-        self, params, cache, seen, last, index, active, temp, top_k, top_p, rep, keys, n
-    ):
+    def _decode_fn(self, params, cache, seen, ints, floats):
+        """ints, floats: `DecodeWork.pack()`."""
+        last, index, active, top_k, n = ints[0], ints[1], ints[2] > 0, ints[3], ints[4]
+        temp, top_p, rep = floats[0], floats[1], floats[2]
+        keys = jax.lax.bitcast_convert_type(ints[5:7].T, jnp.uint32)
         parked = jnp.where(active, index, self.cache_len - 1)
         logits, _, new = self._forward(
             params, last[:, None], cache._replace(index=parked), "decode"
@@ -218,7 +252,8 @@ class Executor:
         tok = sample_rows(logits, kd, temp, top_k, top_p, rep, seen)
         seen = self._rep(seen.at[jnp.arange(self.slots), tok].max(active))
         cache = self._pin_cache(new._replace(index=cache.index))
-        return cache, seen, self._rep((tok,) + self._logprobs(logits, tok))
+        lp, top_ids, top_lp = self._logprobs(logits, tok)
+        return cache, seen, self._rep(((tok, lp), (top_ids, top_lp)))
 
     # ------------------------------------------------------------------ host-side calls
     def _idle_prefill(self) -> PrefillWork:
@@ -233,35 +268,20 @@ class Executor:
         return DecodeWork(zi, zi, np.zeros((s,), bool), zf, zi, ones, ones, keys, zi)
 
     def _prefill_args(self, w: PrefillWork):
-        sp = np.array([w.temperature, w.top_k, w.top_p, w.repetition_penalty], np.float32)
-        i32 = lambda x: np.asarray(x, np.int32)
-        host = (i32(w.slot), i32(w.start), i32(w.tokens), i32(w.next_tokens), i32(w.length), sp)
-        host = host + (np.asarray(w.key, np.uint32),)
-        return (self.params, self.cache, self.seen) + tuple(self._put(x) for x in host)
+        return (self.params, self.cache, self.seen) + tuple(self._put(x) for x in w.pack())
 
     def _decode_args(self, w: DecodeWork):
-        host = (
-            np.asarray(w.last, np.int32),
-            np.asarray(w.index, np.int32),
-            np.asarray(w.active, bool),
-            np.asarray(w.temperature, np.float32),
-            np.asarray(w.top_k, np.int32),
-            np.asarray(w.top_p, np.float32),
-            np.asarray(w.repetition_penalty, np.float32),
-            np.asarray(w.keys, np.uint32),
-            np.asarray(w.count, np.int32),
-        )
-        return (self.params, self.cache, self.seen) + tuple(self._put(x) for x in host)
+        return (self.params, self.cache, self.seen) + tuple(self._put(x) for x in w.pack())
 
     def prefill(self, w: PrefillWork):
-        """Runs one chunk. Returns device arrays (first token, its logprob, top ids, top
-        logprobs, prompt logprobs [C], prompt top ids [C, N], prompt top logprobs [C, N])."""
+        """Runs one chunk. Returns device arrays ((first token, its logprob), (its top ids, top
+        logprobs [N]), (prompt logprobs [C], prompt top ids [C, N], top logprobs [C, N]))."""
         self.cache, self.seen, out = self._prefill(*self._prefill_args(w))
         return out
 
     def decode(self, w: DecodeWork):
-        """One token for every slot: device arrays (tokens [S], logprobs [S], top ids [S, N],
-        top logprobs [S, N])."""
+        """One token for every slot: device arrays ((tokens [S], logprobs [S]), (top ids,
+        top logprobs [S, N]))."""
         self.cache, self.seen, out = self._decode(*self._decode_args(w))
         return out
 

@@ -8,9 +8,10 @@ compiled programs of `engine.Executor` from a background thread.
     engine.cancel(request)       # e.g. the client went away: its slot is freed at once
 
 Each loop iteration (one "plan"): admit waiting requests into free slots (FIFO), free the slots
-of cancelled requests, run at most one prefill chunk (the oldest request still prefilling) and
-then one decode step for every slot that is decoding; a request whose prompt is long is thus
-prefilled chunk by chunk between decode steps, and the other slots keep producing tokens. A
+of cancelled requests, run up to `prefill_budget` prefill chunks (oldest request first) and then
+one decode step for every slot that is decoding; a request whose prompt is long is thus
+prefilled chunk by chunk between decode steps, and the other slots keep producing tokens (the
+budget trades their per-token latency against how fast free slots are refilled). A
 request finishes on an EOS id ('stop'), at max_tokens ('length') or when cancelled; its slot is
 free for the next iteration. Results go to each request's `sink(Event)`, called on the engine
 thread (the HTTP layer forwards them to its event loop).
@@ -33,6 +34,7 @@ import time
 import traceback
 from collections.abc import Callable
 
+import jax
 import numpy as np
 
 from hunyuan_jax.serve.engine import DecodeWork, Executor, PrefillWork, key_data
@@ -117,6 +119,7 @@ class Engine:
         metrics=None,
         broadcast: bool = False,
         heartbeat_s: float = 1.0,
+        prefill_budget: int = 2,
         log: Callable[[str], None] = print,
     ):
         self.ex = executor
@@ -125,6 +128,7 @@ class Engine:
         self.metrics = metrics
         self.broadcast = broadcast
         self.heartbeat_s = heartbeat_s
+        self.prefill_budget = max(int(prefill_budget), 1)
         self.log = log
         self.slots: list[_Slot | None] = [None] * executor.slots
         self.waiting: collections.deque[Request] = collections.deque()
@@ -187,7 +191,7 @@ class Engine:
                 stop = self._stop
                 self._admit()
             self._reap()
-            prefill = None if stop else self._prefill_work()
+            prefill = [] if stop else self._prefill_work()
             decode = None if stop else self._decode_work()
             now = time.perf_counter()
             if self.broadcast and (stop or prefill or decode or now - last_beat > self.heartbeat_s):
@@ -196,8 +200,8 @@ class Engine:
             if stop:
                 break
             try:
-                if prefill is not None:
-                    self._do_prefill(*prefill)
+                for i, w in prefill:
+                    self._do_prefill(i, w)
                 if decode is not None:
                     self._do_decode(decode)
             except Exception as e:  # a device error: fail the running requests, keep serving
@@ -225,25 +229,30 @@ class Engine:
             if s is not None and s.req.cancelled.is_set():
                 self._finish(i, "cancelled")
 
-    def _prefill_work(self):
-        todo = [(i, s) for i, s in enumerate(self.slots) if s is not None and not s.decoding]
-        if not todo:
-            return None
-        i, s = min(todo, key=lambda t: t[1].req.id)  # the oldest request first
-        c, prompt = self.ex.chunk, s.req.prompt
-        start = s.prefilled
-        toks = np.zeros((c,), np.int32)
-        nxt = np.zeros((c,), np.int32)
-        piece = prompt[start : start + c]
-        toks[: len(piece)] = piece
-        after = prompt[start + 1 : start + c + 1]
-        nxt[: len(after)] = after
-        p = s.req.params
-        work = PrefillWork(
-            i, start, toks, nxt, len(prompt), p.temperature, p.top_k, p.top_p,
-            p.repetition_penalty, s.req.key,
-        )  # fmt: skip
-        return i, work
+    def _prefill_work(self) -> list[tuple[int, PrefillWork]]:
+        """Up to `prefill_budget` chunks, oldest request first (a long prompt may take them
+        all: its chunks are consecutive calls)."""
+        todo = [(s.req.id, i) for i, s in enumerate(self.slots) if s and not s.decoding]
+        works = []
+        c = self.ex.chunk
+        for _, i in sorted(todo):
+            s = self.slots[i]
+            prompt, p = s.req.prompt, s.req.params
+            for start in range(s.prefilled, len(prompt), c):
+                if len(works) == self.prefill_budget:
+                    return works
+                toks = np.zeros((c,), np.int32)
+                nxt = np.zeros((c,), np.int32)
+                piece = prompt[start : start + c]
+                toks[: len(piece)] = piece
+                after = prompt[start + 1 : start + c + 1]
+                nxt[: len(after)] = after
+                work = PrefillWork(
+                    i, start, toks, nxt, len(prompt), p.temperature, p.top_k, p.top_p,
+                    p.repetition_penalty, s.req.key,
+                )  # fmt: skip
+                works.append((i, work))
+        return works
 
     def _decode_work(self) -> DecodeWork | None:
         live = [i for i, s in enumerate(self.slots) if s is not None and s.decoding]
@@ -272,7 +281,7 @@ class Engine:
         s.prefilled = min(w.start + c, w.length)
         final = s.prefilled >= w.length
         if req.params.prompt_logprobs:  # positions start..: logprob of the next prompt token
-            lp, ids, tlp = (np.asarray(a) for a in out[4:7])
+            lp, ids, tlp = jax.device_get(out[2])
             for j in range(min(c, w.length - 1 - w.start)):
                 top = list(zip(ids[j].tolist(), tlp[j].tolist()))
                 req.prompt_lps.append((float(lp[j]), top))
@@ -283,12 +292,16 @@ class Engine:
         if req.params.max_tokens == 0:
             self._finish(i, "length")
             return
-        tok, lp, ids, tlp = (np.asarray(a) for a in out[:4])
+        (tok, lp), (ids, tlp) = jax.device_get(out[:2])
         s.decoding = True
         self._token(i, int(tok), float(lp), ids, tlp)
 
     def _do_decode(self, w: DecodeWork) -> None:
-        tok, lp, ids, tlp = (np.asarray(a) for a in self.ex.decode(w))
+        (tok, lp), tops = self.ex.decode(w)
+        tok, lp = jax.device_get((tok, lp))
+        live = [self.slots[i] for i in np.flatnonzero(w.active)]
+        want_top = any(s is not None and s.req.params.top_logprobs for s in live)
+        ids, tlp = jax.device_get(tops) if want_top else (np.zeros_like(tok)[:, None],) * 2
         self.steps["decode"] += 1
         for i in np.flatnonzero(w.active):
             if self.slots[i] is not None:
@@ -339,18 +352,13 @@ class Engine:
     # ------------------------------------------------------------------ multi-host
     def _plan_arrays(self, prefill, decode, stop: bool) -> dict:
         ex = self.ex
-        flags = np.array([prefill is not None, decode is not None, stop], np.int32)
-        p = prefill[1] if prefill is not None else ex._idle_prefill()
-        d = decode if decode is not None else ex._idle_decode()
-        return {
-            "flags": flags,
-            "p_int": np.concatenate([[p.slot, p.start, p.length, p.top_k], p.tokens, p.next_tokens]).astype(np.int32),
-            "p_float": np.array([p.temperature, p.top_p, p.repetition_penalty], np.float32),
-            "p_key": np.asarray(p.key, np.uint32),
-            "d_int": np.stack([d.last, d.index, d.active, d.top_k, d.count]).astype(np.int32),
-            "d_float": np.stack([d.temperature, d.top_p, d.repetition_penalty]).astype(np.float32),
-            "d_key": np.asarray(d.keys, np.uint32),
-        }  # fmt: skip
+        flags = np.array([len(prefill or ()), decode is not None, stop], np.int32)
+        works = [w for _, w in prefill or ()]
+        works += [ex._idle_prefill()] * (self.prefill_budget - len(works))
+        p_int, p_float = (np.stack(a) for a in zip(*(w.pack() for w in works)))
+        d_int, d_float = (decode if decode is not None else ex._idle_decode()).pack()
+        return {"flags": flags, "p_int": p_int, "p_float": p_float, "d_int": d_int,
+                "d_float": d_float}  # fmt: skip
 
     def _broadcast(self, prefill, decode, stop: bool) -> dict:
         from jax.experimental import multihost_utils
@@ -359,29 +367,12 @@ class Engine:
 
     def follow(self) -> None:
         """Processes other than 0: execute the plans process 0 broadcasts, until a stop plan."""
-        c = self.ex.chunk
         while True:
             a = {k: np.asarray(v) for k, v in self._broadcast(None, None, False).items()}
-            has_prefill, has_decode, stop = (bool(x) for x in a["flags"])
+            n_prefill, has_decode, stop = (int(x) for x in a["flags"])
             if stop:
                 return
-            if has_prefill:
-                pi, pf = a["p_int"], a["p_float"]
-                self.ex.prefill(
-                    PrefillWork(
-                        int(pi[0]),
-                        int(pi[1]),
-                        pi[4 : 4 + c],
-                        pi[4 + c :],
-                        int(pi[2]),
-                        float(pf[0]),
-                        int(pi[3]),
-                        float(pf[1]),
-                        float(pf[2]),
-                        a["p_key"],
-                    )  # fmt: skip
-                )
+            for j in range(n_prefill):
+                self.ex.prefill(PrefillWork.unpack(a["p_int"][j], a["p_float"][j]))
             if has_decode:
-                di, df = a["d_int"], a["d_float"]
-                w = DecodeWork(di[0], di[1], di[2].astype(bool), df[0], di[3], df[1], df[2], a["d_key"], di[4])  # fmt: skip
-                self.ex.decode(w)
+                self.ex.decode(DecodeWork.unpack(a["d_int"], a["d_float"]))
