@@ -476,3 +476,24 @@ def test_sample_rows_per_row_parameters():
     other = sample_rows(logits, jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(
         jnp.arange(4)), args[0].at[0].set(2.0), *args[1:], seen)  # fmt: skip
     assert np.array_equal(np.asarray(other)[1:], toks[3, 1:])
+
+
+# ----------------------------------------------------------------------------- the CLI
+def test_cli_errors_are_one_line(tmp_path):
+    """Bad command lines exit with the documented status and one line (no traceback)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"}
+    cases = [
+        (["--max-len", "100000"], 2, "--max-len"),
+        (["--checkpoint", str(tmp_path / "missing")], 4, "not found"),
+    ]
+    for args, code, text in cases:
+        r = subprocess.run([sys.executable, "-m", "hunyuan_jax.serve", *args], env=env,
+                           capture_output=True, text=True, timeout=120, cwd=root)  # fmt: skip
+        lines = [line for line in r.stderr.splitlines() if "hunyuan_jax.serve: error" in line]
+        assert r.returncode == code and len(lines) == 1 and text in lines[0], r.stderr[-2000:]
+        assert "Traceback" not in r.stderr

@@ -246,7 +246,9 @@ def create_app(state: ServeState) -> FastAPI:
             raise ApiError(503, str(e), "service_unavailable") from None
         if metrics is not None:
             metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
-        watcher = None if stream else asyncio.create_task(_watch(request, engine, reqs))
+        # a client that hangs up cancels its requests: polled until the first event of a stream
+        # (then the response's own disconnect listener takes over), until the end otherwise
+        watcher = asyncio.create_task(_watch(request, engine, reqs))
         try:
             pending = len(choices)
             while pending:
@@ -258,6 +260,9 @@ def create_app(state: ServeState) -> FastAPI:
                     engine.cancel(reqs[c.index])  # a stop string: free the slot now
                     if metrics is not None:
                         metrics.request_seconds.observe(time.perf_counter() - reqs[0].t_submit)
+                if stream and watcher is not None:
+                    watcher.cancel()
+                    watcher = None
                 yield c, delta
         finally:
             if watcher is not None:

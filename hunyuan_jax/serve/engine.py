@@ -9,7 +9,8 @@ State on the device (donated from call to call): the cache `model.init_cache(slo
 row per slot; L = max_len rounded up to a multiple of the chunk, so a chunk never writes past
 the end) and `seen` [slots, V] bool (the tokens of each slot's sequence, for the repetition
 penalty). Everything else (tokens, positions, per-slot sampling parameters, PRNG keys) comes
-from the host with each call, as small arrays: no request ever changes a shape.
+from the host with each call, packed into one int32 and one float32 array (`PrefillWork.pack`,
+`DecodeWork.pack`; the same arrays are the multi-host plan): no request ever changes a shape.
 
 The two programs, compiled ahead of time at start-up (`Executor.executables` == 2, whatever
 the traffic; a call with other shapes would fail rather than recompile):

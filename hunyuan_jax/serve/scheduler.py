@@ -183,6 +183,28 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop (process 0)
     def _run(self) -> None:
+        reason, error = "cancelled", None
+        try:
+            self._loop()
+        except Exception as e:  # a device or engine failure: fatal, reported by /health
+            self.log(f"[serve] engine failed: {traceback.format_exc()}")
+            reason, error = "error", f"{type(e).__name__}: {e}"
+            with self._wake:
+                self.error = f"the engine failed: {error}"
+            if self.broadcast:  # let the other processes exit too
+                try:
+                    self._broadcast([], None, True)
+                except Exception:
+                    pass
+        for i, s in enumerate(self.slots):
+            if s is not None:
+                self._finish(i, reason, error)
+        with self._wake:
+            waiting, self.waiting = list(self.waiting), collections.deque()
+        for req in waiting:
+            self._emit(req, Event("done", finish_reason=reason, error=error))
+
+    def _loop(self) -> None:
         last_beat = time.perf_counter()
         while True:
             with self._wake:
@@ -198,22 +220,11 @@ class Engine:
                 self._broadcast(prefill, decode, stop)
                 last_beat = now
             if stop:
-                break
-            try:
-                for i, w in prefill:
-                    self._do_prefill(i, w)
-                if decode is not None:
-                    self._do_decode(decode)
-            except Exception as e:  # a device error: fail the running requests, keep serving
-                self.log(f"[serve] engine step failed: {traceback.format_exc()}")
-                for i, s in enumerate(self.slots):
-                    if s is not None:
-                        self._finish(i, "error", f"{type(e).__name__}: {e}")
-        for i, s in enumerate(self.slots):
-            if s is not None:
-                self._finish(i, "cancelled")
-        while self.waiting:
-            self._emit(self.waiting.popleft(), Event("done", finish_reason="cancelled"))
+                return
+            for i, w in prefill:
+                self._do_prefill(i, w)
+            if decode is not None:
+                self._do_decode(decode)
 
     def _admit(self) -> None:
         for i, s in enumerate(self.slots):
@@ -225,6 +236,12 @@ class Engine:
                 s = self.slots[i] = _Slot(req)
 
     def _reap(self) -> None:
+        with self._wake:  # cancelled requests leave the queue at once (room for others)
+            gone = [r for r in self.waiting if r.cancelled.is_set()]
+            for r in gone:
+                self.waiting.remove(r)
+        for r in gone:
+            self._emit(r, Event("done", finish_reason="cancelled"))
         for i, s in enumerate(self.slots):
             if s is not None and s.req.cancelled.is_set():
                 self._finish(i, "cancelled")
