@@ -497,3 +497,36 @@ def test_cli_errors_are_one_line(tmp_path):
         lines = [line for line in r.stderr.splitlines() if "hunyuan_jax.serve: error" in line]
         assert r.returncode == code and len(lines) == 1 and text in lines[0], r.stderr[-2000:]
         assert "Traceback" not in r.stderr
+
+
+def test_long_prompt_prefills_between_decode_steps(server):
+    """While a 100-token prompt is prefilled (7 chunks of 16, `prefill_budget` 2 per step), a
+    request that is already decoding keeps getting a token every engine step."""
+    import queue
+
+    from hunyuan_jax.serve.scheduler import GenParams, Request
+
+    engine = server.state.engine
+    _wait_idle(server)
+    events: queue.Queue = queue.Queue()
+    a = Request(
+        [5, 6, 7], GenParams(max_tokens=100, ignore_eos=True), lambda e: events.put(("a", e))
+    )
+    b = Request(list(range(20, 120)), GenParams(max_tokens=2), lambda e: events.put(("b", e)))
+    engine.submit(a)
+    a_tokens, deadline = 0, time.time() + 60
+    while a_tokens < 2:
+        who, ev = events.get(timeout=max(deadline - time.time(), 0.1))
+        a_tokens += ev.kind == "token"
+    engine.submit(b)
+    at_submit, b_first = a_tokens, None
+    while b_first is None:
+        who, ev = events.get(timeout=max(deadline - time.time(), 0.1))
+        if who == "a":
+            a_tokens += ev.kind == "token"
+        elif ev.kind == "token":
+            b_first = a_tokens
+    engine.cancel(a)
+    chunks = -(-100 // CHUNK)
+    assert b_first - at_submit >= chunks // engine.prefill_budget - 1, (at_submit, b_first)
+    _wait_idle(server)
