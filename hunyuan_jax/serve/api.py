@@ -14,8 +14,9 @@ Requests become `scheduler.Request`s (one per prompt); the engine thread's event
 event loop through `loop.call_soon_threadsafe`. Text is detokenized incrementally (a token
 that ends inside a multi-byte character waits for the next); `stop` strings end a request
 (text cut before the stop, its slot cancelled) and, when streaming, the text that could be the
-start of a stop string is held back. A client that disconnects cancels its requests (streaming:
-the response task is cancelled; otherwise a watcher polls `request.is_disconnected()`).
+start of a stop string is held back. A client that disconnects cancels its requests (a watcher
+polls `request.is_disconnected()`; once a stream has started, the response's own disconnect
+listener cancels the stream instead). Request bodies are `schemas.py`.
 Sampling fields left out take the checkpoint's generation_config.json defaults. Errors have
 OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 bad input (malformed JSON
 and invalid fields included; prompt + max_tokens over the context names the numbers), 404
@@ -29,17 +30,23 @@ import dataclasses
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from hunyuan_jax.sampling import SamplingConfig
-from hunyuan_jax.serve.engine import TOP_LOGPROBS, check_request
+from hunyuan_jax.serve.engine import check_request
 from hunyuan_jax.serve.scheduler import Engine, EngineStopped, GenParams, QueueFull
 from hunyuan_jax.serve.scheduler import Request as EngineRequest
+from hunyuan_jax.serve.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
 from hunyuan_jax.serve.text import Choice
 
 
@@ -52,60 +59,6 @@ class ServeState:
     defaults: SamplingConfig
     metrics: Any = None
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
-
-
-# ----------------------------------------------------------------------------- schemas
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _Sampling(_Body):
-    model: str
-    temperature: float | None = Field(None, ge=0.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    ignore_eos: bool = False  # vLLM's extension
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
-    echo: bool = False
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS)
-
-
-class TokenizeRequest(_Body):
-    prompt: str
-    add_special_tokens: bool = False
-
-
-class DetokenizeRequest(_Body):
-    tokens: list[int]
 
 
 class ApiError(Exception):
@@ -194,7 +147,7 @@ def create_app(state: ServeState) -> FastAPI:
                 "not_found_error", "model",
             )  # fmt: skip
 
-    def gen_params(body: _Sampling, max_tokens: int, top_logprobs: int, prompt_lps: bool):
+    def gen_params(body: SamplingFields, max_tokens: int, top_logprobs: int, prompt_lps: bool):
         d = state.defaults
         pick = lambda v, default: default if v is None else v
         top_k = pick(body.top_k, d.top_k)
