@@ -1,4 +1,4 @@
-"""Prefill and decode throughput of hunyuan_jax.decode vs a PyTorch eager baseline, same process.
+"""Prefill and decode throughput of hunyuan_jax.generate vs a PyTorch eager baseline, same process.
 
     python bench/decode.py                      # configs/small.yaml, batch 1 and 8
     python bench/decode.py --prompt-len 128 --new-tokens 32 --batches 1 8 --repeats 3
@@ -50,7 +50,9 @@ import torch.nn.functional as F  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from hunyuan_jax.config import ModelConfig  # noqa: E402
-from hunyuan_jax.decode import Generator  # noqa: E402
+from hunyuan_jax.generate import Generator  # noqa: E402
+from hunyuan_jax.loading import read_model_config  # noqa: E402
+from hunyuan_jax.policy import RuntimePolicy  # noqa: E402
 from hunyuan_jax.state import init_model  # noqa: E402
 
 
@@ -268,14 +270,13 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
 
-    cfg = ModelConfig.from_yaml(args.config).replace(
-        param_dtype="float32", compute_dtype="float32", remat="none"
-    )
+    cfg = read_model_config(args.config)
+    policy = RuntimePolicy.inference("float32")  # float32 weights and compute, as the baseline
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = init_model(cfg, seed=0)
+    model = init_model(cfg, policy, seed=0)  # one device; the Generator follows the model
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model))) / 1e6
     print(
         f"# {Path(args.config).name}: {params:.1f}M "

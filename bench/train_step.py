@@ -38,20 +38,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from hunyuan_jax.data import batch_sharding, to_global  # noqa: E402
+from hunyuan_jax.data import to_global  # noqa: E402
 from hunyuan_jax.losses import lm_loss  # noqa: E402
-from hunyuan_jax.optim import active_params, make_optimizer  # noqa: E402
+from hunyuan_jax.optim import active_params  # noqa: E402
 from hunyuan_jax.state import init_model  # noqa: E402
 from hunyuan_jax.train_config import load_configs  # noqa: E402
-from hunyuan_jax.train_step import (  # noqa: E402
-    init_train_state,
-    jit_train_step,
-    make_experts_fn,  # noqa
-    make_mesh,
-    make_train_step,
-    train_shardings,
-)
-from sharding.rules import get_rules  # noqa: E402
+from hunyuan_jax.train_step import TrainStep  # noqa: E402
+from sharding.plan import ShardingPlan  # noqa: E402
 
 
 # ============================================================================ PyTorch baseline
@@ -165,7 +158,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
-    mcfg, tcfg = load_configs(
+    mcfg, policy, tcfg = load_configs(
         args.config,
         [
             "mesh=data=1,fsdp=1,expert=1,tensor=1",
@@ -181,13 +174,14 @@ def main() -> None:
     print(
         f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
         f"{os.cpu_count()} CPU threads; {args.config}: {tcfg.batch_size} x {tcfg.seq_len} "
-        f"tokens/step, {tcfg.micro_batches} micro-batch(es), compute {mcfg.compute_dtype}"
+        f"tokens/step, {tcfg.micro_batches} micro-batch(es), compute {policy.compute_dtype}"
     )
 
-    mesh, rules = make_mesh(tcfg.mesh), get_rules(tcfg.rules)
-    opt = make_optimizer(tcfg, mcfg)
-    model = init_model(mcfg, tcfg.seed, mesh, rules)
-    graphdef, state = init_train_state(model, opt, mesh, rules)
+    # The train.py step: TrainStep picks the layout (plan) and the MoE dispatch (the model's).
+    plan = ShardingPlan.create(tcfg.mesh, tcfg.rules)
+    step = TrainStep(mcfg, policy, tcfg, plan)
+    state = step.init_state(init_model(mcfg, policy, plan, tcfg.seed))
+    graphdef = step.graphdef
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     n_active = active_params(mcfg, state.params)
     print(f"model: {n_params / 1e6:.1f}M parameters, {n_active / 1e6:.1f}M active per token")
@@ -205,49 +199,41 @@ def main() -> None:
     }
     local = {k: v.reshape(m, b // m, s) for k, v in local.items()}
 
-    # Correctness: the same loss from the same weights (dropless routing on the JAX side).
+    # Correctness: the same loss from the same weights (dropless routing on the JAX side: the
+    # dispatch of the 'prefill' phase).
     torch_model = TorchTrain(mcfg, state.params, tcfg)
     with torch.no_grad():
         t_loss, _ = torch_model.loss(
             torch.from_numpy(inputs).long(), torch.from_numpy(targets).long()
         )
     flat = {k: v.reshape(b, s) for k, v in local.items()}
-    j_loss, _ = jax.jit(lambda mdl, bt: lm_loss(mdl, bt, aux_loss_coef=tcfg.aux_loss_coef))(
-        nnx.merge(graphdef, state.params), flat
-    )
+    j_loss, _ = jax.jit(
+        lambda mdl, bt: lm_loss(mdl, bt, aux_loss_coef=tcfg.aux_loss_coef, phase="prefill")
+    )(nnx.merge(graphdef, state.params), flat)
     print(
         f"initial loss: JAX {float(j_loss):.5f}, PyTorch {float(t_loss):.5f} "
         f"(|diff| {abs(float(j_loss) - float(t_loss)):.1e})"
     )
 
     # JAX: the train.py step (capacity routing, donated state), compiled ahead of time.
-    sh = train_shardings(jax.eval_shape(lambda: state), mesh, rules)
-    b_sh = batch_sharding(mesh, rules)
-    step = jit_train_step(
-        make_train_step(graphdef, opt, mcfg, tcfg, make_experts_fn(mcfg, tcfg, mesh, rules)),
-        sh,
-        b_sh,
-        mesh,
-    )
-    batch = to_global(local, b_sh, b)
+    batch = to_global(local, step.batch_sharding, b)
     tt, tg = torch.from_numpy(inputs).long(), torch.from_numpy(targets).long()
-    with jax.set_mesh(mesh):
+    t0 = time.perf_counter()
+    compiled = step.jitted.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    state, metrics = compiled(state, batch)  # warm-up, both sides
+    jax.block_until_ready(metrics)
+    torch_model.step(tt, tg)
+    # Alternate the two so that both see the same machine load.
+    jax_times, torch_times = [], []
+    for _ in range(args.steps):
         t0 = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
-        state, metrics = compiled(state, batch)  # warm-up, both sides
-        jax.block_until_ready(metrics)
-        torch_model.step(tt, tg)
-        # Alternate the two so that both see the same machine load.
-        jax_times, torch_times = [], []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready((state, metrics))
-            jax_times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            torch_loss = torch_model.step(tt, tg)
-            torch_times.append(time.perf_counter() - t0)
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        jax_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch_loss = torch_model.step(tt, tg)
+        torch_times.append(time.perf_counter() - t0)
     jax_loss = float(metrics["loss"])
 
     tokens_per_step = b * s

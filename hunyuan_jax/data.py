@@ -430,17 +430,6 @@ class PackedLoader:
 
 
 # ----------------------------------------------------------------------------- global batches
-def batch_sharding(mesh, rules):
-    """NamedSharding of a [micro, rows, seq] batch array: rows over the rules' batch axes."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from sharding.rules import logical_to_spec
-
-    spec = logical_to_spec(("batch",), rules, mesh=mesh)
-    return NamedSharding(mesh, P(None, *spec, None))
-
-
 def to_global(local: Mapping[str, np.ndarray], sharding, global_rows: int):
     """This host's rows -> global jax.Arrays [micro, global_rows // micro, seq]."""
     import jax

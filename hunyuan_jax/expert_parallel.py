@@ -67,10 +67,8 @@ def make_expert_parallel_fn(
             )
         lead = x.shape[:-1]
         names = ("batch", "length")[: len(lead)]
-        tok_spec = plan.activation_spec(names, lead)
-        tok_axes = tuple(
-            a for axes in tok_spec if axes for a in ((axes,) if isinstance(axes, str) else axes)
-        )
+        tok_spec = _token_spec(plan.activation_spec(names, lead), ep_axes, tp_axes)
+        tok_axes = tuple(a for axes in tok_spec for a in _names(axes))
         with_dims = lambda extra: P(*tok_spec, *([None] * extra))
         body = partial(
             _gather_body if strategy == "gather" else _all_to_all_body,
@@ -95,6 +93,26 @@ def make_expert_parallel_fn(
         return fn(x, routing, w, key)
 
     return experts_fn
+
+
+def _names(axes) -> tuple[str, ...]:
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _token_spec(spec: P, ep_axes, tp_axes) -> P:
+    """The tokens' layout inside the shard_map: the plan's (batch, length) layout, except that
+    tokens are never split over the tensor-parallel axes (the bodies `psum` partial outputs of
+    the *same* tokens over them) and are split over all the expert-parallel axes or none (the
+    bodies either exchange tokens over all of them or treat them as replicas). Layouts outside
+    that (e.g. `--rule length=tensor`, or a batch that only divides some axes of a multi-axis
+    `exp` rule) are resharded on the way in instead of being silently summed wrongly."""
+    present = {a for axes in spec for a in _names(axes)}
+    drop = set(tp_axes) | (set() if set(ep_axes) <= present else set(ep_axes))
+    out = []
+    for axes in spec:
+        kept = tuple(a for a in _names(axes) if a not in drop)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return P(*out)
 
 
 def _flat(body):

@@ -321,9 +321,10 @@ class HunyuanForCausalLM(nnx.Module):
             attention,
         )
 
-        # FSDP: the table is all-gathered on its hidden dim before the lookup (its gradient is
-        # reduce-scattered back), never gathered row by row.
-        table = plan.constrain(self.embed[...].astype(dtype), ("vocab", None))
+        # The table's hidden dim as the plan says (`table_embed`): all-gathered before the lookup
+        # in training, FSDP style (its gradient is reduce-scattered back), never gathered row by
+        # row; left sharded in serving, where weights stay put and only activations move.
+        table = plan.constrain(self.embed[...].astype(dtype), ("vocab", "table_embed"))
         x = jnp.take(table, tokens, axis=0)
         x = plan.constrain(x, ("batch", "length", "act_embed"))
 
@@ -367,8 +368,8 @@ class HunyuanForCausalLM(nnx.Module):
         """Final hidden states [B, S, D] (after the final norm) -> float32 logits [B, S, V]."""
         dtype = jnp.dtype(self.policy.compute_dtype)
         if self.lm_head is None:
-            head = self.plan.constrain(self.embed[...].astype(dtype), ("vocab", None)).T
+            head = self.plan.constrain(self.embed[...].astype(dtype), ("vocab", "table_embed")).T
         else:
-            head = self.plan.constrain(self.lm_head[...].astype(dtype), (None, "vocab"))
+            head = self.plan.constrain(self.lm_head[...].astype(dtype), ("table_embed", "vocab"))
         logits = jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=jnp.float32)
         return self.plan.constrain(logits, ("batch", "length", "act_vocab"))

@@ -156,3 +156,51 @@ def sample(
     if cfg.top_p < 1.0:
         scores = jnp.where(top_p_mask(scores, cfg.top_p), scores, _NEG_INF)
     return jax.vmap(jax.random.categorical)(keys, scores).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- per-row parameters
+def sample_rows(
+    logits: jax.Array,
+    keys: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    repetition_penalty: jax.Array,
+    seen: jax.Array,
+) -> jax.Array:
+    """`sample` with every parameter an array over the rows, so one compiled program serves
+    rows with different settings (the server's decode slots). logits [B, V]; keys [B] PRNG
+    keys (row b draws with keys[b]); temperature [B] (0 = greedy: argmax, exact), top_k [B]
+    int32 (0 = off), top_p [B] (1 = off), repetition_penalty [B] (1 = off); seen [B, V] bool.
+    Same order of operations as `sample` (penalty, temperature, top-k, top-p, draw); top-k and
+    top-p work on one full-vocabulary sort (ties at the k-th logit are all kept, as HF does).
+    Returns token ids [B] int32."""
+    scores = logits.astype(jnp.float32)
+    penalty = repetition_penalty[:, None]
+    penalised = jnp.where(scores > 0, scores / penalty, scores * penalty)
+    scores = jnp.where(seen & (penalty != 1.0), penalised, scores)
+    greedy_tok = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    greedy = temperature <= 0.0
+    vocab = scores.shape[-1]
+
+    def draw():
+        scaled = scores / jnp.where(greedy, 1.0, temperature)[:, None]
+        k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)[:, None]
+
+        def truncated():  # one full sort serves top-k and top-p
+            sorted_desc = -jnp.sort(-scaled, axis=-1)
+            in_k = jnp.arange(vocab)[None, :] < k
+            probs = jax.nn.softmax(jnp.where(in_k, sorted_desc, _NEG_INF), axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative probability
+            keep = in_k & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))
+            # the smallest kept logit of each row: every token at or above it is kept
+            threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+            return jnp.where(scaled >= threshold, scaled, _NEG_INF)
+
+        needs_sort = jnp.any(~greedy & ((k[:, 0] < vocab) | (top_p < 1.0)))
+        masked = jax.lax.cond(needs_sort, truncated, lambda: scaled)
+        drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+        return jnp.where(greedy, greedy_tok, drawn)
+
+    # all-greedy batches (the common case of evaluation traffic) skip the sort and the draw
+    return jax.lax.cond(jnp.all(greedy), lambda: greedy_tok, draw)

@@ -221,7 +221,8 @@ def parse_rule_overrides(items: Sequence[str]) -> dict[str, MeshAxes]:
         name, sep, axes = item.partition("=")
         if not sep or not name.strip():
             raise ValueError(f"--rule expects LOGICAL=AXIS[+AXIS], got {item!r}")
-        parts = [a for a in axes.replace("+", ",").split(",") if a and a != "none"]
+        parts = [a.strip() for a in axes.replace("+", ",").split(",")]
+        parts = [a for a in parts if a and a != "none"]
         out[name.strip()] = None if not parts else parts[0] if len(parts) == 1 else tuple(parts)
     return out
 

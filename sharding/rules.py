@@ -42,6 +42,7 @@ ACTIVATION_AXES = (
     "act_mlp",
     "act_vocab",
     "act_exp",
+    "table_embed",
     "cache_batch",
     "cache_length",
     "cache_kv_heads",
@@ -76,6 +77,9 @@ FSDP: Rules = (
     ("act_mlp", None),
     ("act_vocab", None),
     ("act_exp", None),
+    # The embedding table's hidden dim as the lookup and the tied LM head use it: gathered
+    # (None) in training, FSDP style; kept sharded where weights must stay put (serving).
+    ("table_embed", None),
     ("cache_batch", _DP),
     ("cache_length", None),
     ("cache_kv_heads", None),
@@ -125,6 +129,7 @@ _SERVE_OVERRIDES = {
     "batch": "data",
     "cache_batch": "data",
     "act_embed": _FSDP_EP,
+    "table_embed": _FSDP_EP,
     # The 32K-token cache of a batch of 8 does not fit v5e-64 unless its length is split too
     # (measured with hunyuan_jax.aot: 16.4 -> 13.1 GiB of 15.75 per chip).
     "cache_length": "expert",

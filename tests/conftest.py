@@ -1,4 +1,5 @@
-"""Test set-up: 8 simulated CPU devices (before JAX starts) and paths to the shipped data."""
+"""Test set-up: 8 simulated CPU devices (before JAX starts), paths to the shipped data, and the
+helpers several test files share (the hy_tiny checkpoint under a policy and a plan, meshes)."""
 
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 HY_TINY = DATA / "hy_tiny"
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +19,28 @@ def reference():
     import numpy as np
 
     return dict(np.load(HY_TINY / "expected.npz"))
+
+
+def f32_policy(**changes):
+    """Float32 parameters and compute (exact comparisons), no remat unless asked."""
+    from hunyuan_jax.policy import RuntimePolicy
+
+    return RuntimePolicy.inference("float32").replace(**changes)
+
+
+def make_plan(shape=None, rules="fsdp", overrides=None):
+    """A ShardingPlan over the simulated devices: `shape` = (data, fsdp, expert, tensor) sizes
+    (None: one device, no mesh)."""
+    from sharding.plan import ShardingPlan
+
+    mesh = None if shape is None else dict(zip(MESH_AXES, shape))
+    return ShardingPlan.create(mesh, rules, overrides)
+
+
+def load_tiny(plan=None, policy=None, fmt="hf_st"):
+    """hy_tiny (the PyTorch reference checkpoint) in float32 unless `policy` says otherwise,
+    laid out by `plan` (default one device)."""
+    from hunyuan_jax import loading
+
+    ckpt = loading.open_checkpoint(HY_TINY / fmt)
+    return loading.load_params(ckpt, policy or f32_policy(), plan)

@@ -1,18 +1,28 @@
-"""Ahead-of-time compiles (`hunyuan_jax.aot`): topology names, the FLOP model, and real
-XLA:TPU compiles of the tiny config for a v5p-8 slice in train / prefill / decode mode.
+"""Ahead-of-time compiles (`hunyuan_jax.aot`): topology names, config and flag resolution, the
+FLOP model, exit codes, and real XLA:TPU compiles of the tiny config for a v5p-8 slice in
+train / prefill / decode mode.
 
 The TPU compiles need `libtpu` (pip install libtpu; no TPU needed) and are skipped without it.
-Each compiles the tiny config in a few seconds."""
+Each compiles the tiny config in seconds; they run one after the other (never two libtpu
+compiles at once)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from conftest import HY_TINY
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from hunyuan_jax import aot
-from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.aot import cli, compiler, flops, topology
+from hunyuan_jax.aot.cli import main
+from hunyuan_jax.errors import UsageError
+from hunyuan_jax.loading import read_model_config
 
 A52B = "configs/hunyuan_a52b_instruct.yaml"
 TINY = "configs/tiny.yaml"
@@ -22,7 +32,7 @@ def _libtpu_ok() -> bool:
     if importlib.util.find_spec("libtpu") is None:
         return False
     try:
-        aot.topology_devices(aot.parse_topology("v5p-8"))
+        topology.topology_devices(topology.parse_topology("v5p-8"))
         return True
     except Exception:
         return False
@@ -36,7 +46,7 @@ needs_libtpu = pytest.mark.skipif(
 
 # ---------------------------------------------------------------------------- no compiler
 @pytest.mark.parametrize(
-    "name, topology, chips, cloud",
+    "name, topo, chips, cloud",
     [
         ("v5p-8", "v5:2x2x1", 4, "v5p-8"),
         ("v5p-128", "v5:4x4x4", 64, "v5p-128"),
@@ -51,30 +61,84 @@ needs_libtpu = pytest.mark.skipif(
         ("v6e:2x4", "v6e:2x4", 8, "v6e-8"),
     ],
 )
-def test_topology_names(name, topology, chips, cloud):
-    sl = aot.parse_topology(name)
-    assert (sl.topology, sl.chips, sl.cloud_name) == (topology, chips, cloud)
+def test_topology_names(name, topo, chips, cloud):
+    sl = topology.parse_topology(name)
+    assert (sl.topology, sl.chips, sl.cloud_name) == (topo, chips, cloud)
 
 
 @pytest.mark.parametrize("bad", ["v5p-7", "v9-8", "v5p:4x4", "tpu", "v6e-24"])
 def test_bad_topology_names(bad):
-    with pytest.raises(ValueError):
-        aot.parse_topology(bad)
+    with pytest.raises(UsageError):
+        topology.parse_topology(bad)
 
 
 def test_default_meshes():
-    cfg = ModelConfig.from_yaml(A52B)
-    assert aot.default_mesh("train", cfg, 128) == "fsdp=-1,expert=16"
-    assert aot.default_mesh("decode", cfg, 32) == "fsdp=1,expert=4,tensor=8"
-    assert aot.default_mesh("decode", cfg, 64) == "fsdp=1,expert=8,tensor=8"
+    cfg = read_model_config(A52B)
+    assert topology.default_mesh("train", cfg, 128) == "fsdp=-1,expert=16"
+    assert topology.default_mesh("decode", cfg, 32) == "fsdp=1,expert=4,tensor=8"
+    assert topology.default_mesh("decode", cfg, 64) == "fsdp=1,expert=8,tensor=8"
+
+
+def _configs(*argv):
+    return cli.resolve_configs(cli.build_parser().parse_args(["--topology", "local", *argv]))
+
+
+def test_policy_per_mode():
+    # Train: the YAML's runtime section (fp32 master weights, bf16 compute, full remat).
+    cfg, policy, _ = _configs("--config", A52B)
+    assert (cfg.num_layers, policy.param_dtype, policy.compute_dtype, policy.remat) == (
+        64,
+        "float32",
+        "bfloat16",
+        "full",
+    )
+    _, policy, tcfg = _configs(
+        "--config", A52B, "--param-dtype", "bfloat16", "--set", "runtime.remat=save_dots",
+        "--set", "adam_mu_dtype=bfloat16", "--set", "model.num_layers=4",
+    )  # fmt: skip
+    assert (policy.param_dtype, policy.remat, tcfg.adam_mu_dtype) == (
+        "bfloat16",
+        "save_dots",
+        "bfloat16",
+    )
+    # Serving: RuntimePolicy.inference(--dtype), --set runtime.* on top.
+    _, policy, _ = _configs(
+        "--config", A52B, "--mode", "decode", "--set", "runtime.scan_layers=false"
+    )
+    assert (policy.param_dtype, policy.compute_dtype, policy.remat) == ("bfloat16",) * 2 + ("none",)
+    assert policy.scan_layers is False
+    # A Hugging Face directory has no runtime section: RuntimePolicy() for training.
+    cfg, policy, _ = _configs("--config", str(HY_TINY / "hf_st"))
+    assert cfg.num_experts == 8 and (policy.param_dtype, policy.remat) == ("float32", "full")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--set", "num_layers=2"], "model key"),
+        (["--mode", "decode", "--set", "lr=1"], "train keys"),
+        (["--mode", "decode", "--seq", "4"], "--seq"),
+        (["--cache-len", "64"], "--cache-len"),
+        (["--config", "no/such.yaml"], "no such file"),
+        (["--mesh", "fsdp=3"], "--mesh"),
+        (["--rule", "nonsense"], "--rule"),
+        (["--mode", "decode", "--batch", "3", "--mesh", "data=2,tensor=4"], "multiple"),
+        (["--topology", "v9-8"], "unknown TPU generation"),
+    ],
+)
+def test_usage_errors_exit_2(argv, message, capsys):
+    base = ["--config", TINY, "--topology", "local"]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
 
 
 def test_analytic_flops_a52b():
-    cfg = ModelConfig.from_yaml(A52B)
-    n = aot.active_matmul_params(cfg)
+    cfg = read_model_config(A52B)
+    n = flops.active_matmul_params(cfg)
     # SPEC 1: ~51.5B active per token with the 0.83B embedding; matmuls use the LM head once.
     assert 50.5e9 < n["total"] < 52e9
-    f = aot.analytic_flops(cfg, "train", batch=128, seq=4096, context=4096, remat=True)
+    f = flops.analytic_flops(cfg, "train", batch=128, seq=4096, context=4096, remat=True)
     assert f["hardware"] == pytest.approx(f["model"] * 4 / 3)
     # SPEC 7: 1.85e15 FLOPs per chip per step at 128 chips measured, 1.10x 8 N T.
     per_chip = f["hardware"] / 128
@@ -86,43 +150,48 @@ def test_parse_oom_messages():
         "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total "
         "memory required for HLO temporaries (240.00G) exceeds available HBM (95.73G)."
     )
-    assert aot._parse_oom(text) == (240.0, 95.73)
-    assert aot._parse_oom("Ran out of memory in memory space hbm. Used 187.00G of 95.74G hbm.") == (
-        187.0,
-        95.74,
-    )
-    assert aot._parse_oom("something else") == (None, None)
+    assert compiler.parse_oom(text) == (240.0, 95.73)
+    used = "Ran out of memory in memory space hbm. Used 187.00G of 95.74G hbm."
+    assert compiler.parse_oom(used) == (187.0, 95.74)
+    assert compiler.parse_oom("something else") == (None, None)
+
+
+def test_hoisted_cast_check_reads_the_entry_computation():
+    """A bf16 array of a stacked weight's per-device shape defined in the entry computation
+    (convert or fusion; not a loop body's slice, not a tuple element) is a hoisted copy."""
+    mesh = Mesh(np.array(jax.devices()[:2]), ("fsdp",))
+    w = jax.ShapeDtypeStruct((4, 8, 16), jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp")))
+    hlo = """%body (p: bf16[4,4,16]) -> bf16[1,4,16] {
+  %p = bf16[4,4,16]{2,1,0} parameter(0)
+  %c = bf16[4,4,16]{2,1,0} convert(%x)
+}
+
+ENTRY %main (param.1: f32[4,4,16]) -> f32[4,4,16] {
+  %param.1 = f32[4,4,16]{2,1,0} parameter(0)
+  %convert.1 = bf16[4,4,16]{2,1,0:T(8,128)(2,1)} convert(%param.1), backend_config={}
+  %fusion.2 = bf16[4,4,16]{2,1,0} fusion(%param.1), kind=kLoop, calls=%f
+  %gte.3 = bf16[4,4,16]{2,1,0} get-tuple-element(%while.4), index=3
+  %slice.5 = bf16[1,4,16]{2,1,0} convert(%param.1)
+}
+"""
+    copies = compiler.stacked_cast_copies(hlo, {"w": w})
+    assert copies == {"4,4,16": [2, 2 * (4 * 4 * 16) * 2]}
+    assert compiler.stacked_cast_copies(hlo.split("ENTRY")[0], {"w": w}) == {}
 
 
 def test_local_devices_decode_step(capsys, tmp_path):
     """The same tool on this host's 8 CPU devices (platform from the mesh: cpu, no HBM), with a
     rule override sharding the cache's sequence over `expert`."""
     out = tmp_path / "r.json"
-    rc = aot.main(
-        [
-            "--config",
-            TINY,
-            "--topology",
-            "local",
-            "--mode",
-            "decode-step",
-            "--mesh",
-            "expert=2,tensor=4",
-            "--batch",
-            "2",
-            "--cache-len",
-            "64",
-            "--rule",
-            "cache_length=expert",
-            "--json",
-            str(out),
-        ]
-    )
+    argv = ["--config", TINY, "--topology", "local", "--mode", "decode-step", "--batch", "2"]
+    argv += ["--mesh", "expert=2,tensor=4", "--cache-len", "64", "--rule", "cache_length=expert"]
+    rc = main(argv + ["--json", str(out)])
     assert rc == 0, capsys.readouterr()
     r = json.loads(out.read_text())
     assert r["platform"] == "cpu" and r["chips"] == 8 and r["fits"] and r["hbm_gib"] is None
     assert r["rules"] == "serve_ep_tp + cache_length=expert"
-    assert "experts gather" in r["step_source"]
+    # dispatch.py picks the expert-parallel dispatch: the plan shards the experts.
+    assert "expert_parallel" in r["step_source"] and "one token per call" in r["step_source"]
     assert r["memory_gib"]["arguments"] > 0
 
 
@@ -138,9 +207,7 @@ def test_local_devices_decode_step(capsys, tmp_path):
 )
 def test_tiny_compiles_for_v5p(mode, extra, tmp_path, capsys):
     out = tmp_path / "r.json"
-    rc = aot.main(
-        ["--config", TINY, "--topology", "v5p-8", "--mode", mode, "--json", str(out), *extra]
-    )
+    rc = main(["--config", TINY, "--topology", "v5p-8", "--mode", mode, "--json", str(out), *extra])
     text = capsys.readouterr().out
     assert rc == 0, text
     r = json.loads(out.read_text())
@@ -151,80 +218,45 @@ def test_tiny_compiles_for_v5p(mode, extra, tmp_path, capsys):
     assert 0 < r["mfu"]["mfu"] <= 1
     if mode == "train":
         assert r["mesh"]["expert"] == 4 and r["rules"] == "fsdp_ep"
-        assert "train_step" in r["step_source"] or "fallback" in r["step_source"]
+        assert r["batch"] == 4  # default: one row per batch shard
+        assert "TrainStep" in r["step_source"] and "expert_parallel" in r["step_source"]
+        assert r["param_dtype"] == "float32"  # tiny.yaml's runtime section
         # Parameters and optimizer state are donated: the outputs alias them.
         assert r["memory_gib"]["aliased"] > 0.5 * r["memory_gib"]["arguments"]
     else:
         assert r["rules"] == "serve_ep_tp" and r["param_dtype"] == "bfloat16"
+        assert "Generator" in r["step_source"]
+    if mode == "decode":  # infer.py's default on TPU: one token per call
+        assert "decode_loop=host" in r["step_source"]
     assert "memory per chip" in text and "MFU" in text
 
 
 @needs_libtpu
 def test_exit_status_when_it_does_not_fit(tmp_path, capsys):
     # The compiler's own verdict: a 2^22-slot cache for 64 rows does not fit a v5e chip.
-    rc = aot.main(
-        [
-            "--config",
-            TINY,
-            "--topology",
-            "v5e-4",
-            "--mode",
-            "decode",
-            "--batch",
-            "64",
-            "--cache-len",
-            str(2**22),
-            "--mesh",
-            "data=1,tensor=4",
-            "--json",
-            str(tmp_path / "oom.json"),
-        ]
+    rc = main(
+        ["--config", TINY, "--topology", "v5e-4", "--mode", "decode", "--batch", "64"]
+        + ["--cache-len", str(2**22), "--mesh", "data=1,tensor=4"]
+        + ["--json", str(tmp_path / "oom.json")]
     )
     captured = capsys.readouterr()
-    assert rc == 2
+    assert rc == 6
     assert "DOES NOT FIT" in captured.out and "does not fit" in captured.err
+    assert captured.err.count("\n") == 1
     r = json.loads((tmp_path / "oom.json").read_text())
     assert r["fits"] is False and r["available_gib"] == pytest.approx(15.75)
     assert r["required_gib"] > 15.75
     # A program that compiles but exceeds a given HBM budget fails the same way.
-    rc = aot.main(
-        [
-            "--config",
-            TINY,
-            "--topology",
-            "v5p-8",
-            "--mode",
-            "decode",
-            "--cache-len",
-            "128",
-            "--hbm-gib",
-            "1e-6",
-        ]
-    )
-    assert rc == 2
+    argv = ["--config", TINY, "--topology", "v5p-8", "--mode", "decode", "--cache-len", "128"]
+    assert main(argv + ["--hbm-gib", "1e-6"]) == 6
+    assert "does not fit" in capsys.readouterr().err
 
 
 @needs_libtpu
 def test_unrolled_flops_close_to_analytic(tmp_path):
     out = tmp_path / "r.json"
-    rc = aot.main(
-        [
-            "--config",
-            TINY,
-            "--topology",
-            "v5p-8",
-            "--mode",
-            "prefill",
-            "--seq",
-            "64",
-            "--cache-len",
-            "64",
-            "--unrolled-flops",
-            "--json",
-            str(out),
-        ]
-    )
-    assert rc == 0
+    argv = ["--config", TINY, "--topology", "v5p-8", "--mode", "prefill", "--seq", "64"]
+    assert main(argv + ["--cache-len", "64", "--unrolled-flops", "--json", str(out)]) == 0
     f = json.loads(out.read_text())["flops"]
     # The scan undercounts by about the number of layer groups (3); unrolled does not.
     assert f["compiled_unrolled_per_chip"] > 1.5 * f["compiled_raw_per_chip"]

@@ -1,4 +1,5 @@
-"""Tests of sharding/mesh.py and sharding/rules.py (8 fake CPU devices; stub TPU devices)."""
+"""Tests of sharding/mesh.py, sharding/rules.py and sharding/plan.py (8 fake CPU devices; stub
+TPU devices)."""
 
 import os
 
@@ -18,17 +19,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import MESH_AXES, MeshConfig, build_mesh
-from sharding.rules import (
-    LOGICAL_AXES,
-    PRESETS,
-    activation_spec,
-    constrain,
-    get_rules,
-    logical_to_spec,
-    state_shardings,
-    state_specs,
-    unused_mesh_axes,
-)
+from sharding.plan import ShardingPlan, parse_rule_overrides
+from sharding.rules import FSDP, LOGICAL_AXES, PRESETS, get_rules, logical_to_spec
 
 needs8 = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS set after jax was initialised)"
@@ -309,12 +301,18 @@ def test_rules_errors():
         logical_to_spec(("batch",), "fsdp", mesh=type("M", (), {"shape": {"fsdp": 2}})())
 
 
-def test_overrides_and_unused_axes():
+def test_overrides():
     r = get_rules("fsdp_ep", {"length": "tensor"})
     assert logical_to_spec(("batch", "length"), r) == P(("data", "fsdp", "expert"), "tensor")
-    assert unused_mesh_axes("fsdp", _M(fsdp=4, expert=2)) == ["expert"]
-    assert unused_mesh_axes("fsdp_ep", _M(fsdp=4, expert=2)) == []
-    assert unused_mesh_axes("fsdp_ep", _M(fsdp=4, tensor=2)) == ["tensor"]
+
+
+@needs8
+def test_unused_mesh_axes():
+    unused = lambda mesh, rules: ShardingPlan.create(mesh, rules).unused_mesh_axes()
+    assert unused("fsdp=4,expert=2", "fsdp") == ["expert"]
+    assert unused("fsdp=4,expert=2", "fsdp_ep") == []
+    assert unused("fsdp=4,tensor=2", "fsdp_ep") == ["tensor"]
+    assert ShardingPlan.single().unused_mesh_axes() == []
 
 
 # ----------------------------------------------------------------------------- nnx state
@@ -337,9 +335,11 @@ class Tiny(nnx.Module):
 @needs8
 def test_state_shardings_nnx():
     mesh = build_mesh("fsdp=2,expert=2,tensor=2")
+    plan = ShardingPlan.create(mesh, "fsdp_ep_tp")
+    assert plan.mesh is mesh
     abstract = nnx.eval_shape(lambda: Tiny(nnx.Rngs(0)))
     state = nnx.state(abstract)
-    specs = state_specs(state, "fsdp_ep_tp", mesh)
+    specs = plan.state_specs(state)
     assert isinstance(specs["embed"], nnx.Param)
     assert specs["embed"].get_value() == P("tensor", ("fsdp", "expert"))
     assert specs["embed"].get_metadata("logical_axes") == ("vocab", "embed")
@@ -348,7 +348,7 @@ def test_state_shardings_nnx():
     assert specs["norm"].get_value() == P(None)
     assert specs["count"].get_value() == P()
 
-    shardings = state_shardings(state, "fsdp_ep_tp", mesh)
+    shardings = plan.state_shardings(state)
     s = shardings["experts"].get_value()
     assert isinstance(s, NamedSharding) and s.mesh == mesh
     assert s.spec == P(None, "expert", "fsdp", "tensor")
@@ -380,39 +380,171 @@ def test_state_errors_name_the_path():
                 v=nnx.Param(jnp.zeros((4, 4))),
             )
 
-    mesh = build_mesh("fsdp=-1")
+    plan = ShardingPlan.create("fsdp=-1", "fsdp")
     state = nnx.state(nnx.eval_shape(Bad))
     with pytest.raises(ValueError, match=r"'block\.(v|w)'"):
-        state_shardings(state, "fsdp", mesh)
+        plan.state_shardings(state)
     with pytest.raises(ValueError, match=r"'block\.v' of shape \(4, 4\) has no logical_axes"):
-        state_specs(nnx.State({"block": {"v": state["block"]["v"]}}), "fsdp", mesh)
+        plan.state_specs(nnx.State({"block": {"v": state["block"]["v"]}}))
     with pytest.raises(ValueError, match=r"block\.w.*dim 0.*'embed'.*size 3.*8"):
-        state_specs(nnx.State({"block": {"w": state["block"]["w"]}}), "fsdp", mesh)
+        plan.state_specs(nnx.State({"block": {"w": state["block"]["w"]}}))
 
 
 # ----------------------------------------------------------------------------- constrain
 def test_constrain_identity_without_mesh():
     x = jnp.ones((4, 8))
-    assert constrain(x, ("batch", "act_embed"), "fsdp") is x
-    assert constrain(x, ("batch", "act_embed"), None) is x
-    with pytest.raises(ValueError, match=r"'bach'"):
-        constrain(x, ("bach", "act_embed"), "fsdp")
+    for rules in ("fsdp", "fsdp_ep_tp"):
+        plan = ShardingPlan.single(rules)
+        assert not plan.is_sharded and plan.num_devices == 1
+        assert plan.constrain(x, ("batch", "act_embed")) is x
+        assert plan.activation_spec(("batch", "act_embed"), x.shape) == P()
+        with pytest.raises(ValueError, match=r"'bach'"):  # wrong names fail without a mesh too
+            plan.constrain(x, ("bach", "act_embed"))
+        with pytest.raises(ValueError, match=r"2 names.*\(4, 8, 1\)"):
+            plan.constrain(x[..., None], ("batch", "act_embed"))
 
 
 @needs8
 def test_constrain_under_mesh():
-    mesh = build_mesh("data=2,fsdp=2,tensor=2")
+    plan = ShardingPlan.create("data=2,fsdp=2,tensor=2", "fsdp_ep_tp")
 
     @jax.jit
     def f(x):
-        return constrain(x * 2, ("batch", "act_mlp"), "fsdp_ep_tp")
+        return plan.constrain(x * 2, ("batch", "act_mlp"))
 
-    with jax.set_mesh(mesh):
-        y = f(jnp.ones((8, 16)))
-        spec = activation_spec(("batch", "act_mlp"), "fsdp_ep_tp")
-    assert activation_spec(("batch", "act_mlp"), "fsdp_ep_tp") == P(
+    y = f(jnp.ones((8, 16)))  # no jax.set_mesh: the constraint carries its NamedSharding
+    assert logical_to_spec(("batch", "act_mlp"), "fsdp_ep_tp") == P(
         ("data", "fsdp", "expert"), "tensor"
     )
+    spec = plan.activation_spec(("batch", "act_mlp"), (8, 16))
     assert spec == P(("data", "fsdp"), "tensor")  # size-1 'expert' dropped under the mesh
     assert y.sharding.spec == P(("data", "fsdp"), "tensor")
+    assert y.sharding.mesh == plan.mesh
     np.testing.assert_array_equal(np.asarray(y), 2.0)
+
+
+# ----------------------------------------------------------------------------- shape-aware
+@needs8
+def test_activation_spec_drops_axes_that_do_not_divide_from_the_right():
+    plan = ShardingPlan.create("data=2,expert=4", "fsdp_ep")  # batch -> (data, fsdp, expert)
+    spec = lambda *shape: plan.activation_spec(("batch", "length", "act_embed"), shape)
+    assert spec(8, 24, 96) == P(("data", "expert"), None, None)  # size-1 fsdp dropped
+    assert spec(16, 24, 96) == P(("data", "expert"), None, None)
+    assert spec(4, 24, 96) == P("data", None, None)  # 4 % 8: 'expert' dropped, data=2 kept
+    assert spec(2, 24, 96) == P("data", None, None)
+    assert spec(6, 24, 96) == P("data", None, None)
+    assert spec(1, 24, 96) == P(None, None, None)
+    assert spec(3, 24, 96) == P(None, None, None)
+    # From the right only: data=4 does not divide 2, so nothing is kept even though
+    # 'expert' alone (2) would divide it.
+    plan = ShardingPlan.create("data=4,expert=2", "fsdp_ep")
+    assert plan.activation_spec(("batch", "act_embed"), (2, 8)) == P(None, None)
+    assert plan.activation_spec(("batch", "act_embed"), (4, 8)) == P("data", None)
+    assert plan.activation_spec(("batch", "act_embed"), (8, 8)) == P(("data", "expert"), None)
+    # Every dimension on its own: vocab over 'tensor' only when it divides.
+    plan = ShardingPlan.create("fsdp=2,expert=2,tensor=2", "fsdp_ep_tp")
+    logits = ("batch", "length", "act_vocab")
+    assert plan.activation_spec(logits, (4, 3, 6)) == P(("fsdp", "expert"), None, "tensor")
+    assert plan.activation_spec(logits, (2, 3, 5)) == P("fsdp", None, None)
+    # Parameters are not shape-aware: an indivisible dimension is an error naming it.
+    with pytest.raises(ValueError, match=r"w: dim 1 \(logical 'vocab'\) has size 5"):
+        plan.spec(("embed", "vocab"), (8, 5), name="w")
+    # An activation spec never fails on shape; a parameter spec on a divisible shape is the
+    # same as the activation spec.
+    assert plan.spec(logits, (4, 3, 6)) == plan.activation_spec(logits, (4, 3, 6))
+
+
+@needs8
+def test_constrain_is_shape_aware():
+    """A batch of 2 on data=2 x expert=4 is split over 'data' only, not padded."""
+    plan = ShardingPlan.create("data=2,expert=4", "fsdp_ep")
+    axes = ("batch", "length", "act_embed")
+    f = jax.jit(lambda x: plan.constrain(x + 1, axes))
+    same = lambda y, spec: y.sharding.is_equivalent_to(NamedSharding(plan.mesh, spec), y.ndim)
+    y = f(jnp.zeros((2, 5, 8)))
+    assert same(y, P("data", None, None)), y.sharding
+    assert y.addressable_shards[0].data.shape == (1, 5, 8)  # 2 rows over data=2; expert copies
+    y = f(jnp.zeros((8, 5, 8)))
+    assert same(y, P(("data", "expert"), None, None)), y.sharding
+    assert y.addressable_shards[0].data.shape == (1, 5, 8)  # 8 rows over data x expert
+    np.testing.assert_array_equal(np.asarray(y), 1.0)
+
+
+# ----------------------------------------------------------------------------- the plan
+@needs8
+def test_plan_queries():
+    plan = ShardingPlan.create("data=2,expert=4", "fsdp_ep")
+    assert plan.is_sharded and plan.num_devices == 8 and plan.platform == "cpu"
+    assert len(plan.devices) == 8
+    assert plan.mesh_axes("exp") == ("expert",) and plan.size("exp") == 4
+    assert plan.mesh_axes("batch") == ("data", "expert")  # size-1 'fsdp' left out
+    assert plan.size("batch") == 8
+    assert plan.mesh_axes("vocab") == () and plan.size("vocab") == 1
+    assert plan.shards("exp") and not plan.shards("vocab") and not plan.shards("exp_mlp")
+    assert "expert" in plan.describe() and "fsdp_ep" in plan.describe()
+    with pytest.raises(ValueError, match=r"unknown logical axis name 'expp'"):
+        plan.mesh_axes("expp")
+    # A mesh smaller than the devices uses the first ones.
+    small = ShardingPlan.create("fsdp=4", "fsdp")
+    assert small.num_devices == 4 and small.devices == jax.devices()[:4]
+    one = ShardingPlan.single()
+    assert not one.is_sharded and one.describe() == "one device"
+    assert one.mesh_axes("exp") == () and not one.shards("batch")
+    assert one.rules == FSDP
+    # Shardings of inputs: shape-aware for activations; replicated.
+    assert plan.sharding(("batch", None), (2, 7)).spec == P("data", None)
+    assert plan.sharding(("batch", None), (8, 7)).spec == P(("data", "expert"), None)
+    assert plan.replicated().spec == P()
+    assert isinstance(one.sharding(("batch", None), (2, 7)), jax.sharding.SingleDeviceSharding)
+    # The plan is frozen: one object answers every question, nobody mutates it.
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.rules = FSDP
+
+
+def test_parse_rule_overrides():
+    assert parse_rule_overrides([]) == {}
+    assert parse_rule_overrides(
+        ["cache_length=expert", "cache_batch=data+expert", "vocab=none", "embed=fsdp,expert"]
+    ) == {
+        "cache_length": "expert",
+        "cache_batch": ("data", "expert"),
+        "vocab": None,
+        "embed": ("fsdp", "expert"),
+    }
+    assert parse_rule_overrides(["batch="]) == {"batch": None}
+    for bad in ("cache_length", "=expert", " =expert"):
+        with pytest.raises(ValueError, match=r"LOGICAL=AXIS"):
+            parse_rule_overrides([bad])
+
+
+@needs8
+def test_plan_from_flags():
+    plan = ShardingPlan.from_flags(
+        "data=2,expert=4", "fsdp_ep", ["cache_length=expert", "vocab=none", "batch=data"]
+    )
+    assert dict(plan.mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+    table = dict(plan.rules)
+    assert table["cache_length"] == "expert" and table["vocab"] is None
+    assert table["batch"] == "data"
+    assert table["exp"] == "expert"  # the preset's other rules are kept
+    assert plan.rules == get_rules(
+        "fsdp_ep", {"cache_length": "expert", "vocab": None, "batch": "data"}
+    )
+    assert plan.activation_spec(("batch", "cache_length"), (8, 8)) == P("data", "expert")
+    assert "fsdp_ep" in plan.label and "cache_length=expert" in plan.label
+    # Defaults: no --rules gives `default_rules`; no --mesh gives one device.
+    assert ShardingPlan.from_flags("fsdp=-1", None).rules == FSDP
+    assert ShardingPlan.from_flags("fsdp=-1", None, default_rules="fsdp_ep").rules == (
+        get_rules("fsdp_ep")
+    )
+    single = ShardingPlan.from_flags(None, "fsdp_ep_tp")
+    assert not single.is_sharded and single.rules == get_rules("fsdp_ep_tp")
+    # Errors name what is wrong.
+    with pytest.raises(ValueError, match=r"unknown logical axis name\(s\) \['lenght'\]"):
+        ShardingPlan.from_flags("fsdp=-1", "fsdp", ["lenght=fsdp"])
+    with pytest.raises(ValueError, match=r"'model'.*known axes"):
+        ShardingPlan.from_flags("fsdp=-1", "fsdp", ["length=model"])
+    with pytest.raises(ValueError, match=r"unknown sharding preset 'tp'"):
+        ShardingPlan.from_flags("fsdp=-1", "tp")
+    with pytest.raises(ValueError, match=r"unknown mesh axis name 'model'"):
+        ShardingPlan.from_flags("model=8", "fsdp")

@@ -14,23 +14,22 @@ import numpy as np
 import numpy_reference as nr
 import pytest
 import yaml
-from conftest import HY_TINY
+from conftest import HY_TINY, f32_policy, load_tiny
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from hunyuan_jax import hf_mapping
-from hunyuan_jax.config import ModelConfig, hf_to_fields, load_config
-from hunyuan_jax.hf_checkpoint import CheckpointError
+from hunyuan_jax.config import ConfigTypeError, ModelConfig, hf_to_fields
+from hunyuan_jax.errors import CheckpointError, ConfigError
+from hunyuan_jax.kernels.attention import AttentionMask
+from hunyuan_jax.kv_cache import KVCache
 from hunyuan_jax.layers import apply_rope, rope_inv_freq
-from hunyuan_jax.model import Attention, KVCache
+from hunyuan_jax.loading import load_params, read_model_config
+from hunyuan_jax.model import Attention, Context
 from hunyuan_jax.moe import ExpertWeights, dropless_experts, route
-from hunyuan_jax.state import (
-    abstract_model,
-    flat_shapes,
-    load_hf_model,
-    model_from_arrays,
-    param_count,
-)
+from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.state import abstract_model, flat_shapes, model_from_arrays, param_count
+from sharding.plan import ShardingPlan
 
 CONFIGS = HY_TINY.parents[2] / "configs"
 REF_TOL = 1e-4  # SPEC section 5: converted float32 logits agree with PyTorch to ~1e-4
@@ -57,11 +56,11 @@ def small_cfg(**kw):
         rope_alpha=1000.0,
         max_position_embeddings=64,
         initializer_range=0.2,
-        param_dtype="float32",
-        compute_dtype="float32",
-        remat="none",
     )
     return ModelConfig(**{**base, **kw})
+
+
+F32 = f32_policy()  # float32 parameters and compute, no remat
 
 
 def get(var):
@@ -86,23 +85,23 @@ def hf_state_dict(model) -> dict[str, np.ndarray]:
     return sd
 
 
-def random_model(cfg, seed=0):
+def random_model(cfg, seed=0, policy=F32):
     """A model with numpy-random parameters (no jit: faster than init_model for small configs).
     RMSNorm weights are non-uniform, so that norm order and per-layer norms matter."""
     rng = np.random.default_rng(seed)
     arrays = {}
-    for path, shape in flat_shapes(abstract_model(cfg)).items():
+    for path, shape in flat_shapes(abstract_model(cfg, policy)).items():
         if "norm" in "/".join(map(str, path)):
             arrays[path] = rng.uniform(0.5, 1.5, shape)
         else:
             arrays[path] = rng.normal(0.0, cfg.initializer_range, shape)
-    return model_from_arrays(cfg, arrays)
+    return model_from_arrays(cfg, arrays, policy)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    """hy_tiny loaded from safetensors in float32: (cfg, model)."""
-    return load_hf_model(HY_TINY / "hf_st", compute_dtype="float32")
+    """hy_tiny loaded from safetensors in float32 (one device)."""
+    return load_tiny()
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +121,11 @@ def test_numpy_oracle_matches_pytorch_reference(reference, tiny_hf):
 @pytest.mark.parametrize("fmt", ["hf_st", "hf_bin"])
 def test_reference_logits(fmt, reference, tiny):
     if fmt == "hf_st":
-        cfg, model = tiny
+        model = tiny
     else:
         pytest.importorskip("torch")
-        cfg, model = load_hf_model(HY_TINY / fmt, compute_dtype="float32")
-    assert cfg.compute_dtype == cfg.param_dtype == "float32"
+        model = load_tiny(fmt=fmt)
+    assert model.policy.compute_dtype == model.policy.param_dtype == "float32"
     logits = np.asarray(logits_of(model, jnp.asarray(reference["input_ids"])))
     assert logits.shape == reference["logits"].shape
     err = np.abs(logits - reference["logits"]).max()
@@ -136,7 +135,7 @@ def test_reference_logits(fmt, reference, tiny):
 
 
 def test_matches_numpy_oracle_on_new_input(tiny, tiny_hf):
-    _, model = tiny
+    model = tiny
     sd, config = tiny_hf
     ids = np.random.default_rng(1).integers(0, config["vocab_size"], (3, 19))
     want = nr.forward(sd, config, ids, np.float64)
@@ -146,8 +145,8 @@ def test_matches_numpy_oracle_on_new_input(tiny, tiny_hf):
 
 # ----------------------------------------------------------------------------- RoPE
 def test_rope_base_a52b():
-    instruct = load_config(CONFIGS / "hunyuan_a52b_instruct.yaml")
-    pretrain = load_config(CONFIGS / "hunyuan_a52b_pretrain.yaml")
+    instruct = read_model_config(CONFIGS / "hunyuan_a52b_instruct.yaml")
+    pretrain = read_model_config(CONFIGS / "hunyuan_a52b_pretrain.yaml")
     assert instruct.head_dim == pretrain.head_dim == 80
     assert instruct.rope_base == pytest.approx(1e4 * 1000.0 ** (80 / 78), rel=1e-12)
     assert pretrain.rope_base == pytest.approx(1e4 * 1e5 ** (80 / 78), rel=1e-12)
@@ -188,7 +187,7 @@ def test_apply_rope_formula_norm_and_relative_position():
 # ----------------------------------------------------------------------------- QK-norm order
 def test_qk_norm_applied_after_rope():
     cfg = small_cfg(hidden_size=64, num_heads=4, num_kv_heads=2)  # head_dim 16
-    attn = Attention(cfg, produces_kv=True, rngs=nnx.Rngs(3))
+    attn = Attention(cfg, F32, ShardingPlan.single(), produces_kv=True, rngs=nnx.Rngs(3))
     rng = np.random.default_rng(3)
     wq_n, wk_n = rng.uniform(0.2, 2.0, (2, 16)).astype(np.float32)
     attn.query_norm.weight.set_value(jnp.asarray(wq_n))
@@ -197,9 +196,10 @@ def test_qk_norm_applied_after_rope():
     x = rng.standard_normal((1, s, 64)).astype(np.float32)
     pos = np.arange(s, dtype=np.int32)[None] + 5
     inv = rope_inv_freq(cfg)
-    k, v = attn.project_kv(jnp.asarray(x), jnp.asarray(pos), inv)
-    mask = jnp.asarray(np.tril(np.ones((1, s, s), bool)))
-    got = np.asarray(attn(jnp.asarray(x), k, v, jnp.asarray(pos), mask, inv))[0]
+    mask = AttentionMask.causal(jnp.ones((1, s), jnp.int32))
+    ctx = Context(jnp.asarray(pos), mask, inv, cache_index=None, experts_fn=None)
+    k, v = attn.project_kv(jnp.asarray(x), ctx)
+    got = np.asarray(attn(jnp.asarray(x), k, v, ctx))[0]
 
     wq, wk, wv, wo = (get(attn.q_proj), get(attn.k_proj), get(attn.v_proj), get(attn.o_proj))
     norm = lambda t, w: t / np.sqrt(np.mean(t * t, -1, keepdims=True) + cfg.rms_norm_eps) * w
@@ -334,7 +334,8 @@ def test_router_float32_with_bfloat16_inputs():
     # A bfloat16 matmul would be off by ~1e-2 here; float32 agrees to ~1e-6.
     np.testing.assert_allclose(np.asarray(r.probs), want, atol=1e-5)
     # The router parameter stays float32 in a bfloat16 model.
-    shapes_dtypes = nnx.state(abstract_model(small_cfg(param_dtype="bfloat16")), nnx.Param)
+    bf16 = RuntimePolicy(param_dtype="bfloat16")
+    shapes_dtypes = nnx.state(abstract_model(small_cfg(), bf16), nnx.Param)
     for path, var in nnx.to_flat_state(shapes_dtypes):
         want_dtype = jnp.float32 if path[-1] == "router" else jnp.bfloat16
         assert var.dtype == want_dtype, path
@@ -379,7 +380,7 @@ def test_bfloat16_policy_close_to_float32(reference):
     router (top-1 vs top-2 probability margin 0.0015 at layer 0, row 1, token 2), so bf16
     flips their expert and those logits move by up to ~2: the bound is statistical."""
     ids = jnp.asarray(reference["input_ids"])
-    _, model = load_hf_model(HY_TINY / "hf_st", param_dtype="bfloat16", compute_dtype="bfloat16")
+    model = load_tiny(policy=RuntimePolicy.inference("bfloat16"))
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         assert var.dtype == (jnp.float32 if path[-1] == "router" else jnp.bfloat16), path
     logits = logits_of(model, ids)
@@ -398,43 +399,47 @@ def test_bfloat16_compute_close_to_float32_without_router_ties():
     cfg = small_cfg(num_layers=4, moe_top_k=4)
     ids = jnp.asarray(np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
     f32 = np.asarray(logits_of(random_model(cfg, seed=5), ids))
-    bf16 = np.asarray(logits_of(random_model(cfg.replace(compute_dtype="bfloat16"), seed=5), ids))
+    bf16_compute = F32.replace(compute_dtype="bfloat16")
+    bf16 = np.asarray(logits_of(random_model(cfg, seed=5, policy=bf16_compute), ids))
     err = np.abs(f32 - bf16)
     # Measured: max 0.148 (3.4% of max |logit| 4.35), mean 0.017.
     assert err.max() < 0.08 * np.abs(f32).max() and err.mean() < 0.05, (err.max(), err.mean())
 
 
 def test_scan_and_unrolled_layers_agree(reference, tiny):
-    cfg, model = tiny
+    model = tiny
+    assert model.policy.scan_layers
     ids = jnp.asarray(reference["input_ids"])
-    _, unrolled = load_hf_model(HY_TINY / "hf_st", cfg.replace(scan_layers=False))
+    unrolled = load_tiny(policy=F32.replace(scan_layers=False))
     a, b = logits_of(model, ids), logits_of(unrolled, ids)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- KV cache
 def test_kv_cache_prefill_and_steps_equal_full_forward(reference, tiny):
-    cfg, model = tiny
+    model = tiny
+    cfg = model.cfg
     ids = jnp.asarray(reference["input_ids"])
     b, s = ids.shape
     full = np.asarray(logits_of(model, ids))
 
-    @nnx.jit
-    def step(model, tokens, cache):
-        logits, _, cache = model(tokens, cache=cache)
+    @nnx.jit(static_argnames="phase")
+    def step(model, tokens, cache, phase):
+        logits, _, cache = model(tokens, cache=cache, phase=phase)
         return logits, cache
 
-    cache = KVCache.zeros(cfg, b, s, jnp.float32)
+    cache = model.init_cache(b, s)
+    assert isinstance(cache, KVCache) and cache.k.dtype == jnp.float32  # the compute dtype
     assert (
         cache.k.shape
         == cache.v.shape
         == (cfg.num_layers // cfg.cla_share_factor, b, s, cfg.num_kv_heads, cfg.head_dim)
     )
     prefill = 10
-    out, cache = step(model, ids[:, :prefill], cache)
+    out, cache = step(model, ids[:, :prefill], cache, "prefill")
     outs = [np.asarray(out)]
     for t in range(prefill, s):
-        out, cache = step(model, ids[:, t : t + 1], cache)
+        out, cache = step(model, ids[:, t : t + 1], cache, "decode")
         outs.append(np.asarray(out))
     np.testing.assert_array_equal(np.asarray(cache.index), [s, s])
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)  # 4.8e-6
@@ -464,7 +469,7 @@ def _a52b_by_hand(vocab, swiglus_per_layer):
 def test_a52b_param_counts(name):
     vocab, total, active = A52B[name]
     assert _a52b_by_hand(vocab, 17) == total and _a52b_by_hand(vocab, 2) == active
-    cfg = load_config(CONFIGS / f"{name}.yaml")
+    cfg = read_model_config(CONFIGS / f"{name}.yaml")
     shapes = flat_shapes(abstract_model(cfg))
     assert param_count(abstract_model(cfg)) == total
     assert 388e9 < total < 390e9
@@ -479,7 +484,7 @@ def test_a52b_param_counts(name):
 
 
 def test_lowering_time_does_not_grow_with_depth():
-    cfg = load_config(CONFIGS / "hunyuan_a52b_instruct.yaml")
+    cfg = read_model_config(CONFIGS / "hunyuan_a52b_instruct.yaml")
     tokens = jax.ShapeDtypeStruct((1, 128), jnp.int32)
 
     def lower_time(c):
@@ -511,15 +516,19 @@ def _yaml(tmp_path, **changes):
 @pytest.mark.parametrize(
     "changes,exc,names",
     [
-        ({"hiden_size": 96}, ValueError, ["hiden_size"]),
-        ({"hidden_size": "96"}, TypeError, ["hidden_size"]),
-        ({"use_qk_norm": "yes"}, TypeError, ["use_qk_norm"]),
-        ({"num_kv_heads": 5}, ValueError, ["num_heads", "num_kv_heads"]),
-        ({"num_layers": 5}, ValueError, ["num_layers", "cla_share_factor"]),
-        ({"moe_top_k": 9}, ValueError, ["moe_top_k", "num_experts"]),
+        ({"hiden_size": 96}, ConfigError, ["hiden_size"]),
+        ({"hidden_size": "96"}, ConfigTypeError, ["hidden_size"]),
+        ({"use_qk_norm": "yes"}, ConfigTypeError, ["use_qk_norm"]),
+        ({"num_kv_heads": 5}, ConfigError, ["num_heads", "num_kv_heads"]),
+        ({"num_layers": 5}, ConfigError, ["num_layers", "cla_share_factor"]),
+        ({"moe_top_k": 9}, ConfigError, ["moe_top_k", "num_experts"]),
+        # Run-policy keys are not architecture: they belong to the `runtime:` section.
+        ({"remat": "full"}, ConfigError, ["remat", "runtime"]),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, changes, exc, names):
+    assert issubclass(ConfigTypeError, ConfigError) and issubclass(ConfigTypeError, TypeError)
+    assert issubclass(ConfigError, ValueError)  # callers catching ValueError still work
     with pytest.raises(exc) as info:
         ModelConfig.from_yaml(_yaml(tmp_path, **changes))
     for name in names:
@@ -527,7 +536,7 @@ def test_config_errors_name_the_key(tmp_path, changes, exc, names):
 
 
 def test_config_from_hf_and_round_trip(tmp_path):
-    cfg = load_config(HY_TINY / "hf_st" / "config.json")
+    cfg = read_model_config(HY_TINY / "hf_st" / "config.json")
     want = dict(
         vocab_size=1024,
         hidden_size=96,
@@ -548,9 +557,9 @@ def test_config_from_hf_and_round_trip(tmp_path):
         tie_word_embeddings=True,
     )
     assert {k: getattr(cfg, k) for k in want} == want
-    assert cfg == ModelConfig.from_hf(HY_TINY / "hf_bin")
+    assert cfg == ModelConfig.from_hf(HY_TINY / "hf_bin") == read_model_config(HY_TINY / "hf_bin")
     # Our tiny.yaml describes the same architecture.
-    yaml_cfg = load_config(CONFIGS / "tiny.yaml")
+    yaml_cfg = read_model_config(CONFIGS / "tiny.yaml")
     assert {k: getattr(yaml_cfg, k) for k in want} == want
     for c in (
         cfg,
@@ -587,7 +596,7 @@ def test_checkpoint_missing_tensor(tmp_path):
         del tensors[BAD_KEY], wmap[BAD_KEY]
 
     with pytest.raises(CheckpointError, match=BAD_KEY.replace(".", r"\.")):
-        load_hf_model(_rewrite(tmp_path, edit))
+        load_params(_rewrite(tmp_path, edit), F32)
 
 
 def test_checkpoint_unexpected_tensor(tmp_path):
@@ -598,7 +607,7 @@ def test_checkpoint_unexpected_tensor(tmp_path):
         wmap[extra] = shard
 
     with pytest.raises(CheckpointError, match=extra.replace(".", r"\.")):
-        load_hf_model(_rewrite(tmp_path, edit))
+        load_params(_rewrite(tmp_path, edit), F32)
 
 
 def test_checkpoint_wrong_shape(tmp_path):
@@ -606,7 +615,7 @@ def test_checkpoint_wrong_shape(tmp_path):
         tensors[BAD_KEY] = np.zeros((96, 95), np.float32)
 
     with pytest.raises(CheckpointError) as info:
-        load_hf_model(_rewrite(tmp_path, edit))
+        load_params(_rewrite(tmp_path, edit), F32)
     msg = str(info.value)
     assert BAD_KEY in msg and "(96, 95)" in msg and "(96, 96)" in msg, msg
 
@@ -616,7 +625,7 @@ def test_checkpoint_missing_shard(tmp_path):
     shard = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"][BAD_KEY]
     (ckpt / shard).unlink()
     with pytest.raises(FileNotFoundError, match=shard.replace(".", r"\.")):
-        load_hf_model(ckpt)
+        load_params(ckpt, F32)
 
 
 def test_checkpoint_tensor_in_index_but_not_in_shard(tmp_path):
@@ -624,4 +633,4 @@ def test_checkpoint_tensor_in_index_but_not_in_shard(tmp_path):
         del tensors[BAD_KEY]  # the index still lists it
 
     with pytest.raises(CheckpointError, match=BAD_KEY.replace(".", r"\.")):
-        load_hf_model(_rewrite(tmp_path, edit))
+        load_params(_rewrite(tmp_path, edit), F32)

@@ -1,7 +1,7 @@
 """Multi-host training on one machine: 2 processes x 4 CPU devices (gloo collectives) run the
-real train step (`hunyuan_jax.train_step`), save an orbax checkpoint from both hosts, restore
-it into fresh sharded arrays and keep training; every loss must equal a single-process run on
-8 devices with the same mesh and the same global batches.
+real train step (`hunyuan_jax.train_step.TrainStep`), save an orbax checkpoint from both
+hosts, restore it into fresh sharded arrays and keep training; every loss must equal a
+single-process run on 8 devices with the same mesh and the same global batches.
 
 This file is also the worker script: `python tests/test_multihost.py --processes N --devices D
 --run-dir DIR --out result.json`, with HUNYUAN_COORDINATOR / HUNYUAN_NUM_PROCESSES /
@@ -48,28 +48,16 @@ def worker(argv=None) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    from hunyuan_jax.checkpointing import Checkpointer, with_shardings
-    from hunyuan_jax.config import ModelConfig
-    from hunyuan_jax.data import batch_sharding
-    from hunyuan_jax.optim import make_optimizer
-    from hunyuan_jax.state import abstract_model
-    from hunyuan_jax.train_config import TrainConfig
-    from hunyuan_jax.train_step import (
-        TrainState,
-        jit_train_step,
-        make_experts_fn,
-        make_train_step,
-        train_shardings,
-    )
-    from sharding.mesh import build_mesh
-    from sharding.rules import get_rules
+    from hunyuan_jax.checkpointing import Checkpointer
+    from hunyuan_jax.train_config import TrainConfig, load_configs
+    from hunyuan_jax.train_step import TrainState, TrainStep
+    from sharding.plan import ShardingPlan
 
     assert jax.process_count() == a.processes and jax.device_count() == 8, distributed.summary()
     t_start = time.time()
     tick = lambda what: print(f"[{time.time() - t_start:6.1f}s] {what}", flush=True)
-    mcfg = ModelConfig.from_yaml(ROOT / "configs" / "tiny.yaml")
+    mcfg, policy, _ = load_configs(ROOT / "configs" / "tiny.yaml")
     tcfg = TrainConfig(
         run_dir=a.run_dir,
         batch_size=BATCH,
@@ -81,15 +69,12 @@ def worker(argv=None) -> None:
         rules=RULES,
         async_checkpointing=True,
     )
-    mesh, rules = build_mesh(tcfg.mesh), get_rules(tcfg.rules)
-    opt = make_optimizer(tcfg, mcfg)
+    plan = ShardingPlan.create(tcfg.mesh, tcfg.rules)
+    mesh = plan.mesh
+    train_step = TrainStep(mcfg, policy, tcfg, plan)
     # Initial state from host numpy (seeded, identical on every host) placed straight into
     # its shardings: no initialiser to compile. Adam's state starts at zero.
-    graphdef, abs_params = nnx.split(abstract_model(mcfg, rules))
-    abstract = TrainState(
-        abs_params, jax.eval_shape(opt.tx.init, abs_params), jax.ShapeDtypeStruct((), jnp.int32)
-    )
-    sh = train_shardings(abstract, mesh, rules)
+    abstract, sh = train_step.abstract_state, train_step.shardings
     rng = np.random.default_rng(0)
 
     def init(path, a, s):
@@ -101,7 +86,7 @@ def worker(argv=None) -> None:
         return jax.device_put(value, s)
 
     state = TrainState(
-        jax.tree_util.tree_map_with_path(init, abs_params, sh.params),
+        jax.tree_util.tree_map_with_path(init, abstract.params, sh.params),
         jax.tree.map(
             lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s),
             abstract.opt_state,
@@ -109,9 +94,8 @@ def worker(argv=None) -> None:
         ),
         jax.device_put(np.int32(0), sh.step),
     )
-    step_fn = make_train_step(graphdef, opt, mcfg, tcfg, make_experts_fn(mcfg, tcfg, mesh, rules))
-    b_sh = batch_sharding(mesh, rules)
-    jitted = jit_train_step(step_fn, sh, b_sh, mesh)
+    b_sh = train_step.batch_sharding
+    jitted = train_step.jitted
     tick("initialised")
 
     def global_batch(step: int) -> dict:
@@ -144,34 +128,28 @@ def worker(argv=None) -> None:
     )
     losses, t0 = [], time.time()
     ckpt = Checkpointer(a.run_dir, keep=2, async_save=True)
-    with jax.set_mesh(mesh):
-        for step in range(SAVE_AT):
-            state, m = jitted(state, global_batch(step))
-            losses.append(float(m["loss"]))
-            tick(f"step {step + 1}")
-        ckpt.save(
-            SAVE_AT,
-            state.params,
-            state.opt_state,
-            {str(p): {"step": SAVE_AT} for p in range(jax.process_count())},
-        )
-        ckpt.wait()
-        tick("saved")
-        saved_sums = np.asarray(checksum((state.params, state.opt_state)))
-        del state  # continue from the checkpoint on disk only
-        params, opt_state, data = ckpt.restore(
-            ckpt.latest_step(),
-            with_shardings(abs_params, sh.params),
-            with_shardings(abstract.opt_state, sh.opt_state),
-        )
-        state = TrainState(
-            params, opt_state, jax.device_put(jnp.asarray(SAVE_AT, jnp.int32), sh.step)
-        )
-        restored_sums = np.asarray(checksum((state.params, state.opt_state)))
-        tick("restored")
-        for step in range(SAVE_AT, STEPS):
-            state, m = jitted(state, global_batch(step))
-            losses.append(float(m["loss"]))
+    for step in range(SAVE_AT):
+        state, m = jitted(state, global_batch(step))
+        losses.append(float(m["loss"]))
+        tick(f"step {step + 1}")
+    ckpt.save(
+        SAVE_AT,
+        state.params,
+        state.opt_state,
+        {str(p): {"step": SAVE_AT} for p in range(jax.process_count())},
+    )
+    ckpt.wait()
+    tick("saved")
+    saved_sums = np.asarray(checksum((state.params, state.opt_state)))
+    del state  # continue from the checkpoint on disk only
+    target = train_step.restore_target()
+    params, opt_state, data = ckpt.restore(ckpt.latest_step(), target.params, target.opt_state)
+    state = TrainState(params, opt_state, jax.device_put(jnp.asarray(SAVE_AT, jnp.int32), sh.step))
+    restored_sums = np.asarray(checksum((state.params, state.opt_state)))
+    tick("restored")
+    for step in range(SAVE_AT, STEPS):
+        state, m = jitted(state, global_batch(step))
+        losses.append(float(m["loss"]))
     ckpt.close()
     tick("done")
     shard_files = sorted(

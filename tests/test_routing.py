@@ -1,14 +1,27 @@
 """Training-time routing (moe.assign_slots: expert capacity with the report's random
 compensation), property-tested with hypothesis against an independent numpy model of the
-per-expert queues, plus the capacity expert path against the dropless one."""
+per-expert queues, plus the capacity expert path against the dropless one; every expert
+strategy on [B, S, D] tokens; and the one dispatch choice (`dispatch.experts_fn_for`): which
+strategy runs per phase on one device and on meshes, and that the model asks for its phase."""
+
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from conftest import f32_policy, make_plan
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hunyuan_jax import moe
+from hunyuan_jax import dispatch, expert_parallel, moe
+from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.state import abstract_model
+from sharding.plan import ShardingPlan
+
+needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
 
 def _routing(seed, tokens, experts, k, skew):
@@ -109,3 +122,158 @@ def test_capacity_experts_equal_dropless_when_nothing_overflows():
     capped, stats = moe.make_capacity_experts(float(e))(x, r, w, jax.random.key(0))
     np.testing.assert_allclose(capped, dropless, atol=1e-5)
     assert float(stats["rerouted_fraction"]) == 0.0 and float(stats["dropped_fraction"]) == 0.0
+
+
+# ----------------------------------------------------------------------------- any leading shape
+def _experts(rng, d=16, f=24, e=4):
+    return moe.ExpertWeights(
+        *(
+            jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32)
+            for s in ((e, d, f), (e, d, f), (e, f, d))
+        )
+    )
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize(
+    "name", ["dropless_experts", "few_token_experts", "tiled_experts", "capacity"]
+)
+def test_strategies_take_batch_and_length(name, k):
+    """The model hands every ExpertsFn x [B, S, D] and routing [B, S, ...]: the result is the
+    token-level strategy on the flattened tokens, reshaped back (and all of them agree)."""
+    rng = np.random.default_rng(k)
+    b, s, d, e = 2, 3, 16, 4
+    w = _experts(rng, d=d, e=e)
+    x = jnp.asarray(rng.normal(size=(b, s, d)), jnp.float32)
+    routing = moe.route(x, jnp.asarray(rng.normal(size=(d, e)), jnp.float32), k)
+    assert routing.expert_ids.shape == (b, s, k) and routing.probs.shape == (b, s, e)
+    fn = moe.make_capacity_experts(float(e)) if name == "capacity" else getattr(moe, name)
+    key = jax.random.key(0)
+    got, _ = fn(x, routing, w, key)
+    assert got.shape == (b, s, d) and got.dtype == x.dtype
+    flat = moe.Routing(*(a.reshape((b * s,) + a.shape[2:]) for a in routing))
+    want, _ = fn(x.reshape(b * s, d), flat, w, key)
+    np.testing.assert_allclose(np.asarray(got).reshape(b * s, d), np.asarray(want), atol=1e-6)
+    reference, _ = moe.dropless_experts(x.reshape(b * s, d), flat, w)
+    np.testing.assert_allclose(np.asarray(want), np.asarray(reference), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- dispatch table
+CFG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    num_experts=8,
+    moe_top_k=1,
+)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Replaces the two strategy factories with recorders: [(factory, args...)]."""
+    calls = []
+
+    def capacity(capacity_factor):
+        calls.append(("capacity", capacity_factor))
+        return "capacity"
+
+    def expert_parallel_fn(plan, strategy="gather", capacity_factor=1.0):
+        calls.append(("expert_parallel", plan, strategy, capacity_factor))
+        return "expert_parallel"
+
+    monkeypatch.setattr(moe, "make_capacity_experts", capacity)
+    monkeypatch.setattr(expert_parallel, "make_expert_parallel_fn", expert_parallel_fn)
+    return calls
+
+
+def _one_device_table(plan, recorded, policy):
+    fn = lambda phase, tokens, cfg=CFG: dispatch.experts_fn_for(phase, cfg, policy, plan, tokens)
+    # train: capacity routing with random compensation whatever the token count
+    for tokens in (1, 8, 4096):
+        recorded.clear()
+        assert fn("train", tokens) == "capacity"
+        assert recorded == [("capacity", policy.capacity_factor)]
+    recorded.clear()
+    for phase in ("prefill", "decode"):  # inference: dropless, never the capacity path
+        # tokens x k <= experts: per-token experts (reads only the chosen experts' weights)
+        assert fn(phase, 1) is moe.few_token_experts
+        assert fn(phase, 8) is moe.few_token_experts
+        assert fn(phase, 4, CFG.replace(moe_top_k=2)) is moe.few_token_experts
+        assert fn(phase, 5, CFG.replace(moe_top_k=2)) is moe.tiled_experts
+        assert fn(phase, 9) is moe.tiled_experts  # row tiles on CPU
+        assert fn(phase, 4096) is moe.tiled_experts
+    assert recorded == []
+
+
+def test_dispatch_one_device(recorded):
+    policy = RuntimePolicy(capacity_factor=1.5)
+    plan = ShardingPlan.single()
+    assert plan.platform == "cpu"
+    _one_device_table(plan, recorded, policy)
+    # Off CPU the grouped matmul (ragged_dot) serves inference beyond a handful of tokens.
+    tpu = types.SimpleNamespace(shards=lambda logical: False, platform="tpu")
+    for phase in ("prefill", "decode"):
+        assert dispatch.experts_fn_for(phase, CFG, policy, tpu, 9) is moe.dropless_experts
+        assert dispatch.experts_fn_for(phase, CFG, policy, tpu, 8) is moe.few_token_experts
+    with pytest.raises(ValueError, match="phase"):
+        dispatch.experts_fn_for("eval", CFG, policy, plan, 8)
+
+
+@needs8
+@pytest.mark.parametrize("shape,preset", [((1, 8, 1, 1), "fsdp"), ((8, 1, 1, 1), "fsdp_ep")])
+def test_dispatch_mesh_without_expert_sharding_is_the_one_device_table(shape, preset, recorded):
+    """A mesh whose rules (or sizes) leave 'exp' unsharded runs the experts as one device
+    does (GSPMD shards the tokens); 'fsdp_ep' on expert=1 does not shard 'exp'."""
+    plan = make_plan(shape, preset)
+    assert not plan.shards("exp")
+    _one_device_table(plan, recorded, RuntimePolicy(capacity_factor=2.0))
+
+
+@needs8
+@pytest.mark.parametrize("train_dispatch", ["all_to_all", "gather"])
+@pytest.mark.parametrize("shape,preset", [((2, 1, 4, 1), "fsdp_ep"), ((1, 2, 2, 2), "fsdp_ep_tp")])
+def test_dispatch_mesh_sharding_experts(shape, preset, train_dispatch, recorded):
+    """Experts sharded over 'expert': expert parallel in every phase; training uses the
+    policy's train_dispatch and capacity, inference the dropless gather."""
+    plan = make_plan(shape, preset)
+    assert plan.shards("exp")
+    policy = RuntimePolicy(capacity_factor=1.25, train_dispatch=train_dispatch)
+    for phase, tokens, want in [
+        ("train", 4096, train_dispatch),
+        ("train", 1, train_dispatch),
+        ("prefill", 4096, "gather"),
+        ("prefill", 1, "gather"),
+        ("decode", 1, "gather"),
+        ("decode", 64, "gather"),
+    ]:
+        recorded.clear()
+        assert dispatch.experts_fn_for(phase, CFG, policy, plan, tokens) == "expert_parallel"
+        assert recorded == [("expert_parallel", plan, want, 1.25)], (phase, tokens)
+
+
+def test_model_asks_dispatch_for_its_phase(monkeypatch):
+    """phase defaults to 'train' with a key and 'prefill' without; num_tokens is B * S; an
+    explicit experts_fn bypasses the choice."""
+    model = abstract_model(CFG, f32_policy())  # shapes only: the forward is only traced
+    asked = []
+    real = dispatch.experts_fn_for
+
+    def spy(phase, cfg, policy, plan, num_tokens):
+        asked.append((phase, num_tokens))
+        return real(phase, cfg, policy, plan, num_tokens)
+
+    monkeypatch.setattr(dispatch, "experts_fn_for", spy)
+    tokens = jnp.zeros((2, 5), jnp.int32)
+    shape_of = lambda **kw: nnx.eval_shape(lambda m: m(tokens, **kw)[0], model).shape
+    assert shape_of() == (2, 5, CFG.vocab_size)
+    shape_of(key=jax.random.key(0))
+    shape_of(phase="decode")
+    shape_of(phase="train")
+    shape_of(phase="prefill", key=jax.random.key(0))
+    assert asked == [("prefill", 10), ("train", 10), ("decode", 10), ("train", 10), ("prefill", 10)]
+    asked.clear()
+    shape_of(experts_fn=moe.dropless_experts)
+    assert asked == []

@@ -1,7 +1,9 @@
-"""train.py end to end on the tiny config (CPU): the loss falls; run-directory layout, metrics
-and restore_params; exact resume; a real SIGKILL during a checkpoint save; non-finite losses
-(stop / skip); expert-specific learning rates and the weight-decay mask, in the optimizer and in
-the real step; the same loss curve on an 8-device expert-parallel mesh as on one device.
+"""train.py end to end on the tiny config (CPU), through `train_loop.train` and
+`train_step.TrainStep`: the loss falls; run-directory layout, metrics and the run's parameters
+as `hunyuan_jax.loading` reads them; exact resume; a real SIGKILL during a checkpoint save;
+non-finite losses (stop / skip); the model / runtime / train config sections and overrides;
+expert-specific learning rates and the weight-decay mask, in the optimizer and in the real
+step; the same loss curve on an 8-device expert-parallel mesh as on one device.
 
 Compile time dominates on CPU, so the runs share one configuration (and hence one compiled
 step) wherever they can; a persistent compilation cache (a temporary directory, for this module
@@ -31,12 +33,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from hunyuan_jax import optim  # noqa: E402
-from hunyuan_jax.checkpointing import latest_step, restore_params  # noqa: E402
+from hunyuan_jax import loading, optim  # noqa: E402
+from hunyuan_jax.checkpointing import latest_step, restore_run_params  # noqa: E402
 from hunyuan_jax.data import PackedLoader, embedded_corpus, texts_for_tokenizer  # noqa: E402
+from hunyuan_jax.errors import NonFiniteLoss  # noqa: E402
 from hunyuan_jax.tokenizer import SentencePieceTokenizer  # noqa: E402
 from hunyuan_jax.train_config import TrainConfig, load_configs  # noqa: E402
-from hunyuan_jax.train_step import NonFiniteLoss, train  # noqa: E402
+from hunyuan_jax.train_loop import train  # noqa: E402
+from sharding.plan import ShardingPlan  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -60,12 +64,13 @@ BASE = [
     "corpus_max_bytes=300000",
     "shared_expert_lr_scale=0.5",
     "routed_expert_lr_scale=0.25",
-    "model.hidden_dropout=0.1",
-    "model.attention_dropout=0.1",
+    "runtime.hidden_dropout=0.1",
+    "runtime.attention_dropout=0.1",
 ]
 
 
 def _configs(run_dir, tokenizer, *extra, **changes):
+    """(ModelConfig, RuntimePolicy, TrainConfig) of BASE plus `extra` overrides."""
     return load_configs(
         TINY, BASE + [f"run_dir={run_dir}", f"tokenizer={tokenizer}", *extra], **changes
     )
@@ -113,9 +118,28 @@ def tokenizer(workdir):
 def reference(workdir, tokenizer):
     """The uninterrupted reference run: STEPS steps, checkpoints every 10."""
     run = workdir / "reference"
-    mcfg, tcfg = _configs(run, tokenizer)
-    summary = train(mcfg, tcfg, log=lambda *_: None)
+    mcfg, policy, tcfg = _configs(run, tokenizer)
+    summary = train(mcfg, policy, tcfg, log=lambda *_: None)
     return run, summary
+
+
+def _restore(run, step=None, plan=None):
+    """(Checkpoint, model) of a run directory's checkpoint `step` (default: its latest) under
+    the run's own policy, placed by `plan` (default: one device). The latest step goes through
+    `loading.load_params` (what decoding and --init-from use); an earlier one through the same
+    abstract target and `checkpointing.restore_run_params`."""
+    ckpt = loading.open_checkpoint(run)
+    plan = plan or ShardingPlan.single()
+    if step is None:
+        return ckpt, loading.load_params(ckpt, ckpt.runtime, plan)
+    from hunyuan_jax.state import abstract_model
+
+    graphdef, abstract, rest = nnx.split(
+        abstract_model(ckpt.cfg, ckpt.runtime, plan), nnx.Param, ...
+    )
+    got, params = restore_run_params(run, plan.abstract(abstract), step)
+    assert got == step
+    return ckpt, nnx.merge(graphdef, params, rest)
 
 
 def _params_equal(a, b):
@@ -145,15 +169,14 @@ def test_loss_falls_and_run_dir_layout(reference):
     assert steps == [10, 20, 30]
     for item in ("params", "opt_state", "data"):
         assert (run / "checkpoints" / "30" / item).is_dir()
-    # restore_params: what decoding loads (single device, and sharded on a mesh).
-    mcfg, model = restore_params(run)
-    assert mcfg.hidden_dropout == 0.1 and mcfg.num_experts == 8
-    _, model20 = restore_params(run, step=20)
+    # The run's parameters as decoding loads them (single device, and sharded on a mesh).
+    ckpt, model = _restore(run)
+    assert ckpt.format == "run" and ckpt.cfg.num_experts == 8
+    assert ckpt.runtime.hidden_dropout == 0.1  # the run's policy, from its config.yaml
+    _, model20 = _restore(run, step=20)
     assert not _params_equal(model, model20)
-    from sharding.mesh import build_mesh
-
-    mesh = build_mesh("data=2,fsdp=1,expert=4,tensor=1")
-    _, sharded = restore_params(run, mesh=mesh, rules="fsdp_ep")
+    plan = ShardingPlan.create("data=2,fsdp=1,expert=4,tensor=1", "fsdp_ep")
+    _, sharded = _restore(run, plan=plan)
     assert _params_equal(model, sharded)
     gate = sharded.groups.layers[0].moe.gate_proj[...]
     assert gate.sharding.spec[1] == "expert"  # experts over the expert axis
@@ -165,14 +188,14 @@ def test_exact_resume(reference, workdir, tokenizer):
     """10 steps, stop, resume for 20 more == 30 uninterrupted, bit for bit (losses, params)."""
     ref_run, _ = reference
     run = workdir / "resumed"
-    mcfg, tcfg = _configs(run, tokenizer, "stop_at=10")
-    first = train(mcfg, tcfg, log=lambda *_: None)
+    mcfg, policy, tcfg = _configs(run, tokenizer, "stop_at=10")
+    first = train(mcfg, policy, tcfg, log=lambda *_: None)
     assert first["end_step"] == 10 and latest_step(run) == 10
-    mcfg, tcfg = _configs(run, tokenizer)
-    second = train(mcfg, tcfg, log=lambda *_: None)
+    mcfg, policy, tcfg = _configs(run, tokenizer)
+    second = train(mcfg, policy, tcfg, log=lambda *_: None)
     assert second["start_step"] == 10 and len(second["losses"]) == 20
     assert _losses(run) == _losses(ref_run)  # exact float equality, every step
-    assert _params_equal(restore_params(run)[1], restore_params(ref_run)[1])
+    assert _params_equal(_restore(run)[1], _restore(ref_run)[1])
 
 
 _HANG = """
@@ -235,8 +258,8 @@ def test_kill_during_save_resumes_from_last_complete(reference, workdir, tokeniz
     assert any(n.startswith("20.orbax-checkpoint-tmp") for n in names), names
     assert latest_step(run) == 10  # the half-written step is never taken for complete
     # Resume: continues from step 10 exactly as the uninterrupted run did.
-    mcfg, tcfg = _configs(run, tokenizer)
-    summary = train(mcfg, tcfg, log=lambda *_: None)
+    mcfg, policy, tcfg = _configs(run, tokenizer)
+    summary = train(mcfg, policy, tcfg, log=lambda *_: None)
     assert summary["start_step"] == 10
     assert _losses(run) == _losses(ref_run)
     assert sorted(p.name for p in ckpts.iterdir()) == ["10", "20", "30"]  # tmp dir cleaned
@@ -270,9 +293,9 @@ def test_nonfinite_loss_stops_naming_the_step(reference, workdir, tokenizer, mon
     run = workdir / "nan_stop"
     _copy_until(ref_run, run, 10)
     _poison_batches(monkeypatch, at_call=3)  # resumed at 10: the third batch is step 13
-    mcfg, tcfg = _configs(run, tokenizer)
+    mcfg, policy, tcfg = _configs(run, tokenizer)
     with pytest.raises(NonFiniteLoss, match=r"at step 13 .*last good checkpoint is step 10"):
-        train(mcfg, tcfg, log=lambda *_: None)
+        train(mcfg, policy, tcfg, log=lambda *_: None)
     assert latest_step(run) == 10
     assert [m["step"] for m in _metrics(run)][-1] == 13 and not _metrics(run)[-1]["ok"]
 
@@ -282,20 +305,21 @@ def test_nonfinite_loss_skip_leaves_state_unchanged(reference, workdir, tokenize
     run = workdir / "nan_skip"
     _copy_until(ref_run, run, 10)
     _poison_batches(monkeypatch, at_call=1)
-    mcfg, tcfg = _configs(run, tokenizer, "on_nonfinite=skip", "stop_at=11")
-    train(mcfg, tcfg, log=lambda *_: None)
+    mcfg, policy, tcfg = _configs(run, tokenizer, "on_nonfinite=skip", "stop_at=11")
+    train(mcfg, policy, tcfg, log=lambda *_: None)
     assert latest_step(run) == 11 and not _metrics(run)[-1]["ok"]
-    assert _params_equal(restore_params(run, step=11)[1], restore_params(run, step=10)[1])
+    assert _params_equal(_restore(run, step=11)[1], _restore(run, step=10)[1])
 
 
 # ----------------------------------------------------------------------------- config
 def test_configs_and_overrides(tmp_path):
-    mcfg, tcfg = load_configs(
+    mcfg, policy, tcfg = load_configs(
         TINY,
         [
             "lr=1e-4",
             "steps=7",
-            "model.hidden_dropout=0.2",
+            "runtime.hidden_dropout=0.2",
+            "runtime.train_dispatch=gather",
             "mesh=data=2,fsdp=1,expert=4,tensor=1",
             "data=null",
             "pack=false",
@@ -304,11 +328,19 @@ def test_configs_and_overrides(tmp_path):
     )
     assert tcfg.lr == 1e-4 and tcfg.steps == 7 and tcfg.data is None and not tcfg.pack
     assert tcfg.mesh == "data=2,fsdp=1,expert=4,tensor=1" and tcfg.run_dir == str(tmp_path)
-    assert mcfg.hidden_dropout == 0.2 and mcfg.vocab_size == 1024
+    assert policy.hidden_dropout == 0.2 and policy.train_dispatch == "gather"
+    assert policy.compute_dtype == "float32"  # tiny.yaml's runtime section
+    assert mcfg.vocab_size == 1024
     with pytest.raises(ValueError, match="unknown train key"):
         load_configs(TINY, ["learning_rate=1"])
     with pytest.raises(ValueError, match="unknown config key"):
         load_configs(TINY, ["model.nope=1"])
+    with pytest.raises(ValueError, match="unknown runtime key"):
+        load_configs(TINY, ["runtime.nope=1"])
+    with pytest.raises(ValueError, match="runtime keys, not architecture"):
+        load_configs(TINY, ["model.hidden_dropout=0.2"])
+    with pytest.raises(ValueError, match="train_dispatch"):
+        load_configs(TINY, ["runtime.train_dispatch=scatter"])
     with pytest.raises(ValueError, match="micro_batches"):
         load_configs(TINY, ["batch_size=6", "micro_batches=4"])
     with pytest.raises(TypeError, match="steps"):
@@ -316,10 +348,10 @@ def test_configs_and_overrides(tmp_path):
     # The resolved run config round-trips through <run>/config.yaml.
     from hunyuan_jax.checkpointing import read_run_config, write_run_config
 
-    write_run_config(tmp_path, mcfg, tcfg)
-    m2, t2 = read_run_config(tmp_path)
-    assert m2 == mcfg and TrainConfig.from_dict(t2) == tcfg
-    _, small = load_configs(REPO / "configs" / "small.yaml")
+    write_run_config(tmp_path, mcfg, policy, tcfg)
+    m2, p2, t2 = read_run_config(tmp_path)
+    assert m2 == mcfg and p2 == policy and TrainConfig.from_dict(t2) == tcfg
+    _, _, small = load_configs(REPO / "configs" / "small.yaml")
     assert small.batch_size > 0
 
 
@@ -354,7 +386,7 @@ def _groups_of(params):
 def test_optimizer_groups_and_decay_mask():
     from hunyuan_jax.state import abstract_model
 
-    mcfg, tcfg = load_configs(
+    mcfg, _, tcfg = load_configs(
         TINY,
         [
             "warmup_steps=0",
@@ -392,35 +424,19 @@ def test_train_step_applies_expert_lrs(tokenizer, workdir):
     """In the real step: from the same init, the first update of each parameter is
     -lr * factor * (sign(g) + wd * p) (Adam's first step), so each group's factor can be read
     back from the parameter change; norms show no weight decay."""
-    from hunyuan_jax.data import batch_sharding, to_global
+    from hunyuan_jax.data import to_global
     from hunyuan_jax.state import init_model
-    from hunyuan_jax.train_step import (
-        init_train_state,
-        jit_train_step,
-        make_experts_fn,
-        make_mesh,
-        make_train_step,
-        train_shardings,
-    )
-    from sharding.rules import get_rules
+    from hunyuan_jax.train_step import TrainStep
 
-    mcfg, tcfg = _configs(workdir / "unused", tokenizer)
-    mesh, rules = make_mesh(tcfg.mesh), get_rules(tcfg.rules)
-    opt = optim.make_optimizer(tcfg, mcfg)
-    graphdef, state = init_train_state(init_model(mcfg, tcfg.seed, mesh, rules), opt, mesh, rules)
+    mcfg, policy, tcfg = _configs(workdir / "unused", tokenizer)
+    plan = ShardingPlan.create(tcfg.mesh, tcfg.rules)
+    step = TrainStep(mcfg, policy, tcfg, plan)
+    state = step.init_state(init_model(mcfg, policy, plan, tcfg.seed))
     before = jax.tree.map(np.asarray, state.params)
-    sh = train_shardings(jax.eval_shape(lambda: state), mesh, rules)
-    step = jit_train_step(
-        make_train_step(graphdef, opt, mcfg, tcfg, make_experts_fn(mcfg, tcfg, mesh, rules)),
-        sh,
-        batch_sharding(mesh, rules),
-        mesh,
-    )
     rng = np.random.default_rng(0)
     docs = [(rng.integers(0, 1024, 200).astype(np.int32), np.ones(200, np.float32))]
     loader = PackedLoader(docs, 8, 64, 2)
-    with jax.set_mesh(mesh):
-        state, metrics = step(state, to_global(next(loader), batch_sharding(mesh, rules), 8))
+    state, metrics = step(state, to_global(next(loader), step.batch_sharding, 8))
     lr = float(metrics["lr"])
     assert lr == pytest.approx(3e-3 / 3)
     groups = _groups_of(before)
@@ -454,19 +470,20 @@ def test_expert_parallel_mesh_matches_single_device(workdir, tokenizer):
         "seq_len=32",
         "micro_batches=2",
         "save_every=4",
-        "model.capacity_factor=8.0",
-        "model.hidden_dropout=0.0",
-        "model.attention_dropout=0.0",
+        "runtime.capacity_factor=8.0",
+        "runtime.hidden_dropout=0.0",
+        "runtime.attention_dropout=0.0",
     ]
     runs = {}
     for name, mesh, rules in (
         ("one", "data=1,fsdp=1,expert=1,tensor=1", "fsdp"),
         ("ep8", "data=2,fsdp=1,expert=4,tensor=1", "fsdp_ep"),
     ):
-        mcfg, tcfg = _configs(
+        mcfg, policy, tcfg = _configs(
             workdir / f"mesh_{name}", tokenizer, *common, f"mesh={mesh}", f"rules={rules}"
         )
-        train(mcfg, tcfg, log=lambda *_: None)
+        assert policy.train_dispatch == "all_to_all"
+        train(mcfg, policy, tcfg, log=lambda *_: None)
         runs[name] = workdir / f"mesh_{name}"
     one, ep8 = (_metrics(runs[n]) for n in ("one", "ep8"))
     assert all(m["rerouted_fraction"] == 0.0 for m in one + ep8)
@@ -476,7 +493,7 @@ def test_expert_parallel_mesh_matches_single_device(workdir, tokenizer):
     )
     # Parameters: Adam divides by sqrt(v), so an element whose gradient is ~0 can move by up to
     # lr in either direction on a 1e-7 difference in summation order; all others agree.
-    a, b = (jax.tree.leaves(nnx.state(restore_params(runs[n])[1])) for n in ("one", "ep8"))
+    a, b = (jax.tree.leaves(nnx.state(_restore(runs[n])[1])) for n in ("one", "ep8"))
     off = total = 0
     for x, y in zip(a, b):
         diff = np.abs(np.asarray(y) - np.asarray(x))

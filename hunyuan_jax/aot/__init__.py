@@ -1,0 +1,17 @@
+"""Ahead-of-time compiles for TPU slices you do not have: does the program fit, and how fast
+could it be? (`python -m hunyuan_jax.aot --help`; the measured tables are in docs/tpu.md.)
+
+With libtpu installed, `jax.experimental.topologies` describes any TPU slice as compile-only
+devices on a CPU host. The sharding plan is built over those devices, the real programs are
+lowered for abstract parameters, optimizer state, KV cache and batch, and XLA:TPU compiles
+them; the report gives per-chip memory, FLOPs and the MFU implied by a stated step-time model.
+
+| module | owns |
+|---|---|
+| `topology` | the chip table, Cloud TPU names -> topologies, compile-only devices, default meshes |
+| `programs` | what is compiled: `TrainStep.lower` and `Generator.lower`, nothing else |
+| `compiler` | compiling, per-chip memory, the out-of-memory verdict, XLA dumps, hoisted casts |
+| `flops` | analytic and unrolled FLOP counts, the step-time model |
+| `report` | one compile's report as a dict and as text |
+| `cli` | flags -> configs, plan and job; exit codes through `hunyuan_jax.errors` |
+"""

@@ -1,0 +1,289 @@
+"""The command line of the AOT tool: flags -> (ModelConfig, RuntimePolicy, TrainConfig,
+ShardingPlan over the slice's compile-only devices) -> one compile -> report.
+
+    python -m hunyuan_jax.aot --config configs/hunyuan_a52b_instruct.yaml --topology v5p-256 \
+        --mode train --mesh fsdp=8,expert=16 --rules fsdp_ep --seq 4096
+    python -m hunyuan_jax.aot --config configs/hunyuan_a52b_instruct.yaml --topology v6e-32 \
+        --mode decode-step --batch 8 --cache-len 32768 --rule cache_length=expert
+
+Configs: the architecture from `loading.read_model_config` (our YAML, a Hugging Face
+config.json or any checkpoint directory). Training uses the YAML's `runtime:` and `train:`
+sections (`train_config.load_configs`), a train.py run directory's own policy, else
+`RuntimePolicy()` (fp32 parameters, bf16 compute, full remat); `--param-dtype` overrides the
+parameter dtype. Serving uses `RuntimePolicy.inference(--dtype)`. `--set model.K=V`,
+`--set runtime.K=V` and (train) `--set K=V` / `--set train.K=V` override keys as train.py's
+`--set` does; the dedicated flags win over them.
+
+Exit status (`hunyuan_jax.errors`): 0 fits, 2 usage or configuration error, 6 does not fit
+(the compiler's own out-of-memory verdict, or a total above the chip's usable HBM), 4 an
+unreadable checkpoint directory, 1 a bug (with its traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from hunyuan_jax import errors
+from hunyuan_jax.aot import topology as T
+from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, MODES, Job
+from hunyuan_jax.config import ModelConfig, read_yaml
+from hunyuan_jax.errors import ConfigError, DoesNotFit, UsageError
+from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.train_config import TrainConfig, load_configs, parse_overrides
+
+PROG = "python -m hunyuan_jax.aot"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Ahead-of-time compiles for TPU slices you do not have: does the program "
+        "fit, and how fast could it be?",
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        help="model YAML (configs/*.yaml), HF config.json or a checkpoint directory",
+    )
+    p.add_argument(
+        "--topology",
+        required=True,
+        help="v5p-256 / v6e-32 / v5e-64 / v4-128 (Cloud TPU names: TensorCores on "
+        "v4 and v5p, chips on v5e and v6e), a topology like v5p:4x4x8, or "
+        "'local' (this host's devices)",
+    )
+    p.add_argument(
+        "--slices", type=int, default=1, help="number of slices (multi-slice; use dcn.* mesh sizes)"
+    )
+    p.add_argument("--mode", choices=MODES, default="train")
+    p.add_argument("--mesh", default=None, help="e.g. fsdp=-1,expert=16 (default per mode)")
+    p.add_argument(
+        "--rules",
+        default=None,
+        help="sharding preset (default: fsdp_ep for train, serve_ep_tp otherwise)",
+    )
+    p.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="LOGICAL=AXES",
+        help="override one logical axis of the preset, e.g. cache_length=expert or "
+        "cache_batch=data+expert (repeatable)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="global batch (sequences); default: the smallest the layout allows (train: one "
+        "sequence per batch shard and micro-batch)",
+    )
+    p.add_argument(
+        "--seq",
+        type=int,
+        default=None,
+        help=f"train: sequence length ({DEFAULT_SEQ['train']}); prefill: chunk length "
+        f"({DEFAULT_SEQ['prefill']})",
+    )
+    p.add_argument(
+        "--cache-len", type=int, default=None, help=f"KV cache slots ({DEFAULT_CACHE_LEN})"
+    )
+    p.add_argument("--micro", type=int, default=1, help="train: micro-batches per step")
+    p.add_argument("--dtype", default="bfloat16", help="serving weights/compute dtype")
+    p.add_argument("--param-dtype", default=None, help="train: override the parameter dtype")
+    p.add_argument(
+        "--cache-dtype", default=None, help="KV cache dtype (default: the compute dtype; int8)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model.KEY / runtime.KEY / (train) KEY override, as train.py's --set",
+    )
+    p.add_argument("--hbm-gib", type=float, default=None, help="override usable HBM per chip")
+    p.add_argument(
+        "--step-time",
+        type=float,
+        default=None,
+        help="seconds per step for the MFU (default: the roofline model)",
+    )
+    p.add_argument(
+        "--efficiency",
+        type=float,
+        default=1.0,
+        help="fraction of peak FLOP/s in the step-time model (default 1.0)",
+    )
+    p.add_argument(
+        "--unrolled-flops",
+        action="store_true",
+        help="two more compiles (1 and 2 layer groups unrolled) for exact FLOPs",
+    )
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.add_argument(
+        "--dump",
+        default=None,
+        metavar="DIR",
+        help="XLA dump directory (sets XLA_FLAGS=--xla_dump_to=DIR): prints the "
+        "largest buffers and checks for bf16 copies of stacked weights",
+    )
+    errors.add_debug_flag(p)
+    return p
+
+
+# ----------------------------------------------------------------------------- configs
+def _is_our_yaml(path: Path) -> bool:
+    return path.is_file() and path.suffix in (".yaml", ".yml") and "model" in read_yaml(path)
+
+
+def resolve_configs(args) -> tuple[ModelConfig, RuntimePolicy, TrainConfig]:
+    """(architecture, runtime policy, train config) for the mode, `--set` applied."""
+    path = Path(args.config)
+    if not path.exists():
+        raise ConfigError(f"--config {args.config}: no such file or directory")
+    over = parse_overrides(args.set)
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    for section, kind in ((ModelConfig, "model"), (RuntimePolicy, "runtime")):
+        for key in set(over["train"]) & {f.name for f in dataclasses.fields(section)}:
+            if key not in train_keys:
+                raise ConfigError(f"--set {key}=: {key!r} is a {kind} key: --set {kind}.{key}=")
+    train = args.mode == "train"
+    if not train and over["train"]:
+        raise UsageError(f"--set {sorted(over['train'])}: train keys apply to --mode train only")
+    if _is_our_yaml(path):
+        cfg, policy, tcfg = load_configs(path, args.set)
+    else:
+        from hunyuan_jax import loading
+
+        runtime = None
+        if path.is_dir():  # a train.py run directory carries its own policy
+            ckpt = loading.open_checkpoint(path)
+            cfg, runtime = ckpt.cfg, ckpt.runtime
+        else:
+            cfg = loading.read_model_config(path)
+        cfg = cfg.replace(**over["model"])
+        policy = (runtime or RuntimePolicy()).replace(**over["runtime"])
+        tcfg = TrainConfig.from_dict(over["train"], "--set")
+    if train:
+        if args.param_dtype:
+            policy = policy.replace(param_dtype=args.param_dtype)
+        return cfg, policy, tcfg
+    policy = RuntimePolicy.inference(args.dtype).replace(**over["runtime"])
+    return cfg, policy, TrainConfig()
+
+
+def _check_flags(args) -> None:
+    train = args.mode == "train"
+    if not train and args.seq is not None and args.mode != "prefill":
+        raise UsageError(f"--seq applies to train and prefill, not to --mode {args.mode}")
+    if train and args.cache_len is not None:
+        raise UsageError("--cache-len applies to prefill and decode, not to --mode train")
+    if not train and (args.micro != 1 or args.param_dtype):
+        raise UsageError("--micro and --param-dtype apply to --mode train only")
+    for name in ("batch", "seq", "cache_len", "micro", "slices"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 < args.efficiency <= 1:
+        raise UsageError(f"--efficiency must be in (0, 1], got {args.efficiency}")
+    for name in ("hbm_gib", "step_time"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def resolve(args) -> tuple[Job, dict, T.Chip | None, float | None]:
+    """(job, report header, chip, usable HBM GiB) from the flags."""
+    import jax
+
+    from sharding.plan import ShardingPlan
+
+    _check_flags(args)
+    cfg, policy, tcfg = resolve_configs(args)
+    if args.topology == "local":
+        if args.slices != 1:
+            raise UsageError("--slices needs a TPU --topology, not 'local'")
+        devices, sl = jax.devices(), None
+    else:
+        sl = T.parse_topology(args.topology, args.slices)
+        devices = T.topology_devices(sl)
+    slices = sl.num_slices if sl else 1
+    mesh = args.mesh or (
+        T.default_mesh(args.mode, cfg, len(devices) // slices)
+        + (f",dcn.data={slices}" if slices > 1 else "")
+    )
+    rules = args.rules or T.default_rules(args.mode)
+    try:
+        plan = ShardingPlan.from_flags(mesh, rules, args.rule, devices=devices)
+    except UsageError:
+        raise
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"--mesh {mesh} --rules {rules}: {e}") from None
+    chip = T.chip_of(plan.devices)
+    job = Job(
+        args.mode,
+        cfg,
+        policy,
+        plan,
+        tcfg,
+        batch=args.batch,
+        seq=args.seq,
+        cache_len=args.cache_len,
+        micro=args.micro,
+        cache_dtype=args.cache_dtype,
+    )
+    header = {
+        "config": args.config,
+        "topology": args.topology,
+        "topology_string": sl.description if sl else "local",
+        "mesh_arg": mesh,
+    }
+    return job, header, chip, args.hbm_gib or (chip.hbm_gib if chip else None)
+
+
+# ----------------------------------------------------------------------------- main
+def run(args) -> int:
+    from hunyuan_jax.aot.compiler import enable_dump
+    from hunyuan_jax.aot.report import format_report, measure
+
+    if args.dump:  # before the first compile: XLA reads XLA_FLAGS once
+        enable_dump(args.dump)
+    job, header, chip, hbm_gib = resolve(args)
+    report = measure(
+        job,
+        header,
+        chip=chip,
+        hbm_gib=hbm_gib,
+        dump=args.dump,
+        unrolled=args.unrolled_flops,
+        step_time=args.step_time,
+        efficiency=args.efficiency,
+    )
+    print(format_report(report), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1, default=str)
+    if not report["fits"]:
+        need, have = report.get("required_gib"), report.get("available_gib")
+        raise DoesNotFit(
+            f"the {args.mode} program does not fit on {args.topology}: "
+            + (f"needs {need:.2f} GiB" if need else "needs more")
+            + f" of {have} GiB HBM per chip",
+            need,
+            have,
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return errors.run_cli(PROG, lambda: run(args), args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""FLOPs per step and the step-time model behind the MFU figure.
+
+XLA's `cost_analysis()` counts a loop body once, so for the layer scan it undercounts by about
+the number of layer groups. The report therefore gives (a) the analytic count from the config
+(`analytic_flops`: the formula is stated there), (b) the raw compiled count, labelled as such,
+and with `--unrolled-flops` (c) XLA's exact count from two extra compiles with 1 and 2 layer
+groups unrolled (rest + G x per group), plus the analytic remat recompute.
+"""
+
+from __future__ import annotations
+
+from hunyuan_jax.aot.compiler import GiB, compile_program
+from hunyuan_jax.aot.programs import Job, build
+from hunyuan_jax.aot.topology import Chip
+from hunyuan_jax.config import ModelConfig
+
+
+def active_matmul_params(cfg: ModelConfig) -> dict[str, float]:
+    """Weights each token multiplies by (per model): attention, experts, router, LM head."""
+    d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    f, L = cfg.intermediate_size, cfg.num_layers
+    attn = L * 2 * d * h * hd + (L // cfg.cla_share_factor) * 2 * d * kvh * hd
+    mlp = L * 3 * d * f * (cfg.num_shared_experts + cfg.moe_top_k)
+    router = L * d * cfg.num_experts
+    head = d * cfg.vocab_size
+    return {
+        "attention": attn,
+        "mlp": mlp,
+        "router": router,
+        "lm_head": head,
+        "total": attn + mlp + router + head,
+    }
+
+
+def analytic_flops(
+    cfg: ModelConfig, mode: str, batch: int, seq: int, context: int, remat: bool
+) -> dict[str, float]:
+    """Whole-slice FLOPs per step. Matmuls: 2 x weights x tokens forward; backward twice that;
+    full remat adds one more forward. Attention: QK^T and PV, 4 x heads x head_dim x context
+    per token and layer, full (masked, not causally halved: this implementation computes the
+    whole score matrix). `model` excludes the remat recompute (the MFU convention)."""
+    n = active_matmul_params(cfg)["total"]
+    attn_per_token = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
+    tokens = batch * seq
+    fwd = tokens * (2 * n + attn_per_token)
+    if mode == "train":
+        model = 3 * fwd
+        hardware = model + (fwd if remat else 0)
+    else:
+        model = hardware = fwd
+    return {
+        "model": float(model),
+        "hardware": float(hardware),
+        "tokens": tokens,
+        "active_params": float(n),
+    }
+
+
+def compiled_cost(compiled) -> dict[str, float]:
+    """XLA's per-chip FLOPs and bytes accessed (each loop body counted once)."""
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    ca = ca or {}
+    return {
+        "flops": float(ca.get("flops", 0.0)),
+        "bytes_accessed": float(ca.get("bytes accessed", 0.0)),
+    }
+
+
+def unrolled_flops(job: Job) -> dict[str, float]:
+    """Per-chip FLOPs and bytes of the full model from two unrolled compiles (1 and 2 layer
+    groups): rest + G x per-group. The unrolled compiles use remat 'none': unrolled, XLA
+    merges a remat'd layer's recomputation with its first forward (the model's checkpoint
+    uses prevent_cse=False), so their count would be neither with nor without remat. The
+    caller adds the recomputation analytically."""
+    cfg, csf = job.cfg, job.cfg.cla_share_factor
+    policy = job.policy.replace(scan_layers=False, remat="none")
+    costs = []
+    for groups in (1, 2):
+        small = job.replace(cfg=cfg.replace(num_layers=groups * csf), policy=policy)
+        compiled, _, _ = compile_program(build(small))
+        costs.append(compiled_cost(compiled))
+    out = {}
+    for k in ("flops", "bytes_accessed"):
+        per_group = costs[1][k] - costs[0][k]
+        out[k] = costs[0][k] + (cfg.num_groups - 1) * per_group
+        out[k + "_per_group"] = per_group
+    return out
+
+
+def step_time_model(report: dict, chip: Chip | None, step_time: float | None, efficiency: float):
+    """MFU = analytic model FLOPs per chip / (step time x peak FLOP/s).
+
+    The step time is a stated model, not a measurement (`--step-time` replaces it):
+        t = max(hardware FLOPs per chip / (efficiency x peak), HBM bytes per chip / bandwidth)
+    hardware FLOPs: the unrolled compiled count with --unrolled-flops, else the analytic count
+    (remat recompute included). HBM bytes: XLA's bytes-accessed (unrolled) when known; for
+    prefill/decode at least the argument bytes (every weight and cache slot is read once per
+    step); for training without --unrolled-flops the HBM term is left out (compute-bound).
+    Collectives are assumed to overlap with compute. With efficiency 1 the MFU is an upper
+    bound: model / hardware FLOPs for a compute-bound step (0.75 with full remat)."""
+    if chip is None:
+        return {"note": "no TPU chip: no peak FLOP/s to compare with"}
+    f = report["flops"]
+    hw = f.get("compiled_unrolled_per_chip") or f["analytic_hardware_per_chip"]
+    t_compute = hw / (chip.peak_flops * efficiency)
+    bytes_ = None
+    if "compiled_unrolled_per_chip" in f:
+        bytes_ = report.get("bytes_accessed_per_chip")
+    if report["mode"] != "train":
+        args = report["memory_gib"]["arguments"] * GiB
+        bytes_ = max(bytes_ or 0.0, args)
+    t_memory = bytes_ / chip.hbm_bytes_per_s if bytes_ else None
+    if step_time:
+        t, how = step_time, "given --step-time"
+    else:
+        t = max(t_compute, t_memory or 0.0)
+        how = (
+            f"max(hardware FLOPs at {efficiency:.0%} of {chip.peak_flops / 1e12:.0f} "
+            f"TFLOP/s = {t_compute * 1e3:.2f} ms"
+            + (
+                f", {bytes_ / GiB:.2f} GiB of HBM traffic at "
+                f"{chip.hbm_bytes_per_s / 1e12:.2f} TB/s = {t_memory * 1e3:.2f} ms"
+                if t_memory
+                else ""
+            )
+            + ")"
+        )
+    return {
+        "step_time_s": t,
+        "model": how,
+        "mfu": f["analytic_model_per_chip"] / (t * chip.peak_flops),
+        "tokens_per_s_per_chip": f["tokens_per_step"] / report["chips"] / t,
+        "compute_time_s": t_compute,
+        "hbm_time_s": t_memory,
+        "bound": "given" if step_time else ("memory" if (t_memory or 0) > t_compute else "compute"),
+    }

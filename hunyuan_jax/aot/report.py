@@ -1,0 +1,198 @@
+"""The report of one AOT compile: `measure` compiles a job and collects per-chip memory, FLOPs
+and the step-time model into a JSON-able dict; `format_report` renders it as text.
+
+A program that does not fit (the compiler's out-of-memory verdict, or a total above the chip's
+usable HBM) still gets a report, with `fits: False`; the CLI turns it into exit status 6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from hunyuan_jax.aot import flops as F
+from hunyuan_jax.aot.compiler import (
+    GiB,
+    Memory,
+    compile_program,
+    read_dump,
+    stacked_cast_copies,
+)
+from hunyuan_jax.aot.programs import Job, build
+from hunyuan_jax.aot.topology import Chip
+from hunyuan_jax.errors import DoesNotFit
+
+_DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
+
+
+def measure(
+    job: Job,
+    header: dict[str, Any],
+    *,
+    chip: Chip | None,
+    hbm_gib: float | None,
+    dump: str | None = None,
+    unrolled: bool = False,
+    step_time: float | None = None,
+    efficiency: float = 1.0,
+) -> dict[str, Any]:
+    """Build, lower and compile `job`; the report dict (`header` first)."""
+    program = build(job)
+    job = job.replace(batch=program.batch, seq=program.seq, cache_len=program.cache_len)
+    plan = job.plan
+    report: dict[str, Any] = dict(header)
+    report.update(
+        mode=job.mode,
+        chips=plan.num_devices,
+        platform=plan.platform,
+        device_kind=plan.devices[0].device_kind,
+        mesh=dict(plan.mesh.shape) if plan.mesh is not None else {},
+        rules=plan.label,
+        batch=program.batch,
+        seq=program.seq,
+        cache_len=program.cache_len,
+        micro=job.micro if job.is_train else None,
+        policy=dataclasses.asdict(job.policy),
+        param_dtype=job.policy.param_dtype,
+        compute_dtype=job.policy.compute_dtype,
+        remat=job.policy.remat,
+        hbm_gib=hbm_gib,
+        step_source=program.source,
+    )
+    started = time.time()
+    try:
+        compiled, t_lower, t_compile = compile_program(program)
+    except DoesNotFit as e:
+        report.update(
+            fits=False,
+            required_gib=e.required_gib,
+            available_gib=e.available_gib or hbm_gib,
+            error=str(e),
+        )
+        if dump:  # XLA writes its memory report even for a program that does not fit
+            report["largest_buffers"] = read_dump(dump, started)[1]
+        return report
+    report["lower_s"], report["compile_s"] = round(t_lower, 1), round(t_compile, 1)
+    mem = Memory.of(compiled)
+    report["memory_gib"] = mem.gib()
+    report["fits"] = hbm_gib is None or mem.total / GiB <= hbm_gib
+    if not report["fits"]:
+        report.update(required_gib=mem.total / GiB, available_gib=hbm_gib)
+    if dump:
+        hlo, usage = read_dump(dump, started)
+        report["largest_buffers"] = usage
+        # A hoisted cast only exists when the parameters are stored wider than they are used.
+        wide = _DTYPE_BITS[job.policy.param_dtype] > _DTYPE_BITS[job.policy.compute_dtype]
+        narrow = {"bfloat16": "bf16", "float16": "f16"}.get(job.policy.compute_dtype)
+        hoisted = stacked_cast_copies(hlo, program.params, narrow) if wide and narrow else {}
+        report["hoisted_cast_gib"] = sum(size for _, size in hoisted.values()) / GiB
+        report["hoisted_cast_shapes"] = [
+            f"{n} x [{dims}]" for dims, (n, _) in sorted(hoisted.items())
+        ]
+
+    chips = plan.num_devices
+    remat = job.policy.remat != "none"
+    ana = F.analytic_flops(job.cfg, job.mode, program.batch, program.seq, program.context, remat)
+    raw = F.compiled_cost(compiled)
+    flops = {
+        "analytic_model_per_chip": ana["model"] / chips,
+        "analytic_hardware_per_chip": ana["hardware"] / chips,
+        "compiled_raw_per_chip": raw["flops"],
+        "compiled_raw_note": "XLA cost_analysis: each loop body (layer scan, decode "
+        "while-loop) counted once",
+        "active_matmul_params": ana["active_params"],
+        "tokens_per_step": ana["tokens"],
+    }
+    bytes_per_chip = raw["bytes_accessed"]
+    if unrolled:
+        t0 = time.perf_counter()
+        u = F.unrolled_flops(job)
+        recompute = flops["analytic_hardware_per_chip"] - flops["analytic_model_per_chip"]
+        flops["compiled_unrolled_no_remat_per_chip"] = u["flops"]
+        flops["compiled_unrolled_per_group"] = u["flops_per_group"]
+        flops["analytic_remat_recompute_per_chip"] = recompute
+        flops["compiled_unrolled_per_chip"] = u["flops"] + recompute
+        flops["unrolled_compile_s"] = round(time.perf_counter() - t0, 1)
+        bytes_per_chip = u["bytes_accessed"]
+    report["flops"] = flops
+    report["bytes_accessed_per_chip"] = bytes_per_chip
+    report["mfu"] = F.step_time_model(report, chip, step_time, efficiency)
+    return report
+
+
+def _header_lines(r: dict) -> list[str]:
+    mesh = {k: v for k, v in r["mesh"].items() if v > 1}
+    p = r["policy"]
+    sizes = f"batch {r['batch']} x seq {r['seq']}"
+    if r.get("micro") and r["micro"] > 1:
+        sizes += f" in {r['micro']} micro-batches"
+    if r.get("cache_len"):
+        sizes += f", cache {r['cache_len']}"
+    return [
+        f"{r['mode']} | {r['config']} | {r['topology']} ({r['topology_string']}, "
+        f"{r['chips']} chips, {r['device_kind']}) | mesh {r['mesh_arg']} {mesh} | "
+        f"rules {r['rules']}",
+        f"{sizes} | params {p['param_dtype']}, compute {p['compute_dtype']}, remat "
+        f"{p['remat']}, scan {'on' if p['scan_layers'] else 'off'}, attention {p['attention']}",
+        f"step: {r.get('step_source', '?')}",
+    ]
+
+
+def _buffer_lines(r: dict) -> list[str]:
+    if not r.get("largest_buffers"):
+        return []
+    return ["largest buffers (XLA memory-usage report):"] + [
+        "  " + row for row in r["largest_buffers"]
+    ]
+
+
+def format_report(r: dict) -> str:
+    lines = _header_lines(r)
+    hbm = r.get("hbm_gib")
+    if "memory_gib" not in r:  # the compiler refused it
+        need, have = r.get("required_gib"), r.get("available_gib")
+        lines.append(
+            f"DOES NOT FIT: the compiler needs "
+            f"{f'{need:.1f} GiB' if need else 'more than'} of {have} GiB HBM per chip"
+        )
+        lines.append(f"  ({r.get('error', '')})")
+        return "\n".join(lines + _buffer_lines(r))
+    m = r["memory_gib"]
+    lines.append(
+        f"memory per chip (GiB): arguments {m['arguments']:.2f}, outputs "
+        f"{m['outputs']:.2f} (aliased {m['aliased']:.2f}), temporaries "
+        f"{m['temporaries']:.2f}, code {m['code']:.2f} -> total {m['total']:.2f}"
+        + (f" of {hbm:.2f} HBM ({'fits' if r['fits'] else 'DOES NOT FIT'})" if hbm else "")
+    )
+    lines.append(f"compile: lower {r['lower_s']} s, compile {r['compile_s']} s")
+    lines += _buffer_lines(r)
+    if r.get("hoisted_cast_shapes"):
+        lines.append(
+            f"WARNING: XLA keeps bf16 copies of stacked fp32 weights outside the layer "
+            f"scan ({r['hoisted_cast_gib']:.2f} GiB per chip: "
+            f"{', '.join(r['hoisted_cast_shapes'])}): the cast was hoisted out of the loop"
+        )
+    f = r["flops"]
+    lines.append(
+        f"FLOPs per chip per step: analytic model {f['analytic_model_per_chip']:.3e}, "
+        f"analytic hardware {f['analytic_hardware_per_chip']:.3e}, compiled raw "
+        f"{f['compiled_raw_per_chip']:.3e} (loop bodies counted once)"
+        + (
+            f", compiled unrolled {f['compiled_unrolled_no_remat_per_chip']:.3e} "
+            f"(+ {f['analytic_remat_recompute_per_chip']:.3e} remat recompute = "
+            f"{f['compiled_unrolled_per_chip']:.3e})"
+            if "compiled_unrolled_per_chip" in f
+            else ""
+        )
+    )
+    mfu = r.get("mfu", {})
+    if "mfu" in mfu:
+        lines.append(
+            f"step-time model: {mfu['model']} -> {mfu['step_time_s'] * 1e3:.2f} ms "
+            f"({mfu['bound']}-bound): MFU {mfu['mfu']:.1%}, "
+            f"{mfu['tokens_per_s_per_chip']:.1f} tokens/s/chip"
+        )
+    elif "note" in mfu:
+        lines.append(f"step-time model: {mfu['note']}")
+    return "\n".join(lines)
