@@ -10,7 +10,8 @@ Configs: the architecture from `loading.read_model_config` (our YAML, a Hugging 
 config.json or any checkpoint directory). Training uses the YAML's `runtime:` and `train:`
 sections (`train_config.load_configs`), a train.py run directory's own policy, else
 `RuntimePolicy()` (fp32 parameters, bf16 compute, full remat); `--param-dtype` overrides the
-parameter dtype. Serving uses `RuntimePolicy.inference(--dtype)`. `--set model.K=V`,
+parameter dtype. Serving uses `RuntimePolicy.inference(--dtype)`; `--weights int8|fp8|bf16` holds
+the matmul weights in that form (`hunyuan_jax.quantize`). `--set model.K=V`,
 `--set runtime.K=V` and (train) `--set K=V` / `--set train.K=V` override keys as train.py's
 `--set` does; the dedicated flags win over them.
 
@@ -97,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="serving weights/compute dtype")
     p.add_argument("--param-dtype", default=None, help="train: override the parameter dtype")
     p.add_argument(
+        "--weights",
+        choices=("auto", "bf16", "int8", "fp8"),
+        default=None,
+        help="how the matmul weights are held (runtime.weights): int8 / fp8 values + "
+        "per-channel scales, bf16, or auto (float in the parameter dtype)",
+    )
+    p.add_argument(
         "--cache-dtype", default=None, help="KV cache dtype (default: the compute dtype; int8)"
     )
     p.add_argument(
@@ -169,11 +177,12 @@ def resolve_configs(args) -> tuple[ModelConfig, RuntimePolicy, TrainConfig]:
         cfg = cfg.replace(**over["model"])
         policy = (runtime or RuntimePolicy()).replace(**over["runtime"])
         tcfg = TrainConfig.from_dict(over["train"], "--set")
+    weights = {} if args.weights is None else {"weights": args.weights}
     if train:
         if args.param_dtype:
             policy = policy.replace(param_dtype=args.param_dtype)
-        return cfg, policy, tcfg
-    policy = RuntimePolicy.inference(args.dtype).replace(**over["runtime"])
+        return cfg, policy.replace(**weights), tcfg
+    policy = RuntimePolicy.inference(args.dtype).replace(**over["runtime"], **weights)
     return cfg, policy, TrainConfig()
 
 

@@ -133,7 +133,8 @@ def _header_lines(r: dict) -> list[str]:
         f"{r['mode']} | {r['config']} | {r['topology']} ({r['topology_string']}, "
         f"{r['chips']} chips, {r['device_kind']}) | mesh {r['mesh_arg']} {mesh} | "
         f"rules {r['rules']}",
-        f"{sizes} | params {p['param_dtype']}, compute {p['compute_dtype']}, remat "
+        f"{sizes} | params {p['param_dtype']}, matmul weights {p.get('weights', 'auto')}, "
+        f"compute {p['compute_dtype']}, remat "
         f"{p['remat']}, scan {'on' if p['scan_layers'] else 'off'}, attention {p['attention']}",
         f"step: {r.get('step_source', '?')}",
     ]
