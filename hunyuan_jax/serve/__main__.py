@@ -5,6 +5,7 @@
         [--slots 8] [--max-len 4096] [--prefill-chunk 256] [--prefill-budget 2]
         [--max-queue 64]
         [--host 127.0.0.1] [--port 8000] [--served-model-name NAME] [--dtype auto]
+        [--weights auto|bf16|int8|fp8] [--cache-dtype auto|int8]
 
 DIR: any checkpoint infer.py accepts (Hugging Face, converted, train.py run). Without
 --checkpoint the server loads `hunyuan_jax/assets/default_model` (a 0.9M-parameter model
@@ -37,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the `model` clients must send")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--cache-dtype", default="auto", choices=("auto", "bfloat16", "float32", "int8"))
+    p.add_argument(
+        "--weights",
+        default="auto",
+        choices=("auto", "bf16", "int8", "fp8"),
+        help="matmul weights as stored (auto), bf16, or int8 / fp8 per output channel "
+        "(quantized on load unless the checkpoint stores them so)",
+    )
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=1,tensor=8"')
     p.add_argument("--rules", default="serve_ep_tp", help="sharding rules preset for --mesh")
     p.add_argument("--slots", type=int, default=4, help="decode slots (concurrent requests)")
@@ -69,6 +77,7 @@ def build_state(
     tokenizer=None,
     name=None,
     dtype="auto",
+    weights="auto",
     cache_dtype="auto",
     plan=None,
     slots=4,
@@ -89,7 +98,7 @@ def build_state(
     from hunyuan_jax.serve.scheduler import Engine
 
     path = Path(checkpoint) if checkpoint else DEFAULT_MODEL
-    bundle = loading.load(path, dtype=dtype, plan=plan, tokenizer=tokenizer)
+    bundle = loading.load(path, dtype=dtype, weights=weights, plan=plan, tokenizer=tokenizer)
     if bundle.tokenizer is None:
         raise UsageError(f"no tokenizer in {path} (hy.tiktoken or *.model); pass --tokenizer")
     limit = bundle.cfg.max_position_embeddings
@@ -151,6 +160,7 @@ def _main(args) -> int:
         tokenizer=args.tokenizer,
         name=args.served_model_name,
         dtype=args.dtype,
+        weights=args.weights,
         cache_dtype=args.cache_dtype,
         plan=plan,
         slots=args.slots,
