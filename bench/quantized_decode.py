@@ -1,0 +1,122 @@
+"""CPU decode throughput with float32, bfloat16 and int8 matmul weights, same run.
+
+    python bench/quantized_decode.py                       # configs/small.yaml, batch 1 and 8
+    python bench/quantized_decode.py --batches 1 --rounds 9 --weights float32 int8
+
+One random model of the config (float32) is held three ways (`RuntimePolicy.weights`):
+float32 (as built), bf16 and int8 (per output channel, `hunyuan_jax.quantize`); compute is
+float32 on every side, so the sides differ only in how the weights are stored and read (a
+bf16 weight is cast to float32 at each matmul, an int8 one dequantized next to it). Each side
+runs `Generator.generate` (compiled beforehand) on the same prompts; the sides alternate
+(a, b, c, then c, b, a, ...) for `--rounds` rounds, so a load change on the shared machine hits
+them all, and each reports the median decode tokens/s and its min-max spread. A 2048x2048
+float32 jnp.dot is timed in the same rounds: the machine's matmul peak. Greedy tokens are
+compared with the float32 side (equal fraction over the batch). A spread over 20 % means the
+machine was busy: compare with care.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from hunyuan_jax import quantize  # noqa: E402
+from hunyuan_jax.generate import Generator  # noqa: E402
+from hunyuan_jax.loading import read_model_config  # noqa: E402
+from hunyuan_jax.policy import RuntimePolicy  # noqa: E402
+from hunyuan_jax.state import init_model  # noqa: E402
+
+BUSY_SPREAD = 0.20
+
+
+def weight_bytes(model) -> int:
+    return sum(
+        v.get_value().size * v.get_value().dtype.itemsize
+        for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "small.yaml"))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--weights", nargs="+", default=["float32", "bf16", "int8"])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    cfg = read_model_config(args.config)
+    policy = RuntimePolicy.inference("float32")
+    models = {}
+    for w in args.weights:
+        model = init_model(cfg, policy, seed=args.seed)  # the same float32 weights each time
+        models[w] = model if w == "float32" else quantize.convert_model(model, w, plan=None)
+    rng = np.random.default_rng(args.seed)
+    m = jnp.asarray(rng.standard_normal((2048, 2048), np.float32))
+    dot = jax.jit(jnp.dot)
+    dot(m, m).block_until_ready()
+    print(
+        f"{args.config}: decode {args.new_tokens} new tokens after {args.prompt_len}-token "
+        f"prompts, compute float32, {args.rounds} alternating rounds on "
+        f"{jax.devices()[0].device_kind} ({os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f})"
+    )
+    for w, model in models.items():
+        print(f"  {w:<8} weights {weight_bytes(model) / 2**20:8.1f} MiB")
+
+    busy = False
+    for batch in args.batches:
+        prompts = rng.integers(3, cfg.vocab_size, (batch, args.prompt_len)).tolist()
+        gens = {w: Generator(model, eos_ids=[]) for w, model in models.items()}
+        tokens = {w: g.generate(prompts, args.new_tokens).tokens for w, g in gens.items()}
+        rates: dict[str, list[float]] = {w: [] for w in gens}
+        peaks: list[float] = []
+        order = list(gens)
+        for r in range(args.rounds):
+            for w in order if r % 2 == 0 else order[::-1]:
+                rates[w].append(gens[w].generate(prompts, args.new_tokens).decode_tokens_per_s)
+            t0 = time.perf_counter()
+            dot(m, m).block_until_ready()
+            peaks.append(2 * 2048**3 / (time.perf_counter() - t0))
+        ref = np.asarray(tokens[order[0]])
+        print(f"batch {batch}:")
+        for w in order:
+            med, lo, hi = statistics.median(rates[w]), min(rates[w]), max(rates[w])
+            spread = (hi - lo) / med
+            busy |= spread > BUSY_SPREAD
+            equal = float(np.mean(np.asarray(tokens[w]) == ref))
+            print(
+                f"  {w:<8} decode median {med:8.1f} tokens/s  spread {lo:.1f}-{hi:.1f} "
+                f"({spread:5.1%})  x{med / statistics.median(rates[order[0]]):.2f} vs "
+                f"{order[0]}  greedy tokens equal to {order[0]}: {equal:.0%}"
+            )
+        peak = statistics.median(peaks)
+        print(
+            f"  matmul   2048x2048 float32 jnp.dot median {peak / 1e9:.1f} GFLOP/s "
+            f"(spread {min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f})"
+        )
+    if busy:
+        print(
+            f"WARNING: spread over {BUSY_SPREAD:.0%}: the machine was busy during the run; "
+            "the medians are rough (rerun, or use more --rounds)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
