@@ -19,11 +19,13 @@ and `<name>/array/scale`). One scale per output channel: every dimension the mat
 contract is channelwise, the stacked `layers` and `exp` axes included (one scale per layer
 group, expert and output feature).
 
-Numerics: qwix's absmax calibration (`quantize_numpy` reproduces it bit for bit, for the
-streaming converter). s = max|w| over the contracted dims / B, B = 127.5 (int8) or 448 (e4m3);
-int8: q = clip(round(w / s), -128, 127), so |w - q s| <= s / 2 = max|w| / 255; fp8: q = e4m3(w / s),
-relative error <= 2^-4 (3 mantissa bits; absolute <= 2^-10 s below e4m3's normal range 2^-6).
-`qops` dequantizes next to the matmul: q * s in the compute dtype.
+Numerics: qwix's absmax calibration (`quantize_numpy` reproduces it bit for bit on XLA:CPU, for
+the streaming converter). s = max|w| over the contracted dims / B, B = 127.5 (int8) or 448
+(e4m3); int8: q = clip(round(w / s), -128, 127), so |w - q s| <= s / 2 = max|w| / 255; fp8:
+q = e4m3(w / s), relative error <= 2^-4 (3 mantissa bits; absolute <= 2^-10 s below e4m3's
+normal range 2^-6). `qops` dequantizes a dense weight next to its matmul (q * s in the compute
+dtype; XLA fuses it) and multiplies the grouped matmul's output rows by their expert's scales.
+The measured accuracy and TPU fit: docs/quantization.md.
 
 Forms (`RuntimePolicy.weights`): 'auto' leaves a model as built or loaded; 'bf16' stores the
 matmul weights as bfloat16 arrays; 'int8' / 'fp8' as above. `convert_model` goes from any form
@@ -207,7 +209,7 @@ def abstract_model(cfg, policy, plan=None, weights: str | None = None):
 
 def model_form(model) -> str:
     """'int8' | 'fp8' if the matmul weights are quantized so, else 'float' (mixed: ValueError)."""
-    forms = {form_of(_stored_value(getattr(m, n))) for _, m, n in matmul_weights(model)}
+    forms = {form_of(getattr(m, n)) for _, m, n in matmul_weights(model)}
     forms = {f if f in QUANTIZED else "float" for f in forms}
     if len(forms) != 1:
         raise ValueError(f"the matmul weights are stored in several forms: {sorted(forms)}")
