@@ -398,3 +398,21 @@ def test_mixed_forms_are_refused():
     )
     with pytest.raises(ValueError, match="several forms"):
         quantize.model_form(model)
+
+
+def test_aot_tool_compiles_int8_weights(tmp_path, capsys):
+    """`python -m hunyuan_jax.aot --weights int8` (here on this host's 8 CPU devices): the
+    serving program takes int8 values + scales as arguments, under half the float32 bytes."""
+    from hunyuan_jax.aot.cli import main
+
+    args = {}
+    for w in ("auto", "int8"):
+        out = tmp_path / f"{w}.json"
+        argv = ["--config", "configs/tiny.yaml", "--topology", "local", "--mode", "decode-step"]
+        argv += ["--batch", "2", "--mesh", "expert=2,tensor=4", "--cache-len", "64"]
+        argv += ["--dtype", "float32", "--weights", w, "--json", str(out)]
+        assert main(argv) == 0, capsys.readouterr()
+        r = json.loads(out.read_text())
+        assert r["policy"]["weights"] == w
+        args[w] = r["memory_gib"]["arguments"]
+    assert args["int8"] < 0.5 * args["auto"]
