@@ -93,11 +93,35 @@ def add_debug_flag(parser) -> None:
     )
 
 
-def run_cli(prog: str, main: Callable[[], int | None], debug: bool = False) -> int:
+def os_error(e: OSError, cls: type[HunyuanError] | None = None) -> HunyuanError:
+    """An OSError (disk full, permission denied, ...) as an expected error naming the file:
+    `cls` (CheckpointError by default: what fails to be written or read is a checkpoint or
+    a run directory)."""
+    cls = cls or CheckpointError
+    name = e.filename or ""
+    if e.filename2:
+        name = f"{name} -> {e.filename2}"
+    reason = e.strerror or str(e) or type(e).__name__
+    return cls(f"{name}: {reason}" if name else reason)
+
+
+def run_cli(
+    prog: str,
+    main: Callable[[], int | None],
+    debug: bool = False,
+    oserror: type[HunyuanError] | None = None,
+) -> int:
     """Runs `main()`; an expected error is printed as `prog: error: message` (one line) and
-    returns its exit status. With `debug` the exception propagates (full traceback)."""
+    returns its exit status. With `oserror` (a class), an OSError that escapes `main` is
+    reported the same way as that class (`os_error`). With `debug` the exception propagates
+    (full traceback)."""
     try:
-        return int(main() or 0)
+        try:
+            return int(main() or 0)
+        except OSError as e:
+            if oserror is None or debug or isinstance(e, HunyuanError):
+                raise
+            raise os_error(e, oserror) from e
     except HunyuanError as e:
         if debug:
             raise
