@@ -272,11 +272,13 @@ def jax_to_hf(
         try:
             piece = arr.read().result()
         except Exception as e:  # tensorstore: a truncated / corrupt shard file, an I/O error
-            raise integrity.read_error(e, src.params_dir, src.tree_prefix + leaf.name) from e
+            label = f"{src.tree_prefix + leaf.name} (the slice of {key!r})"
+            raise integrity.read_error(e, src.params_dir, label) from e
         if src.digests is not None:
             start = tuple(index) + (0,) * (len(leaf.shape) - len(index))
             h, n = sums.get(leaf.name, ((0, 0), 0))
-            part = integrity.np_partial(piece, start, leaf.shape)
+            block = piece.reshape((1,) * len(index) + piece.shape)  # indexing dropped dims
+            part = integrity.np_partial(block, start, leaf.shape)
             sums[leaf.name] = (integrity.add(h, part), n + piece.size)
         hf = to_hf(entry, piece, out_dtype)
         bar.update(hf.nbytes)
