@@ -125,6 +125,10 @@ def run_cli(
     except HunyuanError as e:
         if debug:
             raise
+        # Background work abandoned by the failure (e.g. orbax's other array reads after one
+        # failed) may be collected later and print "Exception ignored in ..." tracebacks:
+        # the error is reported, the process ends; keep stderr to the one line.
+        sys.unraisablehook = lambda unraisable: None
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -164,8 +164,15 @@ def stop_report(
     todo = "rerun the same command (it resumes from it)"
     if newer:
         todo = f"delete the newer ones ({' '.join(f'rm -r {ckdir / str(s)}' for s in newer)}), then rerun"
+    before = [s for s in healthy if s < best]
+    again = (
+        f" (if it spikes again, the damage was saved with it: go back to step {max(before)})"
+        if before
+        else ""
+    )
     parts.append(
         f"newest healthy checkpoint: step {best}; to continue from it: {todo} with a lower "
-        f"learning rate (--set lr=...) or --set on_nonfinite=skip to skip non-finite batches"
+        f"learning rate (--set lr=...) or --set on_nonfinite=skip to skip non-finite "
+        f"batches{again}"
     )
     return "; ".join(parts)

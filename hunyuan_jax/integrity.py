@@ -229,8 +229,15 @@ def read_error(e: BaseException, where: str | Path, array: str | None = None) ->
     what = f"array {array}" if array else "an array"
     hint = ""
     if any(
-        k in reason
-        for k in ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "Digest mismatch", "corrupt")
+        k in reason.lower()
+        for k in (
+            "data_loss",
+            "out_of_range",
+            "not_found",
+            "digest mismatch",
+            "corrupt",
+            "truncated",
+        )
     ):
         hint = " (the checkpoint is truncated, incomplete or corrupt)"
     return CheckpointError(f"{where}: cannot read {what}: {reason}{hint}")

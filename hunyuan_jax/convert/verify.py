@@ -160,8 +160,9 @@ def verify_run(run: Path, step: int | None, log) -> dict:
         try:
             a, b, checked = verify_step(run, s)
         except CheckpointError as e:
+            if step is not None:
+                raise
             failures.append((s, e))
-            log(f"step {s}: {e}")
             continue
         good.append(s)
         n, total = n + a, total + b
@@ -170,12 +171,9 @@ def verify_run(run: Path, step: int | None, log) -> dict:
         log(f"step {s}: ok ({a} arrays, {b / 1e9:.3f} GB{', no checksums' if not checked else ''})")
     if failures:
         s, e = failures[0]
-        ok = (
-            f"steps that verify: {', '.join(map(str, sorted(good)))}"
-            if good
-            else "no step verifies"
-        )
-        raise CheckpointError(f"{e} (step {s}; {ok})")
+        bad = ", ".join(str(f) for f, _ in failures)
+        ok = f"steps that verify: {', '.join(map(str, sorted(good)))}" if good else "none verifies"
+        raise CheckpointError(f"{e} (step {s}; steps that fail: {bad}; {ok})")
     note = f"; steps {unchecked} have no checksums (saved by older code)" if unchecked else ""
     log(f"verified {run}: steps {sorted(good)}, {n} arrays, {total / 1e9:.3f} GB{note}")
     return {
