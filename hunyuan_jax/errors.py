@@ -115,6 +115,8 @@ def run_cli(
     returns its exit status. With `oserror` (a class), an OSError that escapes `main` is
     reported the same way as that class (`os_error`). With `debug` the exception propagates
     (full traceback)."""
+    if not debug:
+        _quiet_closed_event_loops()
     try:
         try:
             return int(main() or 0)
@@ -136,6 +138,29 @@ def run_cli(
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_closed_event_loops() -> None:
+    """When an orbax restore fails, orbax closes its event loop while tensorstore still has
+    reads in flight; each of them then reports "RuntimeError: Event loop is closed" through
+    `sys.unraisablehook`, a 30-line traceback per array, from another thread, possibly before
+    the one-line error is printed; the abandoned read coroutines, when collected, report the
+    same read error again ("Encountered error while reading array index"). Those (and only
+    those) are dropped: the error itself reaches `run_cli` through the restore call."""
+    original = sys.unraisablehook
+    if getattr(original, "quiet_closed_event_loops", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        if str(e).startswith("Encountered error while reading array index"):
+            return
+        original(unraisable)
+
+    hook.quiet_closed_event_loops = True
+    sys.unraisablehook = hook
 
 
 def _one_line(e: BaseException) -> str:

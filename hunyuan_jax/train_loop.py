@@ -234,6 +234,8 @@ def _restore_verified(ckpt, step: TrainStep, run_dir: Path, log):
         if _any_process(err is not None):
             failed.append((s, err or "failed on another process"))
             continue
+        if ckpt.record(s) is None:
+            log(f"[ckpt] checkpoint {s} has no integrity record (older code): not verified")
         for bad, why in failed:
             moved = ckpt.set_aside(bad)
             log(
