@@ -72,18 +72,45 @@ def _np_bits(a: np.ndarray) -> np.ndarray:
 
 def np_partial(block: np.ndarray, start, shape) -> tuple[int, int]:
     """The digest sums of `block`, the part of an array of `shape` starting at index `start`
-    (one int per dimension); the sums of disjoint blocks add up (mod 2^32) to the array's."""
+    (one int per dimension); the sums of disjoint blocks add up (mod 2^32) to the array's.
+    Computed in place, slab by slab along the first dimension (few temporaries)."""
     block = np.asarray(block)
     if block.size == 0:
         return 0, 0
-    pos = np.zeros(block.shape, np.uint64)
-    for k, (s, stride) in enumerate(zip(start, _strides(shape))):
-        idx = np.arange(s, s + block.shape[k], dtype=np.uint64) * np.uint64(stride)
-        pos = pos + idx.reshape((-1,) + (1,) * (block.ndim - k - 1))
-    pos = (pos & np.uint64(_MASK)).astype(np.uint32)
+    if block.ndim == 0:
+        block, start, shape = block.reshape(1), (0,), (1,)
+    strides = _strides(shape)
+    # Each dimension's contribution to the position (index * stride mod 2^32), as uint32.
+    parts = [
+        ((np.arange(s, s + n, dtype=np.uint64) * np.uint64(st)) & np.uint64(_MASK)).astype(
+            np.uint32
+        )
+        for s, n, st in zip(start, block.shape, strides)
+    ]
+    inner = max(1, math.prod(block.shape[1:]))
+    rows = max(1, (1 << 20) // inner)
+    h1 = h2 = 0
     with np.errstate(over="ignore"):
-        t1, t2 = _terms(_np_bits(block), pos, np.uint32)
-        return int(t1.sum(dtype=np.uint32)), int(t2.sum(dtype=np.uint32))
+        for r in range(0, block.shape[0], rows):
+            bits = _np_bits(block[r : r + rows])
+            pos = np.zeros(bits.shape, np.uint32)
+            pos += parts[0][r : r + rows].reshape((-1,) + (1,) * (block.ndim - 1))
+            for k in range(1, block.ndim):
+                pos += parts[k].reshape((-1,) + (1,) * (block.ndim - k - 1))
+            t = pos * np.uint32(_GOLDEN)
+            t += bits
+            tmp = np.empty_like(t)
+            for shift, mult in ((16, _M1), (13, _M2), (16, None)):
+                np.right_shift(t, shift, out=tmp)
+                np.bitwise_xor(t, tmp, out=t)
+                if mult is not None:
+                    np.multiply(t, np.uint32(mult), out=t)
+            h1 += int(t.sum(dtype=np.uint32))
+            np.multiply(pos, np.uint32(2), out=pos)
+            pos += np.uint32(1)
+            pos *= bits
+            h2 += int(pos.sum(dtype=np.uint32))
+    return h1 & _MASK, h2 & _MASK
 
 
 def add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
