@@ -360,10 +360,11 @@ def restore_param_state(directory: str | Path, target):
     shardings; each process reads only its shards; dtypes are cast on read."""
     import orbax.checkpoint as ocp
 
-    from hunyuan_jax.integrity import read_error
+    from hunyuan_jax.integrity import orbax_metadata, read_error
 
     read_manifest(directory)
     params = Path(directory).absolute() / PARAMS_DIR
+    orbax_metadata(params)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(params, target)

@@ -272,6 +272,8 @@ class Checkpointer:
         that cannot be read or does not match."""
         step_dir = self.directory / str(step)
         record = read_record(step_dir)
+        for item in (PARAMS, OPT_STATE):
+            integrity.orbax_metadata(step_dir / item)
         if record is not None:
             abstract_params = _stored_dtypes(abstract_params, record.get(PARAMS, {}))
             abstract_opt_state = _stored_dtypes(abstract_opt_state, record.get(OPT_STATE, {}))
@@ -363,6 +365,7 @@ def restore_run_params(run_dir: str | Path, target, step: int | None = None):
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint item (steps: {complete_steps(run_dir)})")
     record = read_record(directory / str(step))
+    integrity.orbax_metadata(path)
     stored = target if record is None else _stored_dtypes(target, record.get(PARAMS, {}))
     try:
         with ocp.StandardCheckpointer() as ckptr:

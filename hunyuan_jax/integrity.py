@@ -202,6 +202,7 @@ _TS_ARRAY = (
     re.compile(r'Error reading "([^"/]+)/'),  # OCDBT key of the array's chunk
     re.compile(r"'path': '([^'/]+)/?',\n\s*\},\n\s*'metadata'"),  # kvstore path in the spec
     re.compile(r'local file "[^"]*/([^"/]+)/(?:c/|zarr\.json|\.zarray)'),  # zarr dir
+    re.compile(r"subdirectory not found at path: \S*/([^/\s]+?)\.?$", re.M),  # orbax
 )
 _TS_FILE = re.compile(r'(?:local file|OCDBT database at local file) "([^"]+)"')
 
@@ -268,6 +269,24 @@ def read_error(e: BaseException, where: str | Path, array: str | None = None) ->
     ):
         hint = " (the checkpoint is truncated, incomplete or corrupt)"
     return CheckpointError(f"{where}: cannot read {what}: {reason}{hint}")
+
+
+def orbax_metadata(item_dir: str | Path) -> tuple[bool, bool, list[str]]:
+    """(use_ocdbt, use_zarr3, array names) of an orbax PyTree checkpoint directory, from its
+    `_METADATA`; CheckpointError naming the file when it is missing or unreadable."""
+    meta = Path(item_dir) / "_METADATA"
+    try:
+        m = json.loads(meta.read_text())
+        names = [
+            ".".join(k["key"] for k in entry["key_metadata"])
+            for entry in m["tree_metadata"].values()
+            if not entry.get("value_metadata", {}).get("skip_deserialize")
+        ]
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta}: missing (not a complete orbax checkpoint)") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{meta}: unreadable orbax metadata ({e})") from None
+    return bool(m.get("use_ocdbt")), bool(m.get("use_zarr3")), names
 
 
 # ----------------------------------------------------------------------------- reading back

@@ -58,6 +58,13 @@ def verify_converted(path: Path, log) -> dict:
     p = man["params"]
     params_dir = path / p["dir"]
     checksum = p.get("checksum", "none")
+    _, _, names = integrity.orbax_metadata(params_dir)
+    if sorted(names) != sorted(p["leaves"]):
+        extra = sorted(set(names) ^ set(p["leaves"]))
+        raise CheckpointError(
+            f"{params_dir / '_METADATA'}: array {extra[0]} is in the orbax metadata or the "
+            f"manifest, not both"
+        )
     total, n = 0, 0
     for name, info in p["leaves"].items():
         try:
@@ -88,20 +95,6 @@ def verify_converted(path: Path, log) -> dict:
     return {"format": "converted", "arrays": n, "bytes": total, "checksums": checksum}
 
 
-def _orbax_flags(item_dir: Path) -> tuple[bool, bool, list[str]]:
-    meta = item_dir / "_METADATA"
-    try:
-        m = json.loads(meta.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{meta}: unreadable orbax metadata ({e})") from e
-    names = []
-    for entry in m.get("tree_metadata", {}).values():
-        if entry.get("value_metadata", {}).get("skip_deserialize"):
-            continue
-        names.append(".".join(k["key"] for k in entry["key_metadata"]))
-    return bool(m.get("use_ocdbt")), bool(m.get("use_zarr3")), names
-
-
 def verify_step(run: Path, step: int) -> tuple[int, int, bool]:
     """(arrays, bytes, had checksums) of one run step, every array read back and checked."""
     step_dir = checkpointing.checkpoint_dir(run) / str(step)
@@ -111,7 +104,7 @@ def verify_step(run: Path, step: int) -> tuple[int, int, bool]:
         item_dir = step_dir / item
         if not item_dir.is_dir():
             raise CheckpointError(f"{item_dir}: item {item} is missing")
-        ocdbt, zarr3, names = _orbax_flags(item_dir)
+        ocdbt, zarr3, names = integrity.orbax_metadata(item_dir)
         want = None if record is None else {k: r["digest"] for k, r in record[item].items()}
         if want is not None and sorted(want) != sorted(names):
             extra = sorted(set(names) ^ set(want))
