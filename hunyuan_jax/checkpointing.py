@@ -235,6 +235,11 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saving: int | None = None  # the step of the last save started
+
+    def _write_error(self, e: BaseException) -> CheckpointError:
+        step = "" if self._saving is None else f" {self._saving}"
+        return integrity.write_error(e, f"saving checkpoint{step} into {self.directory}")
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -261,7 +266,12 @@ class Checkpointer:
                 INTEGRITY: ocp.args.JsonSave(record),
             }
         )
-        return self.manager.save(step, args=args, force=True)
+        try:  # waits for the previous save, whose background failure surfaces here
+            started = self.manager.save(step, args=args, force=True)
+        except Exception as e:
+            raise self._write_error(e) from e
+        self._saving = step
+        return started
 
     def record(self, step: int) -> dict | None:
         return read_record(self.directory / str(step))
@@ -315,10 +325,13 @@ class Checkpointer:
         return dst
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # a background save failed (disk full, permission, ...)
+            raise self._write_error(e) from e
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 

@@ -117,6 +117,7 @@ def run_cli(
     (full traceback)."""
     if not debug:
         _quiet_closed_event_loops()
+        _quiet_orbax_error_logs()
     try:
         try:
             return int(main() or 0)
@@ -161,6 +162,32 @@ def _quiet_closed_event_loops() -> None:
 
     hook.quiet_closed_event_loops = True
     sys.unraisablehook = hook
+
+
+def _quiet_orbax_error_logs() -> None:
+    """orbax logs each failure of its background threads (a save that hits a full disk) at
+    ERROR with a traceback, several times over, and asyncio reports its abandoned write
+    tasks ("Task exception was never retrieved"), before the failure is re-raised in the main
+    thread, where it becomes the one-line error. Those records are dropped (`--debug` keeps
+    them); other warnings and errors are not."""
+    import logging
+
+    try:
+        from absl import logging as absl_logging  # first: absl creates its own logger class
+    except ImportError:  # no orbax here either
+        return
+
+    def drop(record) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if "/orbax/" in record.pathname:
+            return False
+        return not (record.name == "asyncio" and "/orbax/" in record.getMessage())
+
+    drop.quiet_orbax = True
+    for logger in (absl_logging.get_absl_logger(), logging.getLogger("asyncio")):
+        if not any(getattr(f, "quiet_orbax", False) for f in logger.filters):
+            logger.addFilter(drop)
 
 
 def _one_line(e: BaseException) -> str:

@@ -289,6 +289,26 @@ def orbax_metadata(item_dir: str | Path) -> tuple[bool, bool, list[str]]:
     return bool(m.get("use_ocdbt")), bool(m.get("use_zarr3")), names
 
 
+def write_error(e: BaseException, what: str) -> CheckpointError:
+    """A one-line CheckpointError for a failed (possibly background) checkpoint save."""
+    if isinstance(e, CheckpointError):
+        return e
+    texts = [str(x) for x in _chain(e)]
+    reason = next((t for t in texts if t.strip()), type(e).__name__)
+    for t in texts:
+        m = _TS_STATUS.search(t)
+        if m:
+            reason = f"{m.group(1)}: {m.group(2)}"
+            break
+    reason = " ".join(reason.split())
+    if len(reason) > 400:
+        reason = reason[:200] + " ... " + reason[-200:]
+    return CheckpointError(
+        f"{what} failed: {reason} (a full disk, a file-size limit or a permission?); the "
+        f"incomplete step is never used: once fixed, rerun to resume from the last complete one"
+    )
+
+
 # ----------------------------------------------------------------------------- reading back
 def iter_blocks(arr, max_bytes: int = 64 << 20):
     """(start index, numpy block) covering a tensorstore array, each at most ~max_bytes

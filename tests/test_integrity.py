@@ -446,6 +446,27 @@ def test_sigkill_while_the_tokenizer_is_written_then_rerun(tmp_path):
     assert checkpointing.complete_steps(run) == [2]
 
 
+def test_disk_full_during_a_checkpoint_save(tmp_path):
+    """A real process whose files may not grow past 3 MB (RLIMIT_FSIZE: writes fail with
+    EFBIG, as on a full disk) while orbax saves step 2 in the background: one line, exit 4,
+    and no complete-looking step is left behind."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train.py"), *_train_args(run, "stop_at=2")]
+    p = subprocess.run(
+        cmd, env=_env(), capture_output=True, text=True, timeout=400, preexec_fn=limit
+    )
+    line = _one_line(p.stderr, "train.py")
+    assert p.returncode == 4 and f"saving checkpoint 2 into {run / 'checkpoints'} failed" in line
+    assert "File too large" in line and "rerun to resume" in line
+    assert checkpointing.complete_steps(run) == []
+
+
 # ----------------------------------------------------------------------------- data errors
 @pytest.mark.parametrize(
     "content, expect",
