@@ -173,7 +173,10 @@ def tree_digests(tree) -> dict[str, str]:
     fn = _JITTED.get(len(items))
     if fn is None:
         fn = _JITTED[len(items)] = jax.jit(lambda xs: jnp.stack([_jnp_digest(x) for x in xs]))
-    sums = np.asarray(jax.device_get(fn([x for _, x in items])))
+    out = fn([x for _, x in items])
+    if not out.is_fully_addressable:  # multi-host: the (replicated) result of a reduction
+        out = out.addressable_shards[0].data
+    sums = np.asarray(jax.device_get(out))
     return {name: fmt_digest(s) for (name, _), s in zip(items, sums)}
 
 
