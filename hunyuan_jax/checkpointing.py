@@ -284,13 +284,14 @@ class Checkpointer:
         record = read_record(step_dir)
         for item in (PARAMS, OPT_STATE):
             integrity.orbax_metadata(step_dir / item)
-        if record is not None:
-            abstract_params = _stored_dtypes(abstract_params, record.get(PARAMS, {}))
-            abstract_opt_state = _stored_dtypes(abstract_opt_state, record.get(OPT_STATE, {}))
+        stored_params, stored_opt = abstract_params, abstract_opt_state
+        if record is not None:  # restore what is stored, verify it, then cast to the target
+            stored_params = _stored_dtypes(abstract_params, record.get(PARAMS, {}))
+            stored_opt = _stored_dtypes(abstract_opt_state, record.get(OPT_STATE, {}))
         args = ocp.args.Composite(
             **{
-                PARAMS: ocp.args.StandardRestore(abstract_params),
-                OPT_STATE: ocp.args.StandardRestore(abstract_opt_state),
+                PARAMS: ocp.args.StandardRestore(stored_params),
+                OPT_STATE: ocp.args.StandardRestore(stored_opt),
                 DATA: ocp.args.JsonRestore(),
             }
         )
@@ -304,7 +305,7 @@ class Checkpointer:
             check_arrays(record, OPT_STATE, opt_state, step_dir)
             if integrity.json_digest(data) != record.get(DATA):
                 raise CheckpointError(f"{step_dir / DATA}: data states do not match their checksum")
-        return params, opt_state, data
+        return _cast_like(params, abstract_params), _cast_like(opt_state, abstract_opt_state), data
 
     def set_aside(self, step: int) -> Path:
         """Moves a step that failed verification to `corrupt-<step>` (never deleted: the user

@@ -9,7 +9,9 @@
 The digest of an array is two wrapping uint32 sums over its elements, of `fmix32(b + p *
 0x9E3779B1)` and of `b * (2p + 1)`, where `b` is the element's bits and `p` its C-order index
 modulo 2^32 (murmur3's finaliser `fmix32` is a bijection and `2p + 1` is odd, so a change to any
-single element always changes both sums; several changes collide with probability ~2^-64).
+single element always changes both sums; several changes go unnoticed only if both sums
+collide: ~2^-64 for random damage, ~2^-32 for structured damage that cancels in the linear
+second sum, e.g. two flipped sign bits).
 Integer sums are exact in any order, so the same value comes out on device (one fused pass per
 array, over any sharding, for the whole tree in one jit) and from numpy over slices read back
 from disk (`verify`, export): nothing depends on orbax's file layout, and every process of a
