@@ -11,8 +11,8 @@ One tiny run (6 steps, checkpoints 2, 4, 6) is trained once for the module and c
 test damages it; a persistent compilation cache (shared with the subprocesses) turns the
 later compiles of the same step into cache hits. CLIs run in-process (`main(argv)`), except
 where the process itself is the point (the one-line stderr of a real process, SIGKILL).
-Durations on 2 shared CPU cores: the module fixture ~60 s, the SIGKILL test ~40 s, the rest
-< 15 s each.
+Durations on 2 shared, loaded CPU cores: the module fixture 60-100 s (the one compile), the
+SIGKILL test ~20 s, the disk-full test ~17 s, the rest < 10 s each; the file ~3.3 min.
 """
 
 import json
