@@ -6,8 +6,8 @@ unsafe pickle given to infer.py and `train.py --init-from`; a resumed run whose 
 checkpoint is corrupt (falls back) or whose checkpoints all are (exit 4); a run stopped on a
 non-finite loss after a loss spike (exit 5, the healthy checkpoint named); a full disk during
 a background checkpoint save; chat data with an unknown role and an empty data file (exit 3).
-Every CLI case
-asserts the exit status and that stderr is one line naming the file, array or tensor.
+Every CLI case asserts the exit status and that stderr is one line naming the file, array or
+tensor.
 
 One tiny run (6 steps, checkpoints 2, 4, 6) is trained once for the module and copied where a
 test damages it; a persistent compilation cache (shared with the subprocesses) turns the
