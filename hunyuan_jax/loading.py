@@ -180,12 +180,19 @@ def load_params(ckpt: Checkpoint | str | Path, policy: RuntimePolicy, plan=None)
 
 # ----------------------------------------------------------------------------- tokenizer
 def find_tokenizer(*dirs: Path):
-    """The first tokenizer found in `dirs` (each dir itself, then its `tokenizer/`), or None."""
+    """The first tokenizer found in `dirs` (each dir itself, then its `tokenizer/`), or None.
+    A directory with the checksums a training run records (`checksums.json`) is checked
+    first: CheckpointError names a damaged file."""
+    from hunyuan_jax.checkpointing import TOKENIZER_SUMS, tokenizer_problem
     from hunyuan_jax.tokenizer import load_tokenizer
 
     for d in dirs:
         d = Path(d)
         for cand in (d, d / "tokenizer"):
+            if (cand / TOKENIZER_SUMS).is_file():
+                problem = tokenizer_problem(cand)
+                if problem is not None:
+                    raise CheckpointError(problem)
             if cand.is_dir() and ((cand / "hy.tiktoken").is_file() or any(cand.glob("*.model"))):
                 return load_tokenizer(cand)
     return None

@@ -20,6 +20,7 @@ from hunyuan_jax.convert.common import DTYPES, FLOAT_DTYPES, hf_tensors
 from hunyuan_jax.errors import CheckpointError, UsageError
 from hunyuan_jax.hf_checkpoint import (
     FP8_DTYPES,
+    HeaderView,
     HFCheckpoint,
     fp8_scale_key,
     is_quant_aux_key,
@@ -27,20 +28,6 @@ from hunyuan_jax.hf_checkpoint import (
 )
 
 PLAN, PROGRESS = fmt.WORK_PLAN, fmt.WORK_PROGRESS
-
-
-class _InfoView:
-    """What `hf_checkpoint.verify` reads of a checkpoint, answered from scanned headers."""
-
-    def __init__(self, ckpt: HFCheckpoint, infos):
-        self.dir, self.weight_map, self._infos = ckpt.dir, ckpt.weight_map, infos
-
-    @property
-    def keys(self):
-        return list(self.weight_map)
-
-    def shape(self, key):
-        return self._infos[key].shape
 
 
 def _open_source(hf_dir: Path) -> tuple[HFCheckpoint, dict]:
@@ -72,7 +59,7 @@ def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None):
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     leaves = fmt.param_leaves(cfg, dtype)
-    verify(cfg, _InfoView(ckpt, infos), {p: l.shape for p, l in leaves.items()})
+    verify(cfg, HeaderView(ckpt, infos), {p: l.shape for p, l in leaves.items()})
     problems = []
     for key, info in infos.items():
         if is_quant_aux_key(key):
@@ -92,7 +79,9 @@ def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None):
     return cfg, ckpt, infos, leaves, hf_config, fp8
 
 
-def output_plan(ckpt: HFCheckpoint, dtype: str, compression: str, chunk_bytes: int) -> dict:
+def output_plan(
+    ckpt: HFCheckpoint, dtype: str, compression: str, chunk_bytes: int, checksum: str = "crc32c"
+) -> dict:
     """What the output will be, recorded before the first write and compared on resume: the
     source files (names, sizes, mtimes), the stored dtype and the on-disk layout."""
     files = []
@@ -115,6 +104,7 @@ def output_plan(ckpt: HFCheckpoint, dtype: str, compression: str, chunk_bytes: i
             "use_zarr3": True,
             "compression": compression,
             "chunk_bytes": chunk_bytes,
+            "checksum": checksum,
         },
     }
 
