@@ -351,18 +351,6 @@ def latest_step(run_dir: str | Path) -> int | None:
     return steps[-1] if steps else None
 
 
-def all_steps(run_dir: str | Path) -> list[int]:
-    """The complete checkpoint steps of a run, ascending ([] if none)."""
-    directory = checkpoint_dir(run_dir)
-    if not directory.is_dir():
-        return []
-    with ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
-    ) as mgr:
-        return sorted(mgr.all_steps())
-
-
 def restore_run_params(run_dir: str | Path, target, step: int | None = None):
     """(step, params) of checkpoint `step` of a run (default: the latest complete one),
     restored into `target` (an abstract nnx.State of ShapeDtypeStructs with shardings) and

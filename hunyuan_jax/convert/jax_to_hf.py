@@ -80,7 +80,7 @@ def _orbax_flags(params_dir: Path) -> tuple[bool, bool]:
 def _run_source(ck: loading.Checkpoint, step: int | None) -> Source:
     from hunyuan_jax import checkpointing
 
-    steps = checkpointing.all_steps(ck.path)
+    steps = checkpointing.complete_steps(ck.path)
     if not steps:
         raise CheckpointError(
             f"run {ck.path} has no complete checkpoint under {checkpointing.checkpoint_dir(ck.path)}"
