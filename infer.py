@@ -12,7 +12,14 @@ or a train.py run directory (its latest checkpoint, its tokenizer/).
 Tokens are streamed to the terminal as they are produced (one prompt), or each completion is
 printed when it finishes (several prompts); a final line on stderr gives prefill and decode
 tokens/s. Sampling defaults come from the checkpoint's generation_config.json (else greedy);
-flags override them. The work is done by `hunyuan_jax.decode` (see its docstring).
+flags override them. Loading is `hunyuan_jax.loading` (checksums verified: the crc32c of every
+chunk of a converted checkpoint, the digests of a run's arrays; a Hugging Face checkpoint's
+shard headers and sizes), generation `hunyuan_jax.generate`.
+
+Exit status (`hunyuan_jax/errors.py`): 0 success; 2 bad command line or configuration; 3 bad
+prompts file; 4 checkpoint missing, truncated, corrupt or unsafe (the message names the file,
+tensor or array); 1 a bug (traceback). Expected errors are one line on stderr; `--debug`
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +27,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hunyuan_jax.errors import (  # noqa: E402
+    CheckpointError,
+    DataError,
+    UsageError,
+    add_debug_flag,
+    run_cli,
+)
 
 PROG = "infer.py"
 
@@ -106,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill-chunk", type=int, default=512, help="prompt tokens per prefill call"
     )
     run.add_argument("--no-stream", action="store_true", help="print completions at the end")
+    add_debug_flag(p)
     run.add_argument(
         "--decode-loop",
         default="auto",
@@ -115,10 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
         "expert weights)",
     )
     return p
-
-
-class UsageError(ValueError):
-    """A bad command line: reported as one line, exit status 2."""
 
 
 def _sampling_flags(args) -> dict:
@@ -141,7 +155,11 @@ def _read_prompts(args) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise UsageError(f"--prompts-file not found: {path}")
-        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"--prompts-file {path}: cannot read: {e}") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UsageError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
@@ -209,17 +227,7 @@ class _Printer:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except (
-        UsageError,
-        ValueError,
-        FileNotFoundError,
-        NotADirectoryError,
-        NotImplementedError,
-    ) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(PROG, lambda: _main(args), debug=args.debug, oserror=CheckpointError)
 
 
 def _main(args) -> int:
@@ -246,13 +254,21 @@ def _main(args) -> int:
 
     plan = ShardingPlan.single()
     if args.mesh:
-        plan = ShardingPlan.from_flags(args.mesh, args.rules)
+        try:
+            plan = ShardingPlan.from_flags(args.mesh, args.rules)
+        except ValueError as e:
+            raise UsageError(f"--mesh {args.mesh!r} / --rules {args.rules!r}: {e}") from None
+    tokenizer = None
+    if args.tokenizer is not None:
+        from hunyuan_jax.tokenizer import load_tokenizer
+
+        try:
+            load_tokenizer(args.tokenizer)  # a bad --tokenizer is a usage error, said early
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--tokenizer {args.tokenizer}: {e}") from None
+        tokenizer = args.tokenizer
     bundle = loading.load(
-        args.checkpoint,
-        dtype=args.dtype,
-        weights=args.weights,
-        plan=plan,
-        tokenizer=args.tokenizer,
+        args.checkpoint, dtype=args.dtype, weights=args.weights, plan=plan, tokenizer=tokenizer
     )
     if bundle.tokenizer is None:
         raise UsageError(

@@ -8,7 +8,13 @@ Multi-host: the same command on every host (Cloud TPU pods, SLURM, MPI, JobSet a
 `--set` overrides keys of the config's `train:` section (`steps=200`, `mesh=data=2,expert=4`)
 or, prefixed `model.`, of its `model:` section (`model.hidden_dropout=0.2`). A run directory
 that already holds checkpoints is resumed from its last complete one. `--devices N` simulates N
-CPU devices (set before JAX starts). Exit status: 0 done, 1 stopped on a non-finite loss.
+CPU devices (set before JAX starts).
+
+Exit status (`hunyuan_jax/errors.py`): 0 done; 2 bad command line or configuration; 3 bad
+training data (file:line named); 4 checkpoint or run directory missing, corrupt or not
+writable (disk full, permission denied), or no checkpoint of the run verifies; 5 stopped on a
+non-finite loss (the message names the last finite step and the newest healthy checkpoint);
+1 a bug (traceback). Expected errors are one line on stderr; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -18,22 +24,33 @@ import os
 import sys
 from pathlib import Path
 
+PROG = "train.py"
+
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Simulated devices must be configured before JAX is imported.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--devices", type=int, default=None)
-    devices = pre.parse_known_args(argv)[0].devices
+    pre.add_argument("--debug", action="store_true")
+    known = pre.parse_known_args(argv)[0]
+    devices = known.devices
     if devices:
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
         )
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from hunyuan_jax import distributed
+    from hunyuan_jax.errors import CheckpointError, run_cli
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_cli(PROG, lambda: _main(argv), debug=known.debug, oserror=CheckpointError)
+
+
+def _main(argv) -> int:
+    from hunyuan_jax import distributed
+    from hunyuan_jax.errors import add_debug_flag
+
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="YAML with model: and train: sections")
     ap.add_argument(
         "--set",
@@ -56,10 +73,10 @@ def main(argv=None) -> int:
         help="simulate this many CPU devices (set before JAX starts)",
     )
     distributed.add_arguments(ap)
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
 
     distributed.initialize_from_args(args)  # multi-host: before JAX touches devices
-    from hunyuan_jax.errors import NonFiniteLoss
     from hunyuan_jax.train_config import load_configs
     from hunyuan_jax.train_loop import train
 
@@ -71,9 +88,8 @@ def main(argv=None) -> int:
     mcfg, policy, tcfg = load_configs(args.config, args.overrides, **changes)
     try:
         summary = train(mcfg, policy, tcfg)
-    except NonFiniteLoss as e:
-        print(f"[train] STOPPED: {e}", file=sys.stderr)
-        return 1
+    except OSError as e:
+        raise _io_error(e, tcfg) from e
     losses = summary["losses"]
     if losses:
         print(
@@ -81,6 +97,20 @@ def main(argv=None) -> int:
             f"{losses[0]:.4f} -> {losses[-1]:.4f}; run dir {tcfg.run_dir}"
         )
     return 0
+
+
+def _io_error(e: OSError, tcfg):
+    """An OSError reading the training data is bad input data (3); anything else (the run
+    directory, a checkpoint: disk full, permission denied) a checkpoint error (4)."""
+    from hunyuan_jax.errors import CheckpointError, DataError, HunyuanError, os_error
+
+    if isinstance(e, HunyuanError):
+        return e
+    if e.filename and tcfg.data:
+        f, data = Path(e.filename).absolute(), Path(tcfg.data).absolute()
+        if f == data or data in f.parents:
+            return os_error(e, DataError)
+    return os_error(e, CheckpointError)
 
 
 if __name__ == "__main__":

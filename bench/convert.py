@@ -3,6 +3,7 @@ bf16 checkpoints of two (or more) sizes that differ only in their number of laye
 
     python bench/convert.py                       # 1 GB and 2 GB, zstd (the default)
     python bench/convert.py --sizes-gb 2,4 --compression none --export
+    python bench/convert.py --sizes-gb 2 --checksum both   # the cost of the crc32c checksums
     # A52B tensor shapes (embed 1.65 GB, experts 234 MB), 2 experts, 2 and 4 layers:
     python bench/convert.py --sizes-gb 3,6 --hidden 6400 --intermediate 18304 --experts 2 \
         --vocab 129024 --heads 80 --kv-heads 8
@@ -60,6 +61,13 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=None, help="default hidden // 128")
     ap.add_argument("--kv-heads", type=int, default=None, help="default hidden // 512")
     ap.add_argument("--compression", choices=("zstd", "none"), default="zstd")
+    ap.add_argument(
+        "--checksum",
+        choices=("crc32c", "none", "both"),
+        default="crc32c",
+        help="both: convert each size with and without checksums, alternating",
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="conversions per size and checksum")
     ap.add_argument("--export", action="store_true", help="also time jax-to-hf")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
@@ -82,86 +90,106 @@ def main(argv=None) -> int:
             size = write_synthetic_hf(hf, cfg, "bfloat16", shard_bytes=1 << 30)
             gen = time.time() - t
             largest = 2 * max(args.vocab * args.hidden, args.hidden * args.intermediate)
-            shutil.rmtree(out, ignore_errors=True)
-            rc, rss, secs, _ = run_measured(
-                [
-                    sys.executable,
-                    "-m",
-                    "hunyuan_jax.convert",
-                    "hf-to-jax",
-                    "--hf-dir",
-                    str(hf),
-                    "--out",
-                    str(out),
-                    "--compression",
-                    args.compression,
-                    "--no-progress",
-                ],
-                env,
-            )
-            if rc:
-                return rc
-            man = json.loads((out / "manifest.json").read_text())
-            rss = max(rss, int(man["stats"]["peak_rss_mb"] * 1e6))
-            row = dict(
-                size_gb=size / 1e9,
-                layers=layers,
-                largest_mb=largest / 1e6,
-                seconds=secs,
-                mb_s=size / 1e6 / secs,
-                inner_mb_s=man["stats"]["mb_per_s"],
-                peak_rss_mb=rss / 1e6,
-                out_gb=sum(f.stat().st_size for f in (out / "params").rglob("*") if f.is_file())
-                / 1e9,
-            )
-            if args.export:
-                rc, xrss, xsecs, xerr = run_measured(
-                    [
-                        sys.executable,
-                        "-m",
-                        "hunyuan_jax.convert",
-                        "jax-to-hf",
-                        "--ckpt",
-                        str(out),
-                        "--out",
-                        str(work / f"back_{layers}"),
-                        "--no-progress",
-                    ],
-                    env,
+            modes = ("crc32c", "none") if args.checksum == "both" else (args.checksum,)
+            modes = modes * args.repeat
+            for checksum in modes:
+                row = _convert_once(args, hf, out, work, env, size, layers, largest, checksum)
+                if row is None:
+                    return 1
+                rows.append(row)
+                print(
+                    f"{size / 1e9:.2f} GB ({layers} layers, largest tensor {largest / 1e6:.0f} MB,"
+                    f" generated in {gen:.0f} s), checksum {checksum}: {row['seconds']:.1f} s "
+                    f"wall = {row['mb_s']:.0f} MB/s ({row['inner_mb_s']:.0f} MB/s after "
+                    f"start-up), peak RSS {row['peak_rss_mb']:.0f} MB, output "
+                    f"{row['out_gb']:.2f} GB ({args.compression})"
+                    + (
+                        f"; export {row['export_mb_s']:.0f} MB/s, peak RSS "
+                        f"{row['export_rss_mb']:.0f} MB"
+                        if args.export
+                        else ""
+                    ),
+                    flush=True,
                 )
-                m = re.search(r"peak RSS (\d+) MB", xerr)
-                xrss = max(xrss, int(m.group(1)) * 10**6 if m else 0)
-                if rc:
-                    return rc
-                row.update(export_mb_s=size / 1e6 / xsecs, export_rss_mb=xrss / 1e6)
-                shutil.rmtree(work / f"back_{layers}")
-            rows.append(row)
-            print(
-                f"{size / 1e9:.2f} GB ({layers} layers, largest tensor {largest / 1e6:.0f} MB,"
-                f" generated in {gen:.0f} s): {secs:.1f} s wall = {row['mb_s']:.0f} MB/s "
-                f"({row['inner_mb_s']:.0f} MB/s after start-up), peak RSS "
-                f"{rss / 1e6:.0f} MB, output {row['out_gb']:.2f} GB ({args.compression})"
-                + (
-                    f"; export {row['export_mb_s']:.0f} MB/s, peak RSS "
-                    f"{row['export_rss_mb']:.0f} MB"
-                    if args.export
-                    else ""
-                ),
-                flush=True,
-            )
             shutil.rmtree(hf)
-            shutil.rmtree(out)
+            shutil.rmtree(out, ignore_errors=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n| size GB | layers | wall s | MB/s | MB/s (steady) | peak RSS MB |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| size GB | layers | checksum | wall s | MB/s | MB/s (steady) | peak RSS MB |"
+        + (" export MB/s |" if args.export else "")
+    )
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.export else ""))
     for r in rows:
         print(
-            f"| {r['size_gb']:.2f} | {r['layers']} | {r['seconds']:.1f} | {r['mb_s']:.0f} | "
-            f"{r['inner_mb_s']:.0f} | {r['peak_rss_mb']:.0f} |"
+            f"| {r['size_gb']:.2f} | {r['layers']} | {r['checksum']} | {r['seconds']:.1f} | "
+            f"{r['mb_s']:.0f} | {r['inner_mb_s']:.0f} | {r['peak_rss_mb']:.0f} |"
+            + (f" {r['export_mb_s']:.0f} |" if args.export else "")
         )
     return 0
+
+
+def _convert_once(args, hf, out, work, env, size, layers, largest, checksum) -> dict | None:
+    """One conversion of `hf` into `out` (removed afterwards), optionally exported back."""
+    shutil.rmtree(out, ignore_errors=True)
+    rc, rss, secs, _ = run_measured(
+        [
+            sys.executable,
+            "-m",
+            "hunyuan_jax.convert",
+            "hf-to-jax",
+            "--hf-dir",
+            str(hf),
+            "--out",
+            str(out),
+            "--compression",
+            args.compression,
+            "--checksum",
+            checksum,
+            "--no-progress",
+        ],
+        env,
+    )
+    if rc:
+        return None
+    man = json.loads((out / "manifest.json").read_text())
+    rss = max(rss, int(man["stats"]["peak_rss_mb"] * 1e6))
+    row = dict(
+        size_gb=size / 1e9,
+        layers=layers,
+        checksum=checksum,
+        largest_mb=largest / 1e6,
+        seconds=secs,
+        mb_s=size / 1e6 / secs,
+        inner_mb_s=man["stats"]["mb_per_s"],
+        peak_rss_mb=rss / 1e6,
+        out_gb=sum(f.stat().st_size for f in (out / "params").rglob("*") if f.is_file()) / 1e9,
+    )
+    if args.export:
+        back = work / f"back_{layers}"
+        rc, xrss, xsecs, xerr = run_measured(
+            [
+                sys.executable,
+                "-m",
+                "hunyuan_jax.convert",
+                "jax-to-hf",
+                "--ckpt",
+                str(out),
+                "--out",
+                str(back),
+                "--no-progress",
+            ],
+            env,
+        )
+        m = re.search(r"peak RSS (\d+) MB", xerr)
+        xrss = max(xrss, int(m.group(1)) * 10**6 if m else 0)
+        if rc:
+            return None
+        row.update(export_mb_s=size / 1e6 / xsecs, export_rss_mb=xrss / 1e6)
+        shutil.rmtree(back)
+    shutil.rmtree(out)
+    return row
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.convert h
       manifest.json          written last, atomically: {"format": "hunyuan-jax-params",
                              "version": 1, "complete": true, "dtype": "bfloat16",
                              "params": {"dir": "params", "use_ocdbt": false, "use_zarr3": true,
+                             "compression", "chunk_bytes", "checksum": "crc32c",
                              "leaves": {name: {"shape", "dtype", "shard_shape", "chunk_shape"}},
                              "bytes"}, "source": {"dir", "format": "safetensors"|"bin",
                              "files": [{"name", "size", "mtime_ns"}], "fp8": bool},
@@ -36,8 +37,11 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.convert h
                              each matmul weight, in place of the float leaf
           c/<g>/0/0/0        one file ("zarr3 shard") per stacked slice = one HF tensor: per
                              layer group (c/<g>/...), or per (group, expert) for routed
-                             experts (c/<g>/<e>/...); inside it, chunks of <= 4 MiB and an
-                             index (crc32c), zstd level 1 (or uncompressed)
+                             experts (c/<g>/<e>/...); inside it, chunks of <= 4 MiB, zstd
+                             level 1 (or uncompressed), each followed by its crc32c, and an
+                             index (crc32c): tensorstore checks both on every read, so a
+                             flipped byte anywhere is an error naming the file, never
+                             silently wrong weights (`python -m hunyuan_jax.convert verify`)
         ...
       hy.tiktoken, tokenizer_config.json, generation_config.json   (if the source had them)
       *.py                   remote-code files of the source (configuration / modeling), if any
@@ -75,7 +79,7 @@ from typing import Any
 
 import numpy as np
 
-from hunyuan_jax import hf_mapping
+from hunyuan_jax import atomic, hf_mapping
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.hf_checkpoint import CheckpointError
 
@@ -230,13 +234,20 @@ def array_spec(
     shard_shape,
     chunk_shape,
     compression: str = "zstd",
+    checksum: str = "crc32c",
 ) -> dict[str, Any]:
-    """The zarr3 spec of one leaf: one shard per `shard_shape` block, `chunk_shape` chunks."""
+    """The zarr3 spec of one leaf: one shard per `shard_shape` block, `chunk_shape` chunks,
+    each chunk (after compression) followed by its crc32c, which tensorstore checks on every
+    read (`checksum="none"` only for measuring what the checksums cost)."""
     codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
     if compression == "zstd":
         codecs.append({"name": "zstd", "configuration": {"level": 1}})
     elif compression != "none":
         raise ValueError(f"compression must be 'zstd' or 'none', got {compression!r}")
+    if checksum == "crc32c":
+        codecs.append({"name": "crc32c"})
+    elif checksum != "none":
+        raise ValueError(f"checksum must be 'crc32c' or 'none', got {checksum!r}")
     return {
         "driver": "zarr3",
         "kvstore": {"driver": "file", "path": str(Path(params_dir) / name)},
@@ -278,6 +289,7 @@ def read_spec(
     return {
         "driver": "zarr3" if use_zarr3 else "zarr",
         "kvstore": kv,
+        "fill_missing_data_reads": False,  # a missing chunk file is an error, not zeros
         "recheck_cached_data": False,
         "recheck_cached_metadata": False,
     }
@@ -300,21 +312,7 @@ def open_for_read(params_dir: str | Path, name: str, use_ocdbt: bool, use_zarr3:
 # ----------------------------------------------------------------------------- metadata files
 def write_json_atomic(path: str | Path, obj) -> None:
     """Write JSON to a temp file, fsync, rename: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    atomic.write_json(path, obj)
 
 
 def orbax_tree_metadata(leaves: dict[tuple, Leaf], use_zarr3: bool = True) -> dict:
@@ -405,10 +403,16 @@ def restore_param_state(directory: str | Path, target):
     shardings; each process reads only its shards; dtypes are cast on read."""
     import orbax.checkpoint as ocp
 
+    from hunyuan_jax.integrity import orbax_metadata, read_error
+
     read_manifest(directory)
     params = Path(directory).absolute() / PARAMS_DIR
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(params, target)
+    orbax_metadata(params)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(params, target)
+    except Exception as e:  # tensorstore: a missing / truncated chunk file, a crc32c mismatch
+        raise read_error(e, params) from e
 
 
 def is_converted(directory: str | Path) -> bool:

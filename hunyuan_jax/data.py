@@ -317,7 +317,7 @@ def check_seq_len(seq_len: int, max_position_embeddings: int, allow_longer: bool
         raise ConfigError(
             f"seq_len {seq_len} exceeds the model's max_position_embeddings "
             f"{max_position_embeddings}; positions past it were never trained "
-            "(opt in explicitly with allow_longer to train longer rows anyway)"
+            "(opt in with --set allow_long_sequences=true to train longer rows anyway)"
         )
 
 

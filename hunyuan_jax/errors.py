@@ -93,14 +93,45 @@ def add_debug_flag(parser) -> None:
     )
 
 
-def run_cli(prog: str, main: Callable[[], int | None], debug: bool = False) -> int:
+def os_error(e: OSError, cls: type[HunyuanError] | None = None) -> HunyuanError:
+    """An OSError (disk full, permission denied, ...) as an expected error naming the file:
+    `cls` (CheckpointError by default: what fails to be written or read is a checkpoint or
+    a run directory)."""
+    cls = cls or CheckpointError
+    name = e.filename or ""
+    if e.filename2:
+        name = f"{name} -> {e.filename2}"
+    reason = e.strerror or str(e) or type(e).__name__
+    return cls(f"{name}: {reason}" if name else reason)
+
+
+def run_cli(
+    prog: str,
+    main: Callable[[], int | None],
+    debug: bool = False,
+    oserror: type[HunyuanError] | None = None,
+) -> int:
     """Runs `main()`; an expected error is printed as `prog: error: message` (one line) and
-    returns its exit status. With `debug` the exception propagates (full traceback)."""
+    returns its exit status. With `oserror` (a class), an OSError that escapes `main` is
+    reported the same way as that class (`os_error`). With `debug` the exception propagates
+    (full traceback)."""
+    if not debug:
+        _quiet_closed_event_loops()
+        _quiet_orbax_error_logs()
     try:
-        return int(main() or 0)
+        try:
+            return int(main() or 0)
+        except OSError as e:
+            if oserror is None or debug or isinstance(e, HunyuanError):
+                raise
+            raise os_error(e, oserror) from e
     except HunyuanError as e:
         if debug:
             raise
+        # Background work abandoned by the failure (e.g. orbax's other array reads after one
+        # failed) may be collected later and print "Exception ignored in ..." tracebacks:
+        # the error is reported, the process ends; keep stderr to the one line.
+        sys.unraisablehook = lambda unraisable: None
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
@@ -108,6 +139,55 @@ def run_cli(prog: str, main: Callable[[], int | None], debug: bool = False) -> i
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_closed_event_loops() -> None:
+    """When an orbax restore fails, orbax closes its event loop while tensorstore still has
+    reads in flight; each of them then reports "RuntimeError: Event loop is closed" through
+    `sys.unraisablehook`, a 30-line traceback per array, from another thread, possibly before
+    the one-line error is printed; the abandoned read coroutines, when collected, report the
+    same read error again ("Encountered error while reading array index"). Those (and only
+    those) are dropped: the error itself reaches `run_cli` through the restore call."""
+    original = sys.unraisablehook
+    if getattr(original, "quiet_closed_event_loops", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        if str(e).startswith("Encountered error while reading array index"):
+            return
+        original(unraisable)
+
+    hook.quiet_closed_event_loops = True
+    sys.unraisablehook = hook
+
+
+def _quiet_orbax_error_logs() -> None:
+    """orbax logs each failure of its background threads (a save that hits a full disk) at
+    ERROR with a traceback, several times over, and asyncio reports its abandoned write
+    tasks ("Task exception was never retrieved"), before the failure is re-raised in the main
+    thread, where it becomes the one-line error. Those records are dropped (`--debug` keeps
+    them); other warnings and errors are not."""
+    import logging
+
+    try:
+        from absl import logging as absl_logging  # first: absl creates its own logger class
+    except ImportError:  # no orbax here either
+        return
+
+    def drop(record) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if "/orbax/" in record.pathname:
+            return False
+        return not (record.name == "asyncio" and "/orbax/" in record.getMessage())
+
+    drop.quiet_orbax = True
+    for logger in (absl_logging.get_absl_logger(), logging.getLogger("asyncio")):
+        if not any(getattr(f, "quiet_orbax", False) for f in logger.filters):
+            logger.addFilter(drop)
 
 
 def _one_line(e: BaseException) -> str:

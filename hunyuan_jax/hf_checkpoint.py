@@ -72,7 +72,8 @@ class HFCheckpoint:
         )
 
     def _keys_of_single(self, name: str, fmt: str) -> list[str]:
-        return list(self._handle(name, fmt).keys())
+        self.format = fmt  # file_infos reads the header by format (no torch, no pickle)
+        return list(self.file_infos(name))
 
     @property
     def keys(self) -> list[str]:
@@ -103,8 +104,11 @@ class HFCheckpoint:
                         "pip install 'hunyuan-jax[torch]'"
                     ) from e
                 handle = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-        except (OSError, RuntimeError, ValueError, EOFError) as e:
-            raise CheckpointError(f"{path}: cannot read shard (truncated or corrupt?): {e}") from e
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            msg = " ".join(str(e).split())[:300]
+            raise CheckpointError(
+                f"{path}: cannot read shard (truncated, corrupt or unsafe): {msg}"
+            ) from None
         self._open_file, self._open_handle = name, handle
         return handle
 
@@ -612,16 +616,33 @@ def verify(cfg: ModelConfig, ckpt: HFCheckpoint, tree_shapes: dict[tuple, tuple]
         )
 
 
+class HeaderView:
+    """What `verify` reads of a checkpoint, answered from its scanned headers (`tensor_infos`):
+    no tensor data, no torch, no pickle beyond plain state dicts of tensors."""
+
+    def __init__(self, ckpt: HFCheckpoint, infos: dict[str, TensorInfo]):
+        self.dir, self.weight_map, self._infos = ckpt.dir, ckpt.weight_map, infos
+
+    @property
+    def keys(self):
+        return list(self.weight_map)
+
+    def shape(self, key):
+        return self._infos[key].shape
+
+
 def load_numpy_params(
     cfg: ModelConfig, ckpt: HFCheckpoint, tree_shapes: dict[tuple, tuple], dtype
 ) -> dict[tuple, np.ndarray]:
-    """All parameters in memory as {tree path: array}. For small checkpoints."""
-    verify(cfg, ckpt, tree_shapes)
+    """All parameters in memory as {tree path: array}. For small checkpoints. Every shard's
+    header is scanned first (missing, truncated or unsafe shards are CheckpointError naming
+    the file, before any tensor is read), then each tensor is read by plain file reads."""
+    verify(cfg, HeaderView(ckpt, ckpt.tensor_infos()), tree_shapes)
     out = {}
     for entry in hf_mapping.mapping_table(cfg):
         shape = tree_shapes[entry.path]
         arr = np.empty(shape, dtype)
         for index, key in hf_mapping.hf_slices(entry, cfg):
-            arr[index] = hf_mapping.to_tree_slice(entry, ckpt.get(key), shape).astype(dtype)
+            arr[index] = hf_mapping.to_tree_slice(entry, ckpt.read(key), shape).astype(dtype)
         out[entry.path] = arr
     return out

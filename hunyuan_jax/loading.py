@@ -232,9 +232,16 @@ def _restore(ckpt: Checkpoint, target):
 
 
 def _restore_some(ckpt: Checkpoint, target):
-    """As `_restore`, reading only the leaves of `target` that are not orbax PLACEHOLDERs."""
+    """As `_restore`, reading only the leaves of `target` that are not orbax PLACEHOLDERs.
+    A converted checkpoint's chunks carry crc32c (tensorstore checks them on read); a run
+    step's leaves are restored in their recorded dtypes, checked against its integrity record,
+    then cast to the target's."""
+    import jax
     import orbax.checkpoint as ocp
 
+    from hunyuan_jax import integrity
+
+    record = None
     if ckpt.format == "converted":
         from hunyuan_jax import checkpoint_format as fmt
 
@@ -246,21 +253,52 @@ def _restore_some(ckpt: Checkpoint, target):
         step = checkpointing.latest_step(ckpt.path)
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {ckpt.path}")
-        params = checkpointing.checkpoint_dir(ckpt.path) / str(step) / checkpointing.PARAMS
-    args = jax_tree_map(
+        step_dir = checkpointing.checkpoint_dir(ckpt.path) / str(step)
+        params = step_dir / checkpointing.PARAMS
+        record = checkpointing.read_record(step_dir)
+    stored = target
+    if record is not None:
+        dtypes = {n: r["dtype"] for n, r in record.get(checkpointing.PARAMS, {}).items()}
+        names = iter(n for n, _ in integrity.named_leaves(target))
+        stored = _tree_map(
+            lambda a: (
+                a
+                if a is _PLACEHOLDER
+                else jax.ShapeDtypeStruct(
+                    a.shape, dtypes.get(next(names), a.dtype), sharding=a.sharding
+                )
+            ),
+            target,
+        )
+    args = _tree_map(
         lambda a: a if a is _PLACEHOLDER else ocp.checkpoint_utils.construct_restore_args(a),
-        target,
+        stored,
     )
     with ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore(
-            params.absolute(), args=ocp.args.PyTreeRestore(item=target, restore_args=args)
+        out = ckptr.restore(
+            params.absolute(), args=ocp.args.PyTreeRestore(item=stored, restore_args=args)
         )
+    if record is not None:
+        got = integrity.tree_digests(out)
+        want = {n: r["digest"] for n, r in record.get(checkpointing.PARAMS, {}).items() if n in got}
+        integrity.compare(want, got, str(params))
+    return _tree_map2(
+        lambda x, t: x if t is _PLACEHOLDER or x.dtype == t.dtype else x.astype(t.dtype),
+        out,
+        target,
+    )
 
 
-def jax_tree_map(fn, tree):
+def _tree_map(fn, tree):
     import jax
 
     return jax.tree.map(fn, tree, is_leaf=lambda a: a is _PLACEHOLDER)
+
+
+def _tree_map2(fn, tree, other):
+    import jax
+
+    return jax.tree.map(fn, tree, other, is_leaf=lambda a: a is _PLACEHOLDER)
 
 
 def _load_hf(ckpt: Checkpoint, policy: RuntimePolicy, plan, form: str):
@@ -353,12 +391,19 @@ class _HFLeaves(Mapping):
 
 # ----------------------------------------------------------------------------- tokenizer
 def find_tokenizer(*dirs: Path):
-    """The first tokenizer found in `dirs` (each dir itself, then its `tokenizer/`), or None."""
+    """The first tokenizer found in `dirs` (each dir itself, then its `tokenizer/`), or None.
+    A directory with the checksums a training run records (`checksums.json`) is checked
+    first: CheckpointError names a damaged file."""
+    from hunyuan_jax.checkpointing import TOKENIZER_SUMS, tokenizer_problem
     from hunyuan_jax.tokenizer import load_tokenizer
 
     for d in dirs:
         d = Path(d)
         for cand in (d, d / "tokenizer"):
+            if (cand / TOKENIZER_SUMS).is_file():
+                problem = tokenizer_problem(cand)
+                if problem is not None:
+                    raise CheckpointError(problem)
             if cand.is_dir() and ((cand / "hy.tiktoken").is_file() or any(cand.glob("*.model"))):
                 return load_tokenizer(cand)
     return None

@@ -1,8 +1,8 @@
 """Training metrics: one JSON object per step in <run>/metrics.jsonl (process 0), the progress
 line, and the model-FLOPs utilisation estimate.
 
-On resume, lines past the restored step are dropped so the file always describes the run as it
-happened once.
+On resume, lines past the restored step are dropped (the file is rewritten atomically) so the
+file always describes the run as it happened once; a line cut short by a kill is dropped too.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+from hunyuan_jax import atomic
 
 # bf16 peak FLOP/s per chip (SPEC 6), by device kind.
 PEAK_BF16 = {
@@ -54,9 +56,7 @@ class MetricsLog:
                         kept.append(line)
                 except (json.JSONDecodeError, KeyError, TypeError):
                     pass  # a line cut short by a kill
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        atomic.write_text(self.path, "".join(line + "\n" for line in kept))
         self.fh = open(self.path, "a")
 
     def write(self, record: dict) -> None:

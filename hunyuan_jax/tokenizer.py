@@ -21,7 +21,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from hunyuan_jax.errors import ConfigError, DataError
+from hunyuan_jax.errors import CheckpointError, ConfigError, DataError
 
 __all__ = [
     "Tokenizer",
@@ -563,7 +563,14 @@ class SentencePieceTokenizer(Tokenizer):
         if not path.is_file():
             raise FileNotFoundError(f"SentencePiece model file not found: {path}")
         sp = spm.SentencePieceProcessor()
-        sp.Load(str(path))
+        try:
+            sp.Load(str(path))
+        except (RuntimeError, OSError) as e:  # "unk is not defined" for a 0-byte file
+            size = path.stat().st_size
+            raise CheckpointError(
+                f"{path}: not a readable SentencePiece model ({size} bytes; {e}): the file is "
+                f"empty, truncated or corrupt"
+            ) from None
         return cls(sp, path)
 
     @classmethod
@@ -576,22 +583,31 @@ class SentencePieceTokenizer(Tokenizer):
         **trainer_kwargs,
     ) -> SentencePieceTokenizer:
         """Train on ``texts`` (NFC-normalised, one sentence per item), write
-        ``{out_prefix}.model`` / ``.vocab`` and return the loaded tokenizer.
+        ``{out_prefix}.model`` / ``.vocab`` and return the loaded tokenizer. The files are
+        written into a temporary directory beside them and renamed into place (``.vocab``
+        first, ``.model`` last), so a killed training leaves no partial model.
 
         Byte fallback is on (any text round-trips), whitespace is kept verbatim
         and no dummy prefix is added, so ``decode(encode(x)) == NFC(x)``.
         ``vocab_size`` must exceed 256 byte pieces + 7 reserved pieces + the
         corpus's distinct characters.  Extra keyword arguments go to the trainer.
         """
+        import os
+        import shutil
+        import tempfile
+
         import sentencepiece as spm
+
+        from hunyuan_jax.atomic import fsync_dir
 
         if model_type not in ("bpe", "unigram"):
             raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
         out_prefix = Path(out_prefix)
         out_prefix.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out_prefix.name}.", dir=out_prefix.parent))
         kwargs = dict(
             sentence_iterator=(_nfc(t) for t in texts if t),
-            model_prefix=str(out_prefix),
+            model_prefix=str(work / out_prefix.name),
             vocab_size=int(vocab_size),
             model_type=model_type,
             byte_fallback=True,
@@ -610,7 +626,16 @@ class SentencePieceTokenizer(Tokenizer):
             minloglevel=2,
         )
         kwargs.update(trainer_kwargs)
-        spm.SentencePieceTrainer.train(**kwargs)
+        try:
+            spm.SentencePieceTrainer.train(**kwargs)
+            for ext in (".vocab", ".model"):
+                tmp = work / (out_prefix.name + ext)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, str(out_prefix) + ext)
+            fsync_dir(out_prefix.parent)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         return cls.load(Path(str(out_prefix) + ".model"))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:

@@ -11,23 +11,67 @@ from pathlib import Path
 import jax
 
 from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.errors import ConfigError
+from hunyuan_jax.errors import CheckpointError, ConfigError
 from hunyuan_jax.train_config import TrainConfig
 
 
-def setup_tokenizer(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, docs, kind: str):
+def run_tokenizer(run_dir: Path, log=print):
+    """The tokenizer in <run>/tokenizer/ if its files match their checksums; None if there is
+    none yet, or if it is damaged (a kill while it was written) and no checkpoint was trained
+    with it: then it is removed, to be written again. Damaged with checkpoints: CheckpointError
+    saying what to put back or delete."""
+    import shutil
+
+    from hunyuan_jax.checkpointing import TOKENIZER_SUMS, complete_steps, tokenizer_problem
+    from hunyuan_jax.loading import find_tokenizer
+
+    tok_dir = run_dir / "tokenizer"
+    if not tok_dir.is_dir():
+        return None
+    problem = tokenizer_problem(tok_dir)
+    if problem is None:
+        return find_tokenizer(tok_dir)
+    steps = complete_steps(run_dir)
+    if not steps:
+        log(f"[data] {problem}; no checkpoint was trained with it: writing it again")
+        if jax.process_index() == 0:
+            shutil.rmtree(tok_dir)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("run tokenizer removed")
+        return None
+    refuse = (
+        f"{problem}, and checkpoints {steps} of {run_dir} were trained with it: put the "
+        f"original tokenizer files back into {tok_dir}, or delete {run_dir} to start over"
+    )
+    if (tok_dir / TOKENIZER_SUMS).is_file():
+        raise CheckpointError(refuse)
+    try:  # a run from before the checksums: its files were written whole or not at all
+        tok = find_tokenizer(tok_dir)
+    except (CheckpointError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{refuse} ({e})") from None
+    if tok is None:
+        raise CheckpointError(refuse)
+    return tok
+
+
+def setup_tokenizer(
+    tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, docs, kind: str, log=print
+):
     """The run's tokenizer, copied into <run>/tokenizer/ (a resumed run reuses that copy):
     tokenizer="auto": the --init-from checkpoint's tokenizer if it has one, else as
     "sentencepiece": train a SentencePiece model on (this host's share of) the corpus; any
     other value: a tokenizer path (hy.tiktoken directory or file, SentencePiece .model)."""
     from hunyuan_jax.checkpointing import copy_tokenizer_files
     from hunyuan_jax.data import texts_for_tokenizer
-    from hunyuan_jax.loading import find_tokenizer
     from hunyuan_jax.tokenizer import SentencePieceTokenizer, load_tokenizer
 
     tok_dir = run_dir / "tokenizer"
-    tok = find_tokenizer(tok_dir) if tok_dir.is_dir() else None
+    tok = run_tokenizer(run_dir, log)
     if tok is None and tcfg.tokenizer == "auto" and tcfg.init_from:
+        from hunyuan_jax.loading import find_tokenizer
+
         tok = find_tokenizer(Path(tcfg.init_from))
     if tok is None and tcfg.tokenizer in ("auto", "sentencepiece"):
         if jax.process_index() == 0:
@@ -67,7 +111,7 @@ def make_loader(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, log=print):
     else:
         docs, kind = read_documents(tcfg.data, tcfg.data_format, tcfg.text_field, pi, pc)
     t0 = time.time()
-    tok = setup_tokenizer(tcfg, mcfg, run_dir, docs, kind)
+    tok = setup_tokenizer(tcfg, mcfg, run_dir, docs, kind, log)
     tokenized = tokenize(tok, docs, kind)
     n_tokens = sum(len(ids) for ids, _ in tokenized)
     log(

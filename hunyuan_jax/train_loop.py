@@ -2,10 +2,15 @@
 
     summary = train(cfg, policy, tcfg)      # trains tcfg.run_dir up to tcfg.end_step
 
-A run directory that holds checkpoints resumes from its last complete one (same losses as an
-uninterrupted run); otherwise the weights are random or come from `tcfg.init_from` (any format
+A run directory that holds checkpoints resumes from its newest complete one that verifies
+(same losses as an uninterrupted run): a step whose arrays do not match their checksums, or
+cannot be read, is moved to `checkpoints/corrupt-<step>` with one log line and the next older
+one is tried; if none verifies the run stops (CheckpointError) saying what to delete.
+Otherwise the weights are random or come from `tcfg.init_from` (any format
 `hunyuan_jax.loading` knows, restored into the plan's shardings). The step itself is
 `train_step.TrainStep`; data is `train_data.make_loader`; metrics `metrics.MetricsLog`.
+Each checkpoint records the health of the steps before it (`health`); a run stopped on a
+non-finite loss names the last finite step and the newest healthy checkpoint, and what to do.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from hunyuan_jax import health
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.errors import CheckpointError, NonFiniteLoss
 from hunyuan_jax.metrics import MetricsLog, peak_flops_per_device, progress_line, to_record
@@ -98,8 +104,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
 
     if resume_step is not None:
         t0 = time.time()
-        target = step.restore_target()
-        params, opt_state, data_states = ckpt.restore(resume_step, target.params, target.opt_state)
+        resume_step, params, opt_state, data_states = _restore_verified(ckpt, step, run_dir, log)
         state = TrainState(
             params,
             opt_state,
@@ -113,8 +118,8 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
             )
         loader.restore(data_states[str(jax.process_index())])
         log(
-            f"[ckpt] resumed from step {resume_step} ({time.time() - t0:.1f}s); data at "
-            f"{loader.state()}"
+            f"[ckpt] resumed from step {resume_step} ({time.time() - t0:.1f}s, checksums "
+            f"verified); data at {loader.state()}"
         )
     else:
         state = _initial_state(step, mcfg, policy, tcfg, plan, log)
@@ -134,6 +139,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
         f"{scales}; {plan.describe()}"
     )
     metrics_log = MetricsLog(run_dir, start)
+    history = health.History.from_metrics(metrics_log.path, start, tcfg.save_every)
     if start >= end:
         log(f"[train] nothing to do: at step {start}, end step {end}")
         metrics_log.close()
@@ -141,7 +147,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
 
     peak = peak_flops_per_device(tcfg.peak_flops_per_device)
     flops_per_token = 6.0 * n_active
-    losses, last_good = [], resume_step
+    losses, last_saved = [], start
     compiled, t_compile = None, None
     t_log, tokens_since = time.time(), 0
     for i in range(start, end):
@@ -161,6 +167,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
         m = jax.device_get(metrics)
         done = i + 1
         rec = to_record(done, m)
+        history.add(done, m["loss"], m["grad_norm"], m["ok"])
         if not m["ok"]:
             msg = (
                 f"non-finite loss or gradient at step {done} (loss={float(m['loss'])}, "
@@ -169,12 +176,11 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
             if tcfg.on_nonfinite == "stop":
                 metrics_log.write(rec)
                 metrics_log.close()
-                where = (
-                    f"the last good checkpoint is step {last_good} in {ckpt.directory}"
-                    if last_good is not None
-                    else "no checkpoint was saved"
+                raise NonFiniteLoss(
+                    health.stop_report(
+                        msg, history.last_finite(), _checkpoint_health(ckpt), run_dir
+                    )
                 )
-                raise NonFiniteLoss(f"{msg}: stopping without saving; {where}")
             log(f"[train] {msg}: batch skipped (parameters unchanged)")
         losses.append(float(m["loss"]))
         tokens_since += tcfg.tokens_per_step
@@ -186,8 +192,11 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
             t_log, tokens_since = time.time(), 0
         metrics_log.write(rec)
         if done % tcfg.save_every == 0 or done == end:
-            ckpt.save(done, state.params, state.opt_state, gather_states(loader.state()))
-            last_good = done
+            h = history.assess(done, last_saved)
+            ckpt.save(done, state.params, state.opt_state, gather_states(loader.state()), h)
+            if not h["healthy"]:
+                log(f"[ckpt] warning: checkpoint {health.describe(done, h)}")
+            last_saved = done
     metrics_log.close()
     log(f"[train] done at step {end}; checkpoints {ckpt.all_steps()} in {ckpt.directory}")
     return {
@@ -198,6 +207,59 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
         "params": sum(sizes.values()),
         "active_params": n_active,
     }
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (every process gets the same answer)."""
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def _restore_verified(ckpt, step: TrainStep, run_dir: Path, log):
+    """(step, params, opt_state, data states) of the newest checkpoint that restores and
+    verifies; newer ones that fail are moved to checkpoints/corrupt-<step>, each with a log
+    line. CheckpointError (what to delete) when none verifies."""
+    target = step.restore_target()
+    failed = []
+    for s in reversed(ckpt.all_steps()):
+        err = None
+        try:
+            params, opt_state, data = ckpt.restore(s, target.params, target.opt_state)
+        except CheckpointError as e:
+            err = e
+        if _any_process(err is not None):
+            failed.append((s, err or "failed on another process"))
+            continue
+        if ckpt.record(s) is None:
+            log(f"[ckpt] checkpoint {s} has no integrity record (older code): not verified")
+        for bad, why in failed:
+            moved = ckpt.set_aside(bad)
+            log(
+                f"[ckpt] checkpoint {bad} fails verification ({why}); moved to {moved}, "
+                f"resuming from step {s}, the newest checkpoint that verifies"
+            )
+        return s, params, opt_state, data
+    listing = "; ".join(f"step {s}: {why}" for s, why in failed)
+    raise CheckpointError(
+        f"no checkpoint of {run_dir} verifies ({listing}); delete {ckpt.directory} to start "
+        f"over (or put back good copies of those steps)"
+    )
+
+
+def _checkpoint_health(ckpt) -> dict[int, dict | None]:
+    """{step: recorded health or None} of the kept checkpoints (pending saves finished)."""
+    ckpt.wait()
+    out = {}
+    for s in ckpt.all_steps():
+        try:
+            out[s] = (ckpt.record(s) or {}).get("health")
+        except CheckpointError:
+            out[s] = None
+    return out
 
 
 def _check_loss_tokens(local_batch: dict, step: int) -> None:

@@ -94,9 +94,9 @@ def test_policy_per_mode():
     )
     _, policy, tcfg = _configs(
         "--config", A52B, "--param-dtype", "bfloat16", "--set", "runtime.remat=save_dots",
-        "--set", "adam_mu_dtype=bfloat16", "--set", "model.num_layers=4",
+        "--set", "opt_state_dtype=bfloat16", "--set", "model.num_layers=4",
     )  # fmt: skip
-    assert (policy.param_dtype, policy.remat, tcfg.adam_mu_dtype) == (
+    assert (policy.param_dtype, policy.remat, tcfg.opt_state_dtype) == (
         "bfloat16",
         "save_dots",
         "bfloat16",

@@ -444,7 +444,7 @@ def test_sample_rows_per_row_parameters():
     import jax
     import jax.numpy as jnp
 
-    from hunyuan_jax.sampling import SamplingConfig, processed_logits, sample_rows
+    from hunyuan_jax.sampling import SamplingConfig, sample_rows
 
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(4, 64)) * 3, jnp.float32)
@@ -466,7 +466,7 @@ def test_sample_rows_per_row_parameters():
 
     toks = np.stack([np.asarray(draws(s)) for s in range(64)])  # [draws, rows]
     for b, cfg in enumerate(cfgs):
-        allowed = np.asarray(processed_logits(logits[b : b + 1], cfg, seen[b : b + 1]))[0]
+        allowed = np.asarray(_processed_logits(logits[b : b + 1], cfg, seen[b : b + 1]))[0]
         if cfg.greedy:
             assert set(toks[:, b]) == {int(np.argmax(allowed))}
         else:
@@ -530,3 +530,24 @@ def test_long_prompt_prefills_between_decode_steps(server):
     chunks = -(-100 // CHUNK)
     assert b_first - at_submit >= chunks // engine.prefill_budget - 1, (at_submit, b_first)
     _wait_idle(server)
+
+
+def _processed_logits(logits, cfg, seen):
+    """The single-configuration reference: penalty, temperature, then -inf outside top-k and
+    top-p (HF's order)."""
+    import jax
+    import jax.numpy as jnp
+
+    from hunyuan_jax import sampling
+
+    x = sampling.apply_repetition_penalty(logits.astype(jnp.float32), seen, cfg.repetition_penalty)
+    if cfg.greedy:
+        return x
+    x = x / cfg.temperature
+    neg = float(jnp.finfo(jnp.float32).min)
+    if cfg.top_k:
+        kth = jax.lax.top_k(x, cfg.top_k)[0][..., -1:]
+        x = jnp.where(x >= kth, x, neg)
+    if cfg.top_p < 1.0:
+        x = jnp.where(sampling.top_p_mask(x, cfg.top_p), x, neg)
+    return x

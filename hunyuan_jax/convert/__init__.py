@@ -6,8 +6,9 @@ orbax/tensorstore layout, streaming one tensor at a time.
 | `plan.py` | scanning + verifying an HF source before any write; the recorded plan; fresh / resume / done / refused for an existing `--out` |
 | `hf_to_jax.py` | the streaming, resumable writer (`hf_to_jax`) and the manifest |
 | `jax_to_hf.py` | export to sharded safetensors (`jax_to_hf`) from a converted checkpoint, a train.py run directory or a bare orbax params directory |
+| `verify.py` | reading a converted checkpoint or a run's checkpoints in full against their checksums (`verify`) |
 | `common.py` | dtypes, the fast tree <-> HF transforms, safetensors writing, HF key order, carried tokenizer files, progress bar |
-| `__main__.py` | the CLI (`python -m hunyuan_jax.convert hf-to-jax|jax-to-hf ...`) and its exit codes |
+| `__main__.py` | the CLI (`python -m hunyuan_jax.convert hf-to-jax|jax-to-hf|verify ...`) and its exit codes |
 
 The on-disk layout is described in one place, `hunyuan_jax/checkpoint_format.py`; the HF key
 <-> tree table in `hunyuan_jax/hf_mapping.py`; recognising checkpoint directories in

@@ -1,18 +1,21 @@
 """The converter's command line::
 
     python -m hunyuan_jax.convert hf-to-jax --hf-dir D --out O [--dtype bfloat16]
-        [--quantize int8|fp8] [--tokenizer-dir T] [--compression zstd|none] [--chunk-mb 4]
-        [--workers 2] [--max-inflight-gb 1] [--overwrite] [--no-progress] [--debug]
+        [--quantize int8|fp8] [--tokenizer-dir T] [--compression zstd|none]
+        [--checksum crc32c|none] [--chunk-mb 4] [--workers 2] [--max-inflight-gb 1]
+        [--overwrite] [--no-progress] [--debug]
     python -m hunyuan_jax.convert jax-to-hf --ckpt C --out D [--dtype bfloat16] [--step N]
         [--max-shard-gb 5] [--config F [--tree-prefix P]] [--overwrite] [--no-progress]
         [--debug]
+    python -m hunyuan_jax.convert verify --ckpt C [--step N] [--debug]
 
 `--ckpt` is a converted checkpoint, a train.py run directory (its latest complete step, or
 `--step N`), or a bare orbax params directory with `--config`. What each direction does:
 `hunyuan_jax/convert/hf_to_jax.py` and `jax_to_hf.py` (`--quantize` stores the matmul weights
 as int8 / fp8 values + scales; jax-to-hf of such a checkpoint dequantizes them, to bfloat16 by
-default); the output layout:
-`hunyuan_jax/checkpoint_format.py`.
+default); the output layout: `hunyuan_jax/checkpoint_format.py`. `verify` reads a converted
+checkpoint or a run's checkpoints in full against their checksums
+(`hunyuan_jax/convert/verify.py`) and names the first bad array and file (exit 4).
 
 Exit status (`hunyuan_jax.errors`): 0 success (also a rerun on a complete conversion, which
 does nothing); 2 bad command line (argparse, a flag that does not fit the source) or bad
@@ -60,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also carry the tokenizer files from here (hy.tiktoken, ...)",
     )
     a.add_argument("--compression", choices=("zstd", "none"), default="zstd")
+    a.add_argument(
+        "--checksum",
+        choices=("crc32c", "none"),
+        default="crc32c",
+        help="crc32c of every chunk, checked on every read (none: only to measure its cost)",
+    )
     a.add_argument(
         "--chunk-mb",
         type=float,
@@ -112,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing HF checkpoint")
     b.add_argument("--no-progress", action="store_true")
     add_debug_flag(b)
+    c = sub.add_parser("verify", help="read a checkpoint in full and check its checksums")
+    c.add_argument(
+        "--ckpt", required=True, help="converted checkpoint, train.py run directory, or HF dir"
+    )
+    c.add_argument(
+        "--step", type=int, default=None, help="run directory: only this step (default all)"
+    )
+    add_debug_flag(c)
     return ap
 
 
@@ -126,6 +143,7 @@ def _run(args) -> int:
                 args.dtype,
                 tokenizer_dir=args.tokenizer_dir,
                 compression=args.compression,
+                checksum=args.checksum,
                 chunk_mb=args.chunk_mb,
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
@@ -133,6 +151,10 @@ def _run(args) -> int:
                 max_inflight_bytes=int(args.max_inflight_gb * 2**30),
                 quantize=args.quantize,
             )
+        elif args.cmd == "verify":
+            from hunyuan_jax.convert.verify import verify
+
+            verify(args.ckpt, args.step)
         else:
             jax_to_hf(
                 args.ckpt,

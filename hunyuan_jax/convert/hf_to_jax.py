@@ -81,7 +81,9 @@ class _ProgressRecord:
             self.f.close()
 
 
-def _create_arrays(params_dir: Path, leaves, chunk_bytes: int, compression: str) -> dict:
+def _create_arrays(
+    params_dir: Path, leaves, chunk_bytes: int, compression: str, checksum: str
+) -> dict:
     """{leaf path: tensorstore array}, created empty (or reopened when resuming)."""
     import tensorstore as ts
 
@@ -99,6 +101,7 @@ def _create_arrays(params_dir: Path, leaves, chunk_bytes: int, compression: str)
             leaf.shard_shape,
             fmt.choose_chunk_shape(leaf.shard_shape, leaf.dtype.itemsize, chunk_bytes),
             compression,
+            checksum,
         )
         try:
             arrays[leaf.path] = ts.open(spec, create=True, open=True, context=ctx).result()
@@ -181,6 +184,7 @@ def hf_to_jax(
     *,
     tokenizer_dir: str | Path | None = None,
     compression: str = "zstd",
+    checksum: str = "crc32c",
     chunk_mb: float = 4.0,
     overwrite: bool = False,
     progress: bool = True,
@@ -191,18 +195,19 @@ def hf_to_jax(
     log=None,
 ) -> dict:
     """Convert a HF checkpoint directory into `out` (see the module docstring); returns the
-    manifest. `dtype` None keeps the source dtype (bfloat16 for FP8 sources). `quantize`
-    'int8' | 'fp8' stores the matmul weights quantized (`hunyuan_jax.quantize`): values and
-    float32 scales, quantized slice by slice as they stream; an FP8 source's e4m3 weights and
-    scales are stored as they are with 'fp8' (and dequantized in float32, then quantized, with
-    'int8'); `dtype` is then the dtype of the other parameters (embedding, norms)."""
+    manifest. `dtype` None keeps the source dtype (bfloat16 for FP8 sources). `checksum`
+    "crc32c" (every chunk checked on every read) or "none" (only to measure their cost).
+    `quantize` 'int8' | 'fp8' stores the matmul weights quantized (`hunyuan_jax.quantize`):
+    values and float32 scales, quantized slice by slice as they stream; an FP8 source's e4m3
+    weights and scales are stored as they are with 'fp8' (and dequantized in float32, then
+    quantized, with 'int8'); `dtype` is then the dtype of the other parameters."""
     log = log or default_log
     t0 = time.time()
     hf_dir, out = Path(hf_dir), Path(out)
     cfg, ckpt, infos, leaves, hf_config, fp8 = planning.plan_hf_to_jax(hf_dir, dtype, quantize)
     dtype = np.dtype(leaves[("embed",)].dtype).name
     chunk_bytes = int(chunk_mb * (1 << 20))
-    plan = planning.output_plan(ckpt, dtype, compression, chunk_bytes, quantize)
+    plan = planning.output_plan(ckpt, dtype, compression, chunk_bytes, checksum, quantize)
     state = planning.prepare_out(out, plan, overwrite, log)
     if state == "done":
         log(f"{out} already holds this conversion, complete; nothing to do")
@@ -239,7 +244,7 @@ def hf_to_jax(
         log(f"resuming: {len(items) - len(todo)} of {len(items)} tensors already written")
 
     params_dir = out / fmt.PARAMS_DIR
-    arrays = _create_arrays(params_dir, leaves, chunk_bytes, compression)
+    arrays = _create_arrays(params_dir, leaves, chunk_bytes, compression, checksum)
     out_dtype = np_dtype(dtype)
 
     def prepare(item):

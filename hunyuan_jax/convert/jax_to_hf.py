@@ -12,10 +12,14 @@ Sources:
 Each stacked slice is read on its own with tensorstore (only that HF tensor is in memory) and
 written into sharded safetensors (`model-0000i-of-0000n`, at most `max_shard_bytes` each) with
 `model.safetensors.index.json`, `config.json` (the source's, `torch_dtype` updated) and the
-tokenizer / remote-code files: the layout the original PyTorch code loads. In the same dtype,
+tokenizer / remote-code files: the layout the original PyTorch code loads. What is read is
+verified: tensorstore checks a converted checkpoint's crc32c on every chunk; the slices of a
+run step are summed into each array's digest and compared with the step's integrity record
+before the output is renamed into place. In the same dtype,
 HF -> JAX -> HF is bit-exact. Quantized matmul weights (`hf-to-jax --quantize`) are dequantized
 (values x scales in float32) and written in the export dtype (default: the stored dtype of the
-other parameters, bfloat16 for a bfloat16 source); no FP8 / int8 HF layout is written. Everything is written into `.<out>.jax-to-hf.tmp` beside `out`
+other parameters, bfloat16 for a bfloat16 source); no FP8 / int8 HF layout is written.
+Everything is written into `.<out>.jax-to-hf.tmp` beside `out`
 and renamed to `out` at the end, so a failed or killed export leaves no partial `out`; the
 next try removes that temp directory.
 """
@@ -33,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from hunyuan_jax import checkpoint_format as fmt
-from hunyuan_jax import loading, quantize
+from hunyuan_jax import integrity, loading, quantize
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.convert.common import (
     HF_INDEX,
@@ -62,6 +66,7 @@ class Source:
     carry_from: tuple[Path, ...]  # directories whose tokenizer / remote-code files go along
     tree_prefix: str = ""
     label: str = ""  # for the log
+    digests: dict[str, str] | None = None  # a run step's recorded digests, checked on export
 
 
 def _orbax_flags(params_dir: Path) -> tuple[bool, bool]:
@@ -78,7 +83,7 @@ def _orbax_flags(params_dir: Path) -> tuple[bool, bool]:
 def _run_source(ck: loading.Checkpoint, step: int | None) -> Source:
     from hunyuan_jax import checkpointing
 
-    steps = checkpointing.all_steps(ck.path)
+    steps = checkpointing.complete_steps(ck.path)
     if not steps:
         raise CheckpointError(
             f"run {ck.path} has no complete checkpoint under {checkpointing.checkpoint_dir(ck.path)}"
@@ -90,7 +95,9 @@ def _run_source(ck: loading.Checkpoint, step: int | None) -> Source:
             f"run {ck.path} has no complete checkpoint of step {step} (steps: "
             f"{', '.join(map(str, steps))})"
         )
-    params_dir = checkpointing.checkpoint_dir(ck.path) / str(step) / checkpointing.PARAMS
+    step_dir = checkpointing.checkpoint_dir(ck.path) / str(step)
+    params_dir = step_dir / checkpointing.PARAMS
+    record = checkpointing.read_record(step_dir)
     return Source(
         params_dir,
         ck.cfg,
@@ -98,6 +105,9 @@ def _run_source(ck: loading.Checkpoint, step: int | None) -> Source:
         *_orbax_flags(params_dir),
         carry_from=tuple(ck.search_dirs),
         label=f"step {step} of run {ck.path}",
+        digests=None
+        if record is None
+        else {n: r["digest"] for n, r in record[checkpointing.PARAMS].items()},
     )
 
 
@@ -200,6 +210,20 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
+def _check_digests(src: Source, leaves, arrays, sums) -> None:
+    """The digests of what was exported (a run step) against the step's record; a leaf the
+    slices did not cover exactly once is read again whole."""
+    actual = {}
+    for leaf in leaves.values():
+        h, n = sums.get(leaf.name, ((0, 0), 0))
+        if n != math.prod(leaf.shape):
+            label = src.tree_prefix + leaf.name
+            actual[label] = integrity.stored_digest(arrays[leaf.path], src.params_dir, label)[0]
+        else:
+            actual[src.tree_prefix + leaf.name] = integrity.fmt_digest(h)
+    integrity.compare(src.digests, actual, str(src.params_dir))
+
+
 def _shards(keys, sizes, max_shard_bytes) -> list[list[str]]:
     shards, cur, cur_bytes = [], [], 0
     for key in keys:
@@ -260,15 +284,22 @@ def jax_to_hf(
     tmp = _temp_out(out, overwrite)
     bar = progress_bar(total, "jax-to-hf", progress)
 
+    sums = {}  # leaf name -> (digest sums, elements) of the slices read so far
+
     def read(leaf, index, key):
         arr = arrays[leaf.path][index] if index else arrays[leaf.path]
         try:
-            return arr.read().result()
+            piece = arr.read().result()
         except Exception as e:  # tensorstore: a truncated / corrupt shard file, an I/O error
-            raise CheckpointError(
-                f"{src.params_dir / (src.tree_prefix + leaf.name)}: cannot read the slice "
-                f"of {key!r}: {e}"
-            ) from e
+            label = f"{src.tree_prefix + leaf.name} (the slice of {key!r})"
+            raise integrity.read_error(e, src.params_dir, label) from e
+        if src.digests is not None:
+            start = tuple(index) + (0,) * (len(leaf.shape) - len(index))
+            h, n = sums.get(leaf.name, ((0, 0), 0))
+            block = piece.reshape((1,) * len(index) + piece.shape)  # indexing dropped dims
+            part = integrity.np_partial(block, start, leaf.shape)
+            sums[leaf.name] = (integrity.add(h, part), n + piece.size)
+        return piece
 
     def produce(key):
         leaf, entry, index, _ = items[key]
@@ -287,6 +318,8 @@ def jax_to_hf(
             write_safetensors(tmp / name, [(k, out_dtype, items[k][3]) for k in group], produce)
             weight_map.update({k: name for k in group})
         bar.close()
+        if src.digests is not None:
+            _check_digests(src, leaves, arrays, sums)
         config_out = dict(src.hf_config)
         config_out.pop("quantization_config", None)
         config_out["torch_dtype"] = out_dtype.name

@@ -20,6 +20,7 @@ from hunyuan_jax.convert.common import DTYPES, FLOAT_DTYPES, hf_tensors
 from hunyuan_jax.errors import CheckpointError, UsageError
 from hunyuan_jax.hf_checkpoint import (
     FP8_DTYPES,
+    HeaderView,
     HFCheckpoint,
     fp8_scale_key,
     is_quant_aux_key,
@@ -27,20 +28,6 @@ from hunyuan_jax.hf_checkpoint import (
 )
 
 PLAN, PROGRESS = fmt.WORK_PLAN, fmt.WORK_PROGRESS
-
-
-class _InfoView:
-    """What `hf_checkpoint.verify` reads of a checkpoint, answered from scanned headers."""
-
-    def __init__(self, ckpt: HFCheckpoint, infos):
-        self.dir, self.weight_map, self._infos = ckpt.dir, ckpt.weight_map, infos
-
-    @property
-    def keys(self):
-        return list(self.weight_map)
-
-    def shape(self, key):
-        return self._infos[key].shape
 
 
 def _open_source(hf_dir: Path) -> tuple[HFCheckpoint, dict]:
@@ -76,7 +63,7 @@ def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None, quantize: str |
         raise UsageError(f"--quantize must be int8 or fp8, got {quantize!r}")
     leaves = fmt.param_leaves(cfg, dtype, quantize or "auto")
     shapes = {l.entry.path: l.shape for l in leaves.values() if l.role in ("value", "qvalue")}
-    verify(cfg, _InfoView(ckpt, infos), shapes)
+    verify(cfg, HeaderView(ckpt, infos), shapes)
     problems = []
     for key, info in infos.items():
         if is_quant_aux_key(key):
@@ -97,7 +84,12 @@ def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None, quantize: str |
 
 
 def output_plan(
-    ckpt: HFCheckpoint, dtype: str, compression: str, chunk_bytes: int, quantize=None
+    ckpt: HFCheckpoint,
+    dtype: str,
+    compression: str,
+    chunk_bytes: int,
+    checksum: str = "crc32c",
+    quantize: str | None = None,
 ) -> dict:
     """What the output will be, recorded before the first write and compared on resume: the
     source files (names, sizes, mtimes), the stored dtype, the quantization of the matmul
@@ -122,6 +114,7 @@ def output_plan(
             "use_zarr3": True,
             "compression": compression,
             "chunk_bytes": chunk_bytes,
+            "checksum": checksum,
         },
     }
     if quantize:
