@@ -302,6 +302,24 @@ def test_converter_quantizes_and_loads(tmp_path, quantized_models):
     assert _same_bits(back.get("model.embed_tokens.weight"), orig.get("model.embed_tokens.weight"))
 
 
+def test_run_directory_quantized_on_load(tmp_path, quantized_models):
+    """A train.py run step (float32, with its integrity record) served as int8: each weight
+    restored alone, checked against the record and quantized; the same bits as quantizing
+    the reference on load."""
+    from hunyuan_jax import checkpointing
+
+    model = _load(HF)
+    checkpointing.write_run_config(tmp_path, model.cfg, RuntimePolicy())
+    saver = checkpointing.Checkpointer(tmp_path, async_save=False)
+    saver.save(1, nnx.state(model, nnx.Param), {"count": jnp.zeros((), jnp.int32)}, {"0": {}})
+    saver.close()
+    ckpt = loading.open_checkpoint(tmp_path)
+    assert (ckpt.format, ckpt.weights) == ("run", "float")
+    got = _flat(loading.load_params(ckpt, ckpt.inference_policy().replace(weights="int8")))
+    want = _flat(quantized_models["int8"])
+    assert set(got) == set(want) and all(_same_bits(got[k], want[k]) for k in want)
+
+
 def _fp8_release(directory):
     """hy_tiny in the AutoFP8 layout: e4m3 `*proj.weight` + float32 `weight_scale` in every
     scale shape the format uses (per tensor: [] and [1]; per output channel: [out], [out, 1]),
