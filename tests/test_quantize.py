@@ -17,8 +17,10 @@ from the weights), x1.5; the bf16 row and every max error (dominated by tokens w
 expert flips: hy_tiny has random weights) to 1.5 x measured. XLA:CPU is deterministic; the
 margin covers other reduction orders.
 
-About 80 s on 2 CPU cores shared with an AOT compile (load 7-9): the trained-model, reference
-logits and FP8-release tests take 14-17 s each, the converter 8 s, the mesh 7 s, the rest < 5 s.
+Measured: 155 s for the file on the 2 shared CPU cores at load average 5-6 (other sessions'
+compiles and tests running): the reference-logits, FP8-release and trained-model tests take
+20-22 s each, the run directory 16 s, the mesh 10 s, the AOT compile 9 s, the converter 8 s, the
+rest < 4 s.
 """
 
 import functools
@@ -420,17 +422,21 @@ def test_mixed_forms_are_refused():
 
 def test_aot_tool_compiles_int8_weights(tmp_path, capsys):
     """`python -m hunyuan_jax.aot --weights int8` (here on this host's 8 CPU devices): the
-    serving program takes int8 values + scales as arguments, under half the float32 bytes."""
+    serving program takes the int8 values + scales as arguments, under half the bytes of the
+    float32 weights alone."""
     from hunyuan_jax.aot.cli import main
 
-    args = {}
-    for w in ("auto", "int8"):
-        out = tmp_path / f"{w}.json"
-        argv = ["--config", "configs/tiny.yaml", "--topology", "local", "--mode", "decode-step"]
-        argv += ["--batch", "2", "--mesh", "expert=2,tensor=4", "--cache-len", "64"]
-        argv += ["--dtype", "float32", "--weights", w, "--json", str(out)]
-        assert main(argv) == 0, capsys.readouterr()
-        r = json.loads(out.read_text())
-        assert r["policy"]["weights"] == w
-        args[w] = r["memory_gib"]["arguments"]
-    assert args["int8"] < 0.5 * args["auto"]
+    out = tmp_path / "r.json"
+    argv = ["--config", "configs/tiny.yaml", "--topology", "local", "--mode", "decode-step"]
+    argv += ["--batch", "2", "--mesh", "expert=2,tensor=4", "--cache-len", "64"]
+    argv += ["--dtype", "float32", "--weights", "int8", "--json", str(out)]
+    assert main(argv) == 0, capsys.readouterr()
+    r = json.loads(out.read_text())
+    assert r["policy"]["weights"] == "int8"
+    model = abstract_model(
+        read_model_config("configs/tiny.yaml"), RuntimePolicy.inference("float32")
+    )
+    float_bytes = sum(
+        v.get_value().size * 4 for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    )
+    assert r["memory_gib"]["arguments"] * 2**30 * 8 < 0.5 * float_bytes  # per device x 8
