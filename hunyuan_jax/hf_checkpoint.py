@@ -103,6 +103,7 @@ class HFCheckpoint:
                         "reading PyTorch .bin checkpoints needs torch: "
                         "pip install 'hunyuan-jax[torch]'"
                     ) from e
+                scan_torch_bin(path)  # refuses unsafe pickles and truncation in one clear line
                 handle = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
         except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
             msg = " ".join(str(e).split())[:300]

@@ -621,9 +621,9 @@ def test_cli_rejects_sampling_values(capsys, ckpt, flags, msg):
 
 def test_cli_input_errors(capsys, ckpt, tmp_path):
     code, _, err = _cli(capsys, "--checkpoint", tmp_path / "missing", "--prompt", "x")
-    assert code == 2 and "checkpoint directory not found" in err
+    assert code == 4 and "checkpoint directory not found" in err  # CheckpointError
     code, _, err = _cli(capsys, "--checkpoint", tmp_path, "--prompt", "x")
-    assert code == 2 and "not a checkpoint directory" in err
+    assert code == 4 and "not a checkpoint directory" in err
     code, _, err = _cli(capsys, "--checkpoint", ckpt)
     assert code == 2 and "no prompt" in err
     code, _, err = _cli(

@@ -294,7 +294,7 @@ def test_nonfinite_loss_stops_naming_the_step(reference, workdir, tokenizer, mon
     _copy_until(ref_run, run, 10)
     _poison_batches(monkeypatch, at_call=3)  # resumed at 10: the third batch is step 13
     mcfg, policy, tcfg = _configs(run, tokenizer)
-    with pytest.raises(NonFiniteLoss, match=r"at step 13 .*last good checkpoint is step 10"):
+    with pytest.raises(NonFiniteLoss, match=r"at step 13 .*newest healthy checkpoint: step 10"):
         train(mcfg, policy, tcfg, log=lambda *_: None)
     assert latest_step(run) == 10
     assert [m["step"] for m in _metrics(run)][-1] == 13 and not _metrics(run)[-1]["ok"]
