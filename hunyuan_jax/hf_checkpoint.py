@@ -30,6 +30,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError
 
 from hunyuan_jax import hf_mapping
 from hunyuan_jax.config import ModelConfig
@@ -105,7 +106,14 @@ class HFCheckpoint:
                     ) from e
                 scan_torch_bin(path)  # refuses unsafe pickles and truncation in one clear line
                 handle = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        except (
+            OSError,
+            RuntimeError,
+            ValueError,
+            EOFError,
+            pickle.UnpicklingError,
+            SafetensorError,  # derives from Exception only
+        ) as e:
             msg = " ".join(str(e).split())[:300]
             raise CheckpointError(
                 f"{path}: cannot read shard (truncated, corrupt or unsafe): {msg}"
