@@ -18,6 +18,7 @@ import yaml
 
 from hunyuan_jax.config import ModelConfig, check_types, dataclass_from_dict, read_yaml
 from hunyuan_jax.errors import ConfigError
+from hunyuan_jax.lora import LoraConfig
 from hunyuan_jax.policy import RuntimePolicy
 
 _NONFINITE = ("stop", "skip")
@@ -96,8 +97,13 @@ class TrainConfig:
     peak_flops_per_device: float | None = None  # FLOP/s for the MFU estimate (None: by chip)
     # A non-finite loss or gradient: "stop" (keep the last good checkpoint) or "skip" the batch.
     on_nonfinite: str = "stop"
+    # LoRA fine-tuning (`hunyuan_jax.lora`): null = full fine-tuning; else {rank, alpha,
+    # dropout, targets} (true = the defaults: rank 8, alpha 16, q/k/v/o). Only the adapters
+    # train (and are checkpointed); the base is frozen in bf16 (int8 with runtime.weights=int8).
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "lora", LoraConfig.from_value(self.lora))
         check_types(self, "train")
         for key in (
             "steps",

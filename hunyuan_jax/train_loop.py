@@ -74,7 +74,11 @@ def _check_resume_config(run_dir: Path, mcfg: ModelConfig) -> None:
 def _initial_state(step: TrainStep, mcfg, policy, tcfg, plan, log) -> TrainState:
     from hunyuan_jax.state import init_model
 
-    if tcfg.init_from:
+    if tcfg.lora is not None:  # the frozen base (init_from or random) plus fresh adapters
+        from hunyuan_jax import lora
+
+        model = lora.training_model(tcfg.run_dir, mcfg, policy, tcfg, plan, False, log)
+    elif tcfg.init_from:
         from hunyuan_jax import loading
 
         t0 = time.time()
@@ -103,6 +107,10 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
     step.check_batch_layout(tcfg.batch_size, tcfg.micro_batches)
 
     if resume_step is not None:
+        if tcfg.lora is not None:  # the frozen base the adapters belong to (digest checked)
+            from hunyuan_jax import lora
+
+            step.bind_frozen(lora.training_model(run_dir, mcfg, policy, tcfg, plan, True, log))
         t0 = time.time()
         resume_step, params, opt_state, data_states = _restore_verified(ckpt, step, run_dir, log)
         state = TrainState(
@@ -156,7 +164,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
         batch = to_global(local, step.batch_sharding, tcfg.batch_size)
         if compiled is None:
             t0 = time.time()
-            compiled = step.jitted.lower(state, batch).compile()
+            compiled = step.compile(state, batch)
             t_compile = time.time() - t0
             log(
                 f"[train] step compiled in {t_compile:.1f}s; steps {start} -> {end}, "

@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from hunyuan_jax import lora
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.losses import lm_loss
 from hunyuan_jax.optim import Optimizer, make_optimizer
@@ -75,7 +76,18 @@ class TrainStep:
         self.cfg, self.policy, self.tcfg, self.plan = cfg, policy, tcfg, plan
         self.optimizer = optimizer or make_optimizer(tcfg, cfg)
         self.objective = objective or self._lm_objective
-        self.graphdef, params = nnx.split(abstract_model(cfg, policy, plan))
+        # LoRA (`tcfg.lora`): only the adapters are state (trained, optimized, checkpointed);
+        # the frozen base is a separate, undonated argument of the step (`self.frozen`).
+        self.frozen = None
+        if tcfg.lora is None:
+            self.graphdef, params = nnx.split(abstract_model(cfg, policy, plan))
+            frozen, self.frozen_shardings = None, None
+        else:
+            self.graphdef, params, frozen = lora.split(
+                lora.abstract_model(cfg, policy, plan, tcfg.lora)
+            )
+            self.frozen_shardings = plan.state_shardings(frozen)
+        self.abstract_frozen = frozen
         opt_state = jax.eval_shape(self.optimizer.tx.init, params)
         self.abstract_state = TrainState(params, opt_state, jax.ShapeDtypeStruct((), jnp.int32))
         self.shardings = TrainState(
@@ -83,11 +95,11 @@ class TrainStep:
         )
         self.batch_sharding = self._batch_sharding()
         self.fn = self._make_step()
+        batch_sh = dict.fromkeys(BATCH_KEYS, self.batch_sharding)
         if plan.is_sharded:
-            batch_sh = dict.fromkeys(BATCH_KEYS, self.batch_sharding)
             self.jitted = jax.jit(
                 self.fn,
-                in_shardings=(self.shardings, batch_sh),
+                in_shardings=(self.shardings, batch_sh, self.frozen_shardings),
                 out_shardings=(self.shardings, plan.replicated()),
                 donate_argnums=(0,),
             )
@@ -137,8 +149,9 @@ class TrainStep:
     # ------------------------------------------------------------------ state
     def init_state(self, model: nnx.Module) -> TrainState:
         """The TrainState of a model (random or loaded): parameters placed as the plan says
-        (a no-op when already placed), optimizer state created sharded."""
-        _, params = nnx.split(model)
+        (a no-op when already placed), optimizer state created sharded. A LoRA model (base +
+        `lora.add_adapters`): the adapters are the state, the base becomes `self.frozen`."""
+        params = self.bind_frozen(model)
         params = jax.device_put(params, self.shardings.params)
         opt_init = jax.jit(
             self.optimizer.tx.init,
@@ -146,6 +159,20 @@ class TrainStep:
         )
         step = jax.device_put(jnp.zeros((), jnp.int32), self.shardings.step)
         return TrainState(params, opt_init(params), step)
+
+    def bind_frozen(self, model: nnx.Module):
+        """Splits `model` into (trainable parameters, frozen base); keeps the base, placed, as
+        the step's frozen argument (LoRA); returns the trainable parameters."""
+        if self.tcfg.lora is None:
+            return nnx.split(model)[1]
+        _, params, frozen = lora.split(model)
+        self.frozen = jax.device_put(frozen, self.frozen_shardings) if self.plan.is_sharded else frozen
+        return params
+
+    def compile(self, state: TrainState, batch: dict):
+        """The step compiled for these arguments, called as `compiled(state, batch)`."""
+        compiled = self.jitted.lower(state, batch, self.frozen).compile()
+        return lambda s, b: compiled(s, b, self.frozen)
 
     def restore_target(self) -> TrainState:
         """The abstract TrainState with shardings (what a checkpoint restore fills)."""
@@ -165,13 +192,14 @@ class TrainStep:
         graphdef, opt, objective = self.graphdef, self.optimizer, self.objective
         base_key = jax.random.key(self.tcfg.seed)
 
-        def step_fn(state: TrainState, batch: dict):
+        def step_fn(state: TrainState, batch: dict, frozen=None):
             key = jax.random.fold_in(base_key, state.step)
             num_micro = batch["inputs"].shape[0]
             total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
             def micro_objective(params, micro, mkey):
-                loss, m = objective(nnx.merge(graphdef, params), micro, mkey)
+                rest = () if frozen is None else (frozen,)
+                loss, m = objective(nnx.merge(graphdef, params, *rest), micro, mkey)
                 ce = m["ce_loss"]
                 # The batch's token-mean cross entropy is sum_i ce_i * tokens_i / tokens.
                 return ce * (m["tokens"] / total_tokens) + (loss - ce) / num_micro, m
@@ -229,7 +257,7 @@ class TrainStep:
         return step_fn
 
     def __call__(self, state: TrainState, batch: dict):
-        return self.jitted(state, batch)
+        return self.jitted(state, batch, self.frozen)
 
     def lower(
         self,
@@ -238,6 +266,9 @@ class TrainStep:
         micro_batches: int | None = None,
     ):
         """`jax.stages.Lowered` of the step for abstract state and batch (the AOT tool)."""
+        frozen = None
+        if self.abstract_frozen is not None:
+            frozen = self.plan.abstract(self.abstract_frozen, self.frozen_shardings)
         return self.jitted.lower(
-            self.restore_target(), self.abstract_batch(batch_size, seq_len, micro_batches)
+            self.restore_target(), self.abstract_batch(batch_size, seq_len, micro_batches), frozen
         )

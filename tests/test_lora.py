@@ -1,0 +1,222 @@
+"""LoRA (`hunyuan_jax.lora`, the LoRA path of `train_step.TrainStep` and `train_loop`) on the
+tiny config, CPU: a step trains only the adapters (optimizer state for them alone, the frozen
+base untouched); merging folds the adapters into the base with the same logits (float and int8
+bases); 8 simulated devices with expert parallelism give the one-device losses; a LoRA run
+checkpoints only the adapters plus a base pointer, resumes exactly, and refuses a changed base;
+a run's adapters load beside their base (`lora.attach`, what infer.py --adapter uses).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+
+if "HUNYUAN_TEST_JAX_CACHE" not in os.environ:
+    import atexit
+
+    os.environ["HUNYUAN_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="hy-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["HUNYUAN_TEST_JAX_CACHE"], ignore_errors=True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from hunyuan_jax import checkpointing, lora  # noqa: E402
+from hunyuan_jax.errors import CheckpointError, ConfigError  # noqa: E402
+from hunyuan_jax.policy import RuntimePolicy  # noqa: E402
+from hunyuan_jax.state import init_model  # noqa: E402
+from hunyuan_jax.train_config import load_configs  # noqa: E402
+from hunyuan_jax.train_loop import train  # noqa: E402
+from hunyuan_jax.train_step import TrainStep  # noqa: E402
+from sharding.plan import ShardingPlan  # noqa: E402
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+EPS32 = float(np.finfo(np.float32).eps)
+SMALL = [
+    "batch_size=16",
+    "seq_len=32",
+    "micro_batches=2",
+    "lr=1e-2",
+    "warmup_steps=1",
+    "lora={rank: 4, alpha: 8}",
+    "runtime.capacity_factor=8.0",  # = experts: no re-routing, so meshes agree exactly
+]
+ONE = ["mesh=data=1,fsdp=1,expert=1,tensor=1", "rules=fsdp"]
+EP8 = ["mesh=data=2,fsdp=1,expert=4,tensor=1", "rules=fsdp_ep"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache():
+    """A persistent compilation cache for this module only (as tests/test_train.py)."""
+    from jax._src import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], os.environ["HUNYUAN_TEST_JAX_CACHE"])
+    jax.config.update(names[1], 0.5)
+    cc.reset_cache()
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
+def _batch(cfg, seed=0, shape=(2, 8, 32)):
+    tok = np.random.default_rng(seed).integers(0, cfg.vocab_size, shape).astype(np.int32)
+    pos = np.broadcast_to(np.arange(shape[-1], dtype=np.int32), shape)
+    return {
+        "inputs": tok,
+        "targets": np.roll(tok, -1, -1),
+        "positions": np.array(pos),
+        "segment_ids": np.ones(shape, np.int32),
+        "loss_mask": np.ones(shape, np.float32),
+    }
+
+
+def _step(mesh, *extra):
+    mcfg, policy, tcfg = load_configs(TINY, SMALL + mesh + list(extra))
+    plan = ShardingPlan.create(tcfg.mesh, tcfg.rules)
+    step = TrainStep(mcfg, policy, tcfg, plan)
+    model = init_model(mcfg, lora.base_policy(policy), plan, 0)
+    base = jax.tree.map(np.asarray, nnx.state(model))
+    lora.add_adapters(model, tcfg.lora, jax.random.key(1), plan)
+    return mcfg, step, step.init_state(model), base
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_config():
+    _, _, tcfg = load_configs(TINY, ["lora=true"])
+    assert tcfg.lora == lora.LoraConfig() and tcfg.lora.scale == 2.0
+    assert tcfg.lora.targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert load_configs(TINY)[2].lora is None
+    for bad in ("lora={rank: 0}", "lora={targets: [mlp]}", "lora={ranks: 4}", "lora=3"):
+        with pytest.raises(ConfigError, match="lora"):
+            load_configs(TINY, [bad])
+
+
+def test_step_trains_only_the_adapters():
+    """State, gradients and optimizer moments exist only for the adapters; the base (bf16
+    matmul weights) is the step's frozen input and comes out bit-identical; B (zero at first)
+    moves, so the adapted model differs from the base."""
+    mcfg, step, state, base = _step(ONE)
+    names = {type(v).__name__ for _, v in nnx.to_flat_state(state.params)}
+    assert names == {"LoRAParam"}
+    n_adapter = sum(x.size for x in jax.tree.leaves(state.params))
+    n_moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert n_moments == 2 * n_adapter  # Adam's mu and nu for the adapters, nothing else
+    frozen = nnx.to_flat_state(step.frozen)
+    bf16 = [p for p, v in frozen if p[-1] in ("q_proj", "gate_proj") and v.dtype == jnp.bfloat16]
+    assert bf16, "the base's matmul weights are held in bfloat16"
+    before = _leaves(state.params)
+    for _ in range(2):
+        state, metrics = step(state, _batch(mcfg))
+        assert bool(metrics["ok"])
+    for (path, v), want in zip(frozen, jax.tree.leaves(base)):
+        np.testing.assert_array_equal(np.asarray(v.get_value()), want.astype(v.dtype), str(path))
+    after = dict(nnx.to_flat_state(state.params))
+    moved = [p for p, v in after.items() if p[-1].endswith("_lora_b")]
+    assert moved and all(np.abs(np.asarray(after[p].get_value())).max() > 0 for p in moved)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, _leaves(state.params)))
+
+
+@pytest.mark.parametrize("form", ["auto", "int8"])
+def test_merge_equals_base_plus_adapter(form):
+    """Logits of base + adapters (every target: attention, shared and routed experts; a float32
+    or int8 base) equal those of the merged float32 model. The two differ only in float32
+    rounding order (x W + s (x A) B vs x (W + s A B)): a few ulps per matmul of <= 128 terms,
+    over 6 layers; bound 64 eps * max|logit|."""
+    mcfg, _, _ = load_configs(TINY)
+    model = init_model(mcfg, RuntimePolicy.inference("float32").replace(weights=form), None, 0)
+    lora.add_adapters(model, lora.LoraConfig(rank=4, targets=lora.TARGETS), jax.random.key(1))
+    for i, (_, module, name) in enumerate(lora.adapted(model)):
+        b = getattr(module, name + "_lora_b")
+        b.set_value(0.05 * jax.random.normal(jax.random.key(i), b.shape))
+    tokens = jax.random.randint(jax.random.key(2), (2, 24), 0, mcfg.vocab_size)
+    forward = nnx.jit(lambda m, t: m(t)[0])
+    adapted = forward(model, tokens)
+    w0 = lora.quantize.dequantize(model.groups.layers[0].attn.q_proj[...])
+    merged = forward(lora.merge_adapters(model), tokens)
+    assert not list(lora.adapted(model))
+    err = float(jnp.max(jnp.abs(adapted - merged)))
+    assert err <= 64 * EPS32 * float(jnp.max(jnp.abs(adapted))), err
+    # The adapters matter: the merged weights differ from the base by far more than that.
+    w1 = model.groups.layers[0].attn.q_proj[...]
+    assert float(jnp.max(jnp.abs(w1 - w0))) > 1e-3
+
+
+def test_expert_parallel_matches_one_device():
+    """data=2 x expert=4 (fsdp_ep, all-to-all dispatch) vs one device: the same losses and
+    adapters over 3 LoRA steps (float32 compute; summation order differs across devices)."""
+    runs = {}
+    for name, mesh in (("one", ONE), ("ep8", EP8)):
+        mcfg, step, state, _ = _step(mesh)
+        losses = []
+        for i in range(3):
+            state, metrics = step(state, _batch(mcfg, seed=i))
+            losses.append(float(metrics["loss"]))
+        runs[name] = losses, _leaves(state.params)
+    np.testing.assert_allclose(runs["ep8"][0], runs["one"][0], rtol=2e-5)
+    for a, b in zip(runs["ep8"][1], runs["one"][1]):
+        np.testing.assert_allclose(a, b, atol=3 * 1e-2 * 1e-2)  # 3 steps of lr: 1% of a step
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from hunyuan_jax.data import embedded_corpus, texts_for_tokenizer
+    from hunyuan_jax.tokenizer import SentencePieceTokenizer
+
+    texts = texts_for_tokenizer(embedded_corpus(100_000), "text", 100_000)
+    path = tmp_path_factory.mktemp("lora_sp") / "tokenizer"
+    return str(SentencePieceTokenizer.train(texts, path, 1024).path)
+
+
+def _run(tmp_path, tokenizer, name, *extra):
+    mcfg, policy, tcfg = load_configs(
+        TINY,
+        SMALL
+        + ONE
+        + [
+            f"run_dir={tmp_path / name}",
+            "steps=4",
+            "save_every=2",
+            "corpus_max_bytes=100000",
+            f"tokenizer={tokenizer}",
+            "runtime.hidden_dropout=0.1",  # the PRNG must replay on resume
+            *extra,
+        ],
+    )
+    return train(mcfg, policy, tcfg, log=lambda *_: None), tmp_path / name
+
+
+def test_run_checkpoints_adapters_resumes_exactly_and_loads(tmp_path, tokenizer):
+    full, run = _run(tmp_path, tokenizer, "full")
+    # The checkpoint holds the adapters only (with their digests), plus a base pointer.
+    record = checkpointing.read_record(checkpointing.checkpoint_dir(run) / "4")
+    assert record["params"] and all("_lora_" in n for n in record["params"])
+    pointer = lora.read_pointer(run)
+    assert pointer["base"] is None and pointer["weights"] == "bf16"
+    # Stop at 2 and resume: the same losses and adapters as the uninterrupted run.
+    _run(tmp_path, tokenizer, "split", "stop_at=2")
+    resumed, split = _run(tmp_path, tokenizer, "split")
+    assert resumed["start_step"] == 2
+    assert resumed["losses"] == full["losses"][2:]
+    cfg = checkpointing.read_run_config(run)[0]
+    models = []
+    for r in (run, split):
+        base = lora.load_base(None, cfg, RuntimePolicy.inference("float32"), None, 0)
+        models.append(lora.attach(base, r)[0])
+    a, b = (_leaves(nnx.state(m, nnx.LoRAParam)) for m in models)
+    assert len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    # A base that is not the one recorded is refused.
+    record = json.loads((split / lora.POINTER_FILE).read_text())
+    record["digest"] = "0" * len(record["digest"])
+    (split / lora.POINTER_FILE).write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="not the one the adapters"):
+        _run(tmp_path, tokenizer, "split", "steps=6")
