@@ -49,10 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--checkpoint",
-        required=True,
+        default=None,
         help="checkpoint directory: Hugging Face "
         "layout (config.json + safetensors / .bin shards), the output of "
-        "`python -m hunyuan_jax.convert hf-to-jax`, or a train.py run directory",
+        "`python -m hunyuan_jax.convert hf-to-jax`, or a train.py run directory "
+        "(required unless --adapter names a LoRA run that records its base)",
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="a LoRA run directory (train.py with train.lora): its adapters are loaded beside "
+        "the --checkpoint weights, unmerged (default base: the one the run records)",
     )
     p.add_argument(
         "--tokenizer",
@@ -247,6 +254,8 @@ def _main(args) -> int:
     if args.prefill_chunk < 1:
         raise UsageError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     prompts = _read_prompts(args)
+    if args.checkpoint is None and args.adapter is None:
+        raise UsageError("--checkpoint is required (or --adapter with a LoRA run)")
 
     from hunyuan_jax import loading
     from hunyuan_jax.generate import Generator
@@ -268,11 +277,16 @@ def _main(args) -> int:
             raise UsageError(f"--tokenizer {args.tokenizer}: {e}") from None
         tokenizer = args.tokenizer
     bundle = loading.load(
-        args.checkpoint, dtype=args.dtype, weights=args.weights, plan=plan, tokenizer=tokenizer
+        args.checkpoint,
+        dtype=args.dtype,
+        weights=args.weights,
+        plan=plan,
+        tokenizer=tokenizer,
+        adapter=args.adapter,
     )
     if bundle.tokenizer is None:
         raise UsageError(
-            f"no tokenizer in {args.checkpoint} (looked for hy.tiktoken and "
+            f"no tokenizer in {bundle.checkpoint.path} (looked for hy.tiktoken and "
             f"*.model there and in tokenizer/); pass --tokenizer"
         )
     sampling = bundle.sampling.replace(**flags)

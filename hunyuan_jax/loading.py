@@ -124,7 +124,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if fmt == "run":
         from hunyuan_jax.checkpointing import read_run_config
 
-        cfg, runtime, _ = read_run_config(path)
+        cfg, runtime, train = read_run_config(path)
+        if train.get("lora"):
+            raise CheckpointError(
+                f"{path} is a LoRA run (its checkpoints hold only adapters): load it beside "
+                f"its base (infer.py --adapter {path}) or merge it first "
+                f"(python -m hunyuan_jax.convert merge-lora --run {path} --out DIR)"
+            )
         weights = runtime.weights if runtime.weights in ("int8", "fp8") else "float"
         return Checkpoint(path, fmt, cfg, runtime.param_dtype, runtime, weights)
     if _is_orbax_step(path):
@@ -449,13 +455,14 @@ class Loaded:
 
 
 def load(
-    path: str | Path,
+    path: str | Path | None,
     *,
     dtype: str = "auto",
     weights: str | None = None,
     policy: RuntimePolicy | None = None,
     plan=None,
     tokenizer: str | Path | None = None,
+    adapter: str | Path | None = None,
 ) -> Loaded:
     """Loads a checkpoint directory for decoding, whatever format it is in.
 
@@ -464,7 +471,13 @@ def load(
     `policy.weights`; None keeps the policy's, 'auto' by default: as the checkpoint stores them).
     tokenizer: a tokenizer file or directory; by default one is looked for in the checkpoint
     directory and its `tokenizer/`; generation_config.json there sets the sampling defaults.
+    adapter: a LoRA run directory whose adapters (latest step) are loaded beside the weights,
+    unmerged (`lora.attach`); `path` None takes the base the run records (`lora_base.json`).
     """
+    if adapter is not None and path is None:
+        from hunyuan_jax import lora
+
+        path = lora.recorded_base(adapter)
     ckpt = open_checkpoint(path)
     policy = policy or ckpt.inference_policy(dtype)
     if weights is not None:
@@ -478,9 +491,15 @@ def load(
         dirs = [t if t.is_dir() else t.parent] + dirs
     else:
         tok = find_tokenizer(ckpt.path)
+        if tok is None and adapter is not None:
+            tok = find_tokenizer(Path(adapter))
     if tok is not None:
         check_tokenizer(tok, ckpt.cfg)  # before the (possibly long) weight loading
     model = load_params(ckpt, policy, plan)
+    if adapter is not None:
+        from hunyuan_jax import lora
+
+        model, _ = lora.attach(model, adapter, plan)
     sampling, eos = generation_defaults(*([ckpt.path] + dirs))
     if eos is None and tok is not None:
         eos = tok.eos_ids

@@ -195,18 +195,24 @@ def remove_adapters(model) -> None:
                 delattr(module, name + suffix)
 
 
-def merge_adapters(model, plan=None):
-    """In place: every adapted weight becomes float32 W + scale * A @ B (a quantized base is
-    dequantized first) and its adapter is removed. Returns `model`."""
+def merge_adapters(model, dtype=jnp.float32):
+    """In place: every adapted weight becomes W + scale * A @ B, computed in float32 (a
+    quantized base dequantized first) and stored in `dtype`, one weight at a time (jitted; the
+    result keeps the weight's sharding); its adapter is removed. Returns `model`."""
     for _, module, name in list(adapted(model)):
         var = getattr(module, name)
         axes = quantize.weight_axes(var)
-        a = getattr(module, name + "_lora_a")[...]
-        b = getattr(module, name + "_lora_b")[...]
-        scale = getattr(module, name + "_lora_scale")
         num_batch = quantize.contracted_dims(name, axes)[0]
-        d = delta(a.astype(jnp.float32), b.astype(jnp.float32), num_batch)
-        w = quantize.dequantize(var) + scale * d
+        scale = getattr(module, name + "_lora_scale")
+
+        @jax.jit
+        def fold(w, a, b, num_batch=num_batch, scale=scale):
+            d = delta(a.astype(jnp.float32), b.astype(jnp.float32), num_batch)
+            return (quantize.dequantize(w) + scale * d).astype(dtype)
+
+        w = fold(
+            var[...], getattr(module, name + "_lora_a")[...], getattr(module, name + "_lora_b")[...]
+        )
         setattr(module, name, nnx.Param(w, logical_axes=axes))
     remove_adapters(model)
     return model
@@ -322,6 +328,19 @@ def run_lora_config(run_dir) -> LoraConfig | None:
 
     _, _, train = read_run_config(run_dir)
     return LoraConfig.from_value(train.get("lora"))
+
+
+def recorded_base(run_dir) -> str:
+    """The base checkpoint a LoRA run's pointer names (CheckpointError when it has none)."""
+    pointer = read_pointer(run_dir)
+    if pointer is None:
+        raise CheckpointError(f"{run_dir} has no {POINTER_FILE}: not a LoRA run directory")
+    if pointer["base"] is None:
+        raise CheckpointError(
+            f"the LoRA run {run_dir} was trained on a random base (seed {pointer.get('seed')}): "
+            f"there is no base checkpoint to load it beside"
+        )
+    return pointer["base"]
 
 
 def attach(model, run_dir, plan=None, step: int | None = None):

@@ -166,7 +166,9 @@ class TrainStep:
         if self.tcfg.lora is None:
             return nnx.split(model)[1]
         _, params, frozen = lora.split(model)
-        self.frozen = jax.device_put(frozen, self.frozen_shardings) if self.plan.is_sharded else frozen
+        self.frozen = (
+            jax.device_put(frozen, self.frozen_shardings) if self.plan.is_sharded else frozen
+        )
         return params
 
     def compile(self, state: TrainState, batch: dict):

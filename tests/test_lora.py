@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from hunyuan_jax import checkpointing, lora  # noqa: E402
+from hunyuan_jax import checkpointing, loading, lora  # noqa: E402
+from hunyuan_jax.convert.__main__ import main as convert_main  # noqa: E402
 from hunyuan_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from hunyuan_jax.policy import RuntimePolicy  # noqa: E402
 from hunyuan_jax.state import init_model  # noqa: E402
@@ -35,6 +36,7 @@ from hunyuan_jax.train_step import TrainStep  # noqa: E402
 from sharding.plan import ShardingPlan  # noqa: E402
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+HY_TINY = Path(__file__).resolve().parent / "data" / "hy_tiny" / "hf_st"  # the LoRA runs' base
 EPS32 = float(np.finfo(np.float32).eps)
 SMALL = [
     "batch_size=16",
@@ -188,6 +190,7 @@ def _run(tmp_path, tokenizer, name, *extra):
             "save_every=2",
             "corpus_max_bytes=100000",
             f"tokenizer={tokenizer}",
+            f"init_from={HY_TINY}",
             "runtime.hidden_dropout=0.1",  # the PRNG must replay on resume
             *extra,
         ],
@@ -196,27 +199,42 @@ def _run(tmp_path, tokenizer, name, *extra):
 
 
 def test_run_checkpoints_adapters_resumes_exactly_and_loads(tmp_path, tokenizer):
+    """train.py's loop with LoRA on and --init-from the hy_tiny checkpoint: checkpoints hold
+    only the adapters (integrity-recorded) and the run records its base; stop + resume equals
+    the uninterrupted run; a changed base is refused; the adapters load beside the base
+    (infer.py --adapter's path) and merge-lora's output has the same logits."""
     full, run = _run(tmp_path, tokenizer, "full")
-    # The checkpoint holds the adapters only (with their digests), plus a base pointer.
     record = checkpointing.read_record(checkpointing.checkpoint_dir(run) / "4")
     assert record["params"] and all("_lora_" in n for n in record["params"])
     pointer = lora.read_pointer(run)
-    assert pointer["base"] is None and pointer["weights"] == "bf16"
+    assert pointer["base"] == str(HY_TINY.resolve()) and pointer["weights"] == "bf16"
+    with pytest.raises(CheckpointError, match="LoRA run"):
+        loading.open_checkpoint(run)  # not a full checkpoint: said so, with what to do
     # Stop at 2 and resume: the same losses and adapters as the uninterrupted run.
     _run(tmp_path, tokenizer, "split", "stop_at=2")
     resumed, split = _run(tmp_path, tokenizer, "split")
     assert resumed["start_step"] == 2
     assert resumed["losses"] == full["losses"][2:]
-    cfg = checkpointing.read_run_config(run)[0]
-    models = []
-    for r in (run, split):
-        base = lora.load_base(None, cfg, RuntimePolicy.inference("float32"), None, 0)
-        models.append(lora.attach(base, r)[0])
-    a, b = (_leaves(nnx.state(m, nnx.LoRAParam)) for m in models)
+    a, b = (_leaves(_adapters(r)) for r in (run, split))
     assert len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    # Base + adapters, unmerged (the recorded base), against merge-lora's run directory.
+    unmerged = loading.load(None, dtype="float32", adapter=run)
+    assert unmerged.tokenizer is not None and list(lora.adapted(unmerged.model))
+    assert convert_main(["merge-lora", "--run", str(run), "--out", str(tmp_path / "m")]) == 0
+    merged = loading.load(tmp_path / "m", dtype="float32")
+    tokens = jnp.asarray(_batch(merged.cfg)["inputs"][0])
+    forward = nnx.jit(lambda m, t: m(t)[0])
+    want, got = forward(unmerged.model, tokens), forward(merged.model, tokens)
+    assert float(jnp.max(jnp.abs(want - got))) <= 64 * EPS32 * float(jnp.max(jnp.abs(want)))
     # A base that is not the one recorded is refused.
     record = json.loads((split / lora.POINTER_FILE).read_text())
     record["digest"] = "0" * len(record["digest"])
     (split / lora.POINTER_FILE).write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match="not the one the adapters"):
         _run(tmp_path, tokenizer, "split", "steps=6")
+
+
+def _adapters(run):
+    """The adapters of a run's latest step, as restored beside a float32 hy_tiny."""
+    base = loading.load_params(loading.open_checkpoint(HY_TINY), RuntimePolicy.inference("float32"))
+    return nnx.state(lora.attach(base, run)[0], nnx.LoRAParam)

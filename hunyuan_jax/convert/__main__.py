@@ -8,6 +8,8 @@
         [--max-shard-gb 5] [--config F [--tree-prefix P]] [--overwrite] [--no-progress]
         [--debug]
     python -m hunyuan_jax.convert verify --ckpt C [--step N] [--debug]
+    python -m hunyuan_jax.convert merge-lora --run RUN --out O [--base B] [--step N]
+        [--dtype float32|bfloat16] [--mesh M --rules R] [--overwrite] [--debug]
 
 `--ckpt` is a converted checkpoint, a train.py run directory (its latest complete step, or
 `--step N`), or a bare orbax params directory with `--config`. What each direction does:
@@ -15,7 +17,9 @@
 as int8 / fp8 values + scales; jax-to-hf of such a checkpoint dequantizes them, to bfloat16 by
 default); the output layout: `hunyuan_jax/checkpoint_format.py`. `verify` reads a converted
 checkpoint or a run's checkpoints in full against their checksums
-(`hunyuan_jax/convert/verify.py`) and names the first bad array and file (exit 4).
+(`hunyuan_jax/convert/verify.py`) and names the first bad array and file (exit 4). `merge-lora`
+folds a LoRA run's adapters into its base and writes a run directory that jax-to-hf exports
+(`hunyuan_jax/convert/merge_lora.py`).
 
 Exit status (`hunyuan_jax.errors`): 0 success (also a rerun on a complete conversion, which
 does nothing); 2 bad command line (argparse, a flag that does not fit the source) or bad
@@ -121,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing HF checkpoint")
     b.add_argument("--no-progress", action="store_true")
     add_debug_flag(b)
+    m = sub.add_parser(
+        "merge-lora", help="fold a LoRA run's adapters into its base (a run directory out)"
+    )
+    m.add_argument("--run", required=True, help="the LoRA run directory (train.py, train.lora)")
+    m.add_argument("--out", required=True, help="output run directory (jax-to-hf exports it)")
+    m.add_argument("--base", default=None, help="the base (default: the one the run records)")
+    m.add_argument("--step", type=int, default=None, help="adapters of this step (default latest)")
+    m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    m.add_argument("--mesh", default=None, help="device mesh for the merge, e.g. fsdp=8")
+    m.add_argument("--rules", default="fsdp", help="sharding rules preset for --mesh")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_debug_flag(m)
     c = sub.add_parser("verify", help="read a checkpoint in full and check its checksums")
     c.add_argument(
         "--ckpt", required=True, help="converted checkpoint, train.py run directory, or HF dir"
@@ -150,6 +166,20 @@ def _run(args) -> int:
                 workers=args.workers,
                 max_inflight_bytes=int(args.max_inflight_gb * 2**30),
                 quantize=args.quantize,
+            )
+        elif args.cmd == "merge-lora":
+            from hunyuan_jax.convert.merge_lora import merge_lora
+            from sharding.plan import ShardingPlan
+
+            plan = ShardingPlan.from_flags(args.mesh, args.rules) if args.mesh else None
+            merge_lora(
+                args.run,
+                args.out,
+                base=args.base,
+                step=args.step,
+                dtype=args.dtype,
+                plan=plan,
+                overwrite=args.overwrite,
             )
         elif args.cmd == "verify":
             from hunyuan_jax.convert.verify import verify

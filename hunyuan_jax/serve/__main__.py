@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="checkpoint dir (default: embedded model)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or dir (default: DIR's)")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="a LoRA run directory served beside --checkpoint, unmerged (default base: the "
+        "one the run records)",
+    )
     p.add_argument("--served-model-name", default=None, help="the `model` clients must send")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--cache-dtype", default="auto", choices=("auto", "bfloat16", "float32", "int8"))
@@ -87,6 +93,7 @@ def build_state(
     max_queue=64,
     broadcast=False,
     log=print,
+    adapter=None,
 ):
     """Loads the checkpoint and builds the executor, the engine and the metrics (the engine
     is not started). Returns a `api.ServeState`."""
@@ -97,8 +104,11 @@ def build_state(
     from hunyuan_jax.serve.metrics import Metrics
     from hunyuan_jax.serve.scheduler import Engine
 
-    path = Path(checkpoint) if checkpoint else DEFAULT_MODEL
-    bundle = loading.load(path, dtype=dtype, weights=weights, plan=plan, tokenizer=tokenizer)
+    path = Path(checkpoint) if checkpoint else None if adapter else DEFAULT_MODEL
+    bundle = loading.load(
+        path, dtype=dtype, weights=weights, plan=plan, tokenizer=tokenizer, adapter=adapter
+    )
+    path = bundle.checkpoint.path
     if bundle.tokenizer is None:
         raise UsageError(f"no tokenizer in {path} (hy.tiktoken or *.model); pass --tokenizer")
     limit = bundle.cfg.max_position_embeddings
@@ -157,6 +167,7 @@ def _main(args) -> int:
     multi = jax.process_count() > 1
     state = build_state(
         args.checkpoint,
+        adapter=args.adapter,
         tokenizer=args.tokenizer,
         name=args.served_model_name,
         dtype=args.dtype,
