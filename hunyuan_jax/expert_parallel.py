@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from hunyuan_jax import moe
 from hunyuan_jax.moe import ExpertWeights, Routing
-from hunyuan_jax.qops import QArray
+from hunyuan_jax.qops import Adapted, QArray
 
 STRATEGIES = ("gather", "all_to_all")
 
@@ -129,7 +129,12 @@ def _flat(body):
 
 def _leaf_spec(w, spec: P):
     """The in_spec of one expert weight: `spec` for an array; for a QArray, `spec` for its
-    values and `spec` without the axes of its size-1 (contracted) dims for its scales."""
+    values and `spec` without the axes of its size-1 (contracted) dims for its scales; for a
+    LoRA-adapted weight [E, X, Y], its base's and A [E, X, r] / B [E, r, Y] laid out like it."""
+    if isinstance(w, Adapted):
+        a, b = P(spec[0], spec[1], None), P(spec[0], None, spec[2])
+        key = None if w.key is None else P()  # the dropout key (training), replicated
+        return Adapted(_leaf_spec(w.base, spec), a, b, w.scale, key, w.rate)
     if not isinstance(w, QArray):
         return spec
     scale = P(*(None if s == 1 and d != 1 else a for a, s, d in zip(spec, w.scale.shape, w.shape)))
@@ -144,6 +149,9 @@ def _full_weights(w: ExpertWeights, fsdp_axes) -> ExpertWeights:
 
     def gather(a, axis):
         g = lambda x: jax.lax.all_gather(x, fsdp_axes, axis=axis, tiled=True)
+        if isinstance(a, Adapted):  # the hidden dim is A's input (axis 1) or B's output (2)
+            lo, hi = (g(a.a), a.b) if axis == 1 else (a.a, g(a.b))
+            return Adapted(gather(a.base, axis), lo, hi, a.scale, a.key, a.rate)
         if not isinstance(a, QArray):
             return g(a)
         scale = a.scale if a.scale.shape[axis] == 1 else g(a.scale)

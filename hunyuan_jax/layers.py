@@ -75,7 +75,7 @@ class MLP(nnx.Module):
         self.up_proj = param(rngs, (d, f), ("embed", "mlp"), pdt, std)
         self.down_proj = param(rngs, (f, d), ("mlp", "embed"), pdt, std)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        w = lambda name: qops.weight(self, name, self.compute_dtype)
+    def __call__(self, x: jax.Array, lora_key=None) -> jax.Array:
+        w = lambda name: qops.weight(self, name, self.compute_dtype, lora_key)
         h = jax.nn.silu(qops.matmul(x, w("gate_proj"))) * qops.matmul(x, w("up_proj"))
         return qops.matmul(h, w("down_proj"))

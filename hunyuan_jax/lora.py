@@ -10,7 +10,9 @@ Layout. An adapted weight `module.<name>` (float, bf16 or a quantized QArray) ge
     <name>_lora_a: nnx.LoRAParam [*batch, *contracted, r]   (float32; N(0, 1/fan_in))
     <name>_lora_b: nnx.LoRAParam [*batch, r, *out]          (float32; zeros: a new adapter is
                                                              exactly the base model)
-    <name>_lora_scale = alpha / rank, <name>_lora_dropout    (static attributes)
+    <name>_lora_scale = alpha / rank, <name>_lora_dropout    (static attributes; the dropout
+                                                             drops the adapter path's input in
+                                                             training, `qops.Adapted`)
 
 where batch are the weight's stacked `layers` axis and the routed experts' `exp` axis, and
 contracted / out its contracted and output dims (`quantize.CONTRACTED`). Logical axes are the
@@ -61,7 +63,7 @@ class LoraConfig:
 
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0  # on the adapter path's input (attention and shared-expert targets)
+    dropout: float = 0.0  # in training, on the input of each adapter path (x A B)
     targets: tuple[str, ...] = ATTENTION
 
     def __post_init__(self):

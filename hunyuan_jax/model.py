@@ -86,19 +86,20 @@ class Attention(nnx.Module):
         self.query_norm = RMSNorm(hd, cfg.rms_norm_eps, pdt) if cfg.use_qk_norm else None
         self.key_norm = RMSNorm(hd, cfg.rms_norm_eps, pdt) if cfg.use_qk_norm else None
 
-    def _w(self, name: str):
-        return qops.weight(self, name, self.compute_dtype)
+    def _w(self, name: str, lora_key=None):
+        return qops.weight(self, name, self.compute_dtype, lora_key)
 
-    def project_kv(self, x, ctx: Context):
+    def project_kv(self, x, ctx: Context, lora_key=None):
         """The K/V this group shares: RoPE-rotated keys (not yet key-normed) and values."""
-        k = qops.einsum("bsd,dnh->bsnh", x, self._w("k_proj"))
-        v = qops.einsum("bsd,dnh->bsnh", x, self._w("v_proj"))
+        k = qops.einsum("bsd,dnh->bsnh", x, self._w("k_proj", lora_key))
+        v = qops.einsum("bsd,dnh->bsnh", x, self._w("v_proj", lora_key))
         return apply_rope(k, ctx.positions, ctx.inv_freq), v
 
-    def __call__(self, x, k, v, ctx: Context, dropout=None):
+    def __call__(self, x, k, v, ctx: Context, dropout=None, lora_key=None):
         """x: [B,S,D]; k, v: [B,T,KVH,Dh] (shared, roped) -> [B,S,D].
-        `dropout`: (rate, key) for attention-probability dropout in training, else None."""
-        q = qops.einsum("bsd,dnh->bsnh", x, self._w("q_proj"))
+        `dropout`: (rate, key) for attention-probability dropout in training, else None;
+        `lora_key`: the LoRA adapters' dropout key in training (`qops.weight`)."""
+        q = qops.einsum("bsd,dnh->bsnh", x, self._w("q_proj", lora_key))
         q = apply_rope(q, ctx.positions, ctx.inv_freq)
         if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
@@ -113,7 +114,7 @@ class Attention(nnx.Module):
             **self._kernel_layout(ctx.attention, q, k),
         )
         out = checkpoint_name(out, "attn_out")
-        return qops.einsum("bsnh,nhd->bsd", out, self._w("o_proj"))
+        return qops.einsum("bsnh,nhd->bsd", out, self._w("o_proj", lora_key))
 
     def _kernel_layout(self, impl: str, q, k) -> dict:
         """flash / splash on a mesh run per device in shard_map, with q and K/V laid out by the
@@ -159,12 +160,13 @@ class DecoderLayer(nnx.Module):
         `cache_kv`, this group's (k, v) cache). `key` (training only) drives dropout and the
         MoE's training-time routing."""
         keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
+        lora_key = None if key is None else jax.random.fold_in(key, 4)  # LoRA dropout
         attn_drop = None
         if key is not None and self.attention_dropout:
             attn_drop = (self.attention_dropout, keys[0])
         h = self.input_norm(x)
         if self.attn.produces_kv:
-            kv = self.attn.project_kv(h, ctx)
+            kv = self.attn.project_kv(h, ctx, lora_key)
             if cache_kv is not None:
                 kv = tuple(write_rows(c, new, ctx.cache_index) for c, new in zip(cache_kv, kv))
         # An int8 cache travels quantised between the layers of a group (and out as the new
@@ -172,10 +174,10 @@ class DecoderLayer(nnx.Module):
         attn_kv = tuple(
             t.dequantize(self.attn.compute_dtype) if isinstance(t, QuantizedKV) else t for t in kv
         )
-        attn_out = self.attn(h, *attn_kv, ctx, attn_drop)
+        attn_out = self.attn(h, *attn_kv, ctx, attn_drop, lora_key)
         x = x + _dropout(attn_out, self.hidden_dropout, keys[1])
         x = self.plan.constrain(x, ("batch", "length", "act_embed"))
-        moe_out, stats = self.moe(self.post_attn_norm(x), ctx.experts_fn, keys[2])
+        moe_out, stats = self.moe(self.post_attn_norm(x), ctx.experts_fn, keys[2], lora_key)
         x = x + _dropout(moe_out, self.hidden_dropout, keys[3])
         x = self.plan.constrain(x, ("batch", "length", "act_embed"))
         return x, kv, stats

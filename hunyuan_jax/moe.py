@@ -301,16 +301,19 @@ class MoE(nnx.Module):
         self.up_proj = param(rngs, (e, d, f), ("exp", "exp_embed", "exp_mlp"), pdt, std)
         self.down_proj = param(rngs, (e, f, d), ("exp", "exp_mlp", "exp_embed"), pdt, std)
 
-    def expert_weights(self) -> ExpertWeights:
-        w = lambda name: qops.weight(self, name, self.compute_dtype)
+    def expert_weights(self, lora_key=None) -> ExpertWeights:
+        w = lambda name: qops.weight(self, name, self.compute_dtype, lora_key)
         return ExpertWeights(w("gate_proj"), w("up_proj"), w("down_proj"))
 
-    def __call__(self, x: jax.Array, experts_fn: ExpertsFn, key: jax.Array | None = None):
+    def __call__(
+        self, x: jax.Array, experts_fn: ExpertsFn, key: jax.Array | None = None, lora_key=None
+    ):
         """x: [B, S, D] -> ([B, S, D], load-balancing stats). `experts_fn` computes the routed
-        part (`hunyuan_jax.dispatch.experts_fn_for` picks it); `key` only in training."""
+        part (`hunyuan_jax.dispatch.experts_fn_for` picks it); `key` only in training;
+        `lora_key`: the LoRA adapters' dropout key in training."""
         routing = route(x, self.router[...], self.top_k)
-        routed, extra = experts_fn(x, routing, self.expert_weights(), key)
+        routed, extra = experts_fn(x, routing, self.expert_weights(lora_key), key)
         out = routed.astype(x.dtype)
         if self.shared is not None:
-            out = out + self.shared(x)
+            out = out + self.shared(x, lora_key)
         return out, {**load_balancing_stats(routing, self.num_experts), **extra}

@@ -14,7 +14,9 @@ Model code reads a weight with `weight(module, "q_proj", dtype)` and multiplies 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +25,29 @@ import qwix
 QArray = qwix.QArray
 
 
-class Adapted(NamedTuple):
-    """A weight with a LoRA adapter: base + scale * A @ B over the contracted dims."""
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["base", "a", "b", "key"],
+    meta_fields=["scale", "rate"],
+)
+@dataclasses.dataclass(frozen=True)
+class Adapted:
+    """A weight with a LoRA adapter: base + scale * A @ B over the contracted dims (a pytree
+    whose scale is static, so it enters `shard_map` / `jit` like the arrays it holds)."""
 
     base: jax.Array | QArray
     a: jax.Array  # [*batch, *contracted, r]
     b: jax.Array  # [*batch, r, *out]
     scale: float  # alpha / rank (static)
+    key: jax.Array | None = None  # training: dropout on the adapter path's input
+    rate: float = 0.0
+
+    def lora_input(self, x):
+        """x as the adapter path reads it: dropout (rate, key) in training, else x."""
+        if self.key is None or self.rate == 0.0:
+            return x
+        keep = jax.random.bernoulli(self.key, 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
 
     @property
     def shape(self):
@@ -42,17 +60,21 @@ def _stored(module, name: str):
     return array if isinstance(array, QArray) else v
 
 
-def weight(module, name: str, dtype):
+def weight(module, name: str, dtype, lora_key=None):
     """`module.<name>` as a matmul uses it: a float array cast to `dtype`, a QArray whose
-    scales are cast to `dtype` (so the dequantized operand is `dtype`), or `Adapted`."""
+    scales are cast to `dtype` (so the dequantized operand is `dtype`), or `Adapted`
+    (`lora_key`, in training: the adapter's dropout key, folded with the weight's name)."""
     v = _stored(module, name).astype(dtype)  # a QArray casts its scales
     a = getattr(module, name + "_lora_a", None)
     if a is None:
         return v
     b = getattr(module, name + "_lora_b")
-    return Adapted(
-        v, a[...].astype(dtype), b[...].astype(dtype), getattr(module, name + "_lora_scale")
-    )
+    rate = getattr(module, name + "_lora_dropout", 0.0)
+    key = None
+    if lora_key is not None and rate > 0:
+        key = jax.random.fold_in(lora_key, zlib.crc32(name.encode()))
+    scale = getattr(module, name + "_lora_scale")
+    return Adapted(v, a[...].astype(dtype), b[...].astype(dtype), scale, key, rate)
 
 
 def _base_einsum(eq, x, w, **kw):
@@ -71,20 +93,22 @@ def einsum(eq: str, x, w, **kw):
     contracted = "".join(c for c in rhs if c in lhs and c not in out)
     rest = "".join(c for c in rhs if c not in lhs)
     lora_eq = f"{lhs},{batch}{contracted}r,{batch}r{rest}->{out}"
-    return _base_einsum(eq, x, w.base, **kw) + w.scale * jnp.einsum(lora_eq, x, w.a, w.b)
+    delta = jnp.einsum(lora_eq, w.lora_input(x), w.a, w.b)
+    return _base_einsum(eq, x, w.base, **kw) + w.scale * delta
 
 
 def matmul(x, w):
     """`x @ w` for any stored weight."""
     if isinstance(w, Adapted):
-        return matmul(x, w.base) + w.scale * ((x @ w.a) @ w.b)
+        return matmul(x, w.base) + w.scale * ((w.lora_input(x) @ w.a) @ w.b)
     return qwix.dot(x, w) if isinstance(w, QArray) else x @ w
 
 
 def ragged_dot(x, w, group_sizes):
     """`jax.lax.ragged_dot(x, w, group_sizes)` for any stored (stacked expert) weight."""
     if isinstance(w, Adapted):
-        delta = jax.lax.ragged_dot(jax.lax.ragged_dot(x, w.a, group_sizes), w.b, group_sizes)
+        xa = jax.lax.ragged_dot(w.lora_input(x), w.a, group_sizes)
+        delta = jax.lax.ragged_dot(xa, w.b, group_sizes)
         return ragged_dot(x, w.base, group_sizes) + w.scale * delta
     if isinstance(w, QArray):
         return _quantized_ragged_dot(x, w, group_sizes)
@@ -111,7 +135,7 @@ def take(w, e):
     """w[e] along the leading (expert) axis, for arrays, QArrays and adapters alike: a decode
     step reads only the chosen expert's weights (and dequantizes only those)."""
     if isinstance(w, Adapted):
-        return Adapted(take(w.base, e), take(w.a, e), take(w.b, e), w.scale)
+        return Adapted(take(w.base, e), take(w.a, e), take(w.b, e), w.scale, w.key, w.rate)
     if isinstance(w, QArray):
         return w[e]
     return jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
