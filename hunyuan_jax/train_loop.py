@@ -140,7 +140,8 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
 
     start, end = int(resume_step or 0), tcfg.end_step
     sizes = group_sizes(state.params)
-    n_active = active_params(mcfg, state.params)
+    # LoRA: the state is the adapters; the MFU counts the (frozen) model's matmuls.
+    n_active = active_params(mcfg, state.params if step.frozen is None else step.frozen)
     scales = {k: round(v, 4) for k, v in step.optimizer.scales.items()}
     log(
         f"[model] {sum(sizes.values()):,} params ({n_active:,} active per token); lr factors "

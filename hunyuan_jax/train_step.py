@@ -61,6 +61,7 @@ class TrainStep:
         step = TrainStep(cfg, policy, tcfg, plan)
         state = step.init_state(model)            # params placed, optimizer state created
         state, metrics = step(state, batch)       # batch: BATCH_KEYS -> [micro, rows, seq]
+        compiled = step.compile(state, batch)     # compiled(state, batch), as train.py runs it
         step.lower()                              # abstract lowering (AOT tool)
     """
 
