@@ -56,13 +56,20 @@ def train(
         ckpt.close()  # pending async saves complete (or the process dies: tmp dirs only)
 
 
-def _check_resume_config(run_dir: Path, mcfg: ModelConfig) -> None:
+def _check_resume_config(run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
     from hunyuan_jax.checkpointing import read_run_config
+    from hunyuan_jax.lora import LoraConfig
 
     try:
-        saved, _, _ = read_run_config(run_dir)
+        saved, _, saved_train = read_run_config(run_dir)
     except CheckpointError:
         return
+    if LoraConfig.from_value(saved_train.get("lora")) != tcfg.lora:
+        raise CheckpointError(
+            f"cannot resume {run_dir}: train.lora {tcfg.lora} differs from the run's "
+            f"config.yaml ({saved_train.get('lora')}); its checkpoints hold "
+            f"{'adapters' if saved_train.get('lora') else 'full parameters'}"
+        )
     diff = [f for f in saved.__dataclass_fields__ if getattr(saved, f) != getattr(mcfg, f)]
     if diff:
         raise CheckpointError(
@@ -96,7 +103,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
 
     resume_step = ckpt.latest_step()
     if resume_step is not None:
-        _check_resume_config(run_dir, mcfg)
+        _check_resume_config(run_dir, mcfg, tcfg)
     elif tcfg.init_from:  # the checkpoint's architecture from here on
         from hunyuan_jax.loading import open_checkpoint
 
