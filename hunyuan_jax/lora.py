@@ -38,6 +38,7 @@ The frozen base of a LoRA run (`base_policy`): its matmul weights in bfloat16, o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -145,27 +146,29 @@ def adapter_layout(name: str, shape, axes, rank: int):
 # ----------------------------------------------------------------------------- adapters
 def add_adapters(model, lcfg: LoraConfig, key: jax.Array, plan=None):
     """In place: a fresh adapter beside every targeted weight (A ~ N(0, 1/fan_in) with fan_in
-    the contracted size, B = 0, float32). With a sharded plan each adapter is created by a
-    jitted call whose output the plan lays out. Returns `model`."""
-    for i, (_, module, name) in enumerate(list(targeted(model, lcfg))):
+    the contracted size, B = 0, float32), all created by one jitted call (on a sharded plan
+    with the plan's output shardings: each device makes its own shards). Returns `model`."""
+    sites = []
+    for _, module, name in targeted(model, lcfg):
         axes = quantize.weight_axes(getattr(module, name))
         shape = _stored_shape(getattr(module, name))
-        (a_shape, a_axes), (b_shape, b_axes) = adapter_layout(name, shape, axes, lcfg.rank)
+        a, b = adapter_layout(name, shape, axes, lcfg.rank)
         fan_in = math.prod(shape[d] for d in quantize.contracted_dims(name, axes))
+        sites.append((module, name, a, b, fan_in))
 
-        def make(k, a_shape=a_shape, b_shape=b_shape, fan_in=fan_in):
-            a = jax.random.normal(k, a_shape, jnp.float32) / math.sqrt(fan_in)
-            return a, jnp.zeros(b_shape, jnp.float32)
+    def make(key):
+        out = []
+        for i, (_, _, (a_shape, _), (b_shape, _), fan_in) in enumerate(sites):
+            a = jax.random.normal(jax.random.fold_in(key, i), a_shape, jnp.float32)
+            out.append((a / math.sqrt(fan_in), jnp.zeros(b_shape, jnp.float32)))
+        return out
 
-        k = jax.random.fold_in(key, i)
-        if plan is not None and plan.is_sharded:
-            out = tuple(
-                jax.sharding.NamedSharding(plan.mesh, plan.spec(ax, sh))
-                for ax, sh in ((a_axes, a_shape), (b_axes, b_shape))
-            )
-            a, b = jax.jit(make, out_shardings=out)(k)
-        else:
-            a, b = make(k)
+    out_shardings = None
+    if plan is not None and plan.is_sharded:
+        place = lambda ax, sh: jax.sharding.NamedSharding(plan.mesh, plan.spec(ax, sh))
+        out_shardings = [(place(a[1], a[0]), place(b[1], b[0])) for _, _, a, b, _ in sites]
+    arrays = jax.jit(make, out_shardings=out_shardings)(key)
+    for (module, name, (_, a_axes), (_, b_axes), _), (a, b) in zip(sites, arrays):
         setattr(module, name + "_lora_a", nnx.LoRAParam(a, logical_axes=a_axes))
         setattr(module, name + "_lora_b", nnx.LoRAParam(b, logical_axes=b_axes))
         setattr(module, name + "_lora_scale", lcfg.scale)
@@ -204,20 +207,23 @@ def merge_adapters(model, dtype=jnp.float32):
     for _, module, name in list(adapted(model)):
         var = getattr(module, name)
         axes = quantize.weight_axes(var)
-        num_batch = quantize.contracted_dims(name, axes)[0]
-        scale = getattr(module, name + "_lora_scale")
-
-        @jax.jit
-        def fold(w, a, b, num_batch=num_batch, scale=scale):
-            d = delta(a.astype(jnp.float32), b.astype(jnp.float32), num_batch)
-            return (quantize.dequantize(w) + scale * d).astype(dtype)
-
-        w = fold(
-            var[...], getattr(module, name + "_lora_a")[...], getattr(module, name + "_lora_b")[...]
+        w = _fold(
+            var[...],
+            getattr(module, name + "_lora_a")[...],
+            getattr(module, name + "_lora_b")[...],
+            num_batch=quantize.contracted_dims(name, axes)[0],
+            scale=getattr(module, name + "_lora_scale"),
+            dtype=jnp.dtype(dtype),
         )
         setattr(module, name, nnx.Param(w, logical_axes=axes))
     remove_adapters(model)
     return model
+
+
+@functools.partial(jax.jit, static_argnames=("num_batch", "scale", "dtype"))
+def _fold(w, a, b, *, num_batch: int, scale: float, dtype):
+    d = delta(a.astype(jnp.float32), b.astype(jnp.float32), num_batch)
+    return (quantize.dequantize(w) + scale * d).astype(dtype)
 
 
 # ----------------------------------------------------------------------------- the frozen base
