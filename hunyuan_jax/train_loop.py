@@ -8,7 +8,8 @@ cannot be read, is moved to `checkpoints/corrupt-<step>` with one log line and t
 one is tried; if none verifies the run stops (CheckpointError) saying what to delete.
 Otherwise the weights are random or come from `tcfg.init_from` (any format
 `hunyuan_jax.loading` knows, restored into the plan's shardings). The step itself is
-`train_step.TrainStep`; data is `train_data.make_loader`; metrics `metrics.MetricsLog`.
+`train_step.TrainStep`; data is `train_data.make_loader` (DPO: `dpo.make_dpo_loader` and the
+reference log-probabilities, `dpo.attach_reference`); metrics `metrics.MetricsLog`.
 Each checkpoint records the health of the steps before it (`health`); a run stopped on a
 non-finite loss names the last finite step and the newest healthy checkpoint, and what to do.
 """
@@ -90,6 +91,9 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
     from hunyuan_jax.data import check_seq_len, gather_states, to_global
     from hunyuan_jax.train_data import make_loader
 
+    if tcfg.objective == "dpo":  # preference pairs (+ their reference log-probs, below)
+        from hunyuan_jax.dpo import make_dpo_loader as make_loader
+
     resume_step = ckpt.latest_step()
     if resume_step is not None:
         _check_resume_config(run_dir, mcfg)
@@ -123,6 +127,10 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
         )
     else:
         state = _initial_state(step, mcfg, policy, tcfg, plan, log)
+    if tcfg.objective == "dpo":  # computed from the initial weights once, read back on resume
+        from hunyuan_jax.dpo import attach_reference
+
+        attach_reference(loader, step, state.params, tcfg, run_dir, resume_step is not None, log)
     write_run_config(run_dir, mcfg, policy, tcfg)
     if policy.param_dtype != "float32":
         log(
