@@ -11,7 +11,6 @@ only) makes the resumed run's compiles cache hits.
 """
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,7 +30,11 @@ TINY = REPO / "configs" / "tiny.yaml"
 EPS32 = float(np.finfo(np.float32).eps)
 
 PAIRS = [
-    {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "London, I think."},
+    {
+        "prompt": "What is the capital of France?",
+        "chosen": "Paris.",
+        "rejected": "London, I think.",
+    },
     {"prompt": "Say hello politely.", "chosen": "Hello, nice to meet you.", "rejected": "Go away."},
     {
         "messages": [
@@ -67,6 +70,7 @@ BASE = [
     "warmup_steps=2",
     "save_every=8",
     "log_every=8",
+    "model.num_layers=2",
     "dpo.beta=0.3",
     "dpo.sft_weight=0.5",
     "aux_loss_coef=0.01",
@@ -116,13 +120,14 @@ def test_step_loss_equals_numpy_formula():
     same model's logits (same step keys), accumulated over 2 micro-batches with different
     chosen token counts (the SFT term token-weighted, DPO and aux averaged). The run's own
     configuration: its compiled step is reused from the cache."""
+    from hunyuan_jax.data import to_global
     from hunyuan_jax.state import init_model
     from hunyuan_jax.train_step import TrainStep
     from sharding.plan import ShardingPlan
 
     beta, sft_w, aux_c = BETA, SFT_WEIGHT, AUX
     mcfg, policy, tcfg = load_configs(TINY, BASE)
-    plan = ShardingPlan.single()
+    plan = ShardingPlan.create(tcfg.mesh, tcfg.rules)  # as train_loop does
     step = TrainStep(mcfg, policy, tcfg, plan)
     m, r, s = 2, 4, 48  # [micro, rows, seq]
     rng = np.random.default_rng(0)
@@ -173,7 +178,7 @@ def test_step_loss_equals_numpy_formula():
     want = dpo + sft + aux_c * np.mean(aux)
 
     state = step.init_state(model)
-    _, got = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+    _, got = step(state, to_global(batch, step.batch_sharding, m * r))  # as train_loop does
     got = jax.device_get(got)
     # float32 log-softmax: each token's log-prob is off by <= ~|logZ| * eps; a row sums <= s.
     tol_logp = 4 * s * max_logz * EPS32
