@@ -194,6 +194,22 @@ def test_step_loss_equals_numpy_formula():
     assert 0 < np.mean(margin > 0) < 1 and sft > 1.0  # the case is not degenerate
 
 
+def test_chunked_row_nll_equals_whole():
+    """`row_nll` with runtime.loss_chunk (the sequence in chunks, logits never whole) equals
+    the whole-sequence sums (float32: the same per-token values, summed in another order)."""
+    from hunyuan_jax.losses import row_nll
+
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(3, 21, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 50, (3, 21)), jnp.int32)
+    mask = jnp.asarray(rng.random((3, 21)) < 0.6, jnp.float32)
+    whole = row_nll(hidden @ w, targets, mask)
+    chunked = row_nll(hidden, targets, mask, lambda h: h @ w, chunk=8)  # 21 = 8 + 8 + 5 (pad)
+    np.testing.assert_allclose(chunked, whole, rtol=21 * EPS32 * 4)
+    assert float(jnp.min(whole)) > 1.0
+
+
 # ----------------------------------------------------------------------------- a run
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data):
