@@ -100,13 +100,14 @@ class DPOObjective:
 
 # ----------------------------------------------------------------------------- reference
 def reference_fn(step):
-    """jitted (params, batch [micro, rows, seq]) -> [micro, rows] response log-probabilities
-    of the rows under `params` (inference dispatch: dropless, no dropout)."""
+    """jitted (params, batch [micro, rows, seq], frozen) -> [micro, rows] response
+    log-probabilities of the rows under the model `params` (+ the step's frozen base, with
+    LoRA), with the inference dispatch (dropless, no dropout)."""
     graphdef, plan = step.graphdef, step.plan
     from flax import nnx
 
-    def fn(params, batch):
-        model = nnx.merge(graphdef, params)
+    def fn(params, batch, frozen):
+        model = nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)))
 
         def one(micro):
             out, _, chunk = forward(model, micro, phase="prefill")
@@ -120,8 +121,12 @@ def reference_fn(step):
     from jax.sharding import PartitionSpec as P
 
     spec = step.batch_sharding.spec
-    out = NamedSharding(plan.mesh, P(spec[0], spec[1]))
-    return jax.jit(fn, in_shardings=(step.shardings.params, step.batch_sharding), out_shardings=out)
+    shardings = (
+        step.shardings.params,
+        step.batch_sharding,
+        getattr(step, "frozen_shardings", None),
+    )
+    return jax.jit(fn, in_shardings=shardings, out_shardings=NamedSharding(plan.mesh, P(*spec[:2])))
 
 
 def _local(x: jax.Array, step) -> np.ndarray:
@@ -150,10 +155,10 @@ def compute_reference(step, params, loader: PairLoader, global_rows: int) -> np.
 
     n, per = loader.enc.num_pairs, loader.rows // 2
     batches = _max_over_processes(math.ceil(n / per))
-    fn = reference_fn(step)
+    fn, frozen = reference_fn(step), getattr(step, "frozen", None)  # frozen: LoRA's base
     rows = []
     for batch in loader.reference_batches(batches):
-        out = fn(params, to_global(batch, step.batch_sharding, global_rows))
+        out = fn(params, to_global(batch, step.batch_sharding, global_rows), frozen)
         rows.append(_local(out, step).reshape(-1))
     return np.concatenate(rows)[: 2 * n].reshape(n, 2).astype(np.float32)
 
