@@ -6,8 +6,8 @@ the initial model), reaches accuracy 1.0 with a growing reward margin, and resum
 changed preference data exit 3; bad records are refused with exit 3 naming file:line; the
 response-only loss mask.
 
-Compile time dominates: a persistent compilation cache (a temporary directory, this module
-only) makes the resumed run's compiles cache hits.
+Compile time dominates: the shared persistent compilation cache (tests/helpers/jax_cache.py)
+makes the run's step (compiled first by the loss test) and the resumed runs' compiles cache hits.
 """
 
 import json
@@ -24,6 +24,7 @@ from flax import nnx
 from hunyuan_jax.dpo_data import encode_reply, read_pairs
 from hunyuan_jax.errors import CheckpointError, DataError
 from hunyuan_jax.train_config import load_configs
+from tests.helpers.jax_cache import persistent_compilation_cache
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -81,19 +82,8 @@ BETA, SFT_WEIGHT, AUX = 0.3, 0.5, 0.01
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache():
-    from jax._src import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {n: getattr(jax.config, n) for n in names}
-    tmp = tempfile.mkdtemp(prefix="hy-jax-dpo-cache-")
-    jax.config.update(names[0], tmp)
-    jax.config.update(names[1], 0.5)
-    cc.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
-    shutil.rmtree(tmp, ignore_errors=True)
+    with persistent_compilation_cache():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -324,3 +314,25 @@ def test_loss_mask_covers_the_last_reply_only(data):
     masked = tok.decode([i for i, x in zip(ids, w) if x])
     assert masked == "Green.<|eos|>", masked
     assert "Blue." in tok.decode(ids)
+
+
+def test_config_keys():
+    """train.objective / train.dpo: YAML-style nested keys and --set dpo.K=V (merged), and
+    one-line ConfigErrors naming the key."""
+    from hunyuan_jax.errors import ConfigError
+    from hunyuan_jax.train_config import TrainConfig
+
+    _, _, t = load_configs(TINY, ["objective=dpo", "dpo.beta=0.5"])
+    assert (t.objective, t.dpo.beta, t.dpo.sft_weight) == ("dpo", 0.5, 0.0)
+    assert TrainConfig.from_dict(t.to_dict()) == t  # what <run>/config.yaml round-trips
+    t = TrainConfig.from_dict({"dpo": {"sft_weight": 1}})
+    assert (t.objective, t.dpo.beta, t.dpo.sft_weight) == ("sft", 0.1, 1.0)
+    for bad, why in [
+        (["dpo.beta=0"], "'dpo.beta' must be positive"),
+        (["dpo.sft_weight=-1"], "'dpo.sft_weight' must be >= 0"),
+        (["dpo.gamma=1"], r"unknown train key\(s\) \['dpo.gamma'\]"),
+        (["objective=ppo"], "'objective' must be one of"),
+        (["objective=dpo", "batch_size=6", "micro_batches=2"], "must be even"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            load_configs(TINY, bad)
