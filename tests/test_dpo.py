@@ -12,7 +12,6 @@ makes the run's step (compiled first by the loss test) and the resumed runs' com
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -301,19 +300,45 @@ def test_train_cli_exit_3_on_a_bad_record(tmp_path, capsys):
     assert err == [f"train.py: error: {f}:2: no 'chosen' field"], err
 
 
-def test_loss_mask_covers_the_last_reply_only(data):
-    """The mask is 1 exactly on the tokens of the final assistant reply (its text and the
-    closing <|eos|>), not on the prompt or an earlier assistant turn."""
+@pytest.fixture(scope="module")
+def sp_tok(data, tmp_path_factory):
     from hunyuan_jax.tokenizer import SentencePieceTokenizer, render_chat
 
     pairs = read_pairs(str(data))
     texts = [render_chat(p.conversation(r)) for p in pairs for r in (p.chosen, p.rejected)]
-    tok = SentencePieceTokenizer.train(texts, Path(tempfile.mkdtemp()) / "t", 400)
+    return SentencePieceTokenizer.train(texts, tmp_path_factory.mktemp("sp") / "t", 400)
+
+
+def test_loss_mask_covers_the_last_reply_only(data, sp_tok):
+    """The mask is 1 exactly on the tokens of the final assistant reply (its text and the
+    closing <|eos|>), not on the prompt or an earlier assistant turn."""
+    tok = sp_tok
+    pairs = read_pairs(str(data))
     p = pairs[3]  # has an earlier assistant turn "Blue."
     ids, w = encode_reply(tok, p, p.chosen)
     masked = tok.decode([i for i, x in zip(ids, w) if x])
     assert masked == "Green.<|eos|>", masked
     assert "Blue." in tok.decode(ids)
+
+
+def test_pairs_longer_than_seq_len_are_dropped(data, sp_tok):
+    """A pair whose chosen or rejected conversation does not fit in seq_len + 1 tokens is
+    dropped and counted; rows hold chosen then rejected; none fitting is a DataError."""
+    from hunyuan_jax.dpo_data import encode_pairs
+
+    pairs = read_pairs(str(data))
+    lengths = [
+        max(len(encode_reply(sp_tok, p, r)[0]) for r in (p.chosen, p.rejected)) for p in pairs
+    ]
+    cut = sorted(lengths)[1]  # the two shortest fit (ties aside)
+    enc = encode_pairs(sp_tok, pairs, cut - 1)
+    kept = [i for i, n in enumerate(lengths) if n - 1 <= cut - 1]
+    assert enc.num_pairs == len(kept) and enc.dropped == len(pairs) - len(kept) > 0
+    assert enc.sources == [pairs[i].source for i in kept]
+    ids, _ = encode_reply(sp_tok, pairs[kept[0]], pairs[kept[0]].rejected)
+    np.testing.assert_array_equal(enc.rows[1][0], ids[:-1])  # row 1 = the rejected reply
+    with pytest.raises(DataError, match="no preference pair fits in seq_len=4"):
+        encode_pairs(sp_tok, pairs, 4)
 
 
 def test_config_keys():
