@@ -94,13 +94,13 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
     if tcfg.objective == "dpo":  # preference pairs (+ their reference log-probs, below)
         from hunyuan_jax.dpo import make_dpo_loader as make_loader
 
-    resume_step = ckpt.latest_step()
-    if resume_step is not None:
-        _check_resume_config(run_dir, mcfg)
-    elif tcfg.init_from:  # the checkpoint's architecture from here on
+    if tcfg.init_from:  # the checkpoint's architecture, also when resuming such a run
         from hunyuan_jax.loading import open_checkpoint
 
         mcfg = open_checkpoint(tcfg.init_from).cfg
+    resume_step = ckpt.latest_step()
+    if resume_step is not None:
+        _check_resume_config(run_dir, mcfg)
     check_seq_len(tcfg.seq_len, mcfg.max_position_embeddings, tcfg.allow_long_sequences)
     _, loader = make_loader(tcfg, mcfg, run_dir, log)
     step = TrainStep(mcfg, policy, tcfg, plan)

@@ -544,3 +544,15 @@ def test_nonfinite_stop_names_the_newest_healthy_checkpoint(run, run_copy, capsy
     assert f"rm -r {run_copy / 'checkpoints' / '8'}" in line and "--set lr=" in line
     rec = checkpointing.read_record(run_copy / "checkpoints" / "8")["health"]
     assert not rec["healthy"] and rec["loss_max"] > 1.5 * rec["loss_median"]
+
+
+def test_resume_a_run_initialised_from_another_architecture(tmp_path, sp_tokenizer, capsys):
+    """--init-from takes the checkpoint's architecture (hy_tiny's, not small.yaml's); rerunning
+    the same command resumes the run instead of refusing a "changed" model config."""
+    run = tmp_path / "from_hy_tiny"
+    argv = _train_args(run, f"tokenizer={sp_tokenizer}", "steps=4", "save_every=2")
+    argv[1] = str(REPO / "configs" / "small.yaml")
+    argv += ["--init-from", str(HY_TINY / "hf_st")]
+    assert train_cli.main(argv + ["--set", "stop_at=2"]) == 0, capsys.readouterr().err
+    assert train_cli.main(argv) == 0, capsys.readouterr().err
+    assert [m["step"] for m in map(json.loads, open(run / "metrics.jsonl"))] == [1, 2, 3, 4]
