@@ -3,37 +3,29 @@ tiny config, CPU: a step trains only the adapters (optimizer state for them alon
 base untouched); merging folds the adapters into the base with the same logits (float and int8
 bases); 8 simulated devices with expert parallelism give the one-device losses; a LoRA run
 checkpoints only the adapters plus a base pointer, resumes exactly, and refuses a changed base;
-a run's adapters load beside their base (`lora.attach`, what infer.py --adapter uses).
+a run's adapters load beside their base (`loading.load(adapter=...)`, what infer.py and the
+server's --adapter use) and `convert merge-lora`'s run directory gives the same logits.
 """
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
 
-if "HUNYUAN_TEST_JAX_CACHE" not in os.environ:
-    import atexit
-
-    os.environ["HUNYUAN_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="hy-jax-cache-")
-    atexit.register(shutil.rmtree, os.environ["HUNYUAN_TEST_JAX_CACHE"], ignore_errors=True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from hunyuan_jax import checkpointing, loading, lora  # noqa: E402
-from hunyuan_jax.convert.__main__ import main as convert_main  # noqa: E402
-from hunyuan_jax.errors import CheckpointError, ConfigError  # noqa: E402
-from hunyuan_jax.policy import RuntimePolicy  # noqa: E402
-from hunyuan_jax.state import init_model  # noqa: E402
-from hunyuan_jax.train_config import load_configs  # noqa: E402
-from hunyuan_jax.train_loop import train  # noqa: E402
-from hunyuan_jax.train_step import TrainStep  # noqa: E402
-from sharding.plan import ShardingPlan  # noqa: E402
+from hunyuan_jax import checkpointing, loading, lora
+from hunyuan_jax.convert.__main__ import main as convert_main
+from hunyuan_jax.errors import CheckpointError, ConfigError
+from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.state import init_model
+from hunyuan_jax.train_config import load_configs
+from hunyuan_jax.train_loop import train
+from hunyuan_jax.train_step import TrainStep
+from sharding.plan import ShardingPlan
+from tests.helpers.jax_cache import persistent_compilation_cache
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 HY_TINY = Path(__file__).resolve().parent / "data" / "hy_tiny" / "hf_st"  # the LoRA runs' base
@@ -54,18 +46,8 @@ EP8 = ["mesh=data=2,fsdp=1,expert=4,tensor=1", "rules=fsdp_ep"]
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache():
-    """A persistent compilation cache for this module only (as tests/test_train.py)."""
-    from jax._src import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], os.environ["HUNYUAN_TEST_JAX_CACHE"])
-    jax.config.update(names[1], 0.5)
-    cc.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
+    with persistent_compilation_cache():
+        yield
 
 
 def _batch(cfg, seed=0, shape=(2, 8, 32)):
@@ -99,6 +81,7 @@ def test_config():
     assert tcfg.lora == lora.LoraConfig() and tcfg.lora.scale == 2.0
     assert tcfg.lora.targets == ("q_proj", "k_proj", "v_proj", "o_proj")
     assert load_configs(TINY)[2].lora is None
+    assert load_configs(TINY, ["lora.rank=16"])[2].lora == lora.LoraConfig(rank=16)
     for bad in ("lora={rank: 0}", "lora={targets: [mlp]}", "lora={ranks: 4}", "lora=3"):
         with pytest.raises(ConfigError, match="lora"):
             load_configs(TINY, [bad])
