@@ -110,6 +110,13 @@ def train_program(job: Job) -> Program:
         f"{describe_dispatch('train', job, rows * seq)}"
         + (f" ({job.policy.train_dispatch})" if job.plan.shards("exp") else "")
     )
+    if tcfg.lora is not None:  # what trains and how the frozen base is held
+        from hunyuan_jax.lora import base_policy
+
+        source += (
+            f"; LoRA rank {tcfg.lora.rank} on {list(tcfg.lora.targets)}, frozen base "
+            f"{base_policy(job.policy).weights}"
+        )
     return Program(
         lambda: step.lower(batch, seq, micro),
         step.restore_target().params,
