@@ -31,8 +31,9 @@ the int8 / fp8 base (`hunyuan_jax.quantize`).
 Targets: q_proj, k_proj, v_proj, o_proj (attention; the public recipe, the default), `shared`
 (the shared expert's gate/up/down) and `experts` (every routed expert's gate/up/down).
 
-The frozen base of a LoRA run (`base_policy`): its matmul weights in bfloat16, or as
-`runtime.weights` says (int8 / fp8: QLoRA); the other parameters as stored.
+The frozen base of a LoRA run (`base_policy`, `run_policy`): its matmul weights in bfloat16, or
+as `runtime.weights` says (int8 / fp8: QLoRA), or as the base checkpoint stores them when it
+stores them quantized (`hf-to-jax --quantize`); the other parameters as stored.
 """
 
 from __future__ import annotations
@@ -231,6 +232,22 @@ def base_policy(policy):
     """The policy of a LoRA run's frozen base: matmul weights as `policy.weights` says, bf16
     for 'auto' (the base is never a float32 master copy: nothing updates it)."""
     return policy if policy.weights != "auto" else policy.replace(weights="bf16")
+
+
+def run_policy(run_dir, policy, tcfg, resume: bool):
+    """The runtime policy of a LoRA run: with `runtime.weights: auto` and a base checkpoint
+    that stores quantized (int8 / fp8) matmul weights, those (QLoRA on the weights as they
+    exist); otherwise `policy` (whose 'auto' `base_policy` reads as bf16)."""
+    if policy.weights != "auto":
+        return policy
+    pointer = read_pointer(run_dir) if resume else None
+    base = pointer["base"] if pointer else tcfg.init_from
+    if base is None:
+        return policy
+    from hunyuan_jax import loading
+
+    stored = loading.open_checkpoint(base).weights
+    return policy.replace(weights=stored) if stored in quantize.QUANTIZED else policy
 
 
 def abstract_model(cfg, policy, plan, lcfg: LoraConfig):

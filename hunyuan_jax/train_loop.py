@@ -112,6 +112,10 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
     resume_step = ckpt.latest_step()
     if resume_step is not None:
         _check_resume_config(run_dir, mcfg, tcfg)
+    if tcfg.lora is not None:  # the frozen base as stored when it is int8 / fp8 (QLoRA)
+        from hunyuan_jax.lora import run_policy
+
+        policy = run_policy(run_dir, policy, tcfg, resume_step is not None)
     check_seq_len(tcfg.seq_len, mcfg.max_position_embeddings, tcfg.allow_long_sequences)
     _, loader = make_loader(tcfg, mcfg, run_dir, log)
     step = TrainStep(mcfg, policy, tcfg, plan)
@@ -155,8 +159,15 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
 
     start, end = int(resume_step or 0), tcfg.end_step
     sizes = group_sizes(state.params)
-    # LoRA: the state is the adapters; the MFU counts the (frozen) model's matmuls.
-    n_active = active_params(mcfg, state.params if step.frozen is None else step.frozen)
+    # LoRA: the state is the adapters; the MFU counts the (frozen) model's float parameters.
+    counted = state.params
+    if step.frozen is not None:
+        from flax import nnx
+
+        from hunyuan_jax.state import abstract_model
+
+        counted = nnx.state(abstract_model(mcfg, policy.replace(weights="auto")))
+    n_active = active_params(mcfg, counted)
     scales = {k: round(v, 4) for k, v in step.optimizer.scales.items()}
     log(
         f"[model] {sum(sizes.values()):,} params ({n_active:,} active per token); lr factors "
