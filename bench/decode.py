@@ -309,6 +309,12 @@ def main(argv=None):
     )
     ap.add_argument("--bf16", action="store_true", help="also JAX with bfloat16 weights")
     ap.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only compile the decode executables (prefill, first token, decode loop) and "
+        "print the seconds, per batch",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -340,6 +346,17 @@ def main(argv=None):
         f"{torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f} at start"
     )
+    if args.compile_only:
+        for b in args.batches:
+            prompts = np.zeros((b, args.prompt_len), np.int32).tolist()
+            gen = Generator(model, eos_ids=[])
+            out = gen.generate(prompts, 2)
+            print(
+                f"batch {b}: decode executables {dict(gen.compiles)} compiled in "
+                f"{out.compile_seconds:.1f} s ({cfg.num_layers} layers, scan over "
+                f"{cfg.num_groups} groups; {harness.machine_line()})"
+            )
+        return
     results = bench_throughput(cfg, model, args)
     print(f"# {harness.machine_line()} after the throughput rounds")
     for b, (res, compile_s, agree) in results.items():

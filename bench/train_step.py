@@ -159,6 +159,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--micro-batches", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5, help="timed steps of each side, alternating")
+    ap.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only compile the JAX step and print the seconds (e.g. with model.num_layers=16)",
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
@@ -202,6 +207,16 @@ def main() -> None:
         "loss_mask": np.ones((b, s), np.float32),
     }
     local = {k: v.reshape(m, b // m, s) for k, v in local.items()}
+
+    if args.compile_only:
+        batch = to_global(local, step.batch_sharding, b)
+        t0 = time.perf_counter()
+        step.jitted.lower(state, batch).compile()
+        print(
+            f"train step compile: {time.perf_counter() - t0:.1f} s ({mcfg.num_layers} layers, "
+            f"scan over {mcfg.num_groups} groups; {harness.machine_line()})"
+        )
+        return
 
     # Correctness: the same loss from the same weights (dropless routing on the JAX side: the
     # dispatch of the 'prefill' phase).
