@@ -1,7 +1,8 @@
 """train.py's observability outputs, through its command line on the tiny config: the per-step
 scalars as TensorBoard event files beside metrics.jsonl (read back record by record), a
 jax.profiler trace of `--profile-steps A:B`, and the one-line usage errors (exit 2) for bad
-`--profile-steps` values.
+`--profile-steps` values; and the benchmark harness (bench/harness.py): sides alternate round
+by round, median / spread, and the busy-machine warning.
 """
 
 import json
@@ -65,3 +66,25 @@ def test_bad_profile_steps_is_a_usage_error(tmp_path, capsys, value):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--profile-steps" in err[0]
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_bench_harness_alternates_and_flags_spread():
+    from bench import harness
+
+    order = []
+    times = iter([1.0, 2.0, 1.1, 2.0, 1.5, 2.0])  # side a: spread (1.5-1)/1.1 = 45%; b: 0
+    res = harness.alternate(
+        {
+            "a": lambda: order.append("a") or {"t": next(times)},
+            "b": lambda: (order.append("b"), {"t": next(times)})[1],
+        },
+        rounds=3,
+        peak=False,
+    )
+    assert order == ["a", "b"] * 3  # one call of each side per round, in turn
+    a, b = res["a"]["t"], res["b"]["t"]
+    assert a.samples == (1.0, 1.1, 1.5) and a.median == 1.1
+    assert a.spread == pytest.approx(0.5 / 1.1) and b.spread == 0.0
+    (line,) = harness.busy_warnings(res)
+    assert "a t 45%" in line and "b t" not in line
+    assert harness.busy_warnings({"b": res["b"]}) == []
