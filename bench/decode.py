@@ -182,8 +182,8 @@ class TorchHunyuan:
 
 # ============================================================================ benchmark
 def bench_throughput(cfg, model, args, seed=0):
-    """{batch: (harness results, compile seconds, greedy agreement per side)}, sides run
-    alternately: jax (float32), [jax-bf16], [torch compact], [original + generate]."""
+    """Yields (batch, harness results, compile seconds, greedy agreement per side) per batch,
+    sides run alternately: jax (float32), [jax-bf16], [torch compact], [original]."""
     gens = {"jax": Generator(model, eos_ids=[])}
     if args.bf16:
         gens["jax-bf16"] = Generator(_bf16_copy(cfg, model), eos_ids=[])
@@ -202,7 +202,6 @@ def bench_throughput(cfg, model, args, seed=0):
     else:
         print("# original modeling code: skipped (pass --original-code DIR, needs transformers)")
     rng = np.random.default_rng(seed)
-    out = {}
     for b in args.batches:
         prompts = rng.integers(0, cfg.vocab_size, (b, args.prompt_len)).astype(np.int32)
         n = args.new_tokens
@@ -229,8 +228,7 @@ def bench_throughput(cfg, model, args, seed=0):
             sides[name] = run
         res = harness.alternate(sides, args.repeats)
         agree = {k: float(np.mean(v == tokens["jax"])) for k, v in tokens.items() if k != "jax"}
-        out[b] = (res, compile_s, agree)
-    return out
+        yield b, res, compile_s, agree
 
 
 def _bf16_copy(cfg, model):
@@ -357,9 +355,8 @@ def main(argv=None):
                 f"{cfg.num_groups} groups; {harness.machine_line()})"
             )
         return
-    results = bench_throughput(cfg, model, args)
-    print(f"# {harness.machine_line()} after the throughput rounds")
-    for b, (res, compile_s, agree) in results.items():
+    for b, res, compile_s, agree in bench_throughput(cfg, model, args):
+        print(f"\n# {harness.machine_line()} after the rounds of batch {b}")
         print(f"\n## batch {b}: tokens/s, median (min-max) of {args.repeats} alternating rounds")
         harness.report_peak(res)
         print("| side | prefill tok/s | decode tok/s | decode vs original | vs torch compact |")
