@@ -5,6 +5,7 @@
 Multi-host: the same command on every host (Cloud TPU pods, SLURM, MPI, JobSet are detected; or
 `--coordinator/--num-processes/--process-id`, see hunyuan_jax.distributed).
 
+`--set objective=dpo --set data=prefs.jsonl` trains with DPO on preference pairs (docs/dpo.md).
 `--set` overrides keys of the config's `train:` section (`steps=200`, `mesh=data=2,expert=4`)
 or, prefixed `model.`, of its `model:` section (`model.hidden_dropout=0.2`). A run directory
 that already holds checkpoints is resumed from its last complete one. `--devices N` simulates N

@@ -2,14 +2,9 @@
 via their index files), checking them against the model, and loading them into a parameter
 tree in memory (fine for small models; `hunyuan_jax.convert` streams the large ones).
 
-Streaming access for the converter (no memory map, no torch needed): `scan_safetensors` /
-`scan_torch_bin` read only a shard's header (safetensors JSON header; the zip directory and
-`data.pkl` of a PyTorch `.bin`, unpickled without touching tensor data) into `TensorInfo`
-records (dtype, shape, byte offset); `read_tensor` then reads exactly one tensor's bytes with
-plain file reads, so resident memory is that tensor and nothing else (a memory map would keep
-every touched page of a 10 GB shard resident). `HFCheckpoint.tensor_infos()` scans every shard
-named by the index and reports missing or truncated shards and absent tensors up front;
-`HFCheckpoint.read(key)` reads one tensor that way, dequantising FP8 weights.
+`HFCheckpoint.tensor_infos()` scans every shard named by the index (with `shard_files`' header
+scans) and reports missing or truncated shards and absent tensors up front;
+`HFCheckpoint.read(key)` reads one tensor with plain file reads, dequantising FP8 weights.
 
 FP8 checkpoints (AutoFP8 / vLLM "fp8": float8 e4m3 `*.weight` with a float32 `*.weight_scale`,
 per tensor or per output channel, plus static activation scales `*.input_scale`) are
@@ -19,13 +14,9 @@ dequantised on read, `weight.astype(float32) * weight_scale`, rounded to bfloat1
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import io
 import json
 import math
 import pickle
-import zipfile
 from pathlib import Path
 
 import ml_dtypes
@@ -35,6 +26,14 @@ from safetensors import SafetensorError
 from hunyuan_jax import hf_mapping
 from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.errors import CheckpointError, MissingShardError  # noqa: F401 (re-exported)
+from hunyuan_jax.shard_files import (
+    FP8_DTYPES,
+    TensorInfo,
+    fp8_scale_key,
+    read_tensor,
+    scan_safetensors,
+    scan_torch_bin,
+)
 
 _INDEXES = (
     ("model.safetensors.index.json", "safetensors"),
@@ -248,319 +247,6 @@ def _torch_to_numpy(t) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
-
-
-# ----------------------------------------------------------------------------- streaming reads
-_ST_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn,
-    "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-ST_DTYPE_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-FP8_DTYPES = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
-# Quantisation side tensors of the AutoFP8 / vLLM "fp8" format; weight scales are consumed by
-# dequantisation, activation and KV-cache scales are dropped.
-QUANT_SUFFIXES = (
-    ".weight_scale",
-    ".input_scale",
-    ".output_scale",
-    ".k_scale",
-    ".v_scale",
-    ".kv_scale",
-)
-
-
-def fp8_scale_key(key: str) -> str:
-    """`x.weight` -> `x.weight_scale` (the AutoFP8 naming)."""
-    return key + "_scale"
-
-
-def is_quant_aux_key(key: str) -> bool:
-    return key.endswith(QUANT_SUFFIXES)
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes are: shard file (relative), dtype, shape, byte offset of element
-    0, and element strides when the stored view is not C-contiguous (torch views)."""
-
-    key: str
-    file: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    offset: int
-    strides: tuple[int, ...] | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def _c_strides(shape) -> tuple[int, ...]:
-    out, acc = [], 1
-    for d in reversed(shape):
-        out.append(acc)
-        acc *= d
-    return tuple(reversed(out))
-
-
-def scan_safetensors(path: str | Path) -> dict[str, TensorInfo]:
-    """The tensors of a safetensors file from its header; checks that the file holds them all."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
-        n = int.from_bytes(head, "little")
-        if n > size - 8 or n > (1 << 30):
-            raise CheckpointError(
-                f"{path}: corrupt or truncated safetensors header (header "
-                f"length {n}, file size {size})"
-            )
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
-    base, out = 8 + n, {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = np.dtype(_ST_DTYPES[meta["dtype"]])
-            shape = tuple(int(d) for d in meta["shape"])
-            begin, end = (int(x) for x in meta["data_offsets"])
-        except KeyError as e:
-            raise CheckpointError(
-                f"{path}: tensor {key!r}: unsupported or malformed header entry {meta} ({e})"
-            ) from e
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(
-                f"{path}: tensor {key!r}: {end - begin} bytes for shape {shape} {dtype}"
-            )
-        if base + end > size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {key!r} ends at byte {base + end} "
-                f"but the file has {size} bytes"
-            )
-        out[key] = TensorInfo(key, path.name, dtype, shape, base + begin)
-    return out
-
-
-_TORCH_DTYPES = {
-    "float64": np.float64,
-    "float32": np.float32,
-    "float16": np.float16,
-    "bfloat16": ml_dtypes.bfloat16,
-    "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
-    "float8_e5m2": ml_dtypes.float8_e5m2,
-    "int64": np.int64,
-    "int32": np.int32,
-    "int16": np.int16,
-    "int8": np.int8,
-    "uint8": np.uint8,
-    "bool": np.bool_,
-}
-_TORCH_STORAGES = {
-    "DoubleStorage": "float64",
-    "FloatStorage": "float32",
-    "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16",
-    "LongStorage": "int64",
-    "IntStorage": "int32",
-    "ShortStorage": "int16",
-    "CharStorage": "int8",
-    "ByteStorage": "uint8",
-    "BoolStorage": "bool",
-    "UntypedStorage": "uint8",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
-    dtype: np.dtype
-
-
-@dataclasses.dataclass(frozen=True)
-class _Storage:
-    dtype: np.dtype
-    key: str
-    numel: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _Tensor:
-    storage: _Storage
-    offset: int  # in elements of dtype
-    shape: tuple
-    stride: tuple
-    dtype: np.dtype
-
-
-def _rebuild_v2(
-    storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None
-):
-    return _Tensor(storage, int(storage_offset), tuple(size), tuple(stride), storage.dtype)
-
-
-def _rebuild_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
-    return _Tensor(storage, int(storage_offset), tuple(size), tuple(stride), np.dtype(dtype))
-
-
-class _MetaUnpickler(pickle.Unpickler):
-    """Unpickles a torch state dict into _Tensor records without reading any tensor data and
-    without importing torch; anything but tensors in (ordered) dicts is refused."""
-
-    def find_class(self, module, name):
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_v2
-        if module == "torch._utils" and name == "_rebuild_tensor_v3":
-            return _rebuild_v3
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return lambda data, *args: data
-        if module in ("torch", "torch.storage") and name in _TORCH_STORAGES:
-            return _StorageType(np.dtype(_TORCH_DTYPES[_TORCH_STORAGES[name]]))
-        if module == "torch" and name in _TORCH_DTYPES:
-            return np.dtype(_TORCH_DTYPES[name])
-        raise pickle.UnpicklingError(f"unsupported object {module}.{name}")
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-        _, stype, key, _, numel = pid
-        key = key.decode() if isinstance(key, bytes) else str(key)
-        return _Storage(stype.dtype, key, int(numel))
-
-
-def scan_torch_bin(path: str | Path) -> dict[str, TensorInfo]:
-    """The tensors of a PyTorch zip checkpoint (`torch.save` since 1.6) from its zip directory
-    and pickle only; checks that every storage lies inside the file."""
-    path = Path(path)
-    size = path.stat().st_size
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(
-            f"{path}: cannot read shard (truncated or corrupt, or a legacy "
-            f"pre-1.6 torch.save file): {e}"
-        ) from e
-    with zf, open(path, "rb") as raw:
-        names = zf.namelist()
-        pkls = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
-        if len(pkls) != 1:
-            raise CheckpointError(f"{path}: not a PyTorch checkpoint (no single data.pkl)")
-        prefix = pkls[0][: -len("data.pkl")]
-        if prefix + "byteorder" in names and zf.read(prefix + "byteorder").strip() != b"little":
-            raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
-        try:
-            obj = _MetaUnpickler(io.BytesIO(zf.read(pkls[0]))).load()
-        except (
-            pickle.UnpicklingError,
-            zipfile.BadZipFile,
-            EOFError,
-            ValueError,
-            TypeError,
-            AttributeError,
-            KeyError,
-        ) as e:
-            raise CheckpointError(
-                f"{path}: cannot parse the state dict (truncated or not a "
-                f"plain state dict of tensors): {e}"
-            ) from e
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-        starts = {}
-        out = {}
-        for key, t in obj.items():
-            if not isinstance(t, _Tensor):
-                raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
-            skey = t.storage.key
-            if skey not in starts:
-                try:
-                    zi = zf.getinfo(f"{prefix}data/{skey}")
-                except KeyError as e:
-                    raise CheckpointError(f"{path}: storage {skey} of {key!r} missing") from e
-                if zi.compress_type != zipfile.ZIP_STORED:
-                    raise CheckpointError(f"{path}: storage {skey} is compressed")
-                raw.seek(zi.header_offset)
-                local = raw.read(30)
-                if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                    raise CheckpointError(f"{path}: corrupt zip entry for storage {skey}")
-                start = (
-                    zi.header_offset
-                    + 30
-                    + int.from_bytes(local[26:28], "little")
-                    + int.from_bytes(local[28:30], "little")
-                )
-                nbytes = t.storage.numel * t.storage.dtype.itemsize
-                if zi.file_size < nbytes or start + nbytes > size:
-                    raise CheckpointError(
-                        f"{path}: truncated: storage of {key!r} needs bytes "
-                        f"up to {start + nbytes}, file has {size}"
-                    )
-                starts[skey] = (start, nbytes)
-            start, nbytes = starts[skey]
-            item = t.dtype.itemsize
-            if t.shape and math.prod(t.shape):
-                last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
-                if t.offset < 0 or (last + 1) * item > nbytes:
-                    raise CheckpointError(f"{path}: tensor {key!r} lies outside its storage")
-            strides = None if tuple(t.stride) == _c_strides(t.shape) else tuple(t.stride)
-            out[key] = TensorInfo(
-                key,
-                path.name,
-                t.dtype,
-                tuple(int(d) for d in t.shape),
-                start + t.offset * item,
-                strides,
-            )
-    return out
-
-
-def _read_exact(f, offset: int, buf: memoryview, path) -> None:
-    f.seek(offset)
-    done = 0
-    while done < len(buf):
-        n = f.readinto(buf[done:])
-        if not n:
-            raise CheckpointError(
-                f"{path}: truncated: unexpected end of file at byte {offset + done}"
-            )
-        done += n
-
-
-def read_tensor(directory: str | Path, info: TensorInfo) -> np.ndarray:
-    """One tensor as a fresh numpy array (stored dtype), by plain reads of its bytes."""
-    path = Path(directory) / info.file
-    try:
-        with open(path, "rb", buffering=0) as f:
-            if info.strides is None:
-                arr = np.empty(info.shape, info.dtype)
-                if arr.size:
-                    _read_exact(f, info.offset, memoryview(arr.reshape(-1).view(np.uint8)), path)
-                return arr
-            span = 1 + sum((d - 1) * s for d, s in zip(info.shape, info.strides))
-            flat = np.empty(span, info.dtype)
-            _read_exact(f, info.offset, memoryview(flat.view(np.uint8)), path)
-            item = info.dtype.itemsize
-            return np.lib.stride_tricks.as_strided(
-                flat, info.shape, tuple(s * item for s in info.strides)
-            ).copy()
-    except FileNotFoundError as e:
-        raise MissingShardError(f"{path}: shard file missing") from e
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read {info.key!r}: {e}") from e
 
 
 def dequantize_fp8(

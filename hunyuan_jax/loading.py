@@ -359,7 +359,7 @@ class _HFLeaves(Mapping):
 
         from hunyuan_jax import hf_mapping
         from hunyuan_jax.convert.common import hf_slice
-        from hunyuan_jax.hf_checkpoint import FP8_DTYPES, fp8_scale_key
+        from hunyuan_jax.shard_files import FP8_DTYPES, fp8_scale_key
 
         if path in self.ready:
             return self.ready.pop(path)

@@ -129,4 +129,9 @@ def progress_line(step: int, m: dict, tokens_per_s: float, mfu: float | None) ->
         f"{load.max():.3f}/{load.min():.3f} | gnorm {float(m['grad_norm']):.3f} | "
         f"lr {float(m['lr']):.2e} | {tokens_per_s:,.0f} tok/s | MFU "
         + (f"{100 * mfu:.1f}%" if mfu is not None else "n/a")
+        + (
+            f" | dpo margin {float(m['dpo/reward_margin']):.3f} acc {float(m['dpo/accuracy']):.2f}"
+            if "dpo/reward_margin" in m
+            else ""
+        )
     )

@@ -1,27 +1,44 @@
 """Text <-> token ids for hunyuan_jax.
 
-This module owns tokenisation: the common ``Tokenizer`` interface, the original
-Hunyuan tiktoken BPE (``HunyuanTokenizer``, SPEC section 4), a SentencePiece
-tokenizer that can be trained on a small corpus (``SentencePieceTokenizer``),
-chat rendering, and ``load_tokenizer`` which picks the right one for a directory or file.
-
-Chat: a tokenizer whose ``tokenizer_config.json`` has a ``chat_template`` renders conversations
-with it exactly as Hugging Face's ``apply_chat_template`` does (``render_chat_template``); one
-without (e.g. the SentencePiece model the smoke run trains) uses ``render_chat``, a hand port of
-the Hunyuan-Large Instruct template.
+This module owns tokenisation: the common ``Tokenizer`` interface, the original Hunyuan
+tiktoken BPE (``HunyuanTokenizer``, SPEC section 4), a SentencePiece tokenizer that can be trained
+on a small corpus (``SentencePieceTokenizer``), and ``load_tokenizer``, which picks the right one
+for a directory or file. A tokenizer renders chat with its ``tokenizer_config.json``'s jinja
+template when it has one, with the hand port of the Hunyuan-Large layout otherwise (both in
+``chat_template``); the special tokens' strings and ids are in ``special_tokens``.
 """
 
 from __future__ import annotations
 
 import abc
 import base64
-import functools
 import json
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from hunyuan_jax.errors import CheckpointError, ConfigError, DataError
+from hunyuan_jax.chat_template import (
+    compile_chat_template,
+    read_tokenizer_config,
+    render_chat,
+    render_chat_template,
+)
+from hunyuan_jax.errors import CheckpointError, DataError
+from hunyuan_jax.special_tokens import (
+    CHAT_SPECIAL_TOKENS,
+    DEFAULT_EOS_IDS,
+    DEFAULT_PAD_ID,
+    DEFAULT_SYSTEM_PROMPT,
+    ENDOFTEXT,
+    EOS,
+    EXTRA_0,
+    EXTRA_4,
+    PAD,
+    PAT_STR,
+    SPECIAL_START_ID,
+    SPECIAL_TOKENS,
+    STARTOFTEXT,
+    nfc,
+)
 
 __all__ = [
     "Tokenizer",
@@ -37,244 +54,6 @@ __all__ = [
     "CHAT_SPECIAL_TOKENS",
     "DEFAULT_SYSTEM_PROMPT",
 ]
-
-# --------------------------------------------------------------------------- constants
-
-PAT_STR = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|"""
-    r"""[^\r\n\p{L}\p{N}]?\p{L}+|"""
-    r"""\p{N}|"""
-    r""" ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-    r"""\s*[\r\n]+|"""
-    r"""\s+(?!\S)|"""
-    r"""\s+"""
-)
-
-ENDOFTEXT = "<|endoftext|>"
-STARTOFTEXT = "<|startoftext|>"
-BOS = "<|bos|>"
-EOS = "<|eos|>"
-PAD = "<|pad|>"
-EXTRA_0 = "<|extra_0|>"  # ends a user turn (the assistant cue)
-EXTRA_4 = "<|extra_4|>"  # ends the system turn
-
-SPECIAL_START_ID = 127957
-_SPECIAL_NAMES: tuple[str, ...] = (ENDOFTEXT, STARTOFTEXT, BOS, EOS, PAD) + tuple(
-    f"<|extra_{i}|>" for i in range(204)
-)
-#: Hunyuan special tokens -> ids (127957 .. 128165).
-SPECIAL_TOKENS: dict[str, int] = {
-    name: SPECIAL_START_ID + i for i, name in enumerate(_SPECIAL_NAMES)
-}
-
-#: Pieces a tokenizer must have for the Hunyuan chat layout / document wrapping.
-CHAT_SPECIAL_TOKENS: tuple[str, ...] = (STARTOFTEXT, ENDOFTEXT, EOS, PAD, EXTRA_0, EXTRA_4)
-
-#: SPEC 4 names this default; the reference chat template does NOT insert it, so
-#: ``apply_chat_template`` only uses it when asked (``system_prompt=...``).
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
-# SPEC 4 generation defaults (used when no generation_config.json is found).
-_DEFAULT_EOS_IDS = [SPECIAL_TOKENS[EOS], SPECIAL_TOKENS["<|extra_5|>"]]  # [127960, 127967]
-_DEFAULT_PAD_ID = SPECIAL_TOKENS[PAD]  # 127961
-
-
-def _nfc(text: str) -> str:
-    return unicodedata.normalize("NFC", text)
-
-
-# --------------------------------------------------------------------------- chat layout
-
-
-def render_chat(messages: Sequence[Mapping[str, str]], system_prompt: str | None = None) -> str:
-    """Render ``messages`` in the Hunyuan-Large Instruct chat layout, without jinja.
-
-    The fallback for tokenizers that have no ``chat_template`` (a tokenizer that has one renders
-    with ``render_chat_template``).  A line-for-line port of the jinja ``chat_template`` in the
-    released tokenizer_config.json:
-
-    * message 0: empty content -> emits nothing and marks "no head";
-      a system message -> ``<|startoftext|>{sys}<|extra_4|>``.
-    * user: at index 1 after a head -> ``{text}<|extra_0|>``; at index 1 without a head
-      -> ``<|startoftext|><|startoftext|>{text}<|extra_0|>`` (template quirk, kept);
-      otherwise ``<|startoftext|>{text}<|extra_0|>``.
-    * assistant: ``{text}<|eos|>``.  Any other message is emitted raw.
-
-    One difference: a first message with empty content.  Here it renders as above; Hugging Face
-    renders the template in an immutable sandbox, where the template's ``context.update(...)``
-    is refused, so ``apply_chat_template`` raises (jinja2 ``SecurityError``) for it.
-
-    The template has no generation suffix: a prompt already ends with the user
-    turn's ``<|extra_0|>``.  ``system_prompt`` (e.g. ``DEFAULT_SYSTEM_PROMPT``) is
-    prepended as a system message when given and the conversation has none first.
-    """
-    msgs = list(messages)
-    if system_prompt is not None and (not msgs or msgs[0].get("role") != "system"):
-        msgs.insert(0, {"role": "system", "content": system_prompt})
-    has_head = True
-    out: list[str] = []
-    for i, message in enumerate(msgs):
-        try:
-            role, content = message["role"], message["content"]
-        except (KeyError, TypeError) as e:
-            raise DataError(
-                f"chat message {i} must be a mapping with 'role' and 'content', got {message!r}"
-            ) from e
-        if not isinstance(content, str):
-            raise DataError(f"chat message {i}: content must be str, got {type(content).__name__}")
-        if i == 0:
-            if content == "":
-                has_head = False
-            elif role == "system":
-                content = STARTOFTEXT + content + EXTRA_4
-        if role == "user":
-            if i == 1 and not has_head:
-                content = STARTOFTEXT + content
-            if i == 1 and has_head:
-                content = content + EXTRA_0
-            else:
-                content = STARTOFTEXT + content + EXTRA_0
-        elif role == "assistant":
-            content = content + EOS
-        out.append(content)
-    return "".join(out)
-
-
-# --------------------------------------------------------------------------- jinja chat template
-
-
-def _jinja_env():
-    """The jinja environment Hugging Face renders chat templates in (transformers
-    ``chat_template_utils._compile_jinja_template``): immutable sandbox, ``trim_blocks`` and
-    ``lstrip_blocks``, the ``loopcontrols`` extension and a ``{% generation %}`` block tag
-    (rendered as its body), ``tojson`` without HTML escaping, and the globals
-    ``raise_exception`` and ``strftime_now``."""
-    import datetime
-
-    import jinja2
-    import jinja2.ext
-    from jinja2 import nodes
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class _Generation(jinja2.ext.Extension):
-        # HF's AssistantTracker outside ``return_assistant_tokens_mask``: the body, unchanged.
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    def strftime_now(fmt):
-        return datetime.datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    return env
-
-
-@functools.lru_cache(maxsize=8)
-def compile_chat_template(template: str):
-    """The compiled jinja ``Template`` of a chat template (cached).  Raises
-    ``jinja2.TemplateSyntaxError`` for a template that does not parse."""
-    return _jinja_env().from_string(template)
-
-
-def render_chat_template(
-    template: str,
-    messages: Sequence[Mapping],
-    add_generation_prompt: bool = False,
-    special_tokens_map: Mapping[str, object] | None = None,
-    **kwargs,
-) -> str:
-    """Render ``messages`` with the jinja chat ``template`` as Hugging Face's
-    ``tokenizer.apply_chat_template(messages, tokenize=False, ...)`` does.
-
-    The template sees ``messages``, ``tools=None``, ``documents=None``,
-    ``add_generation_prompt``, the tokenizer's special-token map (``bos_token``, ``eos_token``,
-    ``pad_token``, ``additional_special_tokens`` ...) and ``kwargs`` (which win over the map).
-    Messages are passed as given (no validation: the template decides).  Errors raised while
-    rendering (``raise_exception``, sandbox refusals, undefined values) are jinja2
-    ``TemplateError``s.
-    """
-    return compile_chat_template(template).render(
-        messages=list(messages),
-        tools=None,
-        documents=None,
-        add_generation_prompt=add_generation_prompt,
-        **{**dict(special_tokens_map or {}), **kwargs},
-    )
-
-
-_SPECIAL_TOKEN_KEYS = (
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-    "additional_special_tokens",
-)
-
-
-def _token_content(value):
-    # tokenizer_config.json spells a token as a string or an AddedToken dict {"content": ...}.
-    if isinstance(value, Mapping):
-        return value.get("content")
-    if isinstance(value, list):
-        return [_token_content(v) for v in value]
-    return value
-
-
-def _read_tokenizer_config(path: Path) -> tuple[str | None, dict[str, object]]:
-    """(chat_template or None, special-token map overrides) of a tokenizer_config.json.
-
-    A template that does not parse is a ``ConfigError`` naming the file.  A list of named
-    templates (HF's format for several) yields the one named "default".
-    """
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read tokenizer config: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    template = cfg.get("chat_template")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
-        if "default" not in named:
-            raise ConfigError(
-                f"{path}: chat_template lists the templates {sorted(map(str, named))} "
-                "but none named 'default'"
-            )
-        template = named["default"]
-    if template is not None and not isinstance(template, str):
-        raise ConfigError(f"{path}: chat_template must be a string, got {type(template).__name__}")
-    if template is not None:
-        import jinja2
-
-        try:
-            compile_chat_template(template)
-        except jinja2.TemplateSyntaxError as e:
-            raise ConfigError(f"{path}: chat_template line {e.lineno}: {e.message}") from e
-    tokens = {k: _token_content(cfg[k]) for k in _SPECIAL_TOKEN_KEYS if cfg.get(k) is not None}
-    return template, tokens
-
 
 # --------------------------------------------------------------------------- interface
 
@@ -451,8 +230,8 @@ class HunyuanTokenizer(Tokenizer):
             special_tokens=dict(SPECIAL_TOKENS),
             explicit_n_vocab=len(ranks) + len(SPECIAL_TOKENS),
         )
-        self._eos_ids = list(eos_ids) if eos_ids is not None else list(_DEFAULT_EOS_IDS)
-        self._pad_id = int(pad_id) if pad_id is not None else _DEFAULT_PAD_ID
+        self._eos_ids = list(eos_ids) if eos_ids is not None else list(DEFAULT_EOS_IDS)
+        self._pad_id = int(pad_id) if pad_id is not None else DEFAULT_PAD_ID
         self.vocab_file = vocab_file
         self.chat_template = chat_template
         self.chat_template_source = chat_template_source
@@ -485,7 +264,7 @@ class HunyuanTokenizer(Tokenizer):
         template, tokens, source = None, None, None
         tok_cfg = vocab.parent / "tokenizer_config.json"
         if tok_cfg.is_file():
-            template, tokens = _read_tokenizer_config(tok_cfg)
+            template, tokens = read_tokenizer_config(tok_cfg)
             source = str(tok_cfg)
         return cls(
             vocab,
@@ -497,7 +276,7 @@ class HunyuanTokenizer(Tokenizer):
         )
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = self._enc.encode(_nfc(text), allowed_special="all", disallowed_special=())
+        ids = self._enc.encode(nfc(text), allowed_special="all", disallowed_special=())
         if add_special_tokens:
             ids = [SPECIAL_TOKENS[STARTOFTEXT], *ids, SPECIAL_TOKENS[ENDOFTEXT]]
         return ids
@@ -606,7 +385,7 @@ class SentencePieceTokenizer(Tokenizer):
         out_prefix.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out_prefix.name}.", dir=out_prefix.parent))
         kwargs = dict(
-            sentence_iterator=(_nfc(t) for t in texts if t),
+            sentence_iterator=(nfc(t) for t in texts if t),
             model_prefix=str(work / out_prefix.name),
             vocab_size=int(vocab_size),
             model_type=model_type,
@@ -639,7 +418,7 @@ class SentencePieceTokenizer(Tokenizer):
         return cls.load(Path(str(out_prefix) + ".model"))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = list(self._sp.encode(_nfc(text), out_type=int))
+        ids = list(self._sp.encode(nfc(text), out_type=int))
         if add_special_tokens:
             ids = [self.bos_id, *ids, self._require(ENDOFTEXT)]
         return ids

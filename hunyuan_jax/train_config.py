@@ -22,6 +22,24 @@ from hunyuan_jax.policy import RuntimePolicy
 
 _NONFINITE = ("stop", "skip")
 _DATA_FORMATS = ("auto", "text", "jsonl", "chat")
+OBJECTIVES = ("sft", "dpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """`train.dpo`: the sigmoid DPO objective (used when `train.objective` is "dpo"; see
+    hunyuan_jax/dpo.py and docs/dpo.md). loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r -
+    ref_r))) + sft_weight * (negative log-likelihood of the chosen response per token)."""
+
+    beta: float = 0.1
+    sft_weight: float = 0.0
+
+    def __post_init__(self):
+        check_types(self, "train.dpo")
+        if self.beta <= 0:
+            raise ConfigError(f"train key 'dpo.beta' must be positive, got {self.beta}")
+        if self.sft_weight < 0:
+            raise ConfigError(f"train key 'dpo.sft_weight' must be >= 0, got {self.sft_weight}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +114,15 @@ class TrainConfig:
     peak_flops_per_device: float | None = None  # FLOP/s for the MFU estimate (None: by chip)
     # A non-finite loss or gradient: "stop" (keep the last good checkpoint) or "skip" the batch.
     on_nonfinite: str = "stop"
+    # Objective: "sft" = next-token cross entropy on the loss tokens (pre-training text, or
+    # chat data's assistant tokens); "dpo" = preference pairs (`data` is JSONL with prompt or
+    # messages, chosen, rejected) and the `dpo` keys below (hunyuan_jax/dpo.py, docs/dpo.md).
+    objective: str = "sft"
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
 
     def __post_init__(self):
+        if isinstance(self.dpo, Mapping):  # from YAML / --set dpo.beta=...
+            object.__setattr__(self, "dpo", _nested(DPOConfig, self.dpo, "dpo"))
         check_types(self, "train")
         for key in (
             "steps",
@@ -153,6 +178,16 @@ class TrainConfig:
             raise ConfigError(
                 f"train key 'data_format' must be one of {_DATA_FORMATS}, got {self.data_format!r}"
             )
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"train key 'objective' must be one of {OBJECTIVES}, got {self.objective!r}"
+            )
+        if self.objective == "dpo" and (self.batch_size // self.micro_batches) % 2:
+            raise ConfigError(
+                f"train key 'batch_size' ({self.batch_size}) / 'micro_batches' "
+                f"({self.micro_batches}) must be even with objective 'dpo' (each preference "
+                f"pair is two rows, chosen and rejected, in the same micro-batch)"
+            )
         if self.opt_state_dtype not in (None, "float32", "bfloat16"):
             raise ConfigError(
                 f"train key 'opt_state_dtype' must be null, float32 or bfloat16, "
@@ -190,13 +225,25 @@ class TrainConfig:
         return dataclass_from_dict(cls, d, source, "train")
 
 
+def _nested(cls, d: Mapping[str, Any], name: str):
+    """A nested train section (`dpo:`) from its mapping; unknown keys are a ConfigError."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(f"{name}.{k}" for k in set(d) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown train key(s) {unknown}; known: {[f'{name}.{k}' for k in known]}"
+        )
+    return cls(**d)
+
+
 SECTIONS = ("model", "runtime", "train")
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, dict]:
     """`key=value` strings -> {section: overrides}. Values are parsed as YAML scalars
     (`lr=1e-3`, `data=null`, `pack=false`); `model.key=value` and `runtime.key=value` target
-    those sections, anything else (or `train.key`) the train section."""
+    those sections, anything else (or `train.key`) the train section; `dpo.beta=0.5` sets a key
+    of the nested `dpo` section (merged into the YAML's)."""
     out: dict[str, dict] = {s: {} for s in SECTIONS}
     for item in items:
         if "=" not in item:
@@ -213,10 +260,13 @@ def parse_overrides(items: Iterable[str]) -> dict[str, dict]:
             except ValueError:
                 pass
         section, dot, name = key.partition(".")
-        if dot and section in SECTIONS:
-            out[section][name] = value
+        if not (dot and section in SECTIONS):
+            section, name = "train", key
+        head, dot, sub = name.partition(".")
+        if dot and section == "train":  # a key of a nested train section: dpo.beta=0.5
+            out["train"].setdefault(head, {})[sub] = value
         else:
-            out["train"][key] = value
+            out[section][name] = value
     return out
 
 
@@ -237,7 +287,11 @@ def load_configs(
             raise ConfigError(f"{path}: unknown section(s) {unknown}; sections are {SECTIONS}")
     sections = {s: dict(data.get(s) or {}) for s in SECTIONS}
     for s, changes in parse_overrides(overrides).items():
-        sections[s].update(changes)
+        for key, value in changes.items():
+            old = sections[s].get(key)
+            if isinstance(value, dict) and isinstance(old, Mapping):  # nested: merged
+                value = {**old, **value}
+            sections[s][key] = value
     sections["train"].update(train_changes)
     return (
         ModelConfig.from_dict(sections["model"], source),

@@ -8,7 +8,8 @@ cannot be read, is moved to `checkpoints/corrupt-<step>` with one log line and t
 one is tried; if none verifies the run stops (CheckpointError) saying what to delete.
 Otherwise the weights are random or come from `tcfg.init_from` (any format
 `hunyuan_jax.loading` knows, restored into the plan's shardings). The step itself is
-`train_step.TrainStep`; data is `train_data.make_loader`; metrics `metrics.MetricsLog`.
+`train_step.TrainStep`; data is `train_data.make_loader` (DPO: `dpo.make_dpo_loader` and the
+reference log-probabilities, `dpo.attach_reference`); metrics `metrics.MetricsLog`.
 Each checkpoint records the health of the steps before it (`health`); a run stopped on a
 non-finite loss names the last finite step and the newest healthy checkpoint, and what to do.
 `profile_steps=(a, b)` writes a jax.profiler trace of steps a..b (1-based, inclusive, after
@@ -94,13 +95,16 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
     from hunyuan_jax.data import check_seq_len, gather_states, to_global
     from hunyuan_jax.train_data import make_loader
 
-    resume_step = ckpt.latest_step()
-    if resume_step is not None:
-        _check_resume_config(run_dir, mcfg)
-    elif tcfg.init_from:  # the checkpoint's architecture from here on
+    if tcfg.objective == "dpo":  # preference pairs (+ their reference log-probs, below)
+        from hunyuan_jax.dpo import make_dpo_loader as make_loader
+
+    if tcfg.init_from:  # the checkpoint's architecture, also when resuming such a run
         from hunyuan_jax.loading import open_checkpoint
 
         mcfg = open_checkpoint(tcfg.init_from).cfg
+    resume_step = ckpt.latest_step()
+    if resume_step is not None:
+        _check_resume_config(run_dir, mcfg)
     check_seq_len(tcfg.seq_len, mcfg.max_position_embeddings, tcfg.allow_long_sequences)
     _, loader = make_loader(tcfg, mcfg, run_dir, log)
     step = TrainStep(mcfg, policy, tcfg, plan)
@@ -127,6 +131,10 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
         )
     else:
         state = _initial_state(step, mcfg, policy, tcfg, plan, log)
+    if tcfg.objective == "dpo":  # computed from the initial weights once, read back on resume
+        from hunyuan_jax.dpo import attach_reference
+
+        attach_reference(loader, step, state.params, tcfg, run_dir, resume_step is not None, log)
     write_run_config(run_dir, mcfg, policy, tcfg)
     if policy.param_dtype != "float32":
         log(

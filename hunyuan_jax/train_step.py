@@ -44,7 +44,20 @@ BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 # objective(model, micro_batch, key) -> (loss, metrics with at least ce_loss, aux_loss,
 # z_loss, tokens, expert_load): the LM loss by default; other objectives (DPO) plug in here.
+# `ce_loss` is the token-weighted part of the loss (weighted over micro-batches by `tokens`),
+# the rest is averaged. An objective may also have `extra_batch_keys` (float32 arrays laid
+# out like the batch), `loss_tokens(batch)` (the batch's total of `tokens`; default the sum
+# of loss_mask), and metrics named "<objective>/..." (averaged over micro-batches).
 Objective = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def default_objective(tcfg: TrainConfig) -> Objective | None:
+    """The objective `tcfg.objective` names; None = the LM loss (`TrainStep._lm_objective`)."""
+    if tcfg.objective == "dpo":
+        from hunyuan_jax.dpo import DPOObjective
+
+        return DPOObjective(tcfg)
+    return None
 
 
 class TrainState(NamedTuple):
@@ -55,7 +68,8 @@ class TrainState(NamedTuple):
 
 class TrainStep:
     """One optimizer step for an architecture, a runtime policy, a train config and a plan:
-    the abstract state and its shardings, the batch layout, and the jitted step.
+    the abstract state and its shardings, the batch layout, and the jitted step. The loss is
+    `tcfg.objective`'s (`default_objective`: the LM loss, or DPO), or `objective` if given.
 
         step = TrainStep(cfg, policy, tcfg, plan)
         state = step.init_state(model)            # params placed, optimizer state created
@@ -74,7 +88,8 @@ class TrainStep:
     ):
         self.cfg, self.policy, self.tcfg, self.plan = cfg, policy, tcfg, plan
         self.optimizer = optimizer or make_optimizer(tcfg, cfg)
-        self.objective = objective or self._lm_objective
+        self.objective = objective or default_objective(tcfg) or self._lm_objective
+        self.batch_keys = BATCH_KEYS + tuple(getattr(self.objective, "extra_batch_keys", ()))
         self.graphdef, params = nnx.split(abstract_model(cfg, policy, plan))
         opt_state = jax.eval_shape(self.optimizer.tx.init, params)
         self.abstract_state = TrainState(params, opt_state, jax.ShapeDtypeStruct((), jnp.int32))
@@ -84,7 +99,7 @@ class TrainStep:
         self.batch_sharding = self._batch_sharding()
         self.fn = self._make_step()
         if plan.is_sharded:
-            batch_sh = dict.fromkeys(BATCH_KEYS, self.batch_sharding)
+            batch_sh = dict.fromkeys(self.batch_keys, self.batch_sharding)
             self.jitted = jax.jit(
                 self.fn,
                 in_shardings=(self.shardings, batch_sh),
@@ -129,9 +144,10 @@ class TrainStep:
         shape = (m, b // m, s)
         out = {
             k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
-            for k in BATCH_KEYS
+            for k in self.batch_keys
         }
-        out["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.batch_sharding)
+        for k in ("loss_mask", *getattr(self.objective, "extra_batch_keys", ())):
+            out[k] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.batch_sharding)
         return out
 
     # ------------------------------------------------------------------ state
@@ -164,11 +180,14 @@ class TrainStep:
     def _make_step(self):
         graphdef, opt, objective = self.graphdef, self.optimizer, self.objective
         base_key = jax.random.key(self.tcfg.seed)
+        loss_tokens = getattr(objective, "loss_tokens", None) or (
+            lambda batch: jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        )
 
         def step_fn(state: TrainState, batch: dict):
             key = jax.random.fold_in(base_key, state.step)
             num_micro = batch["inputs"].shape[0]
-            total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+            total_tokens = jnp.maximum(loss_tokens(batch), 1.0)
 
             def micro_objective(params, micro, mkey):
                 loss, m = objective(nnx.merge(graphdef, params), micro, mkey)
@@ -221,8 +240,8 @@ class TrainStep:
                 "lr": opt.schedule(state.step),
                 "ok": ok,
             }
-            for name in ("rerouted_fraction", "dropped_fraction"):
-                if name in sums:
+            for name in sums:
+                if name in ("rerouted_fraction", "dropped_fraction") or "/" in name:
                     metrics[name] = sums[name] / num_micro
             return new_state, metrics
 

@@ -24,34 +24,26 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 
-import jax
+import numpy as np
+import pytest
+from conftest import HY_TINY
 
-if "HUNYUAN_TEST_JAX_CACHE" not in os.environ:
-    import atexit
-
-    os.environ["HUNYUAN_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="hy-jax-cache-")
-    atexit.register(shutil.rmtree, os.environ["HUNYUAN_TEST_JAX_CACHE"], ignore_errors=True)
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from conftest import HY_TINY  # noqa: E402
-
-import infer  # noqa: E402
-import train as train_cli  # noqa: E402
-from hunyuan_jax import checkpoint_format as fmt  # noqa: E402
-from hunyuan_jax import checkpointing, convert, health, integrity, loading  # noqa: E402
-from hunyuan_jax.convert.__main__ import main as convert_main  # noqa: E402
-from hunyuan_jax.data import PackedLoader, embedded_corpus, texts_for_tokenizer  # noqa: E402
-from hunyuan_jax.errors import CheckpointError  # noqa: E402
-from hunyuan_jax.policy import RuntimePolicy  # noqa: E402
-from hunyuan_jax.tokenizer import SentencePieceTokenizer  # noqa: E402
-from hunyuan_jax.train_config import load_configs  # noqa: E402
-from hunyuan_jax.train_loop import train  # noqa: E402
+import infer
+import train as train_cli
+from hunyuan_jax import checkpoint_format as fmt
+from hunyuan_jax import checkpointing, convert, health, integrity, loading
+from hunyuan_jax.convert.__main__ import main as convert_main
+from hunyuan_jax.data import PackedLoader, embedded_corpus, texts_for_tokenizer
+from hunyuan_jax.errors import CheckpointError
+from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.tokenizer import SentencePieceTokenizer
+from hunyuan_jax.train_config import load_configs
+from hunyuan_jax.train_loop import train
+from tests.helpers.jax_cache import cache_dir, persistent_compilation_cache
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -77,17 +69,8 @@ ARRAY = "groups.layers.0.moe.up_proj.value"  # the array the tests damage
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache():
-    from jax._src import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], os.environ["HUNYUAN_TEST_JAX_CACHE"])
-    jax.config.update(names[1], 0.5)
-    cc.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
+    with persistent_compilation_cache():
+        yield
 
 
 def _env(**extra) -> dict:
@@ -95,7 +78,7 @@ def _env(**extra) -> dict:
         os.environ,
         PYTHONPATH=str(REPO),
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=os.environ["HUNYUAN_TEST_JAX_CACHE"],
+        JAX_COMPILATION_CACHE_DIR=cache_dir(),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
         **extra,
     )
@@ -561,3 +544,15 @@ def test_nonfinite_stop_names_the_newest_healthy_checkpoint(run, run_copy, capsy
     assert f"rm -r {run_copy / 'checkpoints' / '8'}" in line and "--set lr=" in line
     rec = checkpointing.read_record(run_copy / "checkpoints" / "8")["health"]
     assert not rec["healthy"] and rec["loss_max"] > 1.5 * rec["loss_median"]
+
+
+def test_resume_a_run_initialised_from_another_architecture(tmp_path, sp_tokenizer, capsys):
+    """--init-from takes the checkpoint's architecture (hy_tiny's, not small.yaml's); rerunning
+    the same command resumes the run instead of refusing a "changed" model config."""
+    run = tmp_path / "from_hy_tiny"
+    argv = _train_args(run, f"tokenizer={sp_tokenizer}", "steps=4", "save_every=2")
+    argv[1] = str(REPO / "configs" / "small.yaml")
+    argv += ["--init-from", str(HY_TINY / "hf_st")]
+    assert train_cli.main(argv + ["--set", "stop_at=2"]) == 0, capsys.readouterr().err
+    assert train_cli.main(argv) == 0, capsys.readouterr().err
+    assert [m["step"] for m in map(json.loads, open(run / "metrics.jsonl"))] == [1, 2, 3, 4]

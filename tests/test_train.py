@@ -16,31 +16,24 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
 
-if "HUNYUAN_TEST_JAX_CACHE" not in os.environ:
-    import atexit
-
-    os.environ["HUNYUAN_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="hy-jax-cache-")
-    atexit.register(shutil.rmtree, os.environ["HUNYUAN_TEST_JAX_CACHE"], ignore_errors=True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from hunyuan_jax import loading, optim  # noqa: E402
-from hunyuan_jax.checkpointing import latest_step, restore_run_params  # noqa: E402
-from hunyuan_jax.data import PackedLoader, embedded_corpus, texts_for_tokenizer  # noqa: E402
-from hunyuan_jax.errors import NonFiniteLoss  # noqa: E402
-from hunyuan_jax.tokenizer import SentencePieceTokenizer  # noqa: E402
-from hunyuan_jax.train_config import TrainConfig, load_configs  # noqa: E402
-from hunyuan_jax.train_loop import train  # noqa: E402
-from sharding.plan import ShardingPlan  # noqa: E402
+from hunyuan_jax import loading, optim
+from hunyuan_jax.checkpointing import latest_step, restore_run_params
+from hunyuan_jax.data import PackedLoader, embedded_corpus, texts_for_tokenizer
+from hunyuan_jax.errors import NonFiniteLoss
+from hunyuan_jax.tokenizer import SentencePieceTokenizer
+from hunyuan_jax.train_config import TrainConfig, load_configs
+from hunyuan_jax.train_loop import train
+from sharding.plan import ShardingPlan
+from tests.helpers.jax_cache import cache_dir, persistent_compilation_cache
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -87,19 +80,8 @@ def _losses(run_dir):
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache():
-    """A persistent compilation cache for this module only (restored afterwards, so other
-    modules' compiles, e.g. AOT TPU programs, are not affected)."""
-    from jax._src import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], os.environ["HUNYUAN_TEST_JAX_CACHE"])
-    jax.config.update(names[1], 0.5)
-    cc.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
+    with persistent_compilation_cache():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +212,7 @@ def test_kill_during_save_resumes_from_last_complete(reference, workdir, tokeniz
         HANG_MARKER=str(marker),
         TRAIN_PY=str(REPO / "train.py"),
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=os.environ["HUNYUAN_TEST_JAX_CACHE"],
+        JAX_COMPILATION_CACHE_DIR=cache_dir(),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
         PYTHONPATH=str(REPO),
     )

@@ -21,7 +21,7 @@ import numpy as np
 from hunyuan_jax import checkpoint_format as fmt
 from hunyuan_jax import hf_mapping
 from hunyuan_jax.errors import CheckpointError, UsageError
-from hunyuan_jax.hf_checkpoint import ST_DTYPE_NAMES
+from hunyuan_jax.shard_files import ST_DTYPE_NAMES
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 FLOAT_DTYPES = {np.dtype(d) for d in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)}

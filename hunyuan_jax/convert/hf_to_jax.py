@@ -45,7 +45,7 @@ from hunyuan_jax.convert.common import (
     to_slice,
 )
 from hunyuan_jax.errors import CheckpointError
-from hunyuan_jax.hf_checkpoint import FP8_DTYPES, fp8_scale_key
+from hunyuan_jax.shard_files import FP8_DTYPES, fp8_scale_key
 
 
 class _ProgressRecord:
