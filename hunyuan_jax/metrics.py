@@ -84,7 +84,7 @@ class MetricsLog:
                 if flat.size:
                     self.tb.add_scalar(f"train/{key}_max", float(flat.max()), step)
                     self.tb.add_scalar(f"train/{key}_min", float(flat.min()), step)
-            else:
+            elif isinstance(value, int | float):  # bools too; anything else is not a scalar
                 self.tb.add_scalar(f"train/{key}", float(value), step)
 
     def close(self) -> None:
