@@ -9,7 +9,9 @@ Multi-host: the same command on every host (Cloud TPU pods, SLURM, MPI, JobSet a
 `--set` overrides keys of the config's `train:` section (`steps=200`, `mesh=data=2,expert=4`)
 or, prefixed `model.`, of its `model:` section (`model.hidden_dropout=0.2`). A run directory
 that already holds checkpoints is resumed from its last complete one. `--devices N` simulates N
-CPU devices (set before JAX starts).
+CPU devices (set before JAX starts). Metrics go to <run>/metrics.jsonl and to TensorBoard
+event files in <run>/tensorboard; `--profile-steps A:B` writes a jax.profiler trace of steps
+A..B (1-based, inclusive) to <run>/profile (`tensorboard --logdir <run>`, Profile tab, or XProf).
 
 Exit status (`hunyuan_jax/errors.py`): 0 done; 2 bad command line or configuration; 3 bad
 training data (file:line named); 4 checkpoint or run directory missing, corrupt or not
@@ -73,9 +75,16 @@ def _main(argv) -> int:
         default=None,
         help="simulate this many CPU devices (set before JAX starts)",
     )
+    ap.add_argument(
+        "--profile-steps",
+        default=None,
+        metavar="A:B",
+        help="write a jax.profiler trace of steps A..B (inclusive) to <run>/profile",
+    )
     distributed.add_arguments(ap)
     add_debug_flag(ap)
     args = ap.parse_args(argv)
+    profile_steps = parse_profile_steps(args.profile_steps)
 
     distributed.initialize_from_args(args)  # multi-host: before JAX touches devices
     from hunyuan_jax.train_config import load_configs
@@ -88,7 +97,7 @@ def _main(argv) -> int:
         changes["run_dir"] = args.run_dir
     mcfg, policy, tcfg = load_configs(args.config, args.overrides, **changes)
     try:
-        summary = train(mcfg, policy, tcfg)
+        summary = train(mcfg, policy, tcfg, profile_steps=profile_steps)
     except OSError as e:
         raise _io_error(e, tcfg) from e
     losses = summary["losses"]
@@ -98,6 +107,21 @@ def _main(argv) -> int:
             f"{losses[0]:.4f} -> {losses[-1]:.4f}; run dir {tcfg.run_dir}"
         )
     return 0
+
+
+def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
+    """ "A:B" -> (A, B) with 1 <= A <= B; UsageError (exit 2) otherwise."""
+    from hunyuan_jax.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise UsageError(f"--profile-steps must be A:B (two step numbers), got {text!r}") from None
+    if not 1 <= a <= b:
+        raise UsageError(f"--profile-steps A:B needs 1 <= A <= B, got {text!r}")
+    return a, b
 
 
 def _io_error(e: OSError, tcfg):

@@ -3,6 +3,8 @@
     python bench/decode.py                      # configs/small.yaml, batch 1 and 8
     python bench/decode.py --prompt-len 128 --new-tokens 32 --batches 1 8 --repeats 3
     python bench/decode.py --threads 1         # both single-threaded (steadier when busy)
+    python bench/decode.py --original-code ../shared/reference/original_code --bf16
+    python bench/decode.py --layers 16 --batches 1 --repeats 1 --no-compact   # compile time
 
 The baseline is a compact PyTorch implementation of the same math (`TorchHunyuan` below: CLA,
 QK-norm after RoPE, NTK-alpha RoPE, GQA, shared expert + top-1 experts) with its own
@@ -14,9 +16,17 @@ experts with their tokens gathered. transformers itself is not installed, and it
 HunYuan class is not Hunyuan-Large. Both sides load the same float32 weights; the greedy tokens
 of the two are compared as a correctness check.
 
-Timings exclude compilation (the Generator compiles ahead of time) and take the best of
-`--repeats` runs. Prefill tokens/s = prompt tokens / (prefill + first token); decode tokens/s =
-tokens from the decode loop / its time. `--accuracy` (default on) adds the int8 / bf16 KV
+With `--original-code DIR` (the original modeling code, needs transformers==4.41.2: an
+optional extra, the side is skipped with a message otherwise) the original
+`HunYuanForCausalLM` with transformers' `generate` is a side too, on the same weights saved
+through the project's exporter (bench/original.py). `--bf16` adds the JAX side with bfloat16
+weights (reported separately; the ratios that matter are float32 against float32).
+
+Timings exclude compilation (the Generator compiles ahead of time; compile seconds printed)
+and come from `--repeats` rounds that run the sides alternately (bench/harness.py): median
+and min-max, the machine's matmul peak in the same rounds, a warning when the spread says the
+machine was busy. Prefill tokens/s = prompt tokens / (prefill + first token); decode
+tokens/s = tokens from the decode loop / its time. `--accuracy` (default on) adds the int8 / bf16 KV
 cache error: per-step logits of a cached greedy decode vs a float32 forward over the same
 sequence, and how often the tokens match a float32-cache run.
 
@@ -27,6 +37,7 @@ XLA's when the cores are oversubscribed, so on a busy machine compare `--threads
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -49,6 +60,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench import harness  # noqa: E402
 from hunyuan_jax.config import ModelConfig  # noqa: E402
 from hunyuan_jax.generate import Generator  # noqa: E402
 from hunyuan_jax.loading import read_model_config  # noqa: E402
@@ -169,43 +181,66 @@ class TorchHunyuan:
 
 
 # ============================================================================ benchmark
-def bench_throughput(cfg, model, batches, prompt_len, new_tokens, repeats, seed=0):
-    torch_model = TorchHunyuan(cfg, model)
-    gen = Generator(model, eos_ids=[])
+def bench_throughput(cfg, model, args, seed=0):
+    """Yields (batch, harness results, compile seconds, greedy agreement per side) per batch,
+    sides run alternately: jax (float32), [jax-bf16], [torch compact], [original]."""
+    gens = {"jax": Generator(model, eos_ids=[])}
+    if args.bf16:
+        gens["jax-bf16"] = Generator(_bf16_copy(cfg, model), eos_ids=[])
+    torch_model = TorchHunyuan(cfg, model) if args.compact else None
+    original = None
+    if args.original_code is not None:
+        import tempfile
+
+        from bench.original import OriginalGenerator
+
+        work = Path(tempfile.mkdtemp(prefix="hy-bench-orig-"))
+        original = OriginalGenerator.create(args.original_code, model, cfg, work)
+        if isinstance(original, str):
+            print(f"# original modeling code: skipped ({original})")
+            original = None
+    else:
+        print("# original modeling code: skipped (pass --original-code DIR, needs transformers)")
     rng = np.random.default_rng(seed)
-    rows = []
-    for b in batches:
-        prompts = rng.integers(0, cfg.vocab_size, (b, prompt_len)).astype(np.int32)
-        out = gen.generate(list(prompts.tolist()), new_tokens)  # compiles (not timed)
-        compile_s = out.compile_seconds
-        torch_model.generate(prompts, new_tokens)  # warm-up (allocator, threads)
-        jp, jd, tp, td = [], [], [], []
-        for _ in range(repeats):  # interleaved, best of: robust to a busy machine
-            out = gen.generate(list(prompts.tolist()), new_tokens)
-            jp.append(out.prefill_seconds)
-            jd.append(out.decode_seconds)
-            t_tokens, p_s, d_s = torch_model.generate(prompts, new_tokens)
-            tp.append(p_s)
-            td.append(d_s)
-        agree = float(np.mean(np.asarray(out.tokens) == t_tokens))
-        first_diff = [
-            next((i for i, (x, y) in enumerate(zip(r, t)) if x != y), None)
-            for r, t in zip(out.tokens, t_tokens.tolist())
-        ]
-        pre, dec = b * prompt_len, b * (new_tokens - 1)
-        rows.append(
-            dict(
-                batch=b,
-                jax_prefill=pre / min(jp),
-                jax_decode=dec / min(jd),
-                torch_prefill=pre / min(tp),
-                torch_decode=dec / min(td),
-                compile_s=compile_s,
-                agree=agree,
-                first_diff=first_diff,
-            )
-        )
-    return rows
+    for b in args.batches:
+        prompts = rng.integers(0, cfg.vocab_size, (b, args.prompt_len)).astype(np.int32)
+        n = args.new_tokens
+        sides, tokens, compile_s = {}, {}, {}
+        for name, gen in gens.items():
+            compile_s[name] = gen.generate(list(prompts.tolist()), n).compile_seconds
+
+            def run(gen=gen, name=name):
+                g = gen.generate(list(prompts.tolist()), n)
+                tokens[name] = np.asarray(g.tokens)
+                return {"prefill": g.prefill_seconds, "decode": g.decode_seconds}
+
+            sides[name] = run
+        for name, baseline in (("torch", torch_model), ("original", original)):
+            if baseline is None:
+                continue
+            baseline.generate(prompts, n)  # warm-up (allocator, threads)
+
+            def run(baseline=baseline, name=name):
+                t, p_s, d_s = baseline.generate(prompts, n)
+                tokens[name] = np.asarray(t)
+                return {"prefill": p_s, "decode": d_s}
+
+            sides[name] = run
+        res = harness.alternate(sides, args.repeats)
+        agree = {k: float(np.mean(v == tokens["jax"])) for k, v in tokens.items() if k != "jax"}
+        yield b, res, compile_s, agree
+
+
+def _bf16_copy(cfg, model):
+    """The same weights in bfloat16 (params and compute), for the separately reported side."""
+    import jax.numpy as jnp
+
+    m16 = init_model(cfg, RuntimePolicy.inference("bfloat16"), seed=0)
+    nnx.update(
+        m16,
+        jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), nnx.state(model, nnx.Param)),
+    )
+    return m16
 
 
 def bench_accuracy(cfg, model, prompt_len, new_tokens, seed=1):
@@ -254,7 +289,29 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="alternating rounds per batch")
+    ap.add_argument("--layers", type=int, default=None, help="override the config's num_layers")
+    ap.add_argument(
+        "--original-code",
+        default=None,
+        metavar="DIR",
+        help="the original modeling code (a folder holding hymodels/, e.g. "
+        "shared/reference/original_code): adds its transformers generate as a side "
+        "(needs transformers==4.41.2; skipped with a message otherwise)",
+    )
+    ap.add_argument(
+        "--compact",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the compact eager PyTorch baseline of this file as a side (default on)",
+    )
+    ap.add_argument("--bf16", action="store_true", help="also JAX with bfloat16 weights")
+    ap.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only compile the decode executables (prefill, first token, decode loop) and "
+        "print the seconds, per batch",
+    )
     ap.add_argument(
         "--threads",
         type=int,
@@ -271,6 +328,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     cfg = read_model_config(args.config)
+    if args.layers:
+        cfg = dataclasses.replace(cfg, num_layers=args.layers)
     policy = RuntimePolicy.inference("float32")  # float32 weights and compute, as the baseline
     torch.manual_seed(0)
     if args.threads:
@@ -285,31 +344,45 @@ def main(argv=None):
         f"{torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f} at start"
     )
-    rows = bench_throughput(
-        cfg, model, args.batches, args.prompt_len, args.new_tokens, args.repeats
-    )
-    print(
-        "| batch | JAX prefill tok/s | torch prefill tok/s | ratio | JAX decode tok/s | "
-        "torch decode tok/s | ratio | greedy tokens equal |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['batch']} | {r['jax_prefill']:.0f} | {r['torch_prefill']:.0f} | "
-            f"{r['jax_prefill'] / r['torch_prefill']:.2f}x | {r['jax_decode']:.0f} | "
-            f"{r['torch_decode']:.0f} | {r['jax_decode'] / r['torch_decode']:.2f}x | "
-            f"{r['agree']:.0%} |"
-        )
-    for r in rows:
-        if r["agree"] < 1:
+    if args.compile_only:
+        for b in args.batches:
+            prompts = np.zeros((b, args.prompt_len), np.int32).tolist()
+            gen = Generator(model, eos_ids=[])
+            out = gen.generate(prompts, 2)
             print(
-                f"# batch {r['batch']}: first differing step per row {r['first_diff']} "
-                f"(float32 near-ties of a random model)"
+                f"batch {b}: decode executables {dict(gen.compiles)} compiled in "
+                f"{out.compile_seconds:.1f} s ({cfg.num_layers} layers, scan over "
+                f"{cfg.num_groups} groups; {harness.machine_line()})"
             )
-    print(
-        "# compile (not in the timings): "
-        + ", ".join(f"batch {r['batch']}: {r['compile_s']:.1f} s" for r in rows)
-    )
+        return
+    for b, res, compile_s, agree in bench_throughput(cfg, model, args):
+        print(f"\n# {harness.machine_line()} after the rounds of batch {b}")
+        print(f"\n## batch {b}: tokens/s, median (min-max) of {args.repeats} alternating rounds")
+        harness.report_peak(res)
+        print("| side | prefill tok/s | decode tok/s | decode vs original | vs torch compact |")
+        print("|---|---|---|---|---|")
+        med = {k: v["decode"].median for k, v in res.items() if "decode" in v}
+        pre, dec = b * args.prompt_len, b * (args.new_tokens - 1)
+        for name, qs in res.items():
+            if name == "peak":
+                continue
+            vs = [
+                f"{med[base] / med[name]:.2f}x" if base in med else "-"
+                for base in ("original", "torch")
+            ]
+            print(
+                f"| {name} | {qs['prefill'].rate(pre)} | {qs['decode'].rate(dec)} | "
+                f"{vs[0]} | {vs[1]} |"
+            )
+        print(
+            "# greedy tokens equal to the JAX float32 side: "
+            + (", ".join(f"{k} {v:.0%}" for k, v in agree.items()) or "n/a")
+            + "; compile (not timed): "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items())
+            + f" ({cfg.num_layers} layers)"
+        )
+        for w in harness.busy_warnings(res):
+            print(w)
     if args.accuracy:
         acc = bench_accuracy(cfg, model, args.prompt_len, args.new_tokens)
         print(

@@ -1,8 +1,9 @@
 """Train-step throughput of hunyuan_jax (the jitted, sharded step of train.py) vs a PyTorch
 eager implementation of the same math, in the same process, on configs/small.yaml.
 
-    python bench/train_step.py                   # small config, batch 4 x 256, 3 timed steps
-    python bench/train_step.py --batch 4 --seq 128 --steps 5 --micro-batches 2
+    python bench/train_step.py                   # small config, batch 4 x 256, 5 rounds
+    python bench/train_step.py --batch 4 --seq 128 --rounds 7 --micro-batches 2
+    python bench/train_step.py --set model.num_layers=16   # e.g. the compile time at depth 16
 
 The baseline (`TorchTrain` below) is a compact eager PyTorch version of the original
 Hunyuan-Large training math: CLA (K/V from the first layer of each pair), NTK-alpha NeoX RoPE,
@@ -15,9 +16,11 @@ its in-library HunYuan class is not Hunyuan-Large). Both sides start from the sa
 weights; their losses on the same batch are compared first as a correctness check (the JAX side
 with dropless routing for that check; its timed step uses capacity routing as in training).
 
-Timing: the JAX step is compiled ahead of time (compile time printed separately); each side
-runs one untimed warm-up step, then `--steps` timed steps of each, alternating JAX and PyTorch
-so that both see the same machine load; tokens/s uses the median step.
+Timing (bench/harness.py): the JAX step is compiled ahead of time (compile time printed
+separately); each side runs one untimed warm-up step, then `--rounds` rounds of one step of
+each and one float32 2048^3 matmul (the machine's peak, same run), so that all see the same
+machine load; median and min-max are printed, and a warning when the spread says the machine
+was busy. Model FLOP/s = 6 x active parameters x tokens / step time.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench import harness  # noqa: E402
 from hunyuan_jax.data import to_global  # noqa: E402
 from hunyuan_jax.losses import lm_loss  # noqa: E402
 from hunyuan_jax.optim import active_params  # noqa: E402
@@ -154,7 +158,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--micro-batches", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="timed steps of each side, alternating")
+    ap.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only compile the JAX step and print the seconds (e.g. with model.num_layers=16)",
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
@@ -199,6 +208,16 @@ def main() -> None:
     }
     local = {k: v.reshape(m, b // m, s) for k, v in local.items()}
 
+    if args.compile_only:
+        batch = to_global(local, step.batch_sharding, b)
+        t0 = time.perf_counter()
+        step.jitted.lower(state, batch).compile()
+        print(
+            f"train step compile: {time.perf_counter() - t0:.1f} s ({mcfg.num_layers} layers, "
+            f"scan over {mcfg.num_groups} groups; {harness.machine_line()})"
+        )
+        return
+
     # Correctness: the same loss from the same weights (dropless routing on the JAX side: the
     # dispatch of the 'prefill' phase).
     torch_model = TorchTrain(mcfg, state.params, tcfg)
@@ -224,36 +243,48 @@ def main() -> None:
     state, metrics = compiled(state, batch)  # warm-up, both sides
     jax.block_until_ready(metrics)
     torch_model.step(tt, tg)
-    # Alternate the two so that both see the same machine load.
-    jax_times, torch_times = [], []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        jax_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        torch_loss = torch_model.step(tt, tg)
-        torch_times.append(time.perf_counter() - t0)
-    jax_loss = float(metrics["loss"])
+    last = {}
+
+    def run_jax():
+        nonlocal state
+        state, m = compiled(state, batch)
+        jax.block_until_ready((state, m))
+        last["jax"] = float(m["loss"])
+
+    def run_torch():
+        last["torch"] = torch_model.step(tt, tg)
+
+    # Alternate the two (and the matmul peak) so that all see the same machine load.
+    res = harness.alternate({"jax": run_jax, "torch": run_torch}, args.rounds)
+    jt, pt = res["jax"]["time"], res["torch"]["time"]
 
     tokens_per_step = b * s
-    jt, pt = float(np.median(jax_times)), float(np.median(torch_times))
-    print(
-        f"\n| implementation | step time (median of {args.steps}) | tokens/s | loss after "
-        f"{args.steps + 1} steps |"
-    )
-    print("|---|---|---|---|")
-    print(
-        f"| hunyuan_jax jit train step (compile {compile_s:.1f}s) | {jt * 1e3:.0f} ms | "
-        f"{tokens_per_step / jt:,.0f} | {jax_loss:.4f} |"
-    )
-    print(f"| PyTorch eager | {pt * 1e3:.0f} ms | {tokens_per_step / pt:,.0f} | {torch_loss:.4f} |")
-    print(f"\nratio JAX / PyTorch tokens/s: {pt / jt:.2f}x")
     flops = 6 * n_active * tokens_per_step
+    print(f"\n{harness.machine_line()} at the end")
+    peak = harness.report_peak(res)
     print(
-        f"model FLOPs per step (6 x active x tokens): {flops / 1e9:.1f} GFLOP -> JAX "
-        f"{flops / jt / 1e9:.1f} GFLOP/s, PyTorch {flops / pt / 1e9:.1f} GFLOP/s"
+        f"\n| implementation | step ms, median (min-max) of {args.rounds} | tokens/s median "
+        f"(min-max) | model GFLOP/s | % of matmul peak | loss after {args.rounds + 1} steps |"
     )
+    print("|---|---|---|---|---|---|")
+    for name, st, loss in (
+        (f"hunyuan_jax jit train step (compile {compile_s:.1f}s)", jt, last["jax"]),
+        ("PyTorch eager", pt, last["torch"]),
+    ):
+        gf = flops / st.median / 1e9
+        print(
+            f"| {name} | {st.median * 1e3:.0f} ({st.lo * 1e3:.0f}-{st.hi * 1e3:.0f}) | "
+            f"{st.rate(tokens_per_step)} | {gf:.1f} | {100 * gf / peak:.0f}% | {loss:.4f} |"
+        )
+    ratios = sorted(p / j for p, j in zip(pt.samples, jt.samples))
+    print(
+        f"\nratio JAX / PyTorch tokens/s: {pt.median / jt.median:.2f}x (per-round "
+        f"{ratios[0]:.2f}-{ratios[-1]:.2f}x); model FLOPs per step (6 x active x tokens) "
+        f"{flops / 1e9:.1f} GFLOP; train step compile {compile_s:.1f} s "
+        f"({mcfg.num_layers} layers)"
+    )
+    for w in harness.busy_warnings(res):
+        print(w)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""Training metrics: one JSON object per step in <run>/metrics.jsonl (process 0), the progress
-line, and the model-FLOPs utilisation estimate.
+"""Training metrics: one JSON object per step in <run>/metrics.jsonl (process 0), the same
+scalars as TensorBoard event files in <run>/tensorboard (tensorboardX, no TensorFlow), the
+progress line, and the model-FLOPs utilisation estimate.
 
 On resume, lines past the restored step are dropped (the file is rewritten atomically) so the
 file always describes the run as it happened once; a line cut short by a kill is dropped too.
+The event files get a purge marker at the resumed step, so TensorBoard hides the older
+events past it in the same way. `read_scalars` reads the event files back (tests, scripts).
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import jax
@@ -41,10 +45,12 @@ def peak_flops_per_device(configured: float | None = None) -> float | None:
 
 
 class MetricsLog:
-    """<run>/metrics.jsonl (process 0); on resume, lines past the restored step are dropped."""
+    """<run>/metrics.jsonl and <run>/tensorboard/ (process 0); on resume, lines past the
+    restored step are dropped (and purged from TensorBoard's view)."""
 
     def __init__(self, run_dir: Path, start_step: int):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb_dir = Path(run_dir) / "tensorboard"
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
@@ -58,15 +64,51 @@ class MetricsLog:
                     pass  # a line cut short by a kill
         atomic.write_text(self.path, "".join(line + "\n" for line in kept))
         self.fh = open(self.path, "a")
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(
+            str(self.tb_dir), purge_step=start_step + 1 if start_step else None, flush_secs=10
+        )
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            self.fh.write(json.dumps(record) + "\n")
-            self.fh.flush()
+        if not self.enabled:
+            return
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+        step = record["step"]
+        for key, value in record.items():
+            if key == "step" or value is None:
+                continue
+            if isinstance(value, list):  # per-expert loads: their spread
+                flat = np.ravel(np.asarray(value, np.float64))
+                if flat.size:
+                    self.tb.add_scalar(f"train/{key}_max", float(flat.max()), step)
+                    self.tb.add_scalar(f"train/{key}_min", float(flat.min()), step)
+            elif isinstance(value, int | float):  # bools too; anything else is not a scalar
+                self.tb.add_scalar(f"train/{key}", float(value), step)
 
     def close(self) -> None:
         if self.enabled and not self.fh.closed:
             self.fh.close()
+            self.tb.close()
+
+
+def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of the scalar events in the event files of `tb_dir`, in
+    file then record order (TFRecord framing: length, its CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for f in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
+        data, pos = f.read_bytes(), 0
+        while pos + 12 <= len(data):
+            (n,) = struct.unpack_from("<Q", data, pos)
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
 
 
 def to_record(step: int, m: dict) -> dict:

@@ -12,6 +12,8 @@ Otherwise the weights are random or come from `tcfg.init_from` (any format
 reference log-probabilities, `dpo.attach_reference`); metrics `metrics.MetricsLog`.
 Each checkpoint records the health of the steps before it (`health`); a run stopped on a
 non-finite loss names the last finite step and the newest healthy checkpoint, and what to do.
+`profile_steps=(a, b)` writes a jax.profiler trace of steps a..b (1-based, inclusive, after
+compilation) to <run>/profile, which TensorBoard's profile plugin / XProf opens.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ def train(
     tcfg: TrainConfig,
     *,
     log: Callable[[str], Any] = print,
+    profile_steps: tuple[int, int] | None = None,
 ) -> dict:
-    """Trains (or resumes) the run in tcfg.run_dir up to tcfg.end_step. Returns a summary."""
+    """Trains (or resumes) the run in tcfg.run_dir up to tcfg.end_step. Returns a summary.
+    `profile_steps=(a, b)`: a jax.profiler trace of steps a..b in <run>/profile."""
     from hunyuan_jax.checkpointing import Checkpointer
 
     if jax.process_index() != 0:
@@ -52,7 +56,7 @@ def train(
     plan = ShardingPlan.create(tcfg.mesh, tcfg.rules)
     ckpt = Checkpointer(run_dir, tcfg.keep_checkpoints, tcfg.async_checkpointing)
     try:
-        return _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt)
+        return _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps)
     finally:
         ckpt.close()  # pending async saves complete (or the process dies: tmp dirs only)
 
@@ -97,7 +101,7 @@ def _initial_state(step: TrainStep, mcfg, policy, tcfg, plan, log) -> TrainState
     return step.init_state(model)
 
 
-def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
+def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> dict:
     from hunyuan_jax.checkpointing import write_run_config
     from hunyuan_jax.data import check_seq_len, gather_states, to_global
     from hunyuan_jax.train_data import make_loader
@@ -184,6 +188,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
     flops_per_token = 6.0 * n_active
     losses, last_saved = [], start
     compiled, t_compile = None, None
+    profiler = _StepProfiler(profile_steps, run_dir / "profile", start, end, log)
     t_log, tokens_since = time.time(), 0
     for i in range(start, end):
         local = next(loader)
@@ -198,9 +203,11 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
                 f"{tcfg.tokens_per_step:,} tokens per step"
             )
             t_log = time.time()
+        done = i + 1
+        profiler.before(done)
         state, metrics = compiled(state, batch)
         m = jax.device_get(metrics)
-        done = i + 1
+        profiler.after(done, state)
         rec = to_record(done, m)
         history.add(done, m["loss"], m["grad_norm"], m["ok"])
         if not m["ok"]:
@@ -209,6 +216,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
                 f"grad_norm={float(m['grad_norm'])})"
             )
             if tcfg.on_nonfinite == "stop":
+                profiler.stop()
                 metrics_log.write(rec)
                 metrics_log.close()
                 raise NonFiniteLoss(
@@ -232,6 +240,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
             if not h["healthy"]:
                 log(f"[ckpt] warning: checkpoint {health.describe(done, h)}")
             last_saved = done
+    profiler.stop()
     metrics_log.close()
     log(f"[train] done at step {end}; checkpoints {ckpt.all_steps()} in {ckpt.directory}")
     return {
@@ -242,6 +251,41 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt) -> dict:
         "params": sum(sizes.values()),
         "active_params": n_active,
     }
+
+
+class _StepProfiler:
+    """A jax.profiler trace (process 0) of steps a..b into `out`; a range outside this run's
+    steps (start, end] is said in one log line and traces what overlaps."""
+
+    def __init__(self, steps, out: Path, start: int, end: int, log):
+        self.range, self.out, self.log, self.active = None, out, log, False
+        if steps is None or jax.process_index() != 0:
+            return
+        a, b = max(steps[0], start + 1), min(steps[1], end)
+        if a > b:
+            log(f"[profile] steps {steps[0]}:{steps[1]} are outside this run's {start + 1}:{end}")
+            return
+        self.range = (a, b)
+
+    def before(self, step: int) -> None:
+        if self.range and step == self.range[0]:
+            self.out.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.out))
+            self.active = True
+
+    def after(self, step: int, state) -> None:
+        if self.active and step == self.range[1]:
+            jax.block_until_ready(state)
+            self.stop()
+            self.log(
+                f"[profile] steps {self.range[0]}:{step} traced to {self.out} "
+                f"(tensorboard --logdir {self.out.parent}, Profile tab; or XProf)"
+            )
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 def _any_process(flag: bool) -> bool:
