@@ -11,6 +11,7 @@ import dataclasses
 import time
 from typing import Any
 
+from hunyuan_jax.aot import collectives
 from hunyuan_jax.aot import flops as F
 from hunyuan_jax.aot.compiler import (
     GiB,
@@ -117,6 +118,12 @@ def measure(
         bytes_per_chip = u["bytes_accessed"]
     report["flops"] = flops
     report["bytes_accessed_per_chip"] = bytes_per_chip
+    comm = collectives.comm_model(compiled.as_text(), chips, chip)
+    comm["largest"] = [
+        f"{sent / GiB:.3f} GiB: {op} {shape} over {n} chips x {int(times)}"
+        for sent, op, shape, n, times in comm["largest"]
+    ]
+    report["comm"] = comm
     report["mfu"] = F.step_time_model(report, chip, step_time, efficiency)
     return report
 
@@ -146,6 +153,24 @@ def _buffer_lines(r: dict) -> list[str]:
     return ["largest buffers (XLA memory-usage report):"] + [
         "  " + row for row in r["largest_buffers"]
     ]
+
+
+def _comm_lines(r: dict) -> list[str]:
+    c = r.get("comm")
+    if not c:
+        return []
+    ops = ", ".join(
+        f"{op} {v['bytes'] / GiB:.2f} GiB ({int(v['count'])}x)" for op, v in c["by_op"].items()
+    )
+    line = f"collectives per chip per step: {c['total_bytes'] / GiB:.2f} GiB sent ({ops})"
+    if "ici_time_s" in c:
+        line += (
+            f"; at {c['ici_bytes_per_s'] * 8 / 1e9:.0f} Gbps ICI {c['ici_time_s'] * 1e3:.1f} ms "
+            f"(all links) .. {c['ici_time_one_axis_s'] * 1e3:.1f} ms (2 links)"
+        )
+    if c.get("unknown_trip_counts"):
+        line += f"; loops of unknown trip count counted once: {c['unknown_trip_counts']}"
+    return [line] + ["  " + row for row in c["largest"][:4]]
 
 
 def format_report(r: dict) -> str:
@@ -187,6 +212,7 @@ def format_report(r: dict) -> str:
             else ""
         )
     )
+    lines += _comm_lines(r)
     mfu = r.get("mfu", {})
     if "mfu" in mfu:
         lines.append(
