@@ -223,6 +223,12 @@ def test_tiny_compiles_for_v5p(mode, extra, tmp_path, capsys):
         assert r["param_dtype"] == "float32"  # tiny.yaml's runtime section
         # Parameters and optimizer state are donated: the outputs alias them.
         assert r["memory_gib"]["aliased"] > 0.5 * r["memory_gib"]["arguments"]
+        # Communication: the layer scan's collectives counted per group (3 groups).
+        c = r["comm"]
+        assert c["unknown_trip_counts"] == [] and 3 in c["loops"].values()
+        assert {"all-to-all", "all-gather"} <= set(c["by_op"]) and c["total_bytes"] > 0
+        assert r["mfu"]["comm_time_s"] == pytest.approx(c["total_bytes"] / 600e9)
+        assert "collectives per chip per step" in text
     else:
         assert r["rules"] == "serve_ep_tp" and r["param_dtype"] == "bfloat16"
         assert "Generator" in r["step_source"]

@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from hunyuan_jax import errors
@@ -260,19 +262,26 @@ def run(args) -> int:
     from hunyuan_jax.aot.compiler import enable_dump
     from hunyuan_jax.aot.report import format_report, measure
 
-    if args.dump:  # before the first compile: XLA reads XLA_FLAGS once
-        enable_dump(args.dump)
+    # Before the first compile (XLA reads XLA_FLAGS once). Always dumped: the communication
+    # model reads the optimized HLO from the dump (a temporary directory without --dump).
+    hlo_dir = args.dump or tempfile.mkdtemp(prefix="hunyuan-aot-")
+    enable_dump(hlo_dir)
     job, header, chip, hbm_gib = resolve(args)
-    report = measure(
-        job,
-        header,
-        chip=chip,
-        hbm_gib=hbm_gib,
-        dump=args.dump,
-        unrolled=args.unrolled_flops,
-        step_time=args.step_time,
-        efficiency=args.efficiency,
-    )
+    try:
+        report = measure(
+            job,
+            header,
+            chip=chip,
+            hbm_gib=hbm_gib,
+            dump=args.dump,
+            unrolled=args.unrolled_flops,
+            step_time=args.step_time,
+            efficiency=args.efficiency,
+            hlo_dir=hlo_dir,
+        )
+    finally:
+        if not args.dump:
+            shutil.rmtree(hlo_dir, ignore_errors=True)
     print(format_report(report), flush=True)
     if args.json:
         with open(args.json, "w") as fh:

@@ -37,8 +37,12 @@ def measure(
     unrolled: bool = False,
     step_time: float | None = None,
     efficiency: float = 1.0,
+    hlo_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Build, lower and compile `job`; the report dict (`header` first)."""
+    """Build, lower and compile `job`; the report dict (`header` first). `dump`: the XLA dump
+    directory the user asked for (largest buffers, hoisted-cast check); `hlo_dir`: a dump
+    directory to read the optimized HLO from (the communication model), default `dump`."""
+    hlo_dir = hlo_dir or dump
     program = build(job)
     job = job.replace(batch=program.batch, seq=program.seq, cache_len=program.cache_len)
     plan = job.plan
@@ -118,7 +122,7 @@ def measure(
         bytes_per_chip = u["bytes_accessed"]
     report["flops"] = flops
     report["bytes_accessed_per_chip"] = bytes_per_chip
-    comm = collectives.comm_model(compiled.as_text(), chips, chip)
+    comm = collectives.comm_model(optimized_hlo(compiled, hlo_dir, started), chips, chip)
     comm["largest"] = [
         f"{sent / GiB:.3f} GiB: {op} {shape} over {n} chips x {int(times)}"
         for sent, op, shape, n, times in comm["largest"]
@@ -126,6 +130,21 @@ def measure(
     report["comm"] = comm
     report["mfu"] = F.step_time_model(report, chip, step_time, efficiency)
     return report
+
+
+def optimized_hlo(compiled, hlo_dir: str | None, since: float) -> str:
+    """The optimized HLO text of the program: from XLA's dump when there is one (the compile
+    wrote it), else `compiled.as_text()`. XLA:TPU cannot print some executables itself (jax
+    0.10.2: a RET_CHECK on async-update instructions, seen on the A52B train step), so the CLI
+    always dumps; without a dump that failure leaves the text empty (no collectives counted)."""
+    if hlo_dir:
+        text = read_dump(hlo_dir, since)[0]
+        if text:
+            return text
+    try:
+        return compiled.as_text()
+    except Exception:
+        return ""
 
 
 def _header_lines(r: dict) -> list[str]:
