@@ -88,8 +88,9 @@ def lm_loss(
         return_hidden=bool(chunk),
     )
     if chunk:
+        head = model.head()  # once, outside the chunk loop
         ce, tokens = chunked_cross_entropy(
-            model.logits, out, batch["targets"], batch.get("loss_mask"), chunk
+            lambda h: model.logits(h, head), out, batch["targets"], batch.get("loss_mask"), chunk
         )
     else:
         ce, tokens = cross_entropy(out, batch["targets"], batch.get("loss_mask"))

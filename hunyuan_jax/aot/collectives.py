@@ -188,7 +188,8 @@ def collective_bytes(hlo: str, num_devices: int) -> dict:
     """Per-chip bytes sent per step by every collective of an optimized HLO module.
 
     Returns {'total_bytes', 'by_op': {op: {'count', 'bytes'}}, 'by_group': {n: bytes},
-    'largest': [(bytes per step, op, result type, group, executions)...],
+    'rows': [(bytes per step, op, result type, group, executions)...] largest first,
+    'largest': the first 8 rows,
     'unknown_trip_counts': [while names], 'loops': {while name: trip count}}."""
     entry, comps = parse_computations(hlo)
     if entry is None:
@@ -248,6 +249,7 @@ def collective_bytes(hlo: str, num_devices: int) -> dict:
         "by_op": {k: v for k, v in by_op.items() if v["count"]},
         "by_group": dict(sorted(by_group.items())),
         "largest": rows[:8],
+        "rows": rows,
         "unknown_trip_counts": unknown,
         "loops": loops,
     }

@@ -123,6 +123,7 @@ def measure(
     report["flops"] = flops
     report["bytes_accessed_per_chip"] = bytes_per_chip
     comm = collectives.comm_model(optimized_hlo(compiled, hlo_dir, started), chips, chip)
+    del comm["rows"]
     comm["largest"] = [
         f"{sent / GiB:.3f} GiB: {op} {shape} over {n} chips x {int(times)}"
         for sent, op, shape, n, times in comm["largest"]
