@@ -193,7 +193,10 @@ def collective_bytes(hlo: str, num_devices: int) -> dict:
     'unknown_trip_counts': [while names], 'loops': {while name: trip count}}."""
     entry, comps = parse_computations(hlo)
     if entry is None:
-        return {"total_bytes": 0.0, "by_op": {}, "by_group": {}, "largest": [], "error": "no ENTRY"}
+        return {
+            "error": "no optimized HLO text (XLA:TPU cannot print this executable; run the "
+            "tool as its own process, or with --dump DIR)"
+        }
     runs: dict[str, float] = defaultdict(float)
     unknown, loops = [], {}
 
@@ -258,7 +261,7 @@ def collective_bytes(hlo: str, num_devices: int) -> dict:
 def comm_model(hlo: str, num_devices: int, chip) -> dict:
     """`collective_bytes` plus the time at the chip's ICI bandwidth (None without a chip)."""
     out = collective_bytes(hlo, num_devices)
-    if chip is not None and getattr(chip, "ici_bytes_per_s", None):
+    if "error" not in out and chip is not None and getattr(chip, "ici_bytes_per_s", None):
         out["ici_bytes_per_s"] = chip.ici_bytes_per_s
         out["ici_time_s"] = out["total_bytes"] / chip.ici_bytes_per_s
         out["ici_time_one_axis_s"] = out["ici_time_s"] * chip.ici_links / 2

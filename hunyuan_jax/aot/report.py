@@ -123,10 +123,10 @@ def measure(
     report["flops"] = flops
     report["bytes_accessed_per_chip"] = bytes_per_chip
     comm = collectives.comm_model(optimized_hlo(compiled, hlo_dir, started), chips, chip)
-    del comm["rows"]
+    comm.pop("rows", None)
     comm["largest"] = [
         f"{sent / GiB:.3f} GiB: {op} {shape} over {n} chips x {int(times)}"
-        for sent, op, shape, n, times in comm["largest"]
+        for sent, op, shape, n, times in comm.get("largest", [])
     ]
     report["comm"] = comm
     report["mfu"] = F.step_time_model(report, chip, step_time, efficiency)
@@ -179,6 +179,8 @@ def _comm_lines(r: dict) -> list[str]:
     c = r.get("comm")
     if not c:
         return []
+    if "error" in c:
+        return [f"collectives: not counted: {c['error']}"]
     ops = ", ".join(
         f"{op} {v['bytes'] / GiB:.2f} GiB ({int(v['count'])}x)" for op, v in c["by_op"].items()
     )
