@@ -153,8 +153,9 @@ def lm_loss(
         model, batch, key=key, phase=phase, experts_fn=experts_fn, loss_chunk=loss_chunk
     )
     if chunk:
+        head = model.head()  # once, outside the chunk loop
         ce, tokens = chunked_cross_entropy(
-            model.logits, out, batch["targets"], batch.get("loss_mask"), chunk
+            lambda h: model.logits(h, head), out, batch["targets"], batch.get("loss_mask"), chunk
         )
     else:
         ce, tokens = cross_entropy(out, batch["targets"], batch.get("loss_mask"))

@@ -366,12 +366,17 @@ class HunyuanForCausalLM(nnx.Module):
             new_cache = KVCache(new_kv[0], new_kv[1], cache.index + s)
         return logits, stats, new_cache
 
-    def logits(self, x: jax.Array) -> jax.Array:
-        """Final hidden states [B, S, D] (after the final norm) -> float32 logits [B, S, V]."""
+    def head(self) -> jax.Array:
+        """The LM head [D, V] as the logits use it: compute dtype, laid out by the plan
+        (`table_embed`: gathered in training). Made once per call of `logits`; the chunked
+        loss makes it once for all its chunks (else every chunk gathers it again)."""
         dtype = jnp.dtype(self.policy.compute_dtype)
         if self.lm_head is None:
-            head = self.plan.constrain(self.embed[...].astype(dtype), ("vocab", "table_embed")).T
-        else:
-            head = self.plan.constrain(self.lm_head[...].astype(dtype), ("table_embed", "vocab"))
+            return self.plan.constrain(self.embed[...].astype(dtype), ("vocab", "table_embed")).T
+        return self.plan.constrain(self.lm_head[...].astype(dtype), ("table_embed", "vocab"))
+
+    def logits(self, x: jax.Array, head: jax.Array | None = None) -> jax.Array:
+        """Final hidden states [B, S, D] (after the final norm) -> float32 logits [B, S, V]."""
+        head = self.head() if head is None else head
         logits = jnp.einsum("bsd,dv->bsv", x, head, preferred_element_type=jnp.float32)
         return self.plan.constrain(logits, ("batch", "length", "act_vocab"))

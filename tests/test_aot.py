@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -223,12 +227,37 @@ def test_tiny_compiles_for_v5p(mode, extra, tmp_path, capsys):
         assert r["param_dtype"] == "float32"  # tiny.yaml's runtime section
         # Parameters and optimizer state are donated: the outputs alias them.
         assert r["memory_gib"]["aliased"] > 0.5 * r["memory_gib"]["arguments"]
+        # In-process XLA:TPU cannot print the executable: no collectives, said so.
+        assert "error" in r["comm"] and r["mfu"]["comm_time_s"] is None
+        assert "collectives: not counted" in text
     else:
         assert r["rules"] == "serve_ep_tp" and r["param_dtype"] == "bfloat16"
         assert "Generator" in r["step_source"]
     if mode == "decode":  # infer.py's default on TPU: one token per call
         assert "decode_loop=host" in r["step_source"]
     assert "memory per chip" in text and "MFU" in text
+
+
+@needs_libtpu
+def test_tiny_train_communication_from_the_cli_process(tmp_path):
+    """`python -m hunyuan_jax.aot` (its own process) reads the optimized HLO from XLA's dump: the
+    layer scan's collectives counted per group (3 groups) and timed at v5p's ICI bandwidth."""
+    out = tmp_path / "r.json"
+    argv = ["--config", TINY, "--topology", "v5p-8", "--mode", "train", "--seq", "64"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(Path.cwd()))
+    proc = subprocess.run(
+        [sys.executable, "-m", "hunyuan_jax.aot", *argv, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    c = json.loads(out.read_text())["comm"]
+    assert c["unknown_trip_counts"] == [] and 3 in c["loops"].values()
+    assert {"all-to-all", "all-gather"} <= set(c["by_op"]) and c["total_bytes"] > 0
+    assert c["ici_time_s"] == pytest.approx(c["total_bytes"] / 600e9)
+    assert "collectives per chip per step" in proc.stdout
 
 
 @needs_libtpu

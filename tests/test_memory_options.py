@@ -69,3 +69,26 @@ def test_policy_refuses_contradictions():
     with pytest.raises(ConfigError, match="attention"):
         RuntimePolicy(attention="cudnn")
     assert RuntimePolicy(attention_dropout=0.1).attention == "auto"
+
+
+def test_lm_loss_chunked_equals_whole_on_the_tiny_model():
+    """`lm_loss` with the head made once outside the chunk loop: value and gradient equal the
+    whole-sequence loss's (float32; summation order only)."""
+    from conftest import load_tiny
+    from flax import nnx
+
+    from hunyuan_jax.losses import lm_loss
+
+    model = load_tiny()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 1024, (2, 13)), jnp.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    graphdef, state = nnx.split(model)
+
+    def loss(state, chunk):
+        return lm_loss(nnx.merge(graphdef, state), batch, phase="prefill", loss_chunk=chunk)[0]
+
+    step = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    (a, ga), (c, gc) = (step(state, k) for k in (0, 5))
+    np.testing.assert_allclose(float(c), float(a), rtol=2e-6)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gc)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=2e-6, rtol=2e-5)

@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from hunyuan_jax import errors
@@ -256,23 +258,34 @@ def resolve(args) -> tuple[Job, dict, T.Chip | None, float | None]:
 
 
 # ----------------------------------------------------------------------------- main
-def run(args) -> int:
+def run(args, own_process: bool = False) -> int:
+    """One compile and its report. `own_process`: this process runs nothing else (the command
+    line), so XLA may dump every module it compiles into a temporary directory."""
     from hunyuan_jax.aot.compiler import enable_dump
     from hunyuan_jax.aot.report import format_report, measure
 
-    if args.dump:  # before the first compile: XLA reads XLA_FLAGS once
-        enable_dump(args.dump)
+    # Before the first compile (XLA reads XLA_FLAGS once per process). The communication model
+    # reads the optimized HLO from the dump: a temporary one without --dump when the process is
+    # ours (else `compiled.as_text()`, which XLA:TPU cannot do for the A52B train step).
+    hlo_dir = args.dump or (tempfile.mkdtemp(prefix="hunyuan-aot-") if own_process else None)
+    if hlo_dir:
+        enable_dump(hlo_dir)
     job, header, chip, hbm_gib = resolve(args)
-    report = measure(
-        job,
-        header,
-        chip=chip,
-        hbm_gib=hbm_gib,
-        dump=args.dump,
-        unrolled=args.unrolled_flops,
-        step_time=args.step_time,
-        efficiency=args.efficiency,
-    )
+    try:
+        report = measure(
+            job,
+            header,
+            chip=chip,
+            hbm_gib=hbm_gib,
+            dump=args.dump,
+            unrolled=args.unrolled_flops,
+            step_time=args.step_time,
+            efficiency=args.efficiency,
+            hlo_dir=hlo_dir,
+        )
+    finally:
+        if hlo_dir and not args.dump:
+            shutil.rmtree(hlo_dir, ignore_errors=True)
     print(format_report(report), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
@@ -291,7 +304,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return errors.run_cli(PROG, lambda: run(args), args.debug)
+    return errors.run_cli(PROG, lambda: run(args, own_process=argv is None), args.debug)
 
 
 if __name__ == "__main__":

@@ -98,8 +98,12 @@ def step_time_model(report: dict, chip: Chip | None, step_time: float | None, ef
     (remat recompute included). HBM bytes: XLA's bytes-accessed (unrolled) when known; for
     prefill/decode at least the argument bytes (every weight and cache slot is read once per
     step); for training without --unrolled-flops the HBM term is left out (compute-bound).
-    Collectives are assumed to overlap with compute. With efficiency 1 the MFU is an upper
-    bound: model / hardware FLOPs for a compute-bound step (0.75 with full remat)."""
+    Communication (`hunyuan_jax.aot.collectives`): the bytes each chip sends in the step's
+    collectives at the chip's ICI bandwidth, all links busy (`comm_time_s`; the step is
+    "communication-bound" when it exceeds the other two). The three are assumed to overlap
+    (t = their max); `serial_time_s` is their sum, the no-overlap end. With efficiency 1 the
+    MFU is an upper bound: model / hardware FLOPs for a compute-bound step (0.75 with full
+    remat)."""
     if chip is None:
         return {"note": "no TPU chip: no peak FLOP/s to compare with"}
     f = report["flops"]
@@ -112,10 +116,11 @@ def step_time_model(report: dict, chip: Chip | None, step_time: float | None, ef
         args = report["memory_gib"]["arguments"] * GiB
         bytes_ = max(bytes_ or 0.0, args)
     t_memory = bytes_ / chip.hbm_bytes_per_s if bytes_ else None
+    t_comm = (report.get("comm") or {}).get("ici_time_s")
     if step_time:
         t, how = step_time, "given --step-time"
     else:
-        t = max(t_compute, t_memory or 0.0)
+        t = max(t_compute, t_memory or 0.0, t_comm or 0.0)
         how = (
             f"max(hardware FLOPs at {efficiency:.0%} of {chip.peak_flops / 1e12:.0f} "
             f"TFLOP/s = {t_compute * 1e3:.2f} ms"
@@ -125,8 +130,10 @@ def step_time_model(report: dict, chip: Chip | None, step_time: float | None, ef
                 if t_memory
                 else ""
             )
+            + (f", collectives at ICI bandwidth = {t_comm * 1e3:.2f} ms" if t_comm else "")
             + ")"
         )
+    times = {"compute": t_compute, "memory": t_memory or 0.0, "communication": t_comm or 0.0}
     return {
         "step_time_s": t,
         "model": how,
@@ -134,5 +141,7 @@ def step_time_model(report: dict, chip: Chip | None, step_time: float | None, ef
         "tokens_per_s_per_chip": f["tokens_per_step"] / report["chips"] / t,
         "compute_time_s": t_compute,
         "hbm_time_s": t_memory,
-        "bound": "given" if step_time else ("memory" if (t_memory or 0) > t_compute else "compute"),
+        "comm_time_s": t_comm,
+        "serial_time_s": sum(times.values()),
+        "bound": "given" if step_time else max(times, key=times.get),
     }

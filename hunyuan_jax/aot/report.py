@@ -11,6 +11,7 @@ import dataclasses
 import time
 from typing import Any
 
+from hunyuan_jax.aot import collectives
 from hunyuan_jax.aot import flops as F
 from hunyuan_jax.aot.compiler import (
     GiB,
@@ -36,8 +37,12 @@ def measure(
     unrolled: bool = False,
     step_time: float | None = None,
     efficiency: float = 1.0,
+    hlo_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Build, lower and compile `job`; the report dict (`header` first)."""
+    """Build, lower and compile `job`; the report dict (`header` first). `dump`: the XLA dump
+    directory the user asked for (largest buffers, hoisted-cast check); `hlo_dir`: a dump
+    directory to read the optimized HLO from (the communication model), default `dump`."""
+    hlo_dir = hlo_dir or dump
     program = build(job)
     job = job.replace(batch=program.batch, seq=program.seq, cache_len=program.cache_len)
     plan = job.plan
@@ -117,8 +122,30 @@ def measure(
         bytes_per_chip = u["bytes_accessed"]
     report["flops"] = flops
     report["bytes_accessed_per_chip"] = bytes_per_chip
+    comm = collectives.comm_model(optimized_hlo(compiled, hlo_dir, started), chips, chip)
+    comm.pop("rows", None)
+    comm["largest"] = [
+        f"{sent / GiB:.3f} GiB: {op} {shape} over {n} chips x {int(times)}"
+        for sent, op, shape, n, times in comm.get("largest", [])
+    ]
+    report["comm"] = comm
     report["mfu"] = F.step_time_model(report, chip, step_time, efficiency)
     return report
+
+
+def optimized_hlo(compiled, hlo_dir: str | None, since: float) -> str:
+    """The optimized HLO text of the program: from XLA's dump when there is one (the compile
+    wrote it), else `compiled.as_text()`. XLA:TPU cannot print some executables itself (jax
+    0.10.2: a RET_CHECK on async-update instructions, seen on the A52B train step), so the CLI
+    always dumps; without a dump that failure leaves the text empty (no collectives counted)."""
+    if hlo_dir:
+        text = read_dump(hlo_dir, since)[0]
+        if text:
+            return text
+    try:
+        return compiled.as_text()
+    except Exception:
+        return ""
 
 
 def _header_lines(r: dict) -> list[str]:
@@ -146,6 +173,26 @@ def _buffer_lines(r: dict) -> list[str]:
     return ["largest buffers (XLA memory-usage report):"] + [
         "  " + row for row in r["largest_buffers"]
     ]
+
+
+def _comm_lines(r: dict) -> list[str]:
+    c = r.get("comm")
+    if not c:
+        return []
+    if "error" in c:
+        return [f"collectives: not counted: {c['error']}"]
+    ops = ", ".join(
+        f"{op} {v['bytes'] / GiB:.2f} GiB ({int(v['count'])}x)" for op, v in c["by_op"].items()
+    )
+    line = f"collectives per chip per step: {c['total_bytes'] / GiB:.2f} GiB sent ({ops})"
+    if "ici_time_s" in c:
+        line += (
+            f"; at {c['ici_bytes_per_s'] * 8 / 1e9:.0f} Gbps ICI {c['ici_time_s'] * 1e3:.1f} ms "
+            f"(all links) .. {c['ici_time_one_axis_s'] * 1e3:.1f} ms (2 links)"
+        )
+    if c.get("unknown_trip_counts"):
+        line += f"; loops of unknown trip count counted once: {c['unknown_trip_counts']}"
+    return [line] + ["  " + row for row in c["largest"][:4]]
 
 
 def format_report(r: dict) -> str:
@@ -187,6 +234,7 @@ def format_report(r: dict) -> str:
             else ""
         )
     )
+    lines += _comm_lines(r)
     mfu = r.get("mfu", {})
     if "mfu" in mfu:
         lines.append(

@@ -22,7 +22,12 @@ from hunyuan_jax.errors import UsageError
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """One TPU generation. `hbm_gib`: what XLA:TPU lets a program use per chip (measured: the
-    capacity its out-of-memory error names); peak bf16 FLOP/s and HBM bandwidth per chip."""
+    capacity its out-of-memory error names); peak bf16 FLOP/s and HBM bandwidth per chip.
+    `ici_bytes_per_s`: the chip's inter-chip interconnect bandwidth over all its links, as the
+    Cloud TPU system-architecture pages state it (v5p 4800 Gbps, v6e 3584 Gbps, v5e 1600 Gbps;
+    v4's page gives only the pod's all-reduce bandwidth: 1.1 PB/s over 4096 chips, the way
+    v5e's 51.2 TB/s over 256 chips gives its 1600 Gbps); `ici_links`: its ICI links (torus
+    ports: 6 in 3D, 4 in 2D)."""
 
     name: str
     topology_prefix: str  # as get_topology_desc spells it
@@ -33,13 +38,23 @@ class Chip:
     cores_per_chip: int  # the number in a Cloud TPU name counts TensorCores on v4 / v5p
     chip_config_name: str | None
     dims: int  # torus dimensions (3 on v4 / v5p, 2 on v5e / v6e)
+    ici_bytes_per_s: float
+    ici_links: int
 
 
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", "v4", ("TPU v4",), 30.75, 275e12, 1.228e12, 2, "megacore", 3),
-    "v5p": Chip("v5p", "v5", ("TPU v5", "TPU v5p"), 95.73, 459e12, 2.765e12, 2, "megacore", 3),
-    "v5e": Chip("v5e", "v5e", ("TPU v5 lite", "TPU v5e"), 15.75, 197e12, 0.819e12, 1, None, 2),
-    "v6e": Chip("v6e", "v6e", ("TPU v6 lite", "TPU v6e"), 31.24, 918e12, 1.640e12, 1, None, 2),
+    "v4": Chip(
+        "v4", "v4", ("TPU v4",), 30.75, 275e12, 1.228e12, 2, "megacore", 3, 1.1e15 / 4096, 6
+    ),
+    "v5p": Chip(
+        "v5p", "v5", ("TPU v5", "TPU v5p"), 95.73, 459e12, 2.765e12, 2, "megacore", 3, 4800e9 / 8, 6
+    ),
+    "v5e": Chip(
+        "v5e", "v5e", ("TPU v5 lite", "TPU v5e"), 15.75, 197e12, 0.819e12, 1, None, 2, 1600e9 / 8, 4
+    ),
+    "v6e": Chip(
+        "v6e", "v6e", ("TPU v6 lite", "TPU v6e"), 31.24, 918e12, 1.640e12, 1, None, 2, 3584e9 / 8, 4
+    ),
 }
 _ALIASES = {"v5": "v5p", "v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "trillium": "v6e"}
 
