@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import sysconfig
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -131,6 +132,31 @@ def _names(files: Sequence[Path], limit: int = 5) -> str:
     return shown + (f" and {len(files) - limit} more" if len(files) > limit else "")
 
 
+def jsonl_records(path: Path, index: Iterator[int], process_index: int, process_count: int):
+    """Yields (`file:line`, parsed JSON value) for this host's records of one JSONL file: blank
+    lines are skipped, every record draws the next number from `index` (shared across files)
+    and process p keeps those with number % process_count == p. DataError (file:line) for text
+    that is not UTF-8 or not JSON, and for a file with only blank lines."""
+    records = 0
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            records += 1
+            if next(index) % process_count != process_index:
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text: {e}") from e
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON: {e}") from e
+            yield where, rec
+    if not records:
+        raise DataError(f"{path}: empty data file (only blank lines)")
+
+
 def read_documents(
     spec: str,
     fmt: str = "auto",
@@ -155,7 +181,7 @@ def read_documents(
     files = _expand(spec)
     kind = {"chat": "chat", "jsonl": "text", "text": "text"}.get(fmt)  # None: the data decide
     first = None  # where the data decided the kind (fmt="auto")
-    docs, index, skipped = [], 0, 0
+    docs, index, skipped = [], itertools.count(), 0
 
     def decide(rec_kind: str, where: str) -> None:
         nonlocal kind, first
@@ -172,9 +198,7 @@ def read_documents(
             raise DataError(f"{f}: empty data file")
         jsonl = f.suffix in (".jsonl", ".json") or fmt in ("jsonl", "chat")
         if not jsonl:  # one document per file
-            mine = index % process_count == process_index
-            index += 1
-            if not mine:
+            if next(index) % process_count != process_index:
                 continue
             try:
                 text = f.read_text(encoding="utf-8")
@@ -185,44 +209,26 @@ def read_documents(
             decide("text", str(f))
             docs.append(text)
             continue
-        records = 0
-        with open(f, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
-                records += 1
-                mine = index % process_count == process_index
-                index += 1
-                if not mine:
-                    continue
-                where = f"{f}:{lineno}"
-                try:
-                    rec = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{where}: not UTF-8 text: {e}") from e
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON: {e}") from e
-                if not isinstance(rec, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {_json_type(rec)}")
-                decide("chat" if "messages" in rec else "text", where)
-                if kind == "chat":
-                    if "messages" not in rec:
-                        raise DataError(f"{where}: chat record without 'messages'")
-                    docs.append(check_messages(rec["messages"], where))
-                    continue
-                if text_field not in rec:
-                    raise DataError(f"{where}: no {text_field!r} field")
-                text = rec[text_field]
-                if not isinstance(text, str):
-                    raise DataError(
-                        f"{where}: field {text_field!r} must be a string, got {_json_type(text)}"
-                    )
-                if not text.strip():
-                    skipped += 1
-                    continue
-                docs.append(text)
-        if not records:
-            raise DataError(f"{f}: empty data file (only blank lines)")
+        for where, rec in jsonl_records(f, index, process_index, process_count):
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object, got {_json_type(rec)}")
+            decide("chat" if "messages" in rec else "text", where)
+            if kind == "chat":
+                if "messages" not in rec:
+                    raise DataError(f"{where}: chat record without 'messages'")
+                docs.append(check_messages(rec["messages"], where))
+                continue
+            if text_field not in rec:
+                raise DataError(f"{where}: no {text_field!r} field")
+            text = rec[text_field]
+            if not isinstance(text, str):
+                raise DataError(
+                    f"{where}: field {text_field!r} must be a string, got {_json_type(text)}"
+                )
+            if not text.strip():
+                skipped += 1
+                continue
+            docs.append(text)
     if not docs:
         share = f" for process {process_index} of {process_count}" if process_count > 1 else ""
         note = f" ({skipped} records with empty {text_field!r} skipped)" if skipped else ""

@@ -27,7 +27,7 @@ the pairs' reference log-probabilities (`ref_logp`, see hunyuan_jax/dpo.py) to e
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -41,6 +41,7 @@ from hunyuan_jax.data import (
     _json_type,
     check_messages,
     encode_chat,
+    jsonl_records,
 )
 from hunyuan_jax.errors import DataError
 from hunyuan_jax.tokenizer import Tokenizer
@@ -98,30 +99,12 @@ def read_pairs(spec: str, process_index: int = 0, process_count: int = 1) -> lis
     index % process_count == p. DataError (file:line) for an empty file, invalid JSON, or a
     record `check_record` refuses; DataError if this host gets no pair."""
     files = _expand(spec)
-    pairs, index = [], 0
+    pairs, index = [], itertools.count()
     for f in files:
         if f.stat().st_size == 0:
             raise DataError(f"{f}: empty data file")
-        records = 0
-        with open(f, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
-                records += 1
-                mine = index % process_count == process_index
-                index += 1
-                if not mine:
-                    continue
-                where = f"{f}:{lineno}"
-                try:
-                    rec = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{where}: not UTF-8 text: {e}") from e
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON: {e}") from e
-                pairs.append(check_record(rec, where))
-        if not records:
-            raise DataError(f"{f}: empty data file (only blank lines)")
+        for where, rec in jsonl_records(f, index, process_index, process_count):
+            pairs.append(check_record(rec, where))
     if not pairs:
         share = f" for process {process_index} of {process_count}" if process_count > 1 else ""
         raise DataError(f"{spec}: no preference pair{share}")

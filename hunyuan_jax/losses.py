@@ -34,27 +34,7 @@ def chunked_cross_entropy(
     `chunk` tokens (a rematerialised `lax.scan`); same value, O(B x chunk x V) memory."""
     b, s, _ = hidden.shape
     mask = jnp.ones((b, s), jnp.float32) if mask is None else mask.astype(jnp.float32)
-    pad = -s % chunk
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        mask = jnp.pad(mask, ((0, 0), (0, pad)))
-    n = (s + pad) // chunk
-    split = lambda a: jnp.swapaxes(a.reshape((b, n, chunk) + a.shape[2:]), 0, 1)
-
-    @jax.checkpoint
-    def chunk_nll(h, t, m):
-        logits = logits_fn(h).astype(jnp.float32)
-        log_z = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return jnp.sum((log_z - target_logit) * m)
-
-    def body(total, xs):
-        return total + chunk_nll(*xs), None
-
-    total, _ = jax.lax.scan(
-        body, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask))
-    )
+    total = jnp.sum(chunked_row_nll(logits_fn, hidden, targets, mask, chunk))
     tokens = jnp.sum(mask)
     return total / jnp.maximum(tokens, 1.0), tokens
 
