@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from hunyuan_jax import lora
 from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.errors import ConfigError
 from hunyuan_jax.losses import lm_loss
 from hunyuan_jax.optim import Optimizer, make_optimizer
 from hunyuan_jax.policy import RuntimePolicy
@@ -137,7 +138,7 @@ class TrainStep:
     def check_batch_layout(self, batch_size: int, micro_batches: int) -> None:
         rows = batch_size // micro_batches
         if rows % self.batch_shards:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size / micro_batches = {rows} rows per micro-batch must be divisible by "
                 f"the {self.batch_shards} devices the batch is sharded over "
                 f"({self.plan.describe()})"
