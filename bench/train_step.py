@@ -211,7 +211,7 @@ def main() -> None:
     if args.compile_only:
         batch = to_global(local, step.batch_sharding, b)
         t0 = time.perf_counter()
-        step.jitted.lower(state, batch).compile()
+        step.compile(state, batch)
         print(
             f"train step compile: {time.perf_counter() - t0:.1f} s ({mcfg.num_layers} layers, "
             f"scan over {mcfg.num_groups} groups; {harness.machine_line()})"
@@ -238,7 +238,7 @@ def main() -> None:
     batch = to_global(local, step.batch_sharding, b)
     tt, tg = torch.from_numpy(inputs).long(), torch.from_numpy(targets).long()
     t0 = time.perf_counter()
-    compiled = step.jitted.lower(state, batch).compile()
+    compiled = step.compile(state, batch)
     compile_s = time.perf_counter() - t0
     state, metrics = compiled(state, batch)  # warm-up, both sides
     jax.block_until_ready(metrics)

@@ -95,7 +95,7 @@ def worker(argv=None) -> None:
         jax.device_put(np.int32(0), sh.step),
     )
     b_sh = train_step.batch_sharding
-    jitted = train_step.jitted
+    jitted = train_step  # TrainStep.__call__: the jitted step (with its frozen base, if any)
     tick("initialised")
 
     def global_batch(step: int) -> dict:
