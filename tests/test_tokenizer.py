@@ -152,24 +152,24 @@ def test_reference_chat(hy):
     )
 
 
-def test_chat_layout_by_segments(hy):
+def _segments(enc, special, msgs) -> list[int]:
+    """The reference chat (system, user, assistant, user) in the Hunyuan layout, piece by piece:
+    <sot> sys <extra_4> user <extra_0> assistant <eos> <sot> user <extra_0>."""
     sot, e0, e4, eos = (
-        SPECIAL_TOKENS[t] for t in ("<|startoftext|>", "<|extra_0|>", "<|extra_4|>", "<|eos|>")
+        special[t] for t in ("<|startoftext|>", "<|extra_0|>", "<|extra_4|>", "<|eos|>")
     )
+    return [sot, *enc(msgs[0]["content"]), e4, *enc(msgs[1]["content"]), e0] + [
+        *enc(msgs[2]["content"]),
+        eos,
+        sot,
+        *enc(msgs[3]["content"]),
+        e0,
+    ]
+
+
+def test_chat_layout_by_segments(hy):
     msgs = REF["chat"]["messages"]
-    enc = hy.encode
-    expected = (
-        [sot]
-        + enc(msgs[0]["content"])
-        + [e4]
-        + enc(msgs[1]["content"])
-        + [e0]
-        + enc(msgs[2]["content"])
-        + [eos]
-        + [sot]
-        + enc(msgs[3]["content"])
-        + [e0]
-    )
+    expected = _segments(hy.encode, SPECIAL_TOKENS, msgs)
     assert hy.apply_chat_template(msgs) == expected
     assert hy.decode(expected) == render_chat(msgs)
 
@@ -421,22 +421,8 @@ def test_sentencepiece_round_trip(spt, text):
 
 
 def test_sentencepiece_chat(spt):
-    sp = spt.special_tokens
-    sot, e0, e4, eos = sp["<|startoftext|>"], sp["<|extra_0|>"], sp["<|extra_4|>"], sp["<|eos|>"]
     msgs = REF["chat"]["messages"]
-    enc = spt.encode
-    expected = (
-        [sot]
-        + enc(msgs[0]["content"])
-        + [e4]
-        + enc(msgs[1]["content"])
-        + [e0]
-        + enc(msgs[2]["content"])
-        + [eos]
-        + [sot]
-        + enc(msgs[3]["content"])
-        + [e0]
-    )
+    expected = _segments(spt.encode, spt.special_tokens, msgs)
     ids = spt.apply_chat_template(msgs)
     assert ids == expected
     assert spt.decode(ids) == render_chat(msgs)
