@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hunyuan_jax import quantize
+from hunyuan_jax.config import dataclass_from_dict
 from hunyuan_jax.errors import CheckpointError, ConfigError
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -101,11 +102,7 @@ class LoraConfig:
             return value
         if not isinstance(value, Mapping):
             raise ConfigError(f"train key 'lora' must be a mapping, true or null, got {value!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ConfigError(f"unknown train key(s) lora.{unknown}; known: {sorted(known)}")
-        return cls(**value)
+        return dataclass_from_dict(cls, value, "train", "lora")
 
 
 # ----------------------------------------------------------------------------- which weights
