@@ -139,4 +139,7 @@ def _io_error(e: OSError, tcfg):
 
 
 if __name__ == "__main__":
+    from hunyuan_jax.host_env import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()  # before any work: glibc reads it at start-up
     sys.exit(main())

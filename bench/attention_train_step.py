@@ -14,6 +14,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # as train.py / infer.py do (hunyuan_jax/host_env.py)
+    from hunyuan_jax.host_env import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -45,6 +45,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # as train.py / infer.py do (hunyuan_jax/host_env.py)
+    from hunyuan_jax.host_env import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "--threads" in sys.argv:  # before jax starts: XLA's CPU thread pool is fixed at start-up
     _threads = int(sys.argv[sys.argv.index("--threads") + 1])

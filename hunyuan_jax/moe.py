@@ -212,22 +212,40 @@ def make_capacity_experts(capacity_factor: float) -> ExpertsFn:
 
 @on_tokens
 def few_token_experts(x: jax.Array, routing, w, key=None):
-    """Routed experts for a handful of tokens (decode steps): for each (token, choice) pair,
-    its expert's weights are indexed dynamically and applied to that token alone, so a step
+    """Routed experts for a handful of tokens (decode steps): for each choice j, every token's
+    chosen expert weights are gathered ([T, D, F]) and applied to that token alone, so a step
     reads only the chosen experts' weights, never all of them (the grouped matmul's cost at
-    small batch; on CPU 10x faster at batch 1). Unrolled over the T*k pairs: meant for
-    T*k <= num_experts. Same math as `moe.dropless_experts`."""
+    small batch; on CPU 10x faster at batch 1, and one batched matmul per projection instead of
+    one per token: 1.4x faster than per-token slices at 8 tokens). Meant for T*k <= num_experts.
+    Same math as `moe.dropless_experts`."""
+    _, k = routing.expert_ids.shape
+    acc = jnp.zeros(x.shape, jnp.float32)
+    for j in range(k):
+        e = routing.expert_ids[:, j]
+        gate = qops.einsum("td,tdf->tf", x, qops.take(w.gate, e))
+        up = qops.einsum("td,tdf->tf", x, qops.take(w.up, e))
+        y = qops.einsum("tf,tfd->td", jax.nn.silu(gate) * up, qops.take(w.down, e))
+        acc = acc + y.astype(jnp.float32) * routing.weights[:, j, None]
+    return acc.astype(x.dtype), {}
+
+
+@on_tokens
+def all_experts(x: jax.Array, routing, w, key=None):
+    """Routed experts for a small batch of tokens (decode steps of a few rows): every expert
+    runs on every token (`swiglu_batched` on [E, T, D]) and each token keeps its chosen
+    experts' outputs, weighted. A step reads each expert's weights once, in one contiguous
+    matmul per projection, instead of one dynamically indexed copy per (token, choice) pair;
+    it computes E/k times the needed FLOPs, which is cheap while the step is bound by reading
+    weights (tokens x k >= experts, up to a few dozen tokens). Same math as
+    `moe.dropless_experts`: unchosen experts enter with weight 0 through a select (never
+    0 x value), so for k = 1 the result is bit-identical."""
     num_tokens, k = routing.expert_ids.shape
-    take, mm = qops.take, qops.matmul
-    rows = []
-    for t in range(num_tokens):
-        acc = jnp.zeros((x.shape[-1],), jnp.float32)
-        for j in range(k):
-            e = routing.expert_ids[t, j]
-            h = jax.nn.silu(mm(x[t], take(w.gate, e))) * mm(x[t], take(w.up, e))
-            acc = acc + mm(h, take(w.down, e)).astype(jnp.float32) * routing.weights[t, j]
-        rows.append(acc)
-    return jnp.stack(rows).astype(x.dtype), {}
+    num_experts = w.gate.shape[0]
+    y = swiglu_batched(jnp.broadcast_to(x, (num_experts, *x.shape)), w)  # [E, T, D]
+    chosen = routing.expert_ids[..., None] == jnp.arange(num_experts)  # [T, k, E]
+    weight = jnp.einsum("tke,tk->et", chosen.astype(jnp.float32), routing.weights)
+    picked = jnp.where(jnp.any(chosen, axis=1).T[..., None], y.astype(jnp.float32), 0.0)
+    return jnp.einsum("etd,et->td", picked, weight).astype(x.dtype), {}
 
 
 @on_tokens

@@ -138,4 +138,6 @@ def take(w, e):
         return Adapted(take(w.base, e), take(w.a, e), take(w.b, e), w.scale, w.key, w.rate)
     if isinstance(w, QArray):
         return w[e]
+    if jnp.ndim(e):
+        return jnp.take(w, e, axis=0, mode="clip")  # one gather for a vector of experts
     return jax.lax.dynamic_index_in_dim(w, e, keepdims=False)

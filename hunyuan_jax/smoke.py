@@ -196,4 +196,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from hunyuan_jax.host_env import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()  # before any work: glibc reads it at start-up
     sys.exit(main())

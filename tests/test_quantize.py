@@ -145,6 +145,35 @@ def test_grouped_matmul_scales_rows(form):
     assert not np.asarray(got)[9:].any()
 
 
+@pytest.mark.parametrize("form", ["int8", "fp8"])
+@pytest.mark.parametrize("tokens,k", [(1, 1), (4, 1), (2, 2)])
+def test_few_token_experts_on_quantized_weights(form, tokens, k):
+    """The decode steps' experts (each token's chosen expert weights gathered from the QArray,
+    values and scales alike) compute what the dropless path computes on the dequantized
+    weights."""
+    from hunyuan_jax import moe
+
+    rng = np.random.default_rng(tokens * 10 + k)
+    axes = {
+        "gate_proj": ("exp", "exp_embed", "exp_mlp"),
+        "up_proj": ("exp", "exp_embed", "exp_mlp"),
+        "down_proj": ("exp", "exp_mlp", "exp_embed"),
+    }
+    shapes = {"gate_proj": (4, 64, 32), "up_proj": (4, 64, 32), "down_proj": (4, 32, 64)}
+    qs = {
+        n: quantize.to_form(
+            jnp.asarray(rng.standard_normal(shapes[n]) * 0.05, jnp.float32), n, axes[n], form
+        )
+        for n in shapes
+    }
+    x = jnp.asarray(rng.standard_normal((tokens, 64)), jnp.float32)
+    routing = moe.route(x, jnp.asarray(rng.standard_normal((64, 4)), jnp.float32), k)
+    got, _ = jax.jit(moe.few_token_experts)(x, routing, moe.ExpertWeights(*qs.values()))
+    plain = moe.ExpertWeights(*(quantize.dequantize(q) for q in qs.values()))
+    want, _ = moe.dropless_experts(x, routing, plain)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- layout
 def test_layout_scales_and_shardings():
     """Only the matmul weights are quantized; scales are 1 on the contracted dims, carry the
