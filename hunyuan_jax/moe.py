@@ -230,25 +230,6 @@ def few_token_experts(x: jax.Array, routing, w, key=None):
 
 
 @on_tokens
-def all_experts(x: jax.Array, routing, w, key=None):
-    """Routed experts for a small batch of tokens (decode steps of a few rows): every expert
-    runs on every token (`swiglu_batched` on [E, T, D]) and each token keeps its chosen
-    experts' outputs, weighted. A step reads each expert's weights once, in one contiguous
-    matmul per projection, instead of one dynamically indexed copy per (token, choice) pair;
-    it computes E/k times the needed FLOPs, which is cheap while the step is bound by reading
-    weights (tokens x k >= experts, up to a few dozen tokens). Same math as
-    `moe.dropless_experts`: unchosen experts enter with weight 0 through a select (never
-    0 x value), so for k = 1 the result is bit-identical."""
-    num_tokens, k = routing.expert_ids.shape
-    num_experts = w.gate.shape[0]
-    y = swiglu_batched(jnp.broadcast_to(x, (num_experts, *x.shape)), w)  # [E, T, D]
-    chosen = routing.expert_ids[..., None] == jnp.arange(num_experts)  # [T, k, E]
-    weight = jnp.einsum("tke,tk->et", chosen.astype(jnp.float32), routing.weights)
-    picked = jnp.where(jnp.any(chosen, axis=1).T[..., None], y.astype(jnp.float32), 0.0)
-    return jnp.einsum("etd,et->td", picked, weight).astype(x.dtype), {}
-
-
-@on_tokens
 def tiled_experts(x: jax.Array, routing, w, key=None):
     """Routed experts for many tokens as fixed-size row tiles: (token, choice) pairs sorted by
     expert, each expert's group padded to a multiple of the tile size m, then one matmul per
