@@ -17,7 +17,8 @@ weights; their losses on the same batch are compared first as a correctness chec
 with dropless routing for that check; its timed step uses capacity routing as in training).
 
 Timing (bench/harness.py): the JAX step is compiled ahead of time (compile time printed
-separately); each side runs one untimed warm-up step, then `--rounds` rounds of
+separately); the PyTorch side runs in a worker process of its own, in PyTorch's default
+environment (`TorchProcess`); each side runs one untimed warm-up step, then `--rounds` rounds of
 `--steps-per-round` steps of each, back to back, and one float32 2048^3 matmul (the machine's
 peak, same run), so that all see the same machine load; a round's time is the median of its
 steps after the first, the steady state of a training loop. (The first step after the other
@@ -160,6 +161,86 @@ class TorchTrain:
         return float(loss.detach())
 
 
+class TorchProcess:
+    """The PyTorch side in a process of its own, driven over a pipe, so that each side runs in
+    its own default environment: the JAX process re-executes itself with glibc's huge-page
+    malloc advice (as train.py does, hunyuan_jax/host_env.py), which slows PyTorch's eager
+    steps (2.15 -> 2.45 s, measured); the worker is started without it. It builds the same
+    float32 weights (same config, same seed) and gets the batch over the pipe."""
+
+    def __init__(self, config: str, overrides: list[str], inputs, targets):
+        import multiprocessing as mp
+
+        from hunyuan_jax.host_env import OPT_OUT, TUNABLE
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_torch_worker, args=(config, overrides, child), daemon=True)
+        saved = dict(os.environ)
+        tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t != TUNABLE]
+        os.environ["GLIBC_TUNABLES"] = ":".join(tunables)
+        os.environ[OPT_OUT] = "1"
+        try:
+            self.proc.start()  # the child's environment is the parent's at this moment
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        child.close()
+        self._reply()  # the worker's weights are ready
+        self._call("data", inputs, targets)
+
+    def _reply(self):
+        ok, value = self.conn.recv()
+        if not ok:
+            raise RuntimeError(f"PyTorch worker: {value}")
+        return value
+
+    def _call(self, *msg):
+        self.conn.send(msg)
+        return self._reply()
+
+    def loss(self) -> float:
+        return self._call("loss")
+
+    def step(self) -> float:
+        return self._call("step")
+
+    def close(self) -> None:
+        self.conn.send(("stop",))
+        self.proc.join(timeout=30)
+
+
+def _torch_worker(config: str, overrides: list[str], conn) -> None:
+    """TorchProcess's other end: the same weights as the parent's JAX state, then commands."""
+    try:
+        mcfg, policy, tcfg = load_configs(config, overrides)
+        plan = ShardingPlan.create(tcfg.mesh, tcfg.rules)
+        model = init_model(mcfg, policy, plan, tcfg.seed)
+        params = TrainStep(mcfg, policy, tcfg, plan).init_state(model).params
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch_model = TorchTrain(mcfg, params, tcfg)
+        del model, params
+        conn.send((True, None))
+    except Exception as e:  # reported to the parent, which raises it
+        conn.send((False, repr(e)))
+        return
+    while True:
+        msg = conn.recv()
+        try:
+            if msg[0] == "stop":
+                return
+            if msg[0] == "data":
+                tt, tg = (torch.from_numpy(a).long() for a in msg[1:])
+                conn.send((True, None))
+            elif msg[0] == "loss":
+                with torch.no_grad():
+                    conn.send((True, float(torch_model.loss(tt, tg)[0])))
+            else:
+                conn.send((True, torch_model.step(tt, tg)))
+        except Exception as e:
+            conn.send((False, repr(e)))
+
+
 # ============================================================================ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -182,19 +263,16 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
-    mcfg, policy, tcfg = load_configs(
-        args.config,
-        [
-            "mesh=data=1,fsdp=1,expert=1,tensor=1",
-            "rules=fsdp",
-            f"batch_size={args.batch}",
-            f"seq_len={args.seq}",
-            f"micro_batches={args.micro_batches}",
-            "warmup_steps=0",
-            *args.overrides,
-        ],
-    )
-    torch.set_num_threads(os.cpu_count() or 1)
+    overrides = [
+        "mesh=data=1,fsdp=1,expert=1,tensor=1",
+        "rules=fsdp",
+        f"batch_size={args.batch}",
+        f"seq_len={args.seq}",
+        f"micro_batches={args.micro_batches}",
+        "warmup_steps=0",
+        *args.overrides,
+    ]
+    mcfg, policy, tcfg = load_configs(args.config, overrides)
     print(
         f"JAX {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
         f"{os.cpu_count()} CPU threads; {args.config}: {tcfg.batch_size} x {tcfg.seq_len} "
@@ -235,11 +313,8 @@ def main() -> None:
 
     # Correctness: the same loss from the same weights (dropless routing on the JAX side: the
     # dispatch of the 'prefill' phase).
-    torch_model = TorchTrain(mcfg, state.params, tcfg)
-    with torch.no_grad():
-        t_loss, _ = torch_model.loss(
-            torch.from_numpy(inputs).long(), torch.from_numpy(targets).long()
-        )
+    torch_side = TorchProcess(args.config, overrides, inputs, targets)
+    t_loss = torch_side.loss()
     flat = {k: v.reshape(b, s) for k, v in local.items()}
     j_loss, _ = jax.jit(
         lambda mdl, bt: lm_loss(mdl, bt, aux_loss_coef=tcfg.aux_loss_coef, phase="prefill")
@@ -251,13 +326,12 @@ def main() -> None:
 
     # JAX: the train.py step (capacity routing, donated state), compiled ahead of time.
     batch = to_global(local, step.batch_sharding, b)
-    tt, tg = torch.from_numpy(inputs).long(), torch.from_numpy(targets).long()
     t0 = time.perf_counter()
     compiled = step.compile(state, batch)
     compile_s = time.perf_counter() - t0
     state, metrics = compiled(state, batch)  # warm-up, both sides
     jax.block_until_ready(metrics)
-    torch_model.step(tt, tg)
+    torch_side.step()
     last = {}
 
     def steady(step_fn):
@@ -282,10 +356,11 @@ def main() -> None:
         last["jax"] = float(m["loss"])
 
     def torch_step():
-        last["torch"] = torch_model.step(tt, tg)
+        last["torch"] = torch_side.step()
 
     # Alternate the two (and the matmul peak) so that all see the same machine load.
     res = harness.alternate({"jax": steady(jax_step), "torch": steady(torch_step)}, args.rounds)
+    torch_side.close()
     jt, pt = res["jax"]["time"], res["torch"]["time"]
 
     tokens_per_step = b * s
