@@ -20,6 +20,7 @@ from hunyuan_jax import checkpointing, loading, lora
 from hunyuan_jax.convert.__main__ import main as convert_main
 from hunyuan_jax.errors import CheckpointError, ConfigError
 from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.serve import __main__ as serve_main
 from hunyuan_jax.state import init_model
 from hunyuan_jax.train_config import load_configs
 from hunyuan_jax.train_loop import train
@@ -216,7 +217,8 @@ def test_run_checkpoints_adapters_resumes_exactly_and_loads(tmp_path, tokenizer)
     """train.py's loop with LoRA on and --init-from the hy_tiny checkpoint: checkpoints hold
     only the adapters (integrity-recorded) and the run records its base; stop + resume equals
     the uninterrupted run; a changed base is refused; the adapters load beside the base
-    (infer.py --adapter's path) and merge-lora's output has the same logits."""
+    (infer.py --adapter's path), the server with --adapter serves that model, and merge-lora's
+    output has the same logits."""
     full, run = _run(tmp_path, tokenizer, "full")
     record = checkpointing.read_record(checkpointing.checkpoint_dir(run) / "4")
     assert record["params"] and all("_lora_" in n for n in record["params"])
@@ -240,6 +242,14 @@ def test_run_checkpoints_adapters_resumes_exactly_and_loads(tmp_path, tokenizer)
     forward = nnx.jit(lambda m, t: m(t)[0])
     want, got = forward(unmerged.model, tokens), forward(merged.model, tokens)
     assert float(jnp.max(jnp.abs(want - got))) <= 64 * EPS32 * float(jnp.max(jnp.abs(want)))
+    # The server's --adapter: the model it serves is the same base + adapters (and not the base).
+    served = serve_main.build_state(
+        None, adapter=run, dtype="float32", slots=1, max_len=32, log=lambda *_: None
+    ).engine.ex
+    served_logits = forward(nnx.merge(served.graphdef, served.params), tokens)
+    np.testing.assert_array_equal(np.asarray(served_logits), np.asarray(want))
+    base = loading.load(HY_TINY, dtype="float32").model
+    assert float(jnp.max(jnp.abs(forward(base, tokens) - want))) > 1e-3
     # Resuming without (or with another) train.lora is refused before anything loads.
     with pytest.raises(CheckpointError, match="train.lora"):
         _run(tmp_path, tokenizer, "full", "lora=null", "steps=6")
