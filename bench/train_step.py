@@ -23,8 +23,8 @@ environment (`TorchProcess`); each side runs one untimed warm-up step, then `--r
 peak, same run), so that all see the same machine load; a round's time is the median of its
 steps after the first, the steady state of a training loop. (The first step after the other
 side's turn pays for the pause: the per-step temporaries freed before it are faulted back in,
-and on a VM whose host reclaims free guest memory that was 1.7 s of system time on a 2.1 s JAX
-step, measured with a 2 s sleep between train.py steps.) Median and min-max over the rounds
+and on this VM, whose host probably reclaims free guest memory, that was 1.7 s of system time
+on a 2.1 s JAX step, measured with a 2 s sleep between train.py steps.) Median and min-max over the rounds
 are printed, and a warning when the spread says the machine was busy. Model FLOP/s = 6 x
 active parameters x tokens / step time.
 """
