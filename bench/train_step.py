@@ -24,9 +24,9 @@ peak, same run), so that all see the same machine load; a round's time is the me
 steps after the first, the steady state of a training loop. (The first step after the other
 side's turn pays for the pause: the per-step temporaries freed before it are faulted back in,
 and on this VM, whose host probably reclaims free guest memory, that was 1.7 s of system time
-on a 2.1 s JAX step, measured with a 2 s sleep between train.py steps.) Median and min-max over the rounds
-are printed, and a warning when the spread says the machine was busy. Model FLOP/s = 6 x
-active parameters x tokens / step time.
+on a 2.1 s JAX step, measured with a 2 s sleep between train.py steps.) Median and min-max
+over the rounds are printed, and a warning when the spread says the machine was busy. Model
+FLOP/s = 6 x active parameters x tokens / step time.
 """
 
 from __future__ import annotations
@@ -176,15 +176,18 @@ class TorchProcess:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_torch_worker, args=(config, overrides, child), daemon=True)
-        saved = dict(os.environ)
-        tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t != TUNABLE]
-        os.environ["GLIBC_TUNABLES"] = ":".join(tunables)
+        saved = {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", OPT_OUT)}
+        tunables = (saved["GLIBC_TUNABLES"] or "").split(":")
+        os.environ["GLIBC_TUNABLES"] = ":".join(t for t in tunables if t != TUNABLE)
         os.environ[OPT_OUT] = "1"
         try:
             self.proc.start()  # the child's environment is the parent's at this moment
         finally:
-            os.environ.clear()
-            os.environ.update(saved)
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
         child.close()
         self._reply()  # the worker's weights are ready
         self._call("data", inputs, targets)

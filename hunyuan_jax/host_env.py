@@ -6,7 +6,7 @@ configs/small.yaml) with `posix_memalign` from worker threads; glibc serves chun
 with a fresh `mmap` and returns them with `munmap`, so every step touches 360k new 4 KiB pages:
 0.7 s of page faults per step (a quarter of the step's wall time on 2 cores). glibc's tunable
 `glibc.malloc.hugetlb=1` makes malloc advise transparent huge pages for those chunks (2 MiB
-pages: 1.1k faults per step, the step 10% faster, measured with bench/train_step.py). Tunables
+pages: 1.1k faults per step, the step 2.45 -> 2.13 s on 2 cores, docs/performance.md). Tunables
 are read only when a process starts, hence the re-exec; it changes nothing else (same program,
 arguments and environment plus that one tunable) and happens at most once (the tunable is
 then set). It is skipped when the kernel has transparent huge pages off, off Linux/glibc, or

@@ -132,8 +132,9 @@ def _quantized_ragged_dot(x, w: QArray, group_sizes):
 
 
 def take(w, e):
-    """w[e] along the leading (expert) axis, for arrays, QArrays and adapters alike: a decode
-    step reads only the chosen expert's weights (and dequantizes only those)."""
+    """w[e] along the leading (expert) axis, `e` one expert id or a vector of them (one gather),
+    for arrays, QArrays and adapters alike: a decode step reads only the chosen experts'
+    weights (and dequantizes only those)."""
     if isinstance(w, Adapted):
         return Adapted(take(w.base, e), take(w.a, e), take(w.b, e), w.scale, w.key, w.rate)
     if isinstance(w, QArray):

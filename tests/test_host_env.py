@@ -1,5 +1,5 @@
-"""The entry points' start-up re-exec with glibc's huge-page malloc advice (hunyuan_jax/host_env.py):
-when it applies, what environment it adds, and that the re-executed process gets the same
+"""The entry points' start-up re-exec with glibc's huge-page malloc advice
+(hunyuan_jax/host_env.py): when it applies, what environment it adds, and that the re-executed process gets the same
 command line."""
 
 from __future__ import annotations
