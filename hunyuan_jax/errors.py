@@ -19,6 +19,7 @@ Anything else is a bug and keeps Python's traceback (exit status 1).
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
@@ -129,9 +130,12 @@ def run_cli(
         if debug:
             raise
         # Background work abandoned by the failure (e.g. orbax's other array reads after one
-        # failed) may be collected later and print "Exception ignored in ..." tracebacks:
-        # the error is reported, the process ends; keep stderr to the one line.
+        # failed) may be collected later and print "Exception ignored in ..." tracebacks, or
+        # asyncio's "Future exception was never retrieved" (timing-dependent: found flaky in
+        # fresh-clone CI runs): the error is reported, the process ends; keep stderr to the
+        # one line.
         sys.unraisablehook = lambda unraisable: None
+        logging.getLogger("asyncio").disabled = True
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -470,6 +470,30 @@ def test_orbax_background_failures_are_not_logged():
     assert keep(_record_raised_in("/elsewhere/app.py", gathering))  # not orbax's: kept
 
 
+def test_abandoned_future_after_the_error_line_is_not_printed(tmp_path):
+    """An expected error ends a CLI with one line even when an asyncio future that failed is
+    only collected at exit (asyncio's "Future exception was never retrieved", whose message
+    and traceback name nothing but the future: what a failed orbax read leaves behind)."""
+    script = tmp_path / "cli.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from hunyuan_jax.errors import CheckpointError, run_cli\n"
+        "loop = asyncio.new_event_loop()\n"
+        "def main():\n"
+        "    global fut\n"
+        "    fut = loop.create_future()\n"
+        "    fut.set_exception(ValueError('FAILED_PRECONDITION: Error reading x'))\n"
+        "    raise CheckpointError('cannot read array x')\n"
+        "sys.exit(run_cli('cli.py', main))\n"
+    )
+    p = subprocess.run(
+        [sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 4
+    assert _one_line(p.stderr, "cli.py") == "cli.py: error: cannot read array x"
+
+
 def test_disk_full_during_a_checkpoint_save(tmp_path):
     """A real process whose files may not grow past 3 MB (RLIMIT_FSIZE: writes fail with
     EFBIG, as on a full disk) while orbax saves step 2 in the background: one line, exit 4,
