@@ -1,13 +1,16 @@
 """Chat rendering: Hugging Face's jinja chat templates (``render_chat_template``, rendered
 exactly as ``apply_chat_template`` does) and the hand port of the Hunyuan-Large Instruct layout
 (``render_chat``) for tokenizers without a template; reading a ``tokenizer_config.json``'s template
-and special-token map."""
+and special-token map; encoding a chat with its message content as plain text
+(``encode_chat_plain``: special-token text a client writes never becomes a control token)."""
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from hunyuan_jax.errors import ConfigError, DataError
@@ -207,3 +210,65 @@ def read_tokenizer_config(path: Path) -> tuple[str | None, dict[str, object]]:
 
 
 # --------------------------------------------------------------------------- interface
+
+
+# --------------------------------------------------------------------------- plain content
+
+
+def split_special(text: str, specials: Iterable[str]) -> list[str]:
+    """``text`` cut right after the first character of every occurrence of a special-token
+    string, so that no piece holds one whole (the pieces join back to ``text``)."""
+    found = [s for s in specials if s and s in text]
+    if not found:
+        return [text]
+    cuts = set()
+    for s in found:
+        i = text.find(s)
+        while i >= 0:
+            cuts.add(i + 1)
+            i = text.find(s, i + 1)
+    bounds = [0, *sorted(cuts), len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def encode_chat_plain(tok, messages, add_generation_prompt, system_prompt, rendered: str):
+    """Ids of the chat ``rendered`` (``tok.render_chat(messages, ...)``) with every message
+    content that holds special-token text encoded as plain text (``tok.encode_text``) and the
+    rest, the template's own markers, as ``tok.encode`` does. Without such content: exactly
+    ``tok.encode(rendered)``.
+
+    Each such content is replaced by a unique marker, the chat rendered again and cut at the
+    markers; the contents must come back verbatim (``ValueError`` for a template that rewrites
+    them, e.g. strips or escapes them: their plain encoding would then be a guess)."""
+    specials = tuple(s for s in tok.special_tokens if s)
+    nonce = secrets.token_hex(8)
+    originals: dict[str, str] = {}
+
+    def mark(content):
+        if not isinstance(content, str) or not any(s in content for s in specials):
+            return content
+        key = f"\ue000{nonce}.{len(originals)}\ue001"
+        originals[key] = content
+        return key
+
+    msgs = [
+        {**m, "content": mark(m["content"])} if isinstance(m, Mapping) and "content" in m else m
+        for m in messages
+    ]
+    system = mark(system_prompt)
+    if not originals:
+        return tok.encode(rendered)
+    marked = tok.render_chat(msgs, add_generation_prompt, system)
+    parts = re.split(f"(\ue000{nonce}\\.\\d+\ue001)", marked)
+    if "".join(originals.get(p, p) for p in parts) != rendered:
+        raise ValueError(
+            "the chat template does not pass message content through verbatim, so content "
+            "holding special-token text cannot be encoded as plain text; remove that text"
+        )
+    ids: list[int] = []
+    for p in parts:
+        if p in originals:
+            ids += tok.encode_text(originals[p])
+        elif p:
+            ids += tok.encode(p)
+    return ids

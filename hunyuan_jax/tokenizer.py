@@ -18,9 +18,11 @@ from pathlib import Path
 
 from hunyuan_jax.chat_template import (
     compile_chat_template,
+    encode_chat_plain,
     read_tokenizer_config,
     render_chat,
     render_chat_template,
+    split_special,
 )
 from hunyuan_jax.errors import CheckpointError, DataError
 from hunyuan_jax.special_tokens import (
@@ -156,13 +158,28 @@ class Tokenizer(abc.ABC):
         messages: Sequence[Mapping],
         add_generation_prompt: bool = True,
         system_prompt: str | None = None,
+        content_as_text: bool = False,
     ) -> list[int]:
         """Ids of ``messages`` in this tokenizer's chat format: ``encode(render_chat(...))``,
         i.e. Hugging Face's ``apply_chat_template(messages, tokenize=True)`` (the rendered text
         is encoded without added special tokens).  The Hunyuan template and the fallback layout
         ignore ``add_generation_prompt``: a user turn already ends with the assistant cue
-        ``<|extra_0|>``."""
-        return self.encode(self.render_chat(messages, add_generation_prompt, system_prompt))
+        ``<|extra_0|>``.  ``content_as_text``: special-token text inside a message's content
+        (``<|eos|>``, turn markers) is encoded as plain text, never as control ids; only the
+        template's own markers are special (the server: a client cannot forge turns).
+        ``ValueError`` when that cannot be done (a template that rewrites such content)."""
+        text = self.render_chat(messages, add_generation_prompt, system_prompt)
+        if content_as_text:
+            return encode_chat_plain(self, messages, add_generation_prompt, system_prompt, text)
+        return self.encode(text)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of ``text`` as plain text: special-token strings in it become ordinary tokens
+        (it is cut right after the first character of each, so none is matched whole)."""
+        ids: list[int] = []
+        for piece in split_special(text, self.special_tokens):
+            ids += self.encode(piece)
+        return ids
 
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
         n = self.vocab_size
@@ -280,6 +297,9 @@ class HunyuanTokenizer(Tokenizer):
         if add_special_tokens:
             ids = [SPECIAL_TOKENS[STARTOFTEXT], *ids, SPECIAL_TOKENS[ENDOFTEXT]]
         return ids
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(nfc(text))  # no special tokens at all
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = self._check_ids(ids)

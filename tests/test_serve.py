@@ -110,7 +110,7 @@ def _expected(server, generator, prompt, max_tokens):
     """(text, number of new tokens) of `prompt` decoded alone by the Generator."""
     out = generator.generate([prompt], max_tokens, max_len=MAX_LEN).tokens[0]
     eos = server.state.engine.eos
-    text = server.state.tokenizer.decode([t for t in out if t not in eos])
+    text = server.state.tokenizer.decode([t for t in out if t not in eos], skip_special_tokens=True)
     return text, len(out)
 
 
@@ -490,6 +490,9 @@ def test_cli_errors_are_one_line(tmp_path):
     cases = [
         (["--max-len", "100000"], 2, "--max-len"),
         (["--checkpoint", str(tmp_path / "missing")], 4, "not found"),
+        (["--api-key", " "], 2, "--api-key is empty"),
+        (["--max-body-bytes", "10"], 2, "--max-body-bytes"),
+        (["--port", "70000"], 2, "--port"),
     ]
     for args, code, text in cases:
         r = subprocess.run([sys.executable, "-m", "hunyuan_jax.serve", *args], env=env,
@@ -497,6 +500,67 @@ def test_cli_errors_are_one_line(tmp_path):
         lines = [line for line in r.stderr.splitlines() if "hunyuan_jax.serve: error" in line]
         assert r.returncode == code and len(lines) == 1 and text in lines[0], r.stderr[-2000:]
         assert "Traceback" not in r.stderr
+
+
+def test_a_failing_request_fails_alone(server, generator):
+    """Requests the compiled programs cannot take (top_k past int32, a NaN temperature),
+    submitted to the engine directly (past the HTTP layer, which refuses them with 400), and a
+    prefill call the compiled program refuses: each fails alone with finish_reason 'error',
+    while another client's stream goes on to the same text as alone and /health stays 200."""
+    import queue
+
+    import httpx
+
+    from hunyuan_jax.serve.scheduler import GenParams, Request
+
+    engine = server.state.engine
+    _wait_idle(server)
+    tok = server.state.tokenizer
+    want, _ = _expected(server, generator, tok.encode("def main("), 40)
+    out: dict = {}
+    started = threading.Event()
+
+    def stream():
+        body = {"model": "hunyuan-jax-default", "prompt": "def main(", "max_tokens": 40,
+                "temperature": 0, "stream": True}  # fmt: skip
+        text = []
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    ch = json.loads(line[6:])["choices"][0]
+                    text.append(ch["text"])
+                    out["finish"] = ch["finish_reason"] or out.get("finish")
+                    started.set()  # prefilled: the faults below cannot hit it
+        out["text"] = "".join(text)
+
+    t = threading.Thread(target=stream, daemon=True)
+    t.start()
+    assert started.wait(60)
+    for params in (GenParams(max_tokens=4, top_k=2**31, temperature=0.5),
+                   GenParams(max_tokens=4, temperature=float("nan"))):  # fmt: skip
+        events: queue.Queue = queue.Queue()
+        engine.submit(Request([5, 6, 7], params, events.put))
+        ev = events.get(timeout=60)
+        assert ev.kind == "done" and ev.finish_reason == "error", ev
+    # a prefill call that fails with the device state intact (the compiled program refuses
+    # its arguments: a chunk of the wrong length): its request alone fails
+    ex, compiled = engine.ex, engine.ex._prefill
+
+    def wrong_shape(params, cache, seen, ints, floats):
+        ex._prefill = compiled
+        return compiled(params, cache, seen, ints[:-1], floats)
+
+    ex._prefill = wrong_shape
+    events = queue.Queue()
+    engine.submit(Request([5, 6, 7], GenParams(max_tokens=4), events.put))
+    ev = events.get(timeout=60)
+    assert ev.kind == "done" and ev.finish_reason == "error" and ex.state_ok(), ev
+    t.join(60)
+    assert out.get("text") == want and out.get("finish") in ("stop", "length"), (out, want)
+    assert engine.error is None and _get(server, "/health").status_code == 200
+    r = _post(server, "/v1/completions", {"model": "hunyuan-jax-default", "prompt": "x",
+                                          "max_tokens": 2})  # fmt: skip
+    assert r.status_code == 200
 
 
 def test_long_prompt_prefills_between_decode_steps(server):

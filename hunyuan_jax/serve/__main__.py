@@ -2,8 +2,8 @@
 
     python -m hunyuan_jax.serve                       # the embedded tiny default model
     python -m hunyuan_jax.serve --checkpoint DIR [--mesh data=1,tensor=8 --rules serve_ep_tp]
-        [--slots 8] [--max-len 4096] [--prefill-chunk 256] [--prefill-budget 2]
-        [--max-queue 64]
+        [--slots 4] [--max-len N] [--prefill-chunk 64] [--prefill-budget 2]
+        [--max-queue 64] [--max-body-bytes 4194304] [--api-key KEY] [--api-key-metrics]
         [--host 127.0.0.1] [--port 8000] [--served-model-name NAME] [--dtype auto]
         [--weights auto|bf16|int8|fp8] [--cache-dtype auto|int8]
 
@@ -13,6 +13,10 @@ trained on Python's stdlib sources by scripts/make_default_model.py, SentencePie
 so `curl` works at once. Multi-host: run the same command on every host (see
 hunyuan_jax.distributed); process 0 serves HTTP and every process runs the engine's steps.
 The start-up line reports the number of compiled programs (2, whatever the traffic).
+With --api-key (or HUNYUAN_API_KEY) every endpoint but /health (and /metrics, unless
+--api-key-metrics) needs `Authorization: Bearer KEY`. If the engine fails beyond one request
+(its device state is lost), the server fails the requests in flight and exits with status 1,
+so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -26,13 +30,17 @@ from pathlib import Path
 PROG = "python -m hunyuan_jax.serve"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 DEFAULT_NAME = "hunyuan-jax-default"
+API_KEY_ENV = "HUNYUAN_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from hunyuan_jax import distributed
+    from hunyuan_jax.cli_help import HelpFormatter  # --help prints every default
     from hunyuan_jax.errors import add_debug_flag
 
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--checkpoint", default=None, help="checkpoint dir (default: embedded model)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or dir (default: DIR's)")
     p.add_argument(
@@ -40,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a LoRA run directory served beside --checkpoint, unmerged (default base: the "
         "one the run records)",
+    )
+    p.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="serve --adapter on a base other than the one it was trained on (its digest in "
+        "lora_base.json is then not checked)",
     )
     p.add_argument("--served-model-name", default=None, help="the `model` clients must send")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
@@ -68,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="prefill chunks per engine step (refills free slots faster; delays decoding)",
     )
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 << 20,
+        help="largest request body accepted (413 beyond it)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on every endpoint but /health and /metrics "
+        f"(default: ${API_KEY_ENV} if set, else no key)",
+    )
+    p.add_argument(
+        "--api-key-metrics", action="store_true", help="require the API key on /metrics too"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--devices", type=int, default=None, help="simulate N CPU devices")
@@ -94,19 +123,28 @@ def build_state(
     broadcast=False,
     log=print,
     adapter=None,
+    allow_base_mismatch=False,
 ):
     """Loads the checkpoint and builds the executor, the engine and the metrics (the engine
     is not started). Returns a `api.ServeState`."""
     from hunyuan_jax import loading
-    from hunyuan_jax.errors import UsageError
+    from hunyuan_jax.errors import ConfigError, UsageError
     from hunyuan_jax.serve.api import ServeState
     from hunyuan_jax.serve.engine import Executor
     from hunyuan_jax.serve.metrics import Metrics
     from hunyuan_jax.serve.scheduler import Engine
+    from hunyuan_jax.serve.schemas import PENALTY_MAX, PENALTY_MIN, TEMPERATURE_MAX
 
     path = Path(checkpoint) if checkpoint else None if adapter else DEFAULT_MODEL
     bundle = loading.load(
-        path, dtype=dtype, weights=weights, plan=plan, tokenizer=tokenizer, adapter=adapter
+        path,
+        dtype=dtype,
+        weights=weights,
+        plan=plan,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        allow_base_mismatch=allow_base_mismatch,
+        log=log,
     )
     path = bundle.checkpoint.path
     if bundle.tokenizer is None:
@@ -115,8 +153,20 @@ def build_state(
     max_len = max_len or min(limit, 4096)
     if not 2 <= max_len <= limit:
         raise UsageError(f"--max-len must be in [2, {limit}] (the model's context), got {max_len}")
-    if slots < 1 or prefill_chunk < 1 or max_queue < 0:
-        raise UsageError("--slots and --prefill-chunk must be >= 1, --max-queue >= 0")
+    if slots < 1 or prefill_chunk < 1 or prefill_budget < 1 or max_queue < 0:
+        raise UsageError(
+            "--slots, --prefill-chunk and --prefill-budget must be >= 1, --max-queue >= 0"
+        )
+    d = bundle.sampling  # generation_config.json: the ranges a request may ask for
+    if not (
+        d.temperature <= TEMPERATURE_MAX and PENALTY_MIN <= d.repetition_penalty <= PENALTY_MAX
+    ):
+        raise ConfigError(
+            f"{path}: the generation_config.json defaults temperature {d.temperature} / "
+            f"repetition_penalty {d.repetition_penalty} are outside what the server samples "
+            f"with (temperature <= {TEMPERATURE_MAX:g}, repetition_penalty in "
+            f"[{PENALTY_MIN:g}, {PENALTY_MAX:g}])"
+        )
     ex = Executor(
         bundle.model,
         slots=slots,
@@ -125,7 +175,8 @@ def build_state(
         cache_dtype=cache_dtype,
         vocab_limit=bundle.tokenizer.vocab_size,
     )
-    log(f"[serve] {path} ({bundle.format}): {ex.describe()}")
+    served = f"{path} + adapter {adapter}" if adapter else str(path)
+    log(f"[serve] {served} ({bundle.format}): {ex.describe()}")
     metrics = Metrics()
     engine = Engine(
         ex,
@@ -136,8 +187,17 @@ def build_state(
         prefill_budget=prefill_budget,
     )
     metrics.bind(engine)
-    name = name or (DEFAULT_NAME if not checkpoint else path.resolve().name)
+    name = name or served_name(checkpoint, adapter, path)
     return ServeState(engine, bundle.tokenizer, name, max_len, bundle.sampling, metrics)
+
+
+def served_name(checkpoint, adapter, base: Path) -> str:
+    """The model name clients send, saying what is served: the checkpoint folder's name
+    (`hunyuan-jax-default` for the embedded model), with `+ADAPTER` (the LoRA run folder's
+    name) when an adapter is served beside it."""
+    base = Path(base).resolve()
+    name = DEFAULT_NAME if base == DEFAULT_MODEL.resolve() else base.name
+    return name if adapter is None else f"{name}+{Path(adapter).resolve().name}"
 
 
 def main(argv=None) -> int:
@@ -157,7 +217,15 @@ def main(argv=None) -> int:
 
 def _main(args) -> int:
     from hunyuan_jax import distributed
+    from hunyuan_jax.errors import UsageError
 
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key is empty")
+    if args.max_body_bytes < 1024:
+        raise UsageError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     distributed.initialize_from_args(args)
     import jax
 
@@ -168,6 +236,7 @@ def _main(args) -> int:
     state = build_state(
         args.checkpoint,
         adapter=args.adapter,
+        allow_base_mismatch=args.allow_base_mismatch,
         tokenizer=args.tokenizer,
         name=args.served_model_name,
         dtype=args.dtype,
@@ -184,27 +253,44 @@ def _main(args) -> int:
     )
     engine = state.engine
     if jax.process_index() != 0:  # follow process 0's plans until it stops
-        engine.follow()
-        return 0
+        return 0 if engine.follow() else 1
     import uvicorn
 
     from hunyuan_jax.serve.api import create_app
 
+    app = create_app(state, api_key=api_key, api_key_metrics=args.api_key_metrics,
+                     max_body_bytes=args.max_body_bytes)  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    )
+    failed: list[str] = []
+
+    def on_fatal(message: str) -> None:  # engine thread: stop serving, exit non-zero
+        failed.append(message)
+        server.config.timeout_graceful_shutdown = 5
+        server.should_exit = True
+
+    engine.on_fatal = on_fatal
     # uvicorn re-raises the signal that stopped it once it is done; catch it here so that the
     # engine shuts down (and, multi-host, sends the other processes their stop plan).
     stopped: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _frame: stopped.append(s))
     engine.start()
+    auth = "; API key required" if api_key else ""
     print(
         f"[serve] model '{state.model_name}' on http://{args.host}:{args.port}/v1 "
-        f"({engine.ex.slots} slots, max_len {state.max_len})",
+        f"({engine.ex.slots} slots, max_len {state.max_len}{auth})",
         flush=True,
     )
     try:
-        uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
+        server.run()
     finally:
         engine.shutdown()
+    if failed:
+        print(f"[serve] {failed[0]}; exiting with status 1 so that a supervisor restarts the "
+              f"server", file=sys.stderr, flush=True)  # fmt: skip
+        return 1
     names = ", ".join(signal.Signals(s).name for s in stopped)
     print(f"[serve] stopped{' by ' + names if names else ''}; engine shut down", flush=True)
     return 0

@@ -18,9 +18,15 @@ start of a stop string is held back. A client that disconnects cancels its reque
 polls `request.is_disconnected()`; once a stream has started, the response's own disconnect
 listener cancels the stream instead). Request bodies are `schemas.py`.
 Sampling fields left out take the checkpoint's generation_config.json defaults. Errors have
-OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 bad input (malformed JSON
-and invalid fields included; prompt + max_tokens over the context names the numbers), 404
-unknown model, 429 queue full, 503 engine stopped.
+OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 bad input (malformed JSON,
+invalid UTF-8, lone surrogates, invalid or out-of-range fields; prompt + max_tokens over the
+context names the numbers), 401 missing or wrong API key, 404 unknown model or route, 405,
+413 body over --max-body-bytes, 429 queue full, 500 one request failed in the engine, 503
+engine stopped (`guard.py` checks the key and the body size before any endpoint runs).
+Decoding JSON, tokenizing and detokenizing whole prompts run in worker threads, so a large
+request does not stall /health or the other streams. Chat message content is encoded as plain
+text: special-token text in it (`<|eos|>`, turn markers) never becomes a control token.
+Generated text leaves special tokens out (vLLM's `skip_special_tokens`, default true).
 """
 
 from __future__ import annotations
@@ -32,15 +38,21 @@ import time
 import uuid
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hunyuan_jax.sampling import SamplingConfig
 from hunyuan_jax.serve.engine import check_request
+from hunyuan_jax.serve.guard import DEFAULT_MAX_BODY_BYTES, ApiError, Guard, parse_body
+from hunyuan_jax.serve.guard import error_response as error_body
 from hunyuan_jax.serve.scheduler import Engine, EngineStopped, GenParams, QueueFull
 from hunyuan_jax.serve.scheduler import Request as EngineRequest
 from hunyuan_jax.serve.schemas import (
+    GREEDY_BELOW,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -48,6 +60,8 @@ from hunyuan_jax.serve.schemas import (
     TokenizeRequest,
 )
 from hunyuan_jax.serve.text import Choice
+
+_TOP_P_MIN = float(np.finfo(np.float32).tiny)  # any top_p below keeps the top token alone
 
 
 @dataclasses.dataclass
@@ -61,26 +75,28 @@ class ServeState:
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-def error_body(status: int, message: str, kind: str, param=None, code=None) -> JSONResponse:
-    err = {"message": message, "type": kind, "param": param, "code": code or status}
-    return JSONResponse({"error": err}, status_code=status)
-
-
 # ----------------------------------------------------------------------------- the app
-def create_app(state: ServeState) -> FastAPI:
-    app = FastAPI(title="hunyuan-jax", docs_url=None, redoc_url=None)
+def create_app(
+    state: ServeState,
+    *,
+    api_key: str | None = None,
+    api_key_metrics: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """The app; `api_key`: required as `Authorization: Bearer KEY` everywhere but /health
+    (and /metrics unless `api_key_metrics`); bodies over `max_body_bytes` are 413s."""
+    app = FastAPI(title="hunyuan-jax", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
     tok, engine, metrics = state.tokenizer, state.engine, state.metrics
+    vocab = engine.ex.vocab_limit
 
     def reject(reason: str):
         if metrics is not None:
             metrics.rejected.labels(reason).inc()
+
+    open_paths = {"/health"} | (set() if api_key_metrics else {"/metrics"})
+    app.add_middleware(Guard, api_key=api_key, open_paths=open_paths,
+                       max_body_bytes=max_body_bytes, on_reject=reject)  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -97,7 +113,20 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
+        reason = exc.reason or ("bad_request" if exc.status == 400 else None)
+        if reason is not None:
+            reject(reason)
         return error_body(exc.status, exc.message, exc.kind, exc.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):  # 404, 405 routing
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        msg = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_body(exc.status_code, msg, kind, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):  # a bug: OpenAI's body, traceback logged
+        return error_body(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
     @app.get("/health")
     async def health():
@@ -128,34 +157,35 @@ def create_app(state: ServeState) -> FastAPI:
                 "tokenizer_class": type(tok).__name__}  # fmt: skip
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
-        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    async def tokenize(request: Request):
+        body = await parse_body(request, TokenizeRequest)
+        ids = await run_in_threadpool(tok.encode, body.prompt, body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.max_len}
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
+    async def detokenize(request: Request):
+        body = await parse_body(request, DetokenizeRequest)
         try:
-            return {"prompt": tok.decode(body.tokens)}
+            return {"prompt": await run_in_threadpool(tok.decode, body.tokens)}
         except ValueError as e:
             raise ApiError(400, str(e), "invalid_request_error", "tokens") from None
 
     def check_model(name: str):
         if name != state.model_name:
-            reject("unknown_model")
-            raise ApiError(
-                404, f"the model '{name}' does not exist; this server serves '{state.model_name}'",
-                "not_found_error", "model",
-            )  # fmt: skip
+            msg = f"the model '{name[:200]}' does not exist; this server serves "
+            raise ApiError(404, msg + f"'{state.model_name}'", "not_found_error", "model",
+                           "unknown_model")  # fmt: skip
 
     def gen_params(body: SamplingFields, max_tokens: int, top_logprobs: int, prompt_lps: bool):
         d = state.defaults
         pick = lambda v, default: default if v is None else v
-        top_k = pick(body.top_k, d.top_k)
+        top_k = int(pick(body.top_k, d.top_k))
+        temperature = float(pick(body.temperature, d.temperature))
         return GenParams(
             max_tokens=max_tokens,
-            temperature=float(pick(body.temperature, d.temperature)),
-            top_k=0 if top_k < 0 else int(top_k),
-            top_p=float(pick(body.top_p, d.top_p)),
+            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+            top_k=0 if top_k <= 0 or top_k >= vocab else top_k,  # >= vocabulary: all tokens
+            top_p=max(float(pick(body.top_p, d.top_p)), _TOP_P_MIN),
             repetition_penalty=float(pick(body.repetition_penalty, d.repetition_penalty)),
             seed=body.seed,
             top_logprobs=top_logprobs,
@@ -164,23 +194,31 @@ def create_app(state: ServeState) -> FastAPI:
         )
 
     def check_fits(prompts, max_tokens):
+        if len(prompts) > max(engine.max_queue, 1):
+            raise ApiError(400, f"{len(prompts)} prompts in one request: more than the queue "
+                           f"holds ({engine.max_queue}, --max-queue)", "invalid_request_error",
+                           "prompt")  # fmt: skip
         for p in prompts:
-            msg = check_request(p, max_tokens, state.max_len, tok.vocab_size)
+            msg = check_request(p, max_tokens, state.max_len, vocab)
             if msg is not None:
-                reject("too_long" if "context length" in msg else "bad_request")
-                raise ApiError(400, msg, "invalid_request_error", "max_tokens")
+                too_long = "context length" in msg
+                raise ApiError(400, msg, "invalid_request_error",
+                               "max_tokens" if too_long else "prompt",
+                               "too_long" if too_long else None)  # fmt: skip
 
     def stops_of(body) -> list[str]:
         stop = body.stop
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         return [s for s in stops if s]
 
-    async def run(request: Request, prompts, params, stops, echo_prompt, stream: bool):
+    async def run(request: Request, prompts, params, stops, echo_prompt, stream, skip_special):
         """Submits one engine request per prompt; yields (choice, event) as they come."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         k = params.top_logprobs
-        choices = [Choice(i, p, tok, stops, echo_prompt, k) for i, p in enumerate(prompts)]
+        make = lambda: [Choice(i, p, tok, stops, echo_prompt, k, skip_special)
+                        for i, p in enumerate(prompts)]  # fmt: skip
+        choices = await run_in_threadpool(make)  # echo decodes the whole prompt
         for c in choices:
             c.siblings = choices
         reqs = []
@@ -193,8 +231,7 @@ def create_app(state: ServeState) -> FastAPI:
         except QueueFull as e:
             for r in reqs:
                 engine.cancel(r)
-            reject("queue_full")
-            raise ApiError(429, str(e), "rate_limit_error") from None
+            raise ApiError(429, str(e), "rate_limit_error", reason="queue_full") from None
         except EngineStopped as e:
             raise ApiError(503, str(e), "service_unavailable") from None
         if metrics is not None:
@@ -226,18 +263,20 @@ def create_app(state: ServeState) -> FastAPI:
 
     # ------------------------------------------------------------------ completions
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(request: Request):
+        body = await parse_body(request, CompletionRequest)
         check_model(body.model)
-        prompts = _prompts(body.prompt, tok)
+        echo, stream = bool(body.echo), bool(body.stream)
+        prompts = await run_in_threadpool(_prompts, body.prompt, tok)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        if max_tokens == 0 and not body.echo:
+        if max_tokens == 0 and not echo:
             raise ApiError(400, "max_tokens=0 needs echo=true (scoring a prompt)",
                            "invalid_request_error", "max_tokens")  # fmt: skip
-        check_fits(prompts, max(max_tokens, 1))
+        await run_in_threadpool(check_fits, prompts, max_tokens)  # O(prompt)
         want_lp = body.logprobs is not None
-        params = gen_params(body, max_tokens, body.logprobs or 0, want_lp and body.echo)
+        params = gen_params(body, max_tokens, body.logprobs or 0, want_lp and echo)
         stops, rid, created = stops_of(body), f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        events = run(request, prompts, params, stops, body.echo, body.stream)
+        events = run(request, prompts, params, stops, echo, stream, body.skip_special_tokens)
         base = {
             "id": rid,
             "object": "text_completion",
@@ -245,13 +284,16 @@ def create_app(state: ServeState) -> FastAPI:
             "model": state.model_name,
         }
 
-        if body.stream:
+        if stream:
             first = await _first(events)
+            _raise_first(first)
 
             async def sse():
                 async for c, delta in _chain(first, events):
                     if delta or c.finish_reason:
-                        lp = c.completion_logprobs(tok, delta_only=True) if want_lp else None
+                        lp = None  # the first may hold the whole prompt's (echo): a thread
+                        if want_lp:
+                            lp = await run_in_threadpool(c.completion_logprobs, tok, True)
                         ch = {"index": c.index, "text": delta, "logprobs": lp,
                               "finish_reason": c.finish_reason}  # fmt: skip
                         yield _sse({**base, "choices": [ch]})
@@ -265,32 +307,37 @@ def create_app(state: ServeState) -> FastAPI:
             done[c.index] = c
         cs = [done[i] for i in sorted(done)]
         _raise_errors(cs)
-        out = [{"index": c.index, "text": c.full_text(), "finish_reason": c.finish_reason,
-                "logprobs": c.completion_logprobs(tok) if want_lp else None} for c in cs]  # fmt: skip
+        out = await run_in_threadpool(
+            lambda: [{"index": c.index, "text": c.full_text(), "finish_reason": c.finish_reason,
+                      "logprobs": c.completion_logprobs(tok) if want_lp else None} for c in cs]
+        )  # fmt: skip
         return {**base, "choices": out, "usage": _usage(cs)}
 
     # ------------------------------------------------------------------ chat
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
+    async def chat(request: Request):
+        body = await parse_body(request, ChatRequest)
         check_model(body.model)
         msgs = [{"role": m.role, "content": _content(m.content)} for m in body.messages]
-        try:
-            prompt = tok.apply_chat_template(msgs)
+        try:  # content is plain text: special-token text in it is no control token
+            prompt = await run_in_threadpool(tok.apply_chat_template, msgs, content_as_text=True)
         except ValueError as e:
             raise ApiError(400, f"cannot render the chat: {e}", "invalid_request_error",
                            "messages") from None  # fmt: skip
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:
             max_tokens = max(state.max_len - len(prompt), 1)
-        check_fits([prompt], max_tokens)
+        await run_in_threadpool(check_fits, [prompt], max_tokens)
         top = (body.top_logprobs or 0) if body.logprobs else 0
         params = gen_params(body, max_tokens, top, False)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = run(request, [prompt], params, stops_of(body), False, body.stream)
+        events = run(request, [prompt], params, stops_of(body), False, bool(body.stream),
+                     body.skip_special_tokens)  # fmt: skip
         base = {"id": rid, "created": created, "model": state.model_name}
 
         if body.stream:
             first = await _first(events)
+            _raise_first(first)
             chunk = {**base, "object": "chat.completion.chunk"}
 
             async def sse():
@@ -345,6 +392,12 @@ def _raise_errors(choices) -> None:
             raise ApiError(500, f"generation failed: {c.error}", "server_error")
         if c.finish_reason == "cancelled":
             raise ApiError(503, "the request was cancelled (server shutting down)", "server_error")
+
+
+def _raise_first(first) -> None:
+    """A single-prompt stream whose first event already failed it: an HTTP error instead."""
+    if first is not None and len(choices_of(first)) == 1:
+        _raise_errors([first[0]])
 
 
 def _content(content) -> str:

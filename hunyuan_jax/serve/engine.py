@@ -286,6 +286,11 @@ class Executor:
         self.cache, self.seen, out = self._decode(*self._decode_args(w))
         return out
 
+    def state_ok(self) -> bool:
+        """Whether the device state (cache, `seen`) is still there: a program that failed
+        after taking its donated buffers leaves none, and nothing more can run."""
+        return not any(a.is_deleted() for a in jax.tree.leaves((self.cache, self.seen)))
+
     def describe(self) -> str:
         return (
             f"{self.executables} executables (prefill chunk [1, {self.chunk}], decode step "
@@ -298,11 +303,8 @@ def check_request(prompt: Sequence[int], max_tokens: int, max_len: int, vocab: i
     """Why a request cannot be served (a message naming the numbers), or None."""
     if not prompt:
         return "the prompt is empty (at least one token is needed)"
-    bad = [t for t in prompt if not 0 <= int(t) < vocab]
-    if bad:
-        return f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})"
-    if max_tokens < 1:
-        return f"max_tokens must be >= 1, got {max_tokens}"
+    if max_tokens < 0:  # 0: score the prompt only (echo)
+        return f"max_tokens must be >= 0, got {max_tokens}"
     if len(prompt) + max_tokens > max_len:
         return (
             f"this model's maximum context length is {max_len} tokens; the prompt has "
@@ -310,4 +312,7 @@ def check_request(prompt: Sequence[int], max_tokens: int, max_len: int, vocab: i
             f"in all): lower max_tokens to at most {max(max_len - len(prompt), 0)} or shorten "
             f"the prompt"
         )
+    bad = [t for t in prompt if not 0 <= int(t) < vocab]
+    if bad:
+        return f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})"
     return None

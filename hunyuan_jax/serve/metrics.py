@@ -11,7 +11,7 @@
 | hunyuan_time_per_output_token_seconds | histogram | between consecutive new tokens of a request |
 | hunyuan_request_seconds | histogram | submit -> finished |
 | hunyuan_requests_total{finish_reason} | counter | finished requests (stop, length, cancelled, error) |
-| hunyuan_rejected_total{reason} | counter | refused at the door (queue_full, too_long, bad_request, unknown_model) |
+| hunyuan_rejected_total{reason} | counter | refused at the door (queue_full, too_long, bad_request, unknown_model, too_large, unauthorized) |
 | hunyuan_executables | gauge | compiled programs (fixed at start-up) |
 """
 

@@ -16,6 +16,13 @@ request finishes on an EOS id ('stop'), at max_tokens ('length') or when cancell
 free for the next iteration. Results go to each request's `sink(Event)`, called on the engine
 thread (the HTTP layer forwards them to its event loop).
 
+Failures: a request whose settings the programs cannot take (e.g. a top_k past int32; the HTTP
+layer refuses those first) or whose prefill fails with the device state intact finishes with
+'error' alone; the others go on. When the engine cannot go on (a program failed after taking
+its donated state, or `MAX_CONSECUTIVE_FAILURES` calls failed in a row) every request finishes
+with 'error', `error` is set (/health answers 503, submissions raise `EngineStopped`) and
+`on_fatal(message)` is called: the server then exits non-zero so that a supervisor restarts it.
+
 Multi-host (`broadcast=True`, jax.process_count() > 1): process 0 runs this loop and serves
 HTTP; every iteration it broadcasts the plan (fixed-shape arrays: which slot, which tokens,
 per-slot sampling parameters; `multihost_utils.broadcast_one_to_all`) and every other process
@@ -38,6 +45,8 @@ import jax
 import numpy as np
 
 from hunyuan_jax.serve.engine import DecodeWork, Executor, PrefillWork, key_data
+
+MAX_CONSECUTIVE_FAILURES = 3  # program calls failing in a row before the engine gives up
 
 
 class QueueFull(Exception):
@@ -121,6 +130,7 @@ class Engine:
         heartbeat_s: float = 1.0,
         prefill_budget: int = 2,
         log: Callable[[str], None] = print,
+        on_fatal: Callable[[str], None] | None = None,
     ):
         self.ex = executor
         self.eos = {int(e) for e in eos_ids}
@@ -130,6 +140,8 @@ class Engine:
         self.heartbeat_s = heartbeat_s
         self.prefill_budget = max(int(prefill_budget), 1)
         self.log = log
+        self.on_fatal = on_fatal
+        self._failures = 0  # program calls that failed in a row
         self.slots: list[_Slot | None] = [None] * executor.slots
         self.waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()
@@ -186,14 +198,14 @@ class Engine:
         reason, error = "cancelled", None
         try:
             self._loop()
-        except Exception as e:  # a device or engine failure: fatal, reported by /health
+        except Exception as e:  # the engine cannot go on: fatal (see the module docstring)
             self.log(f"[serve] engine failed: {traceback.format_exc()}")
             reason, error = "error", f"{type(e).__name__}: {e}"
             with self._wake:
                 self.error = f"the engine failed: {error}"
-            if self.broadcast:  # let the other processes exit too
+            if self.broadcast:  # let the other processes exit too (stop code 2: failed)
                 try:
-                    self._broadcast([], None, True)
+                    self._broadcast([], None, 2)
                 except Exception:
                     pass
         for i, s in enumerate(self.slots):
@@ -203,6 +215,8 @@ class Engine:
             waiting, self.waiting = list(self.waiting), collections.deque()
         for req in waiting:
             self._emit(req, Event("done", finish_reason=reason, error=error))
+        if self.error is not None and self.on_fatal is not None:
+            self.on_fatal(self.error)
 
     def _loop(self) -> None:
         last_beat = time.perf_counter()
@@ -222,9 +236,32 @@ class Engine:
             if stop:
                 return
             for i, w in prefill:
-                self._do_prefill(i, w)
+                if self.slots[i] is not None:  # (an earlier chunk of it may have failed)
+                    self._call(lambda i=i, w=w: self._do_prefill(i, w), [i])
             if decode is not None:
-                self._do_decode(decode)
+                self._call(lambda: self._do_decode(decode), np.flatnonzero(decode.active))
+
+    def _call(self, fn, slots) -> None:
+        """Runs one program call; if it fails with the device state intact, the requests of
+        `slots` finish with 'error' and the loop goes on (unless too many failed in a row)."""
+        try:
+            fn()
+        except Exception as e:
+            self._failures += 1
+            if not self.ex.state_ok() or self._failures >= MAX_CONSECUTIVE_FAILURES:
+                raise
+            self.log(f"[serve] a program call failed; its requests fail: {traceback.format_exc()}")
+            for i in slots:
+                if self.slots[i] is not None:
+                    self._finish(int(i), "error", f"{type(e).__name__}: {e}")
+        else:
+            self._failures = 0
+
+    def _reject(self, i: int, e: Exception) -> None:
+        """Slot i's request has settings the programs cannot take: it alone fails."""
+        msg = f"the request's settings cannot be run: {type(e).__name__}: {e}"
+        self.log(f"[serve] request {self.slots[i].req.id}: {msg}")
+        self._finish(i, "error", msg)
 
     def _admit(self) -> None:
         for i, s in enumerate(self.slots):
@@ -255,20 +292,29 @@ class Engine:
         for _, i in sorted(todo):
             s = self.slots[i]
             prompt, p = s.req.prompt, s.req.params
-            for start in range(s.prefilled, len(prompt), c):
-                if len(works) == self.prefill_budget:
-                    return works
-                toks = np.zeros((c,), np.int32)
-                nxt = np.zeros((c,), np.int32)
-                piece = prompt[start : start + c]
-                toks[: len(piece)] = piece
-                after = prompt[start + 1 : start + c + 1]
-                nxt[: len(after)] = after
-                work = PrefillWork(
-                    i, start, toks, nxt, len(prompt), p.temperature, p.top_k, p.top_p,
-                    p.repetition_penalty, s.req.key,
-                )  # fmt: skip
-                works.append((i, work))
+            mine = []
+            try:
+                for start in range(s.prefilled, len(prompt), c):
+                    if len(works) + len(mine) == self.prefill_budget:
+                        break
+                    toks = np.zeros((c,), np.int32)
+                    nxt = np.zeros((c,), np.int32)
+                    piece = prompt[start : start + c]
+                    toks[: len(piece)] = piece
+                    after = prompt[start + 1 : start + c + 1]
+                    nxt[: len(after)] = after
+                    work = PrefillWork(
+                        i, start, toks, nxt, len(prompt), p.temperature, p.top_k, p.top_p,
+                        p.repetition_penalty, s.req.key,
+                    )  # fmt: skip
+                    _check_floats(*work.pack()[1])  # packing checks the int32 values
+                    mine.append((i, work))
+            except (OverflowError, ValueError, TypeError) as e:
+                self._reject(i, e)
+                continue
+            works += mine
+            if len(works) == self.prefill_budget:
+                return works
         return works
 
     def _decode_work(self) -> DecodeWork | None:
@@ -280,14 +326,20 @@ class Engine:
         for i in live:
             s = self.slots[i]
             p = s.req.params
-            w.last[i] = s.last
-            w.index[i] = len(s.req.prompt) + s.req.generated - 1
+            try:
+                w.last[i] = s.last
+                w.index[i] = len(s.req.prompt) + s.req.generated - 1
+                w.temperature[i], w.top_k[i], w.top_p[i] = p.temperature, p.top_k, p.top_p
+                w.repetition_penalty[i] = p.repetition_penalty
+                w.keys[i] = s.req.key
+                w.count[i] = s.req.generated
+                _check_floats(w.temperature[i], w.top_p[i], w.repetition_penalty[i])
+            except (OverflowError, ValueError, TypeError) as e:
+                self._reject(i, e)
+                w.temperature[i], w.top_k[i], w.top_p[i], w.repetition_penalty[i] = 0, 0, 1, 1
+                continue
             w.active[i] = True
-            w.temperature[i], w.top_k[i], w.top_p[i] = p.temperature, p.top_k, p.top_p
-            w.repetition_penalty[i] = p.repetition_penalty
-            w.keys[i] = s.req.key
-            w.count[i] = s.req.generated
-        return w
+        return w if w.active.any() else None
 
     def _do_prefill(self, i: int, w: PrefillWork) -> None:
         out = self.ex.prefill(w)
@@ -382,14 +434,25 @@ class Engine:
 
         return multihost_utils.broadcast_one_to_all(self._plan_arrays(prefill, decode, stop))
 
-    def follow(self) -> None:
-        """Processes other than 0: execute the plans process 0 broadcasts, until a stop plan."""
+    def follow(self) -> bool:
+        """Processes other than 0: execute the plans process 0 broadcasts, until a stop plan.
+        Returns False when process 0's engine failed (the stop plan says so)."""
         while True:
             a = {k: np.asarray(v) for k, v in self._broadcast(None, None, False).items()}
             n_prefill, has_decode, stop = (int(x) for x in a["flags"])
             if stop:
-                return
+                return stop == 1
             for j in range(n_prefill):
                 self.ex.prefill(PrefillWork.unpack(a["p_int"][j], a["p_float"][j]))
             if has_decode:
                 self.ex.decode(DecodeWork.unpack(a["d_int"], a["d_float"]))
+
+
+def _check_floats(temperature, top_p, repetition_penalty) -> None:
+    """The float settings as the programs see them (float32): finite and in range."""
+    t, p, r = (float(np.float32(x)) for x in (temperature, top_p, repetition_penalty))
+    if not (np.isfinite([t, p, r]).all() and t >= 0 and 0 < p <= 1 and r > 0):
+        raise ValueError(
+            f"temperature {t}, top_p {p}, repetition_penalty {r} as float32: need finite "
+            f"temperature >= 0, 0 < top_p <= 1, repetition_penalty > 0"
+        )

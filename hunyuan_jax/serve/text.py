@@ -1,8 +1,10 @@
 """One choice of a completion as the HTTP layer sees it: token events in, text deltas, finish
 reason and OpenAI-style logprobs out.
 
-Text is the decoding of all new tokens so far (EOS excluded), so multi-byte characters split
-over tokens come out whole: a text ending in U+FFFD waits for the next token. A `stop` string
+Text is the decoding of all new tokens so far (EOS excluded, and with `skip_special`, vLLM's
+default, every special token: a generated `<|pad|>` is no text), so multi-byte characters split
+over tokens come out whole: a text ending in U+FFFD waits for the next token. Echoed prompts
+and logprob token strings keep special tokens as written. A `stop` string
 ends the choice (finish_reason 'stop', text cut before it); while a choice runs, its last
 (longest stop - 1) characters are held back from the deltas, since they may begin a stop string.
 """
@@ -11,8 +13,18 @@ from __future__ import annotations
 
 
 class Choice:
-    def __init__(self, index: int, prompt: list[int], tok, stops: list[str], echo: bool, k=0):
+    def __init__(
+        self,
+        index: int,
+        prompt: list[int],
+        tok,
+        stops: list[str],
+        echo: bool,
+        k=0,
+        skip_special=True,
+    ):
         self.index, self.prompt, self.tok = index, prompt, tok
+        self.skip_special = skip_special
         self.stops = stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.echo = echo
@@ -44,7 +56,7 @@ class Choice:
                 return ""
             self.ids.append(ev.token)
             self.lps.append((ev.token, ev.logprob, ev.top))
-            self.text = _decode(self.tok, self.ids)
+            self.text = _decode(self.tok, self.ids, self.skip_special)
             if self.stops:
                 cut = self._stop_at(max(0, self.sent - self.hold))
                 if cut is not None:
@@ -122,8 +134,8 @@ class Choice:
         return {"content": content}
 
 
-def _decode(tok, ids) -> str:
+def _decode(tok, ids, skip_special: bool = False) -> str:
     try:
-        return tok.decode(list(ids))
+        return tok.decode(list(ids), skip_special_tokens=skip_special)
     except ValueError:
         return ""
