@@ -382,13 +382,90 @@ def read_manifest(directory: str | Path) -> dict:
         )
     if not man.get("complete"):
         raise CheckpointError(f"{path}: checkpoint is marked incomplete")
+    problem = manifest_problem(man)
+    if problem:
+        raise CheckpointError(f"{path}: corrupt manifest: {problem}")
     return man
 
 
+def manifest_problem(man: dict) -> str | None:
+    """What is wrong with the fields of a complete manifest that readers use (None: nothing):
+    the params directory is `params/` (never a path elsewhere), the stored dtype is the
+    embedding's, the weights form is known, tokenizer files are plain names beside it."""
+    p, dtype = man.get("params"), man.get("dtype")
+    if not isinstance(p, dict) or not isinstance(p.get("leaves"), dict) or not p["leaves"]:
+        return "'params' must hold the 'leaves' of the checkpoint"
+    if p.get("dir") != PARAMS_DIR:
+        return f"params.dir must be {PARAMS_DIR!r}, got {p.get('dir')!r}"
+    if not isinstance(p.get("use_ocdbt"), bool) or not isinstance(p.get("use_zarr3"), bool):
+        return "params.use_ocdbt and params.use_zarr3 must be true or false"
+    embed = p["leaves"].get("embed.value", {})
+    if not isinstance(dtype, str) or embed.get("dtype") != dtype:
+        return f"dtype {dtype!r} is not the stored embedding's ({embed.get('dtype')!r})"
+    form = (man.get("weights") or {}).get("form", "float")
+    if form not in ("float", "int8", "fp8"):
+        return f"weights.form must be float, int8 or fp8, got {form!r}"
+    names = man.get("tokenizer_files", [])
+    if not isinstance(names, list) or any(
+        not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..") for n in names
+    ):
+        return f"tokenizer_files must be plain file names, got {names!r}"
+    return None
+
+
 def stored_config(directory: str | Path) -> tuple[ModelConfig, str]:
-    """(ModelConfig, stored parameter dtype) of a complete converted checkpoint."""
+    """(ModelConfig, stored parameter dtype) of a complete converted checkpoint. The
+    architecture is that of config.json, which must be the one the checkpoint was written with
+    (the manifest's `hf_config`): an edited config.json would load the same weights into
+    another model (e.g. `moe_topk` 1 -> 2) and decode something else without a word."""
     man = read_manifest(directory)
-    return ModelConfig.from_hf(Path(directory) / CONFIG), man["dtype"]
+    path = Path(directory) / CONFIG
+    cfg = ModelConfig.from_hf(path)
+    written = man.get("hf_config")
+    if written is not None:  # manifests of every version so far carry it
+        check_written_config(path, cfg, written, Path(directory) / MANIFEST)
+    return cfg, man["dtype"]
+
+
+def check_written_config(path: Path, cfg: ModelConfig, written, manifest: Path) -> None:
+    """CheckpointError naming config.json and each key whose value changes the architecture
+    relative to `written` (the config the weights were converted with, in the manifest).
+    Keys that are not architecture (torch_dtype, token ids, dropout) may differ."""
+    from hunyuan_jax.config import ConfigError, hf_to_fields, read_json
+
+    def arch(hf) -> ModelConfig:
+        return ModelConfig.from_dict(hf_to_fields(hf, str(manifest)), str(manifest))
+
+    if not isinstance(written, dict):
+        raise CheckpointError(f"{manifest}: 'hf_config' is not a JSON object")
+    try:
+        want = arch(written)
+    except ConfigError as e:
+        raise CheckpointError(f"{manifest}: corrupt 'hf_config': {e}") from None
+    if cfg == want:
+        return
+    current, gone = read_json(path), object()
+    differ = sorted(
+        k for k in set(current) | set(written) if current.get(k, gone) != written.get(k, gone)
+    )
+    keys = []
+    for key in differ:  # the keys that, alone, change the architecture
+        trial = {k: v for k, v in written.items() if k != key}
+        if key in current:
+            trial[key] = current[key]
+        try:
+            changes = arch(trial) != want
+        except ConfigError:
+            changes = True
+        if changes:
+            keys.append(key)
+    show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"
+    what = ", ".join(f"{k} {show(written, k)} -> {show(current, k)}" for k in keys or differ)
+    raise CheckpointError(
+        f"{path}: not the architecture this checkpoint was written with ({what}; "
+        f"{manifest.name} records the original under 'hf_config'): restore config.json or "
+        f"convert again"
+    )
 
 
 def stored_weights(directory: str | Path) -> str:

@@ -58,9 +58,11 @@ class HFCheckpoint:
             path = self.dir / name
             if path.is_file():
                 try:
-                    return fmt, dict(json.loads(path.read_text())["weight_map"])
-                except (json.JSONDecodeError, KeyError) as e:
+                    index = json.loads(path.read_text())
+                    weight_map = index["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
                     raise CheckpointError(f"{path}: not a valid index file ({e})") from e
+                return fmt, _checked_weight_map(path, weight_map)
         for name, fmt in _SINGLE:
             if (self.dir / name).is_file():
                 self._open_file = None
@@ -228,6 +230,23 @@ class HFCheckpoint:
         if self.format == "safetensors":
             return tuple(handle.get_slice(key).get_shape())
         return tuple(handle[key].shape)
+
+
+def _checked_weight_map(path: Path, weight_map) -> dict[str, str]:
+    """An index's weight_map: tensor name -> a shard file name inside the checkpoint directory
+    (no absolute path, no '..', no sub-directory: a shard elsewhere would be read as this
+    checkpoint's weights). CheckpointError names the index and the entry."""
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: 'weight_map' must be a non-empty object of key: file")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{path}: weight_map[{key!r}] is {name!r}, not a file name")
+        if Path(name).is_absolute() or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(
+                f"{path}: weight_map[{key!r}] = {name!r} points outside the checkpoint "
+                f"directory (shards must be plain file names beside the index)"
+            )
+    return dict(weight_map)
 
 
 def _safetensors_get(path, handle, key):

@@ -463,6 +463,8 @@ def load(
     plan=None,
     tokenizer: str | Path | None = None,
     adapter: str | Path | None = None,
+    allow_base_mismatch: bool = False,
+    log=print,
 ) -> Loaded:
     """Loads a checkpoint directory for decoding, whatever format it is in.
 
@@ -472,7 +474,9 @@ def load(
     tokenizer: a tokenizer file or directory; by default one is looked for in the checkpoint
     directory and its `tokenizer/`; generation_config.json there sets the sampling defaults.
     adapter: a LoRA run directory whose adapters (latest step) are loaded beside the weights,
-    unmerged (`lora.attach`); `path` None takes the base the run records (`lora_base.json`).
+    unmerged (`lora.load_adapted`); `path` None takes the base the run records
+    (`lora_base.json`). The base must be the one the adapters were trained on (its digest,
+    `lora.check_base`: CheckpointError otherwise) unless `allow_base_mismatch`.
     """
     if adapter is not None and path is None:
         from hunyuan_jax import lora
@@ -495,11 +499,14 @@ def load(
             tok = find_tokenizer(Path(adapter))
     if tok is not None:
         check_tokenizer(tok, ckpt.cfg)  # before the (possibly long) weight loading
-    model = load_params(ckpt, policy, plan)
     if adapter is not None:
         from hunyuan_jax import lora
 
-        model, _ = lora.attach(model, adapter, plan)
+        model, _ = lora.load_adapted(
+            ckpt, policy, adapter, plan, allow_base_mismatch=allow_base_mismatch, log=log
+        )
+    else:
+        model = load_params(ckpt, policy, plan)
     sampling, eos = generation_defaults(*([ckpt.path] + dirs))
     if eos is None and tok is not None:
         eos = tok.eos_ids

@@ -31,6 +31,11 @@ the int8 / fp8 base (`hunyuan_jax.quantize`).
 Targets: q_proj, k_proj, v_proj, o_proj (attention; the public recipe, the default), `shared`
 (the shared expert's gate/up/down) and `experts` (every routed expert's gate/up/down).
 
+Applying a run's adapters (`load_adapted`: infer.py's and the server's --adapter through
+`loading.load`, `convert merge-lora`) first checks the base (`check_base`): the run's
+architecture and the digest `lora_base.json` records, or refuses (CheckpointError) unless
+`--allow-base-mismatch`.
+
 The frozen base of a LoRA run (`base_policy`, `run_policy`): its matmul weights in bfloat16, or
 as `runtime.weights` says (int8 / fp8: QLoRA), or as the base checkpoint stores them when it
 stores them quantized (`hf-to-jax --quantize`); the other parameters as stored.
@@ -70,6 +75,8 @@ class LoraConfig:
     targets: tuple[str, ...] = ATTENTION
 
     def __post_init__(self):
+        if isinstance(self.targets, str):  # `targets: q_proj` is one target, not its letters
+            object.__setattr__(self, "targets", (self.targets,))
         object.__setattr__(self, "targets", tuple(self.targets))
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ConfigError(f"train key 'lora.rank' must be a positive int, got {self.rank!r}")
@@ -288,6 +295,7 @@ def write_pointer(run_dir, base: str | None, seed: int, form: str, digest: str) 
 
 
 def read_pointer(run_dir) -> dict | None:
+    """<run>/lora_base.json, its fields checked (None: the file does not exist)."""
     path = Path(run_dir) / POINTER_FILE
     if not path.is_file():
         return None
@@ -297,7 +305,107 @@ def read_pointer(run_dir) -> dict | None:
         raise CheckpointError(f"{path}: unreadable LoRA base pointer ({e})") from e
     if not isinstance(record, dict) or not {"base", "digest"} <= set(record):
         raise CheckpointError(f"{path}: not a LoRA base pointer (keys base, digest)")
+    problem = None
+    if not (isinstance(record["base"], str) and record["base"]) and record["base"] is not None:
+        problem = f"'base' must be a path or null, got {record['base']!r}"
+    elif not (
+        isinstance(record["digest"], str)
+        and len(record["digest"]) == 64
+        and all(c in "0123456789abcdef" for c in record["digest"])
+    ):
+        problem = f"'digest' must be 64 hex digits, got {record['digest']!r}"
+    elif record.get("weights", "bf16") not in ("bf16",) + tuple(quantize.QUANTIZED):
+        problem = f"'weights' must be bf16, int8 or fp8, got {record.get('weights')!r}"
+    elif not isinstance(record.get("seed", 0), int) or isinstance(record.get("seed"), bool):
+        problem = f"'seed' must be an int, got {record.get('seed')!r}"
+    if problem:
+        raise CheckpointError(f"{path}: corrupt LoRA base pointer: {problem}")
     return record
+
+
+def _mismatch(run_dir, pointer: dict, base, found: str) -> str:
+    """The one line of a base that is not the one the adapters were trained on."""
+    trained = pointer["base"] or f"a random base (seed {pointer.get('seed')})"
+    return (
+        f"the adapters of {run_dir} were trained on {trained} (digest {pointer['digest']}, "
+        f"{Path(run_dir) / POINTER_FILE}), not on {base} ({found})"
+    )
+
+
+def trained_base_policy(run_dir):
+    """The policy the base of LoRA run `run_dir` was held in when its digest was recorded:
+    the run's runtime section with the matmul weights in the pointer's form."""
+    from hunyuan_jax.checkpointing import read_run_config
+
+    _, runtime, _ = read_run_config(run_dir)
+    pointer = read_pointer(run_dir) or {}
+    return base_policy(runtime.replace(weights=pointer.get("weights", "auto")))
+
+
+def check_base(
+    run_dir, ckpt, plan=None, *, model=None, allow_mismatch: bool = False, log=print
+) -> None:
+    """The one check that the base `ckpt` (a `loading.Checkpoint`) is the one the adapters of
+    LoRA run `run_dir` were trained on: the same architecture as the run's config.yaml and
+    the digest its lora_base.json records (`base_digest` of the base held as in training:
+    `model` when it is already held so, else the base loaded once more in that form; a copy
+    of the base in another directory or format is the same base when its values are).
+    CheckpointError on a mismatch, naming both bases and digests; with `allow_mismatch`
+    (`--allow-base-mismatch`) the check is not made (a line says so)."""
+    from hunyuan_jax.checkpointing import read_run_config
+
+    pointer = read_pointer(run_dir)
+    if pointer is None:
+        raise CheckpointError(f"{run_dir} has no {POINTER_FILE}: not a LoRA run directory")
+    if allow_mismatch:
+        log(f"[lora] base {ckpt.path} not checked against {run_dir} (--allow-base-mismatch)")
+        return
+    cfg, _, _ = read_run_config(run_dir)
+    if cfg != ckpt.cfg:
+        diff = [
+            f"{f.name} {getattr(cfg, f.name)} vs {getattr(ckpt.cfg, f.name)}"
+            for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(ckpt.cfg, f.name)
+        ]
+        raise CheckpointError(
+            _mismatch(run_dir, pointer, ckpt.path, "another architecture: " + ", ".join(diff))
+        )
+    if model is None:
+        from hunyuan_jax import loading
+
+        model = loading.load_params(ckpt, trained_base_policy(run_dir), plan)
+    digest = base_digest(model)
+    if digest != pointer["digest"]:
+        raise CheckpointError(
+            _mismatch(run_dir, pointer, ckpt.path, f"digest {digest}")
+            + "; pass --allow-base-mismatch to apply them anyway"
+        )
+
+
+def load_adapted(
+    ckpt,
+    policy,
+    run_dir,
+    plan=None,
+    *,
+    step: int | None = None,
+    allow_base_mismatch: bool = False,
+    log=print,
+):
+    """(model, step): base checkpoint `ckpt` loaded with `policy` plus the adapters of LoRA run
+    `run_dir` (checkpoint `step`, default the latest), after `check_base`. What infer.py's
+    and the server's --adapter (`loading.load`) and `convert merge-lora` all call. When the
+    base is not held in its training form, the check's copy is loaded, digested and dropped
+    before the model is loaded (peak: one copy; time: two loads)."""
+    from hunyuan_jax import loading
+
+    same = policy == trained_base_policy(run_dir) and not allow_base_mismatch
+    if not same:
+        check_base(run_dir, ckpt, plan, allow_mismatch=allow_base_mismatch, log=log)
+    model = loading.load_params(ckpt, policy, plan)
+    if same:
+        check_base(run_dir, ckpt, plan, model=model, log=log)
+    return attach(model, run_dir, plan, step)
 
 
 def load_base(base: str | None, cfg, policy, plan, seed: int = 0):
@@ -330,10 +438,7 @@ def training_model(run_dir, cfg, policy, tcfg, plan, resume: bool, log=print):
     digest = base_digest(model)
     what = base or f"random (seed {seed})"
     if pointer is not None and pointer["digest"] != digest:
-        raise CheckpointError(
-            f"the LoRA base {what} is not the one the adapters of {run_dir} were trained on "
-            f"(digest {digest} != {pointer['digest']} in {Path(run_dir) / POINTER_FILE})"
-        )
+        raise CheckpointError(_mismatch(run_dir, pointer, what, f"digest {digest}"))
     if pointer is None:
         write_pointer(run_dir, base, seed, bpolicy.weights, digest)
     log(

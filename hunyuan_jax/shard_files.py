@@ -32,6 +32,9 @@ _ST_DTYPES = {
     "I32": np.int32,
     "I16": np.int16,
     "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
@@ -83,8 +86,38 @@ def _c_strides(shape) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
+# The `safetensors` library's own limit on the JSON header (`MAX_HEADER_SIZE`, Rust crate).
+ST_MAX_HEADER = 100_000_000
+
+
+def _unique_pairs(path: Path):
+    """json object_pairs_hook: a key given twice is an error (the library's serde map keeps
+    one of them silently; which tensor a name means must never be a guess)."""
+
+    def hook(pairs):
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise CheckpointError(f"{path}: safetensors header names {key!r} twice")
+            out[key] = value
+        return out
+
+    return hook
+
+
+def _nonneg_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def scan_safetensors(path: str | Path) -> dict[str, TensorInfo]:
-    """The tensors of a safetensors file from its header; checks that the file holds them all."""
+    """The tensors of a safetensors file from its header, validated as strictly as the
+    `safetensors` library validates one (`Metadata::validate` / `read_metadata` of the Rust
+    crate) and a little more: header length 2..100 MB inside the file, UTF-8 JSON object,
+    no name twice, `__metadata__` only string -> string, every entry exactly a known dtype,
+    a shape of non-negative ints and two non-negative `data_offsets` with begin <= end and
+    end - begin == prod(shape) * itemsize; taken in offset order, each tensor begins where the
+    previous one ended (no overlap: two tensors never share a byte; no gap) from 0, and the
+    last ends exactly at the end of the file. CheckpointError names the file and tensor(s)."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -92,38 +125,87 @@ def scan_safetensors(path: str | Path) -> dict[str, TensorInfo]:
         if len(head) < 8:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
         n = int.from_bytes(head, "little")
-        if n > size - 8 or n > (1 << 30):
+        if n > size - 8 or n > ST_MAX_HEADER or n < 2:
             raise CheckpointError(
                 f"{path}: corrupt or truncated safetensors header (header "
-                f"length {n}, file size {size})"
+                f"length {n}, file size {size}, at most {ST_MAX_HEADER})"
             )
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
-    base, out = 8 + n, {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = np.dtype(_ST_DTYPES[meta["dtype"]])
-            shape = tuple(int(d) for d in meta["shape"])
-            begin, end = (int(x) for x in meta["data_offsets"])
-        except KeyError as e:
+        raw = f.read(n)
+    try:
+        text = raw.decode("utf-8")
+        if not text.startswith("{"):
+            raise ValueError("the header does not start with '{'")
+        header = json.loads(text, object_pairs_hook=_unique_pairs(path))
+    except CheckpointError:
+        raise
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+    ):
+        raise CheckpointError(
+            f"{path}: safetensors __metadata__ must map strings to strings, got {meta!r:.200}"
+        )
+    base, spans = 8 + n, []
+    for key, entry in header.items():
+        bad = f"{path}: tensor {key!r}: malformed header entry {entry!r:.200}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise CheckpointError(f"{bad} (needs dtype, shape, data_offsets)")
+        if not isinstance(entry["dtype"], str) or entry["dtype"] not in _ST_DTYPES:
             raise CheckpointError(
-                f"{path}: tensor {key!r}: unsupported or malformed header entry {meta} ({e})"
-            ) from e
+                f"{path}: tensor {key!r}: unsupported dtype {entry['dtype']!r} "
+                f"(known: {', '.join(_ST_DTYPES)})"
+            )
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(_nonneg_int(d) for d in shape):
+            raise CheckpointError(f"{bad} (shape must be a list of non-negative ints)")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_nonneg_int(x) for x in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise CheckpointError(f"{bad} (data_offsets must be [begin, end], 0 <= begin <= end)")
+        dtype = np.dtype(_ST_DTYPES[entry["dtype"]])
+        begin, end = offsets
         if end - begin != math.prod(shape) * dtype.itemsize:
             raise CheckpointError(
-                f"{path}: tensor {key!r}: {end - begin} bytes for shape {shape} {dtype}"
+                f"{path}: tensor {key!r}: {end - begin} bytes for shape {tuple(shape)} {dtype}"
             )
-        if base + end > size:
+        spans.append((begin, end, key, dtype, tuple(shape)))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    at, prev = 0, None
+    for begin, end, key, _, _ in spans:
+        if begin < at:
             raise CheckpointError(
-                f"{path}: truncated: tensor {key!r} ends at byte {base + end} "
-                f"but the file has {size} bytes"
+                f"{path}: tensors {prev!r} and {key!r} overlap (bytes {begin}..{end} of "
+                f"{key!r} start before {prev!r} ends at {at}): refusing a header that gives "
+                f"two tensors the same bytes"
             )
-        out[key] = TensorInfo(key, path.name, dtype, shape, base + begin)
-    return out
+        if begin > at:
+            after = f"after tensor {prev!r}" if prev is not None else "at the start of the data"
+            raise CheckpointError(
+                f"{path}: {begin - at} unaccounted bytes {after}, before tensor {key!r} "
+                f"(bytes {at}..{begin} of the data belong to no tensor)"
+            )
+        at, prev = end, key
+    if base + at > size:
+        raise CheckpointError(
+            f"{path}: truncated: tensor {prev!r} ends at byte {base + at} "
+            f"but the file has {size} bytes"
+        )
+    if base + at < size:
+        raise CheckpointError(
+            f"{path}: {size - base - at} bytes after the last tensor ({prev!r}, ending at byte "
+            f"{base + at}): the header does not describe this file's data"
+        )
+    return {
+        key: TensorInfo(key, path.name, dtype, shape, base + begin)
+        for begin, _, key, dtype, shape in spans
+    }
 
 
 _TORCH_DTYPES = {
@@ -250,7 +332,7 @@ def scan_torch_bin(path: str | Path) -> dict[str, TensorInfo]:
             ) from e
         if not isinstance(obj, dict):
             raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-        starts = {}
+        starts, owners = {}, {}
         out = {}
         for key, t in obj.items():
             if not isinstance(t, _Tensor):
@@ -287,6 +369,7 @@ def scan_torch_bin(path: str | Path) -> dict[str, TensorInfo]:
                 if t.offset < 0 or (last + 1) * item > nbytes:
                     raise CheckpointError(f"{path}: tensor {key!r} lies outside its storage")
             strides = None if tuple(t.stride) == _c_strides(t.shape) else tuple(t.stride)
+            owners.setdefault(skey, key)
             out[key] = TensorInfo(
                 key,
                 path.name,
@@ -295,6 +378,17 @@ def scan_torch_bin(path: str | Path) -> dict[str, TensorInfo]:
                 start + t.offset * item,
                 strides,
             )
+        # Views of one storage may share bytes (torch's tied weights); two storages never do
+        # (zip entries aliased by a crafted directory would give one tensor another's bytes).
+        at, prev = 0, None
+        for skey, (start, nbytes) in sorted(starts.items(), key=lambda kv: kv[1]):
+            if prev is not None and start < at:
+                raise CheckpointError(
+                    f"{path}: storages {prev} and {skey} (of tensors {owners[prev]!r} and "
+                    f"{owners[skey]!r}) overlap in the file: refusing aliased tensor bytes"
+                )
+            if nbytes:
+                at, prev = max(at, start + nbytes), skey
     return out
 
 

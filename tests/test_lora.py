@@ -8,6 +8,7 @@ server's --adapter use) and `convert merge-lora`'s run directory gives the same 
 """
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -213,13 +214,19 @@ def _run(tmp_path, tokenizer, name, *extra):
     return train(mcfg, policy, tcfg, log=lambda *_: None), tmp_path / name
 
 
-def test_run_checkpoints_adapters_resumes_exactly_and_loads(tmp_path, tokenizer):
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tokenizer):
+    """(summary, run directory) of the 4-step LoRA run of `_run` on hy_tiny, trained once."""
+    return _run(tmp_path_factory.mktemp("lora_runs"), tokenizer, "full")
+
+
+def test_run_checkpoints_adapters_resumes_exactly_and_loads(tmp_path, tokenizer, lora_run):
     """train.py's loop with LoRA on and --init-from the hy_tiny checkpoint: checkpoints hold
     only the adapters (integrity-recorded) and the run records its base; stop + resume equals
     the uninterrupted run; a changed base is refused; the adapters load beside the base
-    (infer.py --adapter's path), the server with --adapter serves that model, and merge-lora's
-    output has the same logits."""
-    full, run = _run(tmp_path, tokenizer, "full")
+    (infer.py --adapter's path, the base's digest checked), the server with --adapter serves
+    that model, and merge-lora's output has the same logits."""
+    full, run = lora_run
     record = checkpointing.read_record(checkpointing.checkpoint_dir(run) / "4")
     assert record["params"] and all("_lora_" in n for n in record["params"])
     pointer = lora.read_pointer(run)
@@ -252,12 +259,12 @@ def test_run_checkpoints_adapters_resumes_exactly_and_loads(tmp_path, tokenizer)
     assert float(jnp.max(jnp.abs(forward(base, tokens) - want))) > 1e-3
     # Resuming without (or with another) train.lora is refused before anything loads.
     with pytest.raises(CheckpointError, match="train.lora"):
-        _run(tmp_path, tokenizer, "full", "lora=null", "steps=6")
+        _run(run.parent, tokenizer, "full", "lora=null", "steps=6")
     # A base that is not the one recorded is refused.
     record = json.loads((split / lora.POINTER_FILE).read_text())
     record["digest"] = "0" * len(record["digest"])
     (split / lora.POINTER_FILE).write_text(json.dumps(record))
-    with pytest.raises(CheckpointError, match="not the one the adapters"):
+    with pytest.raises(CheckpointError, match="were trained on .* not on "):
         _run(tmp_path, tokenizer, "split", "steps=6")
 
 
@@ -265,3 +272,69 @@ def _adapters(run):
     """The adapters of a run's latest step, as restored beside a float32 hy_tiny."""
     base = loading.load_params(loading.open_checkpoint(HY_TINY), RuntimePolicy.inference("float32"))
     return nnx.state(lora.attach(base, run)[0], nnx.LoRAParam)
+
+
+def _other_base(directory: Path, change) -> Path:
+    """A copy of hy_tiny (the runs' base) with `change(tensors, config)` applied: another
+    base of the same shapes."""
+    from hunyuan_jax.hf_checkpoint import HFCheckpoint
+    from tests.helpers.synthetic import write_hf
+
+    src = HFCheckpoint(HY_TINY)
+    tensors = {k: src.get(k) for k in src.keys}
+    config = json.loads((HY_TINY / "config.json").read_text())
+    change(tensors, config)
+    return write_hf(directory, tensors, config)
+
+
+def _bump(tensors, config):
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensors[key] = tensors[key] + np.asarray(1e-3, tensors[key].dtype)
+
+
+def test_adapter_on_another_base_is_refused(tmp_path, lora_run, capsys):
+    """Adapters trained on hy_tiny, applied to a base of the same shapes with one weight
+    changed by 1e-3: infer.py --adapter exits 4 with one line naming both bases and digests,
+    the server's build_state and merge-lora (--base) refuse it too, all through
+    `lora.check_base`; merge-lora --allow-base-mismatch merges anyway. A base whose config
+    differs only in moe_topk (same shapes, same weights) is refused naming the key."""
+    import infer
+
+    _, run = lora_run
+    other = _other_base(tmp_path / "other", _bump)
+    trained = lora.read_pointer(run)["digest"]
+    code = infer.main(
+        ["--checkpoint", str(other), "--adapter", str(run), "--prompt", "x", "--dtype", "float32"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 4 and len(err.splitlines()) == 1, err
+    assert err.startswith("infer.py: error: ") and "--allow-base-mismatch" in err
+    assert str(run) in err and str(other) in err and f"digest {trained}" in err
+    found = err.split(f"{other} (digest ")[1][:64]
+    assert len(found) == 64 and found != trained
+    with pytest.raises(CheckpointError, match=re.escape(f"not on {other} (digest {found}")):
+        serve_main.build_state(other, adapter=run, dtype="float32", slots=1, log=print)
+    argv = ["merge-lora", "--run", str(run), "--base", str(other), "--out", str(tmp_path / "m")]
+    assert convert_main(argv) == 4
+    err = capsys.readouterr().err
+    assert f"digest {found}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+    assert convert_main(argv + ["--allow-base-mismatch"]) == 0
+    assert "--allow-base-mismatch" in capsys.readouterr().out
+    # Same weights, another architecture of the same shapes: refused before any weight loads.
+    topk = _other_base(tmp_path / "topk", lambda t, c: c.update(moe_topk=2))
+    with pytest.raises(CheckpointError, match="another architecture: moe_top_k 1 vs 2"):
+        loading.load(topk, dtype="float32", adapter=run)
+
+
+def test_corrupt_base_pointer_is_refused(tmp_path, lora_run):
+    """lora_base.json fields are checked when read: a digest that is not 64 hex digits, a base
+    that is not a path, an unknown form are CheckpointError naming the file and field."""
+    _, run = lora_run
+    copy = tmp_path / "run"
+    copy.mkdir()
+    record = lora.read_pointer(run)
+    for field, value in (("digest", "abc"), ("base", 3), ("weights", "int4"), ("seed", "x")):
+        (copy / lora.POINTER_FILE).write_text(json.dumps(dict(record, **{field: value})))
+        with pytest.raises(CheckpointError, match=f"lora_base.json: corrupt .*'{field}'"):
+            lora.read_pointer(copy)

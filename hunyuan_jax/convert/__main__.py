@@ -9,7 +9,8 @@
         [--debug]
     python -m hunyuan_jax.convert verify --ckpt C [--step N] [--debug]
     python -m hunyuan_jax.convert merge-lora --run RUN --out O [--base B] [--step N]
-        [--dtype float32|bfloat16] [--mesh M --rules R] [--overwrite] [--debug]
+        [--dtype float32|bfloat16] [--mesh M --rules R] [--overwrite]
+        [--allow-base-mismatch] [--debug]
 
 `--ckpt` is a converted checkpoint, a train.py run directory (its latest complete step, or
 `--step N`), or a bare orbax params directory with `--config`. What each direction does:
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hunyuan_jax.cli_help import HelpFormatter
 from hunyuan_jax.convert.common import DTYPES
 from hunyuan_jax.errors import CheckpointError, HunyuanError, add_debug_flag, run_cli
 
@@ -43,9 +45,10 @@ PROG = "python -m hunyuan_jax.convert"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description="Checkpoint conversion HF <-> JAX.")
+    fmt = {"formatter_class": HelpFormatter}  # --help prints every default
+    ap = argparse.ArgumentParser(prog=PROG, description="Checkpoint conversion HF <-> JAX.", **fmt)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("hf-to-jax", help="HF checkpoint -> orbax/tensorstore params")
+    a = sub.add_parser("hf-to-jax", help="HF checkpoint -> orbax/tensorstore params", **fmt)
     a.add_argument("--hf-dir", required=True, help="HF checkpoint directory (index + shards)")
     a.add_argument("--out", required=True, help="output directory")
     a.add_argument(
@@ -95,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace a previous conversion")
     a.add_argument("--no-progress", action="store_true")
     add_debug_flag(a)
-    b = sub.add_parser("jax-to-hf", help="converted / trained params -> HF safetensors")
+    b = sub.add_parser("jax-to-hf", help="converted / trained params -> HF safetensors", **fmt)
     b.add_argument(
         "--ckpt",
         required=True,
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true")
     add_debug_flag(b)
     m = sub.add_parser(
-        "merge-lora", help="fold a LoRA run's adapters into its base (a run directory out)"
+        "merge-lora", help="fold a LoRA run's adapters into its base (a run directory out)", **fmt
     )
     m.add_argument("--run", required=True, help="the LoRA run directory (train.py, train.lora)")
     m.add_argument("--out", required=True, help="output run directory (jax-to-hf exports it)")
@@ -136,8 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mesh", default=None, help="device mesh for the merge, e.g. fsdp=8")
     m.add_argument("--rules", default="fsdp", help="sharding rules preset for --mesh")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    m.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="merge even into a base other than the one the adapters were trained on "
+        "(its digest in lora_base.json is then not checked)",
+    )
     add_debug_flag(m)
-    c = sub.add_parser("verify", help="read a checkpoint in full and check its checksums")
+    c = sub.add_parser("verify", help="read a checkpoint in full and check its checksums", **fmt)
     c.add_argument(
         "--ckpt", required=True, help="converted checkpoint, train.py run directory, or HF dir"
     )
@@ -180,6 +189,7 @@ def _run(args) -> int:
                 dtype=args.dtype,
                 plan=plan,
                 overwrite=args.overwrite,
+                allow_base_mismatch=args.allow_base_mismatch,
             )
         elif args.cmd == "verify":
             from hunyuan_jax.convert.verify import verify

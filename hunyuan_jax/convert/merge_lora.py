@@ -3,10 +3,13 @@ directory, which every other tool reads as a full checkpoint::
 
     python -m hunyuan_jax.convert merge-lora --run RUN --out MERGED [--base B] [--step N]
         [--dtype float32|bfloat16] [--mesh fsdp=8 --rules fsdp] [--overwrite]
+        [--allow-base-mismatch]
     python -m hunyuan_jax.convert jax-to-hf --ckpt MERGED --out HF      # export, as usual
 
 The base is the one the run records (`<run>/lora_base.json`) unless `--base` names another
-copy; it is loaded by `hunyuan_jax.loading` (any format, quantized too) with parameters in
+copy; it must be the base the adapters were trained on (the digest lora_base.json records,
+`lora.check_base`; `--allow-base-mismatch` applies them to another base of the same shapes
+anyway); it is loaded by `hunyuan_jax.loading` (any format, quantized too) with parameters in
 `--dtype`, the adapters of step N (default: the latest; integrity-checked) are attached, and
 each adapted weight becomes W + alpha/rank * A @ B computed in float32 (`lora.merge_adapters`,
 one weight at a time), then stored in `--dtype`. Output (the train.py run layout,
@@ -35,6 +38,7 @@ def merge_lora(
     dtype: str = "float32",
     plan=None,
     overwrite: bool = False,
+    allow_base_mismatch: bool = False,
     log=print,
 ) -> Path:
     """Writes the merged model of LoRA run `run` into `out` (a run directory); returns it."""
@@ -59,8 +63,9 @@ def merge_lora(
     plan = plan or ShardingPlan.single()
     ckpt = loading.open_checkpoint(base)
     policy = RuntimePolicy.inference(dtype)
-    model = loading.load_params(ckpt, policy, plan)
-    model, step = lora.attach(model, run, plan, step)
+    model, step = lora.load_adapted(
+        ckpt, policy, run, plan, step=step, allow_base_mismatch=allow_base_mismatch, log=log
+    )
     n = len(list(lora.adapted(model)))
     lora.merge_adapters(model, dtype=np.dtype(dtype))
     params = nnx.state(model, nnx.Param)

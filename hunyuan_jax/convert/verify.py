@@ -3,7 +3,7 @@ check every byte against its checksums, naming the first bad array and file.
 
 | DIR | what is checked |
 |---|---|
-| converted (`hf-to-jax`) | the manifest; every leaf listed there exists with its shape and dtype; every chunk of every leaf is read (tensorstore checks each chunk's crc32c and each shard index's crc32c; a missing chunk file is an error, not zeros); no NaN / Inf in the weights |
+| converted (`hf-to-jax`) | the manifest; config.json is the architecture the manifest records (`hf_config`) and has exactly the manifest's leaves; every leaf listed there exists with its shape and dtype; every chunk of every leaf is read (tensorstore checks each chunk's crc32c and each shard index's crc32c; a missing chunk file is an error, not zeros); no NaN / Inf in the weights |
 | train.py run | each complete step (or `--step N`): every array of `params` and `opt_state` is read back and its digest compared with the step's integrity record, the data states with their SHA-256; no NaN / Inf in the parameters; the run's tokenizer files against their checksums |
 | Hugging Face | the index and every shard's header and size (the format has no checksums) |
 
@@ -55,9 +55,23 @@ def _read_leaf(params_dir: Path, name: str, use_ocdbt: bool, use_zarr3: bool):
 
 def verify_converted(path: Path, log) -> dict:
     man = fmt.read_manifest(path)
+    # config.json against the architecture the manifest recorded (`fmt.stored_config`), and
+    # the manifest's leaves against what that architecture has.
+    cfg = loading.read_model_config(path)
     p = man["params"]
     params_dir = path / p["dir"]
     checksum = p.get("checksum", "none")
+    form = man.get("weights", {}).get("form", "float")
+    want = fmt.param_leaves(cfg, man["dtype"], "auto" if form == "float" else form)
+    want = {l.name: f"{l.dtype.name} {list(l.shape)}" for l in want.values()}
+    got = {n: f"{i['dtype']} {list(i['shape'])}" for n, i in p["leaves"].items()}
+    for name in sorted(set(want) | set(got)):
+        if want.get(name) != got.get(name):
+            raise CheckpointError(
+                f"{path / fmt.MANIFEST}: array {name} is {got.get(name, 'absent')} in the "
+                f"manifest, but the architecture of {path / fmt.CONFIG} gives "
+                f"{want.get(name, 'no such array')}"
+            )
     _, _, names = integrity.orbax_metadata(params_dir)
     if sorted(names) != sorted(p["leaves"]):
         extra = sorted(set(names) ^ set(p["leaves"]))
@@ -85,7 +99,6 @@ def verify_converted(path: Path, log) -> dict:
             raise CheckpointError(
                 f"{path / name}: tokenizer file listed in the manifest is missing"
             )
-    loading.read_model_config(path)
     note = (
         "every chunk's crc32c matches"
         if checksum == "crc32c"
