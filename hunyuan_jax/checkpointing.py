@@ -45,9 +45,9 @@ import jax
 import orbax.checkpoint as ocp
 import yaml
 
-from hunyuan_jax import atomic, integrity
+from hunyuan_jax import atomic, health, integrity
 from hunyuan_jax.config import ModelConfig, read_yaml
-from hunyuan_jax.errors import CheckpointError
+from hunyuan_jax.errors import CheckpointError, NonFiniteLoss
 from hunyuan_jax.policy import RuntimePolicy
 
 PARAMS, OPT_STATE, DATA, INTEGRITY = "params", "opt_state", "data", "integrity"
@@ -81,6 +81,8 @@ def read_run_config(run_dir: str | Path) -> tuple[ModelConfig, RuntimePolicy, di
     data = read_yaml(path)
     if "model" not in data:
         raise CheckpointError(f"{path}: no 'model:' section")
+    if not isinstance(data.get("train") or {}, dict):
+        raise CheckpointError(f"{path}: the 'train:' section is not a mapping")
     return (
         ModelConfig.from_dict(data["model"], str(path)),
         RuntimePolicy.from_dict(data.get("runtime"), str(path)),
@@ -250,7 +252,10 @@ class Checkpointer:
     def save(self, step: int, params, opt_state, data_states: dict[str, Any], health=None) -> bool:
         """Starts saving step `step`; returns once the arrays are copied to host memory (so the
         caller may donate the buffers), the files are written in the background. The digests
-        of the arrays are computed first, on device, and saved with them."""
+        of the arrays are computed first, on device, and saved with them. Arrays holding NaN
+        or inf are never saved: NonFiniteLoss (exit 5) naming them, the kept checkpoints and
+        the newest healthy one (`health.stop_report`)."""
+        self._refuse_nonfinite(step, params, opt_state, health)
         record = {
             "digest": integrity.DIGEST,
             PARAMS: array_record(params),
@@ -272,6 +277,36 @@ class Checkpointer:
             raise self._write_error(e) from e
         self._saving = step
         return started
+
+    def _refuse_nonfinite(self, step: int, params, opt_state, step_health) -> None:
+        bad = [f"{PARAMS}.{n}" for n in health.nonfinite_arrays(params)]
+        bad += [f"{OPT_STATE}.{n}" for n in health.nonfinite_arrays(opt_state)]
+        if not bad:
+            return
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        where = f"non-finite values (NaN / inf) in {len(bad)} arrays at step {step} ({names})"
+        if step_health is None:
+            raise NonFiniteLoss(f"{where}; not saved into {self.directory}")
+        if step_health.get("finite_steps"):
+            where += (
+                f" although the losses of steps {step_health['window'][0]}-{step} were finite "
+                f"(last {step_health.get('loss_last', float('nan')):.4g}): an update overflowed "
+                f"(a learning rate or LR scale too large?)"
+            )
+        raise NonFiniteLoss(
+            health.stop_report(where, None, self.kept_health(), self.directory.parent)
+        )
+
+    def kept_health(self) -> dict[int, dict | None]:
+        """{step: recorded health or None} of the kept checkpoints (pending saves finished)."""
+        self.wait()
+        out = {}
+        for s in self.all_steps():
+            try:
+                out[s] = (self.record(s) or {}).get("health")
+            except CheckpointError:
+                out[s] = None
+        return out
 
     def record(self, step: int) -> dict | None:
         return read_record(self.directory / str(step))

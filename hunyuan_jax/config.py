@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -103,6 +104,14 @@ class ModelConfig:
             raise ConfigError(f"config key 'head_dim' must be even for RoPE, got {self.head_dim}")
         if self.rope_alpha <= 0 or self.rope_theta <= 0:
             raise ConfigError("config keys 'rope_theta' and 'rope_alpha' must be positive")
+        if self.rms_norm_eps <= 0:  # 0: an all-zero row divides by zero
+            raise ConfigError(
+                f"config key 'rms_norm_eps' must be positive, got {self.rms_norm_eps}"
+            )
+        if self.initializer_range < 0:
+            raise ConfigError(
+                f"config key 'initializer_range' must be >= 0, got {self.initializer_range}"
+            )
 
     # Derived quantities -------------------------------------------------------------------
     @property
@@ -184,13 +193,46 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------- file readers
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a mapping with the same key twice (at any level) is a
+    `ConstructorError` at the second one's line instead of silently keeping the last value
+    (YAML requires keys to be unique; `lr: 3e-3` ... `lr: 3e+3` is a typo, not an override).
+    Merge keys (`<<: *base`) still override what they merge."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first on line {first.line + 1})",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """`yaml.safe_load` refusing duplicate mapping keys (`UniqueKeyLoader`)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+
+
 def read_yaml(path: str | Path) -> dict:
     """A YAML mapping; ConfigError naming the file (and line) when it is missing or broken."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -225,16 +267,46 @@ def dataclass_from_dict(cls, d: Mapping[str, Any], source: str, what: str):
     """cls(**d), refusing keys the dataclass does not have (naming them and the known ones)."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"{source}: the {what} section must be a mapping, got {d!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(f"{source}: unknown {what} key(s) {unknown}; known keys: {sorted(known)}")
+    missing = [
+        f.name
+        for f in fields
+        if f.name not in d
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{source}: missing required {what} key(s) {missing}")
+    bad = nonfinite_keys(d)
+    if bad:
+        key, value = bad[0]
+        raise ConfigError(f"{source}: {what} key {key!r} must be a finite number, got {value}")
     try:
         return cls(**d)
     except ConfigError as e:
         if str(e).startswith(source):
             raise
         raise type(e)(f"{source}: {e}") from None
+    except (TypeError, ValueError) as e:  # a value a field's own checks did not foresee
+        raise ConfigTypeError(f"{source}: bad {what} value: {e}") from None
+
+
+def nonfinite_keys(value, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every NaN / infinite float in a config mapping, nested mappings
+    and lists included: no config value has a meaning for them (`--set lr=nan`)."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [(prefix, value)]
+    if isinstance(value, Mapping):
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return []
+    return [bad for k, v in items for bad in nonfinite_keys(v, k)]
 
 
 def hf_to_fields(hf: Mapping[str, Any], source: str = "config.json") -> dict:
@@ -247,14 +319,31 @@ def hf_to_fields(hf: Mapping[str, Any], source: str = "config.json") -> dict:
             raise ConfigError(f"{source}: missing required key {key!r}")
         return hf[key]
 
-    def number(key, kind, default=None):
-        value = need(key) if default is None else hf.get(key, default)
+    def number(key, kind, default=None, value=None):
+        """hf[key] as `kind`: a finite number, integral for int (JSON's NaN / Infinity and
+        2.5 layers are refused, not truncated or carried into the model)."""
+        if value is None:
+            value = need(key) if default is None else hf.get(key, default)
         try:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise TypeError
-            return kind(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{source}: key {key!r} must be a number, got {value!r}") from None
+            if isinstance(value, int):  # exact (float() would round above 2**53)
+                return value if kind is int else float(value)
+            out = float(value)
+            if not math.isfinite(out) or (kind is int and not out.is_integer()):
+                raise ValueError
+            return int(out) if kind is int else out
+        except (TypeError, ValueError, OverflowError):
+            what = "an integer" if kind is int else "a finite number"
+            raise ConfigError(f"{source}: key {key!r} must be {what}, got {value!r}") from None
+
+    def flag(key, default):
+        value = hf.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):  # bool("false") is True
+            raise ConfigError(f"{source}: key {key!r} must be true or false, got {value!r}")
+        return value
 
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported (only 'silu')")
@@ -267,49 +356,62 @@ def hf_to_fields(hf: Mapping[str, Any], source: str = "config.json") -> dict:
         raise ConfigError(f"{source}: rope_scaling.type {scaling.get('type')!r} unsupported")
     if scaling and "alpha" not in scaling:
         raise ConfigError(f"{source}: rope_scaling has no 'alpha' (NTK-alpha is required)")
-    if scaling and float(scaling.get("factor", 1.0)) != 1.0:
+    if scaling and number("rope_scaling.factor", float, value=scaling.get("factor", 1.0)) != 1:
         raise ConfigError(f"{source}: rope_scaling.factor != 1 is not supported")
-    use_cla = bool(hf.get("use_cla", False))
+    use_cla = flag("use_cla", False)
     num_heads = number("num_attention_heads", int)
     hidden = number("hidden_size", int)
-    top_k = hf.get("moe_topk", 1)
-    if isinstance(top_k, list):  # some releases store one value per layer
-        if len(set(top_k)) != 1:
-            raise ConfigError(f"{source}: per-layer moe_topk {top_k} unsupported")
-        top_k = top_k[0]
-    shared = hf.get("num_shared_expert", 1 if hf.get("use_mixed_mlp_moe", False) else 0)
-    if isinstance(shared, list):
-        shared = shared[0]
-    if not hf.get("use_mixed_mlp_moe", shared > 0):
+
+    def per_layer(key, default):  # some releases store one value per layer
+        value = hf.get(key, default)
+        if isinstance(value, list):
+            if not value or len({repr(v) for v in value}) != 1:
+                raise ConfigError(f"{source}: per-layer {key} {value} unsupported")
+            value = value[0]
+        return number(key, int, value=value)
+
+    top_k = per_layer("moe_topk", 1)
+    use_mixed = hf.get("use_mixed_mlp_moe")
+    shared = per_layer("num_shared_expert", 1 if use_mixed else 0)
+    if not flag("use_mixed_mlp_moe", shared > 0):
         shared = 0
+    kv_heads = hf.get("num_key_value_heads")
+    head_dim = hf.get("head_dim")
     return dict(
         vocab_size=number("vocab_size", int),
         hidden_size=hidden,
         intermediate_size=number("intermediate_size", int),
         num_layers=number("num_hidden_layers", int),
         num_heads=num_heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+        num_kv_heads=number("num_key_value_heads", int, value=kv_heads) if kv_heads else num_heads,
         num_experts=number("num_experts", int),
-        num_shared_experts=int(shared),
-        moe_top_k=int(top_k),
+        num_shared_experts=shared,
+        moe_top_k=top_k,
         cla_share_factor=number("cla_share_factor", int, 1) if use_cla else 1,
-        use_qk_norm=bool(hf.get("use_qk_norm", False)),
+        use_qk_norm=flag("use_qk_norm", False),
         rope_theta=number("rope_theta", float, 10000.0),
-        rope_alpha=float(scaling.get("alpha", 1.0)) if scaling else 1.0,
+        rope_alpha=(
+            number("rope_scaling.alpha", float, value=scaling.get("alpha")) if scaling else 1.0
+        ),
         max_position_embeddings=number("max_position_embeddings", int, 4096),
         rms_norm_eps=number("rms_norm_eps", float, 1e-5),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        tie_word_embeddings=flag("tie_word_embeddings", True),
         initializer_range=number("initializer_range", float, 0.02),
-        head_dim=int(hf.get("head_dim") or hidden // num_heads),
+        head_dim=(
+            number("head_dim", int, value=head_dim) if head_dim else hidden // max(num_heads, 1)
+        ),
     )
 
 
 def check_types(cfg, what: str) -> None:
     """Type-check a config dataclass's fields against their annotations (ints accepted and
-    converted where a float is expected); ConfigTypeError naming the key."""
+    converted where a float is expected); ConfigTypeError naming the key. A NaN or infinite
+    float is a ConfigError wherever it appears: no config key has a meaning for it."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, hint = getattr(cfg, f.name), hints[f.name]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{what} key {f.name!r} must be a finite number, got {value}")
         allowed = typing.get_args(hint) or (hint,)
         allowed = tuple(a for a in allowed if isinstance(a, type))
         if float in allowed and isinstance(value, int) and not isinstance(value, bool):

@@ -17,7 +17,10 @@ Each pair is two rows of `seq_len` (inputs = ids[:-1], targets = ids[1:], padded
 chosen first: a micro-batch holds rows [chosen 0, rejected 0, chosen 1, rejected 1, ...].
 A pair whose chosen or rejected conversation does not fit in a row (more than seq_len + 1
 tokens) is dropped and counted (comparing cut responses would compare different things);
-no pair left is a DataError. Bad records are `DataError`s naming file:line (exit 3).
+no pair left is a DataError. Bad records are `DataError`s naming file:line (exit 3). A pair
+whose chosen reply equals its rejected one teaches nothing (its DPO gradient is 0, its margin
+always 0): such pairs get one warning line (their count and first file:line), and data in which
+no pair differs is a DataError.
 
 `PairLoader` iterates this host's pairs (reshuffled every epoch, deterministic in the seed;
 state {epoch, cursor, offset=0} as `data.PackedLoader`'s, stored in the checkpoints) and adds
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,11 +96,17 @@ def check_record(rec, where: str) -> PreferencePair:
     return PreferencePair(msgs, rec["chosen"], rec["rejected"], where)
 
 
-def read_pairs(spec: str, process_index: int = 0, process_count: int = 1) -> list[PreferencePair]:
+def read_pairs(
+    spec: str,
+    process_index: int = 0,
+    process_count: int = 1,
+    log: Callable[[str], object] = print,
+) -> list[PreferencePair]:
     """This host's share of the preference records of `spec` (a .jsonl file, directory or
     glob): records are numbered across files in sorted order, process p keeps those with
     index % process_count == p. DataError (file:line) for an empty file, invalid JSON, or a
-    record `check_record` refuses; DataError if this host gets no pair."""
+    record `check_record` refuses; DataError if this host gets no pair, or none whose chosen
+    and rejected replies differ; a warning line through `log` if some are the same."""
     files = _expand(spec)
     pairs, index = [], itertools.count()
     for f in files:
@@ -105,9 +114,21 @@ def read_pairs(spec: str, process_index: int = 0, process_count: int = 1) -> lis
             raise DataError(f"{f}: empty data file")
         for where, rec in jsonl_records(f, index, process_index, process_count):
             pairs.append(check_record(rec, where))
+    share = f" for process {process_index} of {process_count}" if process_count > 1 else ""
     if not pairs:
-        share = f" for process {process_index} of {process_count}" if process_count > 1 else ""
         raise DataError(f"{spec}: no preference pair{share}")
+    same = [p.source for p in pairs if p.chosen == p.rejected]
+    if same:
+        where = ", ".join(same[:3]) + (f" and {len(same) - 3} more" if len(same) > 3 else "")
+        if len(same) == len(pairs):
+            raise DataError(
+                f"{spec}: 'chosen' equals 'rejected' in every preference pair{share} "
+                f"({len(pairs)}: {where}): there is no preference to learn"
+            )
+        log(
+            f"[data] warning: {len(same)} of {len(pairs)} preference pairs{share} have "
+            f"'chosen' equal to 'rejected' (nothing to learn from them): {where}"
+        )
     return pairs
 
 

@@ -18,6 +18,16 @@ not caught: look at metrics.jsonl.
 The loop records `assess(...)` in each checkpoint's integrity record (`checkpointing`); when a
 run stops on a non-finite loss, `stop_report` names the last finite step, every kept
 checkpoint with its health, the newest healthy one, and what to do.
+
+Non-finite weights are never saved, so never called healthy: a step's loss and gradient are
+computed from the weights before its update, so an update that overflows (a learning rate or
+LR scale too large for float32, e.g. 1e39) leaves finite metrics and NaN / inf weights, which
+only the next step's loss would show. `Checkpointer.save` therefore checks every float array
+of the parameters and optimizer state first (`nonfinite_arrays`, one jitted pass on device,
+at each save only) and stops the run with `NonFiniteLoss` (exit 5) and `stop_report`'s
+message, instead of saving them (with `on_nonfinite=skip` too: no later batch can repair
+them). Recording them as unhealthy instead would still leave a final checkpoint of NaN
+weights behind a run that exits 0.
 """
 
 from __future__ import annotations
@@ -26,6 +36,12 @@ import json
 import math
 from collections import deque
 from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hunyuan_jax import integrity
 
 LOSS_FACTOR = 1.5
 GRAD_FACTOR = 5.0
@@ -123,6 +139,29 @@ class History:
                 f"grad norm {out['grad_norm_max']:.4g} <= {GRAD_FACTOR} x median {grad_med:.4g}"
             ),
         )
+
+
+@jax.jit
+def _nonfinite_flags(xs):
+    return jnp.stack([~jnp.all(jnp.isfinite(x)) for x in xs])
+
+
+def nonfinite_arrays(tree) -> list[str]:
+    """The names (orbax's) of the float arrays of a (possibly sharded) pytree that hold a NaN
+    or an infinity, computed where they live in one jitted pass (every process of a pod gets
+    the same answer)."""
+    items = [
+        (n, x)
+        for n, x in integrity.named_leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact) and x.size
+    ]
+    if not items:
+        return []
+    out = _nonfinite_flags([x for _, x in items])
+    if not out.is_fully_addressable:  # multi-host: the (replicated) result of a reduction
+        out = out.addressable_shards[0].data
+    flags = np.asarray(jax.device_get(out))
+    return [n for (n, _), bad in zip(items, flags) if bad]
 
 
 def describe(step: int, health: dict | None) -> str:

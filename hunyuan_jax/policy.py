@@ -93,7 +93,7 @@ class RuntimePolicy:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, source: str = "runtime") -> RuntimePolicy:
-        return dataclass_from_dict(cls, dict(d or {}), source, "runtime")
+        return dataclass_from_dict(cls, {} if d is None else d, source, "runtime")
 
     @classmethod
     def inference(cls, dtype: str = "bfloat16", **changes) -> RuntimePolicy:

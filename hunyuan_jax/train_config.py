@@ -10,13 +10,19 @@ so that a run directory alone is enough to resume training or to decode.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from hunyuan_jax.config import ModelConfig, check_types, dataclass_from_dict, read_yaml
+from hunyuan_jax.config import (
+    ModelConfig,
+    check_types,
+    dataclass_from_dict,
+    load_yaml,
+    read_yaml,
+)
 from hunyuan_jax.errors import ConfigError
 from hunyuan_jax.lora import LoraConfig
 from hunyuan_jax.policy import RuntimePolicy
@@ -129,6 +135,8 @@ class TrainConfig:
         if isinstance(self.dpo, Mapping):  # from YAML / --set dpo.beta=...
             object.__setattr__(self, "dpo", _nested(DPOConfig, self.dpo, "dpo"))
         object.__setattr__(self, "lora", LoraConfig.from_value(self.lora))
+        if self.lora is not None and self.lora.alpha <= 0:  # 0: adapters that never learn
+            raise ConfigError(f"train key 'lora.alpha' must be positive, got {self.lora.alpha}")
         check_types(self, "train")
         for key in (
             "steps",
@@ -143,9 +151,21 @@ class TrainConfig:
         ):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train key {key!r} must be positive, got {getattr(self, key)}")
-        for key in ("warmup_steps",):
+        for key in ("warmup_steps", "aux_loss_coef", "z_loss_coef"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train key {key!r} must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.seed < 2**63:  # numpy's Generator refuses negative seeds
+            raise ConfigError(f"train key 'seed' must be in [0, 2**63), got {self.seed}")
+        for key in ("b1", "b2"):  # Adam's moment decays; 1 never updates, > 1 diverges
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"train key {key!r} must be in [0, 1), got {getattr(self, key)}")
+        if self.eps <= 0:  # 0: 0 / 0 for a parameter whose gradient is 0 (an unused expert)
+            raise ConfigError(f"train key 'eps' must be positive, got {self.eps}")
+        if self.tokenizer_vocab_size is not None and self.tokenizer_vocab_size <= 0:
+            raise ConfigError(
+                f"train key 'tokenizer_vocab_size' must be positive (or null), "
+                f"got {self.tokenizer_vocab_size}"
+            )
         if self.batch_size % self.micro_batches:
             raise ConfigError(
                 f"train key 'batch_size' ({self.batch_size}) must be divisible by "
@@ -257,9 +277,10 @@ def parse_overrides(items: Iterable[str]) -> dict[str, dict]:
         key, raw = item.split("=", 1)
         key = key.strip()
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:
                 value = float(value)
@@ -274,6 +295,38 @@ def parse_overrides(items: Iterable[str]) -> dict[str, dict]:
         else:
             out[section][name] = value
     return out
+
+
+def check_repeated_overrides(
+    items: Iterable[str], log: Callable[[str], Any] = print, **flags: Any
+) -> None:
+    """`--set` items that give one key different values (`lr=3e-3` ... `lr=3e+3`, `lr` and
+    `train.lr`, `lora={rank: 8}` and `lora.rank=4`): the later one wins, as with any repeated
+    flag (scripts append a user's overrides to their defaults), and each is said in one
+    warning line through `log`, never silently. A flag that is a shorthand for a key
+    (`--run-dir A`, passed here as `run_dir=A`) and a `--set` of that key with another value
+    is a ConfigError: neither comes "later"."""
+    seen: dict[tuple, tuple[Any, str]] = {}
+    given = [(f"--set {item}", parse_overrides([item])) for item in items]
+    flagged = [(f"--{k.replace('_', '-')} {v}", {"train": {k: v}}) for k, v in flags.items()]
+    for item, parsed in given + flagged:
+        for section, changes in parsed.items():
+            for name, value in changes.items():
+                if isinstance(value, Mapping) and value:
+                    keys = [((section, name, k), v) for k, v in value.items()]
+                else:
+                    keys = [((section, name), value)]
+                for key, v in keys:
+                    for other, (ov, oitem) in list(seen.items()):
+                        clash = other[: len(key)] == key or key[: len(other)] == other
+                        if not clash or (other == key and ov == v):
+                            continue
+                        what = f"key {'.'.join(key[1:])!r} of the {section} section"
+                        if item.startswith("--set"):
+                            log(f"[config] warning: {what}: {item!r} overrides {oitem!r}")
+                        else:
+                            raise ConfigError(f"{what} is set twice: {oitem!r} and {item!r}")
+                    seen[key] = (v, item)
 
 
 def load_configs(
@@ -291,6 +344,12 @@ def load_configs(
         unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
             raise ConfigError(f"{path}: unknown section(s) {unknown}; sections are {SECTIONS}")
+    for s in SECTIONS:
+        if data.get(s) is not None and not isinstance(data[s], Mapping):
+            raise ConfigError(
+                f"{source}: the '{s}:' section must be a mapping of keys, got "
+                f"{type(data[s]).__name__} {data[s]!r:.60}"
+            )
     sections = {s: dict(data.get(s) or {}) for s in SECTIONS}
     for s, changes in parse_overrides(overrides).items():
         for key, value in changes.items():

@@ -3,8 +3,9 @@ step (two micro-batches, SFT term, MoE auxiliary loss) equals a numpy float64 ev
 formula on the model's own logits; a short run on 4 pairs starts at margin 0 (the reference is
 the initial model), reaches accuracy 1.0 with a growing reward margin, and resumes exactly
 (the stored reference log-probabilities read back); a damaged reference file is exit 4 and
-changed preference data exit 3; bad records are refused with exit 3 naming file:line; the
-response-only loss mask.
+changed preference data exit 3; bad records are refused with exit 3 naming file:line, pairs
+whose chosen reply equals the rejected one named in a warning (exit 3 when no pair differs);
+the response-only loss mask.
 
 Compile time dominates: the shared persistent compilation cache (tests/helpers/jax_cache.py)
 makes the run's step (compiled first by the loss test) and the resumed runs' compiles cache hits.
@@ -298,6 +299,34 @@ def test_train_cli_exit_3_on_a_bad_record(tmp_path, capsys):
     assert rc == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"train.py: error: {f}:2: no 'chosen' field"], err
+
+
+def test_identical_pairs_warned_and_refused_when_none_differs(tmp_path, capsys):
+    """chosen == rejected teaches nothing (margin 0, DPO gradient 0): some such pairs are one
+    warning line naming them (file:line); all of them is exit 3 (it trained to the end with
+    accuracy 0 and no word)."""
+    import train as train_cli
+
+    f = tmp_path / "prefs.jsonl"
+    same = [dict(p, rejected=p["chosen"]) for p in PAIRS]
+    f.write_text("\n".join(json.dumps(p) for p in [PAIRS[0], same[1], PAIRS[2], same[3]]) + "\n")
+    said = []
+    assert len(read_pairs(str(f), log=said.append)) == 4
+    assert said == [
+        f"[data] warning: 2 of 4 preference pairs have 'chosen' equal to 'rejected' (nothing "
+        f"to learn from them): {f}:2, {f}:4"
+    ], said
+    f.write_text("\n".join(json.dumps(p) for p in same) + "\n")
+    rc = train_cli.main(
+        ["--config", str(TINY), *[f"--set={o}" for o in BASE], f"--set=data={f}",
+         f"--run-dir={tmp_path / 'run'}"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and len(err) == 1, err
+    assert err[0] == (
+        f"train.py: error: {f}: 'chosen' equals 'rejected' in every preference pair (4: "
+        f"{f}:1, {f}:2, {f}:3 and 1 more): there is no preference to learn"
+    ), err
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """train.py end to end on the tiny config (CPU), through `train_loop.train` and
 `train_step.TrainStep`: the loss falls; run-directory layout, metrics and the run's parameters
 as `hunyuan_jax.loading` reads them; exact resume; a real SIGKILL during a checkpoint save;
-non-finite losses (stop / skip); the model / runtime / train config sections and overrides;
+non-finite losses (stop / skip) and weights (never saved); the model / runtime / train config sections and overrides;
 expert-specific learning rates and the weight-decay mask, in the optimizer and in the real
 step; the same loss curve on an 8-device expert-parallel mesh as on one device.
 
@@ -147,6 +147,7 @@ def test_loss_falls_and_run_dir_layout(reference):
     assert all("tokens_per_s" in r for r in m if r["step"] % 10 == 0)
     # Layout: config, tokenizer, checkpoints/<step>/{params, opt_state, data}.
     assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.model").is_file()
+    assert not (run / "run.lock").exists()  # held while training, removed at the end
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [10, 20, 30]
     for item in ("params", "opt_state", "data"):
@@ -280,6 +281,24 @@ def test_nonfinite_loss_stops_naming_the_step(reference, workdir, tokenizer, mon
         train(mcfg, policy, tcfg, log=lambda *_: None)
     assert latest_step(run) == 10
     assert [m["step"] for m in _metrics(run)][-1] == 13 and not _metrics(run)[-1]["ok"]
+
+
+def test_nonfinite_weights_are_never_saved(workdir, tokenizer):
+    """A learning rate that overflows float32 (1e39 -> inf) turns step 1's update into inf /
+    NaN weights while step 1's own loss (from the weights before the update) is finite: the
+    run stops (exit 5) instead of saving them (it saved them, recorded as healthy, and
+    exited 0)."""
+    run = workdir / "overflow"
+    mcfg, policy, tcfg = _configs(run, tokenizer, "lr=1e39", "stop_at=1")
+    with pytest.raises(
+        NonFiniteLoss, match=r"non-finite values \(NaN / inf\) in \d+ arrays at step 1 "
+    ) as e:
+        train(mcfg, policy, tcfg, log=lambda *_: None)
+    msg = str(e.value)
+    assert "losses of steps 1-1 were finite" in msg and "no checkpoint was saved" in msg, msg
+    assert e.value.exit_code == 5 and latest_step(run) is None
+    assert not [p for p in (run / "checkpoints").iterdir()]  # not even a temporary directory
+    assert [m["ok"] for m in _metrics(run)] == [True]
 
 
 def test_nonfinite_loss_skip_leaves_state_unchanged(reference, workdir, tokenizer, monkeypatch):
