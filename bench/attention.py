@@ -1,5 +1,5 @@
 """Forward+backward time of causal attention: xla (reference, materialised scores) vs flash
-(blockwise, hunyuan_jax.kernels.flash), on this machine's default JAX backend (CPU here).
+(blockwise, hunyuan_jax.model.kernels.flash), on this machine's default JAX backend (CPU here).
 
     python bench/attention.py                       # B=1, S=2048, H=8, KVH=2, D=64, float32
     python bench/attention.py --seq 4096 --rounds 9
@@ -31,8 +31,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hunyuan_jax.kernels import AttentionMask, reference_attention  # noqa: E402
-from hunyuan_jax.kernels.flash import flash_attention  # noqa: E402
+from hunyuan_jax.model.kernels import AttentionMask, reference_attention  # noqa: E402
+from hunyuan_jax.model.kernels.flash import flash_attention  # noqa: E402
 
 BUSY_SPREAD = 0.20
 

@@ -23,10 +23,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import harness  # noqa: E402
-from hunyuan_jax.data import to_global  # noqa: E402
-from hunyuan_jax.state import init_model  # noqa: E402
-from hunyuan_jax.train_config import load_configs  # noqa: E402
-from hunyuan_jax.train_step import TrainStep  # noqa: E402
+from hunyuan_jax.data.corpus import to_global  # noqa: E402
+from hunyuan_jax.model.state import init_model  # noqa: E402
+from hunyuan_jax.train.config import load_configs  # noqa: E402
+from hunyuan_jax.train.step import TrainStep  # noqa: E402
 from sharding.plan import ShardingPlan  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """Benchmark of what the integrity record costs a training checkpoint: save and restore times
-of the same state with and without the per-array digests (`hunyuan_jax.checkpointing`), and
+of the same state with and without the per-array digests (`hunyuan_jax.checkpoints.runs`), and
 the digest pass alone.
 
     python bench/checkpoint.py                 # ~1.2 GB: 0.4 GB float32 params + Adam moments
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     import jax
     import orbax.checkpoint as ocp
 
-    from hunyuan_jax import checkpointing, integrity
+    from hunyuan_jax.checkpoints import integrity, runs
 
     params, opt = _state(args.params_gb)
     total_gb = sum(x.nbytes for x in jax.tree.leaves((params, opt))) / 1e9
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     try:
         for r in range(args.repeat):
             run = work / f"run{r}"
-            ck = checkpointing.Checkpointer(run, keep=10, async_save=False)
+            ck = runs.Checkpointer(run, keep=10, async_save=False)
             plain = ocp.args.Composite(
                 params=ocp.args.StandardSave(params),
                 opt_state=ocp.args.StandardSave(opt),

@@ -8,7 +8,7 @@ bf16 checkpoints of two (or more) sizes that differ only in their number of laye
     python bench/convert.py --sizes-gb 3,6 --hidden 6400 --intermediate 18304 --experts 2 \
         --vocab 129024 --heads 80 --kv-heads 8
 
-Each conversion runs in a fresh subprocess (`python -m hunyuan_jax.convert hf-to-jax`); its
+Each conversion runs in a fresh subprocess (`python -m hunyuan_jax.cli.convert hf-to-jax`); its
 peak RSS is the process's own VmHWM (reported in the manifest; not ru_maxrss from wait4, which
 Linux seeds with the parent's high-water mark across fork + exec). The synthetic checkpoint was just
 written, so it is read from the page cache: the numbers are the converter's CPU-side rate, not
@@ -137,7 +137,7 @@ def _convert_once(args, hf, out, work, env, size, layers, largest, checksum) -> 
         [
             sys.executable,
             "-m",
-            "hunyuan_jax.convert",
+            "hunyuan_jax.cli.convert",
             "hf-to-jax",
             "--hf-dir",
             str(hf),
@@ -172,7 +172,7 @@ def _convert_once(args, hf, out, work, env, size, layers, largest, checksum) -> 
             [
                 sys.executable,
                 "-m",
-                "hunyuan_jax.convert",
+                "hunyuan_jax.cli.convert",
                 "jax-to-hf",
                 "--ckpt",
                 str(out),

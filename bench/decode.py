@@ -1,4 +1,4 @@
-"""Prefill and decode throughput of hunyuan_jax.generate vs a PyTorch eager baseline, same process.
+"""Prefill and decode throughput of hunyuan_jax.decode.generate vs a PyTorch eager baseline, same process.
 
     python bench/decode.py                      # configs/small.yaml, batch 1 and 8
     python bench/decode.py --prompt-len 128 --new-tokens 32 --batches 1 8 --repeats 3
@@ -65,11 +65,11 @@ import torch.nn.functional as F  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench import harness  # noqa: E402
-from hunyuan_jax.config import ModelConfig  # noqa: E402
-from hunyuan_jax.generate import Generator  # noqa: E402
-from hunyuan_jax.loading import read_model_config  # noqa: E402
-from hunyuan_jax.policy import RuntimePolicy  # noqa: E402
-from hunyuan_jax.state import init_model  # noqa: E402
+from hunyuan_jax.checkpoints.loading import read_model_config  # noqa: E402
+from hunyuan_jax.decode.generate import Generator  # noqa: E402
+from hunyuan_jax.model.config import ModelConfig  # noqa: E402
+from hunyuan_jax.model.policy import RuntimePolicy  # noqa: E402
+from hunyuan_jax.model.state import init_model  # noqa: E402
 
 
 # ============================================================================ PyTorch baseline

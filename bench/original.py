@@ -91,7 +91,7 @@ def export_hf(model, cfg, workdir: Path, dtype: str) -> Path:
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from hunyuan_jax import convert
+    from hunyuan_jax.checkpoints import convert
 
     workdir.mkdir(parents=True, exist_ok=True)
     tree = workdir / "orbax"

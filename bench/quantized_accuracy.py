@@ -36,8 +36,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from hunyuan_jax import loading  # noqa: E402
-from hunyuan_jax.generate import Generator  # noqa: E402
+from hunyuan_jax.checkpoints import loading  # noqa: E402
+from hunyuan_jax.decode.generate import Generator  # noqa: E402
 
 ROWS = (("float32", "float32"), ("float32", "int8")) + tuple(
     (w, c) for w in ("bf16", "int8", "fp8") for c in ("float32", "int8")
@@ -83,7 +83,7 @@ def first_divergence(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def corpus_prompts(tokenizer, n: int, length: int, seed: int) -> np.ndarray:
-    from hunyuan_jax.data import embedded_corpus
+    from hunyuan_jax.data.corpus import embedded_corpus
 
     ids = tokenizer.encode("\n".join(embedded_corpus(400_000)))
     rng = np.random.default_rng(seed)

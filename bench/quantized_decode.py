@@ -4,7 +4,7 @@
     python bench/quantized_decode.py --batches 1 --rounds 9 --weights float32 int8
 
 One random model of the config (float32) is held three ways (`RuntimePolicy.weights`):
-float32 (as built), bf16 and int8 (per output channel, `hunyuan_jax.quantize`); compute is
+float32 (as built), bf16 and int8 (per output channel, `hunyuan_jax.model.quantize`); compute is
 float32 on every side, so the sides differ only in how the weights are stored and read (a
 bf16 weight is cast to float32 at each matmul, an int8 one dequantized next to it). Each side
 runs `Generator.generate` (compiled beforehand) on the same prompts; the sides alternate
@@ -33,11 +33,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from hunyuan_jax import quantize  # noqa: E402
-from hunyuan_jax.generate import Generator  # noqa: E402
-from hunyuan_jax.loading import read_model_config  # noqa: E402
-from hunyuan_jax.policy import RuntimePolicy  # noqa: E402
-from hunyuan_jax.state import init_model  # noqa: E402
+from hunyuan_jax.checkpoints.loading import read_model_config  # noqa: E402
+from hunyuan_jax.decode.generate import Generator  # noqa: E402
+from hunyuan_jax.model import quantize  # noqa: E402
+from hunyuan_jax.model.policy import RuntimePolicy  # noqa: E402
+from hunyuan_jax.model.state import init_model  # noqa: E402
 
 BUSY_SPREAD = 0.20
 

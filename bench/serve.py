@@ -151,8 +151,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from hunyuan_jax.generate import Generator
-    from hunyuan_jax.serve.__main__ import build_state
+    from hunyuan_jax.cli.serve import build_state
+    from hunyuan_jax.decode.generate import Generator
 
     before = matmul_gflops()
     state = build_state(

@@ -52,12 +52,12 @@ import torch.nn.functional as F  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench import harness  # noqa: E402
-from hunyuan_jax.data import to_global  # noqa: E402
-from hunyuan_jax.losses import lm_loss  # noqa: E402
-from hunyuan_jax.optim import active_params  # noqa: E402
-from hunyuan_jax.state import init_model  # noqa: E402
-from hunyuan_jax.train_config import load_configs  # noqa: E402
-from hunyuan_jax.train_step import TrainStep  # noqa: E402
+from hunyuan_jax.data.corpus import to_global  # noqa: E402
+from hunyuan_jax.model.state import init_model  # noqa: E402
+from hunyuan_jax.train.config import load_configs  # noqa: E402
+from hunyuan_jax.train.losses import lm_loss  # noqa: E402
+from hunyuan_jax.train.optim import active_params  # noqa: E402
+from hunyuan_jax.train.step import TrainStep  # noqa: E402
 from sharding.plan import ShardingPlan  # noqa: E402
 
 

@@ -30,7 +30,7 @@ Where the settings come from, first match wins:
 On CPU (tests, `JAX_PLATFORMS=cpu`) cross-process collectives need an implementation: gloo is
 selected (`jax_cpu_collectives_implementation`) unless `HUNYUAN_CPU_COLLECTIVES` says otherwise.
 
-Per-host data: `hunyuan_jax.data` already shards documents by process (document i to host
+Per-host data: `hunyuan_jax.data.corpus` already shards documents by process (document i to host
 i % count) and assembles the global batch with `jax.make_array_from_process_local_data`;
 `process_rows` tells which rows of a global batch this host's devices hold (for loaders that
 read a shared, indexable dataset instead).

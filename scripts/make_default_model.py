@@ -3,10 +3,10 @@
     python scripts/make_default_model.py [--steps 300] [--out hunyuan_jax/assets/default_model]
 
 A smaller sibling of the smoke run's model (configs/tiny.yaml with 4 layers and 4 experts, so
-the folder stays under ~3 MB), trained by `hunyuan_jax.train_loop.train` on the embedded corpus
+the folder stays under ~3 MB), trained by `hunyuan_jax.train.loop.train` on the embedded corpus
 (Python's own stdlib sources) with a SentencePiece tokenizer trained on the same corpus, on a
 simulated 8-device expert-parallel CPU mesh; then exported with the converter's CLI
-(`python -m hunyuan_jax.convert jax-to-hf --dtype bfloat16`) into Hugging Face layout:
+(`python -m hunyuan_jax.cli.convert jax-to-hf --dtype bfloat16`) into Hugging Face layout:
 config.json, model-*.safetensors (+ index), tokenizer.model and a generation_config.json
 (greedy by default; its EOS ids are the tokenizer's). It completes Python-looking text; it is
 a demo and test model, not a useful assistant. A few minutes on 2 CPU cores.
@@ -48,9 +48,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="keep the training run here")
     args = ap.parse_args(argv)
 
-    from hunyuan_jax.checkpointing import checkpoint_dir, latest_step
-    from hunyuan_jax.train_config import load_configs
-    from hunyuan_jax.train_loop import train
+    from hunyuan_jax.checkpoints.runs import checkpoint_dir, latest_step
+    from hunyuan_jax.train.config import load_configs
+    from hunyuan_jax.train.loop import train
 
     out = Path(args.out)
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         step = latest_step(run)
         export = Path(tmp) / "hf"
         cmd = [
-            sys.executable, "-m", "hunyuan_jax.convert", "jax-to-hf",
+            sys.executable, "-m", "hunyuan_jax.cli.convert", "jax-to-hf",
             "--ckpt", str(checkpoint_dir(run) / str(step) / "params"),
             "--out", str(export), "--dtype", "bfloat16",
             "--config", str(run / "config.yaml"), "--no-progress",
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                 shutil.copy(p, out / p.name)
         shutil.copy(run / "tokenizer" / "tokenizer.model", out / "tokenizer.model")
 
-    from hunyuan_jax.tokenizer import load_tokenizer
+    from hunyuan_jax.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(out / "tokenizer.model")
     gen = {
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         f"Made by `scripts/make_default_model.py` ({args.steps} steps of configs/tiny.yaml with "
         f"{', '.join(MODEL_OVERRIDES)}) on the embedded corpus (Python stdlib sources); final "
         f"training loss {losses[-1]:.3f}. SentencePiece tokenizer trained on the same corpus. "
-        "A demo and test model for `python -m hunyuan_jax.serve` with no --checkpoint.\n"
+        "A demo and test model for `python -m hunyuan_jax.cli.serve` with no --checkpoint.\n"
     )
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.2f} MB): {sorted(p.name for p in out.iterdir())}")

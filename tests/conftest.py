@@ -23,7 +23,7 @@ def reference():
 
 def f32_policy(**changes):
     """Float32 parameters and compute (exact comparisons), no remat unless asked."""
-    from hunyuan_jax.policy import RuntimePolicy
+    from hunyuan_jax.model.policy import RuntimePolicy
 
     return RuntimePolicy.inference("float32").replace(**changes)
 
@@ -40,7 +40,7 @@ def make_plan(shape=None, rules="fsdp", overrides=None):
 def load_tiny(plan=None, policy=None, fmt="hf_st"):
     """hy_tiny (the PyTorch reference checkpoint) in float32 unless `policy` says otherwise,
     laid out by `plan` (default one device)."""
-    from hunyuan_jax import loading
+    from hunyuan_jax.checkpoints import loading
 
     ckpt = loading.open_checkpoint(HY_TINY / fmt)
     return loading.load_params(ckpt, policy or f32_policy(), plan)

@@ -23,10 +23,11 @@ from conftest import HY_TINY
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hunyuan_jax.aot import cli, compiler, flops, topology
-from hunyuan_jax.aot.cli import main
+from hunyuan_jax.aot import compiler, flops, topology
+from hunyuan_jax.checkpoints.loading import read_model_config
+from hunyuan_jax.cli import aot as cli
+from hunyuan_jax.cli.aot import main
 from hunyuan_jax.errors import UsageError
-from hunyuan_jax.loading import read_model_config
 
 A52B = "configs/hunyuan_a52b_instruct.yaml"
 TINY = "configs/tiny.yaml"
@@ -240,13 +241,13 @@ def test_tiny_compiles_for_v5p(mode, extra, tmp_path, capsys):
 
 @needs_libtpu
 def test_tiny_train_communication_from_the_cli_process(tmp_path):
-    """`python -m hunyuan_jax.aot` (its own process) reads the optimized HLO from XLA's dump: the
+    """`python -m hunyuan_jax.cli.aot` (its own process) reads the optimized HLO from XLA's dump: the
     layer scan's collectives counted per group (3 groups) and timed at v5p's ICI bandwidth."""
     out = tmp_path / "r.json"
     argv = ["--config", TINY, "--topology", "v5p-8", "--mode", "train", "--seq", "64"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(Path.cwd()))
     proc = subprocess.run(
-        [sys.executable, "-m", "hunyuan_jax.aot", *argv, "--json", str(out)],
+        [sys.executable, "-m", "hunyuan_jax.cli.aot", *argv, "--json", str(out)],
         capture_output=True,
         text=True,
         env=env,

@@ -1,4 +1,4 @@
-"""hunyuan_jax.kernels: flash and splash (Pallas interpreter) against reference_attention, in
+"""hunyuan_jax.model.kernels: flash and splash (Pallas interpreter) against reference_attention, in
 value and in gradient w.r.t. q, k, v, plus the masks, the dispatcher, flash's memory growth and
 an ahead-of-time XLA:TPU compile of sharded splash (skipped without libtpu).
 
@@ -27,7 +27,7 @@ import pytest
 from jax.sharding import AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
-from hunyuan_jax.kernels import AttentionMask, attend, flash, reference_attention, splash
+from hunyuan_jax.model.kernels import AttentionMask, attend, flash, reference_attention, splash
 
 F32_TOL = 5e-6
 BF16_TOL = 4 * 2.0**-8

@@ -16,14 +16,14 @@ import pytest
 from conftest import HY_TINY
 from safetensors import safe_open
 
-from hunyuan_jax import checkpoint_format as fmt
-from hunyuan_jax import convert, loading
-from hunyuan_jax.convert.__main__ import main as convert_main
+from hunyuan_jax.checkpoints import convert, loading
+from hunyuan_jax.checkpoints import converted as fmt
+from hunyuan_jax.checkpoints.hf_checkpoint import HFCheckpoint
+from hunyuan_jax.checkpoints.shard_files import scan_safetensors
+from hunyuan_jax.cli.convert import main as convert_main
 from hunyuan_jax.errors import CheckpointError
-from hunyuan_jax.hf_checkpoint import HFCheckpoint
-from hunyuan_jax.shard_files import scan_safetensors
 
-PROG = "python -m hunyuan_jax.convert"
+PROG = "python -m hunyuan_jax.cli.convert"
 SHARD = "model-00002-of-00002.safetensors"
 
 
@@ -57,7 +57,7 @@ def _edited(converted, tmp_path, **changes) -> Path:
 def test_edited_config_json_is_refused(converted, tmp_path, capsys):
     """moe_topk 1 -> 2 in config.json (the weights fit either way): loading, infer.py and
     `convert verify` refuse it (exit 4) naming config.json and the key with both values."""
-    import infer
+    from hunyuan_jax.cli import infer
 
     edited = _edited(converted, tmp_path, moe_topk=2)
     with pytest.raises(
@@ -256,7 +256,7 @@ def test_bin_storages_aliased_in_the_zip_are_refused(tmp_path):
     storage (torch's tied weights) still read."""
     import torch
 
-    from hunyuan_jax.shard_files import scan_torch_bin
+    from hunyuan_jax.checkpoints.shard_files import scan_torch_bin
 
     path = tmp_path / "pytorch_model.bin"
     shared = torch.arange(8, dtype=torch.float32)

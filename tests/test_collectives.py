@@ -132,8 +132,8 @@ def test_chunked_loss_gathers_the_head_once():
     """The tied LM head is gathered once per step, not once per loss chunk: the tiny train step
     on fsdp=2 x expert=4 with 4 loss chunks gathers the [1024, 96] table once (XLA shares the
     lookup's gather with the head's; made inside the chunk it ran 1 + 4 times)."""
-    from hunyuan_jax.aot.cli import build_parser, resolve
     from hunyuan_jax.aot.programs import build
+    from hunyuan_jax.cli.aot import build_parser, resolve
 
     argv = ["--config", "configs/tiny.yaml", "--topology", "local", "--mode", "train"]
     argv += ["--mesh", "fsdp=2,expert=4", "--rules", "fsdp_ep", "--seq", "32"]

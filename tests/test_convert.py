@@ -1,4 +1,4 @@
-"""Checkpoint conversion HF <-> orbax/tensorstore (hunyuan_jax.convert, checkpoint_format):
+"""Checkpoint conversion HF <-> orbax/tensorstore (hunyuan_jax.checkpoints.convert, checkpoint_format):
 the reference logits after restoring on an 8-device mesh, bit-exact round trips, export from a
 train.py run directory, FP8 dequantisation, bad inputs and the CLI's one-line errors, SIGKILL
 from outside + resume, bounded peak RSS that does not grow with depth.
@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 from conftest import DATA, HY_TINY
 
-from hunyuan_jax import checkpoint_format as fmt
-from hunyuan_jax import convert, hf_mapping, loading
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.convert.__main__ import main as convert_main
-from hunyuan_jax.convert.common import hf_tensors
+from hunyuan_jax.checkpoints import convert, hf_mapping, loading
+from hunyuan_jax.checkpoints import converted as fmt
+from hunyuan_jax.checkpoints.convert.common import hf_tensors
+from hunyuan_jax.checkpoints.hf_checkpoint import HFCheckpoint, dequantize_fp8
+from hunyuan_jax.cli.convert import main as convert_main
 from hunyuan_jax.errors import CheckpointError, MissingShardError, UsageError
-from hunyuan_jax.hf_checkpoint import HFCheckpoint, dequantize_fp8
-from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.policy import RuntimePolicy
 from sharding.plan import ShardingPlan
 from tests.helpers.process import converter_cmd, converter_env, kill_when_recorded
 from tests.helpers.rss import run_measuring_peak_rss
@@ -38,7 +38,7 @@ TOKENIZER = DATA / "hunyuan_tokenizer"
 TOKENIZER_FILES = ("hy.tiktoken", "tokenizer_config.json", "generation_config.json")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 QUIET = dict(progress=False, log=lambda msg: None)
-PROG = "python -m hunyuan_jax.convert"
+PROG = "python -m hunyuan_jax.cli.convert"
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -236,13 +236,13 @@ def train_run(tmp_path_factory, converted):
     import jax.numpy as jnp
     from flax import nnx
 
-    from hunyuan_jax import checkpointing
+    from hunyuan_jax.checkpoints import runs
 
     run = tmp_path_factory.mktemp("run")
     model = _load(converted["hf_st"])
-    checkpointing.write_run_config(run, model.cfg, RuntimePolicy())
+    runs.write_run_config(run, model.cfg, RuntimePolicy())
     params = nnx.state(model, nnx.Param)
-    saver = checkpointing.Checkpointer(run, async_save=False)
+    saver = runs.Checkpointer(run, async_save=False)
     opt = {"count": jnp.zeros((), jnp.int32)}
     saver.save(3, params, opt, {"0": {}})
     saver.save(5, jax.tree.map(lambda x: x * 2, params), opt, {"0": {}})
@@ -485,10 +485,10 @@ def test_cli_errors_are_one_line_with_their_exit_status(tmp_path, converted, cap
     assert code == 2 and "--step is only for a train.py run directory" in err
     code, err = _cli(capsys, "jax-to-hf", "--ckpt", HY_TINY / "hf_st", "--out", tmp_path / "o")
     assert code == 4 and "already a Hugging Face checkpoint" in err
-    from hunyuan_jax import checkpointing
+    from hunyuan_jax.checkpoints import runs
 
     run = tmp_path / "run"  # a run that has not saved a checkpoint yet
-    checkpointing.write_run_config(run, ModelConfig.from_hf(HY_TINY / "hf_st"), RuntimePolicy())
+    runs.write_run_config(run, ModelConfig.from_hf(HY_TINY / "hf_st"), RuntimePolicy())
     (run / "checkpoints").mkdir()
     code, err = _cli(capsys, "jax-to-hf", "--ckpt", run, "--out", tmp_path / "o")
     assert code == 4 and f"run {run} has no complete checkpoint under" in err

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from hunyuan_jax.data import (
+from hunyuan_jax.data.corpus import (
     BATCH_KEYS,
     PackedLoader,
     check_batch,
@@ -21,8 +21,8 @@ from hunyuan_jax.data import (
     texts_for_tokenizer,
     tokenize,
 )
+from hunyuan_jax.data.tokenizer import HunyuanTokenizer, SentencePieceTokenizer
 from hunyuan_jax.errors import ConfigError, DataError
-from hunyuan_jax.tokenizer import HunyuanTokenizer, SentencePieceTokenizer
 
 DATA = Path(__file__).parent / "data"
 
@@ -184,8 +184,8 @@ def test_sft_loss_only_on_assistant_tokens(which, sp_tokenizer, hy_tokenizer, tm
 def test_packed_row_scores_like_separate_documents():
     """Segment ids + per-segment positions: each document's logits in a packed row equal the
     logits of that document alone (attention never crosses a boundary)."""
-    from hunyuan_jax.config import ModelConfig
-    from hunyuan_jax.state import init_model
+    from hunyuan_jax.model.config import ModelConfig
+    from hunyuan_jax.model.state import init_model
 
     cfg = ModelConfig.from_yaml(Path(__file__).parent.parent / "configs" / "tiny.yaml")
     model = init_model(cfg, seed=0)

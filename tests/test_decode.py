@@ -1,5 +1,5 @@
-"""KV-cached generation (hunyuan_jax.generate, hunyuan_jax.kv_cache), loading checkpoints for
-decoding (hunyuan_jax.loading), sampling (hunyuan_jax.sampling) and infer.py.
+"""KV-cached generation (hunyuan_jax.decode.generate, hunyuan_jax.model.kv_cache), loading checkpoints for
+decoding (hunyuan_jax.checkpoints.loading), sampling (hunyuan_jax.decode.sampling) and infer.py.
 
 Everything runs the reference checkpoint hy_tiny in float32 on CPU. Tolerances: cached
 logits vs a full forward over the whole sequence agree to 1e-4 absolute (measured ~1.5e-5,
@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 from conftest import DATA, HY_TINY
 
-from hunyuan_jax import dispatch, kv_cache, loading, moe, sampling
+from hunyuan_jax.checkpoints import loading
+from hunyuan_jax.decode import sampling
+from hunyuan_jax.decode.generate import Generator
+from hunyuan_jax.decode.sampling import SamplingConfig
 from hunyuan_jax.errors import CheckpointError
-from hunyuan_jax.generate import Generator
-from hunyuan_jax.kv_cache import QuantizedKV
-from hunyuan_jax.policy import RuntimePolicy
-from hunyuan_jax.sampling import SamplingConfig
+from hunyuan_jax.model import dispatch, kv_cache, moe
+from hunyuan_jax.model.kv_cache import QuantizedKV
+from hunyuan_jax.model.policy import RuntimePolicy
 from sharding.plan import ShardingPlan
 
 ATOL = 1e-4  # float32 cached decode vs full forward / mesh vs one device
@@ -172,7 +174,7 @@ def test_cache_bytes_per_token_a52b(name):
     """From the real cache shapes (eval_shape). MHA without CLA: K and V for 64 layers x 80
     heads x 80 dims in bf16. int8: the K/V payload is 2.5%; its scales (one float32 per token,
     KV head, K/V and KV layer: 2 x 32 x 8 x 4 = 2,048 bytes) add 0.125%."""
-    from hunyuan_jax.train_config import load_configs
+    from hunyuan_jax.train.config import load_configs
 
     cfg, policy, _ = load_configs(DATA.parent.parent / "configs" / f"{name}.yaml")
     mha = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 2
@@ -245,7 +247,7 @@ def _assert_equal_up_to_flips(out, want, row, tol, info):
 
 class _RoundingHook:
     """Test-only stand-in for the model's `kv_cache.write_rows` on int8 caches (patched into
-    hunyuan_jax.model, on a model built with scan_layers=False so that every KV-producing
+    hunyuan_jax.model.transformer, on a model built with scan_layers=False so that every KV-producing
     layer's K and V writes are separate calls, tagged 2g and 2g+1 at trace time). It records
     each written element's x / scale (its value in quantisation steps, before rounding) and
     rounds the elements marked in `flips` the other way (one step towards x): exactly what a
@@ -339,8 +341,8 @@ def _int8_flip_tolerance(model, mesh_model, seqs, monkeypatch):
        the int8 cache's own error against float32 is ~3e-2 (test_int8_cache_accuracy)."""
     from flax import nnx
 
-    from hunyuan_jax import model as model_module
-    from hunyuan_jax.state import abstract_model
+    from hunyuan_jax.model import transformer as model_module
+    from hunyuan_jax.model.state import abstract_model
 
     k1, km = _float_kv(model, seqs), _float_kv(mesh_model, seqs)
     amax = np.abs(k1).max(-1, keepdims=True)
@@ -503,7 +505,7 @@ def test_generate_argument_errors(gen):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """hy_tiny plus a SentencePiece tokenizer (600 ids <= the model's 1024)."""
-    from hunyuan_jax.tokenizer import SentencePieceTokenizer
+    from hunyuan_jax.data.tokenizer import SentencePieceTokenizer
 
     d = tmp_path_factory.mktemp("ckpt")
     for f in (HY_TINY / "hf_st").iterdir():
@@ -553,7 +555,7 @@ def test_load_converted_and_train_run_dirs(ckpt, model, tmp_path):
     same parameter tree as the Hugging Face original, with the tokenizer found beside them."""
     from flax import nnx
 
-    from hunyuan_jax import checkpointing, convert
+    from hunyuan_jax.checkpoints import convert, runs
 
     out = tmp_path / "converted"
     convert.hf_to_jax(ckpt, out, "float32", tokenizer_dir=ckpt, progress=False, log=lambda m: None)
@@ -563,10 +565,10 @@ def test_load_converted_and_train_run_dirs(ckpt, model, tmp_path):
 
     run = tmp_path / "run"
     # The run's own policy: float32 master weights, bfloat16 compute.
-    checkpointing.write_run_config(
+    runs.write_run_config(
         run, model.cfg, RuntimePolicy(param_dtype="float32", compute_dtype="bfloat16")
     )
-    saver = checkpointing.Checkpointer(run, async_save=False)
+    saver = runs.Checkpointer(run, async_save=False)
     saver.save(3, nnx.state(model, nnx.Param), {"count": jnp.zeros((), jnp.int32)}, {"0": {}})
     saver.close()
     (run / "tokenizer").mkdir()
@@ -591,7 +593,7 @@ def test_generation_config_sets_defaults(ckpt, tmp_path):
 
 
 def _cli(capsys, *argv):
-    import infer
+    from hunyuan_jax.cli import infer
 
     code = infer.main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -679,8 +681,8 @@ def test_cli_printer_streams_the_final_text(ckpt):
     exactly the text of all tokens, EOS dropped; batches print each row once, when done."""
     import io
 
-    import infer
-    from hunyuan_jax.tokenizer import load_tokenizer
+    from hunyuan_jax.cli import infer
+    from hunyuan_jax.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(ckpt)
     ids = tok.encode("héllo wörld 猫 def main():") + [tok.eos_ids[0]]

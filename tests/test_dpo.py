@@ -1,4 +1,4 @@
-"""DPO (hunyuan_jax/dpo.py, dpo_data.py) on the tiny config (CPU): the loss of the real train
+"""DPO (hunyuan_jax/train/dpo.py, dpo_data.py) on the tiny config (CPU): the loss of the real train
 step (two micro-batches, SFT term, MoE auxiliary loss) equals a numpy float64 evaluation of the
 formula on the model's own logits; a short run on 4 pairs starts at margin 0 (the reference is
 the initial model), reaches accuracy 1.0 with a growing reward margin, and resumes exactly
@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hunyuan_jax.dpo_data import encode_reply, read_pairs
 from hunyuan_jax.errors import CheckpointError, DataError
-from hunyuan_jax.train_config import load_configs
+from hunyuan_jax.train.config import load_configs
+from hunyuan_jax.train.dpo_data import encode_reply, read_pairs
 from tests.helpers.jax_cache import persistent_compilation_cache
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def _metrics(run):
 
 
 def _train(run, data, *extra):
-    from hunyuan_jax.train_loop import train
+    from hunyuan_jax.train.loop import train
 
     mcfg, policy, tcfg = load_configs(TINY, [*BASE, f"data={data}", f"run_dir={run}", *extra])
     return train(mcfg, policy, tcfg, log=lambda *_: None)
@@ -110,9 +110,9 @@ def test_step_loss_equals_numpy_formula():
     same model's logits (same step keys), accumulated over 2 micro-batches with different
     chosen token counts (the SFT term token-weighted, DPO and aux averaged). The run's own
     configuration: its compiled step is reused from the cache."""
-    from hunyuan_jax.data import to_global
-    from hunyuan_jax.state import init_model
-    from hunyuan_jax.train_step import TrainStep
+    from hunyuan_jax.data.corpus import to_global
+    from hunyuan_jax.model.state import init_model
+    from hunyuan_jax.train.step import TrainStep
     from sharding.plan import ShardingPlan
 
     beta, sft_w, aux_c = BETA, SFT_WEIGHT, AUX
@@ -187,7 +187,7 @@ def test_step_loss_equals_numpy_formula():
 def test_chunked_row_nll_equals_whole():
     """`row_nll` with runtime.loss_chunk (the sequence in chunks, logits never whole) equals
     the whole-sequence sums (float32: the same per-token values, summed in another order)."""
-    from hunyuan_jax.losses import row_nll
+    from hunyuan_jax.train.losses import row_nll
 
     rng = np.random.default_rng(1)
     hidden = jnp.asarray(rng.normal(size=(3, 21, 8)), jnp.float32)
@@ -288,7 +288,7 @@ def test_bad_records_named_by_file_and_line(tmp_path, line, why):
 
 
 def test_train_cli_exit_3_on_a_bad_record(tmp_path, capsys):
-    import train as train_cli
+    from hunyuan_jax.cli import train as train_cli
 
     f = tmp_path / "prefs.jsonl"
     f.write_text(json.dumps(PAIRS[0]) + "\n" + '{"prompt": "q"}\n')
@@ -305,7 +305,7 @@ def test_identical_pairs_warned_and_refused_when_none_differs(tmp_path, capsys):
     """chosen == rejected teaches nothing (margin 0, DPO gradient 0): some such pairs are one
     warning line naming them (file:line); all of them is exit 3 (it trained to the end with
     accuracy 0 and no word)."""
-    import train as train_cli
+    from hunyuan_jax.cli import train as train_cli
 
     f = tmp_path / "prefs.jsonl"
     same = [dict(p, rejected=p["chosen"]) for p in PAIRS]
@@ -331,7 +331,7 @@ def test_identical_pairs_warned_and_refused_when_none_differs(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def sp_tok(data, tmp_path_factory):
-    from hunyuan_jax.tokenizer import SentencePieceTokenizer, render_chat
+    from hunyuan_jax.data.tokenizer import SentencePieceTokenizer, render_chat
 
     pairs = read_pairs(str(data))
     texts = [render_chat(p.conversation(r)) for p in pairs for r in (p.chosen, p.rejected)]
@@ -353,7 +353,7 @@ def test_loss_mask_covers_the_last_reply_only(data, sp_tok):
 def test_pairs_longer_than_seq_len_are_dropped(data, sp_tok):
     """A pair whose chosen or rejected conversation does not fit in seq_len + 1 tokens is
     dropped and counted; rows hold chosen then rejected; none fitting is a DataError."""
-    from hunyuan_jax.dpo_data import encode_pairs
+    from hunyuan_jax.train.dpo_data import encode_pairs
 
     pairs = read_pairs(str(data))
     lengths = [
@@ -374,7 +374,7 @@ def test_config_keys():
     """train.objective / train.dpo: YAML-style nested keys and --set dpo.K=V (merged), and
     one-line ConfigErrors naming the key."""
     from hunyuan_jax.errors import ConfigError
-    from hunyuan_jax.train_config import TrainConfig
+    from hunyuan_jax.train.config import TrainConfig
 
     _, _, t = load_configs(TINY, ["objective=dpo", "dpo.beta=0.5"])
     assert (t.objective, t.dpo.beta, t.dpo.sft_weight) == ("dpo", 0.5, 0.0)

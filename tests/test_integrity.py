@@ -32,23 +32,23 @@ import numpy as np
 import pytest
 from conftest import HY_TINY
 
-import infer
-import train as train_cli
-from hunyuan_jax import checkpoint_format as fmt
-from hunyuan_jax import checkpointing, convert, health, integrity, loading
-from hunyuan_jax.convert.__main__ import main as convert_main
-from hunyuan_jax.data import PackedLoader, embedded_corpus, texts_for_tokenizer
+from hunyuan_jax.checkpoints import convert, health, integrity, loading, runs
+from hunyuan_jax.checkpoints import converted as fmt
+from hunyuan_jax.cli import infer
+from hunyuan_jax.cli import train as train_cli
+from hunyuan_jax.cli.convert import main as convert_main
+from hunyuan_jax.data.corpus import PackedLoader, embedded_corpus, texts_for_tokenizer
+from hunyuan_jax.data.tokenizer import SentencePieceTokenizer
 from hunyuan_jax.errors import CheckpointError
-from hunyuan_jax.policy import RuntimePolicy
-from hunyuan_jax.tokenizer import SentencePieceTokenizer
-from hunyuan_jax.train_config import load_configs
-from hunyuan_jax.train_loop import train
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.train.config import load_configs
+from hunyuan_jax.train.loop import train
 from tests.helpers.jax_cache import cache_dir, persistent_compilation_cache
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
 QUIET = dict(progress=False, log=lambda msg: None)
-CONVERT = "python -m hunyuan_jax.convert"
+CONVERT = "python -m hunyuan_jax.cli.convert"
 # One configuration for every training run here (one compiled step, cached across runs).
 BASE = [
     "mesh=data=1,fsdp=1,expert=1,tensor=1",
@@ -235,7 +235,7 @@ def test_truncated_and_missing_converted_chunk_files(converted, tmp_path, capsys
 
 # ----------------------------------------------------------------------------- run checkpoints
 def test_run_records_digests_and_health(run):
-    record = checkpointing.read_record(run / "checkpoints" / "6")
+    record = runs.read_record(run / "checkpoints" / "6")
     params = record["params"]
     assert ARRAY in params and params[ARRAY]["dtype"] == "float32"
     assert len(record["opt_state"]) > len(params)  # Adam's moments and the count
@@ -244,7 +244,7 @@ def test_run_records_digests_and_health(run):
     # The numpy digest of what is on disk equals the on-device digest recorded at save time.
     arr = fmt.open_for_read(run / "checkpoints" / "6" / "params", ARRAY, True, False)
     assert integrity.np_digest(arr.read().result()) == params[ARRAY]["digest"]
-    assert (run / "tokenizer" / checkpointing.TOKENIZER_SUMS).is_file()
+    assert (run / "tokenizer" / runs.TOKENIZER_SUMS).is_file()
 
 
 def test_flipped_byte_in_run_params(run_copy, tmp_path, capsys):
@@ -302,7 +302,7 @@ def test_resume_falls_back_to_newest_checkpoint_that_verifies(run, run_copy):
     said = [m for m in logs if "fails verification" in m]
     assert len(said) == 1 and "checkpoint 6" in said[0] and "resuming from step 4" in said[0]
     assert summary["start_step"] == 4 and (run_copy / "checkpoints" / "corrupt-6").is_dir()
-    assert checkpointing.complete_steps(run_copy) == [2, 4, 6, 8]
+    assert runs.complete_steps(run_copy) == [2, 4, 6, 8]
     # Steps 5 and 6 retrained from step 4 reproduce the original run exactly.
     lines = lambda r: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]
     want = {m["step"]: m["loss"] for m in lines(run)}
@@ -317,7 +317,7 @@ def test_resume_when_no_checkpoint_verifies(run_copy, capsys):
     line = _one_line(err, "train.py")
     assert code == 4 and "no checkpoint of" in line and "verifies" in line
     assert f"delete {run_copy / 'checkpoints'}" in line
-    assert checkpointing.complete_steps(run_copy) == [2, 4, 6]  # nothing moved or deleted
+    assert runs.complete_steps(run_copy) == [2, 4, 6]  # nothing moved or deleted
 
 
 # ----------------------------------------------------------------------------- HF shards
@@ -395,7 +395,7 @@ def test_zero_byte_tokenizer(run_copy, tmp_path, capsys):
     code, err = _infer(capsys, run_copy)
     assert code == 4 and "tokenizer.model is corrupt" in _one_line(err, "infer.py")
 
-    from hunyuan_jax.train_data import run_tokenizer
+    from hunyuan_jax.train.data import run_tokenizer
 
     fresh = tmp_path / "fresh"
     (fresh / "tokenizer").mkdir(parents=True)
@@ -424,11 +424,11 @@ def test_sigkill_while_the_tokenizer_is_written_then_rerun(tmp_path):
         if p.poll() is None:
             p.kill()
     assert p.returncode == -signal.SIGKILL
-    assert not (tok / checkpointing.TOKENIZER_SUMS).exists()  # killed before it was complete
+    assert not (tok / runs.TOKENIZER_SUMS).exists()  # killed before it was complete
     q = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
     assert q.returncode == 0, q.stderr[-3000:]
-    assert checkpointing.tokenizer_problem(tok) is None
-    assert checkpointing.complete_steps(run) == [2]
+    assert runs.tokenizer_problem(tok) is None
+    assert runs.complete_steps(run) == [2]
 
 
 def _record_raised_in(filename: str, message: str):
@@ -512,7 +512,7 @@ def test_disk_full_during_a_checkpoint_save(tmp_path):
     line = _one_line(p.stderr, "train.py")
     assert p.returncode == 4 and f"saving checkpoint 2 into {run / 'checkpoints'} failed" in line
     assert "File too large" in line and "rerun to resume" in line
-    assert checkpointing.complete_steps(run) == []
+    assert runs.complete_steps(run) == []
 
 
 # ----------------------------------------------------------------------------- data errors
@@ -571,19 +571,19 @@ def test_nonfinite_stop_names_the_newest_healthy_checkpoint(run, run_copy, capsy
     step, checkpoint 8 unhealthy (the spike), 6 as the newest healthy one, and the commands.
     The report judges the steps before each checkpoint: the bad update saved in 6 itself only
     shows after it, which is why the message also names the one before."""
-    from hunyuan_jax.train_step import TrainStep
+    from hunyuan_jax.train.step import TrainStep
     from sharding.plan import ShardingPlan
 
     mcfg, policy, tcfg = load_configs(TINY, BASE + [f"run_dir={run_copy}"])
     target = TrainStep(mcfg, policy, tcfg, ShardingPlan.create(tcfg.mesh, tcfg.rules))
     target = target.restore_target()
-    ck = checkpointing.Checkpointer(run_copy, async_save=False)
+    ck = runs.Checkpointer(run_copy, async_save=False)
     params, opt_state, data = ck.restore(6, target.params, target.opt_state)
     old_health = ck.record(6)["health"]
     ck.close()
     shutil.rmtree(run_copy / "checkpoints" / "6")
     params["final_norm"]["weight"].value = params["final_norm"]["weight"].value * 30.0
-    ck = checkpointing.Checkpointer(run_copy, async_save=False)
+    ck = runs.Checkpointer(run_copy, async_save=False)
     ck.save(6, params, opt_state, data, old_health)
     ck.close()
 
@@ -605,7 +605,7 @@ def test_nonfinite_stop_names_the_newest_healthy_checkpoint(run, run_copy, capsy
     assert "8 UNHEALTHY (steps 7-8: loss" in line and "6 healthy" in line
     assert "newest healthy checkpoint: step 6" in line
     assert f"rm -r {run_copy / 'checkpoints' / '8'}" in line and "--set lr=" in line
-    rec = checkpointing.read_record(run_copy / "checkpoints" / "8")["health"]
+    rec = runs.read_record(run_copy / "checkpoints" / "8")["health"]
     assert not rec["healthy"] and rec["loss_max"] > 1.5 * rec["loss_median"]
 
 

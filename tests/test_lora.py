@@ -1,4 +1,4 @@
-"""LoRA (`hunyuan_jax.lora`, the LoRA path of `train_step.TrainStep` and `train_loop`) on the
+"""LoRA (`hunyuan_jax.model.lora`, the LoRA path of `train_step.TrainStep` and `train_loop`) on the
 tiny config, CPU: a step trains only the adapters (optimizer state for them alone, the frozen
 base untouched); merging folds the adapters into the base with the same logits (float and int8
 bases); 8 simulated devices with expert parallelism give the one-device losses; a LoRA run
@@ -17,15 +17,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hunyuan_jax import checkpointing, loading, lora
-from hunyuan_jax.convert.__main__ import main as convert_main
+from hunyuan_jax.checkpoints import loading, runs
+from hunyuan_jax.cli import serve as serve_main
+from hunyuan_jax.cli.convert import main as convert_main
 from hunyuan_jax.errors import CheckpointError, ConfigError
-from hunyuan_jax.policy import RuntimePolicy
-from hunyuan_jax.serve import __main__ as serve_main
-from hunyuan_jax.state import init_model
-from hunyuan_jax.train_config import load_configs
-from hunyuan_jax.train_loop import train
-from hunyuan_jax.train_step import TrainStep
+from hunyuan_jax.model import lora
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.state import init_model
+from hunyuan_jax.train.config import load_configs
+from hunyuan_jax.train.loop import train
+from hunyuan_jax.train.step import TrainStep
 from sharding.plan import ShardingPlan
 from tests.helpers.jax_cache import persistent_compilation_cache
 
@@ -164,8 +165,8 @@ def test_expert_parallel_matches_one_device():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from hunyuan_jax.data import embedded_corpus, texts_for_tokenizer
-    from hunyuan_jax.tokenizer import SentencePieceTokenizer
+    from hunyuan_jax.data.corpus import embedded_corpus, texts_for_tokenizer
+    from hunyuan_jax.data.tokenizer import SentencePieceTokenizer
 
     texts = texts_for_tokenizer(embedded_corpus(100_000), "text", 100_000)
     path = tmp_path_factory.mktemp("lora_sp") / "tokenizer"
@@ -175,7 +176,7 @@ def tokenizer(tmp_path_factory):
 def test_adapter_dropout():
     """In training (a key), the adapter path reads x with dropout (kept entries scaled by
     1 / (1 - rate)); without a key it reads x itself. The base path never drops."""
-    from hunyuan_jax import qops
+    from hunyuan_jax.model import qops
 
     k = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(k[0], (2, 64, 16))
@@ -227,7 +228,7 @@ def test_run_checkpoints_adapters_resumes_exactly_and_loads(tmp_path, tokenizer,
     (infer.py --adapter's path, the base's digest checked), the server with --adapter serves
     that model, and merge-lora's output has the same logits."""
     full, run = lora_run
-    record = checkpointing.read_record(checkpointing.checkpoint_dir(run) / "4")
+    record = runs.read_record(runs.checkpoint_dir(run) / "4")
     assert record["params"] and all("_lora_" in n for n in record["params"])
     pointer = lora.read_pointer(run)
     assert pointer["base"] == str(HY_TINY.resolve()) and pointer["weights"] == "bf16"
@@ -277,7 +278,7 @@ def _adapters(run):
 def _other_base(directory: Path, change) -> Path:
     """A copy of hy_tiny (the runs' base) with `change(tensors, config)` applied: another
     base of the same shapes."""
-    from hunyuan_jax.hf_checkpoint import HFCheckpoint
+    from hunyuan_jax.checkpoints.hf_checkpoint import HFCheckpoint
     from tests.helpers.synthetic import write_hf
 
     src = HFCheckpoint(HY_TINY)
@@ -298,7 +299,7 @@ def test_adapter_on_another_base_is_refused(tmp_path, lora_run, capsys):
     the server's build_state and merge-lora (--base) refuse it too, all through
     `lora.check_base`; merge-lora --allow-base-mismatch merges anyway. A base whose config
     differs only in moe_topk (same shapes, same weights) is refused naming the key."""
-    import infer
+    from hunyuan_jax.cli import infer
 
     _, run = lora_run
     other = _other_base(tmp_path / "other", _bump)

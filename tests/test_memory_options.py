@@ -9,9 +9,9 @@ import optax
 import pytest
 
 from hunyuan_jax.errors import ConfigError
-from hunyuan_jax.losses import chunked_cross_entropy, cross_entropy
-from hunyuan_jax.optim import scale_by_adam
-from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.train.losses import chunked_cross_entropy, cross_entropy
+from hunyuan_jax.train.optim import scale_by_adam
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 8, 64])
@@ -77,7 +77,7 @@ def test_lm_loss_chunked_equals_whole_on_the_tiny_model():
     from conftest import load_tiny
     from flax import nnx
 
-    from hunyuan_jax.losses import lm_loss
+    from hunyuan_jax.train.losses import lm_loss
 
     model = load_tiny()
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 1024, (2, 13)), jnp.int32)

@@ -18,17 +18,17 @@ from conftest import HY_TINY, f32_policy, load_tiny
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from hunyuan_jax import hf_mapping
-from hunyuan_jax.config import ConfigTypeError, ModelConfig, hf_to_fields
+from hunyuan_jax.checkpoints import hf_mapping
+from hunyuan_jax.checkpoints.loading import load_params, read_model_config
 from hunyuan_jax.errors import CheckpointError, ConfigError
-from hunyuan_jax.kernels.attention import AttentionMask
-from hunyuan_jax.kv_cache import KVCache
-from hunyuan_jax.layers import apply_rope, rope_inv_freq
-from hunyuan_jax.loading import load_params, read_model_config
-from hunyuan_jax.model import Attention, Context
-from hunyuan_jax.moe import ExpertWeights, dropless_experts, route
-from hunyuan_jax.policy import RuntimePolicy
-from hunyuan_jax.state import abstract_model, flat_shapes, model_from_arrays, param_count
+from hunyuan_jax.model.config import ConfigTypeError, ModelConfig, hf_to_fields
+from hunyuan_jax.model.kernels.attention import AttentionMask
+from hunyuan_jax.model.kv_cache import KVCache
+from hunyuan_jax.model.layers import apply_rope, rope_inv_freq
+from hunyuan_jax.model.moe import ExpertWeights, dropless_experts, route
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.state import abstract_model, flat_shapes, model_from_arrays, param_count
+from hunyuan_jax.model.transformer import Attention, Context
 from sharding.plan import ShardingPlan
 
 CONFIGS = HY_TINY.parents[2] / "configs"

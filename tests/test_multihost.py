@@ -1,5 +1,5 @@
 """Multi-host training on one machine: 2 processes x 4 CPU devices (gloo collectives) run the
-real train step (`hunyuan_jax.train_step.TrainStep`), save an orbax checkpoint from both
+real train step (`hunyuan_jax.train.step.TrainStep`), save an orbax checkpoint from both
 hosts, restore it into fresh sharded arrays and keep training; every loss must equal a
 single-process run on 8 devices with the same mesh and the same global batches.
 
@@ -49,9 +49,9 @@ def worker(argv=None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from hunyuan_jax.checkpointing import Checkpointer
-    from hunyuan_jax.train_config import TrainConfig, load_configs
-    from hunyuan_jax.train_step import TrainState, TrainStep
+    from hunyuan_jax.checkpoints.runs import Checkpointer
+    from hunyuan_jax.train.config import TrainConfig, load_configs
+    from hunyuan_jax.train.step import TrainState, TrainStep
     from sharding.plan import ShardingPlan
 
     assert jax.process_count() == a.processes and jax.device_count() == 8, distributed.summary()

@@ -15,8 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import train as train_cli  # noqa: E402
-from hunyuan_jax.metrics import read_scalars  # noqa: E402
+from hunyuan_jax.cli import train as train_cli  # noqa: E402
+from hunyuan_jax.train.metrics import read_scalars  # noqa: E402
 from tests.helpers.process import converter_env  # noqa: E402
 
 TINY = REPO / "configs" / "tiny.yaml"

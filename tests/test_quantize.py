@@ -1,4 +1,4 @@
-"""Weight-only int8 / fp8 matmul weights (hunyuan_jax.quantize): numerics against qwix and the
+"""Weight-only int8 / fp8 matmul weights (hunyuan_jax.model.quantize): numerics against qwix and the
 math bounds, the layout and its sharding, quantized conversion and loading (quantized
 checkpoints, quantize-on-load, an FP8 release in both scale layouts), expert parallelism on
 the 8-device CPU mesh, and the logits error on the reference checkpoint.
@@ -36,14 +36,15 @@ from conftest import HY_TINY
 from flax import nnx
 from qwix._src.core import qarray
 
-from hunyuan_jax import checkpoint_format as fmt
-from hunyuan_jax import convert, loading, qops, quantize
-from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.checkpoints import convert, loading
+from hunyuan_jax.checkpoints import converted as fmt
+from hunyuan_jax.checkpoints.hf_checkpoint import HFCheckpoint
+from hunyuan_jax.checkpoints.loading import read_model_config
 from hunyuan_jax.errors import ConfigError
-from hunyuan_jax.hf_checkpoint import HFCheckpoint
-from hunyuan_jax.loading import read_model_config
-from hunyuan_jax.policy import RuntimePolicy
-from hunyuan_jax.state import abstract_model
+from hunyuan_jax.model import qops, quantize
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.state import abstract_model
 from sharding.plan import ShardingPlan
 from tests.helpers.synthetic import write_hf
 
@@ -151,7 +152,7 @@ def test_few_token_experts_on_quantized_weights(form, tokens, k):
     """The decode steps' experts (each token's chosen expert weights gathered from the QArray,
     values and scales alike) compute what the dropless path computes on the dequantized
     weights."""
-    from hunyuan_jax import moe
+    from hunyuan_jax.model import moe
 
     rng = np.random.default_rng(tokens * 10 + k)
     axes = {
@@ -337,11 +338,11 @@ def test_run_directory_quantized_on_load(tmp_path, quantized_models):
     """A train.py run step (float32, with its integrity record) served as int8: each weight
     restored alone, checked against the record and quantized; the same bits as quantizing
     the reference on load."""
-    from hunyuan_jax import checkpointing
+    from hunyuan_jax.checkpoints import runs
 
     model = _load(HF)
-    checkpointing.write_run_config(tmp_path, model.cfg, RuntimePolicy())
-    saver = checkpointing.Checkpointer(tmp_path, async_save=False)
+    runs.write_run_config(tmp_path, model.cfg, RuntimePolicy())
+    saver = runs.Checkpointer(tmp_path, async_save=False)
     saver.save(1, nnx.state(model, nnx.Param), {"count": jnp.zeros((), jnp.int32)}, {"0": {}})
     saver.close()
     ckpt = loading.open_checkpoint(tmp_path)
@@ -450,10 +451,10 @@ def test_mixed_forms_are_refused():
 
 
 def test_aot_tool_compiles_int8_weights(tmp_path, capsys):
-    """`python -m hunyuan_jax.aot --weights int8` (here on this host's 8 CPU devices): the
+    """`python -m hunyuan_jax.cli.aot --weights int8` (here on this host's 8 CPU devices): the
     serving program takes the int8 values + scales as arguments, under half the bytes of the
     float32 weights alone."""
-    from hunyuan_jax.aot.cli import main
+    from hunyuan_jax.cli.aot import main
 
     out = tmp_path / "r.json"
     argv = ["--config", "configs/tiny.yaml", "--topology", "local", "--mode", "decode-step"]

@@ -15,10 +15,10 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hunyuan_jax import dispatch, expert_parallel, moe
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.policy import RuntimePolicy
-from hunyuan_jax.state import abstract_model
+from hunyuan_jax.model import dispatch, expert_parallel, moe
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.state import abstract_model
 from sharding.plan import ShardingPlan
 
 needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")

@@ -1,12 +1,12 @@
 """What guards a training run against a second process and against bad configuration values:
 
-- the run-directory lock (hunyuan_jax/run_lock.py): a real train.py started on a run directory
+- the run-directory lock (hunyuan_jax/train/run_lock.py): a real train.py started on a run directory
   whose lock a live process holds exits 4 with one line naming the holder, and leaves every
   file and directory in the run as it was (the holder's unfinished checkpoint included); a
   lock left by a SIGKILLed holder is taken over with a warning; one written by another host
   is refused, naming it; in a multi-host job every process exits 4 when process 0 (the one
   that takes the lock) cannot;
-- config values (hunyuan_jax/config.py, train_config.py, policy.py): NaN / infinity in any
+- config values (hunyuan_jax/model/config.py, train_config.py, policy.py): NaN / infinity in any
   section (model, runtime, train, train.dpo, train.lora, a checkpoint's config.json), a YAML
   key given twice at any level, a missing or unknown key, a section that is not a mapping,
   values out of their range: ConfigError (exit 2) naming the file / key / line, never a
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import pytest
 
-import train as train_cli
-from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.cli import train as train_cli
 from hunyuan_jax.errors import ConfigError
-from hunyuan_jax.run_lock import LOCK_FILE, RunDirLocked, RunLock
-from hunyuan_jax.train_config import check_repeated_overrides, load_configs
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.train.config import check_repeated_overrides, load_configs
+from hunyuan_jax.train.run_lock import LOCK_FILE, RunDirLocked, RunLock
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -42,7 +42,7 @@ HF_CONFIG = REPO / "tests" / "data" / "hy_tiny" / "hf_st" / "config.json"
 # Holds a run directory's lock (the same module train.py uses) until its stdin closes.
 HOLDER = """
 import sys
-from hunyuan_jax.run_lock import RunLock
+from hunyuan_jax.train.run_lock import RunLock
 
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)

@@ -1,4 +1,4 @@
-"""The server (`python -m hunyuan_jax.serve`) against clients nobody here wrote: the official
+"""The server (`python -m hunyuan_jax.cli.serve`) against clients nobody here wrote: the official
 `openai` client, lm-evaluation-harness (`local-completions`) and plain HTTP for bad input.
 
 One server for the module: the embedded default model in float32, 4 slots, 128 tokens per
@@ -70,7 +70,7 @@ class _Server:
 
 @pytest.fixture(scope="module")
 def server():
-    from hunyuan_jax.serve.__main__ import build_state
+    from hunyuan_jax.cli.serve import build_state
 
     t0 = time.time()
     state = build_state(
@@ -91,7 +91,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def generator(server):
-    from hunyuan_jax.generate import Generator
+    from hunyuan_jax.decode.generate import Generator
 
     ex = server.state.engine.ex
     model = _model(server)
@@ -444,7 +444,7 @@ def test_sample_rows_per_row_parameters():
     import jax
     import jax.numpy as jnp
 
-    from hunyuan_jax.sampling import SamplingConfig, sample_rows
+    from hunyuan_jax.decode.sampling import SamplingConfig, sample_rows
 
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(4, 64)) * 3, jnp.float32)
@@ -495,9 +495,9 @@ def test_cli_errors_are_one_line(tmp_path):
         (["--port", "70000"], 2, "--port"),
     ]
     for args, code, text in cases:
-        r = subprocess.run([sys.executable, "-m", "hunyuan_jax.serve", *args], env=env,
+        r = subprocess.run([sys.executable, "-m", "hunyuan_jax.cli.serve", *args], env=env,
                            capture_output=True, text=True, timeout=120, cwd=root)  # fmt: skip
-        lines = [line for line in r.stderr.splitlines() if "hunyuan_jax.serve: error" in line]
+        lines = [line for line in r.stderr.splitlines() if "hunyuan_jax.cli.serve: error" in line]
         assert r.returncode == code and len(lines) == 1 and text in lines[0], r.stderr[-2000:]
         assert "Traceback" not in r.stderr
 
@@ -602,7 +602,7 @@ def _processed_logits(logits, cfg, seen):
     import jax
     import jax.numpy as jnp
 
-    from hunyuan_jax import sampling
+    from hunyuan_jax.decode import sampling
 
     x = sampling.apply_repetition_penalty(logits.astype(jnp.float32), seen, cfg.repetition_penalty)
     if cfg.greedy:

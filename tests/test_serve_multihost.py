@@ -41,7 +41,7 @@ def _launch(i: int, http_port: int, coord_port: int, log: Path) -> subprocess.Po
         HUNYUAN_PROCESS_ID=str(i),
     )
     cmd = [
-        sys.executable, "-m", "hunyuan_jax.serve", "--devices", "2", "--mesh", "data=2,expert=2",
+        sys.executable, "-m", "hunyuan_jax.cli.serve", "--devices", "2", "--mesh", "data=2,expert=2",
         "--rules", "serve_ep_tp", "--dtype", "float32", "--slots", "4", "--max-len",
         str(MAX_LEN), "--prefill-chunk", str(CHUNK), "--port", str(http_port),
         "--log-level", "warning",
@@ -51,9 +51,9 @@ def _launch(i: int, http_port: int, coord_port: int, log: Path) -> subprocess.Po
 
 @pytest.mark.slow  # two processes loading and compiling: ~1 min on 2 busy cores
 def test_two_process_server_matches_generator(tmp_path):
-    from hunyuan_jax import loading
-    from hunyuan_jax.generate import Generator
-    from hunyuan_jax.serve.__main__ import DEFAULT_MODEL
+    from hunyuan_jax.checkpoints import loading
+    from hunyuan_jax.cli.serve import DEFAULT_MODEL
+    from hunyuan_jax.decode.generate import Generator
 
     http_port, coord_port = _free_port(), _free_port()
     logs = [tmp_path / f"serve{i}.log" for i in range(2)]

@@ -11,13 +11,13 @@ import pytest
 from conftest import HY_TINY, f32_policy, load_tiny, make_plan
 from flax import nnx
 
-from hunyuan_jax import moe
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.expert_parallel import make_expert_parallel_fn
-from hunyuan_jax.losses import lm_loss
-from hunyuan_jax.model import HunyuanForCausalLM
-from hunyuan_jax.policy import RuntimePolicy
-from hunyuan_jax.state import abstract_model, init_model
+from hunyuan_jax.model import moe
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.expert_parallel import make_expert_parallel_fn
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.state import abstract_model, init_model
+from hunyuan_jax.model.transformer import HunyuanForCausalLM
+from hunyuan_jax.train.losses import lm_loss
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 

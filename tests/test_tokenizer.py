@@ -1,4 +1,4 @@
-"""Tests for hunyuan_jax.tokenizer: reference ids of the original Hunyuan tokenizer,
+"""Tests for hunyuan_jax.data.tokenizer: reference ids of the original Hunyuan tokenizer,
 round trips, special tokens, the chat layout (the released jinja chat_template rendered as
 Hugging Face does, and the hand-written fallback), SentencePiece training and dispatch."""
 
@@ -10,8 +10,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from hunyuan_jax.errors import ConfigError, DataError
-from hunyuan_jax.tokenizer import (
+from hunyuan_jax.data.tokenizer import (
     CHAT_SPECIAL_TOKENS,
     DEFAULT_SYSTEM_PROMPT,
     SPECIAL_TOKENS,
@@ -22,6 +21,7 @@ from hunyuan_jax.tokenizer import (
     render_chat,
     render_chat_template,
 )
+from hunyuan_jax.errors import ConfigError, DataError
 
 DATA = Path(__file__).parent / "data"
 HY_DIR = DATA / "hunyuan_tokenizer"

@@ -1,6 +1,6 @@
 """train.py end to end on the tiny config (CPU), through `train_loop.train` and
 `train_step.TrainStep`: the loss falls; run-directory layout, metrics and the run's parameters
-as `hunyuan_jax.loading` reads them; exact resume; a real SIGKILL during a checkpoint save;
+as `hunyuan_jax.checkpoints.loading` reads them; exact resume; a real SIGKILL during a checkpoint save;
 non-finite losses (stop / skip) and weights (never saved); the model / runtime / train config sections and overrides;
 expert-specific learning rates and the weight-decay mask, in the optimizer and in the real
 step; the same loss curve on an 8-device expert-parallel mesh as on one device.
@@ -25,13 +25,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hunyuan_jax import loading, optim
-from hunyuan_jax.checkpointing import latest_step, restore_run_params
-from hunyuan_jax.data import PackedLoader, embedded_corpus, texts_for_tokenizer
+from hunyuan_jax.checkpoints import loading
+from hunyuan_jax.checkpoints.runs import latest_step, restore_run_params
+from hunyuan_jax.data.corpus import PackedLoader, embedded_corpus, texts_for_tokenizer
+from hunyuan_jax.data.tokenizer import SentencePieceTokenizer
 from hunyuan_jax.errors import NonFiniteLoss
-from hunyuan_jax.tokenizer import SentencePieceTokenizer
-from hunyuan_jax.train_config import TrainConfig, load_configs
-from hunyuan_jax.train_loop import train
+from hunyuan_jax.train import optim
+from hunyuan_jax.train.config import TrainConfig, load_configs
+from hunyuan_jax.train.loop import train
 from sharding.plan import ShardingPlan
 from tests.helpers.jax_cache import cache_dir, persistent_compilation_cache
 
@@ -114,7 +115,7 @@ def _restore(run, step=None, plan=None):
     plan = plan or ShardingPlan.single()
     if step is None:
         return ckpt, loading.load_params(ckpt, ckpt.runtime, plan)
-    from hunyuan_jax.state import abstract_model
+    from hunyuan_jax.model.state import abstract_model
 
     graphdef, abstract, rest = nnx.split(
         abstract_model(ckpt.cfg, ckpt.runtime, plan), nnx.Param, ...
@@ -347,7 +348,7 @@ def test_configs_and_overrides(tmp_path):
     with pytest.raises(TypeError, match="steps"):
         load_configs(TINY, ["steps=abc"])
     # The resolved run config round-trips through <run>/config.yaml.
-    from hunyuan_jax.checkpointing import read_run_config, write_run_config
+    from hunyuan_jax.checkpoints.runs import read_run_config, write_run_config
 
     write_run_config(tmp_path, mcfg, policy, tcfg)
     m2, p2, t2 = read_run_config(tmp_path)
@@ -358,7 +359,7 @@ def test_configs_and_overrides(tmp_path):
 
 # ----------------------------------------------------------------------------- optimizer
 def test_expert_lr_rule_defaults():
-    from hunyuan_jax.config import ModelConfig
+    from hunyuan_jax.model.config import ModelConfig
 
     mcfg = ModelConfig.from_yaml(REPO / "configs" / "hunyuan_a52b_pretrain.yaml")
     tcfg = TrainConfig(batch_size=64, seq_len=4096)
@@ -385,7 +386,7 @@ def _groups_of(params):
 
 
 def test_optimizer_groups_and_decay_mask():
-    from hunyuan_jax.state import abstract_model
+    from hunyuan_jax.model.state import abstract_model
 
     mcfg, _, tcfg = load_configs(
         TINY,
@@ -425,9 +426,9 @@ def test_train_step_applies_expert_lrs(tokenizer, workdir):
     """In the real step: from the same init, the first update of each parameter is
     -lr * factor * (sign(g) + wd * p) (Adam's first step), so each group's factor can be read
     back from the parameter change; norms show no weight decay."""
-    from hunyuan_jax.data import to_global
-    from hunyuan_jax.state import init_model
-    from hunyuan_jax.train_step import TrainStep
+    from hunyuan_jax.data.corpus import to_global
+    from hunyuan_jax.model.state import init_model
+    from hunyuan_jax.train.step import TrainStep
 
     mcfg, policy, tcfg = _configs(workdir / "unused", tokenizer)
     plan = ShardingPlan.create(tcfg.mesh, tcfg.rules)

@@ -1,5 +1,5 @@
 """Ahead-of-time compiles for TPU slices you do not have: does the program fit, and how fast
-could it be? (`python -m hunyuan_jax.aot --help`; the measured tables are in docs/tpu.md.)
+could it be? (`python -m hunyuan_jax.cli.aot --help`; the measured tables are in docs/tpu.md.)
 
 With libtpu installed, `jax.experimental.topologies` describes any TPU slice as compile-only
 devices on a CPU host. The sharding plan is built over those devices, the real programs are
@@ -13,5 +13,7 @@ them; the report gives per-chip memory, FLOPs and the MFU implied by a stated st
 | `compiler` | compiling, per-chip memory, the out-of-memory verdict, XLA dumps, hoisted casts |
 | `flops` | analytic and unrolled FLOP counts, the step-time model |
 | `report` | one compile's report as a dict and as text |
-| `cli` | flags -> configs, plan and job; exit codes through `hunyuan_jax.errors` |
+
+The command line (flags -> configs, plan and job; exit codes through `hunyuan_jax.errors`) is
+`hunyuan_jax/cli/aot.py`.
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 from hunyuan_jax.aot.compiler import GiB, compile_program
 from hunyuan_jax.aot.programs import Job, build
 from hunyuan_jax.aot.topology import Chip
-from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.model.config import ModelConfig
 
 
 def active_matmul_params(cfg: ModelConfig) -> dict[str, float]:

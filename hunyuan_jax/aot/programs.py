@@ -9,7 +9,7 @@ array is ever allocated).
 | decode | the decode program as infer.py runs it (`decode_loop='auto'`: one token per call on TPU, the while loop elsewhere) | `Generator(model).lower("decode", ...)` |
 | decode-step | one token per call for every row (`decode_loop='host'`), cache donated | `Generator(model, decode_loop="host").lower("decode", ...)` |
 
-The MoE dispatch is never chosen here: the model asks `hunyuan_jax.dispatch` (expert-parallel
+The MoE dispatch is never chosen here: the model asks `hunyuan_jax.model.dispatch` (expert-parallel
 when the plan shards the experts); the report names what it picked.
 """
 
@@ -19,14 +19,14 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from hunyuan_jax import dispatch
-from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.decode.generate import Generator
 from hunyuan_jax.errors import UsageError
-from hunyuan_jax.generate import Generator
-from hunyuan_jax.policy import RuntimePolicy
-from hunyuan_jax.state import abstract_model
-from hunyuan_jax.train_config import TrainConfig
-from hunyuan_jax.train_step import TrainStep
+from hunyuan_jax.model import dispatch
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.state import abstract_model
+from hunyuan_jax.train.config import TrainConfig
+from hunyuan_jax.train.step import TrainStep
 from sharding.plan import ShardingPlan
 
 MODES = ("train", "prefill", "decode", "decode-step")
@@ -78,7 +78,7 @@ class Program:
 
 
 def describe_dispatch(phase: str, job: Job, num_tokens: int) -> str:
-    """The MoE dispatch `hunyuan_jax.dispatch` picks for this phase and plan, by name."""
+    """The MoE dispatch `hunyuan_jax.model.dispatch` picks for this phase and plan, by name."""
     fn = dispatch.experts_fn_for(phase, job.cfg, job.policy, job.plan, num_tokens)
     name = fn.__qualname__.split(".<locals>")[0]
     return f"{fn.__module__.removeprefix('hunyuan_jax.')}.{name}"
@@ -111,7 +111,7 @@ def train_program(job: Job) -> Program:
         + (f" ({job.policy.train_dispatch})" if job.plan.shards("exp") else "")
     )
     if tcfg.lora is not None:  # what trains and how the frozen base is held
-        from hunyuan_jax.lora import base_policy
+        from hunyuan_jax.model.lora import base_policy
 
         source += (
             f"; LoRA rank {tcfg.lora.rank} on {list(tcfg.lora.targets)}, frozen base "

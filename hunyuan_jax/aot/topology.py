@@ -15,8 +15,8 @@ import math
 import os
 import re
 
-from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.errors import UsageError
+from hunyuan_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)

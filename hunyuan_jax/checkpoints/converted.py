@@ -1,8 +1,8 @@
 """The on-disk layout of a converted Hunyuan-Large checkpoint, and restoring it straight into a
 sharded model.
 
-Layout of a converted directory `O` (written by `python -m hunyuan_jax.convert hf-to-jax`,
-`hunyuan_jax/convert/hf_to_jax.py`)::
+Layout of a converted directory `O` (written by `python -m hunyuan_jax.cli.convert hf-to-jax`,
+`hunyuan_jax/checkpoints/convert/hf_to_jax.py`)::
 
     O/
       manifest.json          written last, atomically: {"format": "hunyuan-jax-params",
@@ -23,7 +23,7 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.convert h
                              No manifest (or "complete" false) = not a usable checkpoint.
       config.json            the source's Hugging Face config.json (`torch_dtype` set to the
                              stored dtype, FP8 `quantization_config` dropped):
-                             `hunyuan_jax.loading.open_checkpoint(O)` reads it.
+                             `hunyuan_jax.checkpoints.loading.open_checkpoint(O)` reads it.
       params/                an orbax PyTree checkpoint of `nnx.state(model, nnx.Param)`:
         _METADATA            orbax tree metadata (use_ocdbt=false, use_zarr3=true)
         _CHECKPOINT_METADATA
@@ -41,7 +41,7 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.convert h
                              level 1 (or uncompressed), each followed by its crc32c, and an
                              index (crc32c): tensorstore checks both on every read, so a
                              flipped byte anywhere is an error naming the file, never
-                             silently wrong weights (`python -m hunyuan_jax.convert verify`)
+                             silently wrong weights (`python -m hunyuan_jax.cli.convert verify`)
         ...
       hy.tiktoken, tokenizer_config.json, generation_config.json   (if the source had them)
       *.py                   remote-code files of the source (configuration / modeling), if any
@@ -63,9 +63,9 @@ let each host of a pod read only the chunks overlapping its own shards of a slic
 Restoring: `restore_param_state(O, target)` restores with orbax `StandardCheckpointer` into
 `ShapeDtypeStruct`s carrying the plan's shardings: tensorstore reads only each process's
 shards, nothing is assembled on one host; a different dtype (e.g. float32 master weights from
-a bf16 checkpoint) is cast on read. `hunyuan_jax.loading` is the one place that recognises a
+a bf16 checkpoint) is cast on read. `hunyuan_jax.checkpoints.loading` is the one place that recognises a
 converted directory and builds that target.
-`python -m hunyuan_jax.convert jax-to-hf` exports back to Hugging Face safetensors.
+`python -m hunyuan_jax.cli.convert jax-to-hf` exports back to Hugging Face safetensors.
 """
 
 from __future__ import annotations
@@ -79,9 +79,10 @@ from typing import Any
 
 import numpy as np
 
-from hunyuan_jax import atomic, hf_mapping
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.hf_checkpoint import CheckpointError
+from hunyuan_jax import atomic
+from hunyuan_jax.checkpoints import hf_mapping
+from hunyuan_jax.checkpoints.hf_checkpoint import CheckpointError
+from hunyuan_jax.model.config import ModelConfig
 
 FORMAT_NAME = "hunyuan-jax-params"
 FORMAT_VERSION = 1
@@ -146,13 +147,13 @@ def _key_entry(k) -> tuple[str, int]:
 def param_leaves(cfg: ModelConfig, dtype: str, weights: str = "auto") -> dict[tuple, Leaf]:
     """{nnx path: Leaf} for every parameter stored in `dtype` (the router stays float32) with
     the matmul weights in form `weights` ('auto': `dtype`; 'bf16'; 'int8' / 'fp8': values +
-    float32 scales, `hunyuan_jax.quantize`), with the names orbax gives them when saving
+    float32 scales, `hunyuan_jax.model.quantize`), with the names orbax gives them when saving
     `nnx.state(model, nnx.Param)` (the same flattening orbax applies at restore)."""
     import jax
     from flax import nnx
 
-    from hunyuan_jax import quantize
-    from hunyuan_jax.policy import RuntimePolicy
+    from hunyuan_jax.model import quantize
+    from hunyuan_jax.model.policy import RuntimePolicy
 
     policy = RuntimePolicy(param_dtype=dtype, weights=weights)
     state = nnx.state(quantize.abstract_model(cfg, policy), nnx.Param)
@@ -189,7 +190,7 @@ def param_leaves(cfg: ModelConfig, dtype: str, weights: str = "auto") -> dict[tu
 
 def leaves_form(leaves: dict[tuple, Leaf]) -> str:
     """'int8' | 'fp8' when the matmul weights are stored quantized, else 'float'."""
-    from hunyuan_jax import quantize
+    from hunyuan_jax.model import quantize
 
     q = {np.dtype(l.dtype) for l in leaves.values() if l.role == "qvalue"}
     if not q:
@@ -431,7 +432,7 @@ def check_written_config(path: Path, cfg: ModelConfig, written, manifest: Path) 
     """CheckpointError naming config.json and each key whose value changes the architecture
     relative to `written` (the config the weights were converted with, in the manifest).
     Keys that are not architecture (torch_dtype, token ids, dropout) may differ."""
-    from hunyuan_jax.config import ConfigError, hf_to_fields, read_json
+    from hunyuan_jax.model.config import ConfigError, hf_to_fields, read_json
 
     def arch(hf) -> ModelConfig:
         return ModelConfig.from_dict(hf_to_fields(hf, str(manifest)), str(manifest))
@@ -470,7 +471,7 @@ def check_written_config(path: Path, cfg: ModelConfig, written, manifest: Path) 
 
 def stored_weights(directory: str | Path) -> str:
     """How a converted checkpoint stores its matmul weights: 'float' (in the manifest's
-    dtype), 'int8' or 'fp8' (values + float32 scales, `hunyuan_jax.quantize`)."""
+    dtype), 'int8' or 'fp8' (values + float32 scales, `hunyuan_jax.model.quantize`)."""
     return read_manifest(directory).get("weights", {}).get("form", "float")
 
 
@@ -480,7 +481,7 @@ def restore_param_state(directory: str | Path, target):
     shardings; each process reads only its shards; dtypes are cast on read."""
     import orbax.checkpoint as ocp
 
-    from hunyuan_jax.integrity import orbax_metadata, read_error
+    from hunyuan_jax.checkpoints.integrity import orbax_metadata, read_error
 
     read_manifest(directory)
     params = Path(directory).absolute() / PARAMS_DIR

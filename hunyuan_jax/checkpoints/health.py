@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hunyuan_jax import integrity
+from hunyuan_jax.checkpoints import integrity
 
 LOSS_FACTOR = 1.5
 GRAD_FACTOR = 5.0

@@ -1,6 +1,6 @@
 """Reading Hugging Face checkpoints one tensor at a time (safetensors or PyTorch `.bin` shards,
 via their index files), checking them against the model, and loading them into a parameter
-tree in memory (fine for small models; `hunyuan_jax.convert` streams the large ones).
+tree in memory (fine for small models; `hunyuan_jax.checkpoints.convert` streams the large ones).
 
 `HFCheckpoint.tensor_infos()` scans every shard named by the index (with `shard_files`' header
 scans) and reports missing or truncated shards and absent tensors up front;
@@ -23,10 +23,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError
 
-from hunyuan_jax import hf_mapping
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.errors import CheckpointError, MissingShardError  # noqa: F401 (re-exported)
-from hunyuan_jax.shard_files import (
+from hunyuan_jax.checkpoints import hf_mapping
+from hunyuan_jax.checkpoints.shard_files import (
     FP8_DTYPES,
     TensorInfo,
     fp8_scale_key,
@@ -34,6 +32,8 @@ from hunyuan_jax.shard_files import (
     scan_safetensors,
     scan_torch_bin,
 )
+from hunyuan_jax.errors import CheckpointError, MissingShardError  # noqa: F401 (re-exported)
+from hunyuan_jax.model.config import ModelConfig
 
 _INDEXES = (
     ("model.safetensors.index.json", "safetensors"),

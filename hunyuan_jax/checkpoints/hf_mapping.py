@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)

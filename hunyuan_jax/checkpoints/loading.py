@@ -6,14 +6,14 @@ Formats (checked in this order):
 | format | recognised by | weights |
 |---|---|---|
 | `hf` | config.json + safetensors / PyTorch .bin shards (or their index) | read tensor by tensor (`hf_checkpoint`), placed by the plan |
-| `converted` | manifest.json (+ params/) from `python -m hunyuan_jax.convert hf-to-jax` | orbax restore straight into the plan's shardings |
+| `converted` | manifest.json (+ params/) from `python -m hunyuan_jax.cli.convert hf-to-jax` | orbax restore straight into the plan's shardings |
 | `run` | config.yaml + checkpoints/ (a train.py run directory) | its latest complete step, restored into the plan's shardings |
 
     ckpt = open_checkpoint(path)                  # cheap: format, architecture, stored dtype
     model = load_params(ckpt, policy, plan)       # the weights, created sharded
     bundle = load(path, dtype="auto", plan=plan)  # + tokenizer, sampling defaults, EOS ids
 
-Quantized weights (`hunyuan_jax.quantize`): `policy.weights` ('auto' | 'bf16' | 'int8' | 'fp8')
+Quantized weights (`hunyuan_jax.model.quantize`): `policy.weights` ('auto' | 'bf16' | 'int8' | 'fp8')
 says how the matmul weights are held; 'auto' keeps what the checkpoint stores
 (`Checkpoint.weights`: 'float', or 'int8' / 'fp8' for `hf-to-jax --quantize` output and 'fp8' for
 an FP8 release). A quantized converted checkpoint restores straight into the abstract quantized
@@ -35,14 +35,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hunyuan_jax.config import ModelConfig, read_json, read_yaml
+from hunyuan_jax.decode.sampling import SamplingConfig, eos_ids_from_generation_config
 from hunyuan_jax.errors import CheckpointError, ConfigError
-from hunyuan_jax.policy import RuntimePolicy
-from hunyuan_jax.sampling import SamplingConfig, eos_ids_from_generation_config
+from hunyuan_jax.model.config import ModelConfig, read_json, read_yaml
+from hunyuan_jax.model.policy import RuntimePolicy
 
 FORMATS = {
     "hf": "Hugging Face layout: config.json + safetensors or PyTorch .bin shards",
-    "converted": "python -m hunyuan_jax.convert hf-to-jax output: manifest.json + params/",
+    "converted": "python -m hunyuan_jax.cli.convert hf-to-jax output: manifest.json + params/",
     "run": "train.py run directory: config.yaml + checkpoints/<step>/",
 }
 _HF_WEIGHTS = (
@@ -88,9 +88,9 @@ class Checkpoint:
 def detect_format(path: Path) -> str | None:
     if (path / "config.json").is_file() and any((path / w).is_file() for w in _HF_WEIGHTS):
         return "hf"
-    from hunyuan_jax import checkpoint_format
+    from hunyuan_jax.checkpoints import converted
 
-    if checkpoint_format.is_converted(path):
+    if converted.is_converted(path):
         return "converted"
     if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
         return "run"
@@ -117,19 +117,19 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             weights=weights,
         )
     if fmt == "converted":
-        from hunyuan_jax import checkpoint_format
+        from hunyuan_jax.checkpoints import converted
 
-        cfg, dtype = checkpoint_format.stored_config(path)
-        return Checkpoint(path, fmt, cfg, dtype, weights=checkpoint_format.stored_weights(path))
+        cfg, dtype = converted.stored_config(path)
+        return Checkpoint(path, fmt, cfg, dtype, weights=converted.stored_weights(path))
     if fmt == "run":
-        from hunyuan_jax.checkpointing import read_run_config
+        from hunyuan_jax.checkpoints.runs import read_run_config
 
         cfg, runtime, train = read_run_config(path)
         if train.get("lora"):
             raise CheckpointError(
                 f"{path} is a LoRA run (its checkpoints hold only adapters): load it beside "
                 f"its base (infer.py --adapter {path}) or merge it first "
-                f"(python -m hunyuan_jax.convert merge-lora --run {path} --out DIR)"
+                f"(python -m hunyuan_jax.cli.convert merge-lora --run {path} --out DIR)"
             )
         weights = runtime.weights if runtime.weights in ("int8", "fp8") else "float"
         return Checkpoint(path, fmt, cfg, runtime.param_dtype, runtime, weights)
@@ -137,7 +137,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"{path} is an orbax checkpoint directory without its model config: pass the "
             f"train.py run directory (the one holding config.yaml and checkpoints/) or a "
-            f"directory written by `python -m hunyuan_jax.convert hf-to-jax`"
+            f"directory written by `python -m hunyuan_jax.cli.convert hf-to-jax`"
         )
     known = "; ".join(f"{k}: {v}" for k, v in FORMATS.items())
     raise CheckpointError(f"{path} is not a checkpoint directory this program knows ({known})")
@@ -182,7 +182,7 @@ def load_params(ckpt: Checkpoint | str | Path, policy: RuntimePolicy, plan=None)
     import jax
     from flax import nnx
 
-    from hunyuan_jax import quantize
+    from hunyuan_jax.model import quantize
 
     # The restore target is what is stored (orbax would cast to any other dtype silently).
     stored = "auto" if ckpt.weights == "float" else ckpt.weights
@@ -229,10 +229,10 @@ def _restore(ckpt: Checkpoint, target):
     """Restore the params of a converted checkpoint / run directory into `target` (an
     abstract nnx.State with shardings)."""
     if ckpt.format == "converted":
-        from hunyuan_jax.checkpoint_format import restore_param_state
+        from hunyuan_jax.checkpoints.converted import restore_param_state
 
         return restore_param_state(ckpt.path, target)
-    from hunyuan_jax.checkpointing import restore_run_params
+    from hunyuan_jax.checkpoints.runs import restore_run_params
 
     return restore_run_params(ckpt.path, target)[1]
 
@@ -245,26 +245,26 @@ def _restore_some(ckpt: Checkpoint, target):
     import jax
     import orbax.checkpoint as ocp
 
-    from hunyuan_jax import integrity
+    from hunyuan_jax.checkpoints import integrity
 
     record = None
     if ckpt.format == "converted":
-        from hunyuan_jax import checkpoint_format as fmt
+        from hunyuan_jax.checkpoints import converted as fmt
 
         fmt.read_manifest(ckpt.path)
         params = ckpt.path / fmt.PARAMS_DIR
     else:
-        from hunyuan_jax import checkpointing
+        from hunyuan_jax.checkpoints import runs
 
-        step = checkpointing.latest_step(ckpt.path)
+        step = runs.latest_step(ckpt.path)
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {ckpt.path}")
-        step_dir = checkpointing.checkpoint_dir(ckpt.path) / str(step)
-        params = step_dir / checkpointing.PARAMS
-        record = checkpointing.read_record(step_dir)
+        step_dir = runs.checkpoint_dir(ckpt.path) / str(step)
+        params = step_dir / runs.PARAMS
+        record = runs.read_record(step_dir)
     stored = target
     if record is not None:
-        dtypes = {n: r["dtype"] for n, r in record.get(checkpointing.PARAMS, {}).items()}
+        dtypes = {n: r["dtype"] for n, r in record.get(runs.PARAMS, {}).items()}
         names = iter(n for n, _ in integrity.named_leaves(target))
         stored = _tree_map(
             lambda a: (
@@ -286,7 +286,7 @@ def _restore_some(ckpt: Checkpoint, target):
         )
     if record is not None:
         got = integrity.tree_digests(out)
-        want = {n: r["digest"] for n, r in record.get(checkpointing.PARAMS, {}).items() if n in got}
+        want = {n: r["digest"] for n, r in record.get(runs.PARAMS, {}).items() if n in got}
         integrity.compare(want, got, str(params))
     return _tree_map2(
         lambda x, t: x if t is _PLACEHOLDER or x.dtype == t.dtype else x.astype(t.dtype),
@@ -311,8 +311,8 @@ def _load_hf(ckpt: Checkpoint, policy: RuntimePolicy, plan, form: str):
     """A HF checkpoint read one leaf at a time (never the whole model in host memory), each
     HF tensor turned into its slice in `form` (`convert.common.hf_slice`: FP8 release values
     kept for 'fp8')."""
-    from hunyuan_jax.hf_checkpoint import HFCheckpoint, verify
-    from hunyuan_jax.state import abstract_model, flat_shapes, model_from_arrays
+    from hunyuan_jax.checkpoints.hf_checkpoint import HFCheckpoint, verify
+    from hunyuan_jax.model.state import abstract_model, flat_shapes, model_from_arrays
 
     policy = policy.replace(weights="auto" if form == "float" else form)
     hf = HFCheckpoint(ckpt.path)
@@ -339,8 +339,8 @@ class _HFLeaves(Mapping):
         import numpy as np
         from flax import nnx
 
-        from hunyuan_jax import hf_mapping
-        from hunyuan_jax.state import abstract_model
+        from hunyuan_jax.checkpoints import hf_mapping
+        from hunyuan_jax.model.state import abstract_model
 
         self.cfg, self.hf, self.form = cfg, hf, form
         model = abstract_model(cfg, policy)
@@ -363,9 +363,9 @@ class _HFLeaves(Mapping):
     def __getitem__(self, path):
         import numpy as np
 
-        from hunyuan_jax import hf_mapping
-        from hunyuan_jax.convert.common import hf_slice
-        from hunyuan_jax.shard_files import FP8_DTYPES, fp8_scale_key
+        from hunyuan_jax.checkpoints import hf_mapping
+        from hunyuan_jax.checkpoints.convert.common import hf_slice
+        from hunyuan_jax.checkpoints.shard_files import FP8_DTYPES, fp8_scale_key
 
         if path in self.ready:
             return self.ready.pop(path)
@@ -400,8 +400,8 @@ def find_tokenizer(*dirs: Path):
     """The first tokenizer found in `dirs` (each dir itself, then its `tokenizer/`), or None.
     A directory with the checksums a training run records (`checksums.json`) is checked
     first: CheckpointError names a damaged file."""
-    from hunyuan_jax.checkpointing import TOKENIZER_SUMS, tokenizer_problem
-    from hunyuan_jax.tokenizer import load_tokenizer
+    from hunyuan_jax.checkpoints.runs import TOKENIZER_SUMS, tokenizer_problem
+    from hunyuan_jax.data.tokenizer import load_tokenizer
 
     for d in dirs:
         d = Path(d)
@@ -441,7 +441,7 @@ class Loaded:
 
     checkpoint: Checkpoint
     model: Any  # HunyuanForCausalLM
-    tokenizer: Any | None  # hunyuan_jax.tokenizer.Tokenizer, if one was found
+    tokenizer: Any | None  # hunyuan_jax.data.tokenizer.Tokenizer, if one was found
     sampling: SamplingConfig  # defaults (generation_config.json, else greedy)
     eos_ids: list[int]  # generation_config.json, else the tokenizer's, else config.json's
 
@@ -479,7 +479,7 @@ def load(
     `lora.check_base`: CheckpointError otherwise) unless `allow_base_mismatch`.
     """
     if adapter is not None and path is None:
-        from hunyuan_jax import lora
+        from hunyuan_jax.model import lora
 
         path = lora.recorded_base(adapter)
     ckpt = open_checkpoint(path)
@@ -488,7 +488,7 @@ def load(
         policy = policy.replace(weights=weights)
     dirs = list(ckpt.search_dirs)
     if tokenizer is not None:
-        from hunyuan_jax.tokenizer import load_tokenizer
+        from hunyuan_jax.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
         t = Path(tokenizer)
@@ -500,7 +500,7 @@ def load(
     if tok is not None:
         check_tokenizer(tok, ckpt.cfg)  # before the (possibly long) weight loading
     if adapter is not None:
-        from hunyuan_jax import lora
+        from hunyuan_jax.model import lora
 
         model, _ = lora.load_adapted(
             ckpt, policy, adapter, plan, allow_base_mismatch=allow_base_mismatch, log=log

@@ -23,14 +23,14 @@ host ever materialises the full tree.
 
 Integrity: every save records, in the step's `integrity` item (written by the same atomic
 save), the 64-bit digest of every array of `params` and `opt_state` (shape, dtype, digest;
-`hunyuan_jax.integrity`), the SHA-256 of the data states, and the health of the steps since
-the previous save (`hunyuan_jax.health`). `Checkpointer.restore` and `restore_run_params`
+`hunyuan_jax.checkpoints.integrity`), the SHA-256 of the data states, and the health of the steps since
+the previous save (`hunyuan_jax.checkpoints.health`). `Checkpointer.restore` and `restore_run_params`
 recompute the digests of what they restored (on device, one pass) and raise CheckpointError
 naming the first array that differs; read failures (a truncated or missing file) are
 CheckpointError too. A step saved without the item (older code) is restored unverified.
 
 Reading a run directory as a model (for decoding, export or `--init-from`) is
-`hunyuan_jax.loading`; this module only restores arrays into given abstract targets.
+`hunyuan_jax.checkpoints.loading`; this module only restores arrays into given abstract targets.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ import jax
 import orbax.checkpoint as ocp
 import yaml
 
-from hunyuan_jax import atomic, health, integrity
-from hunyuan_jax.config import ModelConfig, read_yaml
+from hunyuan_jax import atomic
+from hunyuan_jax.checkpoints import health, integrity
 from hunyuan_jax.errors import CheckpointError, NonFiniteLoss
-from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.model.config import ModelConfig, read_yaml
+from hunyuan_jax.model.policy import RuntimePolicy
 
 PARAMS, OPT_STATE, DATA, INTEGRITY = "params", "opt_state", "data", "integrity"
 RECORD_FILE = "metadata"  # the file orbax's JsonSave writes in an item directory

@@ -1,9 +1,9 @@
 """The command line of the AOT tool: flags -> (ModelConfig, RuntimePolicy, TrainConfig,
 ShardingPlan over the slice's compile-only devices) -> one compile -> report.
 
-    python -m hunyuan_jax.aot --config configs/hunyuan_a52b_instruct.yaml --topology v5p-256 \
+    python -m hunyuan_jax.cli.aot --config configs/hunyuan_a52b_instruct.yaml --topology v5p-256 \
         --mode train --mesh fsdp=8,expert=16 --rules fsdp_ep --seq 4096
-    python -m hunyuan_jax.aot --config configs/hunyuan_a52b_instruct.yaml --topology v6e-32 \
+    python -m hunyuan_jax.cli.aot --config configs/hunyuan_a52b_instruct.yaml --topology v6e-32 \
         --mode decode-step --batch 8 --cache-len 32768 --rule cache_length=expert
 
 Configs: the architecture from `loading.read_model_config` (our YAML, a Hugging Face
@@ -11,7 +11,7 @@ config.json or any checkpoint directory). Training uses the YAML's `runtime:` an
 sections (`train_config.load_configs`), a train.py run directory's own policy, else
 `RuntimePolicy()` (fp32 parameters, bf16 compute, full remat); `--param-dtype` overrides the
 parameter dtype. Serving uses `RuntimePolicy.inference(--dtype)`; `--weights int8|fp8|bf16` holds
-the matmul weights in that form (`hunyuan_jax.quantize`). `--set model.K=V`,
+the matmul weights in that form (`hunyuan_jax.model.quantize`). `--set model.K=V`,
 `--set runtime.K=V` and (train) `--set K=V` / `--set train.K=V` override keys as train.py's
 `--set` does; the dedicated flags win over them.
 
@@ -33,12 +33,12 @@ from pathlib import Path
 from hunyuan_jax import errors
 from hunyuan_jax.aot import topology as T
 from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, MODES, Job
-from hunyuan_jax.config import ModelConfig, read_yaml
 from hunyuan_jax.errors import ConfigError, DoesNotFit, UsageError
-from hunyuan_jax.policy import RuntimePolicy
-from hunyuan_jax.train_config import TrainConfig, load_configs, parse_overrides
+from hunyuan_jax.model.config import ModelConfig, read_yaml
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.train.config import TrainConfig, load_configs, parse_overrides
 
-PROG = "python -m hunyuan_jax.aot"
+PROG = "python -m hunyuan_jax.cli.aot"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,7 +168,7 @@ def resolve_configs(args) -> tuple[ModelConfig, RuntimePolicy, TrainConfig]:
     if _is_our_yaml(path):
         cfg, policy, tcfg = load_configs(path, args.set)
     else:
-        from hunyuan_jax import loading
+        from hunyuan_jax.checkpoints import loading
 
         runtime = None
         if path.is_dir():  # a train.py run directory carries its own policy
@@ -307,5 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     return errors.run_cli(PROG, lambda: run(args, own_process=argv is None), args.debug)
 
 
+def entry() -> int:
+    """`hunyuan-aot`, `python -m hunyuan_jax.cli.aot` (no start-up re-exec: not a hot loop)."""
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

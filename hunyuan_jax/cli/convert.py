@@ -1,33 +1,33 @@
 """The converter's command line::
 
-    python -m hunyuan_jax.convert hf-to-jax --hf-dir D --out O [--dtype bfloat16]
+    python -m hunyuan_jax.cli.convert hf-to-jax --hf-dir D --out O [--dtype bfloat16]
         [--quantize int8|fp8] [--tokenizer-dir T] [--compression zstd|none]
         [--checksum crc32c|none] [--chunk-mb 4] [--workers 2] [--max-inflight-gb 1]
         [--overwrite] [--no-progress] [--debug]
-    python -m hunyuan_jax.convert jax-to-hf --ckpt C --out D [--dtype bfloat16] [--step N]
+    python -m hunyuan_jax.cli.convert jax-to-hf --ckpt C --out D [--dtype bfloat16] [--step N]
         [--max-shard-gb 5] [--config F [--tree-prefix P]] [--overwrite] [--no-progress]
         [--debug]
-    python -m hunyuan_jax.convert verify --ckpt C [--step N] [--debug]
-    python -m hunyuan_jax.convert merge-lora --run RUN --out O [--base B] [--step N]
+    python -m hunyuan_jax.cli.convert verify --ckpt C [--step N] [--debug]
+    python -m hunyuan_jax.cli.convert merge-lora --run RUN --out O [--base B] [--step N]
         [--dtype float32|bfloat16] [--mesh M --rules R] [--overwrite]
         [--allow-base-mismatch] [--debug]
 
 `--ckpt` is a converted checkpoint, a train.py run directory (its latest complete step, or
 `--step N`), or a bare orbax params directory with `--config`. What each direction does:
-`hunyuan_jax/convert/hf_to_jax.py` and `jax_to_hf.py` (`--quantize` stores the matmul weights
+`hunyuan_jax/checkpoints/convert/hf_to_jax.py` and `jax_to_hf.py` (`--quantize` stores the matmul weights
 as int8 / fp8 values + scales; jax-to-hf of such a checkpoint dequantizes them, to bfloat16 by
-default); the output layout: `hunyuan_jax/checkpoint_format.py`. `verify` reads a converted
+default); the output layout: `hunyuan_jax/checkpoints/converted.py`. `verify` reads a converted
 checkpoint or a run's checkpoints in full against their checksums
-(`hunyuan_jax/convert/verify.py`) and names the first bad array and file (exit 4). `merge-lora`
+(`hunyuan_jax/checkpoints/convert/verify.py`) and names the first bad array and file (exit 4). `merge-lora`
 folds a LoRA run's adapters into its base and writes a run directory that jax-to-hf exports
-(`hunyuan_jax/convert/merge_lora.py`).
+(`hunyuan_jax/checkpoints/convert/merge_lora.py`).
 
 Exit status (`hunyuan_jax.errors`): 0 success (also a rerun on a complete conversion, which
 does nothing); 2 bad command line (argparse, a flag that does not fit the source) or bad
 config; 4 checkpoint problem (missing / truncated / corrupt shard, wrong shape, missing or
 unknown tensor, an `--out` that must not be written into, an interrupted conversion given to
 jax-to-hf, an I/O error such as a full disk or a permission denied); 130 interrupted; 1 a bug
-(with its traceback). Expected errors print one line, `python -m hunyuan_jax.convert: error:
+(with its traceback). Expected errors print one line, `python -m hunyuan_jax.cli.convert: error:
 ...`, naming the file / tensor at fault; `--debug` shows the traceback instead. An
 interrupted hf-to-jax resumes when rerun; an interrupted jax-to-hf leaves no partial output.
 """
@@ -37,11 +37,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hunyuan_jax.checkpoints.convert.common import DTYPES
 from hunyuan_jax.cli_help import HelpFormatter
-from hunyuan_jax.convert.common import DTYPES
 from hunyuan_jax.errors import CheckpointError, HunyuanError, add_debug_flag, run_cli
 
-PROG = "python -m hunyuan_jax.convert"
+PROG = "python -m hunyuan_jax.cli.convert"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    from hunyuan_jax.convert import hf_to_jax, jax_to_hf
+    from hunyuan_jax.checkpoints.convert import hf_to_jax, jax_to_hf
 
     try:
         if args.cmd == "hf-to-jax":
@@ -177,7 +177,7 @@ def _run(args) -> int:
                 quantize=args.quantize,
             )
         elif args.cmd == "merge-lora":
-            from hunyuan_jax.convert.merge_lora import merge_lora
+            from hunyuan_jax.checkpoints.convert.merge_lora import merge_lora
             from sharding.plan import ShardingPlan
 
             plan = ShardingPlan.from_flags(args.mesh, args.rules) if args.mesh else None
@@ -192,7 +192,7 @@ def _run(args) -> int:
                 allow_base_mismatch=args.allow_base_mismatch,
             )
         elif args.cmd == "verify":
-            from hunyuan_jax.convert.verify import verify
+            from hunyuan_jax.checkpoints.convert.verify import verify
 
             verify(args.ckpt, args.step)
         else:
@@ -219,5 +219,10 @@ def main(argv=None) -> int:
     return run_cli(PROG, lambda: _run(args), debug=args.debug)
 
 
+def entry() -> int:
+    """`hunyuan-convert`, `python -m hunyuan_jax.cli.convert` (no start-up re-exec: not a hot loop)."""
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -6,15 +6,15 @@
     python infer.py --checkpoint DIR --prompt "..." --mesh data=1,tensor=8 --cache-dtype int8
     python infer.py --checkpoint DIR --prompt "..." --weights int8
 
-DIR is a Hugging Face checkpoint, a converted one (`python -m hunyuan_jax.convert hf-to-jax`)
+DIR is a Hugging Face checkpoint, a converted one (`python -m hunyuan_jax.cli.convert hf-to-jax`)
 or a train.py run directory (its latest checkpoint, its tokenizer/).
 
 Tokens are streamed to the terminal as they are produced (one prompt), or each completion is
 printed when it finishes (several prompts); a final line on stderr gives prefill and decode
 tokens/s. Sampling defaults come from the checkpoint's generation_config.json (else greedy);
-flags override them. Loading is `hunyuan_jax.loading` (checksums verified: the crc32c of every
+flags override them. Loading is `hunyuan_jax.checkpoints.loading` (checksums verified: the crc32c of every
 chunk of a converted checkpoint, the digests of a run's arrays; a Hugging Face checkpoint's
-shard headers and sizes), generation `hunyuan_jax.generate`.
+shard headers and sizes), generation `hunyuan_jax.decode.generate`.
 
 Exit status (`hunyuan_jax/errors.py`): 0 success; 2 bad command line or configuration; 3 bad
 prompts file; 4 checkpoint missing, truncated, corrupt or unsafe (the message names the file,
@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hunyuan_jax.errors import (  # noqa: E402
     CheckpointError,
@@ -52,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="checkpoint directory: Hugging Face "
         "layout (config.json + safetensors / .bin shards), the output of "
-        "`python -m hunyuan_jax.convert hf-to-jax`, or a train.py run directory "
+        "`python -m hunyuan_jax.cli.convert hf-to-jax`, or a train.py run directory "
         "(required unless --adapter names a LoRA run that records its base)",
     )
     p.add_argument(
@@ -111,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "bf16", "int8", "fp8"),
         help="how the matmul weights are held: auto (as the checkpoint stores them), bf16, "
         "int8 (per output channel) or fp8 (e4m3); a float checkpoint is quantized on load "
-        "(`python -m hunyuan_jax.convert hf-to-jax --quantize` does it once, on disk)",
+        "(`python -m hunyuan_jax.cli.convert hf-to-jax --quantize` does it once, on disk)",
     )
     run.add_argument(
         "--cache-dtype",
@@ -173,7 +171,7 @@ def _read_prompts(args) -> list[str]:
 
 
 def _encode(tokenizer, prompts: list[str], args) -> list[list[int]]:
-    from hunyuan_jax.tokenizer import DEFAULT_SYSTEM_PROMPT
+    from hunyuan_jax.data.tokenizer import DEFAULT_SYSTEM_PROMPT
 
     out = []
     for text in prompts:
@@ -239,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args) -> int:
     # Cheap checks first: nothing is loaded before the command line is known to be valid.
-    from hunyuan_jax.sampling import SamplingConfig
+    from hunyuan_jax.decode.sampling import SamplingConfig
 
     flags = _sampling_flags(args)
     try:
@@ -257,8 +255,8 @@ def _main(args) -> int:
     if args.checkpoint is None and args.adapter is None:
         raise UsageError("--checkpoint is required (or --adapter with a LoRA run)")
 
-    from hunyuan_jax import loading
-    from hunyuan_jax.generate import Generator
+    from hunyuan_jax.checkpoints import loading
+    from hunyuan_jax.decode.generate import Generator
     from sharding.plan import ShardingPlan
 
     plan = ShardingPlan.single()
@@ -269,7 +267,7 @@ def _main(args) -> int:
             raise UsageError(f"--mesh {args.mesh!r} / --rules {args.rules!r}: {e}") from None
     tokenizer = None
     if args.tokenizer is not None:
-        from hunyuan_jax.tokenizer import load_tokenizer
+        from hunyuan_jax.data.tokenizer import load_tokenizer
 
         try:
             load_tokenizer(args.tokenizer)  # a bad --tokenizer is a usage error, said early
@@ -336,8 +334,14 @@ def _main(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry() -> int:
+    """`hunyuan-infer`, `python -m hunyuan_jax.cli.infer`, `python infer.py`: the start-up re-exec (before any work: glibc reads its tunables at start-up),
+    then `main()`."""
     from hunyuan_jax.host_env import reexec_with_hugepage_malloc
 
-    reexec_with_hugepage_malloc()  # before any work: glibc reads it at start-up
-    sys.exit(main())
+    reexec_with_hugepage_malloc()
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -1,7 +1,7 @@
 """Serve a Hunyuan checkpoint over OpenAI's HTTP API with continuous batching.
 
-    python -m hunyuan_jax.serve                       # the embedded tiny default model
-    python -m hunyuan_jax.serve --checkpoint DIR [--mesh data=1,tensor=8 --rules serve_ep_tp]
+    python -m hunyuan_jax.cli.serve                       # the embedded tiny default model
+    python -m hunyuan_jax.cli.serve --checkpoint DIR [--mesh data=1,tensor=8 --rules serve_ep_tp]
         [--slots 4] [--max-len N] [--prefill-chunk 64] [--prefill-budget 2]
         [--max-queue 64] [--max-body-bytes 4194304] [--api-key KEY] [--api-key-metrics]
         [--host 127.0.0.1] [--port 8000] [--served-model-name NAME] [--dtype auto]
@@ -27,7 +27,7 @@ import signal
 import sys
 from pathlib import Path
 
-PROG = "python -m hunyuan_jax.serve"
+PROG = "python -m hunyuan_jax.cli.serve"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 DEFAULT_NAME = "hunyuan-jax-default"
 API_KEY_ENV = "HUNYUAN_API_KEY"
@@ -127,7 +127,7 @@ def build_state(
 ):
     """Loads the checkpoint and builds the executor, the engine and the metrics (the engine
     is not started). Returns a `api.ServeState`."""
-    from hunyuan_jax import loading
+    from hunyuan_jax.checkpoints import loading
     from hunyuan_jax.errors import ConfigError, UsageError
     from hunyuan_jax.serve.api import ServeState
     from hunyuan_jax.serve.engine import Executor
@@ -296,8 +296,14 @@ def _main(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry() -> int:
+    """`hunyuan-serve`, `python -m hunyuan_jax.cli.serve`: the start-up re-exec (before any work: glibc reads its tunables at start-up),
+    then `main()`."""
     from hunyuan_jax.host_env import reexec_with_hugepage_malloc
 
-    reexec_with_hugepage_malloc()  # before any work: glibc reads it at start-up
-    sys.exit(main())
+    reexec_with_hugepage_malloc()
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

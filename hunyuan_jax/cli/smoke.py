@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HY_TINY = REPO / "tests" / "data" / "hy_tiny"
 TOLERANCE = 1e-4  # float32 logits vs the original code
 
@@ -43,7 +43,7 @@ def _logits(model, ids):
 
 
 def step_reference(ref) -> bool:
-    from hunyuan_jax import loading
+    from hunyuan_jax.checkpoints import loading
 
     ok = True
     for layout in ("hf_bin", "hf_st"):
@@ -55,8 +55,8 @@ def step_reference(ref) -> bool:
 
 
 def step_convert(ref, work: Path, plan) -> bool:
-    from hunyuan_jax import convert, loading
-    from hunyuan_jax.generate import Generator
+    from hunyuan_jax.checkpoints import convert, loading
+    from hunyuan_jax.decode.generate import Generator
 
     out = work / "hy_tiny_converted"
     convert.hf_to_jax(HY_TINY / "hf_st", out, progress=False, log=lambda m: None)
@@ -85,8 +85,8 @@ def smoke_train(
     check that the loss fell. Returns a summary dict."""
     import shutil
 
-    from hunyuan_jax.train_config import load_configs
-    from hunyuan_jax.train_loop import train
+    from hunyuan_jax.train.config import load_configs
+    from hunyuan_jax.train.loop import train
 
     config = config or REPO / "configs" / "tiny.yaml"
     run_dir = Path(run_dir)
@@ -126,9 +126,9 @@ def step_train(work: Path, steps: int) -> tuple[bool, Path]:
 
 
 def step_decode(run: Path, plan) -> bool:
-    from hunyuan_jax import loading
-    from hunyuan_jax.generate import Generator
-    from hunyuan_jax.sampling import SamplingConfig
+    from hunyuan_jax.checkpoints import loading
+    from hunyuan_jax.decode.generate import Generator
+    from hunyuan_jax.decode.sampling import SamplingConfig
 
     inf = loading.load(run, dtype="float32", plan=plan)
     sampling = SamplingConfig(temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.2)
@@ -145,8 +145,8 @@ def step_decode(run: Path, plan) -> bool:
 
 
 def step_export(run: Path, work: Path) -> bool:
-    from hunyuan_jax import convert, loading
-    from hunyuan_jax.checkpointing import latest_step
+    from hunyuan_jax.checkpoints import convert, loading
+    from hunyuan_jax.checkpoints.runs import latest_step
 
     step = latest_step(run)
     hf_out = work / "tiny_run_hf"
@@ -195,8 +195,14 @@ def main(argv=None) -> int:
     return 0 if not failed else 1
 
 
-if __name__ == "__main__":
+def entry() -> int:
+    """`python -m hunyuan_jax.cli.smoke`: the start-up re-exec (before any work: glibc reads its tunables at start-up),
+    then `main()`."""
     from hunyuan_jax.host_env import reexec_with_hugepage_malloc
 
-    reexec_with_hugepage_malloc()  # before any work: glibc reads it at start-up
-    sys.exit(main())
+    reexec_with_hugepage_malloc()
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

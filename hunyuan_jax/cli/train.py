@@ -43,7 +43,6 @@ def main(argv=None) -> int:
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
         )
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from hunyuan_jax.errors import CheckpointError, run_cli
 
     return run_cli(PROG, lambda: _main(argv), debug=known.debug, oserror=CheckpointError)
@@ -87,8 +86,8 @@ def _main(argv) -> int:
     profile_steps = parse_profile_steps(args.profile_steps)
 
     distributed.initialize_from_args(args)  # multi-host: before JAX touches devices
-    from hunyuan_jax.train_config import load_configs
-    from hunyuan_jax.train_loop import train
+    from hunyuan_jax.train.config import load_configs
+    from hunyuan_jax.train.loop import train
 
     changes = {}
     if args.init_from:
@@ -138,8 +137,14 @@ def _io_error(e: OSError, tcfg):
     return os_error(e, CheckpointError)
 
 
-if __name__ == "__main__":
+def entry() -> int:
+    """`hunyuan-train`, `python -m hunyuan_jax.cli.train`, `python train.py`: the start-up re-exec (before any work: glibc reads its tunables at start-up),
+    then `main()`."""
     from hunyuan_jax.host_env import reexec_with_hugepage_malloc
 
-    reexec_with_hugepage_malloc()  # before any work: glibc reads it at start-up
-    sys.exit(main())
+    reexec_with_hugepage_malloc()
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -13,8 +13,8 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from hunyuan_jax.data.special_tokens import EOS, EXTRA_0, EXTRA_4, STARTOFTEXT
 from hunyuan_jax.errors import ConfigError, DataError
-from hunyuan_jax.special_tokens import EOS, EXTRA_0, EXTRA_4, STARTOFTEXT
 
 # --------------------------------------------------------------------------- chat layout
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hunyuan_jax.data.tokenizer import Tokenizer, render_chat
 from hunyuan_jax.errors import ConfigError, DataError
-from hunyuan_jax.tokenizer import Tokenizer, render_chat
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 

@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from hunyuan_jax.chat_template import (
+from hunyuan_jax.data.chat_template import (
     compile_chat_template,
     encode_chat_plain,
     read_tokenizer_config,
@@ -24,8 +24,7 @@ from hunyuan_jax.chat_template import (
     render_chat_template,
     split_special,
 )
-from hunyuan_jax.errors import CheckpointError, DataError
-from hunyuan_jax.special_tokens import (
+from hunyuan_jax.data.special_tokens import (
     CHAT_SPECIAL_TOKENS,
     DEFAULT_EOS_IDS,
     DEFAULT_PAD_ID,
@@ -41,6 +40,7 @@ from hunyuan_jax.special_tokens import (
     STARTOFTEXT,
     nfc,
 )
+from hunyuan_jax.errors import CheckpointError, DataError
 
 __all__ = [
     "Tokenizer",

@@ -6,7 +6,7 @@ compiled once, on the same parameter tree (`HunyuanForCausalLM`) that training u
     out.tokens          # new tokens of each prompt (its EOS included when it stopped on one)
 
 How it works
-- The cache (`hunyuan_jax.kv_cache`) holds the roped, un-normed K/V of the KV-producing layers
+- The cache (`hunyuan_jax.model.kv_cache`) holds the roped, un-normed K/V of the KV-producing layers
   only, preallocated to `max_len` slots, in the compute dtype or int8 with per-token per-head
   scales (`cache_dtype="int8"`). A row's token at position p sits in slot p.
 - Prefill: prompts are right-padded into one [B, S] batch and run through the model in chunks
@@ -27,7 +27,7 @@ How it works
   per-row arrays (`cache_batch`); the batch is padded with idle rows up to a multiple of the
   cache batch's shards.
 
-Loading a checkpoint for decoding is `hunyuan_jax.loading.load`.
+Loading a checkpoint for decoding is `hunyuan_jax.checkpoints.loading.load`.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.kv_cache import CACHE_DTYPES, KVCache, cache_shardings
-from hunyuan_jax.model import HunyuanForCausalLM
-from hunyuan_jax.sampling import SamplingConfig, sample
+from hunyuan_jax.decode.sampling import SamplingConfig, sample
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.kv_cache import CACHE_DTYPES, KVCache, cache_shardings
+from hunyuan_jax.model.transformer import HunyuanForCausalLM
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 DECODE_LOOPS = ("auto", "device", "host")

@@ -3,9 +3,9 @@ RoPE, CLA, experts), loaded from our YAML files or a Hugging Face `config.json` 
 Hunyuan-Large and validated with errors that name the file and key at fault.
 
 How a run uses the architecture (dtypes, remat, kernels, dropout, capacity) is the runtime
-policy (`hunyuan_jax.policy.RuntimePolicy`), never a field here. Reading YAML files as a whole
-(model + runtime + train sections) is `hunyuan_jax.train_config.load_configs`; recognising any
-checkpoint directory is `hunyuan_jax.loading`.
+policy (`hunyuan_jax.model.policy.RuntimePolicy`), never a field here. Reading YAML files as a whole
+(model + runtime + train sections) is `hunyuan_jax.train.config.load_configs`; recognising any
+checkpoint directory is `hunyuan_jax.checkpoints.loading`.
 """
 
 from __future__ import annotations

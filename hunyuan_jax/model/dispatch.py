@@ -22,9 +22,9 @@ decides them.
 
 from __future__ import annotations
 
-from hunyuan_jax import moe
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.model import moe
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.policy import RuntimePolicy
 
 PHASES = ("train", "prefill", "decode")
 
@@ -36,7 +36,7 @@ def experts_fn_for(
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     if plan.shards("exp"):
-        from hunyuan_jax.expert_parallel import make_expert_parallel_fn
+        from hunyuan_jax.model.expert_parallel import make_expert_parallel_fn
 
         strategy = policy.train_dispatch if phase == "train" else "gather"
         return make_expert_parallel_fn(plan, strategy, policy.capacity_factor)

@@ -16,7 +16,7 @@ Inside, expert weights sharded over other axes are handled as FSDP (`exp_embed`:
 before use) and tensor parallelism (`exp_mlp`: partial sums reduced with `psum`).
 The code never names a mesh axis: it reads them from the rules.
 
-Quantized expert weights (qwix `QArray`s, `hunyuan_jax.quantize`) enter the `shard_map` as they
+Quantized expert weights (qwix `QArray`s, `hunyuan_jax.model.quantize`) enter the `shard_map` as they
 are stored: the values with the weight's spec, the scales with the same spec except on their
 size-1 (contracted) dims; the FSDP all-gather moves the int8 / fp8 values (and the scales where
 they are sharded), and each device dequantizes only its local experts next to the matmul.
@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from hunyuan_jax import moe
-from hunyuan_jax.moe import ExpertWeights, Routing
-from hunyuan_jax.qops import Adapted, QArray
+from hunyuan_jax.model import moe
+from hunyuan_jax.model.moe import ExpertWeights, Routing
+from hunyuan_jax.model.qops import Adapted, QArray
 
 STRATEGIES = ("gather", "all_to_all")
 

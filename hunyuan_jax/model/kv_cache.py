@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.model.config import ModelConfig
 
 CACHE_DTYPES = ("auto", "bfloat16", "float32", "int8")
 

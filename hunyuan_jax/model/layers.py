@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hunyuan_jax import qops
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.model import qops
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.policy import RuntimePolicy
 
 
 def param(

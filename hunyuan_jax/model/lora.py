@@ -17,7 +17,7 @@ Layout. An adapted weight `module.<name>` (float, bf16 or a quantized QArray) ge
 where batch are the weight's stacked `layers` axis and the routed experts' `exp` axis, and
 contracted / out its contracted and output dims (`quantize.CONTRACTED`). Logical axes are the
 weight's with None on the rank dim, so the sharding rules place adapters like their weights with
-no new rule. `hunyuan_jax.qops.weight` reads such a weight as `Adapted` and every matmul adds
+no new rule. `hunyuan_jax.model.qops.weight` reads such a weight as `Adapted` and every matmul adds
 scale * (x A) B, for float and quantized (QLoRA) bases alike.
 
 Why not qwix's `LoraProvider` / `apply_lora_to_model`: it creates the adapters lazily inside
@@ -26,7 +26,7 @@ inside `lax.scan` over the stacked layer groups (parameters created under the sc
 not come back out into the stacked state), it has no `ragged_dot` (the routed experts), and
 its adapters take the base weight's dtype (bf16 adapters for a bf16 base). Explicit adapters
 use the same attribute names and the same nnx.LoRAParam type as qwix, and qwix still serves
-the int8 / fp8 base (`hunyuan_jax.quantize`).
+the int8 / fp8 base (`hunyuan_jax.model.quantize`).
 
 Targets: q_proj, k_proj, v_proj, o_proj (attention; the public recipe, the default), `shared`
 (the shared expert's gate/up/down) and `experts` (every routed expert's gate/up/down).
@@ -55,9 +55,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hunyuan_jax import quantize
-from hunyuan_jax.config import dataclass_from_dict
 from hunyuan_jax.errors import CheckpointError, ConfigError
+from hunyuan_jax.model import quantize
+from hunyuan_jax.model.config import dataclass_from_dict
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 TARGETS = ATTENTION + ("shared", "experts")
@@ -248,7 +248,7 @@ def run_policy(run_dir, policy, tcfg, resume: bool):
     base = pointer["base"] if pointer else tcfg.init_from
     if base is None:
         return policy
-    from hunyuan_jax import loading
+    from hunyuan_jax.checkpoints import loading
 
     stored = loading.open_checkpoint(base).weights
     return policy.replace(weights=stored) if stored in quantize.QUANTIZED else policy
@@ -257,7 +257,7 @@ def run_policy(run_dir, policy, tcfg, resume: bool):
 def abstract_model(cfg, policy, plan, lcfg: LoraConfig):
     """The LoRA model as ShapeDtypeStructs: the frozen base in `base_policy(policy)`'s form
     plus adapters (no memory, no compute)."""
-    from hunyuan_jax.model import HunyuanForCausalLM
+    from hunyuan_jax.model.transformer import HunyuanForCausalLM
 
     form = base_policy(policy).weights
 
@@ -276,7 +276,7 @@ def split(model):
 def base_digest(model) -> str:
     """One digest of every parameter of a (base) model as held (`integrity` per-array digests,
     computed on device, combined): the identity the base pointer records."""
-    from hunyuan_jax import integrity
+    from hunyuan_jax.checkpoints import integrity
 
     return integrity.json_digest(integrity.tree_digests(nnx.state(model)))
 
@@ -335,7 +335,7 @@ def _mismatch(run_dir, pointer: dict, base, found: str) -> str:
 def trained_base_policy(run_dir):
     """The policy the base of LoRA run `run_dir` was held in when its digest was recorded:
     the run's runtime section with the matmul weights in the pointer's form."""
-    from hunyuan_jax.checkpointing import read_run_config
+    from hunyuan_jax.checkpoints.runs import read_run_config
 
     _, runtime, _ = read_run_config(run_dir)
     pointer = read_pointer(run_dir) or {}
@@ -352,7 +352,7 @@ def check_base(
     of the base in another directory or format is the same base when its values are).
     CheckpointError on a mismatch, naming both bases and digests; with `allow_mismatch`
     (`--allow-base-mismatch`) the check is not made (a line says so)."""
-    from hunyuan_jax.checkpointing import read_run_config
+    from hunyuan_jax.checkpoints.runs import read_run_config
 
     pointer = read_pointer(run_dir)
     if pointer is None:
@@ -371,7 +371,7 @@ def check_base(
             _mismatch(run_dir, pointer, ckpt.path, "another architecture: " + ", ".join(diff))
         )
     if model is None:
-        from hunyuan_jax import loading
+        from hunyuan_jax.checkpoints import loading
 
         model = loading.load_params(ckpt, trained_base_policy(run_dir), plan)
     digest = base_digest(model)
@@ -397,7 +397,7 @@ def load_adapted(
     and the server's --adapter (`loading.load`) and `convert merge-lora` all call. When the
     base is not held in its training form, the check's copy is loaded, digested and dropped
     before the model is loaded (peak: one copy; time: two loads)."""
-    from hunyuan_jax import loading
+    from hunyuan_jax.checkpoints import loading
 
     same = policy == trained_base_policy(run_dir) and not allow_base_mismatch
     if not same:
@@ -412,10 +412,10 @@ def load_base(base: str | None, cfg, policy, plan, seed: int = 0):
     """The base model in the form `policy.weights` asks for: a checkpoint any format
     `loading` knows, or (base None) the random model of `seed`."""
     if base is None:
-        from hunyuan_jax.state import init_model
+        from hunyuan_jax.model.state import init_model
 
         return init_model(cfg, policy, plan, seed)
-    from hunyuan_jax import loading
+    from hunyuan_jax.checkpoints import loading
 
     return loading.load_params(loading.open_checkpoint(base), policy, plan)
 
@@ -451,7 +451,7 @@ def training_model(run_dir, cfg, policy, tcfg, plan, resume: bool, log=print):
 # ----------------------------------------------------------------------------- a run's adapters
 def run_lora_config(run_dir) -> LoraConfig | None:
     """The LoRA config of a train.py run directory (None: not a LoRA run)."""
-    from hunyuan_jax.checkpointing import read_run_config
+    from hunyuan_jax.checkpoints.runs import read_run_config
 
     _, _, train = read_run_config(run_dir)
     return LoraConfig.from_value(train.get("lora"))
@@ -474,7 +474,7 @@ def attach(model, run_dir, plan=None, step: int | None = None):
     """(model with adapters, step): the adapters of a LoRA run's checkpoint `step` (default:
     the latest) beside the weights of `model` (its base, in any form), restored into the
     plan's layout and verified against the step's integrity record."""
-    from hunyuan_jax.checkpointing import restore_run_params
+    from hunyuan_jax.checkpoints.runs import restore_run_params
     from sharding.plan import ShardingPlan
 
     lcfg = run_lora_config(run_dir)

@@ -9,8 +9,8 @@ Dropless dispatch sorts the (token, choice) pairs by expert and runs one `jax.la
 per projection: memory is O(tokens x k x hidden), never tokens x experts x capacity. Two exact
 alternatives serve decoding (`few_token_experts`, `tiled_experts`), and training uses capacity
 routing with random compensation (`make_capacity_experts`). Expert-parallel dispatch across
-devices lives in `hunyuan_jax.expert_parallel`. Which one runs is decided in one place,
-`hunyuan_jax.dispatch.experts_fn_for(phase, ...)`; the MoE block receives it as `experts_fn`.
+devices lives in `hunyuan_jax.model.expert_parallel`. Which one runs is decided in one place,
+`hunyuan_jax.model.dispatch.experts_fn_for(phase, ...)`; the MoE block receives it as `experts_fn`.
 
 Every `ExpertsFn` takes tokens with any leading shape ([B, S, D] from the model) and routing
 arrays with the same leading shape; the single-device strategies flatten them (`on_tokens`).
@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hunyuan_jax import qops
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.layers import MLP, param
-from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.model import qops
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.layers import MLP, param
+from hunyuan_jax.model.policy import RuntimePolicy
 
 
 class Routing(NamedTuple):
@@ -309,7 +309,7 @@ class MoE(nnx.Module):
         self, x: jax.Array, experts_fn: ExpertsFn, key: jax.Array | None = None, lora_key=None
     ):
         """x: [B, S, D] -> ([B, S, D], load-balancing stats). `experts_fn` computes the routed
-        part (`hunyuan_jax.dispatch.experts_fn_for` picks it); `key` only in training;
+        part (`hunyuan_jax.model.dispatch.experts_fn_for` picks it); `key` only in training;
         `lora_key`: the LoRA adapters' dropout key in training."""
         routing = route(x, self.router[...], self.top_k)
         routed, extra = experts_fn(x, routing, self.expert_weights(lora_key), key)

@@ -16,8 +16,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from hunyuan_jax.config import check_types, dataclass_from_dict
 from hunyuan_jax.errors import ConfigError
+from hunyuan_jax.model.config import check_types, dataclass_from_dict
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "save_dots", "save_attn_out")
@@ -34,7 +34,7 @@ class RuntimePolicy:
     compute_dtype: dtype of activations and of the weights as used (cast on use).
     remat: per layer group: none | full | save_dots | save_attn_out.
     scan_layers: run the layer groups with `lax.scan` (compile time independent of depth).
-    attention: auto | xla | flash | splash (see `hunyuan_jax.kernels.attention`).
+    attention: auto | xla | flash | splash (see `hunyuan_jax.model.kernels.attention`).
     attention_dropout / hidden_dropout: training only (the SFT recipe uses 0.1 / 0.2).
     capacity_factor: training-time expert capacity (inference is always dropless).
     train_dispatch: expert-parallel dispatch in training when the plan shards the experts.
@@ -43,9 +43,9 @@ class RuntimePolicy:
     weights: how the matmul weights (attention q/k/v/o, shared and routed experts' gate/up/
       down) are stored for this run: auto (as the checkpoint stores them; float in param_dtype
       for a fresh model), bf16, int8 (per output channel) or fp8 (e4m3, per output channel);
-      the router, norms and embedding stay float (`hunyuan_jax.quantize`). The one field that
+      the router, norms and embedding stay float (`hunyuan_jax.model.quantize`). The one field that
       changes the stored form of parameters (values + scales instead of a float array); the
-      model code does not branch on it (`hunyuan_jax.qops` dispatches on what is stored).
+      model code does not branch on it (`hunyuan_jax.model.qops` dispatches on what is stored).
     """
 
     param_dtype: str = "float32"

@@ -2,7 +2,7 @@
 
 What the parameter tree holds decides what runs (no flags in the model code):
 - a float array: cast to the compute dtype, `jnp.einsum` / `@` / `jax.lax.ragged_dot` as usual;
-- a qwix `QArray` (int8 or float8 values + per-channel scales, `hunyuan_jax.quantize`): qwix's
+- a qwix `QArray` (int8 or float8 values + per-channel scales, `hunyuan_jax.model.quantize`): qwix's
   ops (`qwix.einsum`, `qwix.dot`, `qwix.ragged_dot`), which dequantize next to the matmul;
 - LoRA adapters stored beside a weight (`<name>_lora_a`, `<name>_lora_b` as `nnx.LoRAParam`,
   scale `<name>_lora_scale` = alpha / rank): the base product plus scale * (x A) B, for float

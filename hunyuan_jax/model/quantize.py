@@ -3,7 +3,7 @@ numerics, the transform of a model between forms (float <-> int8 / fp8, bf16), t
 quantized model, and quantized weights built from stored values + scales (a converted
 checkpoint, the FP8 release) without a float copy.
 
-Which weights: every weight a matmul reads through `hunyuan_jax.qops`: attention q/k/v/o and
+Which weights: every weight a matmul reads through `hunyuan_jax.model.qops`: attention q/k/v/o and
 the shared expert's and the routed experts' gate/up/down. Stay float: the router (routing is
 float32), the norms, the embedding (and an untied lm_head: the logits read it as a table).
 
@@ -46,7 +46,7 @@ from flax import nnx
 from qwix._src.core import qarray
 from qwix._src.providers.ptq import WithAux
 
-from hunyuan_jax.policy import WEIGHTS
+from hunyuan_jax.model.policy import WEIGHTS
 
 QArray = qarray.QArray
 QUANTIZED = ("int8", "fp8")
@@ -199,7 +199,7 @@ def convert_model(model, weights: str, plan=None):
 def abstract_model(cfg, policy, plan=None, weights: str | None = None):
     """The model as ShapeDtypeStructs with its matmul weights in form `weights` (default
     `policy.weights`): no memory, no compute (A52B: under a second)."""
-    from hunyuan_jax.model import HunyuanForCausalLM
+    from hunyuan_jax.model.transformer import HunyuanForCausalLM
 
     weights = policy.weights if weights is None else weights
     return nnx.eval_shape(

@@ -3,7 +3,7 @@ device or directly in its sharded layout.
 
 Sharded creation runs the initialiser under `jax.jit` with the plan's output shardings, so each
 device only ever materialises its own shards: no host holds the full tree. Reading checkpoints
-is `hunyuan_jax.loading`.
+is `hunyuan_jax.checkpoints.loading`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.model import HunyuanForCausalLM
-from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.transformer import HunyuanForCausalLM
 from sharding.plan import ShardingPlan
 
 
@@ -23,8 +23,8 @@ def abstract_model(
     cfg: ModelConfig, policy: RuntimePolicy | None = None, plan: ShardingPlan | None = None
 ) -> HunyuanForCausalLM:
     """The model with ShapeDtypeStructs instead of arrays (no memory, no compute); its matmul
-    weights in the form `policy.weights` names (`hunyuan_jax.quantize`)."""
-    from hunyuan_jax import quantize
+    weights in the form `policy.weights` names (`hunyuan_jax.model.quantize`)."""
+    from hunyuan_jax.model import quantize
 
     return quantize.abstract_model(cfg, policy or RuntimePolicy(), plan)
 
@@ -53,7 +53,7 @@ def init_model(
 ) -> HunyuanForCausalLM:
     """Random parameters, created already sharded by the plan (matmul weights then converted
     to `policy.weights`)."""
-    from hunyuan_jax import quantize
+    from hunyuan_jax.model import quantize
 
     plan = plan or ShardingPlan.single()
     policy = policy or RuntimePolicy()

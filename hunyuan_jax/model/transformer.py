@@ -6,7 +6,7 @@
 Attention: GQA, RoPE (NeoX, NTK-alpha base), QK-norm *after* RoPE, and cross-layer attention
 (CLA): in each group of `cla_share_factor` consecutive layers only the first projects K/V; the
 others reuse its roped, un-normed K and V and apply their own key-norm. The KV cache
-(`hunyuan_jax.kv_cache`) therefore holds one K/V pair per group.
+(`hunyuan_jax.model.kv_cache`) therefore holds one K/V pair per group.
 
 Layers are stored stacked per group (leading logical axis `layers`) and run with `lax.scan`
 over groups, so trace and compile time do not grow with depth. One `nnx.State` holds every
@@ -28,14 +28,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from hunyuan_jax import dispatch, qops
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.kernels import flash, splash
-from hunyuan_jax.kernels.attention import AttentionMask, attend
-from hunyuan_jax.kv_cache import KVCache, QuantizedKV, write_rows
-from hunyuan_jax.layers import RMSNorm, apply_rope, param, rope_inv_freq
-from hunyuan_jax.moe import ExpertsFn, MoE
-from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.model import dispatch, qops
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.kernels import flash, splash
+from hunyuan_jax.model.kernels.attention import AttentionMask, attend
+from hunyuan_jax.model.kv_cache import KVCache, QuantizedKV, write_rows
+from hunyuan_jax.model.layers import RMSNorm, apply_rope, param, rope_inv_freq
+from hunyuan_jax.model.moe import ExpertsFn, MoE
+from hunyuan_jax.model.policy import RuntimePolicy
 from sharding.plan import ShardingPlan
 
 _REMAT_POLICIES = {
@@ -266,7 +266,7 @@ class HunyuanForCausalLM(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
         """An empty KV cache for `batch` rows of `max_len` slots; dtype default the compute
-        dtype, 'int8' for a quantised cache (`hunyuan_jax.kv_cache`)."""
+        dtype, 'int8' for a quantised cache (`hunyuan_jax.model.kv_cache`)."""
         dtype = self.policy.compute_dtype if dtype in (None, "auto") else dtype
         return KVCache.zeros(self.cfg, batch, max_len, dtype)
 

@@ -45,7 +45,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hunyuan_jax.sampling import SamplingConfig
+from hunyuan_jax.decode.sampling import SamplingConfig
 from hunyuan_jax.serve.engine import check_request
 from hunyuan_jax.serve.guard import DEFAULT_MAX_BODY_BYTES, ApiError, Guard, parse_body
 from hunyuan_jax.serve.guard import error_response as error_body
@@ -67,7 +67,7 @@ _TOP_P_MIN = float(np.finfo(np.float32).tiny)  # any top_p below keeps the top t
 @dataclasses.dataclass
 class ServeState:
     engine: Engine
-    tokenizer: Any  # hunyuan_jax.tokenizer.Tokenizer
+    tokenizer: Any  # hunyuan_jax.data.tokenizer.Tokenizer
     model_name: str
     max_len: int
     defaults: SamplingConfig

@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hunyuan_jax.kv_cache import CACHE_DTYPES, KVCache, cache_shardings
-from hunyuan_jax.sampling import sample_rows
+from hunyuan_jax.decode.sampling import sample_rows
+from hunyuan_jax.model.kv_cache import CACHE_DTYPES, KVCache, cache_shardings
 
 TOP_LOGPROBS = 20  # alternatives returned per position (OpenAI allows up to 20)
 _NEG_INF = float(jnp.finfo(jnp.float32).min)

@@ -16,16 +16,16 @@ from typing import Any
 
 import yaml
 
-from hunyuan_jax.config import (
+from hunyuan_jax.errors import ConfigError
+from hunyuan_jax.model.config import (
     ModelConfig,
     check_types,
     dataclass_from_dict,
     load_yaml,
     read_yaml,
 )
-from hunyuan_jax.errors import ConfigError
-from hunyuan_jax.lora import LoraConfig
-from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.model.lora import LoraConfig
+from hunyuan_jax.model.policy import RuntimePolicy
 
 _NONFINITE = ("stop", "skip")
 _DATA_FORMATS = ("auto", "text", "jsonl", "chat")
@@ -35,7 +35,7 @@ OBJECTIVES = ("sft", "dpo")
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
     """`train.dpo`: the sigmoid DPO objective (used when `train.objective` is "dpo"; see
-    hunyuan_jax/dpo.py and docs/dpo.md). loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r -
+    hunyuan_jax/train/dpo.py and docs/dpo.md). loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r -
     ref_r))) + sft_weight * (negative log-likelihood of the chosen response per token)."""
 
     beta: float = 0.1
@@ -123,10 +123,10 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     # Objective: "sft" = next-token cross entropy on the loss tokens (pre-training text, or
     # chat data's assistant tokens); "dpo" = preference pairs (`data` is JSONL with prompt or
-    # messages, chosen, rejected) and the `dpo` keys below (hunyuan_jax/dpo.py, docs/dpo.md).
+    # messages, chosen, rejected) and the `dpo` keys below (hunyuan_jax/train/dpo.py, docs/dpo.md).
     objective: str = "sft"
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
-    # LoRA fine-tuning (`hunyuan_jax.lora`): null = full fine-tuning; else {rank, alpha,
+    # LoRA fine-tuning (`hunyuan_jax.model.lora`): null = full fine-tuning; else {rank, alpha,
     # dropout, targets} (true = the defaults: rank 8, alpha 16, q/k/v/o). Only the adapters
     # train (and are checkpointed); the base is frozen in bf16 (int8 with runtime.weights=int8).
     lora: LoraConfig | None = None

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import jax
 
-from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.errors import CheckpointError, ConfigError
-from hunyuan_jax.train_config import TrainConfig
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.train.config import TrainConfig
 
 
 def run_tokenizer(run_dir: Path, log=print):
@@ -22,8 +22,8 @@ def run_tokenizer(run_dir: Path, log=print):
     saying what to put back or delete."""
     import shutil
 
-    from hunyuan_jax.checkpointing import TOKENIZER_SUMS, complete_steps, tokenizer_problem
-    from hunyuan_jax.loading import find_tokenizer
+    from hunyuan_jax.checkpoints.loading import find_tokenizer
+    from hunyuan_jax.checkpoints.runs import TOKENIZER_SUMS, complete_steps, tokenizer_problem
 
     tok_dir = run_dir / "tokenizer"
     if not tok_dir.is_dir():
@@ -63,14 +63,14 @@ def setup_tokenizer(
     tokenizer="auto": the --init-from checkpoint's tokenizer if it has one, else as
     "sentencepiece": train a SentencePiece model on (this host's share of) the corpus; any
     other value: a tokenizer path (hy.tiktoken directory or file, SentencePiece .model)."""
-    from hunyuan_jax.checkpointing import copy_tokenizer_files
-    from hunyuan_jax.data import texts_for_tokenizer
-    from hunyuan_jax.tokenizer import SentencePieceTokenizer, load_tokenizer
+    from hunyuan_jax.checkpoints.runs import copy_tokenizer_files
+    from hunyuan_jax.data.corpus import texts_for_tokenizer
+    from hunyuan_jax.data.tokenizer import SentencePieceTokenizer, load_tokenizer
 
     tok_dir = run_dir / "tokenizer"
     tok = run_tokenizer(run_dir, log)
     if tok is None and tcfg.tokenizer == "auto" and tcfg.init_from:
-        from hunyuan_jax.loading import find_tokenizer
+        from hunyuan_jax.checkpoints.loading import find_tokenizer
 
         tok = find_tokenizer(Path(tcfg.init_from))
     if tok is None and tcfg.tokenizer in ("auto", "sentencepiece"):
@@ -100,7 +100,7 @@ def setup_tokenizer(
 
 def make_loader(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, log=print):
     """(tokenizer, PackedLoader of this host's rows)."""
-    from hunyuan_jax.data import PackedLoader, embedded_corpus, read_documents, tokenize
+    from hunyuan_jax.data.corpus import PackedLoader, embedded_corpus, read_documents, tokenize
 
     pi, pc = jax.process_index(), jax.process_count()
     if tcfg.batch_size % pc:

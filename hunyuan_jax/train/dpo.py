@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hunyuan_jax import atomic
-from hunyuan_jax.dpo_data import EncodedPairs, PairLoader, encode_pairs, read_pairs
 from hunyuan_jax.errors import CheckpointError, ConfigError, DataError, NonFiniteLoss
-from hunyuan_jax.losses import forward, moe_metrics, row_nll
+from hunyuan_jax.train.dpo_data import EncodedPairs, PairLoader, encode_pairs, read_pairs
+from hunyuan_jax.train.losses import forward, moe_metrics, row_nll
 
 REFERENCE_DIR = "dpo_reference"
 
@@ -151,7 +151,7 @@ def _max_over_processes(n: int) -> int:
 
 def compute_reference(step, params, loader: PairLoader, global_rows: int) -> np.ndarray:
     """[num_pairs, 2] log-probabilities (chosen, rejected) of this host's pairs under `params`."""
-    from hunyuan_jax.data import to_global
+    from hunyuan_jax.data.corpus import to_global
 
     n, per = loader.enc.num_pairs, loader.rows // 2
     batches = _max_over_processes(math.ceil(n / per))
@@ -215,7 +215,7 @@ def load_reference(run_dir: Path, enc: EncodedPairs, data: str) -> np.ndarray:
 def make_dpo_loader(tcfg, mcfg, run_dir: Path, log=print):
     """(tokenizer, PairLoader of this host's pairs) of a DPO run: `train_data.make_loader`'s
     counterpart (same tokenizer rules; the reference is attached by `attach_reference`)."""
-    from hunyuan_jax.train_data import setup_tokenizer
+    from hunyuan_jax.train.data import setup_tokenizer
 
     if tcfg.data is None:
         raise ConfigError("objective 'dpo' needs train key 'data': a preference JSONL file")

@@ -24,7 +24,7 @@ no pair differs is a DataError.
 
 `PairLoader` iterates this host's pairs (reshuffled every epoch, deterministic in the seed;
 state {epoch, cursor, offset=0} as `data.PackedLoader`'s, stored in the checkpoints) and adds
-the pairs' reference log-probabilities (`ref_logp`, see hunyuan_jax/dpo.py) to every batch.
+the pairs' reference log-probabilities (`ref_logp`, see hunyuan_jax/train/dpo.py) to every batch.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hunyuan_jax.data import (
+from hunyuan_jax.data.corpus import (
     BATCH_KEYS,
     Conversation,
     LoaderState,
@@ -46,8 +46,8 @@ from hunyuan_jax.data import (
     encode_chat,
     jsonl_records,
 )
+from hunyuan_jax.data.tokenizer import Tokenizer
 from hunyuan_jax.errors import DataError
-from hunyuan_jax.tokenizer import Tokenizer
 
 DPO_BATCH_KEYS = (*BATCH_KEYS, "ref_logp")
 

@@ -7,7 +7,7 @@ A run directory that holds checkpoints resumes from its newest complete one that
 cannot be read, is moved to `checkpoints/corrupt-<step>` with one log line and the next older
 one is tried; if none verifies the run stops (CheckpointError) saying what to delete.
 Otherwise the weights are random or come from `tcfg.init_from` (any format
-`hunyuan_jax.loading` knows, restored into the plan's shardings). The step itself is
+`hunyuan_jax.checkpoints.loading` knows, restored into the plan's shardings). The step itself is
 `train_step.TrainStep`; data is `train_data.make_loader` (DPO: `dpo.make_dpo_loader` and the
 reference log-probabilities, `dpo.attach_reference`); metrics `metrics.MetricsLog`.
 Each checkpoint records the health of the steps before it (`health`); a run stopped on a
@@ -26,14 +26,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from hunyuan_jax import health
-from hunyuan_jax.config import ModelConfig
+from hunyuan_jax.checkpoints import health
 from hunyuan_jax.errors import CheckpointError, NonFiniteLoss
-from hunyuan_jax.metrics import MetricsLog, peak_flops_per_device, progress_line, to_record
-from hunyuan_jax.optim import active_params, group_sizes
-from hunyuan_jax.policy import RuntimePolicy
-from hunyuan_jax.train_config import TrainConfig
-from hunyuan_jax.train_step import TrainState, TrainStep
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.train.config import TrainConfig
+from hunyuan_jax.train.metrics import MetricsLog, peak_flops_per_device, progress_line, to_record
+from hunyuan_jax.train.optim import active_params, group_sizes
+from hunyuan_jax.train.step import TrainState, TrainStep
 from sharding.plan import ShardingPlan
 
 
@@ -47,7 +47,7 @@ def train(
 ) -> dict:
     """Trains (or resumes) the run in tcfg.run_dir up to tcfg.end_step. Returns a summary.
     `profile_steps=(a, b)`: a jax.profiler trace of steps a..b in <run>/profile."""
-    from hunyuan_jax.checkpointing import Checkpointer
+    from hunyuan_jax.checkpoints.runs import Checkpointer
 
     if jax.process_index() != 0:
         log = lambda *_: None
@@ -62,8 +62,8 @@ def train(
 
 
 def _check_resume_config(run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
-    from hunyuan_jax.checkpointing import read_run_config
-    from hunyuan_jax.lora import LoraConfig
+    from hunyuan_jax.checkpoints.runs import read_run_config
+    from hunyuan_jax.model.lora import LoraConfig
 
     try:
         saved, _, saved_train = read_run_config(run_dir)
@@ -84,14 +84,14 @@ def _check_resume_config(run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig) ->
 
 
 def _initial_state(step: TrainStep, mcfg, policy, tcfg, plan, log) -> TrainState:
-    from hunyuan_jax.state import init_model
+    from hunyuan_jax.model.state import init_model
 
     if tcfg.lora is not None:  # the frozen base (init_from or random) plus fresh adapters
-        from hunyuan_jax import lora
+        from hunyuan_jax.model import lora
 
         model = lora.training_model(tcfg.run_dir, mcfg, policy, tcfg, plan, False, log)
     elif tcfg.init_from:
-        from hunyuan_jax import loading
+        from hunyuan_jax.checkpoints import loading
 
         t0 = time.time()
         model = loading.load_params(loading.open_checkpoint(tcfg.init_from), policy, plan)
@@ -102,22 +102,22 @@ def _initial_state(step: TrainStep, mcfg, policy, tcfg, plan, log) -> TrainState
 
 
 def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> dict:
-    from hunyuan_jax.checkpointing import write_run_config
-    from hunyuan_jax.data import check_seq_len, gather_states, to_global
-    from hunyuan_jax.train_data import make_loader
+    from hunyuan_jax.checkpoints.runs import write_run_config
+    from hunyuan_jax.data.corpus import check_seq_len, gather_states, to_global
+    from hunyuan_jax.train.data import make_loader
 
     if tcfg.objective == "dpo":  # preference pairs (+ their reference log-probs, below)
-        from hunyuan_jax.dpo import make_dpo_loader as make_loader
+        from hunyuan_jax.train.dpo import make_dpo_loader as make_loader
 
     if tcfg.init_from:  # the checkpoint's architecture, also when resuming such a run
-        from hunyuan_jax.loading import open_checkpoint
+        from hunyuan_jax.checkpoints.loading import open_checkpoint
 
         mcfg = open_checkpoint(tcfg.init_from).cfg
     resume_step = ckpt.latest_step()
     if resume_step is not None:
         _check_resume_config(run_dir, mcfg, tcfg)
     if tcfg.lora is not None:  # the frozen base as stored when it is int8 / fp8 (QLoRA)
-        from hunyuan_jax.lora import run_policy
+        from hunyuan_jax.model.lora import run_policy
 
         policy = run_policy(run_dir, policy, tcfg, resume_step is not None)
     check_seq_len(tcfg.seq_len, mcfg.max_position_embeddings, tcfg.allow_long_sequences)
@@ -127,7 +127,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
 
     if resume_step is not None:
         if tcfg.lora is not None:  # the frozen base the adapters belong to (digest checked)
-            from hunyuan_jax import lora
+            from hunyuan_jax.model import lora
 
             step.bind_frozen(lora.training_model(run_dir, mcfg, policy, tcfg, plan, True, log))
         t0 = time.time()
@@ -151,7 +151,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
     else:
         state = _initial_state(step, mcfg, policy, tcfg, plan, log)
     if tcfg.objective == "dpo":  # computed from the initial weights once, read back on resume
-        from hunyuan_jax.dpo import attach_reference
+        from hunyuan_jax.train.dpo import attach_reference
 
         attach_reference(loader, step, state.params, tcfg, run_dir, resume_step is not None, log)
     write_run_config(run_dir, mcfg, policy, tcfg)
@@ -168,7 +168,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
     if step.frozen is not None:
         from flax import nnx
 
-        from hunyuan_jax.state import abstract_model
+        from hunyuan_jax.model.state import abstract_model
 
         counted = nnx.state(abstract_model(mcfg, policy.replace(weights="auto")))
     n_active = active_params(mcfg, counted)
@@ -343,7 +343,7 @@ def _checkpoint_health(ckpt) -> dict[int, dict | None]:
 
 def _check_loss_tokens(local_batch: dict, step: int) -> None:
     """A step with no loss tokens in the whole (global) batch is an error, not a step."""
-    from hunyuan_jax.data import check_batch
+    from hunyuan_jax.data.corpus import check_batch
 
     if jax.process_count() == 1:
         check_batch(local_batch, step)

@@ -1,6 +1,6 @@
 """Training objectives: next-token cross entropy (float32, masked) plus the MoE auxiliary
 load-balancing loss and an optional router z-loss term; the shared pieces other objectives
-(DPO, hunyuan_jax/dpo.py) build on: the forward of a loss (`forward`), per-row sequence
+(DPO, hunyuan_jax/train/dpo.py) build on: the forward of a loss (`forward`), per-row sequence
 negative log-likelihoods (`row_nll`) and the MoE metrics (`moe_metrics`).
 
 With `policy.loss_chunk` = c > 0 the cross entropy is computed c tokens of the sequence at a

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.train_config import TrainConfig
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.train.config import TrainConfig
 
 ROUTED, SHARED, DENSE = "routed_expert", "shared_expert", "dense"
 _ROUTED_LEAVES = ("gate_proj", "up_proj", "down_proj")

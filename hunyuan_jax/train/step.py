@@ -32,14 +32,14 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hunyuan_jax import lora
-from hunyuan_jax.config import ModelConfig
 from hunyuan_jax.errors import ConfigError
-from hunyuan_jax.losses import lm_loss
-from hunyuan_jax.optim import Optimizer, make_optimizer
-from hunyuan_jax.policy import RuntimePolicy
-from hunyuan_jax.state import abstract_model
-from hunyuan_jax.train_config import TrainConfig
+from hunyuan_jax.model import lora
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.state import abstract_model
+from hunyuan_jax.train.config import TrainConfig
+from hunyuan_jax.train.losses import lm_loss
+from hunyuan_jax.train.optim import Optimizer, make_optimizer
 from sharding.plan import ShardingPlan
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -56,7 +56,7 @@ Objective = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 def default_objective(tcfg: TrainConfig) -> Objective | None:
     """The objective `tcfg.objective` names; None = the LM loss (`TrainStep._lm_objective`)."""
     if tcfg.objective == "dpo":
-        from hunyuan_jax.dpo import DPOObjective
+        from hunyuan_jax.train.dpo import DPOObjective
 
         return DPOObjective(tcfg)
     return None

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hunyuan_jax import checkpoint_format as fmt
+from hunyuan_jax.checkpoints import converted as fmt
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ def converter_env(**extra) -> dict:
 
 
 def converter_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "hunyuan_jax.convert", *map(str, args)]
+    return [sys.executable, "-m", "hunyuan_jax.cli.convert", *map(str, args)]
 
 
 def recorded_slices(out: Path) -> int:

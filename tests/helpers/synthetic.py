@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hunyuan_jax import checkpoint_format as fmt
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.convert import write_safetensors
-from hunyuan_jax.convert.common import HF_INDEX, hf_order, hf_tensors, np_dtype
+from hunyuan_jax.checkpoints import converted as fmt
+from hunyuan_jax.checkpoints.convert import write_safetensors
+from hunyuan_jax.checkpoints.convert.common import HF_INDEX, hf_order, hf_tensors, np_dtype
+from hunyuan_jax.model.config import ModelConfig
 
 HY_TINY_CONFIG = Path(__file__).resolve().parents[1] / "data" / "hy_tiny" / "hf_st" / "config.json"
 

@@ -8,23 +8,25 @@ orbax/tensorstore layout, streaming one tensor at a time.
 | `jax_to_hf.py` | export to sharded safetensors (`jax_to_hf`) from a converted checkpoint, a train.py run directory or a bare orbax params directory |
 | `verify.py` | reading a converted checkpoint or a run's checkpoints in full against their checksums (`verify`) |
 | `common.py` | dtypes, the fast tree <-> HF transforms, safetensors writing, HF key order, carried tokenizer files, progress bar |
-| `__main__.py` | the CLI (`python -m hunyuan_jax.convert hf-to-jax|jax-to-hf|verify ...`) and its exit codes |
+| `merge_lora.py` | folding a LoRA run's adapters into its base |
 
-The on-disk layout is described in one place, `hunyuan_jax/checkpoint_format.py`; the HF key
-<-> tree table in `hunyuan_jax/hf_mapping.py`; recognising checkpoint directories in
-`hunyuan_jax/loading.py`.
+The command line is `hunyuan_jax/cli/convert.py` (`python -m hunyuan_jax.cli.convert hf-to-jax|jax-to-hf|verify ...`).
+
+The on-disk layout is described in one place, `hunyuan_jax/checkpoints/converted.py`; the HF key
+<-> tree table in `hunyuan_jax/checkpoints/hf_mapping.py`; recognising checkpoint directories in
+`hunyuan_jax/checkpoints/loading.py`.
 """
 
-from hunyuan_jax.convert.common import (
+from hunyuan_jax.checkpoints.convert.common import (
     safetensors_header,
     to_hf,
     to_slice,
     transpose2d,
     write_safetensors,
 )
-from hunyuan_jax.convert.hf_to_jax import hf_to_jax
-from hunyuan_jax.convert.jax_to_hf import jax_to_hf
-from hunyuan_jax.convert.plan import plan_hf_to_jax
+from hunyuan_jax.checkpoints.convert.hf_to_jax import hf_to_jax
+from hunyuan_jax.checkpoints.convert.jax_to_hf import jax_to_hf
+from hunyuan_jax.checkpoints.convert.plan import plan_hf_to_jax
 
 __all__ = [
     "hf_to_jax",

@@ -18,10 +18,10 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from hunyuan_jax import checkpoint_format as fmt
-from hunyuan_jax import hf_mapping
+from hunyuan_jax.checkpoints import converted as fmt
+from hunyuan_jax.checkpoints import hf_mapping
+from hunyuan_jax.checkpoints.shard_files import ST_DTYPE_NAMES
 from hunyuan_jax.errors import CheckpointError, UsageError
-from hunyuan_jax.shard_files import ST_DTYPE_NAMES
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 FLOAT_DTYPES = {np.dtype(d) for d in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16)}
@@ -100,7 +100,7 @@ def hf_scale(entry: hf_mapping.TensorMap, scale, tree_shape, key: str = "tensor"
     values, shape [out] or [out, 1]) as the channelwise float32 scale of the weight's slice in
     our tree: 1 on the HF `in` dims (what the matmul contracts), the `out` dims whole. A
     per-tensor scale is broadcast, so both scale layouts give the one layout of
-    `hunyuan_jax.quantize`."""
+    `hunyuan_jax.model.quantize`."""
     sl = hf_mapping.slice_shape(entry, tree_shape)
     shape = (1,) * entry.in_ndim + tuple(sl[entry.in_ndim :])
     scale = np.asarray(scale, np.float32)
@@ -137,11 +137,11 @@ def hf_slice(
     key: str = "tensor",
 ) -> dict[str, np.ndarray]:
     """One HF tensor as its slice of the tree leaf in `form`: {"value": ...} for 'float'
-    (`float_dtype`) or 'bf16'; {"qvalue": ..., "scale": ...} (`hunyuan_jax.quantize`'s layout,
+    (`float_dtype`) or 'bf16'; {"qvalue": ..., "scale": ...} (`hunyuan_jax.model.quantize`'s layout,
     scale 1 on the `in` dims) for 'int8' / 'fp8'. `scale`: the tensor's `weight_scale` when it
     is an FP8 release's float8 weight. FP8 into 'fp8' keeps the stored values and scale (no
     float copy); anything else is dequantized / read in float32 and quantized."""
-    from hunyuan_jax import quantize
+    from hunyuan_jax.model import quantize
 
     if scale is not None and form == "fp8" and tensor.dtype == quantize.QTYPES["fp8"]:
         q = to_slice(entry, tensor, tree_shape, tensor.dtype)

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hunyuan_jax import checkpoint_format as fmt
-from hunyuan_jax import hf_mapping
-from hunyuan_jax.convert import plan as planning
-from hunyuan_jax.convert.common import (
+from hunyuan_jax.checkpoints import converted as fmt
+from hunyuan_jax.checkpoints import hf_mapping
+from hunyuan_jax.checkpoints.convert import plan as planning
+from hunyuan_jax.checkpoints.convert.common import (
     carried_files,
     default_log,
     hf_slice,
@@ -44,8 +44,8 @@ from hunyuan_jax.convert.common import (
     progress_bar,
     to_slice,
 )
+from hunyuan_jax.checkpoints.shard_files import FP8_DTYPES, fp8_scale_key
 from hunyuan_jax.errors import CheckpointError
-from hunyuan_jax.shard_files import FP8_DTYPES, fp8_scale_key
 
 
 class _ProgressRecord:
@@ -197,7 +197,7 @@ def hf_to_jax(
     """Convert a HF checkpoint directory into `out` (see the module docstring); returns the
     manifest. `dtype` None keeps the source dtype (bfloat16 for FP8 sources). `checksum`
     "crc32c" (every chunk checked on every read) or "none" (only to measure their cost).
-    `quantize` 'int8' | 'fp8' stores the matmul weights quantized (`hunyuan_jax.quantize`):
+    `quantize` 'int8' | 'fp8' stores the matmul weights quantized (`hunyuan_jax.model.quantize`):
     values and float32 scales, quantized slice by slice as they stream; an FP8 source's e4m3
     weights and scales are stored as they are with 'fp8' (and dequantized in float32, then
     quantized, with 'int8'); `dtype` is then the dtype of the other parameters."""
@@ -344,7 +344,7 @@ def _manifest(plan, fp8, leaves, hf_config, tokenizer_files, chunk_bytes) -> dic
 def stored_weights(leaves, fp8_source: bool = False) -> dict:
     """The manifest's "weights" record: how the matmul weights are stored. Orbax casts to the
     restore target's dtype without a word, so the loader builds its target from this."""
-    from hunyuan_jax import quantize
+    from hunyuan_jax.model import quantize
 
     form = fmt.leaves_form(leaves)
     if form == "float":

@@ -1,5 +1,5 @@
 """Export to Hugging Face safetensors (`jax_to_hf`): from any checkpoint directory
-`hunyuan_jax.loading.open_checkpoint` knows, or from a bare orbax params directory + a config.
+`hunyuan_jax.checkpoints.loading.open_checkpoint` knows, or from a bare orbax params directory + a config.
 
 Sources:
   converted   a `hf-to-jax` output: its params/ (zarr3), config.json and tokenizer files
@@ -36,10 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hunyuan_jax import checkpoint_format as fmt
-from hunyuan_jax import integrity, loading, quantize
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.convert.common import (
+from hunyuan_jax.checkpoints import converted as fmt
+from hunyuan_jax.checkpoints import integrity, loading
+from hunyuan_jax.checkpoints.convert.common import (
     HF_INDEX,
     carried_files,
     default_log,
@@ -52,6 +51,8 @@ from hunyuan_jax.convert.common import (
     write_safetensors,
 )
 from hunyuan_jax.errors import CheckpointError, UsageError
+from hunyuan_jax.model import quantize
+from hunyuan_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +82,12 @@ def _orbax_flags(params_dir: Path) -> tuple[bool, bool]:
 
 
 def _run_source(ck: loading.Checkpoint, step: int | None) -> Source:
-    from hunyuan_jax import checkpointing
+    from hunyuan_jax.checkpoints import runs
 
-    steps = checkpointing.complete_steps(ck.path)
+    steps = runs.complete_steps(ck.path)
     if not steps:
         raise CheckpointError(
-            f"run {ck.path} has no complete checkpoint under {checkpointing.checkpoint_dir(ck.path)}"
+            f"run {ck.path} has no complete checkpoint under {runs.checkpoint_dir(ck.path)}"
         )
     if step is None:
         step = steps[-1]
@@ -95,9 +96,9 @@ def _run_source(ck: loading.Checkpoint, step: int | None) -> Source:
             f"run {ck.path} has no complete checkpoint of step {step} (steps: "
             f"{', '.join(map(str, steps))})"
         )
-    step_dir = checkpointing.checkpoint_dir(ck.path) / str(step)
-    params_dir = step_dir / checkpointing.PARAMS
-    record = checkpointing.read_record(step_dir)
+    step_dir = runs.checkpoint_dir(ck.path) / str(step)
+    params_dir = step_dir / runs.PARAMS
+    record = runs.read_record(step_dir)
     return Source(
         params_dir,
         ck.cfg,
@@ -107,7 +108,7 @@ def _run_source(ck: loading.Checkpoint, step: int | None) -> Source:
         label=f"step {step} of run {ck.path}",
         digests=None
         if record is None
-        else {n: r["digest"] for n, r in record[checkpointing.PARAMS].items()},
+        else {n: r["digest"] for n, r in record[runs.PARAMS].items()},
     )
 
 
@@ -165,7 +166,7 @@ def open_source(
 
 def _stored_form(src: Source) -> str:
     """'float', or 'int8' / 'fp8' when the matmul weights are stored quantized (the values
-    leaves of `hunyuan_jax.quantize`'s layout are in the orbax tree)."""
+    leaves of `hunyuan_jax.model.quantize`'s layout are in the orbax tree)."""
     try:
         tree = json.loads((src.params_dir / "_METADATA").read_text())["tree_metadata"]
     except (OSError, ValueError, KeyError) as e:

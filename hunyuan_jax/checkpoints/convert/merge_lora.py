@@ -1,19 +1,19 @@
 """merge-lora: fold a LoRA run's adapters into its base and write the merged model as a run
 directory, which every other tool reads as a full checkpoint::
 
-    python -m hunyuan_jax.convert merge-lora --run RUN --out MERGED [--base B] [--step N]
+    python -m hunyuan_jax.cli.convert merge-lora --run RUN --out MERGED [--base B] [--step N]
         [--dtype float32|bfloat16] [--mesh fsdp=8 --rules fsdp] [--overwrite]
         [--allow-base-mismatch]
-    python -m hunyuan_jax.convert jax-to-hf --ckpt MERGED --out HF      # export, as usual
+    python -m hunyuan_jax.cli.convert jax-to-hf --ckpt MERGED --out HF      # export, as usual
 
 The base is the one the run records (`<run>/lora_base.json`) unless `--base` names another
 copy; it must be the base the adapters were trained on (the digest lora_base.json records,
 `lora.check_base`; `--allow-base-mismatch` applies them to another base of the same shapes
-anyway); it is loaded by `hunyuan_jax.loading` (any format, quantized too) with parameters in
+anyway); it is loaded by `hunyuan_jax.checkpoints.loading` (any format, quantized too) with parameters in
 `--dtype`, the adapters of step N (default: the latest; integrity-checked) are attached, and
 each adapted weight becomes W + alpha/rank * A @ B computed in float32 (`lora.merge_adapters`,
 one weight at a time), then stored in `--dtype`. Output (the train.py run layout,
-`hunyuan_jax.checkpointing`): MERGED/config.yaml (the architecture, an inference policy),
+`hunyuan_jax.checkpoints.runs`): MERGED/config.yaml (the architecture, an inference policy),
 MERGED/tokenizer/ (the run's), MERGED/checkpoints/<N>/params with its integrity record. One
 code path: export is jax-to-hf of that directory, decoding / `--init-from` read it like any
 run.
@@ -46,8 +46,9 @@ def merge_lora(
     import numpy as np
     from flax import nnx
 
-    from hunyuan_jax import checkpointing, loading, lora
-    from hunyuan_jax.policy import RuntimePolicy
+    from hunyuan_jax.checkpoints import loading, runs
+    from hunyuan_jax.model import lora
+    from hunyuan_jax.model.policy import RuntimePolicy
     from sharding.plan import ShardingPlan
 
     if dtype not in DTYPES:
@@ -69,12 +70,12 @@ def merge_lora(
     n = len(list(lora.adapted(model)))
     lora.merge_adapters(model, dtype=np.dtype(dtype))
     params = nnx.state(model, nnx.Param)
-    ckpt_out = checkpointing.Checkpointer(out, keep=1, async_save=False)
+    ckpt_out = runs.Checkpointer(out, keep=1, async_save=False)
     try:
         ckpt_out.save(step, params, {"merged": np.zeros((), np.int32)}, {}, None)
     finally:
         ckpt_out.close()
-    checkpointing.write_run_config(out, ckpt.cfg, policy)
+    runs.write_run_config(out, ckpt.cfg, policy)
     if jax.process_index() == 0:
         for src in (run / "tokenizer", ckpt.path / "tokenizer"):
             if src.is_dir():

@@ -14,12 +14,12 @@ import json
 import shutil
 from pathlib import Path
 
-from hunyuan_jax import checkpoint_format as fmt
-from hunyuan_jax.config import ModelConfig
-from hunyuan_jax.convert.common import DTYPES, FLOAT_DTYPES, hf_tensors
+from hunyuan_jax.checkpoints import converted as fmt
+from hunyuan_jax.checkpoints.convert.common import DTYPES, FLOAT_DTYPES, hf_tensors
+from hunyuan_jax.checkpoints.hf_checkpoint import HeaderView, HFCheckpoint, verify
+from hunyuan_jax.checkpoints.shard_files import FP8_DTYPES, fp8_scale_key, is_quant_aux_key
 from hunyuan_jax.errors import CheckpointError, UsageError
-from hunyuan_jax.hf_checkpoint import HeaderView, HFCheckpoint, verify
-from hunyuan_jax.shard_files import FP8_DTYPES, fp8_scale_key, is_quant_aux_key
+from hunyuan_jax.model.config import ModelConfig
 
 PLAN, PROGRESS = fmt.WORK_PLAN, fmt.WORK_PROGRESS
 

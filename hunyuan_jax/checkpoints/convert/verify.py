@@ -1,4 +1,4 @@
-"""`python -m hunyuan_jax.convert verify --ckpt DIR [--step N]`: read a checkpoint in full and
+"""`python -m hunyuan_jax.cli.convert verify --ckpt DIR [--step N]`: read a checkpoint in full and
 check every byte against its checksums, naming the first bad array and file.
 
 | DIR | what is checked |
@@ -17,9 +17,9 @@ import json
 import time
 from pathlib import Path
 
-from hunyuan_jax import checkpoint_format as fmt
-from hunyuan_jax import checkpointing, integrity, loading
-from hunyuan_jax.convert.common import default_log
+from hunyuan_jax.checkpoints import converted as fmt
+from hunyuan_jax.checkpoints import integrity, loading, runs
+from hunyuan_jax.checkpoints.convert.common import default_log
 from hunyuan_jax.errors import CheckpointError, UsageError
 
 
@@ -110,10 +110,10 @@ def verify_converted(path: Path, log) -> dict:
 
 def verify_step(run: Path, step: int) -> tuple[int, int, bool]:
     """(arrays, bytes, had checksums) of one run step, every array read back and checked."""
-    step_dir = checkpointing.checkpoint_dir(run) / str(step)
-    record = checkpointing.read_record(step_dir)
+    step_dir = runs.checkpoint_dir(run) / str(step)
+    record = runs.read_record(step_dir)
     n = total = 0
-    for item in (checkpointing.PARAMS, checkpointing.OPT_STATE):
+    for item in (runs.PARAMS, runs.OPT_STATE):
         item_dir = step_dir / item
         if not item_dir.is_dir():
             raise CheckpointError(f"{item_dir}: item {item} is missing")
@@ -132,21 +132,21 @@ def verify_step(run: Path, step: int) -> tuple[int, int, bool]:
                     f"{item_dir}: array {name} is corrupt (checksum {digest}, recorded "
                     f"{want[name]})"
                 )
-            if bad and item == checkpointing.PARAMS:
+            if bad and item == runs.PARAMS:
                 raise CheckpointError(f"{item_dir}: array {name} holds {bad} NaN/Inf values")
             n, total = n + 1, total + nbytes
-    data = step_dir / checkpointing.DATA / checkpointing.RECORD_FILE
+    data = step_dir / runs.DATA / runs.RECORD_FILE
     try:
         states = json.loads(data.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{data}: unreadable data states ({e})") from e
-    if record is not None and integrity.json_digest(states) != record.get(checkpointing.DATA):
+    if record is not None and integrity.json_digest(states) != record.get(runs.DATA):
         raise CheckpointError(f"{data}: data states do not match their checksum")
     return n, total, record is not None
 
 
 def verify_run(run: Path, step: int | None, log) -> dict:
-    steps = checkpointing.complete_steps(run)
+    steps = runs.complete_steps(run)
     if not steps:
         raise CheckpointError(f"run {run} has no complete checkpoint")
     if step is not None:
@@ -157,8 +157,8 @@ def verify_run(run: Path, step: int | None, log) -> dict:
             )
         steps = [step]
     tok = run / "tokenizer"
-    if (tok / checkpointing.TOKENIZER_SUMS).is_file():
-        problem = checkpointing.tokenizer_problem(tok)
+    if (tok / runs.TOKENIZER_SUMS).is_file():
+        problem = runs.tokenizer_problem(tok)
         if problem:
             raise CheckpointError(problem)
     good, failures, n, total, unchecked = [], [], 0, 0, []
@@ -192,10 +192,10 @@ def verify_run(run: Path, step: int | None, log) -> dict:
 
 
 def verify_hf(path: Path, log) -> dict:
-    from hunyuan_jax.config import ModelConfig
-    from hunyuan_jax.hf_checkpoint import HeaderView, HFCheckpoint, verify
-    from hunyuan_jax.policy import RuntimePolicy
-    from hunyuan_jax.state import abstract_model, flat_shapes
+    from hunyuan_jax.checkpoints.hf_checkpoint import HeaderView, HFCheckpoint, verify
+    from hunyuan_jax.model.config import ModelConfig
+    from hunyuan_jax.model.policy import RuntimePolicy
+    from hunyuan_jax.model.state import abstract_model, flat_shapes
 
     cfg = ModelConfig.from_hf(path)
     ckpt = HFCheckpoint(path)

@@ -194,7 +194,7 @@ def attend(
         raise ValueError(f"attention dropout is only implemented by impl='xla', not {impl!r}")
     if impl == "xla":
         return reference_attention(q, k, v, mask, dropout=dropout)
-    from hunyuan_jax.kernels import flash
+    from hunyuan_jax.model.kernels import flash
 
     def run(fn, **kwargs):
         local = lambda q, k, v, m: fn(q, k, v, m, **kwargs)
@@ -204,7 +204,7 @@ def attend(
 
     blocks = {n: x for n, x in (("block_q", block_q), ("block_kv", block_kv)) if x is not None}
     if impl == "splash":
-        from hunyuan_jax.kernels import splash
+        from hunyuan_jax.model.kernels import splash
 
         try:
             splash.check_supported(q.shape, k.shape, mask, **blocks)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from hunyuan_jax.kernels.attention import AttentionMask, _check_shapes
+from hunyuan_jax.model.kernels.attention import AttentionMask, _check_shapes
 
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_KV = 512

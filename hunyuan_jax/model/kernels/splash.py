@@ -24,7 +24,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
-from hunyuan_jax.kernels.attention import AttentionMask, _check_shapes, shard_map_attention
+from hunyuan_jax.model.kernels.attention import AttentionMask, _check_shapes, shard_map_attention
 
 DEFAULT_BLOCK = 512
 LANES = 128

@@ -1,0 +1,1 @@
+"""Decoding: the compiled chunked prefill + decode loop (`Generator`) and sampling."""

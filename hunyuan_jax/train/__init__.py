@@ -1,0 +1,2 @@
+"""Training: the `train:` config, the data pipeline of a run, optimizer, losses, the train step,
+the loop, DPO, metrics and the run-directory lock."""
