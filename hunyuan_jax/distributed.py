@@ -41,10 +41,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import runpy
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
+from jax._src import distributed as _d
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +180,6 @@ def _is_initialized() -> bool:
     fn = getattr(jax.distributed, "is_initialized", None)
     if fn is not None:
         return bool(fn())
-    from jax._src import distributed as _d  # older JAX
 
     return _d.global_state.client is not None
 
@@ -301,9 +303,6 @@ def summary() -> str:
 def main(argv=None) -> int:
     """`python -m hunyuan_jax.distributed [options] [--] SCRIPT [ARGS...]`: initialise, then run
     SCRIPT as __main__ with ARGS (its exit status is ours)."""
-    import runpy
-    import sys
-
     ap = argparse.ArgumentParser(
         prog="python -m hunyuan_jax.distributed",
         description="Initialise JAX's multi-process runtime (from the "

@@ -176,9 +176,7 @@ def _quiet_orbax_error_logs() -> None:
     them); other warnings and errors are not. (Found flaky in CI: whether asyncio reports an
     abandoned `_GatheringFuture` before exit depends on timing; its message does not name
     orbax, its exception's traceback does.)"""
-    import logging
-
-    try:
+    try:  # absl comes with orbax; imported here, not at start-up, to keep `errors` light
         from absl import logging as absl_logging  # first: absl creates its own logger class
     except ImportError:  # no orbax here either
         return

@@ -28,7 +28,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 OUT = REPO / "hunyuan_jax" / "assets" / "default_model"
 # configs/tiny.yaml, made smaller (the asset ships inside the package) and given a longer

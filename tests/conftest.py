@@ -10,7 +10,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
-HY_TINY = DATA / "hy_tiny"
+# The reference checkpoint ships inside the package (the smoke run reads it too).
+HY_TINY = Path(__file__).resolve().parents[1] / "hunyuan_jax" / "assets" / "hy_tiny"
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 

@@ -1,5 +1,5 @@
 """Checkpoint files that lie: a converted checkpoint whose config.json was edited after
-conversion (`checkpoint_format.stored_config`, `convert verify`), safetensors headers that the
+conversion (`converted.stored_config`, `convert verify`), safetensors headers that the
 `safetensors` library refuses (`shard_files.scan_safetensors`: overlapping / aliased byte
 ranges, gaps, trailing bytes, bad metadata), and index files whose weight_map points outside
 the checkpoint directory (`hf_checkpoint`). Every fault is written into real files; the

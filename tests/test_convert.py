@@ -1,4 +1,4 @@
-"""Checkpoint conversion HF <-> orbax/tensorstore (hunyuan_jax.checkpoints.convert, checkpoint_format):
+"""Checkpoint conversion HF <-> orbax/tensorstore (hunyuan_jax.checkpoints.convert, converted):
 the reference logits after restoring on an 8-device mesh, bit-exact round trips, export from a
 train.py run directory, FP8 dequantisation, bad inputs and the CLI's one-line errors, SIGKILL
 from outside + resume, bounded peak RSS that does not grow with depth.
@@ -61,7 +61,7 @@ def _hy_tiny_config() -> dict:
 
 def _load(directory, plan=None, dtype="float32"):
     """The model of a checkpoint directory (its weights only: the tokenizer these tests carry
-    is the real Hunyuan one, larger than hy_tiny's vocabulary, which `loading.load` refuses)."""
+    is the real Hunyuan one, larger than hy_tiny's vocabulary, which `from_checkpoint.load` refuses)."""
     ckpt = loading.open_checkpoint(directory)
     return loading.load_params(ckpt, RuntimePolicy.inference(dtype), plan)
 

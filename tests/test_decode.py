@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 from conftest import DATA, HY_TINY
 
-from hunyuan_jax.checkpoints import loading
-from hunyuan_jax.decode import sampling
+from hunyuan_jax.decode import from_checkpoint, sampling
 from hunyuan_jax.decode.generate import Generator
 from hunyuan_jax.decode.sampling import SamplingConfig
 from hunyuan_jax.errors import CheckpointError
@@ -37,7 +36,7 @@ needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) 
 
 def _load(plan=None):
     """hy_tiny in float32 (parameters and compute), placed by `plan` (default one device)."""
-    return loading.load(HY_TINY / "hf_st", dtype="float32", plan=plan).model
+    return from_checkpoint.load(HY_TINY / "hf_st", dtype="float32", plan=plan).model
 
 
 @pytest.fixture(scope="module")
@@ -520,7 +519,7 @@ def ckpt(tmp_path_factory):
 
 
 def test_load_dispatch(ckpt, tmp_path):
-    bundle = loading.load(ckpt)
+    bundle = from_checkpoint.load(ckpt)
     assert bundle.format == "hf" and bundle.model.policy.compute_dtype == "float32"  # torch_dtype
     assert bundle.model.policy.param_dtype == "float32"
     assert bundle.tokenizer.vocab_size == 600 and bundle.eos_ids == bundle.tokenizer.eos_ids
@@ -528,12 +527,12 @@ def test_load_dispatch(ckpt, tmp_path):
     (tmp_path / "7").mkdir()
     (tmp_path / "7" / "_CHECKPOINT_METADATA").write_text("{}")
     with pytest.raises(CheckpointError, match="run directory"):
-        loading.load(tmp_path)
+        from_checkpoint.load(tmp_path)
     with pytest.raises(CheckpointError, match="not found"):
-        loading.load(tmp_path / "nope")
+        from_checkpoint.load(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
-        loading.load(tmp_path / "empty")
+        from_checkpoint.load(tmp_path / "empty")
 
 
 def _same_params(a, b):
@@ -559,7 +558,7 @@ def test_load_converted_and_train_run_dirs(ckpt, model, tmp_path):
 
     out = tmp_path / "converted"
     convert.hf_to_jax(ckpt, out, "float32", tokenizer_dir=ckpt, progress=False, log=lambda m: None)
-    bundle = loading.load(out)
+    bundle = from_checkpoint.load(out)
     assert bundle.format == "converted" and bundle.model.policy.compute_dtype == "float32"
     _same_params(bundle.model, model)
 
@@ -573,11 +572,11 @@ def test_load_converted_and_train_run_dirs(ckpt, model, tmp_path):
     saver.close()
     (run / "tokenizer").mkdir()
     shutil.copy(ckpt / "tokenizer.model", run / "tokenizer")
-    bundle = loading.load(run)
+    bundle = from_checkpoint.load(run)
     assert bundle.format == "run" and bundle.model.policy.compute_dtype == "bfloat16"  # its own
     assert bundle.tokenizer is not None and bundle.tokenizer.vocab_size == 600
     _same_params(bundle.model, model)
-    f32 = loading.load(run, dtype="float32").model.policy
+    f32 = from_checkpoint.load(run, dtype="float32").model.policy
     assert f32.compute_dtype == "float32" and f32.remat == "none"
 
 
@@ -587,7 +586,7 @@ def test_generation_config_sets_defaults(ckpt, tmp_path):
     (d / "generation_config.json").write_text(
         json.dumps({"do_sample": True, "temperature": 0.5, "top_k": 7, "eos_token_id": [3, 9]})
     )
-    bundle = loading.load(d)
+    bundle = from_checkpoint.load(d)
     assert bundle.sampling == SamplingConfig(temperature=0.5, top_k=7)
     assert bundle.eos_ids == [3, 9]
 

@@ -54,7 +54,6 @@ def test_reexec_keeps_the_command_line(tmp_path):
     script = tmp_path / "entry.py"
     script.write_text(
         "import json, os, sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
         "print('start', os.environ.get('GLIBC_TUNABLES', ''))\n"
         "from hunyuan_jax.host_env import reexec_with_hugepage_malloc\n"
         "reexec_with_hugepage_malloc()\n"

@@ -477,7 +477,6 @@ def test_abandoned_future_after_the_error_line_is_not_printed(tmp_path):
     script = tmp_path / "cli.py"
     script.write_text(
         "import asyncio, sys\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
         "from hunyuan_jax.errors import CheckpointError, run_cli\n"
         "loop = asyncio.new_event_loop()\n"
         "def main():\n"
@@ -498,17 +497,18 @@ def test_disk_full_during_a_checkpoint_save(tmp_path):
     """A real process whose files may not grow past 3 MB (RLIMIT_FSIZE: writes fail with
     EFBIG, as on a full disk) while orbax saves step 2 in the background: one line, exit 4,
     and no complete-looking step is left behind."""
-    import resource
-
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))
-
-    run = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train.py"), *_train_args(run, "stop_at=2")]
-    p = subprocess.run(
-        cmd, env=_env(), capture_output=True, text=True, timeout=400, preexec_fn=limit
+    # The limit is set by a small launcher that then execs train.py (not by `preexec_fn`, whose
+    # fork in this JAX-threaded process draws JAX's os.fork() warning); an ignored signal and
+    # the rlimit both survive exec.
+    limit = (
+        "import os, resource, signal, sys; "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20)); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
     )
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-c", limit, str(REPO / "train.py"), *_train_args(run, "stop_at=2")]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
     line = _one_line(p.stderr, "train.py")
     assert p.returncode == 4 and f"saving checkpoint 2 into {run / 'checkpoints'} failed" in line
     assert "File too large" in line and "rerun to resume" in line
@@ -582,7 +582,8 @@ def test_nonfinite_stop_names_the_newest_healthy_checkpoint(run, run_copy, capsy
     old_health = ck.record(6)["health"]
     ck.close()
     shutil.rmtree(run_copy / "checkpoints" / "6")
-    params["final_norm"]["weight"].value = params["final_norm"]["weight"].value * 30.0
+    weight = params["final_norm"]["weight"]
+    weight.set_value(weight.get_value() * 30.0)
     ck = runs.Checkpointer(run_copy, async_save=False)
     ck.save(6, params, opt_state, data, old_health)
     ck.close()

@@ -3,7 +3,7 @@ tiny config, CPU: a step trains only the adapters (optimizer state for them alon
 base untouched); merging folds the adapters into the base with the same logits (float and int8
 bases); 8 simulated devices with expert parallelism give the one-device losses; a LoRA run
 checkpoints only the adapters plus a base pointer, resumes exactly, and refuses a changed base;
-a run's adapters load beside their base (`loading.load(adapter=...)`, what infer.py and the
+a run's adapters load beside their base (`from_checkpoint.load(adapter=...)`, what infer.py and the
 server's --adapter use) and `convert merge-lora`'s run directory gives the same logits.
 """
 
@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hunyuan_jax.checkpoints import loading, runs
+from hunyuan_jax.checkpoints import loading, lora_base, runs
 from hunyuan_jax.cli import serve as serve_main
 from hunyuan_jax.cli.convert import main as convert_main
+from hunyuan_jax.decode import from_checkpoint
 from hunyuan_jax.errors import CheckpointError, ConfigError
 from hunyuan_jax.model import lora
 from hunyuan_jax.model.policy import RuntimePolicy
@@ -31,7 +32,9 @@ from sharding.plan import ShardingPlan
 from tests.helpers.jax_cache import persistent_compilation_cache
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-HY_TINY = Path(__file__).resolve().parent / "data" / "hy_tiny" / "hf_st"  # the LoRA runs' base
+HY_TINY = (
+    Path(__file__).resolve().parents[1] / "hunyuan_jax" / "assets" / "hy_tiny" / "hf_st"
+)  # the LoRA runs' base
 EPS32 = float(np.finfo(np.float32).eps)
 SMALL = [
     "batch_size=16",
@@ -230,7 +233,7 @@ def test_run_checkpoints_adapters_resumes_exactly_and_loads(tmp_path, tokenizer,
     full, run = lora_run
     record = runs.read_record(runs.checkpoint_dir(run) / "4")
     assert record["params"] and all("_lora_" in n for n in record["params"])
-    pointer = lora.read_pointer(run)
+    pointer = lora_base.read_pointer(run)
     assert pointer["base"] == str(HY_TINY.resolve()) and pointer["weights"] == "bf16"
     with pytest.raises(CheckpointError, match="LoRA run"):
         loading.open_checkpoint(run)  # not a full checkpoint: said so, with what to do
@@ -242,10 +245,10 @@ def test_run_checkpoints_adapters_resumes_exactly_and_loads(tmp_path, tokenizer,
     a, b = (_leaves(_adapters(r)) for r in (run, split))
     assert len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b))
     # Base + adapters, unmerged (the recorded base), against merge-lora's run directory.
-    unmerged = loading.load(None, dtype="float32", adapter=run)
+    unmerged = from_checkpoint.load(None, dtype="float32", adapter=run)
     assert unmerged.tokenizer is not None and list(lora.adapted(unmerged.model))
     assert convert_main(["merge-lora", "--run", str(run), "--out", str(tmp_path / "m")]) == 0
-    merged = loading.load(tmp_path / "m", dtype="float32")
+    merged = from_checkpoint.load(tmp_path / "m", dtype="float32")
     tokens = jnp.asarray(_batch(merged.cfg)["inputs"][0])
     forward = nnx.jit(lambda m, t: m(t)[0])
     want, got = forward(unmerged.model, tokens), forward(merged.model, tokens)
@@ -256,15 +259,15 @@ def test_run_checkpoints_adapters_resumes_exactly_and_loads(tmp_path, tokenizer,
     ).engine.ex
     served_logits = forward(nnx.merge(served.graphdef, served.params), tokens)
     np.testing.assert_array_equal(np.asarray(served_logits), np.asarray(want))
-    base = loading.load(HY_TINY, dtype="float32").model
+    base = from_checkpoint.load(HY_TINY, dtype="float32").model
     assert float(jnp.max(jnp.abs(forward(base, tokens) - want))) > 1e-3
     # Resuming without (or with another) train.lora is refused before anything loads.
     with pytest.raises(CheckpointError, match="train.lora"):
         _run(run.parent, tokenizer, "full", "lora=null", "steps=6")
     # A base that is not the one recorded is refused.
-    record = json.loads((split / lora.POINTER_FILE).read_text())
+    record = json.loads((split / lora_base.POINTER_FILE).read_text())
     record["digest"] = "0" * len(record["digest"])
-    (split / lora.POINTER_FILE).write_text(json.dumps(record))
+    (split / lora_base.POINTER_FILE).write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match="were trained on .* not on "):
         _run(tmp_path, tokenizer, "split", "steps=6")
 
@@ -272,7 +275,7 @@ def test_run_checkpoints_adapters_resumes_exactly_and_loads(tmp_path, tokenizer,
 def _adapters(run):
     """The adapters of a run's latest step, as restored beside a float32 hy_tiny."""
     base = loading.load_params(loading.open_checkpoint(HY_TINY), RuntimePolicy.inference("float32"))
-    return nnx.state(lora.attach(base, run)[0], nnx.LoRAParam)
+    return nnx.state(lora_base.attach(base, run)[0], nnx.LoRAParam)
 
 
 def _other_base(directory: Path, change) -> Path:
@@ -297,13 +300,13 @@ def test_adapter_on_another_base_is_refused(tmp_path, lora_run, capsys):
     """Adapters trained on hy_tiny, applied to a base of the same shapes with one weight
     changed by 1e-3: infer.py --adapter exits 4 with one line naming both bases and digests,
     the server's build_state and merge-lora (--base) refuse it too, all through
-    `lora.check_base`; merge-lora --allow-base-mismatch merges anyway. A base whose config
+    `lora_base.check_base`; merge-lora --allow-base-mismatch merges anyway. A base whose config
     differs only in moe_topk (same shapes, same weights) is refused naming the key."""
     from hunyuan_jax.cli import infer
 
     _, run = lora_run
     other = _other_base(tmp_path / "other", _bump)
-    trained = lora.read_pointer(run)["digest"]
+    trained = lora_base.read_pointer(run)["digest"]
     code = infer.main(
         ["--checkpoint", str(other), "--adapter", str(run), "--prompt", "x", "--dtype", "float32"]
     )
@@ -325,7 +328,7 @@ def test_adapter_on_another_base_is_refused(tmp_path, lora_run, capsys):
     # Same weights, another architecture of the same shapes: refused before any weight loads.
     topk = _other_base(tmp_path / "topk", lambda t, c: c.update(moe_topk=2))
     with pytest.raises(CheckpointError, match="another architecture: moe_top_k 1 vs 2"):
-        loading.load(topk, dtype="float32", adapter=run)
+        from_checkpoint.load(topk, dtype="float32", adapter=run)
 
 
 def test_corrupt_base_pointer_is_refused(tmp_path, lora_run):
@@ -334,8 +337,8 @@ def test_corrupt_base_pointer_is_refused(tmp_path, lora_run):
     _, run = lora_run
     copy = tmp_path / "run"
     copy.mkdir()
-    record = lora.read_pointer(run)
+    record = lora_base.read_pointer(run)
     for field, value in (("digest", "abc"), ("base", 3), ("weights", "int4"), ("seed", "x")):
-        (copy / lora.POINTER_FILE).write_text(json.dumps(dict(record, **{field: value})))
+        (copy / lora_base.POINTER_FILE).write_text(json.dumps(dict(record, **{field: value})))
         with pytest.raises(CheckpointError, match=f"lora_base.json: corrupt .*'{field}'"):
-            lora.read_pointer(copy)
+            lora_base.read_pointer(copy)

@@ -39,7 +39,6 @@ def worker(argv=None) -> None:
 
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
-    sys.path.insert(0, str(ROOT))
     from hunyuan_jax import distributed
 
     dcfg = distributed.initialize(initialization_timeout=120)  # from HUNYUAN_* env vars

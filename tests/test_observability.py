@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from hunyuan_jax.cli import train as train_cli
+from hunyuan_jax.train.metrics import read_scalars
+from tests.helpers.process import converter_env
 
-from hunyuan_jax.cli import train as train_cli  # noqa: E402
-from hunyuan_jax.train.metrics import read_scalars  # noqa: E402
-from tests.helpers.process import converter_env  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = REPO / "configs" / "tiny.yaml"
 STEPS = 4

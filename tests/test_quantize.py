@@ -40,6 +40,7 @@ from hunyuan_jax.checkpoints import convert, loading
 from hunyuan_jax.checkpoints import converted as fmt
 from hunyuan_jax.checkpoints.hf_checkpoint import HFCheckpoint
 from hunyuan_jax.checkpoints.loading import read_model_config
+from hunyuan_jax.decode import from_checkpoint
 from hunyuan_jax.errors import ConfigError
 from hunyuan_jax.model import qops, quantize
 from hunyuan_jax.model.config import ModelConfig
@@ -291,7 +292,7 @@ TRAINED = {"int8": (0.310, 0.00683, 0), "fp8": (0.488, 0.0221, 3)}
 def test_trained_model_logits_error():
     """A trained model (the server's default model) is far less sensitive than hy_tiny's
     random weights: int8 changes no top-1 token of CODE, fp8 three of 94."""
-    bundle = loading.load(DEFAULT_MODEL, dtype="float32")
+    bundle = from_checkpoint.load(DEFAULT_MODEL, dtype="float32")
     ids = [bundle.tokenizer.encode(t) for t in CODE]
     tokens = np.asarray([i[: min(map(len, ids))] for i in ids], np.int32)
     ref = _logits(bundle.model, tokens)

@@ -6,7 +6,7 @@
   lock left by a SIGKILLed holder is taken over with a warning; one written by another host
   is refused, naming it; in a multi-host job every process exits 4 when process 0 (the one
   that takes the lock) cannot;
-- config values (hunyuan_jax/model/config.py, train_config.py, policy.py): NaN / infinity in any
+- config values (hunyuan_jax/model/config.py, train/config.py, model/policy.py): NaN / infinity in any
   section (model, runtime, train, train.dpo, train.lora, a checkpoint's config.json), a YAML
   key given twice at any level, a missing or unknown key, a section that is not a mapping,
   values out of their range: ConfigError (exit 2) naming the file / key / line, never a
@@ -37,7 +37,7 @@ from hunyuan_jax.train.run_lock import LOCK_FILE, RunDirLocked, RunLock
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
-HF_CONFIG = REPO / "tests" / "data" / "hy_tiny" / "hf_st" / "config.json"
+HF_CONFIG = REPO / "hunyuan_jax" / "assets" / "hy_tiny" / "hf_st" / "config.json"
 
 # Holds a run directory's lock (the same module train.py uses) until its stdin closes.
 HOLDER = """

@@ -363,7 +363,7 @@ def test_served_name_says_what_is_served(tmp_path):
     """issue 26: `serve --adapter RUN` names base + adapter, not `hunyuan-jax-default`."""
     from hunyuan_jax.cli.serve import DEFAULT_MODEL, served_name
 
-    hf = ROOT / "tests" / "data" / "hy_tiny" / "hf_st"
+    hf = ROOT / "hunyuan_jax" / "assets" / "hy_tiny" / "hf_st"
     assert served_name(None, None, DEFAULT_MODEL) == MODEL
     assert served_name(str(hf), None, hf) == "hf_st"
     assert served_name(None, str(tmp_path / "tiny-lora"), hf) == "hf_st+tiny-lora"

@@ -51,8 +51,8 @@ def _launch(i: int, http_port: int, coord_port: int, log: Path) -> subprocess.Po
 
 @pytest.mark.slow  # two processes loading and compiling: ~1 min on 2 busy cores
 def test_two_process_server_matches_generator(tmp_path):
-    from hunyuan_jax.checkpoints import loading
     from hunyuan_jax.cli.serve import DEFAULT_MODEL
+    from hunyuan_jax.decode import from_checkpoint
     from hunyuan_jax.decode.generate import Generator
 
     http_port, coord_port = _free_port(), _free_port()
@@ -75,7 +75,7 @@ def test_two_process_server_matches_generator(tmp_path):
                 pass
             time.sleep(0.5)
 
-        bundle = loading.load(DEFAULT_MODEL, dtype="float32")
+        bundle = from_checkpoint.load(DEFAULT_MODEL, dtype="float32")
         tok = bundle.tokenizer
         prompts = ["def main(", "import os\nimport", "class Foo", "for i in range(", "x = "]
         gen = Generator(bundle.model, eos_ids=bundle.eos_ids, prefill_chunk=CHUNK,

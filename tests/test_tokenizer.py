@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jinja2
 import pytest
+from conftest import HY_TINY
 
 from hunyuan_jax.data.tokenizer import (
     CHAT_SPECIAL_TOKENS,
@@ -25,7 +26,7 @@ from hunyuan_jax.errors import ConfigError, DataError
 
 DATA = Path(__file__).parent / "data"
 HY_DIR = DATA / "hunyuan_tokenizer"
-REF = json.loads((DATA / "hy_tiny" / "tokenizer.json").read_text())
+REF = json.loads((HY_TINY / "tokenizer.json").read_text())
 
 ROUND_TRIP = [
     "Hello, world!",

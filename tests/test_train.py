@@ -110,7 +110,7 @@ def _restore(run, step=None, plan=None):
     """(Checkpoint, model) of a run directory's checkpoint `step` (default: its latest) under
     the run's own policy, placed by `plan` (default: one device). The latest step goes through
     `loading.load_params` (what decoding and --init-from use); an earlier one through the same
-    abstract target and `checkpointing.restore_run_params`."""
+    abstract target and `runs.restore_run_params`."""
     ckpt = loading.open_checkpoint(run)
     plan = plan or ShardingPlan.single()
     if step is None:

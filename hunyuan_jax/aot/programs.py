@@ -23,6 +23,7 @@ from hunyuan_jax.decode.generate import Generator
 from hunyuan_jax.errors import UsageError
 from hunyuan_jax.model import dispatch
 from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.lora import base_policy
 from hunyuan_jax.model.policy import RuntimePolicy
 from hunyuan_jax.model.state import abstract_model
 from hunyuan_jax.train.config import TrainConfig
@@ -111,8 +112,6 @@ def train_program(job: Job) -> Program:
         + (f" ({job.policy.train_dispatch})" if job.plan.shards("exp") else "")
     )
     if tcfg.lora is not None:  # what trains and how the frozen base is held
-        from hunyuan_jax.model.lora import base_policy
-
         source += (
             f"; LoRA rank {tcfg.lora.rank} on {list(tcfg.lora.targets)}, frozen base "
             f"{base_policy(job.policy).weights}"

@@ -15,6 +15,8 @@ import math
 import os
 import re
 
+from jax.experimental import topologies
+
 from hunyuan_jax.errors import UsageError
 from hunyuan_jax.model.config import ModelConfig
 
@@ -159,8 +161,6 @@ def topology_devices(sl: Slice) -> list:
     JAX process started without JAX_PLATFORMS=cpu on a host with libtpu installed holds it.
     On a host without TPU chips nothing is driven, so concurrent loads are allowed
     (ALLOW_MULTIPLE_LIBTPU_LOAD=1) unless the environment says otherwise."""
-    from jax.experimental import topologies
-
     if not _has_tpu_hardware():
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {}

@@ -74,15 +74,23 @@ import dataclasses
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from flax import nnx
 
 from hunyuan_jax import atomic
 from hunyuan_jax.checkpoints import hf_mapping
 from hunyuan_jax.checkpoints.hf_checkpoint import CheckpointError
-from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.checkpoints.integrity import orbax_metadata, read_error
+from hunyuan_jax.model import quantize
+from hunyuan_jax.model.config import ConfigError, ModelConfig, hf_to_fields, read_json
+from hunyuan_jax.model.policy import RuntimePolicy
 
 FORMAT_NAME = "hunyuan-jax-params"
 FORMAT_VERSION = 1
@@ -131,8 +139,6 @@ class Leaf:
 
 
 def _key_entry(k) -> tuple[str, int]:
-    import jax
-
     if isinstance(k, jax.tree_util.SequenceKey):
         return str(k.idx), 1
     if isinstance(k, jax.tree_util.DictKey):
@@ -149,12 +155,6 @@ def param_leaves(cfg: ModelConfig, dtype: str, weights: str = "auto") -> dict[tu
     the matmul weights in form `weights` ('auto': `dtype`; 'bf16'; 'int8' / 'fp8': values +
     float32 scales, `hunyuan_jax.model.quantize`), with the names orbax gives them when saving
     `nnx.state(model, nnx.Param)` (the same flattening orbax applies at restore)."""
-    import jax
-    from flax import nnx
-
-    from hunyuan_jax.model import quantize
-    from hunyuan_jax.model.policy import RuntimePolicy
-
     policy = RuntimePolicy(param_dtype=dtype, weights=weights)
     state = nnx.state(quantize.abstract_model(cfg, policy), nnx.Param)
     entries = {e.path: e for e in hf_mapping.mapping_table(cfg)}
@@ -190,8 +190,6 @@ def param_leaves(cfg: ModelConfig, dtype: str, weights: str = "auto") -> dict[tu
 
 def leaves_form(leaves: dict[tuple, Leaf]) -> str:
     """'int8' | 'fp8' when the matmul weights are stored quantized, else 'float'."""
-    from hunyuan_jax.model import quantize
-
     q = {np.dtype(l.dtype) for l in leaves.values() if l.role == "qvalue"}
     if not q:
         return "float"
@@ -297,8 +295,6 @@ def read_spec(
 
 
 def open_for_read(params_dir: str | Path, name: str, use_ocdbt: bool, use_zarr3: bool):
-    import tensorstore as ts
-
     try:
         return ts.open(
             read_spec(params_dir, name, use_ocdbt, use_zarr3),
@@ -338,8 +334,6 @@ def orbax_tree_metadata(leaves: dict[tuple, Leaf], use_zarr3: bool = True) -> di
 
 
 def write_orbax_metadata(params_dir: str | Path, leaves: dict[tuple, Leaf]) -> None:
-    import time
-
     params_dir = Path(params_dir)
     write_json_atomic(params_dir / "_METADATA", orbax_tree_metadata(leaves))
     now = time.time_ns()
@@ -432,7 +426,6 @@ def check_written_config(path: Path, cfg: ModelConfig, written, manifest: Path) 
     """CheckpointError naming config.json and each key whose value changes the architecture
     relative to `written` (the config the weights were converted with, in the manifest).
     Keys that are not architecture (torch_dtype, token ids, dropout) may differ."""
-    from hunyuan_jax.model.config import ConfigError, hf_to_fields, read_json
 
     def arch(hf) -> ModelConfig:
         return ModelConfig.from_dict(hf_to_fields(hf, str(manifest)), str(manifest))
@@ -479,9 +472,6 @@ def restore_param_state(directory: str | Path, target):
     """Restore the params of a converted checkpoint into `target`, an nnx.State (or any pytree
     with the same structure as `nnx.state(model, nnx.Param)`) of `jax.ShapeDtypeStruct`s with
     shardings; each process reads only its shards; dtypes are cast on read."""
-    import orbax.checkpoint as ocp
-
-    from hunyuan_jax.checkpoints.integrity import orbax_metadata, read_error
 
     read_manifest(directory)
     params = Path(directory).absolute() / PARAMS_DIR

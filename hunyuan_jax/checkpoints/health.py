@@ -15,7 +15,7 @@ own first steps serve, and with fewer still only finiteness is judged). Steps sk
 noise. A slow drift (loss creeping up over hundreds of steps) moves the median along and is
 not caught: look at metrics.jsonl.
 
-The loop records `assess(...)` in each checkpoint's integrity record (`checkpointing`); when a
+The loop records `assess(...)` in each checkpoint's integrity record (`runs`); when a
 run stops on a non-finite loss, `stop_report` names the last finite step, every kept
 checkpoint with its health, the newest healthy one, and what to do.
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from hunyuan_jax.checkpoints import hf_mapping
 from hunyuan_jax.checkpoints.shard_files import (
@@ -94,8 +94,6 @@ class HFCheckpoint:
             raise FileNotFoundError(f"{self.dir}: shard {name} named by the index is missing")
         try:
             if fmt == "safetensors":
-                from safetensors import safe_open
-
                 handle = safe_open(str(path), framework="numpy")
             else:
                 try:
@@ -253,14 +251,12 @@ def _safetensors_get(path, handle, key):
     try:
         return handle.get_tensor(key)
     except TypeError:  # bfloat16 is not a numpy dtype: read raw bytes
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:  # needs torch
             return _torch_to_numpy(f.get_tensor(key))
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-    import torch
+    import torch  # an optional extra (pyproject `torch`): only PyTorch .bin shards need it
 
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
@@ -343,20 +339,3 @@ class HeaderView:
 
     def shape(self, key):
         return self._infos[key].shape
-
-
-def load_numpy_params(
-    cfg: ModelConfig, ckpt: HFCheckpoint, tree_shapes: dict[tuple, tuple], dtype
-) -> dict[tuple, np.ndarray]:
-    """All parameters in memory as {tree path: array}. For small checkpoints. Every shard's
-    header is scanned first (missing, truncated or unsafe shards are CheckpointError naming
-    the file, before any tensor is read), then each tensor is read by plain file reads."""
-    verify(cfg, HeaderView(ckpt, ckpt.tensor_infos()), tree_shapes)
-    out = {}
-    for entry in hf_mapping.mapping_table(cfg):
-        shape = tree_shapes[entry.path]
-        arr = np.empty(shape, dtype)
-        for index, key in hf_mapping.hf_slices(entry, cfg):
-            arr[index] = hf_mapping.to_tree_slice(entry, ckpt.read(key), shape).astype(dtype)
-        out[entry.path] = arr
-    return out

@@ -30,7 +30,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from jax import lax
 
 from hunyuan_jax.errors import CheckpointError
 
@@ -129,9 +133,6 @@ def np_digest(a: np.ndarray) -> str:
 
 
 def _jnp_digest(x):
-    import jax.numpy as jnp
-    from jax import lax
-
     u32 = jnp.uint32
     if x.dtype == jnp.bool_:
         bits = x.astype(u32)
@@ -155,9 +156,6 @@ _JITTED = {}
 
 def named_leaves(tree) -> list[tuple[str, Any]]:
     """[(orbax's name of the leaf, leaf)] for the array leaves of a pytree, in tree order."""
-    import jax
-    import orbax.checkpoint as ocp
-
     names = jax.tree.leaves(ocp.tree.get_param_names(tree, include_empty_nodes=False))
     leaves = jax.tree.leaves(tree)
     return [(n, x) for n, x in zip(names, leaves) if hasattr(x, "shape")]
@@ -166,9 +164,6 @@ def named_leaves(tree) -> list[tuple[str, Any]]:
 def tree_digests(tree) -> dict[str, str]:
     """{leaf name: digest} of the (possibly sharded) arrays of a pytree, computed where they
     live in one jitted pass (every process gets the same global values)."""
-    import jax
-    import jax.numpy as jnp
-
     items = named_leaves(tree)
     if not items:
         return {}

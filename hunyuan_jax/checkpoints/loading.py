@@ -1,5 +1,6 @@
 """The one loader of checkpoints: what a directory holds, its architecture, its weights under a
-runtime policy and a sharding plan, its tokenizer and its generation defaults.
+runtime policy and a sharding plan, and its tokenizer. (For decoding, `hunyuan_jax.decode.
+from_checkpoint.load` adds the tokenizer, sampling defaults, EOS ids and a LoRA run's adapters.)
 
 Formats (checked in this order):
 
@@ -11,7 +12,6 @@ Formats (checked in this order):
 
     ckpt = open_checkpoint(path)                  # cheap: format, architecture, stored dtype
     model = load_params(ckpt, policy, plan)       # the weights, created sharded
-    bundle = load(path, dtype="auto", plan=plan)  # + tokenizer, sampling defaults, EOS ids
 
 Quantized weights (`hunyuan_jax.model.quantize`): `policy.weights` ('auto' | 'bf16' | 'int8' | 'fp8')
 says how the matmul weights are held; 'auto' keeps what the checkpoint stores
@@ -30,15 +30,32 @@ through here; nothing else recognises checkpoint directories.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from hunyuan_jax.decode.sampling import SamplingConfig, eos_ids_from_generation_config
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from hunyuan_jax.checkpoints import converted, hf_mapping, integrity, runs
+from hunyuan_jax.checkpoints.converted import restore_param_state
+from hunyuan_jax.checkpoints.hf_checkpoint import HFCheckpoint, verify
+from hunyuan_jax.checkpoints.hf_tensors import hf_slice
+from hunyuan_jax.checkpoints.runs import (
+    TOKENIZER_SUMS,
+    read_run_config,
+    restore_run_params,
+    tokenizer_problem,
+)
+from hunyuan_jax.checkpoints.shard_files import FP8_DTYPES, fp8_scale_key
+from hunyuan_jax.data.tokenizer import load_tokenizer
 from hunyuan_jax.errors import CheckpointError, ConfigError
+from hunyuan_jax.model import quantize
 from hunyuan_jax.model.config import ModelConfig, read_json, read_yaml
 from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.state import abstract_model, flat_shapes, model_from_arrays
+from sharding.plan import ShardingPlan
 
 FORMATS = {
     "hf": "Hugging Face layout: config.json + safetensors or PyTorch .bin shards",
@@ -88,7 +105,6 @@ class Checkpoint:
 def detect_format(path: Path) -> str | None:
     if (path / "config.json").is_file() and any((path / w).is_file() for w in _HF_WEIGHTS):
         return "hf"
-    from hunyuan_jax.checkpoints import converted
 
     if converted.is_converted(path):
         return "converted"
@@ -117,13 +133,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             weights=weights,
         )
     if fmt == "converted":
-        from hunyuan_jax.checkpoints import converted
-
         cfg, dtype = converted.stored_config(path)
         return Checkpoint(path, fmt, cfg, dtype, weights=converted.stored_weights(path))
     if fmt == "run":
-        from hunyuan_jax.checkpoints.runs import read_run_config
-
         cfg, runtime, train = read_run_config(path)
         if train.get("lora"):
             raise CheckpointError(
@@ -171,18 +183,12 @@ def load_params(ckpt: Checkpoint | str | Path, policy: RuntimePolicy, plan=None)
     """The model of `ckpt` with `policy`, every parameter created in the plan's layout
     (restored shard by shard for orbax formats; read tensor by tensor for HF), its matmul
     weights in the form `policy.weights` asks for ('auto': as stored)."""
-    from sharding.plan import ShardingPlan
-
     if not isinstance(ckpt, Checkpoint):
         ckpt = open_checkpoint(ckpt)
     plan = plan or ShardingPlan.single()
     form = ckpt.weights if policy.weights == "auto" else policy.weights
     if ckpt.format == "hf":
         return _load_hf(ckpt, policy, plan, form)
-    import jax
-    from flax import nnx
-
-    from hunyuan_jax.model import quantize
 
     # The restore target is what is stored (orbax would cast to any other dtype silently).
     stored = "auto" if ckpt.weights == "float" else ckpt.weights
@@ -219,8 +225,6 @@ except ImportError:  # pragma: no cover
 
 def _map_vars(state, fn):
     """`state` (an nnx.State of ShapeDtypeStructs) with each Variable's value fn(path, value)."""
-    from flax import nnx
-
     flat = [(p, v.replace(fn(tuple(p), v.get_value()))) for p, v in nnx.to_flat_state(state)]
     return nnx.from_flat_state(flat)
 
@@ -229,10 +233,7 @@ def _restore(ckpt: Checkpoint, target):
     """Restore the params of a converted checkpoint / run directory into `target` (an
     abstract nnx.State with shardings)."""
     if ckpt.format == "converted":
-        from hunyuan_jax.checkpoints.converted import restore_param_state
-
         return restore_param_state(ckpt.path, target)
-    from hunyuan_jax.checkpoints.runs import restore_run_params
 
     return restore_run_params(ckpt.path, target)[1]
 
@@ -242,20 +243,12 @@ def _restore_some(ckpt: Checkpoint, target):
     A converted checkpoint's chunks carry crc32c (tensorstore checks them on read); a run
     step's leaves are restored in their recorded dtypes, checked against its integrity record,
     then cast to the target's."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from hunyuan_jax.checkpoints import integrity
 
     record = None
     if ckpt.format == "converted":
-        from hunyuan_jax.checkpoints import converted as fmt
-
-        fmt.read_manifest(ckpt.path)
-        params = ckpt.path / fmt.PARAMS_DIR
+        converted.read_manifest(ckpt.path)
+        params = ckpt.path / converted.PARAMS_DIR
     else:
-        from hunyuan_jax.checkpoints import runs
-
         step = runs.latest_step(ckpt.path)
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {ckpt.path}")
@@ -296,24 +289,17 @@ def _restore_some(ckpt: Checkpoint, target):
 
 
 def _tree_map(fn, tree):
-    import jax
-
     return jax.tree.map(fn, tree, is_leaf=lambda a: a is _PLACEHOLDER)
 
 
 def _tree_map2(fn, tree, other):
-    import jax
-
     return jax.tree.map(fn, tree, other, is_leaf=lambda a: a is _PLACEHOLDER)
 
 
 def _load_hf(ckpt: Checkpoint, policy: RuntimePolicy, plan, form: str):
     """A HF checkpoint read one leaf at a time (never the whole model in host memory), each
-    HF tensor turned into its slice in `form` (`convert.common.hf_slice`: FP8 release values
+    HF tensor turned into its slice in `form` (`hf_tensors.hf_slice`: FP8 release values
     kept for 'fp8')."""
-    from hunyuan_jax.checkpoints.hf_checkpoint import HFCheckpoint, verify
-    from hunyuan_jax.model.state import abstract_model, flat_shapes, model_from_arrays
-
     policy = policy.replace(weights="auto" if form == "float" else form)
     hf = HFCheckpoint(ckpt.path)
     verify(ckpt.cfg, hf, _weight_shapes(flat_shapes(abstract_model(ckpt.cfg, policy))))
@@ -336,12 +322,6 @@ class _HFLeaves(Mapping):
     quantized weight's values and scales come from one read of its tensors)."""
 
     def __init__(self, cfg: ModelConfig, hf, policy: RuntimePolicy, form: str):
-        import numpy as np
-        from flax import nnx
-
-        from hunyuan_jax.checkpoints import hf_mapping
-        from hunyuan_jax.model.state import abstract_model
-
         self.cfg, self.hf, self.form = cfg, hf, form
         model = abstract_model(cfg, policy)
         self.leaves = {
@@ -361,12 +341,6 @@ class _HFLeaves(Mapping):
         return path in self.leaves
 
     def __getitem__(self, path):
-        import numpy as np
-
-        from hunyuan_jax.checkpoints import hf_mapping
-        from hunyuan_jax.checkpoints.convert.common import hf_slice
-        from hunyuan_jax.checkpoints.shard_files import FP8_DTYPES, fp8_scale_key
-
         if path in self.ready:
             return self.ready.pop(path)
         quantized = path[-2:] in (("array", "qvalue"), ("array", "scale"))
@@ -400,9 +374,6 @@ def find_tokenizer(*dirs: Path):
     """The first tokenizer found in `dirs` (each dir itself, then its `tokenizer/`), or None.
     A directory with the checksums a training run records (`checksums.json`) is checked
     first: CheckpointError names a damaged file."""
-    from hunyuan_jax.checkpoints.runs import TOKENIZER_SUMS, tokenizer_problem
-    from hunyuan_jax.data.tokenizer import load_tokenizer
-
     for d in dirs:
         d = Path(d)
         for cand in (d, d / "tokenizer"):
@@ -422,105 +393,3 @@ def check_tokenizer(tokenizer, cfg: ModelConfig) -> None:
             f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary is only "
             f"{cfg.vocab_size}: this tokenizer does not belong to this checkpoint"
         )
-
-
-def generation_defaults(*dirs: Path) -> tuple[SamplingConfig, list[int] | None]:
-    """(sampling defaults, EOS ids) from the first generation_config.json in `dirs`; greedy
-    and None without one."""
-    for d in dirs:
-        g = Path(d) / "generation_config.json"
-        if g.is_file():
-            return SamplingConfig.from_generation_config(g), eos_ids_from_generation_config(g)
-    return SamplingConfig(), None
-
-
-# ----------------------------------------------------------------------------- for decoding
-@dataclasses.dataclass
-class Loaded:
-    """A checkpoint loaded for decoding: the model and what decoding it needs."""
-
-    checkpoint: Checkpoint
-    model: Any  # HunyuanForCausalLM
-    tokenizer: Any | None  # hunyuan_jax.data.tokenizer.Tokenizer, if one was found
-    sampling: SamplingConfig  # defaults (generation_config.json, else greedy)
-    eos_ids: list[int]  # generation_config.json, else the tokenizer's, else config.json's
-
-    @property
-    def cfg(self) -> ModelConfig:
-        return self.checkpoint.cfg
-
-    @property
-    def format(self) -> str:
-        return self.checkpoint.format
-
-
-def load(
-    path: str | Path | None,
-    *,
-    dtype: str = "auto",
-    weights: str | None = None,
-    policy: RuntimePolicy | None = None,
-    plan=None,
-    tokenizer: str | Path | None = None,
-    adapter: str | Path | None = None,
-    allow_base_mismatch: bool = False,
-    log=print,
-) -> Loaded:
-    """Loads a checkpoint directory for decoding, whatever format it is in.
-
-    dtype: see `Checkpoint.inference_policy` (ignored when `policy` is given).
-    weights: 'auto' | 'bf16' | 'int8' | 'fp8', how the matmul weights are held (sets
-    `policy.weights`; None keeps the policy's, 'auto' by default: as the checkpoint stores them).
-    tokenizer: a tokenizer file or directory; by default one is looked for in the checkpoint
-    directory and its `tokenizer/`; generation_config.json there sets the sampling defaults.
-    adapter: a LoRA run directory whose adapters (latest step) are loaded beside the weights,
-    unmerged (`lora.load_adapted`); `path` None takes the base the run records
-    (`lora_base.json`). The base must be the one the adapters were trained on (its digest,
-    `lora.check_base`: CheckpointError otherwise) unless `allow_base_mismatch`.
-    """
-    if adapter is not None and path is None:
-        from hunyuan_jax.model import lora
-
-        path = lora.recorded_base(adapter)
-    ckpt = open_checkpoint(path)
-    policy = policy or ckpt.inference_policy(dtype)
-    if weights is not None:
-        policy = policy.replace(weights=weights)
-    dirs = list(ckpt.search_dirs)
-    if tokenizer is not None:
-        from hunyuan_jax.data.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(tokenizer)
-        t = Path(tokenizer)
-        dirs = [t if t.is_dir() else t.parent] + dirs
-    else:
-        tok = find_tokenizer(ckpt.path)
-        if tok is None and adapter is not None:
-            tok = find_tokenizer(Path(adapter))
-    if tok is not None:
-        check_tokenizer(tok, ckpt.cfg)  # before the (possibly long) weight loading
-    if adapter is not None:
-        from hunyuan_jax.model import lora
-
-        model, _ = lora.load_adapted(
-            ckpt, policy, adapter, plan, allow_base_mismatch=allow_base_mismatch, log=log
-        )
-    else:
-        model = load_params(ckpt, policy, plan)
-    sampling, eos = generation_defaults(*([ckpt.path] + dirs))
-    if eos is None and tok is not None:
-        eos = tok.eos_ids
-    if eos is None:
-        eos = _config_eos(ckpt.path)
-    eos = [e for e in eos if 0 <= e < ckpt.cfg.vocab_size]
-    return Loaded(ckpt, model, tok, sampling, eos)
-
-
-def _config_eos(d: Path) -> list[int]:
-    try:
-        e = json.loads((d / "config.json").read_text()).get("eos_token_id")
-    except (OSError, ValueError):
-        return []
-    if e is None:
-        return []
-    return [int(x) for x in (e if isinstance(e, list) else [e])]

@@ -36,6 +36,7 @@ Reading a run directory as a model (for decoding, export or `--init-from`) is
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -44,6 +45,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 import yaml
+from jax.experimental import multihost_utils
 
 from hunyuan_jax import atomic
 from hunyuan_jax.checkpoints import health, integrity
@@ -119,8 +121,6 @@ TOKENIZER_SUMS = "checksums.json"
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -161,13 +161,6 @@ def tokenizer_problem(tok_dir: str | Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------- abstract trees
-def with_shardings(abstract, shardings):
-    """ShapeDtypeStructs carrying the target shardings (restore targets)."""
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-
-
 # ----------------------------------------------------------------------------- integrity
 def array_record(tree) -> dict[str, dict]:
     """{array name: {shape, dtype, digest}} of a (sharded) pytree, digests computed on device."""
@@ -355,8 +348,6 @@ class Checkpointer:
             os.replace(src, dst)
             atomic.fsync_dir(self.directory)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
         self.manager.reload()
         return dst

@@ -30,13 +30,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+import jax
+
 from hunyuan_jax import errors
 from hunyuan_jax.aot import topology as T
+from hunyuan_jax.aot.compiler import enable_dump
 from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, MODES, Job
+from hunyuan_jax.aot.report import format_report, measure
+from hunyuan_jax.checkpoints import loading
 from hunyuan_jax.errors import ConfigError, DoesNotFit, UsageError
 from hunyuan_jax.model.config import ModelConfig, read_yaml
 from hunyuan_jax.model.policy import RuntimePolicy
 from hunyuan_jax.train.config import TrainConfig, load_configs, parse_overrides
+from sharding.plan import ShardingPlan
 
 PROG = "python -m hunyuan_jax.cli.aot"
 
@@ -168,8 +174,6 @@ def resolve_configs(args) -> tuple[ModelConfig, RuntimePolicy, TrainConfig]:
     if _is_our_yaml(path):
         cfg, policy, tcfg = load_configs(path, args.set)
     else:
-        from hunyuan_jax.checkpoints import loading
-
         runtime = None
         if path.is_dir():  # a train.py run directory carries its own policy
             ckpt = loading.open_checkpoint(path)
@@ -210,9 +214,6 @@ def _check_flags(args) -> None:
 
 def resolve(args) -> tuple[Job, dict, T.Chip | None, float | None]:
     """(job, report header, chip, usable HBM GiB) from the flags."""
-    import jax
-
-    from sharding.plan import ShardingPlan
 
     _check_flags(args)
     cfg, policy, tcfg = resolve_configs(args)
@@ -261,9 +262,6 @@ def resolve(args) -> tuple[Job, dict, T.Chip | None, float | None]:
 def run(args, own_process: bool = False) -> int:
     """One compile and its report. `own_process`: this process runs nothing else (the command
     line), so XLA may dump every module it compiles into a temporary directory."""
-    from hunyuan_jax.aot.compiler import enable_dump
-    from hunyuan_jax.aot.report import format_report, measure
-
     # Before the first compile (XLA reads XLA_FLAGS once per process). The communication model
     # reads the optimized HLO from the dump: a temporary one without --dump when the process is
     # ours (else `compiled.as_text()`, which XLA:TPU cannot do for the A52B train step).

@@ -37,9 +37,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hunyuan_jax.checkpoints.convert import hf_to_jax, jax_to_hf
 from hunyuan_jax.checkpoints.convert.common import DTYPES
+from hunyuan_jax.checkpoints.convert.merge_lora import merge_lora
+from hunyuan_jax.checkpoints.convert.verify import verify
 from hunyuan_jax.cli_help import HelpFormatter
 from hunyuan_jax.errors import CheckpointError, HunyuanError, add_debug_flag, run_cli
+from sharding.plan import ShardingPlan
 
 PROG = "python -m hunyuan_jax.cli.convert"
 
@@ -158,8 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    from hunyuan_jax.checkpoints.convert import hf_to_jax, jax_to_hf
-
     try:
         if args.cmd == "hf-to-jax":
             hf_to_jax(
@@ -177,9 +179,6 @@ def _run(args) -> int:
                 quantize=args.quantize,
             )
         elif args.cmd == "merge-lora":
-            from hunyuan_jax.checkpoints.convert.merge_lora import merge_lora
-            from sharding.plan import ShardingPlan
-
             plan = ShardingPlan.from_flags(args.mesh, args.rules) if args.mesh else None
             merge_lora(
                 args.run,
@@ -192,8 +191,6 @@ def _run(args) -> int:
                 allow_base_mismatch=args.allow_base_mismatch,
             )
         elif args.cmd == "verify":
-            from hunyuan_jax.checkpoints.convert.verify import verify
-
             verify(args.ckpt, args.step)
         else:
             jax_to_hf(

@@ -28,13 +28,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from hunyuan_jax.errors import (  # noqa: E402
+from hunyuan_jax.errors import (
     CheckpointError,
     DataError,
     UsageError,
     add_debug_flag,
     run_cli,
 )
+from hunyuan_jax.host_env import reexec_with_hugepage_malloc
+
+# JAX and the package's heavy modules are imported inside the functions, not here: the entry
+# point first re-executes itself (`entry`, hunyuan_jax/host_env.py); an import at module level
+# would run before it.
 
 PROG = "infer.py"
 
@@ -255,7 +260,7 @@ def _main(args) -> int:
     if args.checkpoint is None and args.adapter is None:
         raise UsageError("--checkpoint is required (or --adapter with a LoRA run)")
 
-    from hunyuan_jax.checkpoints import loading
+    from hunyuan_jax.decode import from_checkpoint
     from hunyuan_jax.decode.generate import Generator
     from sharding.plan import ShardingPlan
 
@@ -274,7 +279,7 @@ def _main(args) -> int:
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"--tokenizer {args.tokenizer}: {e}") from None
         tokenizer = args.tokenizer
-    bundle = loading.load(
+    bundle = from_checkpoint.load(
         args.checkpoint,
         dtype=args.dtype,
         weights=args.weights,
@@ -335,10 +340,8 @@ def _main(args) -> int:
 
 
 def entry() -> int:
-    """`hunyuan-infer`, `python -m hunyuan_jax.cli.infer`, `python infer.py`: the start-up re-exec (before any work: glibc reads its tunables at start-up),
-    then `main()`."""
-    from hunyuan_jax.host_env import reexec_with_hugepage_malloc
-
+    """`hunyuan-infer`, `python -m hunyuan_jax.cli.infer`, `python infer.py`: the start-up re-exec (before any work: glibc reads its
+    tunables at start-up), then `main()`."""
     reexec_with_hugepage_malloc()
     return main()
 

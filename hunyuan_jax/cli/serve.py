@@ -27,6 +27,12 @@ import signal
 import sys
 from pathlib import Path
 
+from hunyuan_jax.host_env import reexec_with_hugepage_malloc
+
+# JAX and the package's heavy modules are imported inside the functions, not here: the entry
+# point first re-executes itself (`entry`, hunyuan_jax/host_env.py) and, for --devices, sets
+# XLA_FLAGS before JAX starts; an import at module level would run before both.
+
 PROG = "python -m hunyuan_jax.cli.serve"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 DEFAULT_NAME = "hunyuan-jax-default"
@@ -127,7 +133,7 @@ def build_state(
 ):
     """Loads the checkpoint and builds the executor, the engine and the metrics (the engine
     is not started). Returns a `api.ServeState`."""
-    from hunyuan_jax.checkpoints import loading
+    from hunyuan_jax.decode import from_checkpoint
     from hunyuan_jax.errors import ConfigError, UsageError
     from hunyuan_jax.serve.api import ServeState
     from hunyuan_jax.serve.engine import Executor
@@ -136,7 +142,7 @@ def build_state(
     from hunyuan_jax.serve.schemas import PENALTY_MAX, PENALTY_MIN, TEMPERATURE_MAX
 
     path = Path(checkpoint) if checkpoint else None if adapter else DEFAULT_MODEL
-    bundle = loading.load(
+    bundle = from_checkpoint.load(
         path,
         dtype=dtype,
         weights=weights,
@@ -297,10 +303,8 @@ def _main(args) -> int:
 
 
 def entry() -> int:
-    """`hunyuan-serve`, `python -m hunyuan_jax.cli.serve`: the start-up re-exec (before any work: glibc reads its tunables at start-up),
-    then `main()`."""
-    from hunyuan_jax.host_env import reexec_with_hugepage_malloc
-
+    """`hunyuan-serve`, `python -m hunyuan_jax.cli.serve`: the start-up re-exec (before any work: glibc reads its
+    tunables at start-up), then `main()`."""
     reexec_with_hugepage_malloc()
     return main()
 

@@ -1,7 +1,7 @@
 """The CPU smoke run, the README's main command: the whole stack end to end on a simulated
 8-device mesh, on data that ships with the repository and Python. Exits non-zero on any failure.
 
-1. reference: the tiny checkpoint written by the original PyTorch code (`tests/data/hy_tiny`,
+1. reference: the tiny checkpoint written by the original PyTorch code (`hunyuan_jax/assets/hy_tiny`,
    `.bin` and safetensors) gives the original logits;
 2. convert: HF -> our orbax layout, restored sharded over the mesh (expert parallel), logits
    again, and greedy decoding with the KV cache reproduces the original greedy output;
@@ -19,16 +19,17 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import numpy as np
 
-from pathlib import Path  # noqa: E402
+from hunyuan_jax.host_env import reexec_with_hugepage_malloc
 
-import numpy as np  # noqa: E402
+# JAX and the package's modules are imported inside the functions: `main` sets up the 8
+# simulated devices first (XLA reads XLA_FLAGS when JAX starts), after the start-up re-exec.
 
-REPO = Path(__file__).resolve().parents[2]
-HY_TINY = REPO / "tests" / "data" / "hy_tiny"
+REPO = Path(__file__).resolve().parents[2]  # configs/tiny.yaml (a checkout's)
+HY_TINY = Path(__file__).resolve().parents[1] / "assets" / "hy_tiny"  # shipped in the package
 TOLERANCE = 1e-4  # float32 logits vs the original code
 
 
@@ -43,11 +44,11 @@ def _logits(model, ids):
 
 
 def step_reference(ref) -> bool:
-    from hunyuan_jax.checkpoints import loading
+    from hunyuan_jax.decode import from_checkpoint
 
     ok = True
     for layout in ("hf_bin", "hf_st"):
-        model = loading.load(HY_TINY / layout, dtype="float32").model
+        model = from_checkpoint.load(HY_TINY / layout, dtype="float32").model
         err = float(np.abs(_logits(model, ref["input_ids"]) - ref["logits"]).max())
         ok &= err < TOLERANCE
         _say(f"1. reference logits from {layout}: max |diff| {err:.1e} (tolerance {TOLERANCE})")
@@ -55,12 +56,13 @@ def step_reference(ref) -> bool:
 
 
 def step_convert(ref, work: Path, plan) -> bool:
-    from hunyuan_jax.checkpoints import convert, loading
+    from hunyuan_jax.checkpoints import convert
+    from hunyuan_jax.decode import from_checkpoint
     from hunyuan_jax.decode.generate import Generator
 
     out = work / "hy_tiny_converted"
     convert.hf_to_jax(HY_TINY / "hf_st", out, progress=False, log=lambda m: None)
-    model = loading.load(out, dtype="float32", plan=plan).model
+    model = from_checkpoint.load(out, dtype="float32", plan=plan).model
     err = float(np.abs(_logits(model, ref["input_ids"]) - ref["logits"]).max())
     gen = Generator(model).generate(
         ref["greedy_prompt"].tolist(),
@@ -126,11 +128,11 @@ def step_train(work: Path, steps: int) -> tuple[bool, Path]:
 
 
 def step_decode(run: Path, plan) -> bool:
-    from hunyuan_jax.checkpoints import loading
+    from hunyuan_jax.decode import from_checkpoint
     from hunyuan_jax.decode.generate import Generator
     from hunyuan_jax.decode.sampling import SamplingConfig
 
-    inf = loading.load(run, dtype="float32", plan=plan)
+    inf = from_checkpoint.load(run, dtype="float32", plan=plan)
     sampling = SamplingConfig(temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.2)
     prompts = ["def main(", "The quick brown fox", "import os\nimport"]
     ids = [inf.tokenizer.encode(p) for p in prompts]
@@ -145,14 +147,15 @@ def step_decode(run: Path, plan) -> bool:
 
 
 def step_export(run: Path, work: Path) -> bool:
-    from hunyuan_jax.checkpoints import convert, loading
+    from hunyuan_jax.checkpoints import convert
     from hunyuan_jax.checkpoints.runs import latest_step
+    from hunyuan_jax.decode import from_checkpoint
 
     step = latest_step(run)
     hf_out = work / "tiny_run_hf"
     convert.jax_to_hf(run, hf_out, progress=False, log=lambda m: None)  # its latest step
-    trained = loading.load(run, dtype="float32").model
-    reloaded = loading.load(hf_out, dtype="float32").model
+    trained = from_checkpoint.load(run, dtype="float32").model
+    reloaded = from_checkpoint.load(hf_out, dtype="float32").model
     ids = np.arange(32, dtype=np.int32).reshape(2, 16) % trained.cfg.vocab_size
     err = float(np.abs(_logits(trained, ids) - _logits(reloaded, ids)).max())
     _say(
@@ -167,6 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="keep outputs here (default: a temp dir)")
     ap.add_argument("--steps", type=int, default=60, help="training steps")
     args = ap.parse_args(argv)
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     import jax
 
@@ -196,10 +201,8 @@ def main(argv=None) -> int:
 
 
 def entry() -> int:
-    """`python -m hunyuan_jax.cli.smoke`: the start-up re-exec (before any work: glibc reads its tunables at start-up),
-    then `main()`."""
-    from hunyuan_jax.host_env import reexec_with_hugepage_malloc
-
+    """`python -m hunyuan_jax.cli.smoke`: the start-up re-exec (before any work: glibc reads its
+    tunables at start-up), then `main()`."""
     reexec_with_hugepage_malloc()
     return main()
 

@@ -27,6 +27,12 @@ import os
 import sys
 from pathlib import Path
 
+from hunyuan_jax.host_env import reexec_with_hugepage_malloc
+
+# JAX and the package's heavy modules are imported inside the functions, not here: the entry
+# point first re-executes itself (`entry`, hunyuan_jax/host_env.py) and, for --devices, sets
+# XLA_FLAGS before JAX starts; an import at module level would run before both.
+
 PROG = "train.py"
 
 
@@ -138,10 +144,8 @@ def _io_error(e: OSError, tcfg):
 
 
 def entry() -> int:
-    """`hunyuan-train`, `python -m hunyuan_jax.cli.train`, `python train.py`: the start-up re-exec (before any work: glibc reads its tunables at start-up),
-    then `main()`."""
-    from hunyuan_jax.host_env import reexec_with_hugepage_malloc
-
+    """`hunyuan-train`, `python -m hunyuan_jax.cli.train`, `python train.py`: the start-up re-exec (before any work: glibc reads its
+    tunables at start-up), then `main()`."""
     reexec_with_hugepage_malloc()
     return main()
 

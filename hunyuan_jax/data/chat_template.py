@@ -6,6 +6,7 @@ and special-token map; encoding a chat with its message content as plain text
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import re
@@ -82,8 +83,7 @@ def _jinja_env():
     ``lstrip_blocks``, the ``loopcontrols`` extension and a ``{% generation %}`` block tag
     (rendered as its body), ``tojson`` without HTML escaping, and the globals
     ``raise_exception`` and ``strftime_now``."""
-    import datetime
-
+    # jinja2 is not a dependency: only a checkpoint's own chat template needs it.
     import jinja2
     import jinja2.ext
     from jinja2 import nodes
@@ -199,7 +199,7 @@ def read_tokenizer_config(path: Path) -> tuple[str | None, dict[str, object]]:
     if template is not None and not isinstance(template, str):
         raise ConfigError(f"{path}: chat_template must be a string, got {type(template).__name__}")
     if template is not None:
-        import jinja2
+        import jinja2  # not a dependency (see _jinja_env)
 
         try:
             compile_chat_template(template)

@@ -25,7 +25,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from hunyuan_jax.data.tokenizer import Tokenizer, render_chat
 from hunyuan_jax.errors import ConfigError, DataError
@@ -438,8 +440,6 @@ class PackedLoader:
 # ----------------------------------------------------------------------------- global batches
 def to_global(local: Mapping[str, np.ndarray], sharding, global_rows: int):
     """This host's rows -> global jax.Arrays [micro, global_rows // micro, seq]."""
-    import jax
-
     out = {}
     for k, v in local.items():
         shape = (v.shape[0], global_rows // v.shape[0], v.shape[2])
@@ -449,11 +449,8 @@ def to_global(local: Mapping[str, np.ndarray], sharding, global_rows: int):
 
 def gather_states(state: Mapping[str, int]) -> dict[str, dict]:
     """Every host's loader state, keyed by process index (identical on every host)."""
-    import jax
-
     if jax.process_count() == 1:
         return {"0": dict(state)}
-    from jax.experimental import multihost_utils
 
     local = np.asarray([state["epoch"], state["cursor"], state["offset"]], np.int64)
     everything = np.asarray(multihost_utils.process_allgather(local))  # [processes, 3]

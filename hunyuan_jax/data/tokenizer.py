@@ -13,9 +13,16 @@ from __future__ import annotations
 import abc
 import base64
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import sentencepiece as spm
+import tiktoken
+
+from hunyuan_jax.atomic import fsync_dir
 from hunyuan_jax.data.chat_template import (
     compile_chat_template,
     encode_chat_plain,
@@ -141,7 +148,7 @@ class Tokenizer(abc.ABC):
                     f"tokens {missing}; the Hunyuan chat layout cannot be rendered with it"
                 )
             return render_chat(msgs)
-        import jinja2
+        import jinja2  # only a checkpoint's own chat template needs it (not a dependency)
 
         try:
             return render_chat_template(
@@ -230,8 +237,6 @@ class HunyuanTokenizer(Tokenizer):
         special_tokens_map: Mapping[str, object] | None = None,
         chat_template_source: str | None = None,
     ):
-        import tiktoken
-
         vocab_file = Path(vocab_file)
         if not vocab_file.is_file():
             raise FileNotFoundError(f"tiktoken vocab file not found: {vocab_file}")
@@ -356,8 +361,6 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def load(cls, path: str | Path) -> SentencePieceTokenizer:
-        import sentencepiece as spm
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"SentencePiece model file not found: {path}")
@@ -391,14 +394,6 @@ class SentencePieceTokenizer(Tokenizer):
         ``vocab_size`` must exceed 256 byte pieces + 7 reserved pieces + the
         corpus's distinct characters.  Extra keyword arguments go to the trainer.
         """
-        import os
-        import shutil
-        import tempfile
-
-        import sentencepiece as spm
-
-        from hunyuan_jax.atomic import fsync_dir
-
         if model_type not in ("bpe", "unigram"):
             raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
         out_prefix = Path(out_prefix)

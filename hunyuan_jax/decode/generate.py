@@ -27,7 +27,7 @@ How it works
   per-row arrays (`cache_batch`); the batch is padded with idle rows up to a multiple of the
   cache batch's shards.
 
-Loading a checkpoint for decoding is `hunyuan_jax.checkpoints.loading.load`.
+Loading a checkpoint for decoding is `hunyuan_jax.checkpoints.from_checkpoint.load`.
 """
 
 from __future__ import annotations

@@ -423,3 +423,57 @@ def check_types(cfg, what: str) -> None:
             raise ConfigTypeError(
                 f"{what} key {f.name!r} must be {hint}, got {type(value).__name__} {value!r}"
             )
+
+
+# ----------------------------------------------------------------------------- LoRA
+# LoRA targets: attention projections by name; the shared expert's and the routed experts'
+# gate / up / down as 'shared' and 'experts' (`hunyuan_jax.model.lora`).
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+TARGETS = ATTENTION + ("shared", "experts")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """The `lora:` mapping of a train config's `train:` section."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # in training, on the input of each adapter path (x A B)
+    targets: tuple[str, ...] = ATTENTION
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):  # `targets: q_proj` is one target, not its letters
+            object.__setattr__(self, "targets", (self.targets,))
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ConfigError(f"train key 'lora.rank' must be a positive int, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise ConfigError(f"train key 'lora.alpha' must be a number, got {self.alpha!r}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"train key 'lora.dropout' must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise ConfigError(
+                f"train key 'lora.targets' must be a non-empty list of {list(TARGETS)}, "
+                f"got {list(self.targets)}"
+            )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def from_value(cls, value: Any) -> LoraConfig | None:
+        """The `lora:` value as written in YAML: null / false (off), true (the defaults), a
+        mapping of the fields above, or a LoraConfig."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"train key 'lora' must be a mapping, true or null, got {value!r}")
+        return dataclass_from_dict(cls, value, "train", "lora")

@@ -22,7 +22,7 @@ decides them.
 
 from __future__ import annotations
 
-from hunyuan_jax.model import moe
+from hunyuan_jax.model import expert_parallel, moe
 from hunyuan_jax.model.config import ModelConfig
 from hunyuan_jax.model.policy import RuntimePolicy
 
@@ -36,10 +36,8 @@ def experts_fn_for(
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     if plan.shards("exp"):
-        from hunyuan_jax.model.expert_parallel import make_expert_parallel_fn
-
         strategy = policy.train_dispatch if phase == "train" else "gather"
-        return make_expert_parallel_fn(plan, strategy, policy.capacity_factor)
+        return expert_parallel.make_expert_parallel_fn(plan, strategy, policy.capacity_factor)
     if phase == "train":
         return moe.make_capacity_experts(policy.capacity_factor)
     if num_tokens * cfg.moe_top_k <= cfg.num_experts:

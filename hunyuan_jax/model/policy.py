@@ -108,10 +108,6 @@ class RuntimePolicy:
             changes["compute_dtype"] = dtype
         return self.replace(**changes)
 
-    @property
-    def training_dropout(self) -> bool:
-        return self.attention_dropout > 0.0 or self.hidden_dropout > 0.0
-
 
 def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:

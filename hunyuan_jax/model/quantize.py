@@ -47,6 +47,7 @@ from qwix._src.core import qarray
 from qwix._src.providers.ptq import WithAux
 
 from hunyuan_jax.model.policy import WEIGHTS
+from hunyuan_jax.model.transformer import HunyuanForCausalLM
 
 QArray = qarray.QArray
 QUANTIZED = ("int8", "fp8")
@@ -199,8 +200,6 @@ def convert_model(model, weights: str, plan=None):
 def abstract_model(cfg, policy, plan=None, weights: str | None = None):
     """The model as ShapeDtypeStructs with its matmul weights in form `weights` (default
     `policy.weights`): no memory, no compute (A52B: under a second)."""
-    from hunyuan_jax.model.transformer import HunyuanForCausalLM
-
     weights = policy.weights if weights is None else weights
     return nnx.eval_shape(
         lambda: convert_model(HunyuanForCausalLM(cfg, policy, plan, rngs=nnx.Rngs(0)), weights)
@@ -246,24 +245,3 @@ def quantize_numpy(w: np.ndarray, contracted: tuple[int, ...], form: str):
 
 def dequantize_numpy(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale.astype(np.float32)
-
-
-def from_stored(name: str, axes, values, scale) -> WithAux:
-    """A quantized weight from stored values (int8 / float8_e4m3fn, the weight's shape) and
-    float scales: channelwise (1 on the contracted dims) or any shape that broadcasts to it
-    (a per-tensor scale: all ones; per layer group: [G, 1, ...]), broadcast to channelwise."""
-    values = jnp.asarray(values)
-    want = scale_shape(name, axes, values.shape)
-    scale = jnp.asarray(scale, SCALE_DTYPE)
-    scale = scale.reshape((1,) * (values.ndim - scale.ndim) + scale.shape)
-    try:
-        scale = jnp.broadcast_to(scale, want)
-    except ValueError as e:
-        raise ValueError(
-            f"{name}: scale of shape {scale.shape} does not broadcast to the channelwise "
-            f"scale {want} of a weight of shape {values.shape}"
-        ) from e
-    form = next((f for f, q in QTYPES.items() if q == values.dtype), None)
-    if form is None:
-        raise ValueError(f"{name}: stored values of dtype {values.dtype} are not int8 or e4m3")
-    return boxed(QArray(values, scale, qtype=values.dtype), name, axes)

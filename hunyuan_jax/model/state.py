@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hunyuan_jax.model import quantize
 from hunyuan_jax.model.config import ModelConfig
 from hunyuan_jax.model.policy import RuntimePolicy
 from hunyuan_jax.model.transformer import HunyuanForCausalLM
@@ -24,8 +25,6 @@ def abstract_model(
 ) -> HunyuanForCausalLM:
     """The model with ShapeDtypeStructs instead of arrays (no memory, no compute); its matmul
     weights in the form `policy.weights` names (`hunyuan_jax.model.quantize`)."""
-    from hunyuan_jax.model import quantize
-
     return quantize.abstract_model(cfg, policy or RuntimePolicy(), plan)
 
 
@@ -53,8 +52,6 @@ def init_model(
 ) -> HunyuanForCausalLM:
     """Random parameters, created already sharded by the plan (matmul weights then converted
     to `policy.weights`)."""
-    from hunyuan_jax.model import quantize
-
     plan = plan or ShardingPlan.single()
     policy = policy or RuntimePolicy()
     graphdef, abstract = nnx.split(abstract_model(cfg, policy, plan))

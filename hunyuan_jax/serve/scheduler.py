@@ -43,6 +43,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from hunyuan_jax.serve.engine import DecodeWork, Executor, PrefillWork, key_data
 
@@ -430,8 +431,6 @@ class Engine:
                 "d_float": d_float}  # fmt: skip
 
     def _broadcast(self, prefill, decode, stop: bool) -> dict:
-        from jax.experimental import multihost_utils
-
         return multihost_utils.broadcast_one_to_all(self._plan_arrays(prefill, decode, stop))
 
     def follow(self) -> bool:

@@ -3,7 +3,7 @@ file whose `model:` section is the architecture (`ModelConfig`) and whose `runti
 the runtime policy (`RuntimePolicy`), plus `--set key=value` overrides (`model.*` and
 `runtime.*` keys go to those sections). `load_configs` returns all three, validated.
 
-The resolved sections are written to `<run>/config.yaml` (`checkpointing.write_run_config`),
+The resolved sections are written to `<run>/config.yaml` (`runs.write_run_config`),
 so that a run directory alone is enough to resume training or to decode.
 """
 
@@ -18,13 +18,13 @@ import yaml
 
 from hunyuan_jax.errors import ConfigError
 from hunyuan_jax.model.config import (
+    LoraConfig,
     ModelConfig,
     check_types,
     dataclass_from_dict,
     load_yaml,
     read_yaml,
 )
-from hunyuan_jax.model.lora import LoraConfig
 from hunyuan_jax.model.policy import RuntimePolicy
 
 _NONFINITE = ("stop", "skip")

@@ -5,11 +5,28 @@ documents, and the packed-row loader over them (`data.PackedLoader`).
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import jax
+from jax.experimental import multihost_utils
 
+from hunyuan_jax.checkpoints.loading import find_tokenizer
+from hunyuan_jax.checkpoints.runs import (
+    TOKENIZER_SUMS,
+    complete_steps,
+    copy_tokenizer_files,
+    tokenizer_problem,
+)
+from hunyuan_jax.data.corpus import (
+    PackedLoader,
+    embedded_corpus,
+    read_documents,
+    texts_for_tokenizer,
+    tokenize,
+)
+from hunyuan_jax.data.tokenizer import SentencePieceTokenizer, load_tokenizer
 from hunyuan_jax.errors import CheckpointError, ConfigError
 from hunyuan_jax.model.config import ModelConfig
 from hunyuan_jax.train.config import TrainConfig
@@ -20,11 +37,6 @@ def run_tokenizer(run_dir: Path, log=print):
     none yet, or if it is damaged (a kill while it was written) and no checkpoint was trained
     with it: then it is removed, to be written again. Damaged with checkpoints: CheckpointError
     saying what to put back or delete."""
-    import shutil
-
-    from hunyuan_jax.checkpoints.loading import find_tokenizer
-    from hunyuan_jax.checkpoints.runs import TOKENIZER_SUMS, complete_steps, tokenizer_problem
-
     tok_dir = run_dir / "tokenizer"
     if not tok_dir.is_dir():
         return None
@@ -37,8 +49,6 @@ def run_tokenizer(run_dir: Path, log=print):
         if jax.process_index() == 0:
             shutil.rmtree(tok_dir)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("run tokenizer removed")
         return None
     refuse = (
@@ -63,15 +73,9 @@ def setup_tokenizer(
     tokenizer="auto": the --init-from checkpoint's tokenizer if it has one, else as
     "sentencepiece": train a SentencePiece model on (this host's share of) the corpus; any
     other value: a tokenizer path (hy.tiktoken directory or file, SentencePiece .model)."""
-    from hunyuan_jax.checkpoints.runs import copy_tokenizer_files
-    from hunyuan_jax.data.corpus import texts_for_tokenizer
-    from hunyuan_jax.data.tokenizer import SentencePieceTokenizer, load_tokenizer
-
     tok_dir = run_dir / "tokenizer"
     tok = run_tokenizer(run_dir, log)
     if tok is None and tcfg.tokenizer == "auto" and tcfg.init_from:
-        from hunyuan_jax.checkpoints.loading import find_tokenizer
-
         tok = find_tokenizer(Path(tcfg.init_from))
     if tok is None and tcfg.tokenizer in ("auto", "sentencepiece"):
         if jax.process_index() == 0:
@@ -83,8 +87,6 @@ def setup_tokenizer(
                 hard_vocab_limit=False,  # small corpora: fewer pieces
             )
         if jax.process_count() > 1:  # the run directory is shared by the hosts
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("tokenizer trained")
         tok = SentencePieceTokenizer.load(tok_dir / "tokenizer.model")
     if tok is None:
@@ -100,8 +102,6 @@ def setup_tokenizer(
 
 def make_loader(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, log=print):
     """(tokenizer, PackedLoader of this host's rows)."""
-    from hunyuan_jax.data.corpus import PackedLoader, embedded_corpus, read_documents, tokenize
-
     pi, pc = jax.process_index(), jax.process_count()
     if tcfg.batch_size % pc:
         raise ConfigError(f"batch_size {tcfg.batch_size} not divisible by {pc} hosts")

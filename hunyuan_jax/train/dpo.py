@@ -35,9 +35,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hunyuan_jax import atomic
+from hunyuan_jax.data.corpus import to_global
 from hunyuan_jax.errors import CheckpointError, ConfigError, DataError, NonFiniteLoss
+from hunyuan_jax.train.data import setup_tokenizer
 from hunyuan_jax.train.dpo_data import EncodedPairs, PairLoader, encode_pairs, read_pairs
 from hunyuan_jax.train.losses import forward, moe_metrics, row_nll
 
@@ -104,7 +110,6 @@ def reference_fn(step):
     log-probabilities of the rows under the model `params` (+ the step's frozen base, with
     LoRA), with the inference dispatch (dropless, no dropout)."""
     graphdef, plan = step.graphdef, step.plan
-    from flax import nnx
 
     def fn(params, batch, frozen):
         model = nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)))
@@ -117,9 +122,6 @@ def reference_fn(step):
 
     if not plan.is_sharded:
         return jax.jit(fn)
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     spec = step.batch_sharding.spec
     shardings = (
         step.shardings.params,
@@ -133,7 +135,6 @@ def _local(x: jax.Array, step) -> np.ndarray:
     """This host's rows of a [micro, rows] global result (the inverse of `data.to_global`)."""
     if jax.process_count() == 1:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
 
     spec = step.batch_sharding.spec
     return np.asarray(
@@ -144,15 +145,12 @@ def _local(x: jax.Array, step) -> np.ndarray:
 def _max_over_processes(n: int) -> int:
     if jax.process_count() == 1:
         return n
-    from jax.experimental import multihost_utils
 
     return int(np.max(multihost_utils.process_allgather(np.asarray([n]))))
 
 
 def compute_reference(step, params, loader: PairLoader, global_rows: int) -> np.ndarray:
     """[num_pairs, 2] log-probabilities (chosen, rejected) of this host's pairs under `params`."""
-    from hunyuan_jax.data.corpus import to_global
-
     n, per = loader.enc.num_pairs, loader.rows // 2
     batches = _max_over_processes(math.ceil(n / per))
     fn, frozen = reference_fn(step), getattr(step, "frozen", None)  # frozen: LoRA's base
@@ -215,8 +213,6 @@ def load_reference(run_dir: Path, enc: EncodedPairs, data: str) -> np.ndarray:
 def make_dpo_loader(tcfg, mcfg, run_dir: Path, log=print):
     """(tokenizer, PairLoader of this host's pairs) of a DPO run: `train_data.make_loader`'s
     counterpart (same tokenizer rules; the reference is attached by `attach_reference`)."""
-    from hunyuan_jax.train.data import setup_tokenizer
-
     if tcfg.data is None:
         raise ConfigError("objective 'dpo' needs train key 'data': a preference JSONL file")
     pi, pc = jax.process_index(), jax.process_count()

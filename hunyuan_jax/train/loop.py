@@ -25,12 +25,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 
-from hunyuan_jax.checkpoints import health
+from hunyuan_jax.checkpoints import health, loading, lora_base
+from hunyuan_jax.checkpoints.loading import open_checkpoint
+from hunyuan_jax.checkpoints.lora_base import run_policy
+from hunyuan_jax.checkpoints.runs import Checkpointer, read_run_config, write_run_config
+from hunyuan_jax.data.corpus import check_batch, check_seq_len, gather_states, to_global
 from hunyuan_jax.errors import CheckpointError, NonFiniteLoss
-from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.config import LoraConfig, ModelConfig
 from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.state import abstract_model, init_model
 from hunyuan_jax.train.config import TrainConfig
+from hunyuan_jax.train.data import make_loader as make_text_loader
+from hunyuan_jax.train.dpo import attach_reference, make_dpo_loader
 from hunyuan_jax.train.metrics import MetricsLog, peak_flops_per_device, progress_line, to_record
 from hunyuan_jax.train.optim import active_params, group_sizes
 from hunyuan_jax.train.step import TrainState, TrainStep
@@ -47,8 +57,6 @@ def train(
 ) -> dict:
     """Trains (or resumes) the run in tcfg.run_dir up to tcfg.end_step. Returns a summary.
     `profile_steps=(a, b)`: a jax.profiler trace of steps a..b in <run>/profile."""
-    from hunyuan_jax.checkpoints.runs import Checkpointer
-
     if jax.process_index() != 0:
         log = lambda *_: None
     run_dir = Path(tcfg.run_dir)
@@ -62,9 +70,6 @@ def train(
 
 
 def _check_resume_config(run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
-    from hunyuan_jax.checkpoints.runs import read_run_config
-    from hunyuan_jax.model.lora import LoraConfig
-
     try:
         saved, _, saved_train = read_run_config(run_dir)
     except CheckpointError:
@@ -84,15 +89,9 @@ def _check_resume_config(run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig) ->
 
 
 def _initial_state(step: TrainStep, mcfg, policy, tcfg, plan, log) -> TrainState:
-    from hunyuan_jax.model.state import init_model
-
     if tcfg.lora is not None:  # the frozen base (init_from or random) plus fresh adapters
-        from hunyuan_jax.model import lora
-
-        model = lora.training_model(tcfg.run_dir, mcfg, policy, tcfg, plan, False, log)
+        model = lora_base.training_model(tcfg.run_dir, mcfg, policy, tcfg, plan, False, log)
     elif tcfg.init_from:
-        from hunyuan_jax.checkpoints import loading
-
         t0 = time.time()
         model = loading.load_params(loading.open_checkpoint(tcfg.init_from), policy, plan)
         log(f"[init] weights from {tcfg.init_from} ({time.time() - t0:.1f}s)")
@@ -102,23 +101,14 @@ def _initial_state(step: TrainStep, mcfg, policy, tcfg, plan, log) -> TrainState
 
 
 def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> dict:
-    from hunyuan_jax.checkpoints.runs import write_run_config
-    from hunyuan_jax.data.corpus import check_seq_len, gather_states, to_global
-    from hunyuan_jax.train.data import make_loader
-
-    if tcfg.objective == "dpo":  # preference pairs (+ their reference log-probs, below)
-        from hunyuan_jax.train.dpo import make_dpo_loader as make_loader
-
+    # preference pairs (+ their reference log-probs, below) or packed text
+    make_loader = make_dpo_loader if tcfg.objective == "dpo" else make_text_loader
     if tcfg.init_from:  # the checkpoint's architecture, also when resuming such a run
-        from hunyuan_jax.checkpoints.loading import open_checkpoint
-
         mcfg = open_checkpoint(tcfg.init_from).cfg
     resume_step = ckpt.latest_step()
     if resume_step is not None:
         _check_resume_config(run_dir, mcfg, tcfg)
     if tcfg.lora is not None:  # the frozen base as stored when it is int8 / fp8 (QLoRA)
-        from hunyuan_jax.model.lora import run_policy
-
         policy = run_policy(run_dir, policy, tcfg, resume_step is not None)
     check_seq_len(tcfg.seq_len, mcfg.max_position_embeddings, tcfg.allow_long_sequences)
     _, loader = make_loader(tcfg, mcfg, run_dir, log)
@@ -127,9 +117,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
 
     if resume_step is not None:
         if tcfg.lora is not None:  # the frozen base the adapters belong to (digest checked)
-            from hunyuan_jax.model import lora
-
-            step.bind_frozen(lora.training_model(run_dir, mcfg, policy, tcfg, plan, True, log))
+            step.bind_frozen(lora_base.training_model(run_dir, mcfg, policy, tcfg, plan, True, log))
         t0 = time.time()
         resume_step, params, opt_state, data_states = _restore_verified(ckpt, step, run_dir, log)
         state = TrainState(
@@ -151,8 +139,6 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
     else:
         state = _initial_state(step, mcfg, policy, tcfg, plan, log)
     if tcfg.objective == "dpo":  # computed from the initial weights once, read back on resume
-        from hunyuan_jax.train.dpo import attach_reference
-
         attach_reference(loader, step, state.params, tcfg, run_dir, resume_step is not None, log)
     write_run_config(run_dir, mcfg, policy, tcfg)
     if policy.param_dtype != "float32":
@@ -166,10 +152,6 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
     # LoRA: the state is the adapters; the MFU counts the (frozen) model's float parameters.
     counted = state.params
     if step.frozen is not None:
-        from flax import nnx
-
-        from hunyuan_jax.model.state import abstract_model
-
         counted = nnx.state(abstract_model(mcfg, policy.replace(weights="auto")))
     n_active = active_params(mcfg, counted)
     scales = {k: round(v, 4) for k, v in step.optimizer.scales.items()}
@@ -292,9 +274,6 @@ def _any_process(flag: bool) -> bool:
     """Whether `flag` is true on any process (every process gets the same answer)."""
     if jax.process_count() == 1:
         return flag
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
@@ -343,14 +322,9 @@ def _checkpoint_health(ckpt) -> dict[int, dict | None]:
 
 def _check_loss_tokens(local_batch: dict, step: int) -> None:
     """A step with no loss tokens in the whole (global) batch is an error, not a step."""
-    from hunyuan_jax.data.corpus import check_batch
-
     if jax.process_count() == 1:
         check_batch(local_batch, step)
         return
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     local = np.asarray([float(np.sum(local_batch["loss_mask"]))], np.float64)
     total = float(np.sum(multihost_utils.process_allgather(local)))
     if total == 0:

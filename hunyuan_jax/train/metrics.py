@@ -16,6 +16,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
+from tensorboardX.proto import event_pb2
 
 from hunyuan_jax import atomic
 
@@ -64,8 +66,6 @@ class MetricsLog:
                     pass  # a line cut short by a kill
         atomic.write_text(self.path, "".join(line + "\n" for line in kept))
         self.fh = open(self.path, "a")
-        from tensorboardX import SummaryWriter
-
         self.tb = SummaryWriter(
             str(self.tb_dir), purge_step=start_step + 1 if start_step else None, flush_secs=10
         )
@@ -96,8 +96,6 @@ class MetricsLog:
 def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{tag: [(step, value), ...]} of the scalar events in the event files of `tb_dir`, in
     file then record order (TFRecord framing: length, its CRC, the Event proto, its CRC)."""
-    from tensorboardX.proto import event_pb2
-
     out: dict[str, list[tuple[int, float]]] = {}
     for f in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
         data, pos = f.read_bytes(), 0

@@ -105,16 +105,6 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(f, params, is_leaf=_is_var)
 
 
-def lr_factors(params, scales: dict[str, float]):
-    """Same structure as `params`: the learning-rate factor of each parameter's group."""
-
-    def f(path, leaf):
-        s = scales[param_group(_names(path))]
-        return leaf.replace(s) if _is_var(leaf) else s
-
-    return jax.tree_util.tree_map_with_path(f, params, is_leaf=_is_var)
-
-
 def scale_by_param_group(scales: dict[str, float]) -> optax.GradientTransformation:
     """Multiplies each update by its parameter group's factor (stateless; static per path)."""
 

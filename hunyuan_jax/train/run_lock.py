@@ -41,6 +41,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from hunyuan_jax.errors import CheckpointError
 
 LOCK_FILE = "run.lock"
@@ -213,8 +217,6 @@ class RunLock:
 def lock_run(run_dir: str | Path, log: Callable[[str], Any] = print):
     """A context manager holding `run_dir`'s lock for a training run: taken by process 0
     only; every process raises RunDirLocked (exit 4) if process 0 could not take it."""
-    import jax  # here, not at the top: the lock itself (and a test's holder) needs no JAX
-
     lock, err = None, None
     if jax.process_index() == 0:
         try:
@@ -222,9 +224,6 @@ def lock_run(run_dir: str | Path, log: Callable[[str], Any] = print):
         except RunDirLocked as e:
             err = e
     if jax.process_count() > 1:
-        import numpy as np
-        from jax.experimental import multihost_utils
-
         failed = bool(np.any(multihost_utils.process_allgather(np.asarray([err is not None]))))
         if failed and err is None:
             if lock is not None:

@@ -38,6 +38,7 @@ from hunyuan_jax.model.config import ModelConfig
 from hunyuan_jax.model.policy import RuntimePolicy
 from hunyuan_jax.model.state import abstract_model
 from hunyuan_jax.train.config import TrainConfig
+from hunyuan_jax.train.dpo import DPOObjective
 from hunyuan_jax.train.losses import lm_loss
 from hunyuan_jax.train.optim import Optimizer, make_optimizer
 from sharding.plan import ShardingPlan
@@ -56,8 +57,6 @@ Objective = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 def default_objective(tcfg: TrainConfig) -> Objective | None:
     """The objective `tcfg.objective` names; None = the LM loss (`TrainStep._lm_objective`)."""
     if tcfg.objective == "dpo":
-        from hunyuan_jax.train.dpo import DPOObjective
-
         return DPOObjective(tcfg)
     return None
 

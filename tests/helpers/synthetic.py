@@ -16,7 +16,14 @@ from hunyuan_jax.checkpoints.convert import write_safetensors
 from hunyuan_jax.checkpoints.convert.common import HF_INDEX, hf_order, hf_tensors, np_dtype
 from hunyuan_jax.model.config import ModelConfig
 
-HY_TINY_CONFIG = Path(__file__).resolve().parents[1] / "data" / "hy_tiny" / "hf_st" / "config.json"
+HY_TINY_CONFIG = (
+    Path(__file__).resolve().parents[2]
+    / "hunyuan_jax"
+    / "assets"
+    / "hy_tiny"
+    / "hf_st"
+    / "config.json"
+)
 
 
 def synthetic_config(

@@ -17,16 +17,11 @@ The on-disk layout is described in one place, `hunyuan_jax/checkpoints/converted
 `hunyuan_jax/checkpoints/loading.py`.
 """
 
-from hunyuan_jax.checkpoints.convert.common import (
-    safetensors_header,
-    to_hf,
-    to_slice,
-    transpose2d,
-    write_safetensors,
-)
+from hunyuan_jax.checkpoints.convert.common import safetensors_header, write_safetensors
 from hunyuan_jax.checkpoints.convert.hf_to_jax import hf_to_jax
 from hunyuan_jax.checkpoints.convert.jax_to_hf import jax_to_hf
 from hunyuan_jax.checkpoints.convert.plan import plan_hf_to_jax
+from hunyuan_jax.checkpoints.hf_tensors import to_hf, to_slice, transpose2d
 
 __all__ = [
     "hf_to_jax",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from tqdm import tqdm
 
 from hunyuan_jax.checkpoints import converted as fmt
 from hunyuan_jax.checkpoints import hf_mapping
@@ -51,109 +52,6 @@ def own_peak_rss_bytes() -> int:
     except OSError:
         pass
     return 0
-
-
-# ----------------------------------------------------------------------------- transforms
-def transpose2d(a: np.ndarray, block: int = 128) -> np.ndarray:
-    """Contiguous `a.T` of a 2-D array, copied in cache-sized tiles (numpy's plain transposing
-    copy of 2-byte elements runs at a fraction of memory bandwidth)."""
-    rows, cols = a.shape
-    out = np.empty((cols, rows), a.dtype)
-    if rows * cols <= block * block:
-        out[...] = a.T
-        return out
-    for r in range(0, rows, block):
-        src = a[r : r + block]
-        for c in range(0, cols, block):
-            out[c : c + block, r : r + block] = src[:, c : c + block].T
-    return out
-
-
-def to_slice(entry: hf_mapping.TensorMap, tensor: np.ndarray, tree_shape, dtype) -> np.ndarray:
-    """`hf_mapping.to_tree_slice(entry, tensor, tree_shape).astype(dtype)`, contiguous, with a
-    tiled transpose, casting on the side of the smaller itemsize."""
-    shape = hf_mapping.slice_shape(entry, tree_shape)
-    dtype = np.dtype(dtype)
-    if not entry.transpose:
-        return np.ascontiguousarray(tensor.astype(dtype, copy=False)).reshape(shape)
-    t = tensor.reshape(tensor.shape[0], -1)
-    if dtype.itemsize < t.dtype.itemsize:
-        return transpose2d(t.astype(dtype)).reshape(shape)
-    return transpose2d(t).astype(dtype, copy=False).reshape(shape)
-
-
-def to_hf(entry: hf_mapping.TensorMap, tree_slice: np.ndarray, dtype) -> np.ndarray:
-    """`hf_mapping.to_hf_tensor(entry, tree_slice).astype(dtype)` with a tiled transpose."""
-    dtype = np.dtype(dtype)
-    if not entry.transpose:
-        return np.ascontiguousarray(tree_slice.astype(dtype, copy=False))
-    s = tree_slice.shape
-    t = tree_slice.reshape(math.prod(s[: entry.in_ndim]), math.prod(s[entry.in_ndim :]))
-    if dtype.itemsize < t.dtype.itemsize:
-        return transpose2d(t.astype(dtype))
-    return transpose2d(t).astype(dtype, copy=False)
-
-
-# ----------------------------------------------------------------------------- quantized slices
-def hf_scale(entry: hf_mapping.TensorMap, scale, tree_shape, key: str = "tensor") -> np.ndarray:
-    """An FP8 release's `weight_scale` (per tensor: one value; per output channel: `out`
-    values, shape [out] or [out, 1]) as the channelwise float32 scale of the weight's slice in
-    our tree: 1 on the HF `in` dims (what the matmul contracts), the `out` dims whole. A
-    per-tensor scale is broadcast, so both scale layouts give the one layout of
-    `hunyuan_jax.model.quantize`."""
-    sl = hf_mapping.slice_shape(entry, tree_shape)
-    shape = (1,) * entry.in_ndim + tuple(sl[entry.in_ndim :])
-    scale = np.asarray(scale, np.float32)
-    if scale.size == 1:
-        return np.full(shape, scale.reshape(()), np.float32)
-    if scale.size == math.prod(shape):
-        return np.ascontiguousarray(scale.reshape(shape))
-    raise CheckpointError(
-        f"{key}: weight_scale of shape {scale.shape} fits neither per-tensor (1 value) nor "
-        f"per-output-channel ({math.prod(shape)} values) scaling of its weight"
-    )
-
-
-def _row_scale(scale, tensor: np.ndarray, key: str) -> np.ndarray:
-    """An FP8 scale broadcastable against the HF tensor [out, in]."""
-    scale = np.asarray(scale, np.float32)
-    if scale.size == 1:
-        return scale.reshape(())
-    if tensor.ndim >= 1 and scale.size == tensor.shape[0]:
-        return scale.reshape((-1,) + (1,) * (tensor.ndim - 1))
-    raise CheckpointError(
-        f"{key}: weight_scale of shape {scale.shape} does not fit weight {tensor.shape} "
-        f"(expected per-tensor or per-output-channel)"
-    )
-
-
-def hf_slice(
-    entry: hf_mapping.TensorMap,
-    tensor: np.ndarray,
-    tree_shape,
-    form: str,
-    scale=None,
-    float_dtype=np.float32,
-    key: str = "tensor",
-) -> dict[str, np.ndarray]:
-    """One HF tensor as its slice of the tree leaf in `form`: {"value": ...} for 'float'
-    (`float_dtype`) or 'bf16'; {"qvalue": ..., "scale": ...} (`hunyuan_jax.model.quantize`'s layout,
-    scale 1 on the `in` dims) for 'int8' / 'fp8'. `scale`: the tensor's `weight_scale` when it
-    is an FP8 release's float8 weight. FP8 into 'fp8' keeps the stored values and scale (no
-    float copy); anything else is dequantized / read in float32 and quantized."""
-    from hunyuan_jax.model import quantize
-
-    if scale is not None and form == "fp8" and tensor.dtype == quantize.QTYPES["fp8"]:
-        q = to_slice(entry, tensor, tree_shape, tensor.dtype)
-        return {"qvalue": q, "scale": hf_scale(entry, scale, tree_shape, key)}
-    if scale is not None:
-        tensor = quantize.dequantize_numpy(tensor, _row_scale(scale, tensor, key))
-    if form not in quantize.QUANTIZED:
-        dtype = DTYPES["bfloat16"] if form == "bf16" else float_dtype
-        return {"value": to_slice(entry, tensor, tree_shape, dtype)}
-    w = to_slice(entry, tensor, tree_shape, np.float32)
-    q, s = quantize.quantize_numpy(w, tuple(range(entry.in_ndim)), form)
-    return {"qvalue": q, "scale": s}
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -213,7 +111,7 @@ def hf_order(key: str):
 
 def hf_tensors(cfg, leaves: dict) -> dict[str, tuple]:
     """{HF key: (leaf, mapping entry, stacked index, HF shape)} of every HF tensor of `cfg`,
-    for `leaves` from `checkpoint_format.param_leaves` (a quantized weight's leaf is its
+    for `leaves` from `converted.param_leaves` (a quantized weight's leaf is its
     values; `checkpoint_format.scale_leaf` finds its scales)."""
     out = {}
     for entry in hf_mapping.mapping_table(cfg):
@@ -240,8 +138,6 @@ def carried_files(*dirs) -> dict[str, Path]:
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(
         total=total,
         desc=desc,

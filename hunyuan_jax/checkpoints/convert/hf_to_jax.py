@@ -2,7 +2,7 @@
 
 1. `plan.plan_hf_to_jax` scans and verifies the source (no tensor data read); the free disk
    space must hold what is left to write.
-2. Every parameter is created as an empty zarr3 array (layout: `checkpoint_format`) and the
+2. Every parameter is created as an empty zarr3 array (layout: `converted`) and the
    plan (source files with sizes and mtimes, dtype, layout) recorded in `O/.convert/plan.json`.
 3. The HF tensors stream in file order: read one tensor with plain file reads (no memory map),
    dequantise FP8, transpose / cast it into its slice of the stacked leaf (on `workers`
@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import tensorstore as ts
 
 from hunyuan_jax.checkpoints import converted as fmt
 from hunyuan_jax.checkpoints import hf_mapping
@@ -38,12 +39,11 @@ from hunyuan_jax.checkpoints.convert import plan as planning
 from hunyuan_jax.checkpoints.convert.common import (
     carried_files,
     default_log,
-    hf_slice,
     np_dtype,
     own_peak_rss_bytes,
     progress_bar,
-    to_slice,
 )
+from hunyuan_jax.checkpoints.hf_tensors import hf_slice, to_slice
 from hunyuan_jax.checkpoints.shard_files import FP8_DTYPES, fp8_scale_key
 from hunyuan_jax.errors import CheckpointError
 
@@ -85,8 +85,6 @@ def _create_arrays(
     params_dir: Path, leaves, chunk_bytes: int, compression: str, checksum: str
 ) -> dict:
     """{leaf path: tensorstore array}, created empty (or reopened when resuming)."""
-    import tensorstore as ts
-
     params_dir.mkdir(parents=True, exist_ok=True)
     # file_io_sync (tensorstore's default): each shard file is fsync'd before its write
     # completes; no chunk cache (every byte is written once and never read back).
@@ -344,6 +342,7 @@ def _manifest(plan, fp8, leaves, hf_config, tokenizer_files, chunk_bytes) -> dic
 def stored_weights(leaves, fp8_source: bool = False) -> dict:
     """The manifest's "weights" record: how the matmul weights are stored. Orbax casts to the
     restore target's dtype without a word, so the loader builds its target from this."""
+    # the module (`hf_to_jax`'s argument `quantize` is the form asked for)
     from hunyuan_jax.model import quantize
 
     form = fmt.leaves_form(leaves)

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from hunyuan_jax.checkpoints import converted as fmt
-from hunyuan_jax.checkpoints import integrity, loading
+from hunyuan_jax.checkpoints import integrity, loading, runs
 from hunyuan_jax.checkpoints.convert.common import (
     HF_INDEX,
     carried_files,
@@ -47,9 +47,9 @@ from hunyuan_jax.checkpoints.convert.common import (
     np_dtype,
     own_peak_rss_bytes,
     progress_bar,
-    to_hf,
     write_safetensors,
 )
+from hunyuan_jax.checkpoints.hf_tensors import to_hf
 from hunyuan_jax.errors import CheckpointError, UsageError
 from hunyuan_jax.model import quantize
 from hunyuan_jax.model.config import ModelConfig
@@ -82,8 +82,6 @@ def _orbax_flags(params_dir: Path) -> tuple[bool, bool]:
 
 
 def _run_source(ck: loading.Checkpoint, step: int | None) -> Source:
-    from hunyuan_jax.checkpoints import runs
-
     steps = runs.complete_steps(ck.path)
     if not steps:
         raise CheckpointError(

@@ -8,7 +8,7 @@ directory, which every other tool reads as a full checkpoint::
 
 The base is the one the run records (`<run>/lora_base.json`) unless `--base` names another
 copy; it must be the base the adapters were trained on (the digest lora_base.json records,
-`lora.check_base`; `--allow-base-mismatch` applies them to another base of the same shapes
+`lora_base.check_base`; `--allow-base-mismatch` applies them to another base of the same shapes
 anyway); it is loaded by `hunyuan_jax.checkpoints.loading` (any format, quantized too) with parameters in
 `--dtype`, the adapters of step N (default: the latest; integrity-checked) are attached, and
 each adapted weight becomes W + alpha/rank * A @ B computed in float32 (`lora.merge_adapters`,
@@ -24,7 +24,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import jax
+import numpy as np
+from flax import nnx
+
+from hunyuan_jax.checkpoints import loading, lora_base, runs
 from hunyuan_jax.errors import CheckpointError, UsageError
+from hunyuan_jax.model import lora
+from hunyuan_jax.model.policy import RuntimePolicy
+from sharding.plan import ShardingPlan
 
 DTYPES = ("float32", "bfloat16")
 
@@ -42,29 +50,20 @@ def merge_lora(
     log=print,
 ) -> Path:
     """Writes the merged model of LoRA run `run` into `out` (a run directory); returns it."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from hunyuan_jax.checkpoints import loading, runs
-    from hunyuan_jax.model import lora
-    from hunyuan_jax.model.policy import RuntimePolicy
-    from sharding.plan import ShardingPlan
-
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     run, out = Path(run), Path(out)
-    if lora.run_lora_config(run) is None:
+    if lora_base.run_lora_config(run) is None:
         raise CheckpointError(f"{run} is not a LoRA run (its config.yaml has no train.lora)")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise CheckpointError(f"{out} exists and is not empty (pass --overwrite to replace)")
         shutil.rmtree(out)
-    base = Path(base) if base is not None else Path(lora.recorded_base(run))
+    base = Path(base) if base is not None else Path(lora_base.recorded_base(run))
     plan = plan or ShardingPlan.single()
     ckpt = loading.open_checkpoint(base)
     policy = RuntimePolicy.inference(dtype)
-    model, step = lora.load_adapted(
+    model, step = lora_base.load_adapted(
         ckpt, policy, run, plan, step=step, allow_base_mismatch=allow_base_mismatch, log=log
     )
     n = len(list(lora.adapted(model)))

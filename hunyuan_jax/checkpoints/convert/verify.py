@@ -18,9 +18,13 @@ import time
 from pathlib import Path
 
 from hunyuan_jax.checkpoints import converted as fmt
-from hunyuan_jax.checkpoints import integrity, loading, runs
+from hunyuan_jax.checkpoints import hf_checkpoint, integrity, loading, runs
 from hunyuan_jax.checkpoints.convert.common import default_log
+from hunyuan_jax.checkpoints.hf_checkpoint import HeaderView, HFCheckpoint
 from hunyuan_jax.errors import CheckpointError, UsageError
+from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.state import abstract_model, flat_shapes
 
 
 def verify(ckpt: str | Path, step: int | None = None, log=None) -> dict:
@@ -192,15 +196,12 @@ def verify_run(run: Path, step: int | None, log) -> dict:
 
 
 def verify_hf(path: Path, log) -> dict:
-    from hunyuan_jax.checkpoints.hf_checkpoint import HeaderView, HFCheckpoint, verify
-    from hunyuan_jax.model.config import ModelConfig
-    from hunyuan_jax.model.policy import RuntimePolicy
-    from hunyuan_jax.model.state import abstract_model, flat_shapes
-
     cfg = ModelConfig.from_hf(path)
     ckpt = HFCheckpoint(path)
     infos = ckpt.tensor_infos()
-    verify(cfg, HeaderView(ckpt, infos), flat_shapes(abstract_model(cfg, RuntimePolicy())))
+    hf_checkpoint.verify(
+        cfg, HeaderView(ckpt, infos), flat_shapes(abstract_model(cfg, RuntimePolicy()))
+    )
     total = sum(i.nbytes for i in infos.values())
     log(
         f"checked {path}: {len(infos)} tensors, {total / 1e9:.3f} GB; Hugging Face checkpoints "

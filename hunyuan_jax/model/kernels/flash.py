@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from hunyuan_jax.model.kernels.attention import AttentionMask, _check_shapes
+from hunyuan_jax.model.kernels.mask import AttentionMask, check_shapes
 
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_KV = 512
@@ -50,7 +50,7 @@ def flash_attention(
 
     block_q / block_kv: tile sizes; each is capped at its sequence length rounded up to 8, so
     decode (S=1) uses an 8-row query tile. Differentiable w.r.t. q, k, v (custom VJP)."""
-    _check_shapes(q, k, v, mask)
+    check_shapes(q, k, v, mask)
     if block_q < 1 or block_kv < 1:
         raise ValueError(f"block sizes must be positive, got {block_q=}, {block_kv=}")
     bq = min(block_q, _round_up(q.shape[1], 8))

@@ -24,7 +24,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
-from hunyuan_jax.model.kernels.attention import AttentionMask, _check_shapes, shard_map_attention
+from hunyuan_jax.model.kernels.mask import AttentionMask, check_shapes, shard_map_attention
 
 DEFAULT_BLOCK = 512
 LANES = 128
@@ -116,7 +116,7 @@ def splash_attention(
 
     Only the segment ids of `mask` are read (its positions are 0..S-1 by `causal_self`).
     interpret=True runs the kernel in the Pallas interpreter (any backend; slow)."""
-    _check_shapes(q, k, v, mask)
+    check_shapes(q, k, v, mask)
     check_supported(q.shape, k.shape, mask, block_q, block_kv)
     b, s, h, d = q.shape
     kernel = _kernel(h, s, block_sizes_for(s, block_q, block_kv), bool(interpret))
@@ -144,7 +144,7 @@ def sharded_splash_attention(
     """splash_attention under `jax.shard_map` on `mesh` (Pallas calls are not partitioned by
     XLA). q_spec: PartitionSpec of q [B,S,H,D], e.g. P(("data", "fsdp"), None, "tensor",
     None); kv_spec: of k/v [B,S,KVH,D] (default q_spec); segment ids follow the batch axis.
-    Spec requirements: see attention.shard_map_attention (ValueError)."""
+    Spec requirements: see mask.shard_map_attention (ValueError)."""
     check_supported(q.shape, k.shape, mask, block_q, block_kv)
 
     def local(q, k, v, mask):
