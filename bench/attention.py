@@ -1,8 +1,8 @@
 """Forward+backward time of causal attention: xla (reference, materialised scores) vs flash
 (blockwise, hunyuan_jax.model.kernels.flash), on this machine's default JAX backend (CPU here).
 
-    python bench/attention.py                       # B=1, S=2048, H=8, KVH=2, D=64, float32
-    python bench/attention.py --seq 4096 --rounds 9
+    python -m bench.attention                       # B=1, S=2048, H=8, KVH=2, D=64, float32
+    python -m bench.attention --seq 4096 --rounds 9
 
 Each timed call is jit(grad) of <attention(q, k, v), w> w.r.t. q, k, v (compiled beforehand).
 The sides alternate (xla, flash, then flash, xla, ...) for `--rounds` rounds, so a load change
@@ -21,10 +21,7 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

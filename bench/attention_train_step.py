@@ -2,18 +2,16 @@
 policy (`runtime.attention`: xla = the full score matrix, flash = blockwise online softmax with
 its custom VJP), same weights and batch, sides alternating through bench/harness.py.
 
-    python bench/attention_train_step.py [--config configs/small.yaml] [--seq 2048] [--rounds 3]
+    python -m bench.attention_train_step [--config configs/small.yaml] [--seq 2048] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 if __name__ == "__main__":  # as train.py / infer.py do (hunyuan_jax/host_env.py)
     from hunyuan_jax.host_env import reexec_with_hugepage_malloc
 

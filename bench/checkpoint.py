@@ -2,8 +2,8 @@
 of the same state with and without the per-array digests (`hunyuan_jax.checkpoints.runs`), and
 the digest pass alone.
 
-    python bench/checkpoint.py                 # ~1.2 GB: 0.4 GB float32 params + Adam moments
-    python bench/checkpoint.py --params-gb 1 --repeat 3
+    python -m bench.checkpoint                 # ~1.2 GB: 0.4 GB float32 params + Adam moments
+    python -m bench.checkpoint --params-gb 1 --repeat 3
 
 The state is synthetic (random float32 arrays shaped like stacked MoE weights, Adam's mu / nu,
 a step count) on this host's first device. "without" is the plain orbax CheckpointManager
@@ -23,9 +23,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _state(params_gb: float, seed: int = 0):

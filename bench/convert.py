@@ -1,11 +1,11 @@
 """Benchmark of the streaming HF -> JAX converter: throughput (MB/s) and peak RSS for synthetic
 bf16 checkpoints of two (or more) sizes that differ only in their number of layers.
 
-    python bench/convert.py                       # 1 GB and 2 GB, zstd (the default)
-    python bench/convert.py --sizes-gb 2,4 --compression none --export
-    python bench/convert.py --sizes-gb 2 --checksum both   # the cost of the crc32c checksums
+    python -m bench.convert                       # 1 GB and 2 GB, zstd (the default)
+    python -m bench.convert --sizes-gb 2,4 --compression none --export
+    python -m bench.convert --sizes-gb 2 --checksum both   # the cost of the crc32c checksums
     # A52B tensor shapes (embed 1.65 GB, experts 234 MB), 2 experts, 2 and 4 layers:
-    python bench/convert.py --sizes-gb 3,6 --hidden 6400 --intermediate 18304 --experts 2 \
+    python -m bench.convert --sizes-gb 3,6 --hidden 6400 --intermediate 18304 --experts 2 \
         --vocab 129024 --heads 80 --kv-heads 8
 
 Each conversion runs in a fresh subprocess (`python -m hunyuan_jax.cli.convert hf-to-jax`); its
@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from tests.helpers.rss import run_measuring_peak_rss  # noqa: E402
 from tests.helpers.synthetic import synthetic_config, write_synthetic_hf  # noqa: E402

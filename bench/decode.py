@@ -1,10 +1,10 @@
 """Prefill and decode throughput of hunyuan_jax.decode.generate vs a PyTorch eager baseline, same process.
 
-    python bench/decode.py                      # configs/small.yaml, batch 1 and 8
-    python bench/decode.py --prompt-len 128 --new-tokens 32 --batches 1 8 --repeats 3
-    python bench/decode.py --threads 1         # both single-threaded (steadier when busy)
-    python bench/decode.py --original-code ../shared/reference/original_code --bf16
-    python bench/decode.py --layers 16 --batches 1 --repeats 1 --no-compact   # compile time
+    python -m bench.decode                      # configs/small.yaml, batch 1 and 8
+    python -m bench.decode --prompt-len 128 --new-tokens 32 --batches 1 8 --repeats 3
+    python -m bench.decode --threads 1         # both single-threaded (steadier when busy)
+    python -m bench.decode --original-code ../shared/reference/original_code --bf16
+    python -m bench.decode --layers 16 --batches 1 --repeats 1 --no-compact   # compile time
 
 The baseline is a compact PyTorch implementation of the same math (`TorchHunyuan` below: CLA,
 QK-norm after RoPE, NTK-alpha RoPE, GQA, shared expert + top-1 experts) with its own
@@ -44,7 +44,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 if __name__ == "__main__":  # as train.py / infer.py do (hunyuan_jax/host_env.py)
     from hunyuan_jax.host_env import reexec_with_hugepage_malloc
 

@@ -6,8 +6,8 @@ with transformers' `generate`, as a decode baseline on the weights of a hunyuan_
 
 The weights go through the project's exporter: the model's parameters are saved as an orbax
 tree and `convert.jax_to_hf` writes the safetensors + config.json that the original code's
-`from_pretrained` loads. The code is never copied into the project: its parent folder is put
-on `sys.path`. It needs `transformers==4.41.2` (the version of the reference outputs; not a
+`from_pretrained` loads. The code is never copied into the project: its `hymodels` package is imported
+from its folder (`_import_original`). It needs `transformers==4.41.2` (the version of the reference outputs; not a
 project dependency): when that is not importable, `create` returns the reason (a string) and
 the benchmark skips this side with that message.
 
@@ -18,6 +18,8 @@ so prefill seconds = up to the first token, decode seconds = the rest.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import sys
 import time
@@ -50,8 +52,7 @@ class OriginalGenerator:
                 f"transformers {transformers.__version__} is installed; the original code "
                 f"needs {TRANSFORMERS}"
             )
-        sys.path.insert(0, str(code_dir))
-        from hymodels.modeling_hunyuan import HunYuanForCausalLM
+        HunYuanForCausalLM = _import_original(code_dir).HunYuanForCausalLM
 
         hf_dir = export_hf(model, cfg, Path(workdir), dtype)
         hf = HunYuanForCausalLM.from_pretrained(hf_dir, torch_dtype=getattr(torch, dtype))
@@ -105,3 +106,16 @@ def export_hf(model, cfg, workdir: Path, dtype: str) -> Path:
         tree, out, dtype, config=cfg_file, overwrite=True, progress=False, log=lambda *_: None
     )
     return out
+
+
+def _import_original(code_dir: Path):
+    """The original code's `hymodels.modeling_hunyuan`, imported from `code_dir` as the package
+    `hymodels` (its modules import each other relatively), without adding to sys.path."""
+    pkg = code_dir / "hymodels"
+    spec = importlib.util.spec_from_file_location(
+        "hymodels", pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hymodels"] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("hymodels.modeling_hunyuan")

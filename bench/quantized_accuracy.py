@@ -1,7 +1,7 @@
 """Accuracy of quantized weights against float32: the table of docs/quantization.md.
 
-    python bench/quantized_accuracy.py --checkpoint tests/data/hy_tiny/hf_st --random-prompts
-    python bench/quantized_accuracy.py --checkpoint runs/tiny      # a trained tiny model
+    python -m bench.quantized_accuracy --checkpoint hunyuan_jax/assets/hy_tiny/hf_st --random-prompts
+    python -m bench.quantized_accuracy --checkpoint runs/tiny      # a trained tiny model
 
 Reference: the checkpoint in float32 (weights and compute) with a float32 KV cache. Each row
 holds the matmul weights in one form (`RuntimePolicy.weights`: bf16, int8, fp8; compute stays
@@ -29,14 +29,13 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from hunyuan_jax.checkpoints import loading  # noqa: E402
+from hunyuan_jax.decode import from_checkpoint
 from hunyuan_jax.decode.generate import Generator  # noqa: E402
 
 ROWS = (("float32", "float32"), ("float32", "int8")) + tuple(
@@ -102,7 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    ref_bundle = loading.load(args.checkpoint, dtype="float32", weights="auto")
+    ref_bundle = from_checkpoint.load(args.checkpoint, dtype="float32", weights="auto")
     cfg = ref_bundle.cfg
     if args.random_prompts or ref_bundle.tokenizer is None:
         rng = np.random.default_rng(args.seed)
@@ -120,7 +119,7 @@ def main(argv=None) -> int:
         model = (
             ref_bundle.model
             if weights == "float32"
-            else loading.load(args.checkpoint, dtype="float32", weights=weights).model
+            else from_checkpoint.load(args.checkpoint, dtype="float32", weights=weights).model
         )
         logits = teacher_forced(model, prompts, ref_tokens, cache)
         err = np.abs(logits - ref_logits)

@@ -1,7 +1,7 @@
 """CPU decode throughput with float32, bfloat16 and int8 matmul weights, same run.
 
-    python bench/quantized_decode.py                       # configs/small.yaml, batch 1 and 8
-    python bench/quantized_decode.py --batches 1 --rounds 9 --weights float32 int8
+    python -m bench.quantized_decode                       # configs/small.yaml, batch 1 and 8
+    python -m bench.quantized_decode --batches 1 --rounds 9 --weights float32 int8
 
 One random model of the config (float32) is held three ways (`RuntimePolicy.weights`):
 float32 (as built), bf16 and int8 (per output channel, `hunyuan_jax.model.quantize`); compute is
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

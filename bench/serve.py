@@ -1,7 +1,7 @@
 """Continuous batching (the server's engine) against static batching (the Generator, batches
 formed as requests arrive), same weights, same run, Poisson arrivals at several rates.
 
-    python bench/serve.py [--checkpoint DIR] [--rates 4,16,64] [--requests 160] [--slots 8]
+    python -m bench.serve [--checkpoint DIR] [--rates 4,16,64] [--requests 160] [--slots 8]
 
 Workload: prompts of 8..64 random token ids; max_tokens heavy-tailed like chat traffic (80%
 draw 8..24 tokens, 20% draw 96..160), EOS ignored so every request produces exactly its
@@ -24,10 +24,8 @@ import os
 import queue
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 

@@ -6,7 +6,7 @@ layout copies, selects, ...). This is how docs/performance.md's tables were made
 
     XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" \\
         python train.py --config configs/small.yaml --profile-steps 3:3 --set steps=3
-    python bench/top_ops.py runs/small/profile --hlo /tmp/hlo --top 30
+    python -m bench.top_ops runs/small/profile --hlo /tmp/hlo --top 30
 
 Reading the trace needs `xprof` (the `profile` extra, TensorBoard's profile plugin; not a core
 dependency); without it this says so and exits 2.

@@ -1,9 +1,9 @@
 """Train-step throughput of hunyuan_jax (the jitted, sharded step of train.py) vs a PyTorch
 eager implementation of the same math, in the same process, on configs/small.yaml.
 
-    python bench/train_step.py                   # small config, batch 4 x 256, 5 rounds
-    python bench/train_step.py --batch 4 --seq 128 --rounds 7 --micro-batches 2
-    python bench/train_step.py --set model.num_layers=16   # e.g. the compile time at depth 16
+    python -m bench.train_step                   # small config, batch 4 x 256, 5 rounds
+    python -m bench.train_step --batch 4 --seq 128 --rounds 7 --micro-batches 2
+    python -m bench.train_step --set model.num_layers=16   # e.g. the compile time at depth 16
 
 The baseline (`TorchTrain` below) is a compact eager PyTorch version of the original
 Hunyuan-Large training math: CLA (K/V from the first layer of each pair), NTK-alpha NeoX RoPE,
@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 if __name__ == "__main__":  # as train.py / infer.py do (hunyuan_jax/host_env.py)
     from hunyuan_jax.host_env import reexec_with_hugepage_malloc
 
