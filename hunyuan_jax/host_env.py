@@ -1,12 +1,11 @@
 """Process settings of the host that must be in place when the process starts: the command-line
 entry points call `reexec_with_hugepage_malloc()` first thing under `if __name__ == "__main__"`.
 
-XLA:CPU allocates each execution's temporary buffers (1.5 GB for a train step of
-configs/small.yaml) with `posix_memalign` from worker threads; glibc serves chunks that large
-with a fresh `mmap` and returns them with `munmap`, so every step touches 360k new 4 KiB pages:
-0.7 s of page faults per step (a quarter of the step's wall time on 2 cores). glibc's tunable
+XLA:CPU allocates each execution's temporary buffers with `posix_memalign` from worker
+threads; glibc serves chunks that large with a fresh `mmap` and returns them with `munmap`, so
+every step touches its temporaries' pages anew, 4 KiB at a time. glibc's tunable
 `glibc.malloc.hugetlb=1` makes malloc advise transparent huge pages for those chunks (2 MiB
-pages: 1.1k faults per step, the step 2.45 -> 2.13 s on 2 cores, docs/performance.md). Tunables
+pages; the page faults and step times measured: docs/performance.md). Tunables
 are read only when a process starts, hence the re-exec; it changes nothing else (same program,
 arguments and environment plus that one tunable) and happens at most once (the tunable is
 then set). It is skipped when the kernel has transparent huge pages off, off Linux/glibc, or

@@ -131,7 +131,7 @@ _SERVE_OVERRIDES = {
     "act_embed": _FSDP_EP,
     "table_embed": _FSDP_EP,
     # The 32K-token cache of a batch of 8 does not fit v5e-64 unless its length is split too
-    # (measured with hunyuan_jax.aot: 16.4 -> 13.1 GiB of 15.75 per chip).
+    # (the AOT tool's figures: docs/performance.md).
     "cache_length": "expert",
 }
 SERVE_EP_TP: Rules = _override(FSDP_EP_TP, _SERVE_OVERRIDES)

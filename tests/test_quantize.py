@@ -277,7 +277,7 @@ def test_logits_error_on_reference(quantized_models, tokens, reference):
     assert errs["bf16"][1] < errs["int8"][1] < errs["fp8"][1]
 
 
-DEFAULT_MODEL = Path(loading.__file__).parent / "assets" / "default_model"
+DEFAULT_MODEL = Path(loading.__file__).parents[1] / "assets" / "default_model"
 CODE = (
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + "
     "fibonacci(n - 2)\n",

@@ -91,6 +91,7 @@ from hunyuan_jax.checkpoints.integrity import orbax_metadata, read_error
 from hunyuan_jax.model import quantize
 from hunyuan_jax.model.config import ConfigError, ModelConfig, hf_to_fields, read_json
 from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.state import abstract_model
 
 FORMAT_NAME = "hunyuan-jax-params"
 FORMAT_VERSION = 1
@@ -156,7 +157,7 @@ def param_leaves(cfg: ModelConfig, dtype: str, weights: str = "auto") -> dict[tu
     float32 scales, `hunyuan_jax.model.quantize`), with the names orbax gives them when saving
     `nnx.state(model, nnx.Param)` (the same flattening orbax applies at restore)."""
     policy = RuntimePolicy(param_dtype=dtype, weights=weights)
-    state = nnx.state(quantize.abstract_model(cfg, policy), nnx.Param)
+    state = nnx.state(abstract_model(cfg, policy), nnx.Param)
     entries = {e.path: e for e in hf_mapping.mapping_table(cfg)}
     out = {}
     for vpath, var in jax.tree_util.tree_flatten_with_path(

@@ -192,7 +192,7 @@ def load_params(ckpt: Checkpoint | str | Path, policy: RuntimePolicy, plan=None)
 
     # The restore target is what is stored (orbax would cast to any other dtype silently).
     stored = "auto" if ckpt.weights == "float" else ckpt.weights
-    model = quantize.abstract_model(ckpt.cfg, policy, plan, weights=stored)
+    model = abstract_model(ckpt.cfg, policy, plan, weights=stored)
     graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
     target = plan.abstract(abstract)
     if ckpt.weights != "float" or form == "float":

@@ -94,6 +94,7 @@ def _main(argv) -> int:
     distributed.initialize_from_args(args)  # multi-host: before JAX touches devices
     from hunyuan_jax.train.config import load_configs
     from hunyuan_jax.train.loop import train
+    from sharding.plan import ShardingPlan
 
     changes = {}
     if args.init_from:
@@ -101,8 +102,9 @@ def _main(argv) -> int:
     if args.run_dir:
         changes["run_dir"] = args.run_dir
     mcfg, policy, tcfg = load_configs(args.config, args.overrides, **changes)
+    plan = ShardingPlan.create(tcfg.mesh, tcfg.rules)  # built here, as every entry point does
     try:
-        summary = train(mcfg, policy, tcfg, profile_steps=profile_steps)
+        summary = train(mcfg, policy, tcfg, profile_steps=profile_steps, plan=plan)
     except OSError as e:
         raise _io_error(e, tcfg) from e
     losses = summary["losses"]

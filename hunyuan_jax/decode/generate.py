@@ -20,7 +20,7 @@ How it works
   whole generation in one call or streaming (one call per token); the state, cache included,
   is donated between calls. On TPU (`decode_loop='auto'`) a one-token executable is called per
   step instead: the while loop carries the weights and XLA keeps a second, re-laid-out copy
-  of the stacked experts (+22 GiB per chip for the A52B on v6e-32, measured with the AOT tool).
+  of the stacked experts (the AOT tool's figure for the A52B: docs/performance.md).
 - Every program is compiled ahead of time once per argument layout (`Generator.compiles`
   counts them); `Generator.lower(program, ...)` lowers one for abstract shapes (the AOT tool).
 - On a mesh: the model's sharding plan places the cache (`KVCache.LOGICAL_AXES`) and the

@@ -55,7 +55,6 @@ from flax import nnx
 
 from hunyuan_jax.model import quantize
 from hunyuan_jax.model.config import ATTENTION, TARGETS, LoraConfig
-from hunyuan_jax.model.transformer import HunyuanForCausalLM
 
 __all__ = ["ATTENTION", "TARGETS", "LoraConfig"]  # re-exported: the targets adapters take
 
@@ -186,18 +185,6 @@ def base_policy(policy):
     """The policy of a LoRA run's frozen base: matmul weights as `policy.weights` says, bf16
     for 'auto' (the base is never a float32 master copy: nothing updates it)."""
     return policy if policy.weights != "auto" else policy.replace(weights="bf16")
-
-
-def abstract_model(cfg, policy, plan, lcfg: LoraConfig):
-    """The LoRA model as ShapeDtypeStructs: the frozen base in `base_policy(policy)`'s form
-    plus adapters (no memory, no compute)."""
-    form = base_policy(policy).weights
-
-    def build():
-        model = HunyuanForCausalLM(cfg, policy, plan, rngs=nnx.Rngs(0))
-        return add_adapters(quantize.convert_model(model, form), lcfg, jax.random.key(0))
-
-    return nnx.eval_shape(build)
 
 
 def split(model):

@@ -215,9 +215,8 @@ def few_token_experts(x: jax.Array, routing, w, key=None):
     """Routed experts for a handful of tokens (decode steps): for each choice j, every token's
     chosen expert weights are gathered ([T, D, F]) and applied to that token alone, so a step
     reads only the chosen experts' weights, never all of them (the grouped matmul's cost at
-    small batch; on CPU 10x faster at batch 1), one batched matmul per projection instead of one
-    slice and matvec per token (at 8 tokens the experts' cost per decode step on CPU went
-    47 -> 33 ms of op time). Meant for T*k <= num_experts.
+    small batch), one batched matmul per projection instead of one slice and matvec per token
+    (measured: docs/performance.md). Meant for T*k <= num_experts.
     Same math as `moe.dropless_experts`."""
     _, k = routing.expert_ids.shape
     acc = jnp.zeros(x.shape, jnp.float32)
@@ -235,9 +234,9 @@ def tiled_experts(x: jax.Array, routing, w, key=None):
     """Routed experts for many tokens as fixed-size row tiles: (token, choice) pairs sorted by
     expert, each expert's group padded to a multiple of the tile size m, then one matmul per
     tile with its expert's weights indexed dynamically (`lax.map` over the tiles). Exact
-    (dropless); computes at most T*k + E*(m-1) rows. On CPU about 3x faster than
-    `jax.lax.ragged_dot` at 1024 tokens (whose CPU lowering is slow); accelerators keep the
-    model's ragged_dot. Same math as `moe.dropless_experts`."""
+    (dropless); computes at most T*k + E*(m-1) rows. For CPU, where `jax.lax.ragged_dot`'s
+    lowering is slow (docs/performance.md); accelerators keep the model's ragged_dot. Same math
+    as `moe.dropless_experts`."""
     num_tokens, k = routing.expert_ids.shape
     num_experts = w.gate.shape[0]
     pairs = num_tokens * k

@@ -120,8 +120,8 @@ def _quantized_ragged_dot(x, w: QArray, group_sizes):
     (x @ values) * scales[group of the row]. The stored int8 / fp8 values enter the grouped
     matmul as they are and the scales multiply its float32 output rows, so no dequantized copy
     of every group's weights is written and read back (qwix.ragged_dot dequantizes first, and
-    XLA:TPU does not fuse that into the ragged dot: +4 bytes of HBM traffic per expert weight
-    and step, measured with the AOT tool). Other scale layouts go to qwix.ragged_dot."""
+    XLA:TPU does not fuse that into the ragged dot: docs/performance.md has the AOT tool's
+    figure). Other scale layouts go to qwix.ragged_dot."""
     g, _, n = w.shape
     if tuple(w.scale.shape) != (g, 1, n):
         return qwix.ragged_dot(x, w, group_sizes)

@@ -43,11 +43,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+
+# qwix's public API (qwix.QArray, qwix.quantize, qwix.dequantize) has no `HowToQuantize` and no
+# `WithAux`, the PtqProvider's box of a quantized weight that holds both; this module builds and
+# reads weights in exactly the layout qwix's own einsum / ragged_dot read, so it takes them (and
+# the functions beside them) from qwix's modules (pinned: qwix==0.1.8).
 from qwix._src.core import qarray
 from qwix._src.providers.ptq import WithAux
 
 from hunyuan_jax.model.policy import WEIGHTS
-from hunyuan_jax.model.transformer import HunyuanForCausalLM
 
 QArray = qarray.QArray
 QUANTIZED = ("int8", "fp8")
@@ -195,15 +199,6 @@ def convert_model(model, weights: str, plan=None):
         if form_of(value) != weights:
             set_weight(module, name, value, weights, plan)
     return model
-
-
-def abstract_model(cfg, policy, plan=None, weights: str | None = None):
-    """The model as ShapeDtypeStructs with its matmul weights in form `weights` (default
-    `policy.weights`): no memory, no compute (A52B: under a second)."""
-    weights = policy.weights if weights is None else weights
-    return nnx.eval_shape(
-        lambda: convert_model(HunyuanForCausalLM(cfg, policy, plan, rngs=nnx.Rngs(0)), weights)
-    )
 
 
 def model_form(model) -> str:

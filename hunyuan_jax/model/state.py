@@ -14,18 +14,34 @@ import numpy as np
 from flax import nnx
 
 from hunyuan_jax.model import quantize
-from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.config import LoraConfig, ModelConfig
+from hunyuan_jax.model.lora import add_adapters
 from hunyuan_jax.model.policy import RuntimePolicy
 from hunyuan_jax.model.transformer import HunyuanForCausalLM
 from sharding.plan import ShardingPlan
 
 
 def abstract_model(
-    cfg: ModelConfig, policy: RuntimePolicy | None = None, plan: ShardingPlan | None = None
+    cfg: ModelConfig,
+    policy: RuntimePolicy | None = None,
+    plan: ShardingPlan | None = None,
+    *,
+    weights: str | None = None,
+    lora: LoraConfig | None = None,
 ) -> HunyuanForCausalLM:
-    """The model with ShapeDtypeStructs instead of arrays (no memory, no compute); its matmul
-    weights in the form `policy.weights` names (`hunyuan_jax.model.quantize`)."""
-    return quantize.abstract_model(cfg, policy or RuntimePolicy(), plan)
+    """The model with ShapeDtypeStructs instead of arrays (no memory, no compute): the one
+    place it is built. Its matmul weights in form `weights` (default `policy.weights`;
+    `hunyuan_jax.model.quantize`), with fresh LoRA adapters beside them when `lora` is given
+    (a LoRA run's model: pass its frozen base's form, `lora.base_policy(policy).weights`)."""
+    policy = policy or RuntimePolicy()
+    form = policy.weights if weights is None else weights
+
+    def build():
+        model = HunyuanForCausalLM(cfg, policy, plan, rngs=nnx.Rngs(0))
+        model = quantize.convert_model(model, form)
+        return model if lora is None else add_adapters(model, lora, jax.random.key(0))
+
+    return nnx.eval_shape(build)
 
 
 def abstract_state(cfg: ModelConfig, policy=None, plan=None):

@@ -54,14 +54,17 @@ def train(
     *,
     log: Callable[[str], Any] = print,
     profile_steps: tuple[int, int] | None = None,
+    plan: ShardingPlan | None = None,
 ) -> dict:
     """Trains (or resumes) the run in tcfg.run_dir up to tcfg.end_step. Returns a summary.
-    `profile_steps=(a, b)`: a jax.profiler trace of steps a..b in <run>/profile."""
+    `profile_steps=(a, b)`: a jax.profiler trace of steps a..b in <run>/profile. `plan`: the
+    run's ShardingPlan, built by the entry point from `tcfg.mesh` / `tcfg.rules` (train.py
+    does; without one it is built here from the same keys)."""
     if jax.process_index() != 0:
         log = lambda *_: None
     run_dir = Path(tcfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    plan = ShardingPlan.create(tcfg.mesh, tcfg.rules)
+    plan = plan or ShardingPlan.create(tcfg.mesh, tcfg.rules)
     ckpt = Checkpointer(run_dir, tcfg.keep_checkpoints, tcfg.async_checkpointing)
     try:
         return _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps)
@@ -116,26 +119,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
     step.check_batch_layout(tcfg.batch_size, tcfg.micro_batches)
 
     if resume_step is not None:
-        if tcfg.lora is not None:  # the frozen base the adapters belong to (digest checked)
-            step.bind_frozen(lora_base.training_model(run_dir, mcfg, policy, tcfg, plan, True, log))
-        t0 = time.time()
-        resume_step, params, opt_state, data_states = _restore_verified(ckpt, step, run_dir, log)
-        state = TrainState(
-            params,
-            opt_state,
-            jax.device_put(jnp.asarray(resume_step, jnp.int32), step.shardings.step),
-        )
-        if str(jax.process_index()) not in data_states:
-            raise CheckpointError(
-                f"checkpoint {resume_step} holds data-iterator states of processes "
-                f"{sorted(data_states)}; this is process {jax.process_index()} of "
-                f"{jax.process_count()} (resume with the same host count)"
-            )
-        loader.restore(data_states[str(jax.process_index())])
-        log(
-            f"[ckpt] resumed from step {resume_step} ({time.time() - t0:.1f}s, checksums "
-            f"verified); data at {loader.state()}"
-        )
+        resume_step, state = _resumed_state(step, loader, ckpt, mcfg, policy, tcfg, plan, log)
     else:
         state = _initial_state(step, mcfg, policy, tcfg, plan, log)
     if tcfg.objective == "dpo":  # computed from the initial weights once, read back on resume
@@ -148,17 +132,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
         )
 
     start, end = int(resume_step or 0), tcfg.end_step
-    sizes = group_sizes(state.params)
-    # LoRA: the state is the adapters; the MFU counts the (frozen) model's float parameters.
-    counted = state.params
-    if step.frozen is not None:
-        counted = nnx.state(abstract_model(mcfg, policy.replace(weights="auto")))
-    n_active = active_params(mcfg, counted)
-    scales = {k: round(v, 4) for k, v in step.optimizer.scales.items()}
-    log(
-        f"[model] {sum(sizes.values()):,} params ({n_active:,} active per token); lr factors "
-        f"{scales}; {plan.describe()}"
-    )
+    sizes, n_active = _count_params(step, state, mcfg, policy, plan, log)
     metrics_log = MetricsLog(run_dir, start)
     history = health.History.from_metrics(metrics_log.path, start, tcfg.save_every)
     if start >= end:
@@ -233,6 +207,49 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
         "params": sum(sizes.values()),
         "active_params": n_active,
     }
+
+
+def _resumed_state(step: TrainStep, loader, ckpt, mcfg, policy, tcfg, plan, log):
+    """(step, TrainState) of the run's newest checkpoint that verifies, the data iterator
+    restored to it (a LoRA run's frozen base bound first, its digest checked)."""
+    run_dir = Path(tcfg.run_dir)
+    if tcfg.lora is not None:  # the frozen base the adapters belong to (digest checked)
+        step.bind_frozen(lora_base.training_model(run_dir, mcfg, policy, tcfg, plan, True, log))
+    t0 = time.time()
+    resume_step, params, opt_state, data_states = _restore_verified(ckpt, step, run_dir, log)
+    state = TrainState(
+        params,
+        opt_state,
+        jax.device_put(jnp.asarray(resume_step, jnp.int32), step.shardings.step),
+    )
+    if str(jax.process_index()) not in data_states:
+        raise CheckpointError(
+            f"checkpoint {resume_step} holds data-iterator states of processes "
+            f"{sorted(data_states)}; this is process {jax.process_index()} of "
+            f"{jax.process_count()} (resume with the same host count)"
+        )
+    loader.restore(data_states[str(jax.process_index())])
+    log(
+        f"[ckpt] resumed from step {resume_step} ({time.time() - t0:.1f}s, checksums "
+        f"verified); data at {loader.state()}"
+    )
+    return resume_step, state
+
+
+def _count_params(step: TrainStep, state: TrainState, mcfg, policy, plan, log):
+    """(parameter counts per group, active parameters per token), logged once. LoRA: the state
+    is the adapters; the MFU counts the (frozen) model's float parameters."""
+    sizes = group_sizes(state.params)
+    counted = state.params
+    if step.frozen is not None:
+        counted = nnx.state(abstract_model(mcfg, policy.replace(weights="auto")))
+    n_active = active_params(mcfg, counted)
+    scales = {k: round(v, 4) for k, v in step.optimizer.scales.items()}
+    log(
+        f"[model] {sum(sizes.values()):,} params ({n_active:,} active per token); lr factors "
+        f"{scales}; {plan.describe()}"
+    )
+    return sizes, n_active
 
 
 class _StepProfiler:

@@ -100,7 +100,9 @@ class TrainStep:
             frozen, self.frozen_shardings = None, None
         else:
             self.graphdef, params, frozen = lora.split(
-                lora.abstract_model(cfg, policy, plan, tcfg.lora)
+                abstract_model(
+                    cfg, policy, plan, weights=lora.base_policy(policy).weights, lora=tcfg.lora
+                )
             )
             self.frozen_shardings = plan.state_shardings(frozen)
         self.abstract_frozen = frozen
