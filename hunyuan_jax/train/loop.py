@@ -43,6 +43,7 @@ from hunyuan_jax.train.data import make_loader as make_text_loader
 from hunyuan_jax.train.dpo import attach_reference, make_dpo_loader
 from hunyuan_jax.train.metrics import MetricsLog, peak_flops_per_device, progress_line, to_record
 from hunyuan_jax.train.optim import active_params, group_sizes
+from hunyuan_jax.train.run_lock import lock_run
 from hunyuan_jax.train.step import TrainState, TrainStep
 from sharding.plan import ShardingPlan
 
@@ -64,12 +65,15 @@ def train(
         log = lambda *_: None
     run_dir = Path(tcfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan or ShardingPlan.create(tcfg.mesh, tcfg.rules)
-    ckpt = Checkpointer(run_dir, tcfg.keep_checkpoints, tcfg.async_checkpointing)
-    try:
-        return _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps)
-    finally:
-        ckpt.close()  # pending async saves complete (or the process dies: tmp dirs only)
+    # One process per run directory, before anything in it is read or written (orbax's
+    # manager removes unfinished checkpoints it finds): exit 4 naming the holder otherwise.
+    with lock_run(run_dir, log):
+        plan = plan or ShardingPlan.create(tcfg.mesh, tcfg.rules)
+        ckpt = Checkpointer(run_dir, tcfg.keep_checkpoints, tcfg.async_checkpointing)
+        try:
+            return _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps)
+        finally:
+            ckpt.close()  # pending async saves complete (or the process dies: tmp dirs only)
 
 
 def _check_resume_config(run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
