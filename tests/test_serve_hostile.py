@@ -239,7 +239,7 @@ def test_body_cap_and_health_while_tokenizing(srv):
                    headers={**AUTH, "content-type": "application/json"})  # fmt: skip
     _error(r, 413)
     # a big but allowed prompt (~3.8 MB of source text): tokenized off the event loop
-    text = (ROOT / "hunyuan_jax" / "tokenizer.py").read_text()
+    text = (ROOT / "hunyuan_jax" / "data" / "tokenizer.py").read_text()
     prompt = (text * (CAP // len(text) + 1))[:CAP]
     while len(json.dumps({**_OK, "prompt": prompt})) > CAP - 64:  # escapes: \n, \"
         prompt = prompt[:-50_000]
