@@ -32,6 +32,7 @@ from hunyuan_jax.errors import CheckpointError, NonFiniteLoss
 from hunyuan_jax.metrics import MetricsLog, peak_flops_per_device, progress_line, to_record
 from hunyuan_jax.optim import active_params, group_sizes
 from hunyuan_jax.policy import RuntimePolicy
+from hunyuan_jax.run_lock import lock_run
 from hunyuan_jax.train_config import TrainConfig
 from hunyuan_jax.train_step import TrainState, TrainStep
 from sharding.plan import ShardingPlan
@@ -53,12 +54,15 @@ def train(
         log = lambda *_: None
     run_dir = Path(tcfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    plan = ShardingPlan.create(tcfg.mesh, tcfg.rules)
-    ckpt = Checkpointer(run_dir, tcfg.keep_checkpoints, tcfg.async_checkpointing)
-    try:
-        return _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps)
-    finally:
-        ckpt.close()  # pending async saves complete (or the process dies: tmp dirs only)
+    # One process per run directory, before anything in it is read or written (orbax's
+    # manager removes unfinished checkpoints it finds): exit 4 naming the holder otherwise.
+    with lock_run(run_dir, log):
+        plan = ShardingPlan.create(tcfg.mesh, tcfg.rules)
+        ckpt = Checkpointer(run_dir, tcfg.keep_checkpoints, tcfg.async_checkpointing)
+        try:
+            return _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps)
+        finally:
+            ckpt.close()  # pending async saves complete (or the process dies: tmp dirs only)
 
 
 def _check_resume_config(run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
@@ -173,10 +177,14 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
         counted = nnx.state(abstract_model(mcfg, policy.replace(weights="auto")))
     n_active = active_params(mcfg, counted)
     scales = {k: round(v, 4) for k, v in step.optimizer.scales.items()}
-    log(
-        f"[model] {sum(sizes.values()):,} params ({n_active:,} active per token); lr factors "
-        f"{scales}; {plan.describe()}"
-    )
+    what = f"{sum(sizes.values()):,} params ({n_active:,} active per token)"
+    if step.frozen is not None:  # what trains (the adapters) apart from what runs (the base)
+        base = sum(group_sizes(counted).values())
+        what = (
+            f"{sum(sizes.values()):,} trainable LoRA params; frozen base {base:,} params "
+            f"({n_active:,} active per token)"
+        )
+    log(f"[model] {what}; lr factors {scales}; {plan.describe()}")
     metrics_log = MetricsLog(run_dir, start)
     history = health.History.from_metrics(metrics_log.path, start, tcfg.save_every)
     if start >= end:
