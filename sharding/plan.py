@@ -9,7 +9,10 @@ generator, the loaders and the AOT tool ask it for shardings. It answers in logi
     plan.constrain(x, ("batch", "length", "act_embed"))   # activation layout inside jit
     plan.state_shardings(abstract_state)         # parameters / optimizer state
 
-Parameters must divide their mesh axes exactly (an error names the parameter). Activations are
+Parameters must divide their mesh axes exactly. A mesh that does not fit is a `ConfigError`
+(exit 2) raised here and nowhere else: at creation when its sizes do not fit the devices, and
+from `check_model` / `state_shardings` when an axis does not divide a parameter (the message
+names the axis, its size, the dimension and the sizes that would fit). Activations are
 shape-aware: a mesh axis that does not divide the dimension is dropped (e.g. a batch of 2 on
 data=2 x expert=4 is split over `data` only) instead of padded, so small batches never force
 XLA into resharding copies. `ShardingPlan.single()` (no mesh) is one device: constraints are the
@@ -28,8 +31,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sharding.mesh import MeshConfig, build_mesh
-from sharding.rules import MeshAxes, Rules, get_rules, logical_to_spec, rules_dict
+from hunyuan_jax.errors import ConfigError
+from sharding.mesh import MESH_AXES, MeshConfig, build_mesh
+from sharding.rules import PARAM_AXES, MeshAxes, Rules, get_rules, logical_to_spec, rules_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,16 +55,22 @@ class ShardingPlan:
     ) -> ShardingPlan:
         """mesh: a Mesh, or a mesh description ("data=2,fsdp=-1", MeshConfig, dict) built over
         `devices` (default: all devices; a fully sized mesh smaller than a single process's
-        devices uses the first ones). None gives the one-device plan."""
+        devices uses the first ones). None gives the one-device plan. A bad description, an
+        unknown preset or a mesh that does not fit the devices: ConfigError."""
         label = rules if isinstance(rules, str) else "custom"
         if overrides:
             label += " + " + ",".join(f"{k}={_fmt_axes(v)}" for k, v in overrides.items())
-        table = get_rules(rules, overrides)
-        if mesh is None:
-            return cls(None, table, label)
-        if not isinstance(mesh, Mesh):
-            mesh = _build(MeshConfig.coerce(mesh), devices)
-        rules_dict(table)  # validates
+        try:
+            table = get_rules(rules, overrides)
+            if mesh is None:
+                return cls(None, table, label)
+            if not isinstance(mesh, Mesh):
+                mesh = _build(MeshConfig.coerce(mesh), devices)
+            rules_dict(table)  # validates
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return cls(mesh, table, label)
 
     @classmethod
@@ -119,6 +129,53 @@ class ShardingPlan:
 
     def shards(self, logical: str) -> bool:
         return self.size(logical) > 1
+
+    def check_model(self, cfg, policy=None) -> None:
+        """ConfigError unless every parameter of `cfg`'s model (matmul weights in the form
+        `policy.weights` names) divides the mesh axes the rules put it on. train.py and the
+        AOT tool call it before they create anything; the loaders (infer.py, the server,
+        merge-lora) meet the same check in `state_shardings`, before any array exists."""
+        if self.mesh is None:
+            return
+        # Imported here: hunyuan_jax.model.state imports this module.
+        from hunyuan_jax.model.state import abstract_model
+
+        self.check_state(nnx.state(abstract_model(cfg, policy, ShardingPlan.single(self.rules))))
+
+    def check_state(self, abstract_state) -> None:
+        """ConfigError naming the mesh axis, its size, the first parameter dimension it does
+        not divide and the sizes of that axis that fit every parameter (plus a whole mesh that
+        does, where the devices can move to an axis no parameter uses)."""
+        if self.mesh is None:
+            return
+        leaves = _param_leaves(abstract_state)
+        sizes = dict(self.mesh.shape)
+        bad = _first_misfit(self.rules, sizes, leaves)
+        if bad is None:
+            return
+        name, lname, dim_size, axes = bad
+        axis = axes[-1]  # the one to shrink (the activation layout drops axes from the right)
+        fit = [
+            s
+            for s in range(1, sizes[axis] + 1)
+            if sizes[axis] % s == 0
+            and _first_misfit(self.rules, {**sizes, axis: s}, leaves) is None
+        ]
+        over = " x ".join(f"{a}={sizes[a]}" for a in axes)
+        msg = (
+            f"mesh {_fmt_sizes(sizes)} does not fit the model: {over} does not divide "
+            f"{lname} (size {dim_size}, parameter {name!r}; rules {self.label})"
+        )
+        if fit:
+            msg += f"; {axis} sizes that fit: {', '.join(map(str, fit))}"
+            spare = _spare_axis(self.rules, sizes, axis)
+            if spare is not None:
+                alt = {**sizes, axis: fit[-1], spare: sizes[spare] * sizes[axis] // fit[-1]}
+                if _first_misfit(self.rules, alt, leaves) is None:
+                    msg += f" (e.g. mesh {_fmt_sizes(alt)})"
+        else:
+            msg += f"; no {axis} size fits: shard {lname} over other axes (--rules / --rule)"
+        raise ConfigError(msg)
 
     def describe(self) -> str:
         if self.mesh is None:
@@ -188,6 +245,7 @@ class ShardingPlan:
         if self.mesh is None:
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             return jax.tree.map(lambda _: one, abstract_state)
+        self.check_state(abstract_state)
         return _map_variables(
             abstract_state,
             lambda path, leaf: NamedSharding(self.mesh, _leaf_spec(path, leaf, self)),
@@ -233,13 +291,82 @@ def _fmt_axes(v: MeshAxes) -> str:
     return v if isinstance(v, str) else "+".join(v)
 
 
+def _fmt_sizes(sizes: Mapping[str, int]) -> str:
+    live = [f"{a}={s}" for a, s in sizes.items() if s > 1]
+    return ",".join(live) or "of 1 device"
+
+
 def _build(cfg: MeshConfig, devices) -> Mesh:
+    sizes = tuple(cfg.ici) + tuple(cfg.dcn)
+    need = math.prod(sizes)
     if devices is None:
-        sizes = tuple(cfg.ici) + tuple(cfg.dcn)
-        n = math.prod(sizes)
-        if -1 not in sizes and jax.process_count() == 1 and n < jax.device_count():
-            devices = jax.devices()[:n]
+        if -1 not in sizes and jax.process_count() == 1 and need < jax.device_count():
+            devices = jax.devices()[:need]
+        have, platform = jax.device_count(), jax.devices()[0].platform
+    else:
+        have, platform = len(devices), getattr(devices[0], "platform", "") if devices else ""
+    if -1 not in sizes and need > have:
+        axes = " x ".join(
+            f"{a}={i * d}" for a, i, d in zip(MESH_AXES, cfg.ici, cfg.dcn) if i * d > 1
+        )
+        hint = (
+            f"; on a CPU host --devices {need} simulates {need} devices"
+            if platform == "cpu"
+            else ""
+        )
+        raise ConfigError(
+            f"mesh {cfg} needs {need} devices ({axes}) but there "
+            f"{'is' if have == 1 else 'are'} {have} {platform} device{'s' * (have != 1)}: "
+            f"give sizes that multiply to {have} (or one size -1, e.g. fsdp=-1, for all "
+            f"of them){hint}"
+        )
     return build_mesh(cfg, devices)
+
+
+def _param_leaves(abstract_state) -> list[tuple[str, tuple, tuple[int, ...]]]:
+    """(name, logical axes, shape) of every Variable that carries logical_axes."""
+    out = []
+
+    def visit(path, leaf):
+        axes = leaf.get_metadata("logical_axes", None) if _is_var(leaf) else None
+        if axes is not None:
+            value = leaf.get_value()
+            name = jax.tree_util.keystr(path, simple=True, separator=".")
+            out.append((name, tuple(axes), tuple(getattr(value, "shape", ()))))
+        return leaf
+
+    jax.tree_util.tree_map_with_path(visit, abstract_state, is_leaf=_is_var)
+    return out
+
+
+class _Sizes:
+    """A stand-in mesh for `logical_to_spec` (it reads only `.shape`): hypothetical sizes."""
+
+    def __init__(self, shape: Mapping[str, int]):
+        self.shape = dict(shape)
+
+
+def _first_misfit(rules: Rules, sizes: Mapping[str, int], leaves):
+    """The first (name, logical name, dim size, mesh axes) whose mesh axes do not divide the
+    dimension under `sizes`; None when everything fits."""
+    mesh = _Sizes(sizes)
+    for name, axes, shape in leaves:
+        if len(axes) != len(shape):
+            continue  # named by logical_to_spec's own error
+        spec = logical_to_spec(axes, rules, mesh=mesh)
+        for dim, lname, part in zip(shape, axes, tuple(spec) + (None,) * len(shape)):
+            part = () if part is None else (part,) if isinstance(part, str) else tuple(part)
+            if part and dim % math.prod(sizes[a] for a in part):
+                return name, lname, dim, part
+    return None
+
+
+def _spare_axis(rules: Rules, sizes: Mapping[str, int], besides: str) -> str | None:
+    """A mesh axis no parameter rule uses (the extra devices can go there), data first."""
+    table = rules_dict(rules)
+    used = {a for name in PARAM_AXES for a in table.get(name, ())}
+    free = [a for a in MESH_AXES if a not in used and a != besides]
+    return free[0] if free else None
 
 
 def _is_var(x) -> bool:

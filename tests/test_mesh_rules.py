@@ -9,6 +9,9 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     ).strip()
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from hunyuan_jax.errors import ConfigError
 from sharding.mesh import MESH_AXES, MeshConfig, build_mesh
 from sharding.plan import ShardingPlan, parse_rule_overrides
 from sharding.rules import FSDP, LOGICAL_AXES, PRESETS, get_rules, logical_to_spec
@@ -548,3 +552,90 @@ def test_plan_from_flags():
         ShardingPlan.from_flags("fsdp=-1", "tp")
     with pytest.raises(ValueError, match=r"unknown mesh axis name 'model'"):
         ShardingPlan.from_flags("model=8", "fsdp")
+
+
+# ----------------------------------------------------------------------------- mesh vs model
+HY_TINY_ST = Path(__file__).parent / "data" / "hy_tiny" / "hf_st"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@needs8
+def test_mesh_larger_than_the_devices_is_a_config_error():
+    """Sizes multiplying to more devices than there are: ConfigError (exit 2) naming the mesh,
+    the axes and what fits; on CPU, the --devices flag that simulates them."""
+    with pytest.raises(ConfigError) as e:
+        ShardingPlan.create("data=2,expert=8", "fsdp_ep")
+    msg = str(e.value)
+    for part in ("needs 16 devices", "data=2 x expert=8", "8 cpu devices", "multiply to 8"):
+        assert part in msg, (part, msg)
+    assert "--devices 16" in msg
+    with pytest.raises(ConfigError, match=r"product of ici sizes .* is 3, but there are 8"):
+        ShardingPlan.create("data=3", "fsdp", devices=jax.devices())
+    with pytest.raises(ConfigError, match=r"unknown mesh axis name 'model'"):
+        ShardingPlan.create("model=2", "fsdp")  # every bad description: ConfigError (exit 2)
+
+
+@needs8
+def test_mesh_that_does_not_divide_the_model_names_axis_size_and_fits():
+    """`--mesh data=1,tensor=8` on the tiny model (4 KV heads): the axis, its size, the
+    parameter dimension and the sizes that would fit, plus a whole mesh that does; from
+    `check_model` and from `state_shardings` (every loader), before any array exists."""
+    from hunyuan_jax.model.config import ModelConfig
+    from hunyuan_jax.model.state import abstract_model
+
+    cfg = ModelConfig.from_hf(HY_TINY_ST)
+    plan = ShardingPlan.create("data=1,tensor=8", "serve_ep_tp")
+    with pytest.raises(ConfigError) as e:
+        plan.check_model(cfg)
+    msg = str(e.value)
+    for part in ("tensor=8 does not divide kv_heads", "size 4", "attn.k_proj", "serve_ep_tp"):
+        assert part in msg, (part, msg)
+    assert "tensor sizes that fit: 1, 2, 4 (e.g. mesh data=2,tensor=4)" in msg, msg
+    # The suggested mesh does fit; so does every size listed.
+    ShardingPlan.create("data=2,tensor=4", "serve_ep_tp").check_model(cfg)
+    # The loaders' path (state_shardings) says the same.
+    abstract = nnx.state(abstract_model(cfg, None, ShardingPlan.single("serve_ep_tp")))
+    with pytest.raises(ConfigError, match="tensor=8 does not divide kv_heads"):
+        plan.state_shardings(abstract)
+    # Expert parallelism over more shards than experts: no size of 'expert' above 8 fits.
+    with pytest.raises(ConfigError, match=r"expert=4 does not divide exp \(size 6"):
+        ShardingPlan.create("data=2,expert=4", "fsdp_ep").check_model(cfg.replace(num_experts=6))
+    ShardingPlan.single().check_model(cfg)  # no mesh: nothing to check
+
+
+def _cli(*argv, env=None):
+    return subprocess.Popen(
+        [sys.executable, *map(str, argv)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_entry_points_refuse_a_mesh_in_one_line(tmp_path):
+    """As processes, all at once: the README's train.py synopsis without --devices (the tiny
+    mesh needs 8; exit 2, no run directory left), and `--mesh data=1,tensor=8` on the tiny
+    model in infer.py and the server (exit 2, one line naming kv_heads, no traceback)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", HUNYUAN_JAX_NO_REEXEC="1")
+    run = tmp_path / "R"
+    tok = REPO / "hunyuan_jax" / "assets" / "default_model" / "tokenizer.model"
+    mesh = ["--mesh", "data=1,tensor=8", "--devices", "8", "--tokenizer", tok]
+    procs = {
+        "train": _cli("train.py", "--config", "configs/tiny.yaml", "--run-dir", run, env=env),
+        "infer": _cli("infer.py", "--checkpoint", HY_TINY_ST, "--prompt", "x", *mesh, env=env),
+        "serve": _cli(
+            "-m", "hunyuan_jax.serve", "--checkpoint", HY_TINY_ST, "--port", "1", *mesh, env=env
+        ),
+    }
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (name, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
+        if name == "train":
+            assert "needs 8 devices" in err and "--devices 8" in err, err
+        else:
+            assert "tensor=8 does not divide kv_heads (size 4" in err, err
+    assert not run.exists()

@@ -4,7 +4,8 @@ could it be? (`python -m hunyuan_jax.cli.aot --help`; the measured tables are in
 With libtpu installed, `jax.experimental.topologies` describes any TPU slice as compile-only
 devices on a CPU host. The sharding plan is built over those devices, the real programs are
 lowered for abstract parameters, optimizer state, KV cache and batch, and XLA:TPU compiles
-them; the report gives per-chip memory, FLOPs and the MFU implied by a stated step-time model.
+them; the report gives per-chip memory, FLOPs and the MFU implied by a stated step-time model
+(or why that model does not apply to the program: `flops.model_limits`).
 
 | module | owns |
 |---|---|

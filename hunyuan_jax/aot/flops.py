@@ -145,3 +145,33 @@ def step_time_model(report: dict, chip: Chip | None, step_time: float | None, ef
         "serial_time_s": sum(times.values()),
         "bound": "given" if step_time else max(times, key=times.get),
     }
+
+
+# Below this modeled step time the fixed costs the model leaves out (the program's launch, its
+# hundreds of ops' issue and synchronisation, microseconds each) are of the same order as it.
+MIN_MODELED_STEP_S = 1e-3
+
+
+def model_limits(cfg: ModelConfig, chip: Chip | None, mfu: dict) -> list[str]:
+    """Why the step-time model (`step_time_model`, no --step-time) says nothing about this
+    program; empty when it applies. It assumes matmuls that fill the chip's MXU tiles and a
+    step long enough that launch and per-op overheads vanish beside compute, HBM traffic and
+    communication."""
+    if chip is None or "step_time_s" not in mfu or mfu.get("bound") == "given":
+        return []
+    out = []
+    small = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size")}
+    small = {k: v for k, v in small.items() if v < chip.mxu}
+    if small:
+        dims = ", ".join(f"{k} {v}" for k, v in small.items())
+        out.append(
+            f"{dims} below the {chip.name} MXU's {chip.mxu}x{chip.mxu} tiles (most of each "
+            f"matmul pass is padding)"
+        )
+    if mfu["step_time_s"] < MIN_MODELED_STEP_S:
+        out.append(
+            f"a modeled step of {mfu['step_time_s'] * 1e3:.3f} ms, below "
+            f"{MIN_MODELED_STEP_S * 1e3:.0f} ms: launch and per-op overheads, which the model "
+            f"leaves out, are as large"
+        )
+    return out

@@ -27,6 +27,7 @@ from hunyuan_jax.model.lora import base_policy
 from hunyuan_jax.model.policy import RuntimePolicy
 from hunyuan_jax.model.state import abstract_model
 from hunyuan_jax.train.config import TrainConfig
+from hunyuan_jax.train.data import check_run
 from hunyuan_jax.train.step import TrainStep
 from sharding.plan import ShardingPlan
 
@@ -94,12 +95,14 @@ def build(job: Job) -> Program:
 def train_program(job: Job) -> Program:
     """train.py's step: `TrainStep(...).lower(batch, seq, micro)` (batch [micro, rows, seq],
     rows over the plan's batch axes; default: one row per batch shard and micro-batch)."""
-    seq = job.seq or DEFAULT_SEQ["train"]
+    seq = job.seq or min(DEFAULT_SEQ["train"], job.cfg.max_position_embeddings)
     micro = job.micro
     batch = job.batch
+    tcfg = job.tcfg.replace(seq_len=seq)
+    check_run(job.cfg, job.policy, tcfg, job.plan)  # train.py's checks: seq_len, mesh vs model
     if batch is None:
         batch = TrainStep(job.cfg, job.policy, job.tcfg, job.plan).batch_shards * micro
-    tcfg = job.tcfg.replace(batch_size=batch, seq_len=seq, micro_batches=micro)
+    tcfg = tcfg.replace(batch_size=batch, micro_batches=micro)
     step = TrainStep(job.cfg, job.policy, tcfg, job.plan)
     try:
         step.check_batch_layout(batch, micro)
@@ -130,9 +133,14 @@ def train_program(job: Job) -> Program:
 def serving_program(job: Job) -> Program:
     """infer.py's programs: the Generator over the abstract model (`policy` as serving uses
     it), lowered for `batch` rows and a `cache_len`-slot KV cache."""
-    cache_len = job.cache_len or DEFAULT_CACHE_LEN
+    limit = job.cfg.max_position_embeddings
+    cache_len = job.cache_len or min(DEFAULT_CACHE_LEN, limit)
+    if cache_len > limit:  # as the server's --max-len: positions past the model's are untrained
+        raise UsageError(
+            f"--cache-len {cache_len} exceeds the model's max_position_embeddings {limit}"
+        )
     if job.mode == "prefill":
-        seq = job.seq or DEFAULT_SEQ["prefill"]
+        seq = job.seq or min(DEFAULT_SEQ["prefill"], cache_len)
         if seq > cache_len:
             raise UsageError(f"--seq {seq} (the prefill chunk) exceeds --cache-len {cache_len}")
     else:

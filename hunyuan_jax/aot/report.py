@@ -129,7 +129,12 @@ def measure(
         for sent, op, shape, n, times in comm.get("largest", [])
     ]
     report["comm"] = comm
-    report["mfu"] = F.step_time_model(report, chip, step_time, efficiency)
+    mfu = F.step_time_model(report, chip, step_time, efficiency)
+    limits = F.model_limits(job.cfg, chip, mfu)
+    if limits:  # the roofline's times stay in the JSON; no MFU or tokens/s is claimed
+        mfu = {k: v for k, v in mfu.items() if k not in ("mfu", "tokens_per_s_per_chip")}
+        mfu.update(applies=False, limits=limits)
+    report["mfu"] = mfu
     return report
 
 
@@ -241,6 +246,12 @@ def format_report(r: dict) -> str:
             f"step-time model: {mfu['model']} -> {mfu['step_time_s'] * 1e3:.2f} ms "
             f"({mfu['bound']}-bound): MFU {mfu['mfu']:.1%}, "
             f"{mfu['tokens_per_s_per_chip']:.1f} tokens/s/chip"
+        )
+    elif mfu.get("limits"):
+        lines.append(
+            f"step-time model: does not apply to this program ({'; '.join(mfu['limits'])}): "
+            f"no MFU or tokens/s estimated (roofline {mfu['step_time_s'] * 1e3:.3f} ms, "
+            f"{mfu['bound']}-bound; --step-time S gives the MFU of a measured step)"
         )
     elif "note" in mfu:
         lines.append(f"step-time model: {mfu['note']}")

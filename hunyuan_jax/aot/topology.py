@@ -42,6 +42,7 @@ class Chip:
     dims: int  # torus dimensions (3 on v4 / v5p, 2 on v5e / v6e)
     ici_bytes_per_s: float
     ici_links: int
+    mxu: int = 128  # the matrix unit's side: 128x128 systolic arrays, 256x256 on v6e
 
 
 CHIPS: dict[str, Chip] = {
@@ -55,7 +56,18 @@ CHIPS: dict[str, Chip] = {
         "v5e", "v5e", ("TPU v5 lite", "TPU v5e"), 15.75, 197e12, 0.819e12, 1, None, 2, 1600e9 / 8, 4
     ),
     "v6e": Chip(
-        "v6e", "v6e", ("TPU v6 lite", "TPU v6e"), 31.24, 918e12, 1.640e12, 1, None, 2, 3584e9 / 8, 4
+        "v6e",
+        "v6e",
+        ("TPU v6 lite", "TPU v6e"),
+        31.24,
+        918e12,
+        1.640e12,
+        1,
+        None,
+        2,
+        3584e9 / 8,
+        4,
+        256,
     ),
 }
 _ALIASES = {"v5": "v5p", "v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "trillium": "v6e"}
@@ -152,6 +164,26 @@ def parse_topology(text: str, num_slices: int = 1) -> Slice:
 
 def _has_tpu_hardware() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def quiet_libtpu(topology: str, num_slices: int = 1) -> None:
+    """Before libtpu loads (the AOT entry point): on a host without TPU chips, libtpu looks for
+    the TPU VM it would drive and prints "Failed to find host bounds", "could not determine TPU
+    accelerator type" and an `E0000 ... unexpected worker hostname` error on stderr, harmless
+    and not silenced by its log-level variables (TPU_STDERR_LOG_LEVEL, TPU_MIN_LOG_LEVEL act
+    after its logging starts). It is silent when the environment names the accelerator and the
+    worker, as a single-host TPU VM's does: TPU_ACCELERATOR_TYPE (the --topology's Cloud TPU
+    name) and TPU_WORKER_HOSTNAMES=localhost. Only values the user has not set, and never on
+    a host with TPU chips; compile-only devices do not depend on them (measured: the same
+    devices for v6e-32 and v5p-256 with TPU_ACCELERATOR_TYPE=v5p-8)."""
+    if _has_tpu_hardware():
+        return
+    try:
+        name = parse_topology(topology, num_slices).cloud_name
+    except UsageError:
+        return  # 'local', or a name the tool will refuse with its own message
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", name)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 
 def topology_devices(sl: Slice) -> list:

@@ -38,6 +38,7 @@ from hunyuan_jax.aot.compiler import enable_dump
 from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, MODES, Job
 from hunyuan_jax.aot.report import format_report, measure
 from hunyuan_jax.checkpoints import loading
+from hunyuan_jax.cli_help import HelpFormatter
 from hunyuan_jax.errors import ConfigError, DoesNotFit, UsageError
 from hunyuan_jax.model.config import ModelConfig, read_yaml
 from hunyuan_jax.model.policy import RuntimePolicy
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ahead-of-time compiles for TPU slices you do not have: does the program "
         "fit, and how fast could it be?",
         epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--config",
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--slices", type=int, default=1, help="number of slices (multi-slice; use dcn.* mesh sizes)"
     )
-    p.add_argument("--mode", choices=MODES, default="train")
+    p.add_argument("--mode", choices=MODES, default="train", help="the program to compile")
     p.add_argument("--mesh", default=None, help="e.g. fsdp=-1,expert=16 (default per mode)")
     p.add_argument(
         "--rules",
@@ -96,11 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq",
         type=int,
         default=None,
-        help=f"train: sequence length ({DEFAULT_SEQ['train']}); prefill: chunk length "
-        f"({DEFAULT_SEQ['prefill']})",
+        help=f"train: sequence length (default: {DEFAULT_SEQ['train']} or the model's "
+        f"max_position_embeddings if less; more is refused as train.py refuses it); prefill: "
+        f"chunk length (default: {DEFAULT_SEQ['prefill']} or --cache-len if less)",
     )
     p.add_argument(
-        "--cache-len", type=int, default=None, help=f"KV cache slots ({DEFAULT_CACHE_LEN})"
+        "--cache-len",
+        type=int,
+        default=None,
+        help=f"KV cache slots (default: {DEFAULT_CACHE_LEN} or the model's "
+        f"max_position_embeddings if less; at most that)",
     )
     p.add_argument("--micro", type=int, default=1, help="train: micro-batches per step")
     p.add_argument("--dtype", default="bfloat16", help="serving weights/compute dtype")
@@ -133,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--efficiency",
         type=float,
         default=1.0,
-        help="fraction of peak FLOP/s in the step-time model (default 1.0)",
+        help="fraction of peak FLOP/s in the step-time model",
     )
     p.add_argument(
         "--unrolled-flops",
@@ -230,12 +236,12 @@ def resolve(args) -> tuple[Job, dict, T.Chip | None, float | None]:
         + (f",dcn.data={slices}" if slices > 1 else "")
     )
     rules = args.rules or T.default_rules(args.mode)
-    try:
+    try:  # a mesh that does not fit the devices or the model: ConfigError (sharding/plan.py)
         plan = ShardingPlan.from_flags(mesh, rules, args.rule, devices=devices)
-    except UsageError:
-        raise
+        if args.mode != "train":  # train: train.py's own checks, in programs.train_program
+            plan.check_model(cfg, policy)
     except (ValueError, KeyError) as e:
-        raise UsageError(f"--mesh {mesh} --rules {rules}: {e}") from None
+        raise ConfigError(f"--mesh {mesh} --rules {rules}: {e}") from None
     chip = T.chip_of(plan.devices)
     job = Job(
         args.mode,
@@ -302,6 +308,7 @@ def run(args, own_process: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    T.quiet_libtpu(args.topology, max(args.slices, 1))  # before libtpu loads
     return errors.run_cli(PROG, lambda: run(args, own_process=argv is None), args.debug)
 
 

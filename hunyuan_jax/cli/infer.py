@@ -25,9 +25,11 @@ shows the traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from hunyuan_jax.cli_help import HelpFormatter
 from hunyuan_jax.errors import (
     CheckpointError,
     DataError,
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--checkpoint",
@@ -63,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a LoRA run directory (train.py with train.lora): its adapters are loaded beside "
         "the --checkpoint weights, unmerged (default base: the one the run records)",
+    )
+    p.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="apply --adapter to a base other than the one it was trained on (its digest in "
+        "lora_base.json is then not checked)",
     )
     p.add_argument(
         "--tokenizer",
@@ -88,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="without --chat, do not start prompts with <|startoftext|>",
     )
     gen = p.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
     gen.add_argument(
         "--max-len",
         type=int,
@@ -100,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None, help=">= 0; 0 is off")
     gen.add_argument("--top-p", type=float, default=None, help="in (0, 1]; 1 is off")
     gen.add_argument("--repetition-penalty", type=float, default=None, help="> 0; 1 is off")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     run = p.add_argument_group("runtime")
     run.add_argument(
         "--dtype",
@@ -130,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--rules", default="serve_ep_tp", help="sharding rules preset for --mesh")
     run.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="simulate this many CPU devices (for --mesh on a CPU host; set before JAX starts)",
+    )
+    run.add_argument(
         "--prefill-chunk", type=int, default=512, help="prompt tokens per prefill call"
     )
     run.add_argument("--no-stream", action="store_true", help="print completions at the end")
@@ -157,6 +171,19 @@ def _sampling_flags(args) -> dict:
             raise UsageError("--greedy and --temperature > 0 contradict each other")
         flags["temperature"] = 0.0
     return {k: v for k, v in flags.items() if v is not None}
+
+
+def describe_sampling(s, seed: int) -> str:
+    """The sampling settings in one form whatever they are: "greedy" or the temperature with
+    the filters and the seed, then the repetition penalty where it is on."""
+    text = (
+        "greedy"
+        if s.greedy
+        else f"temperature {s.temperature:g}, top_k {s.top_k}, top_p {s.top_p:g}, seed {seed}"
+    )
+    if s.repetition_penalty != 1.0:
+        text += f", repetition_penalty {s.repetition_penalty:g}"
+    return text
 
 
 def _read_prompts(args) -> list[str]:
@@ -237,6 +264,10 @@ class _Printer:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.devices:  # before JAX starts (it is imported below, in _main)
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     return run_cli(PROG, lambda: _main(args), debug=args.debug, oserror=CheckpointError)
 
 
@@ -286,6 +317,8 @@ def _main(args) -> int:
         plan=plan,
         tokenizer=tokenizer,
         adapter=args.adapter,
+        allow_base_mismatch=args.allow_base_mismatch,
+        log=lambda msg: print(msg, file=sys.stderr),
     )
     if bundle.tokenizer is None:
         raise UsageError(
@@ -332,8 +365,7 @@ def _main(args) -> int:
         f"prefill: {out.prompt_tokens} tokens in {out.prefill_seconds:.3f} s "
         f"({out.prefill_tokens_per_s:.1f} tokens/s) | decode: {out.new_tokens} new tokens in "
         f"{out.decode_seconds:.3f} s ({out.decode_tokens_per_s:.1f} tokens/s) | "
-        f"compile {out.compile_seconds:.1f} s | sampling: "
-        f"{'greedy' if sampling.greedy else sampling}",
+        f"compile {out.compile_seconds:.1f} s | sampling: {describe_sampling(sampling, args.seed)}",
         file=sys.stderr,
     )
     return 0

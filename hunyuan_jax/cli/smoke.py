@@ -166,7 +166,9 @@ def step_export(run: Path, work: Path) -> bool:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from hunyuan_jax.cli_help import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     ap.add_argument("--workdir", default=None, help="keep outputs here (default: a temp dir)")
     ap.add_argument("--steps", type=int, default=60, help="training steps")
     args = ap.parse_args(argv)

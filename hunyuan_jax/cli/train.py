@@ -1,22 +1,32 @@
 """Train or fine-tune Hunyuan-Large (continued pre-training or SFT), or resume a run.
 
-    python train.py --config configs/tiny.yaml [--set key=value ...] [--init-from DIR]
+    python train.py --config configs/tiny.yaml --devices 8 [--set key=value ...] [--init-from DIR]
+
+The YAML has a `model:` section (the architecture), a `runtime:` section (dtypes, remat,
+attention kernel, dispatch, dropouts: hunyuan_jax/model/policy.py) and a `train:` section
+(hunyuan_jax/train/config.py). `--set KEY=V` overrides a train key (`steps=200`,
+`mesh=data=2,expert=4`), `--set model.KEY=V` a model key and `--set runtime.KEY=V` a runtime key
+(`runtime.remat=full`); unknown keys are errors. The train section's mesh must fit the devices
+(configs/tiny.yaml's needs 8: `--devices 8` on a CPU host).
 
 Multi-host: the same command on every host (Cloud TPU pods, SLURM, MPI, JobSet are detected; or
 `--coordinator/--num-processes/--process-id`, see hunyuan_jax.distributed).
 
 `--set objective=dpo --set data=prefs.jsonl` trains with DPO on preference pairs (docs/dpo.md).
-`--set` overrides keys of the config's `train:` section (`steps=200`, `mesh=data=2,expert=4`)
-or, prefixed `model.`, of its `model:` section (`model.hidden_dropout=0.2`). A run directory
-that already holds checkpoints is resumed from its last complete one. `--devices N` simulates N
-CPU devices (set before JAX starts). Metrics go to <run>/metrics.jsonl and to TensorBoard
-event files in <run>/tensorboard; `--profile-steps A:B` writes a jax.profiler trace of steps
-A..B (1-based, inclusive) to <run>/profile (`tensorboard --logdir <run>`, Profile tab, or XProf).
+A run from `--init-from` uses that checkpoint's tokenizer (one without a tokenizer needs
+`--set tokenizer=PATH`); only a run from scratch trains a SentencePiece tokenizer on its data.
+A run directory that already holds checkpoints is resumed from its last complete one.
+`--devices N` simulates N CPU devices (set before JAX starts). Metrics go to
+<run>/metrics.jsonl and to TensorBoard event files in <run>/tensorboard (`pip install
+tensorboard` to view them: tensorboardX only writes them); `--profile-steps A:B` writes a
+jax.profiler trace of steps A..B (1-based, inclusive) to <run>/profile (`tensorboard --logdir
+<run>`, Profile tab, or XProf).
 
 Exit status (`hunyuan_jax/errors.py`): 0 done; 2 bad command line or configuration; 3 bad
 training data (file:line named); 4 checkpoint or run directory missing, corrupt or not
-writable (disk full, permission denied), or no checkpoint of the run verifies; 5 stopped on a
-non-finite loss (the message names the last finite step and the newest healthy checkpoint);
+writable (disk full, permission denied), in use by another process (<run>/run.lock names it),
+or no checkpoint of the run verifies; 5 stopped on a non-finite loss, or before saving
+non-finite weights (the message names the last finite step and the newest healthy checkpoint);
 1 a bug (traceback). Expected errors are one line on stderr; `--debug` shows the traceback.
 """
 
@@ -56,17 +66,26 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     from hunyuan_jax import distributed
-    from hunyuan_jax.errors import add_debug_flag
+    from hunyuan_jax.cli_help import HelpFormatter
+    from hunyuan_jax.errors import HunyuanError, add_debug_flag
 
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="YAML with model: and train: sections")
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=HelpFormatter,
+    )
+    ap.add_argument(
+        "--config", required=True, help="YAML with model:, runtime: and train: sections"
+    )
     ap.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a train key, or model.KEY for the model section",
+        help="override a train key (KEY=V), a model key (model.KEY=V) or a runtime key "
+        "(runtime.KEY=V); repeatable",
     )
     ap.add_argument(
         "--init-from",
@@ -92,7 +111,7 @@ def _main(argv) -> int:
     profile_steps = parse_profile_steps(args.profile_steps)
 
     distributed.initialize_from_args(args)  # multi-host: before JAX touches devices
-    from hunyuan_jax.train.config import load_configs
+    from hunyuan_jax.train.config import check_repeated_overrides, load_configs
     from hunyuan_jax.train.loop import train
     from sharding.plan import ShardingPlan
 
@@ -101,12 +120,20 @@ def _main(argv) -> int:
         changes["init_from"] = args.init_from
     if args.run_dir:
         changes["run_dir"] = args.run_dir
+    check_repeated_overrides(args.overrides, **changes)  # a repeated key: said, or refused
     mcfg, policy, tcfg = load_configs(args.config, args.overrides, **changes)
     plan = ShardingPlan.create(tcfg.mesh, tcfg.rules)  # built here, as every entry point does
+    preflight(mcfg, policy, tcfg, plan)
+    run_dir = Path(tcfg.run_dir)
+    new_run = not run_dir.exists()
     try:
         summary = train(mcfg, policy, tcfg, profile_steps=profile_steps, plan=plan)
     except OSError as e:
+        _remove_if_unused(run_dir, new_run)
         raise _io_error(e, tcfg) from e
+    except HunyuanError:
+        _remove_if_unused(run_dir, new_run)
+        raise
     losses = summary["losses"]
     if losses:
         print(
@@ -114,6 +141,31 @@ def _main(argv) -> int:
             f"{losses[0]:.4f} -> {losses[-1]:.4f}; run dir {tcfg.run_dir}"
         )
     return 0
+
+
+def preflight(mcfg, policy, tcfg, plan) -> None:
+    """The checks that need neither data nor weights (`train.data.check_run`: seq_len, the mesh
+    against the devices and the model), before the run directory is created."""
+    from hunyuan_jax.checkpoints.loading import open_checkpoint
+    from hunyuan_jax.train.data import check_run
+
+    if tcfg.init_from:  # the run trains the checkpoint's architecture
+        mcfg = open_checkpoint(tcfg.init_from).cfg
+    check_run(mcfg, policy, tcfg, plan)
+
+
+def _remove_if_unused(run_dir: Path, new_run: bool) -> None:
+    """A run directory this invocation created and left without a single file (a start that
+    failed) is removed, so that a failed start leaves nothing behind."""
+    import jax
+
+    if not new_run or jax.process_index() != 0 or not run_dir.is_dir():
+        return
+    if any(p.is_file() or p.is_symlink() for p in run_dir.rglob("*")):
+        return
+    for d in sorted(run_dir.rglob("*"), key=lambda p: -len(p.parts)):
+        d.rmdir()
+    run_dir.rmdir()
 
 
 def parse_profile_steps(text: str | None) -> tuple[int, int] | None:

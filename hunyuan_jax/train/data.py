@@ -1,6 +1,8 @@
 """A training run's tokenizer and data loader: which tokenizer the run uses (copied into
 <run>/tokenizer/ so the run directory alone can resume or decode), this host's share of the
-documents, and the packed-row loader over them (`data.PackedLoader`).
+documents, and the packed-row loader over them (`data.PackedLoader`); and `check_run`, the
+checks of a run's shapes that need neither data nor weights (train.py before it creates the run
+directory, the AOT tool before it compiles).
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ from hunyuan_jax.data.tokenizer import SentencePieceTokenizer, load_tokenizer
 from hunyuan_jax.errors import CheckpointError, ConfigError
 from hunyuan_jax.model.config import ModelConfig
 from hunyuan_jax.train.config import TrainConfig
+
+
+def check_run(mcfg: ModelConfig, policy, tcfg: TrainConfig, plan) -> None:
+    """ConfigError (exit 2) for a run that cannot start: seq_len beyond the model's positions
+    (without train.allow_long_sequences), a mesh whose axes do not divide the model's
+    parameters (`ShardingPlan.check_model`). `mcfg` is the architecture the run trains: the
+    --init-from checkpoint's when there is one."""
+    from hunyuan_jax.data import check_seq_len
+
+    check_seq_len(tcfg.seq_len, mcfg.max_position_embeddings, tcfg.allow_long_sequences)
+    plan.check_model(mcfg, policy)
 
 
 def run_tokenizer(run_dir: Path, log=print):
@@ -70,13 +83,23 @@ def setup_tokenizer(
     tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, docs, kind: str, log=print
 ):
     """The run's tokenizer, copied into <run>/tokenizer/ (a resumed run reuses that copy):
-    tokenizer="auto": the --init-from checkpoint's tokenizer if it has one, else as
-    "sentencepiece": train a SentencePiece model on (this host's share of) the corpus; any
-    other value: a tokenizer path (hy.tiktoken directory or file, SentencePiece .model)."""
+    tokenizer="auto": the --init-from checkpoint's tokenizer; a checkpoint without one is a
+    ConfigError asking for `--set tokenizer=PATH` (ids from a tokenizer trained here would mean
+    nothing to its weights); from scratch, as "sentencepiece": train a SentencePiece model on
+    (this host's share of) the corpus; any other value: a tokenizer path (hy.tiktoken
+    directory or file, SentencePiece .model). A tokenizer with more ids than the model's
+    vocab_size is a ConfigError, before anything is written."""
     tok_dir = run_dir / "tokenizer"
     tok = run_tokenizer(run_dir, log)
     if tok is None and tcfg.tokenizer == "auto" and tcfg.init_from:
         tok = find_tokenizer(Path(tcfg.init_from))
+        if tok is None:
+            raise ConfigError(
+                f"--init-from {tcfg.init_from} has no tokenizer (no hy.tiktoken or *.model "
+                f"there or in its tokenizer/) and train key 'tokenizer' is auto: name the "
+                f"tokenizer its weights were trained with, --set tokenizer=PATH (a tokenizer "
+                f"trained on this run's data would give ids that mean nothing to them)"
+            )
     if tok is None and tcfg.tokenizer in ("auto", "sentencepiece"):
         if jax.process_index() == 0:
             vocab = tcfg.tokenizer_vocab_size or mcfg.vocab_size
@@ -90,13 +113,17 @@ def setup_tokenizer(
             multihost_utils.sync_global_devices("tokenizer trained")
         tok = SentencePieceTokenizer.load(tok_dir / "tokenizer.model")
     if tok is None:
-        tok = load_tokenizer(tcfg.tokenizer)
-    copy_tokenizer_files(tok, run_dir)
+        try:
+            tok = load_tokenizer(tcfg.tokenizer)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"train key 'tokenizer' {tcfg.tokenizer!r}: {e}") from None
     if tok.vocab_size > mcfg.vocab_size:
         raise ConfigError(
             f"tokenizer {type(tok).__name__} has {tok.vocab_size} ids but the model's "
-            f"vocab_size is {mcfg.vocab_size} (tokenizer=sentencepiece trains one that fits)"
+            f"vocab_size is {mcfg.vocab_size}: ids past it have no embedding (name a "
+            f"tokenizer of at most {mcfg.vocab_size} ids: --set tokenizer=PATH)"
         )
+    copy_tokenizer_files(tok, run_dir)
     return tok
 
 

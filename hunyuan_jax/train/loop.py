@@ -180,9 +180,7 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
                 metrics_log.write(rec)
                 metrics_log.close()
                 raise NonFiniteLoss(
-                    health.stop_report(
-                        msg, history.last_finite(), _checkpoint_health(ckpt), run_dir
-                    )
+                    health.stop_report(msg, history.last_finite(), ckpt.kept_health(), run_dir)
                 )
             log(f"[train] {msg}: batch skipped (parameters unchanged)")
         losses.append(float(m["loss"]))
@@ -249,10 +247,14 @@ def _count_params(step: TrainStep, state: TrainState, mcfg, policy, plan, log):
         counted = nnx.state(abstract_model(mcfg, policy.replace(weights="auto")))
     n_active = active_params(mcfg, counted)
     scales = {k: round(v, 4) for k, v in step.optimizer.scales.items()}
-    log(
-        f"[model] {sum(sizes.values()):,} params ({n_active:,} active per token); lr factors "
-        f"{scales}; {plan.describe()}"
-    )
+    what = f"{sum(sizes.values()):,} params ({n_active:,} active per token)"
+    if step.frozen is not None:  # what trains (the adapters) apart from what runs (the base)
+        base = sum(group_sizes(counted).values())
+        what = (
+            f"{sum(sizes.values()):,} trainable LoRA params; frozen base {base:,} params "
+            f"({n_active:,} active per token)"
+        )
+    log(f"[model] {what}; lr factors {scales}; {plan.describe()}")
     return sizes, n_active
 
 
@@ -327,18 +329,6 @@ def _restore_verified(ckpt, step: TrainStep, run_dir: Path, log):
         f"no checkpoint of {run_dir} verifies ({listing}); delete {ckpt.directory} to start "
         f"over (or put back good copies of those steps)"
     )
-
-
-def _checkpoint_health(ckpt) -> dict[int, dict | None]:
-    """{step: recorded health or None} of the kept checkpoints (pending saves finished)."""
-    ckpt.wait()
-    out = {}
-    for s in ckpt.all_steps():
-        try:
-            out[s] = (ckpt.record(s) or {}).get("health")
-        except CheckpointError:
-            out[s] = None
-    return out
 
 
 def _check_loss_tokens(local_batch: dict, step: int) -> None:

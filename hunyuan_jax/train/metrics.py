@@ -119,9 +119,18 @@ def to_record(step: int, m: dict) -> dict:
 
 
 def progress_line(step: int, m: dict, tokens_per_s: float, mfu: float | None) -> str:
+    """The progress line of a `log_every` step. Next-token training shows its cross entropy
+    (`ce`); DPO its own loss (`dpo`) and, only where the objective has one (dpo.sft_weight > 0),
+    the weighted NLL term of the chosen replies (`sft`)."""
     load = np.asarray(m["expert_load"])
+    if "dpo/loss" in m:
+        terms = f" | dpo {float(m['dpo/loss']):.4f}"
+        if float(m["ce_loss"]) != 0.0:
+            terms += f" | sft {float(m['ce_loss']):.4f}"
+    else:
+        terms = f" | ce {float(m['ce_loss']):.4f}"
     return (
-        f"step {step:6d} | loss {float(m['loss']):.4f} | ce {float(m['ce_loss']):.4f}"
+        f"step {step:6d} | loss {float(m['loss']):.4f}{terms}"
         f" | aux {float(m['aux_loss']):.3f} | rerouted "
         f"{float(m.get('rerouted_fraction', 0.0)):.3f} | load max/min "
         f"{load.max():.3f}/{load.min():.3f} | gnorm {float(m['grad_norm']):.3f} | "
