@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import HY_TINY
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -555,7 +556,7 @@ def test_plan_from_flags():
 
 
 # ----------------------------------------------------------------------------- mesh vs model
-HY_TINY_ST = Path(__file__).parent / "data" / "hy_tiny" / "hf_st"
+HY_TINY_ST = HY_TINY / "hf_st"
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -627,7 +628,7 @@ def test_entry_points_refuse_a_mesh_in_one_line(tmp_path):
         "train": _cli("train.py", "--config", "configs/tiny.yaml", "--run-dir", run, env=env),
         "infer": _cli("infer.py", "--checkpoint", HY_TINY_ST, "--prompt", "x", *mesh, env=env),
         "serve": _cli(
-            "-m", "hunyuan_jax.serve", "--checkpoint", HY_TINY_ST, "--port", "1", *mesh, env=env
+            "-m", "hunyuan_jax.cli.serve", "--checkpoint", HY_TINY_ST, "--port", "1", *mesh, env=env
         ),
     }
     for name, proc in procs.items():

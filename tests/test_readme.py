@@ -304,11 +304,11 @@ def test_run_from_a_checkpoint_uses_its_tokenizer_or_stops(tmp_path, capsys):
     the run stops (exit 2, one line asking for one) instead of training a tokenizer whose ids
     mean nothing to the weights; a tokenizer with more ids than the model's vocabulary is
     refused the same way. Neither leaves a run directory behind."""
-    import train as train_cli
+    from hunyuan_jax.cli import train as train_cli
 
     run = tmp_path / "lora"
     argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run)]
-    argv += ["--init-from", str(ROOT / "tests" / "data" / "hy_tiny" / "hf_st")]
+    argv += ["--init-from", str(ROOT / "hunyuan_jax" / "assets" / "hy_tiny" / "hf_st")]
     argv += ["--set", "lora={rank: 8}", "--set", "steps=1"]
     assert train_cli.main(argv) == 2
     err = capsys.readouterr().err

@@ -23,6 +23,7 @@ from hunyuan_jax.checkpoints.runs import (
 )
 from hunyuan_jax.data.corpus import (
     PackedLoader,
+    check_seq_len,
     embedded_corpus,
     read_documents,
     texts_for_tokenizer,
@@ -39,8 +40,6 @@ def check_run(mcfg: ModelConfig, policy, tcfg: TrainConfig, plan) -> None:
     (without train.allow_long_sequences), a mesh whose axes do not divide the model's
     parameters (`ShardingPlan.check_model`). `mcfg` is the architecture the run trains: the
     --init-from checkpoint's when there is one."""
-    from hunyuan_jax.data import check_seq_len
-
     check_seq_len(tcfg.seq_len, mcfg.max_position_embeddings, tcfg.allow_long_sequences)
     plan.check_model(mcfg, policy)
 
