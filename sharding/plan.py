@@ -11,7 +11,7 @@ generator, the loaders and the AOT tool ask it for shardings. It answers in logi
 
 Parameters must divide their mesh axes exactly. A mesh that does not fit is a `ConfigError`
 (exit 2) raised here and nowhere else: at creation when its sizes do not fit the devices, and
-from `check_model` / `state_shardings` when an axis does not divide a parameter (the message
+from `check_state` / `state_shardings` when an axis does not divide a parameter (the message
 names the axis, its size, the dimension and the sizes that would fit). Activations are
 shape-aware: a mesh axis that does not divide the dimension is dropped (e.g. a batch of 2 on
 data=2 x expert=4 is split over `data` only) instead of padded, so small batches never force
@@ -129,18 +129,6 @@ class ShardingPlan:
 
     def shards(self, logical: str) -> bool:
         return self.size(logical) > 1
-
-    def check_model(self, cfg, policy=None) -> None:
-        """ConfigError unless every parameter of `cfg`'s model (matmul weights in the form
-        `policy.weights` names) divides the mesh axes the rules put it on. train.py and the
-        AOT tool call it before they create anything; the loaders (infer.py, the server,
-        merge-lora) meet the same check in `state_shardings`, before any array exists."""
-        if self.mesh is None:
-            return
-        # Imported here: hunyuan_jax.model.state imports this module.
-        from hunyuan_jax.model.state import abstract_model
-
-        self.check_state(nnx.state(abstract_model(cfg, policy, ShardingPlan.single(self.rules))))
 
     def check_state(self, abstract_state) -> None:
         """ConfigError naming the mesh axis, its size, the first parameter dimension it does

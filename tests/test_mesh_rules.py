@@ -580,28 +580,28 @@ def test_mesh_larger_than_the_devices_is_a_config_error():
 def test_mesh_that_does_not_divide_the_model_names_axis_size_and_fits():
     """`--mesh data=1,tensor=8` on the tiny model (4 KV heads): the axis, its size, the
     parameter dimension and the sizes that would fit, plus a whole mesh that does; from
-    `check_model` and from `state_shardings` (every loader), before any array exists."""
+    `check_fits` and from `state_shardings` (every loader), before any array exists."""
     from hunyuan_jax.model.config import ModelConfig
-    from hunyuan_jax.model.state import abstract_model
+    from hunyuan_jax.model.state import abstract_model, check_fits
 
     cfg = ModelConfig.from_hf(HY_TINY_ST)
     plan = ShardingPlan.create("data=1,tensor=8", "serve_ep_tp")
     with pytest.raises(ConfigError) as e:
-        plan.check_model(cfg)
+        check_fits(plan, cfg)
     msg = str(e.value)
     for part in ("tensor=8 does not divide kv_heads", "size 4", "attn.k_proj", "serve_ep_tp"):
         assert part in msg, (part, msg)
     assert "tensor sizes that fit: 1, 2, 4 (e.g. mesh data=2,tensor=4)" in msg, msg
     # The suggested mesh does fit; so does every size listed.
-    ShardingPlan.create("data=2,tensor=4", "serve_ep_tp").check_model(cfg)
+    check_fits(ShardingPlan.create("data=2,tensor=4", "serve_ep_tp"), cfg)
     # The loaders' path (state_shardings) says the same.
     abstract = nnx.state(abstract_model(cfg, None, ShardingPlan.single("serve_ep_tp")))
     with pytest.raises(ConfigError, match="tensor=8 does not divide kv_heads"):
         plan.state_shardings(abstract)
     # Expert parallelism over more shards than experts: no size of 'expert' above 8 fits.
     with pytest.raises(ConfigError, match=r"expert=4 does not divide exp \(size 6"):
-        ShardingPlan.create("data=2,expert=4", "fsdp_ep").check_model(cfg.replace(num_experts=6))
-    ShardingPlan.single().check_model(cfg)  # no mesh: nothing to check
+        check_fits(ShardingPlan.create("data=2,expert=4", "fsdp_ep"), cfg.replace(num_experts=6))
+    check_fits(ShardingPlan.single(), cfg)  # no mesh: nothing to check
 
 
 def _cli(*argv, env=None):

@@ -42,6 +42,7 @@ from hunyuan_jax.cli_help import HelpFormatter
 from hunyuan_jax.errors import ConfigError, DoesNotFit, UsageError
 from hunyuan_jax.model.config import ModelConfig, read_yaml
 from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.state import check_fits
 from hunyuan_jax.train.config import TrainConfig, load_configs, parse_overrides
 from sharding.plan import ShardingPlan
 
@@ -239,7 +240,7 @@ def resolve(args) -> tuple[Job, dict, T.Chip | None, float | None]:
     try:  # a mesh that does not fit the devices or the model: ConfigError (sharding/plan.py)
         plan = ShardingPlan.from_flags(mesh, rules, args.rule, devices=devices)
         if args.mode != "train":  # train: train.py's own checks, in programs.train_program
-            plan.check_model(cfg, policy)
+            check_fits(plan, cfg, policy)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"--mesh {mesh} --rules {rules}: {e}") from None
     chip = T.chip_of(plan.devices)

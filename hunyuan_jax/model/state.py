@@ -51,6 +51,15 @@ def abstract_state(cfg: ModelConfig, policy=None, plan=None):
     return graphdef, plan.abstract(state)
 
 
+def check_fits(plan: ShardingPlan, cfg: ModelConfig, policy=None) -> None:
+    """ConfigError unless every parameter of `cfg`'s model (matmul weights in the form
+    `policy.weights` names) divides the mesh axes `plan`'s rules put it on
+    (`ShardingPlan.check_state`). train.py and the AOT tool call it before they create
+    anything; the loaders meet the same check in `state_shardings`, before any array exists."""
+    if plan.mesh is not None:
+        plan.check_state(nnx.state(abstract_model(cfg, policy, ShardingPlan.single(plan.rules))))
+
+
 def flat_shapes(model: nnx.Module) -> dict[tuple, tuple[int, ...]]:
     """{parameter path: shape}, e.g. ('groups', 'layers', 0, 'attn', 'q_proj'): (G, D, H, Dh)."""
     return {path: tuple(var.shape) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}

@@ -32,16 +32,17 @@ from hunyuan_jax.data.corpus import (
 from hunyuan_jax.data.tokenizer import SentencePieceTokenizer, load_tokenizer
 from hunyuan_jax.errors import CheckpointError, ConfigError
 from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.state import check_fits
 from hunyuan_jax.train.config import TrainConfig
 
 
 def check_run(mcfg: ModelConfig, policy, tcfg: TrainConfig, plan) -> None:
     """ConfigError (exit 2) for a run that cannot start: seq_len beyond the model's positions
     (without train.allow_long_sequences), a mesh whose axes do not divide the model's
-    parameters (`ShardingPlan.check_model`). `mcfg` is the architecture the run trains: the
+    parameters (`state.check_fits`). `mcfg` is the architecture the run trains: the
     --init-from checkpoint's when there is one."""
     check_seq_len(tcfg.seq_len, mcfg.max_position_embeddings, tcfg.allow_long_sequences)
-    plan.check_model(mcfg, policy)
+    check_fits(plan, mcfg, policy)
 
 
 def run_tokenizer(run_dir: Path, log=print):
