@@ -27,15 +27,14 @@ How it works
   per-row arrays (`cache_batch`); the batch is padded with idle rows up to a multiple of the
   cache batch's shards.
 
-Loading a checkpoint for decoding is `hunyuan_jax.checkpoints.from_checkpoint.load`.
+Loading a checkpoint for decoding is `hunyuan_jax.decode.from_checkpoint.load`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from hunyuan_jax.decode.sampling import SamplingConfig, sample
+from hunyuan_jax.decode.state import DecodeState, Generation
 from hunyuan_jax.model.config import ModelConfig
 from hunyuan_jax.model.kv_cache import CACHE_DTYPES, KVCache, cache_shardings
 from hunyuan_jax.model.transformer import HunyuanForCausalLM
@@ -50,49 +50,6 @@ from hunyuan_jax.model.transformer import HunyuanForCausalLM
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 DECODE_LOOPS = ("auto", "device", "host")
 PROGRAMS = ("prefill", "start", "decode")
-
-
-class DecodeState(NamedTuple):
-    """Everything the decode loop carries (one pytree, donated between calls)."""
-
-    cache: KVCache
-    tokens: jax.Array  # [B, N] int32 new tokens; column t = t-th new token
-    last: jax.Array  # [B] int32 the token fed to the next step
-    done: jax.Array  # [B] bool
-    num_new: jax.Array  # [B] int32 new tokens of each row, its EOS included
-    seen: jax.Array | None  # [B, V] bool tokens of the sequence (repetition penalty) or None
-    key: jax.Array  # PRNG key
-    step: jax.Array  # [] int32 number of columns of `tokens` written
-    logits: jax.Array | None  # [B, N, V] float32 model logits of each new token (or None)
-    eos: jax.Array  # [E] int32 ids that end a row, padded with -1 to a multiple of 8
-
-
-@dataclasses.dataclass
-class Generation:
-    """Result of `Generator.generate` (lists in prompt order)."""
-
-    tokens: list[list[int]]  # new tokens of each prompt, EOS included if it stopped on one
-    finish_reasons: list[str]  # 'eos' or 'length'
-    prompt_tokens: int  # real prompt tokens (no padding)
-    prefill_seconds: float  # prefill and first-token sampling, compile excluded
-    decode_seconds: float  # the decode loop, compile excluded
-    compile_seconds: float  # ahead-of-time compiles this call needed (0 when all cached)
-    logits: list[np.ndarray] | None = None  # with record_logits: [new tokens, V] per prompt
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(len(t) for t in self.tokens)
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / max(self.prefill_seconds, 1e-9)
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens produced by the decode loop (the first new token of each row comes from the
-        prefill) per second of the loop."""
-        n = sum(max(len(t) - 1, 0) for t in self.tokens)
-        return n / max(self.decode_seconds, 1e-9)
 
 
 StreamFn = Callable[[int, np.ndarray, np.ndarray], None]
