@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from hunyuan_jax.cli_help import HelpFormatter
+from hunyuan_jax.data.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer
 from hunyuan_jax.errors import (
     CheckpointError,
     DataError,
@@ -203,8 +204,6 @@ def _read_prompts(args) -> list[str]:
 
 
 def _encode(tokenizer, prompts: list[str], args) -> list[list[int]]:
-    from hunyuan_jax.data.tokenizer import DEFAULT_SYSTEM_PROMPT
-
     out = []
     for text in prompts:
         if args.chat:
@@ -303,8 +302,6 @@ def _main(args) -> int:
             raise UsageError(f"--mesh {args.mesh!r} / --rules {args.rules!r}: {e}") from None
     tokenizer = None
     if args.tokenizer is not None:
-        from hunyuan_jax.data.tokenizer import load_tokenizer
-
         try:
             load_tokenizer(args.tokenizer)  # a bad --tokenizer is a usage error, said early
         except (FileNotFoundError, ValueError) as e:

@@ -27,7 +27,10 @@ import signal
 import sys
 from pathlib import Path
 
+from hunyuan_jax.cli_help import HelpFormatter
+from hunyuan_jax.errors import ConfigError, UsageError, add_debug_flag, run_cli
 from hunyuan_jax.host_env import reexec_with_hugepage_malloc
+from hunyuan_jax.serve.metrics import Metrics
 
 # JAX and the package's heavy modules are imported inside the functions, not here: the entry
 # point first re-executes itself (`entry`, hunyuan_jax/host_env.py) and, for --devices, sets
@@ -41,8 +44,6 @@ API_KEY_ENV = "HUNYUAN_API_KEY"
 
 def build_parser() -> argparse.ArgumentParser:
     from hunyuan_jax import distributed
-    from hunyuan_jax.cli_help import HelpFormatter  # --help prints every default
-    from hunyuan_jax.errors import add_debug_flag
 
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
@@ -134,10 +135,8 @@ def build_state(
     """Loads the checkpoint and builds the executor, the engine and the metrics (the engine
     is not started). Returns a `api.ServeState`."""
     from hunyuan_jax.decode import from_checkpoint
-    from hunyuan_jax.errors import ConfigError, UsageError
     from hunyuan_jax.serve.api import ServeState
     from hunyuan_jax.serve.engine import Executor
-    from hunyuan_jax.serve.metrics import Metrics
     from hunyuan_jax.serve.scheduler import Engine
     from hunyuan_jax.serve.schemas import PENALTY_MAX, PENALTY_MIN, TEMPERATURE_MAX
 
@@ -215,7 +214,6 @@ def main(argv=None) -> int:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from hunyuan_jax.errors import run_cli
 
     args = build_parser().parse_args(argv)
     return run_cli(PROG, lambda: _main(args), args.debug)
@@ -223,7 +221,6 @@ def main(argv=None) -> int:
 
 def _main(args) -> int:
     from hunyuan_jax import distributed
-    from hunyuan_jax.errors import UsageError
 
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if api_key is not None and not api_key.strip():

@@ -37,7 +37,18 @@ import os
 import sys
 from pathlib import Path
 
+from hunyuan_jax.cli_help import HelpFormatter
+from hunyuan_jax.errors import (
+    CheckpointError,
+    DataError,
+    HunyuanError,
+    UsageError,
+    add_debug_flag,
+    os_error,
+    run_cli,
+)
 from hunyuan_jax.host_env import reexec_with_hugepage_malloc
+from hunyuan_jax.train.config import check_repeated_overrides, load_configs
 
 # JAX and the package's heavy modules are imported inside the functions, not here: the entry
 # point first re-executes itself (`entry`, hunyuan_jax/host_env.py) and, for --devices, sets
@@ -59,15 +70,12 @@ def main(argv=None) -> int:
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
         )
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from hunyuan_jax.errors import CheckpointError, run_cli
 
     return run_cli(PROG, lambda: _main(argv), debug=known.debug, oserror=CheckpointError)
 
 
 def _main(argv) -> int:
     from hunyuan_jax import distributed
-    from hunyuan_jax.cli_help import HelpFormatter
-    from hunyuan_jax.errors import HunyuanError, add_debug_flag
 
     ap = argparse.ArgumentParser(
         prog=PROG,
@@ -111,7 +119,6 @@ def _main(argv) -> int:
     profile_steps = parse_profile_steps(args.profile_steps)
 
     distributed.initialize_from_args(args)  # multi-host: before JAX touches devices
-    from hunyuan_jax.train.config import check_repeated_overrides, load_configs
     from hunyuan_jax.train.loop import train
     from sharding.plan import ShardingPlan
 
@@ -170,7 +177,6 @@ def _remove_if_unused(run_dir: Path, new_run: bool) -> None:
 
 def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
     """ "A:B" -> (A, B) with 1 <= A <= B; UsageError (exit 2) otherwise."""
-    from hunyuan_jax.errors import UsageError
 
     if text is None:
         return None
@@ -186,7 +192,6 @@ def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
 def _io_error(e: OSError, tcfg):
     """An OSError reading the training data is bad input data (3); anything else (the run
     directory, a checkpoint: disk full, permission denied) a checkpoint error (4)."""
-    from hunyuan_jax.errors import CheckpointError, DataError, HunyuanError, os_error
 
     if isinstance(e, HunyuanError):
         return e
