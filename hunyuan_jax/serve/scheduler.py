@@ -258,18 +258,18 @@ class Engine:
         else:
             self._failures = 0
 
-    def _reject(self, i: int, e: Exception) -> None:
-        """Slot i's request has settings the programs cannot take: it alone fails."""
-        msg = f"the request's settings cannot be run: {type(e).__name__}: {e}"
-        self.log(f"[serve] request {self.slots[i].req.id}: {msg}")
-        self._finish(i, "error", msg)
-
     def _admit(self) -> None:
         for i, s in enumerate(self.slots):
             while s is None and self.waiting:
                 req = self.waiting.popleft()
                 if req.cancelled.is_set():
                     self._emit(req, Event("done", finish_reason="cancelled"))
+                    continue
+                problem = _settings_problem(req.params)
+                if problem is not None:  # checked once here, not in every step's packing
+                    msg = f"the request's settings cannot be run: {problem}"
+                    self.log(f"[serve] request {req.id}: {msg}")
+                    self._emit(req, Event("done", finish_reason="error", error=msg))
                     continue
                 s = self.slots[i] = _Slot(req)
 
@@ -293,29 +293,20 @@ class Engine:
         for _, i in sorted(todo):
             s = self.slots[i]
             prompt, p = s.req.prompt, s.req.params
-            mine = []
-            try:
-                for start in range(s.prefilled, len(prompt), c):
-                    if len(works) + len(mine) == self.prefill_budget:
-                        break
-                    toks = np.zeros((c,), np.int32)
-                    nxt = np.zeros((c,), np.int32)
-                    piece = prompt[start : start + c]
-                    toks[: len(piece)] = piece
-                    after = prompt[start + 1 : start + c + 1]
-                    nxt[: len(after)] = after
-                    work = PrefillWork(
-                        i, start, toks, nxt, len(prompt), p.temperature, p.top_k, p.top_p,
-                        p.repetition_penalty, s.req.key,
-                    )  # fmt: skip
-                    _check_floats(*work.pack()[1])  # packing checks the int32 values
-                    mine.append((i, work))
-            except (OverflowError, ValueError, TypeError) as e:
-                self._reject(i, e)
-                continue
-            works += mine
-            if len(works) == self.prefill_budget:
-                return works
+            for start in range(s.prefilled, len(prompt), c):
+                if len(works) == self.prefill_budget:
+                    return works
+                toks = np.zeros((c,), np.int32)
+                nxt = np.zeros((c,), np.int32)
+                piece = prompt[start : start + c]
+                toks[: len(piece)] = piece
+                after = prompt[start + 1 : start + c + 1]
+                nxt[: len(after)] = after
+                work = PrefillWork(
+                    i, start, toks, nxt, len(prompt), p.temperature, p.top_k, p.top_p,
+                    p.repetition_penalty, s.req.key,
+                )  # fmt: skip
+                works.append((i, work))
         return works
 
     def _decode_work(self) -> DecodeWork | None:
@@ -327,20 +318,14 @@ class Engine:
         for i in live:
             s = self.slots[i]
             p = s.req.params
-            try:
-                w.last[i] = s.last
-                w.index[i] = len(s.req.prompt) + s.req.generated - 1
-                w.temperature[i], w.top_k[i], w.top_p[i] = p.temperature, p.top_k, p.top_p
-                w.repetition_penalty[i] = p.repetition_penalty
-                w.keys[i] = s.req.key
-                w.count[i] = s.req.generated
-                _check_floats(w.temperature[i], w.top_p[i], w.repetition_penalty[i])
-            except (OverflowError, ValueError, TypeError) as e:
-                self._reject(i, e)
-                w.temperature[i], w.top_k[i], w.top_p[i], w.repetition_penalty[i] = 0, 0, 1, 1
-                continue
+            w.last[i] = s.last
+            w.index[i] = len(s.req.prompt) + s.req.generated - 1
             w.active[i] = True
-        return w if w.active.any() else None
+            w.temperature[i], w.top_k[i], w.top_p[i] = p.temperature, p.top_k, p.top_p
+            w.repetition_penalty[i] = p.repetition_penalty
+            w.keys[i] = s.req.key
+            w.count[i] = s.req.generated
+        return w
 
     def _do_prefill(self, i: int, w: PrefillWork) -> None:
         out = self.ex.prefill(w)
@@ -430,7 +415,7 @@ class Engine:
         return {"flags": flags, "p_int": p_int, "p_float": p_float, "d_int": d_int,
                 "d_float": d_float}  # fmt: skip
 
-    def _broadcast(self, prefill, decode, stop: bool) -> dict:
+    def _broadcast(self, prefill, decode, stop: int) -> dict:
         return multihost_utils.broadcast_one_to_all(self._plan_arrays(prefill, decode, stop))
 
     def follow(self) -> bool:
@@ -447,11 +432,17 @@ class Engine:
                 self.ex.decode(DecodeWork.unpack(a["d_int"], a["d_float"]))
 
 
-def _check_floats(temperature, top_p, repetition_penalty) -> None:
-    """The float settings as the programs see them (float32): finite and in range."""
-    t, p, r = (float(np.float32(x)) for x in (temperature, top_p, repetition_penalty))
-    if not (np.isfinite([t, p, r]).all() and t >= 0 and 0 < p <= 1 and r > 0):
-        raise ValueError(
-            f"temperature {t}, top_p {p}, repetition_penalty {r} as float32: need finite "
+def _settings_problem(p) -> str | None:
+    """Why a request's sampling settings cannot go into the programs' arrays (int32 top_k,
+    float32 temperature / top_p / repetition_penalty: finite and in range), or None."""
+    try:
+        np.array([p.top_k], np.int32)  # numpy refuses an int past int32
+        t, tp, r = (float(np.float32(x)) for x in (p.temperature, p.top_p, p.repetition_penalty))
+    except (OverflowError, ValueError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    if not (np.isfinite([t, tp, r]).all() and t >= 0 and 0 < tp <= 1 and r > 0):
+        return (
+            f"temperature {t}, top_p {tp}, repetition_penalty {r} as float32: need finite "
             f"temperature >= 0, 0 < top_p <= 1, repetition_penalty > 0"
         )
+    return None
