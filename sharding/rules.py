@@ -47,6 +47,7 @@ ACTIVATION_AXES = (
     "cache_length",
     "cache_kv_heads",
     "cache_layers",
+    "cache_pages",
 )
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 
@@ -84,6 +85,8 @@ FSDP: Rules = (
     ("cache_length", None),
     ("cache_kv_heads", None),
     ("cache_layers", None),
+    # The serving engine's page pool: every device holds every page (of its kv heads).
+    ("cache_pages", None),
 )
 
 

@@ -16,6 +16,11 @@ for plain causal self-attention whose length is a multiple of 128, flash when a 
 matrix would be large (>= FLASH_MIN_SCORES per row and head: long training rows, long prefill
 chunks against a long cache), else xla (decode steps, short calls).
 
+Paged attention (the serving engine, `paged_attention_impl_for`): jax's ragged paged attention
+Pallas kernel on TPU for a float page pool on one device; the plain-JAX path otherwise (CPU, an
+int8 pool whose per-token scales the kernel cannot take, or a pool sharded over a mesh, which
+the kernel would need a shard_map for).
+
 The model calls both once per forward (`HunyuanForCausalLM.__call__(phase=...)`); nothing else
 decides them.
 """
@@ -62,4 +67,13 @@ def attention_impl_for(
         return "splash"
     if num_queries > 1 and num_queries * num_keys >= FLASH_MIN_SCORES:
         return "flash"
+    return "xla"
+
+
+def paged_attention_impl_for(policy: RuntimePolicy, plan, pool) -> str:
+    """'xla' | 'pallas' for the paged attention of one engine step."""
+    if policy.attention == "xla":
+        return "xla"
+    if plan.platform == "tpu" and pool.scale is None and not plan.is_sharded:
+        return "pallas"
     return "xla"

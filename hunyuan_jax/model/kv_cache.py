@@ -7,6 +7,11 @@ compute dtype or int8 with per-token, per-head scales, and its layout on a mesh.
 k, v: [groups, batch, max_len, kv_heads, head_dim]; index: [batch] the next slot to write. A
 row's token at position p lives in slot p, so a query at position p attends to slots <= p. The
 keys are RoPE-rotated but not key-normed: each layer of a group applies its own key-norm.
+
+The serving engine's cache is `PagedCache`: a pool of fixed-size pages (`kernels.paged.PagedKV`,
+one pool per CLA group stacked on a leading axis) and where one step's tokens sit in it
+(`kernels.paged.PagedBatch`). Its pages hold the weight-free normalised key k / rms(k), so one
+page serves every layer of a group; each layer folds its key-norm weight into its query.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.kernels.paged import PagedBatch, PagedKV
 
 CACHE_DTYPES = ("auto", "bfloat16", "float32", "int8")
 
@@ -154,3 +160,36 @@ def bytes_per_token(cfg: ModelConfig, dtype) -> dict[str, int]:
             kv += t.size * t.dtype.itemsize
     per = batch * length
     return {"kv": kv // per, "scales": scales // per, "total": (kv + scales) // per}
+
+
+class PagedCache(NamedTuple):
+    """The engine's cache for one model call: the page pool of every CLA group (`pool.kv`
+    [groups, pages, page_size, 2 * kv_heads, head_dim]) and this call's token placement."""
+
+    pool: PagedKV
+    batch: PagedBatch
+
+    @staticmethod
+    def zeros_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> PagedKV:
+        """An empty pool for every KV-producing layer; dtype a float dtype or int8."""
+        return PagedKV.zeros(
+            num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, dtype, lead=(cfg.num_groups,)
+        )
+
+
+def pool_shardings(pool: PagedKV, plan):
+    """Shardings of a page pool (replicated without a mesh)."""
+    if plan.mesh is None:
+        return jax.tree.map(lambda _: plan.replicated(), pool)
+
+    def named(t, axes):
+        return jax.sharding.NamedSharding(plan.mesh, plan.spec(axes, t.shape, "page pool"))
+
+    scale = None if pool.scale is None else named(pool.scale, PagedKV.SCALE_LOGICAL_AXES)
+    return PagedKV(named(pool.kv, PagedKV.LOGICAL_AXES), scale)
+
+
+def pool_bytes_per_token(cfg: ModelConfig, dtype) -> int:
+    """Bytes one token takes in a page pool (K and V of every group, int8 scales included)."""
+    pool = jax.eval_shape(lambda: PagedCache.zeros_pool(cfg, 2, 8, dtype))
+    return sum(t.size * t.dtype.itemsize for t in jax.tree.leaves(pool)) // 16

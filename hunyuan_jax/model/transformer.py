@@ -30,9 +30,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from hunyuan_jax.model import dispatch, qops
 from hunyuan_jax.model.config import ModelConfig
-from hunyuan_jax.model.kernels import flash, splash
+from hunyuan_jax.model.kernels import flash, paged, splash
 from hunyuan_jax.model.kernels.attention import AttentionMask, attend
-from hunyuan_jax.model.kv_cache import KVCache, QuantizedKV, write_rows
+from hunyuan_jax.model.kv_cache import KVCache, PagedCache, QuantizedKV, write_rows
 from hunyuan_jax.model.layers import RMSNorm, apply_rope, param, rope_inv_freq
 from hunyuan_jax.model.moe import ExpertsFn, MoE
 from hunyuan_jax.model.policy import RuntimePolicy
@@ -52,11 +52,12 @@ class Context(NamedTuple):
     """What every layer of one forward shares (built once per call)."""
 
     positions: jax.Array  # [B, S] RoPE positions
-    mask: AttentionMask  # which key slots each query may attend
+    mask: AttentionMask | None  # which key slots each query may attend (None: paged)
     inv_freq: jax.Array  # [Dh / 2] RoPE inverse frequencies
     cache_index: jax.Array | None  # [B] first cache slot written by this call (or None)
     experts_fn: ExpertsFn
-    attention: str = "xla"  # 'xla' | 'flash' | 'splash' (dispatch.attention_impl_for)
+    attention: str = "xla"  # 'xla' | 'flash' | 'splash' | 'pallas' (dispatch)
+    paged: paged.PagedBatch | None = None  # the engine's token placement (a paged cache)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -94,6 +95,26 @@ class Attention(nnx.Module):
         k = qops.einsum("bsd,dnh->bsnh", x, self._w("k_proj", lora_key))
         v = qops.einsum("bsd,dnh->bsnh", x, self._w("v_proj", lora_key))
         return apply_rope(k, ctx.positions, ctx.inv_freq), v
+
+    def write_pages(self, x, pool: paged.PagedKV, ctx: Context) -> paged.PagedKV:
+        """Writes this call's K/V into the group's pages: the weight-free normalised key
+        k / rms(k) (each layer of the group folds its own key-norm weight into its query,
+        `attend_pages`) and the value."""
+        k, v = self.project_kv(x, ctx)
+        if self.key_norm is not None:
+            k = paged.normalize_key(k, self.key_norm.eps)
+        return paged.write(pool, k[0], v[0], ctx.paged.slots)
+
+    def attend_pages(self, x, pool: paged.PagedKV, ctx: Context):
+        """x: [1, T, D], the engine's ragged token stream -> [1, T, D], attending over pages:
+        q . (w * k / rms(k)) computed as (w * q) . (k / rms(k)), exactly the key-normed score."""
+        q = qops.einsum("bsd,dnh->bsnh", x, self._w("q_proj"))
+        q = apply_rope(q, ctx.positions, ctx.inv_freq)
+        if self.query_norm is not None:
+            q = self.query_norm(q) * self.key_norm.weight[...].astype(q.dtype)
+        q = self.plan.constrain(q, ("batch", "length", "act_heads", None))
+        out = paged.attend(q[0], pool, ctx.paged, impl=ctx.attention)[None]
+        return qops.einsum("bsnh,nhd->bsd", out, self._w("o_proj"))
 
     def __call__(self, x, k, v, ctx: Context, dropout=None, lora_key=None):
         """x: [B,S,D]; k, v: [B,T,KVH,Dh] (shared, roped) -> [B,S,D].
@@ -165,6 +186,12 @@ class DecoderLayer(nnx.Module):
         if key is not None and self.attention_dropout:
             attn_drop = (self.attention_dropout, keys[0])
         h = self.input_norm(x)
+        if ctx.paged is not None:  # the engine: `kv` / `cache_kv` are this group's pages
+            if self.attn.produces_kv:
+                kv = self.attn.write_pages(h, cache_kv, ctx)
+            attn_out = self.attn.attend_pages(h, kv, ctx)
+            x, stats = self._mlp_half(x, attn_out, ctx, keys, lora_key)
+            return x, kv, stats
         if self.attn.produces_kv:
             kv = self.attn.project_kv(h, ctx, lora_key)
             if cache_kv is not None:
@@ -175,12 +202,17 @@ class DecoderLayer(nnx.Module):
             t.dequantize(self.attn.compute_dtype) if isinstance(t, QuantizedKV) else t for t in kv
         )
         attn_out = self.attn(h, *attn_kv, ctx, attn_drop, lora_key)
+        x, stats = self._mlp_half(x, attn_out, ctx, keys, lora_key)
+        return x, kv, stats
+
+    def _mlp_half(self, x, attn_out, ctx: Context, keys, lora_key):
+        """The attention residual, then the pre-norm MoE and its residual -> (x, stats)."""
         x = x + _dropout(attn_out, self.hidden_dropout, keys[1])
         x = self.plan.constrain(x, ("batch", "length", "act_embed"))
         moe_out, stats = self.moe(self.post_attn_norm(x), ctx.experts_fn, keys[2], lora_key)
         x = x + _dropout(moe_out, self.hidden_dropout, keys[3])
         x = self.plan.constrain(x, ("batch", "length", "act_embed"))
-        return x, kv, stats
+        return x, stats
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -276,7 +308,7 @@ class HunyuanForCausalLM(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         *,
-        cache: KVCache | None = None,
+        cache: KVCache | PagedCache | None = None,
         phase: str | None = None,
         key: jax.Array | None = None,
         experts_fn: ExpertsFn | None = None,
@@ -301,7 +333,13 @@ class HunyuanForCausalLM(nnx.Module):
         phase = phase or ("train" if key is not None else "prefill")
         if experts_fn is None:
             experts_fn = dispatch.experts_fn_for(phase, cfg, self.policy, plan, b * s)
-        if cache is not None:
+        paged_batch = None
+        if isinstance(cache, PagedCache):  # the engine: one ragged stream of tokens
+            if b != 1:
+                raise ValueError(f"a paged cache takes one token stream [1, T], got [{b}, {s}]")
+            paged_batch = cache.batch
+            positions, mask = cache.batch.positions[None, :], None
+        elif cache is not None:
             positions = cache.index[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
             mask = AttentionMask.cached(cache.index, s, cache.max_len)
         else:
@@ -311,16 +349,20 @@ class HunyuanForCausalLM(nnx.Module):
                 segment_ids = jnp.ones((b, s), jnp.int32)
             mask = AttentionMask.causal(segment_ids)
         dropout = key is not None and self.policy.attention_dropout > 0
-        attention = dispatch.attention_impl_for(
-            self.policy, plan, mask, s, mask.kv_positions.shape[1], dropout
-        )
+        if paged_batch is not None:
+            attention = dispatch.paged_attention_impl_for(self.policy, plan, cache.pool)
+        else:
+            attention = dispatch.attention_impl_for(
+                self.policy, plan, mask, s, mask.kv_positions.shape[1], dropout
+            )
         ctx = Context(
             positions,
             mask,
             rope_inv_freq(cfg),
-            None if cache is None else cache.index,
+            None if cache is None or paged_batch is not None else cache.index,
             experts_fn,
             attention,
+            paged_batch,
         )
 
         # The table's hidden dim as the plan says (`table_embed`): all-gathered before the lookup
@@ -343,9 +385,13 @@ class HunyuanForCausalLM(nnx.Module):
             body = jax.checkpoint(
                 body, policy=_REMAT_POLICIES[self.policy.remat], prevent_cse=False
             )
+        if paged_batch is not None:
+            cache_xs = cache.pool
+        else:
+            cache_xs = None if cache is None else (cache.k, cache.v)
         xs = (
             stacked,
-            None if cache is None else (cache.k, cache.v),
+            cache_xs,
             jnp.arange(cfg.num_groups, dtype=jnp.int32),
         )
         if self.policy.scan_layers:
@@ -362,7 +408,9 @@ class HunyuanForCausalLM(nnx.Module):
         x = self.final_norm(x)
         logits = x if return_hidden else self.logits(x)
         new_cache = None
-        if cache is not None:
+        if paged_batch is not None:
+            new_cache = PagedCache(new_kv, paged_batch)
+        elif cache is not None:
             new_cache = KVCache(new_kv[0], new_kv[1], cache.index + s)
         return logits, stats, new_cache
 

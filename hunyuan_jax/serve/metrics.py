@@ -3,8 +3,12 @@
 
 | metric | type | what |
 |---|---|---|
-| hunyuan_queue_length | gauge | requests waiting for a slot |
-| hunyuan_active_slots / hunyuan_slots | gauge | slots holding a request / all slots |
+| hunyuan_queue_length | gauge | requests waiting for admission (a row and KV pages) |
+| hunyuan_active_slots / hunyuan_slots | gauge | sequences running / rows (--slots, the most in flight) |
+| hunyuan_kv_pages_free / hunyuan_kv_pages | gauge | KV pool pages free or evictable / all usable pages |
+| hunyuan_prefix_cache_queried_tokens_total / hunyuan_prefix_cache_hit_tokens_total | counter | prompt tokens looked up in the prefix cache / served from it |
+| hunyuan_prefix_cache_hit_rate | gauge | hit / queried tokens since start |
+| hunyuan_preemptions_total | gauge | sequences preempted because the pool ran out (recomputed later) |
 | hunyuan_tokens_per_second | gauge | generated tokens per second over the last 5 s |
 | hunyuan_generated_tokens_total / hunyuan_prompt_tokens_total | counter | tokens produced / prompt tokens admitted |
 | hunyuan_time_to_first_token_seconds | histogram | submit -> first new token |
@@ -57,6 +61,18 @@ class Metrics:
         self.requests = Counter(
             "hunyuan_requests", "Finished requests", ["finish_reason"], registry=r
         )
+        self.prefix_queried = Counter(
+            "hunyuan_prefix_cache_queried_tokens", "Prompt tokens looked up", registry=r
+        )
+        self.prefix_hits = Counter(
+            "hunyuan_prefix_cache_hit_tokens", "Prompt tokens served from cache", registry=r
+        )
+        self.prefix_hit_rate = Gauge(
+            "hunyuan_prefix_cache_hit_rate", "Prefix cache hit tokens / queried", registry=r
+        )
+        self.pages_free = Gauge("hunyuan_kv_pages_free", "Free or evictable pages", registry=r)
+        self.pages = Gauge("hunyuan_kv_pages", "Usable KV cache pages", registry=r)
+        self.preemptions = Gauge("hunyuan_preemptions_total", "Preempted sequences", registry=r)
         self.rejected = Counter(
             "hunyuan_rejected", "Requests refused before queueing", ["reason"], registry=r
         )
@@ -66,6 +82,10 @@ class Metrics:
         self.queue_length.set_function(lambda: engine.queue_length)
         self.active_slots.set_function(lambda: engine.active_slots)
         self.tokens_per_second.set_function(engine.tokens_per_second)
+        self.prefix_hit_rate.set_function(lambda: engine.pool.stats()["hit_rate"])
+        self.pages_free.set_function(engine.pool.available)
+        self.preemptions.set_function(lambda: engine.preemptions)
+        self.pages.set(engine.ex.num_pages - 1)
         self.slots.set(engine.ex.slots)
         self.executables.set(engine.ex.executables)
 
