@@ -22,14 +22,16 @@ import statistics
 import sys
 import time
 
+# Before jax is imported: jax reads JAX_PLATFORMS when it is imported (a CPU benchmark;
+# set JAX_PLATFORMS to run it elsewhere).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from hunyuan_jax.model.kernels import AttentionMask, reference_attention  # noqa: E402
-from hunyuan_jax.model.kernels.flash import flash_attention  # noqa: E402
+from hunyuan_jax.model.kernels import AttentionMask, reference_attention
+from hunyuan_jax.model.kernels.flash import flash_attention
 
 BUSY_SPREAD = 0.20
 

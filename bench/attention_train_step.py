@@ -11,21 +11,18 @@ import argparse
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+
+from bench import harness
+from hunyuan_jax.data.corpus import to_global
+from hunyuan_jax.host_env import reexec_with_hugepage_malloc
+from hunyuan_jax.model.state import init_model
+from hunyuan_jax.train.config import load_configs
+from hunyuan_jax.train.step import TrainStep
+from sharding.plan import ShardingPlan
+
 ROOT = Path(__file__).resolve().parent.parent
-if __name__ == "__main__":  # as train.py / infer.py do (hunyuan_jax/host_env.py)
-    from hunyuan_jax.host_env import reexec_with_hugepage_malloc
-
-    reexec_with_hugepage_malloc()
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bench import harness  # noqa: E402
-from hunyuan_jax.data.corpus import to_global  # noqa: E402
-from hunyuan_jax.model.state import init_model  # noqa: E402
-from hunyuan_jax.train.config import load_configs  # noqa: E402
-from hunyuan_jax.train.step import TrainStep  # noqa: E402
-from sharding.plan import ShardingPlan  # noqa: E402
 
 
 def _side(config: str, attention: str, seq: int, batch: int, overrides: list[str]):
@@ -105,4 +102,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepage_malloc()  # as train.py / infer.py do (hunyuan_jax/host_env.py)
     main()

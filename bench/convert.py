@@ -27,10 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.rss import run_measuring_peak_rss
+from tests.helpers.synthetic import synthetic_config, write_synthetic_hf
 
-from tests.helpers.rss import run_measuring_peak_rss  # noqa: E402
-from tests.helpers.synthetic import synthetic_config, write_synthetic_hf  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def bytes_per_layer(

@@ -28,15 +28,18 @@ import sys
 import time
 from pathlib import Path
 
+# Before jax is imported: jax reads JAX_PLATFORMS when it is imported (a CPU benchmark;
+# set JAX_PLATFORMS to run it elsewhere).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
+from hunyuan_jax.data.corpus import embedded_corpus
 from hunyuan_jax.decode import from_checkpoint
-from hunyuan_jax.decode.generate import Generator  # noqa: E402
+from hunyuan_jax.decode.generate import Generator
 
 ROWS = (("float32", "float32"), ("float32", "int8")) + tuple(
     (w, c) for w in ("bf16", "int8", "fp8") for c in ("float32", "int8")
@@ -82,8 +85,6 @@ def first_divergence(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def corpus_prompts(tokenizer, n: int, length: int, seed: int) -> np.ndarray:
-    from hunyuan_jax.data.corpus import embedded_corpus
-
     ids = tokenizer.encode("\n".join(embedded_corpus(400_000)))
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(ids) - length, n)

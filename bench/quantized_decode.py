@@ -24,20 +24,22 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+# Before jax is imported: jax reads JAX_PLATFORMS when it is imported (a CPU benchmark;
+# set JAX_PLATFORMS to run it elsewhere).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from hunyuan_jax.checkpoints.loading import read_model_config  # noqa: E402
-from hunyuan_jax.decode.generate import Generator  # noqa: E402
-from hunyuan_jax.model import quantize  # noqa: E402
-from hunyuan_jax.model.policy import RuntimePolicy  # noqa: E402
-from hunyuan_jax.model.state import init_model  # noqa: E402
+from hunyuan_jax.checkpoints.loading import read_model_config
+from hunyuan_jax.decode.generate import Generator
+from hunyuan_jax.model import quantize
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.state import init_model
 
+ROOT = Path(__file__).resolve().parent.parent
 BUSY_SPREAD = 0.20
 
 

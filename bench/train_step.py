@@ -32,31 +32,32 @@ FLOP/s = 6 x active parameters x tokens / step time.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if __name__ == "__main__":  # as train.py / infer.py do (hunyuan_jax/host_env.py)
-    from hunyuan_jax.host_env import reexec_with_hugepage_malloc
-
-    reexec_with_hugepage_malloc()
+# Before jax is imported: jax reads JAX_PLATFORMS when it is imported (a CPU benchmark;
+# set JAX_PLATFORMS to run it elsewhere).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flax import nnx
 
-from bench import harness  # noqa: E402
-from hunyuan_jax.data.corpus import to_global  # noqa: E402
-from hunyuan_jax.model.state import init_model  # noqa: E402
-from hunyuan_jax.train.config import load_configs  # noqa: E402
-from hunyuan_jax.train.losses import lm_loss  # noqa: E402
-from hunyuan_jax.train.optim import active_params  # noqa: E402
-from hunyuan_jax.train.step import TrainStep  # noqa: E402
-from sharding.plan import ShardingPlan  # noqa: E402
+from bench import harness
+from hunyuan_jax.data.corpus import to_global
+from hunyuan_jax.host_env import OPT_OUT, TUNABLE, reexec_with_hugepage_malloc
+from hunyuan_jax.model.state import init_model
+from hunyuan_jax.train.config import load_configs
+from hunyuan_jax.train.losses import lm_loss
+from hunyuan_jax.train.optim import active_params
+from hunyuan_jax.train.step import TrainStep
+from sharding.plan import ShardingPlan
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ============================================================================ PyTorch baseline
@@ -167,10 +168,6 @@ class TorchProcess:
     float32 weights (same config, same seed) and gets the batch over the pipe."""
 
     def __init__(self, config: str, overrides: list[str], inputs, targets):
-        import multiprocessing as mp
-
-        from hunyuan_jax.host_env import OPT_OUT, TUNABLE
-
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_torch_worker, args=(config, overrides, child), daemon=True)
@@ -395,4 +392,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepage_malloc()  # as train.py / infer.py do (hunyuan_jax/host_env.py)
     main()

@@ -79,6 +79,12 @@ class ShardingPlan:
         return cls.create(None, rules)
 
     @classmethod
+    def or_single(cls, plan: ShardingPlan | None) -> ShardingPlan:
+        """`plan`, or the one-device plan when it is None (what a function taking an optional
+        plan uses)."""
+        return cls.single() if plan is None else plan
+
+    @classmethod
     def from_flags(
         cls,
         mesh: str | None,

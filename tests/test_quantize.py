@@ -185,7 +185,7 @@ def test_layout_scales_and_shardings():
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     quantized = {p[:-2] for p in flat if p[-1] == "qvalue"}
     names = {p[-1] for p in quantized}
-    assert names == set(quantize.CONTRACTED)
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     for p, v in flat.items():
         if p[-1] not in ("qvalue", "scale"):  # router, norms, embedding: float32
             assert v.get_value().dtype == jnp.float32, p

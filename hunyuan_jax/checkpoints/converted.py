@@ -89,7 +89,7 @@ from hunyuan_jax.checkpoints import hf_mapping
 from hunyuan_jax.checkpoints.hf_checkpoint import CheckpointError
 from hunyuan_jax.checkpoints.integrity import orbax_metadata, read_error
 from hunyuan_jax.model import quantize
-from hunyuan_jax.model.config import ConfigError, ModelConfig, hf_to_fields, read_json
+from hunyuan_jax.model.config import ConfigError, ModelConfig, hf_to_fields, read_hf_config
 from hunyuan_jax.model.policy import RuntimePolicy
 from hunyuan_jax.model.state import abstract_model
 
@@ -439,7 +439,7 @@ def check_written_config(path: Path, cfg: ModelConfig, written, manifest: Path) 
         raise CheckpointError(f"{manifest}: corrupt 'hf_config': {e}") from None
     if cfg == want:
         return
-    current, gone = read_json(path), object()
+    current, gone = read_hf_config(path), object()
     differ = sorted(
         k for k in set(current) | set(written) if current.get(k, gone) != written.get(k, gone)
     )

@@ -6,16 +6,14 @@ tree in memory (fine for small models; `hunyuan_jax.checkpoints.convert` streams
 scans) and reports missing or truncated shards and absent tensors up front;
 `HFCheckpoint.read(key)` reads one tensor with plain file reads, dequantising FP8 weights.
 
-FP8 checkpoints (AutoFP8 / vLLM "fp8": float8 e4m3 `*.weight` with a float32 `*.weight_scale`,
-per tensor or per output channel, plus static activation scales `*.input_scale`) are
-dequantised on read, `weight.astype(float32) * weight_scale`, rounded to bfloat16
-(`dequantize_fp8`); activation / KV scales are dropped.
+An FP8 release's weights (`fp8_scales`: float8 `*.weight` with a float32 `*.weight_scale`) are
+dequantised on read, rounded to bfloat16 (`fp8_scales.dequantize`), or read as stored with
+their scale (`read_with_scale`); activation / KV scales are dropped.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import pickle
 from pathlib import Path
 
@@ -23,17 +21,17 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from hunyuan_jax.checkpoints import hf_mapping
+from hunyuan_jax.checkpoints import fp8_scales, hf_mapping
 from hunyuan_jax.checkpoints.shard_files import (
-    FP8_DTYPES,
     TensorInfo,
-    fp8_scale_key,
     read_tensor,
     scan_safetensors,
     scan_torch_bin,
 )
 from hunyuan_jax.errors import CheckpointError, MissingShardError  # noqa: F401 (re-exported)
 from hunyuan_jax.model.config import ModelConfig
+
+dequantize_fp8 = fp8_scales.dequantize  # the name tests/test_convert.py imports
 
 _INDEXES = (
     ("model.safetensors.index.json", "safetensors"),
@@ -124,7 +122,7 @@ class HFCheckpoint:
         """One tensor as a numpy array in its stored dtype (bfloat16 via ml_dtypes)."""
         if key not in self.weight_map:
             raise CheckpointError(f"{self.dir}: tensor {key!r} not in the checkpoint")
-        if fp8_scale_key(key) in self.weight_map:  # FP8 release: dequantise to bfloat16
+        if fp8_scales.scale_key(key) in self.weight_map:  # FP8 release: dequantise to bfloat16
             return self.read(key)
         name = self.weight_map[key]
         handle = self._handle(name)
@@ -207,15 +205,23 @@ class HFCheckpoint:
         with a `*_scale` tensor are dequantised to bfloat16 unless `dequantize=False`."""
         info = self.info(key)
         arr = read_tensor(self.dir, info)
-        if dequantize and info.dtype in FP8_DTYPES:
-            skey = fp8_scale_key(key)
-            if skey not in self.weight_map:
-                raise CheckpointError(
-                    f"{self.dir / info.file}: FP8 tensor {key!r} has no scale tensor {skey!r}"
-                )
-            scale = read_tensor(self.dir, self.info(skey))
-            arr = dequantize_fp8(arr, scale, key=key)
+        if dequantize and fp8_scales.is_fp8(info.dtype):
+            arr = fp8_scales.dequantize(arr, self._scale_of(key, info), key=key)
         return arr
+
+    def read_with_scale(self, key: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """(one tensor as stored, its `weight_scale` when it is an FP8 release's weight)."""
+        info = self.info(key)
+        arr = read_tensor(self.dir, info)
+        return arr, self._scale_of(key, info) if fp8_scales.is_fp8(info.dtype) else None
+
+    def _scale_of(self, key: str, info: TensorInfo) -> np.ndarray:
+        skey = fp8_scales.scale_key(key)
+        if skey not in self.weight_map:
+            raise CheckpointError(
+                f"{self.dir / info.file}: FP8 tensor {key!r} has no scale tensor {skey!r}"
+            )
+        return read_tensor(self.dir, self.info(skey))
 
     def shape(self, key: str) -> tuple[int, ...]:
         name = self.weight_map[key]
@@ -262,38 +268,6 @@ def _torch_to_numpy(t) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
-
-
-def dequantize_fp8(
-    weight: np.ndarray,
-    scale: np.ndarray,
-    dtype=ml_dtypes.bfloat16,
-    key: str = "tensor",
-    block_elems: int = 1 << 24,
-) -> np.ndarray:
-    """FP8 weight [out, ...] times its float32 scale (per tensor: one value; per output channel:
-    `out` values), in float32, rounded to `dtype`; done in row blocks to bound memory."""
-    scale = np.asarray(scale, np.float32)
-    out = np.empty(weight.shape, dtype)
-    if scale.size == 1:
-        s = scale.reshape(())
-        per_row = False
-    elif weight.ndim >= 1 and scale.size == weight.shape[0]:
-        s = scale.reshape(-1)
-        per_row = True
-    else:
-        raise CheckpointError(
-            f"{key}: scale of shape {scale.shape} does not fit weight "
-            f"{weight.shape} (expected per-tensor or per-output-channel)"
-        )
-    if weight.ndim == 0:
-        return (weight.astype(np.float32) * s).astype(dtype)
-    rows = max(1, block_elems // max(1, math.prod(weight.shape[1:])))
-    for r in range(0, weight.shape[0], rows):
-        w = weight[r : r + rows].astype(np.float32)
-        f = s[r : r + rows].reshape((-1,) + (1,) * (weight.ndim - 1)) if per_row else s
-        out[r : r + rows] = (w * f).astype(dtype)
-    return out
 
 
 def verify(cfg: ModelConfig, ckpt: HFCheckpoint, tree_shapes: dict[tuple, tuple]) -> None:

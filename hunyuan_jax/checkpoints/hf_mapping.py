@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from hunyuan_jax.checkpoints import fp8_scales
 from hunyuan_jax.model.config import ModelConfig
 
 
@@ -126,12 +127,10 @@ def to_hf_tensor(entry: TensorMap, tree_slice: np.ndarray) -> np.ndarray:
 
 
 def ignorable_hf_key(key: str, cfg: ModelConfig) -> bool:
-    """Keys a checkpoint may carry that hold no parameter of ours (FP8 scales are consumed
-    by dequantisation when their weight is read; see hf_checkpoint.dequantize_fp8)."""
+    """Keys a checkpoint may carry that hold no parameter of ours (an FP8 release's scales are
+    consumed with their weight when it is read, or dropped: `fp8_scales`)."""
     if key.endswith("rotary_emb.inv_freq"):
         return True
-    if key.endswith(
-        (".weight_scale", ".input_scale", ".output_scale", ".k_scale", ".v_scale", ".kv_scale")
-    ):
+    if fp8_scales.is_side_tensor(key):
         return True
     return key == "lm_head.weight" and cfg.tie_word_embeddings

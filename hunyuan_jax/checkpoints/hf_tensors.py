@@ -4,7 +4,7 @@ quantized layout: what the loader and the converter both read HF shards through.
 The transforms are `hf_mapping.to_tree_slice` / `to_hf_tensor` made fast (tiled transpose +
 cast; checked equal to them in tests/test_convert.py); `hf_mapping` stays the one table between
 HF keys and our tree. An FP8 release's `weight_scale` becomes the channelwise scale of
-`hunyuan_jax.model.quantize` here (`hf_scale`, `hf_slice`) and nowhere else.
+`hunyuan_jax.model.quantize` here (`hf_scale`, `hf_slice`; the scales' format: `fp8_scales`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import math
 import ml_dtypes
 import numpy as np
 
-from hunyuan_jax.checkpoints import hf_mapping
-from hunyuan_jax.errors import CheckpointError
+from hunyuan_jax.checkpoints import fp8_scales, hf_mapping
 from hunyuan_jax.model import quantize
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -64,35 +63,12 @@ def to_hf(entry: hf_mapping.TensorMap, tree_slice: np.ndarray, dtype) -> np.ndar
 
 # ----------------------------------------------------------------------------- quantized slices
 def hf_scale(entry: hf_mapping.TensorMap, scale, tree_shape, key: str = "tensor") -> np.ndarray:
-    """An FP8 release's `weight_scale` (per tensor: one value; per output channel: `out`
-    values, shape [out] or [out, 1]) as the channelwise float32 scale of the weight's slice in
-    our tree: 1 on the HF `in` dims (what the matmul contracts), the `out` dims whole. A
-    per-tensor scale is broadcast, so both scale layouts give the one layout of
-    `hunyuan_jax.model.quantize`."""
+    """An FP8 release's `weight_scale` as the channelwise float32 scale of the weight's slice
+    in our tree (`fp8_scales.channel_scale`): 1 on the HF `in` dims (what the matmul
+    contracts), the `out` dims whole."""
     sl = hf_mapping.slice_shape(entry, tree_shape)
     shape = (1,) * entry.in_ndim + tuple(sl[entry.in_ndim :])
-    scale = np.asarray(scale, np.float32)
-    if scale.size == 1:
-        return np.full(shape, scale.reshape(()), np.float32)
-    if scale.size == math.prod(shape):
-        return np.ascontiguousarray(scale.reshape(shape))
-    raise CheckpointError(
-        f"{key}: weight_scale of shape {scale.shape} fits neither per-tensor (1 value) nor "
-        f"per-output-channel ({math.prod(shape)} values) scaling of its weight"
-    )
-
-
-def _row_scale(scale, tensor: np.ndarray, key: str) -> np.ndarray:
-    """An FP8 scale broadcastable against the HF tensor [out, in]."""
-    scale = np.asarray(scale, np.float32)
-    if scale.size == 1:
-        return scale.reshape(())
-    if tensor.ndim >= 1 and scale.size == tensor.shape[0]:
-        return scale.reshape((-1,) + (1,) * (tensor.ndim - 1))
-    raise CheckpointError(
-        f"{key}: weight_scale of shape {scale.shape} does not fit weight {tensor.shape} "
-        f"(expected per-tensor or per-output-channel)"
-    )
+    return fp8_scales.channel_scale(scale, shape, key)
 
 
 def hf_slice(
@@ -113,7 +89,7 @@ def hf_slice(
         q = to_slice(entry, tensor, tree_shape, tensor.dtype)
         return {"qvalue": q, "scale": hf_scale(entry, scale, tree_shape, key)}
     if scale is not None:
-        tensor = quantize.dequantize_numpy(tensor, _row_scale(scale, tensor, key))
+        tensor = fp8_scales.dequantize(tensor, scale, np.float32, key)
     if form not in quantize.QUANTIZED:
         dtype = BFLOAT16 if form == "bf16" else float_dtype
         return {"value": to_slice(entry, tensor, tree_shape, dtype)}

@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from hunyuan_jax.checkpoints import converted, hf_mapping, integrity, runs
+from hunyuan_jax.checkpoints import converted, fp8_scales, hf_mapping, integrity, runs
 from hunyuan_jax.checkpoints.converted import restore_param_state
 from hunyuan_jax.checkpoints.hf_checkpoint import HFCheckpoint, verify
 from hunyuan_jax.checkpoints.hf_tensors import hf_slice
@@ -48,11 +48,10 @@ from hunyuan_jax.checkpoints.runs import (
     restore_run_params,
     tokenizer_problem,
 )
-from hunyuan_jax.checkpoints.shard_files import FP8_DTYPES, fp8_scale_key
 from hunyuan_jax.data.tokenizer import load_tokenizer
 from hunyuan_jax.errors import CheckpointError, ConfigError
 from hunyuan_jax.model import quantize
-from hunyuan_jax.model.config import ModelConfig, read_json, read_yaml
+from hunyuan_jax.model.config import ModelConfig, read_hf_config, read_yaml
 from hunyuan_jax.model.policy import RuntimePolicy
 from hunyuan_jax.model.state import abstract_model, flat_shapes, model_from_arrays
 from sharding.plan import ShardingPlan
@@ -122,9 +121,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"a checkpoint is a directory, got the file {path}")
     fmt = detect_format(path)
     if fmt == "hf":
-        hf = read_json(path / "config.json")
-        quant = hf.get("quantization_config") or {}
-        weights = "fp8" if str(quant.get("quant_method", "")).lower() == "fp8" else "float"
+        hf = read_hf_config(path)
+        weights = "fp8" if fp8_scales.is_fp8_release(hf) else "float"
         return Checkpoint(
             path,
             fmt,
@@ -185,7 +183,7 @@ def load_params(ckpt: Checkpoint | str | Path, policy: RuntimePolicy, plan=None)
     weights in the form `policy.weights` asks for ('auto': as stored)."""
     if not isinstance(ckpt, Checkpoint):
         ckpt = open_checkpoint(ckpt)
-    plan = plan or ShardingPlan.single()
+    plan = ShardingPlan.or_single(plan)
     form = ckpt.weights if policy.weights == "auto" else policy.weights
     if ckpt.format == "hf":
         return _load_hf(ckpt, policy, plan, form)
@@ -352,10 +350,7 @@ class _HFLeaves(Mapping):
         form = self.form if quantized else "float"
         parts: dict[str, np.ndarray] = {}
         for index, key in hf_mapping.hf_slices(entry, self.cfg):
-            tensor = self.hf.read(key, dequantize=False)
-            scale = None
-            if tensor.dtype in FP8_DTYPES:
-                scale = self.hf.read(fp8_scale_key(key))
+            tensor, scale = self.hf.read_with_scale(key)
             pieces = hf_slice(entry, tensor, shape, form, scale, float_dtype=dtype, key=key)
             for role, piece in pieces.items():
                 if role not in parts:

@@ -227,7 +227,7 @@ def attach(model, run_dir, plan=None, step: int | None = None):
     lcfg = run_lora_config(run_dir)
     if lcfg is None:
         raise CheckpointError(f"{run_dir} is not a LoRA run (its config.yaml has no train.lora)")
-    plan = plan or ShardingPlan.single()
+    plan = ShardingPlan.or_single(plan)
     add_adapters(model, lcfg, jax.random.key(0), plan)
     graphdef, adapters, rest = split(model)
     target = plan.abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapters))

@@ -3,7 +3,7 @@ read only a shard's header (safetensors JSON header; the zip directory and `data
 PyTorch `.bin`, unpickled by a restricted unpickler that never touches tensor data and refuses
 anything but tensors in dicts) into `TensorInfo` records (dtype, shape, byte offset, strides);
 `read_tensor` then reads exactly one tensor's bytes with plain file reads, so resident memory is
-that tensor and nothing else. Also the dtype names and the FP8 format's side-tensor suffixes."""
+that tensor and nothing else. Also the dtype names (an FP8 release's scales: `fp8_scales`)."""
 
 from __future__ import annotations
 
@@ -39,26 +39,6 @@ _ST_DTYPES = {
     "BOOL": np.bool_,
 }
 ST_DTYPE_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-FP8_DTYPES = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
-# Quantisation side tensors of the AutoFP8 / vLLM "fp8" format; weight scales are consumed by
-# dequantisation, activation and KV-cache scales are dropped.
-QUANT_SUFFIXES = (
-    ".weight_scale",
-    ".input_scale",
-    ".output_scale",
-    ".k_scale",
-    ".v_scale",
-    ".kv_scale",
-)
-
-
-def fp8_scale_key(key: str) -> str:
-    """`x.weight` -> `x.weight_scale` (the AutoFP8 naming)."""
-    return key + "_scale"
-
-
-def is_quant_aux_key(key: str) -> bool:
-    return key.endswith(QUANT_SUFFIXES)
 
 
 @dataclasses.dataclass(frozen=True)

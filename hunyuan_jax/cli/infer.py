@@ -25,10 +25,10 @@ shows the traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from hunyuan_jax.cli.decode_flags import add_decode_flags, simulate_devices
 from hunyuan_jax.cli_help import HelpFormatter
 from hunyuan_jax.data.tokenizer import DEFAULT_SYSTEM_PROMPT, load_tokenizer
 from hunyuan_jax.errors import (
@@ -52,31 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
-    )
-    p.add_argument(
-        "--checkpoint",
-        default=None,
-        help="checkpoint directory: Hugging Face "
-        "layout (config.json + safetensors / .bin shards), the output of "
-        "`python -m hunyuan_jax.cli.convert hf-to-jax`, or a train.py run directory "
-        "(required unless --adapter names a LoRA run that records its base)",
-    )
-    p.add_argument(
-        "--adapter",
-        default=None,
-        help="a LoRA run directory (train.py with train.lora): its adapters are loaded beside "
-        "the --checkpoint weights, unmerged (default base: the one the run records)",
-    )
-    p.add_argument(
-        "--allow-base-mismatch",
-        action="store_true",
-        help="apply --adapter to a base other than the one it was trained on (its digest in "
-        "lora_base.json is then not checked)",
-    )
-    p.add_argument(
-        "--tokenizer",
-        help="tokenizer file or directory (default: the one in the "
-        "checkpoint directory: hy.tiktoken or a SentencePiece *.model)",
     )
     src = p.add_argument_group("prompts")
     src.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
@@ -111,41 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, default=None, help="> 0; 1 is off")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     run = p.add_argument_group("runtime")
-    run.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16"),
-        help="parameter and compute dtype (auto: the checkpoint's torch_dtype)",
-    )
-    run.add_argument(
-        "--weights",
-        default="auto",
-        choices=("auto", "bf16", "int8", "fp8"),
-        help="how the matmul weights are held: auto (as the checkpoint stores them), bf16, "
-        "int8 (per output channel) or fp8 (e4m3); a float checkpoint is quantized on load "
-        "(`python -m hunyuan_jax.cli.convert hf-to-jax --quantize` does it once, on disk)",
-    )
-    run.add_argument(
-        "--cache-dtype",
-        default="auto",
-        choices=("auto", "bfloat16", "float32", "int8"),
-        help="KV cache dtype (auto: the compute dtype; int8: per-token, per-head scales)",
-    )
-    run.add_argument(
-        "--mesh",
-        default=None,
-        help='device mesh, e.g. "data=2,tensor=4" '
-        "(axes data, fsdp, expert, tensor; one size may be -1)",
-    )
-    run.add_argument("--rules", default="serve_ep_tp", help="sharding rules preset for --mesh")
-    run.add_argument(
-        "--devices",
-        type=int,
-        default=None,
-        help="simulate this many CPU devices (for --mesh on a CPU host; set before JAX starts)",
-    )
-    run.add_argument(
-        "--prefill-chunk", type=int, default=512, help="prompt tokens per prefill call"
+    add_decode_flags(
+        p,
+        run,
+        without_checkpoint="required unless --adapter names a LoRA run that records its base",
     )
     run.add_argument("--no-stream", action="store_true", help="print completions at the end")
     add_debug_flag(p)
@@ -263,10 +207,7 @@ class _Printer:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.devices:  # before JAX starts (it is imported below, in _main)
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    simulate_devices(args.devices)  # before JAX starts (it is imported below, in _main)
     return run_cli(PROG, lambda: _main(args), debug=args.debug, oserror=CheckpointError)
 
 

@@ -7,7 +7,6 @@ the server and the smoke run call. The weights come from the one loader
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ from hunyuan_jax.checkpoints.loading import (
 )
 from hunyuan_jax.data.tokenizer import load_tokenizer
 from hunyuan_jax.decode.sampling import SamplingConfig, eos_ids_from_generation_config
-from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.errors import ConfigError
+from hunyuan_jax.model.config import ModelConfig, read_hf_config
 from hunyuan_jax.model.policy import RuntimePolicy
 
 
@@ -113,8 +113,8 @@ def load(
 
 def _config_eos(d: Path) -> list[int]:
     try:
-        e = json.loads((d / "config.json").read_text()).get("eos_token_id")
-    except (OSError, ValueError):
+        e = read_hf_config(d).get("eos_token_id")
+    except ConfigError:  # missing or broken: no EOS ids from it
         return []
     if e is None:
         return []

@@ -154,10 +154,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, path: str | Path) -> ModelConfig:
         """A Hugging Face Hunyuan-Large `config.json` (file or checkpoint directory)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        return cls.from_dict(hf_to_fields(read_json(path), str(path)), source=str(path))
+        path = hf_config_path(path)
+        return cls.from_dict(hf_to_fields(read_hf_config(path), str(path)), source=str(path))
 
     def to_hf(self) -> dict:
         """The Hugging Face `config.json` fields of this architecture (for export)."""
@@ -245,6 +243,22 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
     return data
+
+
+HF_CONFIG = "config.json"
+
+
+def hf_config_path(path: str | Path) -> Path:
+    """A Hugging Face `config.json`: the file itself, or the one in a checkpoint directory."""
+    path = Path(path)
+    return path / HF_CONFIG if path.is_dir() else path
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """The one reader of a checkpoint's Hugging Face `config.json` (the file, or a checkpoint
+    directory holding it), as the JSON object it is: ConfigError naming the file (and line)
+    when it is missing, unreadable, not JSON or not an object (`read_json`)."""
+    return read_json(hf_config_path(path))
 
 
 def read_json(path: str | Path) -> dict:

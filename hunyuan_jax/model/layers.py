@@ -33,6 +33,42 @@ def param(
     return nnx.Param(value, logical_axes=tuple(logical_axes))
 
 
+# The matmul weights, known by their logical axes: (input axes, output axes) of every weight a
+# matmul reads through `qops` (the input axes are what it contracts), after the leading stacked
+# axes in BATCH_AXES (the scanned layer groups, the routed experts). Every other parameter
+# (router, norms, embedding, an untied lm_head) is no matmul weight: quantization
+# (`quantize.matmul_weights`) and LoRA adapters (`lora`) leave it alone.
+BATCH_AXES = ("layers", "exp")
+MATMULS = (
+    (("embed",), ("heads", "head_dim")),  # q_proj: bsd,dnh->bsnh (transformer.py)
+    (("embed",), ("kv_heads", "head_dim")),  # k_proj, v_proj
+    (("heads", "head_dim"), ("embed",)),  # o_proj: bsnh,nhd->bsd
+    (("embed",), ("mlp",)),  # shared expert gate_proj, up_proj: x @ w (MLP)
+    (("mlp",), ("embed",)),  # shared expert down_proj
+    (("exp_embed",), ("exp_mlp",)),  # routed gate_proj, up_proj: ragged_dot [E, D, F] (moe.py)
+    (("exp_mlp",), ("exp_embed",)),  # routed down_proj [E, F, D]
+)
+
+
+def matmul_of(logical_axes) -> tuple[int, tuple[int, ...]] | None:
+    """(index in `MATMULS`, positions of the dims it contracts) of a matmul weight with
+    `logical_axes`, or None when the parameter is no matmul weight."""
+    axes = tuple(logical_axes)
+    batch = 0
+    while batch < len(axes) and axes[batch] in BATCH_AXES:
+        batch += 1
+    for index, (inputs, outputs) in enumerate(MATMULS):
+        if axes[batch:] == inputs + outputs:
+            return index, tuple(range(batch, batch + len(inputs)))
+    return None
+
+
+def contracted_dims(logical_axes) -> tuple[int, ...] | None:
+    """Positions of the dims a matmul weight with `logical_axes` contracts, or None."""
+    found = matmul_of(logical_axes)
+    return None if found is None else found[1]
+
+
 class RMSNorm(nnx.Module):
     """y = cast(x32 * rsqrt(mean(x32^2) + eps), x.dtype) * weight."""
 

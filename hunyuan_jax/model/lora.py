@@ -17,7 +17,7 @@ Layout. An adapted weight `module.<name>` (float, bf16 or a quantized QArray) ge
                                                              training, `qops.Adapted`)
 
 where batch are the weight's stacked `layers` axis and the routed experts' `exp` axis, and
-contracted / out its contracted and output dims (`quantize.CONTRACTED`). Logical axes are the
+contracted / out its contracted and output dims (`layers.MATMULS`). Logical axes are the
 weight's with None on the rank dim, so the sharding rules place adapters like their weights with
 no new rule. `hunyuan_jax.model.qops.weight` reads such a weight as `Adapted` and every matmul adds
 scale * (x A) B, for float and quantized (QLoRA) bases alike.

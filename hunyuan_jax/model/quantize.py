@@ -5,7 +5,8 @@ checkpoint, the FP8 release) without a float copy.
 
 Which weights: every weight a matmul reads through `hunyuan_jax.model.qops`: attention q/k/v/o and
 the shared expert's and the routed experts' gate/up/down. Stay float: the router (routing is
-float32), the norms, the embedding (and an untied lm_head: the logits read it as a table).
+float32), the norms, the embedding (and an untied lm_head: the logits read it as a table). The
+model says which they are and what each contracts by their logical axes (`layers.MATMULS`).
 
 Layout: qwix's PTQ layout (what `qwix.quantize_params` writes). `module.<name>` becomes
 
@@ -42,47 +43,43 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import qwix
 from flax import nnx
 
-# qwix's public API (qwix.QArray, qwix.quantize, qwix.dequantize) has no `HowToQuantize` and no
-# `WithAux`, the PtqProvider's box of a quantized weight that holds both; this module builds and
-# reads weights in exactly the layout qwix's own einsum / ragged_dot read, so it takes them (and
-# the functions beside them) from qwix's modules (pinned: qwix==0.1.8).
-from qwix._src.core import qarray
+# qwix's public API (qwix 0.1.8: `qwix.QArray`, `qwix.quantize`, `qwix.dequantize`, used below)
+# exports neither `HowToQuantize` (the static `how` of a quantized weight: qtype + channelwise
+# axes) nor `WithAux`, the PtqProvider's box of a quantized weight that holds both (what
+# `qwix.quantize_params` writes and qwix's einsum / ragged_dot read): this module builds and
+# reads weights in exactly that layout, so it takes those two from qwix's modules (pinned).
+from qwix._src.core.qarray import HowToQuantize
 from qwix._src.providers.ptq import WithAux
 
+from hunyuan_jax.model import layers
 from hunyuan_jax.model.policy import WEIGHTS
 
-QArray = qarray.QArray
+QArray = qwix.QArray
 QUANTIZED = ("int8", "fp8")
 QTYPES = {"int8": np.dtype(np.int8), "fp8": np.dtype(ml_dtypes.float8_e4m3fn)}
 BOUND = {"int8": 127.5, "fp8": 448.0}  # qwix's symmetric bounds (int8: 127 + 1/2)
 SCALE_DTYPE = np.dtype(np.float32)
-# The logical axes each matmul weight contracts (model.py, layers.py, moe.py).
-CONTRACTED = {
-    "q_proj": ("embed",),  # bsd,dnh->bsnh
-    "k_proj": ("embed",),
-    "v_proj": ("embed",),
-    "o_proj": ("heads", "head_dim"),  # bsnh,nhd->bsd
-    "gate_proj": ("embed", "exp_embed"),  # x @ w, ragged_dot: [.., D, F]
-    "up_proj": ("embed", "exp_embed"),
-    "down_proj": ("mlp", "exp_mlp"),  # [.., F, D]
-}
 
 
 # ----------------------------------------------------------------------------- which, how
 def contracted_dims(name: str, axes) -> tuple[int, ...]:
-    """Positions of the dims weight `name` with logical `axes` contracts."""
-    dims = tuple(i for i, a in enumerate(axes) if a in CONTRACTED[name])
-    if not dims:
-        raise ValueError(f"weight {name!r} with logical axes {tuple(axes)} contracts no axis")
+    """Positions of the dims weight `name` with logical `axes` contracts (`layers.MATMULS`)."""
+    dims = layers.contracted_dims(axes)
+    if dims is None:
+        raise ValueError(f"weight {name!r} with logical axes {tuple(axes)} is no matmul weight")
     return dims
 
 
-def how_for(name: str, axes, form: str) -> qarray.HowToQuantize:
+def _channelwise(name: str, axes) -> list[int]:
     contracted = contracted_dims(name, axes)
-    channelwise = [i for i in range(len(axes)) if i not in contracted]
-    return qarray.HowToQuantize(qtype=QTYPES[form], channelwise_axes=channelwise)
+    return [i for i in range(len(axes)) if i not in contracted]
+
+
+def how_for(name: str, axes, form: str) -> HowToQuantize:
+    return HowToQuantize(qtype=QTYPES[form], channelwise_axes=_channelwise(name, axes))
 
 
 def scale_axes(name: str, axes) -> tuple:
@@ -115,19 +112,32 @@ def _stored_value(var):
 
 
 def matmul_weights(model) -> Iterator[tuple[tuple, nnx.Module, str]]:
-    """(module path, module, name) of every matmul weight of `model`."""
+    """(module path, module, name) of every matmul weight of `model`: each parameter whose
+    logical axes the model lists as a matmul's (`layers.MATMULS`), float or quantized. Within a
+    module in the order of that list, ties by name (q, k, v, o; gate, up, down): the order
+    `lora.add_adapters` draws the adapters' initial values in."""
     for path, module in nnx.iter_modules(model):
-        for name in CONTRACTED:
-            var = getattr(module, name, None)
-            if isinstance(var, (nnx.Param, WithAux)):
-                yield tuple(path), module, name
+        found = [(_matmul_of(var), name) for name, var in vars(module).items()]
+        for _, name in sorted((m[0], name) for m, name in found if m is not None):
+            yield tuple(path), module, name
+
+
+def _matmul_of(var) -> tuple[int, tuple[int, ...]] | None:
+    """`layers.matmul_of` of a module attribute; None unless it is a matmul weight (float
+    Param or WithAux(QArray))."""
+    if not isinstance(var, (nnx.Param, WithAux)) or isinstance(var, nnx.LoRAParam):
+        return None
+    axes = _param_of(var).get_metadata("logical_axes", None)
+    return None if axes is None else layers.matmul_of(axes)
 
 
 def weight_axes(var) -> tuple:
     """The logical axes of a matmul weight attribute (float Param or WithAux(QArray))."""
-    if isinstance(var, WithAux):
-        var = var.array.qvalue
-    return tuple(var.get_metadata("logical_axes"))
+    return tuple(_param_of(var).get_metadata("logical_axes"))
+
+
+def _param_of(var) -> nnx.Param:
+    return var.array.qvalue if isinstance(var, WithAux) else var
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -137,10 +147,11 @@ def to_form(value, name: str, axes, form: str):
     if isinstance(value, QArray):
         if form_of(value) == form:
             return value
-        value = qarray.dequantize(value.astype(jnp.float32))
+        value = qwix.dequantize(value.astype(jnp.float32))
     if form == "bf16":
         return value.astype(jnp.bfloat16)
-    q = qarray.quantize(value.astype(jnp.float32), how_for(name, axes, form))
+    channelwise = _channelwise(name, axes)
+    q = qwix.quantize(value.astype(jnp.float32), QTYPES[form], channelwise_axes=channelwise)
     return QArray(q.qvalue, q.scale.astype(SCALE_DTYPE), qtype=q.qtype)
 
 
@@ -215,7 +226,7 @@ def dequantize(value) -> jax.Array:
     if isinstance(value, WithAux):
         value = _stored_value(value)
     if isinstance(value, QArray):
-        return qarray.dequantize(value.astype(jnp.float32))
+        return qwix.dequantize(value.astype(jnp.float32))
     return jnp.asarray(value, jnp.float32)
 
 

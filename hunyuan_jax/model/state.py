@@ -46,7 +46,7 @@ def abstract_model(
 
 def abstract_state(cfg: ModelConfig, policy=None, plan=None):
     """(graphdef, parameters as ShapeDtypeStructs carrying the plan's shardings)."""
-    plan = plan or ShardingPlan.single()
+    plan = ShardingPlan.or_single(plan)
     graphdef, state = nnx.split(abstract_model(cfg, policy, plan))
     return graphdef, plan.abstract(state)
 
@@ -77,7 +77,7 @@ def init_model(
 ) -> HunyuanForCausalLM:
     """Random parameters, created already sharded by the plan (matmul weights then converted
     to `policy.weights`)."""
-    plan = plan or ShardingPlan.single()
+    plan = ShardingPlan.or_single(plan)
     policy = policy or RuntimePolicy()
     graphdef, abstract = nnx.split(abstract_model(cfg, policy, plan))
 
@@ -97,7 +97,7 @@ def model_from_arrays(
     plan: ShardingPlan | None = None,
 ) -> HunyuanForCausalLM:
     """A model whose parameters are `arrays` ({path: array}), placed by the plan."""
-    plan = plan or ShardingPlan.single()
+    plan = ShardingPlan.or_single(plan)
     graphdef, abstract = nnx.split(abstract_model(cfg, policy, plan))
     flat = nnx.to_flat_state(abstract)
     shardings = dict(nnx.to_flat_state(plan.state_shardings(abstract))) if plan.is_sharded else {}

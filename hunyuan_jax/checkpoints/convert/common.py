@@ -112,7 +112,7 @@ def hf_order(key: str):
 def hf_tensors(cfg, leaves: dict) -> dict[str, tuple]:
     """{HF key: (leaf, mapping entry, stacked index, HF shape)} of every HF tensor of `cfg`,
     for `leaves` from `converted.param_leaves` (a quantized weight's leaf is its
-    values; `checkpoint_format.scale_leaf` finds its scales)."""
+    values; `converted.scale_leaf` finds its scales)."""
     out = {}
     for entry in hf_mapping.mapping_table(cfg):
         leaf = fmt.weight_leaf(leaves, entry.path)

@@ -44,7 +44,6 @@ from hunyuan_jax.checkpoints.convert.common import (
     progress_bar,
 )
 from hunyuan_jax.checkpoints.hf_tensors import hf_slice, to_slice
-from hunyuan_jax.checkpoints.shard_files import FP8_DTYPES, fp8_scale_key
 from hunyuan_jax.errors import CheckpointError
 
 
@@ -252,7 +251,7 @@ def hf_to_jax(
         leaf, entry, index, key = item
         scale_leaf = fmt.scale_leaf(leaves, entry.path)
         quantized = scale_leaf is not None
-        tensor = ckpt.read(key, dequantize=not quantized)
+        tensor, scale = ckpt.read_with_scale(key) if quantized else (ckpt.read(key), None)
         want = hf_mapping.hf_shape(entry, leaf.shape)
         if tuple(tensor.shape) != tuple(want):
             raise CheckpointError(
@@ -261,7 +260,6 @@ def hf_to_jax(
             )
         if not quantized:
             return {leaf.path: to_slice(entry, tensor, leaf.shape, out_dtype)}
-        scale = ckpt.read(fp8_scale_key(key)) if tensor.dtype in FP8_DTYPES else None
         form = fmt.leaves_form(leaves)
         pieces = hf_slice(entry, tensor, leaf.shape, form, scale, key=key)
         return {leaf.path: pieces["qvalue"], scale_leaf.path: pieces["scale"]}

@@ -52,7 +52,7 @@ from hunyuan_jax.checkpoints.convert.common import (
 from hunyuan_jax.checkpoints.hf_tensors import to_hf
 from hunyuan_jax.errors import CheckpointError, UsageError
 from hunyuan_jax.model import quantize
-from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.config import ModelConfig, hf_config_path, read_hf_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +113,12 @@ def _run_source(ck: loading.Checkpoint, step: int | None) -> Source:
 def _bare_source(path: Path, config: str | Path, tree_prefix: str) -> Source:
     config = Path(config)
     cfg = loading.read_model_config(config)
-    if config.is_file() and config.suffix == ".json":
-        hf_config = json.loads(config.read_text())
-    elif config.is_dir() and (config / "config.json").is_file():
-        hf_config = json.loads((config / "config.json").read_text())
+    if config.is_file():
+        hf_json = config.suffix == ".json"  # else our YAML
+    else:
+        hf_json = hf_config_path(config).is_file()  # a checkpoint directory with a config.json
+    if hf_json:
+        hf_config = read_hf_config(config)
     else:
         hf_config = cfg.to_hf()
     carry = (config, config / "tokenizer") if config.is_dir() else ()
@@ -155,7 +157,7 @@ def open_source(
         raise UsageError(f"--step is only for a train.py run directory; {path} is {ck.format}")
     man = fmt.read_manifest(path)
     params_dir = path / man["params"]["dir"]
-    hf_config = json.loads((path / fmt.CONFIG).read_text())
+    hf_config = read_hf_config(path)
     p = man["params"]
     return Source(
         params_dir, ck.cfg, hf_config, p["use_ocdbt"], p["use_zarr3"], (path,), label=str(path)

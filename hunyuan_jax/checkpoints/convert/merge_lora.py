@@ -60,7 +60,7 @@ def merge_lora(
             raise CheckpointError(f"{out} exists and is not empty (pass --overwrite to replace)")
         shutil.rmtree(out)
     base = Path(base) if base is not None else Path(lora_base.recorded_base(run))
-    plan = plan or ShardingPlan.single()
+    plan = ShardingPlan.or_single(plan)
     ckpt = loading.open_checkpoint(base)
     policy = RuntimePolicy.inference(dtype)
     model, step = lora_base.load_adapted(

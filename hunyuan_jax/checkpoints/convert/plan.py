@@ -15,11 +15,11 @@ import shutil
 from pathlib import Path
 
 from hunyuan_jax.checkpoints import converted as fmt
+from hunyuan_jax.checkpoints import fp8_scales
 from hunyuan_jax.checkpoints.convert.common import DTYPES, FLOAT_DTYPES, hf_tensors
 from hunyuan_jax.checkpoints.hf_checkpoint import HeaderView, HFCheckpoint, verify
-from hunyuan_jax.checkpoints.shard_files import FP8_DTYPES, fp8_scale_key, is_quant_aux_key
 from hunyuan_jax.errors import CheckpointError, UsageError
-from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.config import ModelConfig, hf_config_path, read_hf_config
 
 PLAN, PROGRESS = fmt.WORK_PLAN, fmt.WORK_PROGRESS
 
@@ -27,13 +27,13 @@ PLAN, PROGRESS = fmt.WORK_PLAN, fmt.WORK_PROGRESS
 def _open_source(hf_dir: Path) -> tuple[HFCheckpoint, dict]:
     if not hf_dir.is_dir():
         raise CheckpointError(f"--hf-dir {hf_dir}: no such directory")
-    if not (hf_dir / "config.json").is_file():
+    if not hf_config_path(hf_dir).is_file():
         raise CheckpointError(f"{hf_dir}: no config.json")
     try:
         ckpt = HFCheckpoint(hf_dir)
     except FileNotFoundError as e:  # no index and no single-file checkpoint
         raise CheckpointError(str(e)) from e
-    return ckpt, json.loads((hf_dir / "config.json").read_text())
+    return ckpt, read_hf_config(hf_dir)
 
 
 def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None, quantize: str | None = None):
@@ -43,7 +43,7 @@ def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None, quantize: str |
     ckpt, hf_config = _open_source(hf_dir)
     cfg = ModelConfig.from_hf(hf_dir)
     infos = ckpt.tensor_infos()  # missing / truncated shards, absent tensors: before any write
-    fp8 = any(i.dtype in FP8_DTYPES for i in infos.values())
+    fp8 = any(fp8_scales.is_fp8(i.dtype) for i in infos.values())
     if dtype is None:
         dtype = str(hf_config.get("torch_dtype") or "")
         if fp8 or dtype not in DTYPES:
@@ -60,17 +60,14 @@ def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None, quantize: str |
     verify(cfg, HeaderView(ckpt, infos), shapes)
     problems = []
     for key, info in infos.items():
-        if is_quant_aux_key(key):
-            if key.endswith(".weight_scale"):
-                w = key[: -len("_scale")]
-                if w not in infos or infos[w].dtype not in FP8_DTYPES:
-                    problems.append(
-                        f"{key!r} in {info.file}: a weight scale without an FP8 weight {w!r}"
-                    )
-            continue
-        if info.dtype in FP8_DTYPES and fp8_scale_key(key) not in infos:
-            problems.append(f"FP8 tensor {key!r} in {info.file} has no {fp8_scale_key(key)!r}")
-        elif info.dtype not in FLOAT_DTYPES and info.dtype not in FP8_DTYPES:
+        problem = fp8_scales.scale_problem(key, infos)
+        if problem is not None:
+            problems.append(problem)
+        elif not (
+            fp8_scales.is_side_tensor(key)
+            or info.dtype in FLOAT_DTYPES
+            or fp8_scales.is_fp8(info.dtype)
+        ):
             problems.append(f"tensor {key!r} in {info.file} has non-float dtype {info.dtype}")
     if problems:
         raise CheckpointError(f"checkpoint {hf_dir}:\n  " + "\n  ".join(problems[:20]))
