@@ -1,20 +1,33 @@
-"""Continuous batching (the server's engine) against static batching (the Generator, batches
-formed as requests arrive), same weights, same run, Poisson arrivals at several rates.
+"""The serving engine under load, three comparisons, same weights, same process, sides run
+alternately round after round (bench/harness.py: median and min-max over the rounds, the
+machine's float32 matmul peak measured in the same rounds).
 
-    python -m bench.serve [--checkpoint DIR] [--rates 4,16,64] [--requests 160] [--slots 8]
+    python -m bench.serve [--checkpoint DIR | --config configs/small.yaml] [--rounds 3]
+        [--only prefix,paged,static]
 
-Workload: prompts of 8..64 random token ids; max_tokens heavy-tailed like chat traffic (80%
-draw 8..24 tokens, 20% draw 96..160), EOS ignored so every request produces exactly its
-max_tokens; greedy. Both sides are driven in-process (no HTTP), so only scheduling differs:
-- continuous: `scheduler.Engine` with `--slots` slots; a request is admitted as soon as a slot
-  is free and leaves as soon as it is done.
-- static: whenever the Generator is idle, every request that has arrived (up to --slots) forms
-  one batch, padded to --slots rows (one compiled shape), decoded until its longest request
-  is done; requests arriving meanwhile wait for the next batch.
-Throughput = useful new tokens / (last finish - first arrival); TTFT = first token - arrival.
-Every compile happens before timing. The machine's float32 matmul rate (2048^3, 5 runs) is
-printed before and after; a spread over 1.5x means other work shared the CPU (the numbers
-are then noisy: compare the two sides of one run, not runs with each other).
+The default model is the server's embedded default (0.9M parameters: on a CPU its step cost is
+compute, proportional to the tokens of a step); `--config` takes a random-initialised model of
+a YAML architecture instead (configs/small.yaml: 106M parameters, decode steps that read the
+weights from memory, the regime of an accelerator serving a large model).
+
+Every request is driven in-process (no HTTP): only scheduling and caching differ. Greedy, EOS
+ignored (each request produces exactly its max_tokens). Every compile happens before timing.
+
+1. prefix: 64 requests arriving at once, each one shared 448-token system prompt + a 12..20
+   token question, 16 new tokens; prefix caching on vs off (same engine shape: 8 rows, page
+   size 16, token budget 256). Time-to-first-token p50 and throughput.
+2. paged: mixed lengths (prompts 8..64 tokens; max_tokens 8..24 for 80%, 96..160 for 20%), 160
+   requests arriving at once (saturation), at equal KV cache bytes (128 pages x 16 tokens =
+   8 x 256-token rows): "slot rows" (8 sequences in flight, as many as rows of max_len fit:
+   the server before paging) vs paged (up to 64 sequences in flight, admitted by free pages).
+   Peak sequences in flight and throughput.
+3. static: the same mixed workload at saturation, continuous batching (the engine, 8 rows) vs
+   static batching (the contiguous-cache Generator: whenever it is idle, up to 8 waiting
+   requests form one batch decoded until its longest is done).
+
+Throughput = new tokens / (last finish - first arrival); saturated throughput = the tokens made
+while requests were still waiting (until the last request's first token) / that time, the
+engine's rate at full load without the tail of a finite burst; TTFT = first token - arrival.
 """
 
 from __future__ import annotations
@@ -25,27 +38,23 @@ import queue
 import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import numpy as np
 
-import numpy as np  # noqa: E402
+from bench.harness import alternate, busy_warnings, machine_line, report_peak
+from hunyuan_jax.checkpoints.loading import read_model_config
+from hunyuan_jax.cli.serve import DEFAULT_MODEL
+from hunyuan_jax.decode import from_checkpoint
+from hunyuan_jax.decode.generate import Generator
+from hunyuan_jax.engine.core import EngineCore
+from hunyuan_jax.engine.requests import GenParams, Request
+from hunyuan_jax.engine.scheduler import Engine
+from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.state import init_model
 
-
-def matmul_gflops(n: int = 2048, runs: int = 5) -> list[float]:
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        out.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return out
+PAGE = 16
 
 
-def workload(n: int, vocab: int, seed: int):
+def mixed_workload(n: int, vocab: int, seed: int):
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(16, vocab, size=int(k)).tolist() for k in rng.integers(8, 65, n)]
     long = rng.random(n) < 0.2
@@ -53,21 +62,27 @@ def workload(n: int, vocab: int, seed: int):
     return prompts, [int(m) for m in max_tokens]
 
 
-def arrivals(n: int, rate: float, seed: int) -> np.ndarray:
-    return np.cumsum(np.random.default_rng(seed + 1).exponential(1.0 / rate, n))
+def prefix_workload(n: int, vocab: int, seed: int):
+    rng = np.random.default_rng(seed)
+    system = rng.integers(16, vocab, size=448).tolist()
+    prompts = [
+        system + rng.integers(16, vocab, size=int(k)).tolist() for k in rng.integers(12, 21, n)
+    ]
+    return prompts, [16] * n
 
 
-def run_continuous(engine, prompts, max_tokens, arrive):
-    from hunyuan_jax.serve.scheduler import GenParams, Request
-
+def drive(engine: Engine, prompts, max_tokens) -> dict:
+    """All requests at once; returns tok/s, TTFT p50 / p99 and the peak sequences in flight."""
     n = len(prompts)
     first, finish, count = [None] * n, [None] * n, [0] * n
+    stamps = []  # time of every new token
     done = queue.Queue()
 
     def sink(i):
         def f(ev):
             if ev.kind == "token":
                 count[i] += 1
+                stamps.append(time.perf_counter())
                 if first[i] is None:
                     first[i] = time.perf_counter()
             elif ev.kind == "done":
@@ -76,131 +91,191 @@ def run_continuous(engine, prompts, max_tokens, arrive):
 
         return f
 
+    engine.start()
     t0 = time.perf_counter()
     for i in range(n):
-        delay = t0 + arrive[i] - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        params = GenParams(max_tokens=max_tokens[i], ignore_eos=True)
-        engine.submit(Request(prompts[i], params, sink(i)))
+        engine.submit(
+            Request(prompts[i], GenParams(max_tokens=max_tokens[i], ignore_eos=True), sink(i))
+        )
     for _ in range(n):
-        done.get(timeout=600)
-    return _summary(t0, arrive, first, finish, count, max_tokens)
-
-
-def run_static(gen, slots, cache_len, prompts, max_tokens, arrive):
-    n = len(prompts)
-    first, finish = [None] * n, [None] * n
-    t0 = time.perf_counter()
-    nxt = 0
-    while nxt < n:
-        now = time.perf_counter() - t0
-        if arrive[nxt] > now:
-            time.sleep(arrive[nxt] - now)
-            continue
-        batch = []
-        while nxt < n and arrive[nxt] <= time.perf_counter() - t0 and len(batch) < slots:
-            batch.append(nxt)
-            nxt += 1
-        rows = [prompts[i] for i in batch] + [[1]] * (slots - len(batch))
-        longest = max(max_tokens[i] for i in batch)
-
-        def stream(step, tokens, live, batch=batch):
-            if step == 0:
-                t = time.perf_counter()
-                for i in batch:
-                    first[i] = t
-
-        gen.generate(rows, longest, max_len=cache_len, stream=stream, stream_every=10**6)
-        t = time.perf_counter()
-        for i in batch:
-            finish[i] = t
-    return _summary(t0, arrive, first, finish, max_tokens, max_tokens)
-
-
-def _summary(t0, arrive, first, finish, count, max_tokens):
-    ttft = np.array([f - t0 - a for f, a in zip(first, arrive)])
-    span = max(finish) - t0 - arrive[0]
-    useful = sum(min(c, m) for c, m in zip(count, max_tokens))
+        done.get(timeout=900)
+    engine.shutdown()
+    assert count == list(max_tokens), "a request lost tokens"
+    ttft = np.array(first) - t0
+    admitted = max(first)  # the last request's first token: the queue was never empty before
     return {
-        "tok_s": useful / span,
+        "tok_s": sum(count) / (max(finish) - t0),
+        "sat_tok_s": sum(t <= admitted for t in stamps) / (admitted - t0),
         "ttft_p50": float(np.percentile(ttft, 50)),
         "ttft_p99": float(np.percentile(ttft, 99)),
-        "span": span,
+        "in_flight": engine.peak_running,
     }
 
 
-def warm_static(gen, slots, cache_len, chunk, vocab):
-    """Compiles every program shape the static side can meet (prompt widths up to 64)."""
-    for width in range(chunk, 65 + chunk, chunk):
-        rows = [list(range(16, 16 + min(width, 64)))] * slots
-        gen.generate(rows, 2, max_len=cache_len, stream=lambda *a: None, stream_every=10**6)
+def run_static(gen: Generator, rows: int, max_len: int, prompts, max_tokens) -> dict:
+    """Static batching of requests that all arrived at t0."""
+    n = len(prompts)
+    first, finish = [None] * n, [None] * n
+    t0 = time.perf_counter()
+    for s in range(0, n, rows):
+        batch = list(range(s, min(s + rows, n)))
+        padded = [prompts[i] for i in batch] + [[1]] * (rows - len(batch))
+
+        def stream(step, tokens, live, batch=batch):
+            if step == 0:
+                for i in batch:
+                    first[i] = time.perf_counter()
+
+        longest = max(max_tokens[i] for i in batch)
+        gen.generate(padded, longest, max_len=max_len, stream=stream, stream_every=10**6)
+        for i in batch:
+            finish[i] = time.perf_counter()
+    ttft = np.array(first) - t0
+    return {
+        "tok_s": sum(max_tokens) / (max(finish) - t0),
+        "sat_tok_s": float("nan"),
+        "ttft_p50": float(np.percentile(ttft, 50)),
+        "ttft_p99": float(np.percentile(ttft, 99)),
+        "in_flight": rows,
+    }
+
+
+def _side(fn):
+    """A harness side: the run's figures as 'quantities' (the harness keeps their samples)."""
+
+    def run():
+        r = fn()
+        keys = ("tok_s", "sat_tok_s", "ttft_p50", "ttft_p99", "in_flight")
+        return {k: float(r[k]) for k in keys}
+
+    return run
+
+
+def _table(title: str, results: dict, sides: list[str]) -> None:
+    print(f"\n{title}")
+    print(
+        f"{'side':>12} {'tok/s':>22} {'saturated tok/s':>22} {'TTFT p50 s':>22} "
+        f"{'TTFT p99 s':>10} {'in flight':>9}"
+    )
+    for side in sides:
+        q = results[side]
+        rng = lambda s, f: f"{s.median:{f}} ({s.lo:{f}}-{s.hi:{f}})"
+        print(
+            f"{side:>12} {rng(q['tok_s'], '.1f'):>22} {rng(q['sat_tok_s'], '.1f'):>22} "
+            f"{rng(q['ttft_p50'], '.3f'):>22} "
+            f"{q['ttft_p99'].median:10.3f} {q['in_flight'].median:9.0f}"
+        )
+
+
+def _ratio(results, a, b, q):
+    return results[a][q].median / results[b][q].median
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None, help="default: the embedded default model")
+    ap.add_argument("--config", default=None, help="random weights of this YAML architecture")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--rates", default="4,16,64", help="requests per second, comma-separated")
-    ap.add_argument("--requests", type=int, default=160)
-    ap.add_argument("--slots", type=int, default=8)
-    ap.add_argument("--prefill-chunk", type=int, default=32)
-    ap.add_argument("--prefill-budget", type=int, default=4, help="chunks per engine step")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", default="prefix,paged,static", help="comparisons to run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    only = set(args.only.split(","))
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # read when the first array is made
 
-    from hunyuan_jax.cli.serve import build_state
-    from hunyuan_jax.decode.generate import Generator
+    if args.config:
+        cfg = read_model_config(args.config)
+        model, vocab = init_model(cfg, RuntimePolicy.inference(args.dtype), seed=0), cfg.vocab_size
+    else:
+        bundle = from_checkpoint.load(args.checkpoint or DEFAULT_MODEL, dtype=args.dtype)
+        model, vocab = bundle.model, bundle.tokenizer.vocab_size
+    quiet = lambda m: None
+    print(machine_line())
+    summary = []
 
-    before = matmul_gflops()
-    state = build_state(
-        args.checkpoint, dtype=args.dtype, slots=args.slots, max_len=256,
-        prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget, max_queue=10**6,
-    )  # fmt: skip
-    engine, ex = state.engine, state.engine.ex
-    from flax import nnx
-
-    model = nnx.merge(ex.graphdef, ex.params)  # the same weights for both sides
-    gen = Generator(model, prefill_chunk=args.prefill_chunk, vocab_limit=ex.vocab_limit)
-    warm_static(gen, args.slots, ex.cache_len, min(args.prefill_chunk, 16), ex.vocab_limit)
-    engine.start()
-    prompts, max_tokens = workload(args.requests, ex.vocab_limit, args.seed)
-    run_continuous(engine, prompts[:4], [2] * 4, np.zeros(4))  # warm the host path
-    print(
-        f"{args.requests} requests, prompts 8..64 tokens, max_tokens 8..24 (80%) / 96..160 "
-        f"(20%), {args.slots} slots, greedy, EOS ignored; {ex.describe()}"
-    )
-    print(f"{'rate/s':>7} {'mode':>10} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'span s':>7}")
-    ratios = []
-    for rate in [float(r) for r in args.rates.split(",")]:
-        arrive = arrivals(args.requests, rate, args.seed)
-        cont = run_continuous(engine, prompts, max_tokens, arrive)
-        stat = run_static(gen, args.slots, ex.cache_len, prompts, max_tokens, arrive)
-        for name, r in (("continuous", cont), ("static", stat)):
-            print(
-                f"{rate:7.1f} {name:>10} {r['tok_s']:8.1f} {r['ttft_p50']:9.3f} "
-                f"{r['ttft_p99']:9.3f} {r['span']:7.1f}",
-                flush=True,
-            )
-        ratios.append((rate, cont["tok_s"] / stat["tok_s"], cont["ttft_p99"], stat["ttft_p99"]))
-    engine.shutdown()
-    after = matmul_gflops()
-    for rate, ratio, p99c, p99s in ratios:
-        print(
-            f"rate {rate:g}/s: continuous/static throughput {ratio:.2f}x, TTFT p99 "
-            f"{p99c:.3f}s vs {p99s:.3f}s"
+    if "prefix" in only:
+        core = EngineCore(model, max_seqs=8, max_len=512, page_size=PAGE, token_budget=256,
+                          vocab_limit=vocab)  # fmt: skip
+        print(f"prefix: {core.describe()}")
+        prompts, mt = prefix_workload(64, vocab, args.seed)
+        sides = {
+            "no cache": _side(
+                lambda: drive(
+                    Engine(core, prefix_caching=False, max_queue=10**6, log=quiet), prompts, mt
+                )
+            ),
+            "prefix cache": _side(
+                lambda: drive(Engine(core, max_queue=10**6, log=quiet), prompts, mt)
+            ),
+        }
+        drive(Engine(core, max_queue=10**6, log=quiet), prompts[:2], [2, 2])  # warm the host path
+        res = alternate(sides, args.rounds)
+        _table(
+            "1. shared 448-token system prompt, 64 requests at once, 16 new tokens",
+            res,
+            list(sides),
         )
-    allr = before + after
-    spread = max(allr) / min(allr)
-    print(
-        f"float32 2048^3 matmul: {np.median(before):.1f} GFLOP/s before, "
-        f"{np.median(after):.1f} after (best {max(allr):.1f}, worst {min(allr):.1f})"
-    )
-    if spread > 1.5:
-        print(
-            f"WARNING: matmul rate varied {spread:.1f}x during the run: the machine was busy; "
-            "compare the two modes of this run only"
+        report_peak(res)
+        for w in busy_warnings({k: res[k] for k in sides}, limit=0.5):
+            print(w)
+        summary.append(
+            f"prefix caching: TTFT p50 {_ratio(res, 'no cache', 'prefix cache', 'ttft_p50'):.1f}x "
+            f"lower, throughput {_ratio(res, 'prefix cache', 'no cache', 'tok_s'):.2f}x"
         )
+
+    if "paged" in only or "static" in only:
+        prompts, mt = mixed_workload(160, vocab, args.seed)
+        pages = 8 * 256 // PAGE + 1  # 8 rows of 256 tokens, plus the scratch page
+        rows8 = EngineCore(model, max_seqs=8, max_len=256, page_size=PAGE, num_pages=pages,
+                           token_budget=256, vocab_limit=vocab)  # fmt: skip
+        print(f"slot rows: {rows8.describe()}")
+        drive(Engine(rows8, max_queue=10**6, log=quiet), prompts[:2], [2, 2])
+    if "paged" in only:
+        paged = EngineCore(model, max_seqs=64, max_len=256, page_size=PAGE, num_pages=pages,
+                           token_budget=256, vocab_limit=vocab)  # fmt: skip
+        print(f"paged: {paged.describe()}")
+        drive(Engine(paged, max_queue=10**6, log=quiet), prompts[:2], [2, 2])
+        sides = {
+            "slot rows": _side(
+                lambda: drive(Engine(rows8, max_queue=10**6, log=quiet), prompts, mt)
+            ),
+            "paged": _side(lambda: drive(Engine(paged, max_queue=10**6, log=quiet), prompts, mt)),
+        }
+        res = alternate(sides, args.rounds)
+        _table(
+            "2. mixed lengths, 160 requests at once, equal cache bytes (2048 tokens)",
+            res,
+            list(sides),
+        )
+        report_peak(res)
+        summary.append(
+            f"paged vs slot rows: {_ratio(res, 'paged', 'slot rows', 'in_flight'):.1f}x the "
+            f"sequences in flight, saturated throughput "
+            f"{_ratio(res, 'paged', 'slot rows', 'sat_tok_s'):.2f}x (whole run "
+            f"{_ratio(res, 'paged', 'slot rows', 'tok_s'):.2f}x)"
+        )
+    if "static" in only:
+        gen = Generator(model, prefill_chunk=32, vocab_limit=vocab)
+        for width in (32, 64):  # compile every prompt width the static side meets
+            gen.generate([list(range(16, 16 + width))] * 8, 2, max_len=256, stream=lambda *a: None,
+                         stream_every=10**6)  # fmt: skip
+        sides = {
+            "continuous": _side(
+                lambda: drive(Engine(rows8, max_queue=10**6, log=quiet), prompts, mt)
+            ),
+            "static": _side(lambda: run_static(gen, 8, 256, prompts, mt)),
+        }
+        res = alternate(sides, args.rounds)
+        _table(
+            "3. mixed lengths, 160 requests at once, 8 rows: continuous vs static", res, list(sides)
+        )
+        report_peak(res)
+        summary.append(
+            f"continuous vs static batching: throughput {_ratio(res, 'continuous', 'static', 'tok_s'):.2f}x"
+        )
+    print()
+    for line in summary:
+        print(line)
     return 0
 
 

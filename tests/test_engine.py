@@ -81,9 +81,9 @@ def shared(model):
 
 
 def test_token_buckets():
-    assert token_buckets(4, 64) == (8, 32, 64)
+    assert token_buckets(4, 64) == (8, 16, 32, 64)
     assert token_buckets(8, 8) == (8,)
-    assert token_buckets(30, 256) == (32, 128, 256)
+    assert token_buckets(30, 96) == (8, 16, 32, 64, 96)
 
 
 def test_alone_and_under_load_equal_generator(shared, prompts, alone):
@@ -189,3 +189,20 @@ def test_mesh_equals_one_device(prompts, alone):
     engine = _engine(model8, page_size=4, token_budget=16)
     got, _, _ = _run(engine, prompts, GREEDY)
     assert got == alone
+
+
+def test_offline_generator_equals_generator_and_is_independent_of_batch(model, prompts, alone):
+    from hunyuan_jax.decode.sampling import SamplingConfig
+    from hunyuan_jax.engine.offline import OfflineGenerator
+
+    gen = OfflineGenerator(model, eos_ids=[2], page_size=4, token_budget=32)
+    out = gen.generate(prompts, 12, max_len=MAX_LEN)
+    assert out.tokens == alone
+    assert out.finish_reasons == ["eos" if t[-1] == 2 else "length" for t in alone]
+    assert out.prompt_tokens == sum(len(p) for p in prompts) and out.compile_seconds > 0
+    sampled = OfflineGenerator(model, sampling=SamplingConfig(temperature=1.0, top_p=0.9))
+    both = sampled.generate(prompts[:2], 8, seed=3).tokens
+    assert sampled.generate(prompts[:1], 8, seed=3).tokens[0] == both[0]  # request 0's key
+    assert sampled.generate(prompts[:1], 8, seed=4).tokens[0] != both[0]
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        gen.generate([[1], []], 4)

@@ -1,8 +1,8 @@
 """The server (`python -m hunyuan_jax.cli.serve`) against clients nobody here wrote: the official
 `openai` client, lm-evaluation-harness (`local-completions`) and plain HTTP for bad input.
 
-One server for the module: the embedded default model in float32, 4 slots, 128 tokens per
-slot, prefill chunks of 16, uvicorn in a thread on 127.0.0.1 with an ephemeral port. All
+One server for the module: the embedded default model in float32, 4 requests in flight, 128
+tokens per request, engine steps of 16 tokens, pages of 16 tokens, uvicorn in a thread on 127.0.0.1 with an ephemeral port. All
 traffic stays on the loopback address and every wait is bounded in count and time.
 
 Exactness: greedy results must equal the same prompt decoded alone by the `Generator` (same
@@ -76,7 +76,7 @@ def server():
     state = build_state(
         dtype="float32", slots=SLOTS, max_len=MAX_LEN, prefill_chunk=CHUNK, max_queue=64
     )
-    assert state.engine.ex.executables == 2
+    assert state.engine.ex.executables == len(state.engine.ex.programs) == 3  # 8, 16, score
     print(f"server built in {time.time() - t0:.1f}s")
     with _Server(state) as s:
         yield s
@@ -155,7 +155,7 @@ def test_models_health_metrics(server, client):
                  "hunyuan_time_to_first_token_seconds_bucket",
                  "hunyuan_time_per_output_token_seconds_bucket"):  # fmt: skip
         assert name in text
-    assert "hunyuan_executables 2.0" in text
+    assert "hunyuan_executables 3.0" in text
 
 
 def test_openai_completions(server, client, generator):
@@ -267,6 +267,28 @@ def test_load_64_requests_4_slots(server, generator):
             bad.append((i, got, (want, n)))
     assert not bad, bad[:3]
     print(f"64 requests through {SLOTS} slots in {wall:.1f}s")
+    _wait_idle(server)
+
+
+def test_prefix_cache_hit_same_text_and_usage(server, client, generator):
+    """A prompt that starts with another's 70 tokens reuses its 4 full pages: usage reports
+    64 cached tokens (OpenAI's prompt_tokens_details.cached_tokens), the hit counter grows by
+    64, and the text equals the prompt decoded alone."""
+    rng = np.random.default_rng(7)
+    vocab = server.state.tokenizer.vocab_size
+    shared = rng.integers(16, vocab, size=70).tolist()
+    first = client.completions.create(model="hunyuan-jax-default", prompt=shared, max_tokens=4,
+                                      temperature=0)  # fmt: skip
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    hits = _metric(server, "hunyuan_prefix_cache_hit_tokens_total")
+    prompt = shared + [20, 21, 22]
+    second = client.completions.create(model="hunyuan-jax-default", prompt=prompt,
+                                       max_tokens=8, temperature=0)  # fmt: skip
+    assert second.usage.prompt_tokens_details.cached_tokens == 64
+    assert _metric(server, "hunyuan_prefix_cache_hit_tokens_total") - hits == 64
+    assert 0 < _metric(server, "hunyuan_prefix_cache_hit_rate") <= 1
+    want, n = _expected(server, generator, prompt, 8)
+    assert (second.choices[0].text, second.usage.completion_tokens) == (want, n)
     _wait_idle(server)
 
 
@@ -504,14 +526,15 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_a_failing_request_fails_alone(server, generator):
     """Requests the compiled programs cannot take (top_k past int32, a NaN temperature),
-    submitted to the engine directly (past the HTTP layer, which refuses them with 400), and a
-    prefill call the compiled program refuses: each fails alone with finish_reason 'error',
-    while another client's stream goes on to the same text as alone and /health stays 200."""
+    submitted to the engine directly (past the HTTP layer, which refuses them with 400), fail
+    alone with finish_reason 'error' while another client's stream goes on to the same text as
+    alone. Then a step the compiled program refuses (device state intact) fails the request
+    it carried, and the engine serves the next one; /health stays 200."""
     import queue
 
     import httpx
 
-    from hunyuan_jax.serve.scheduler import GenParams, Request
+    from hunyuan_jax.engine.requests import GenParams, Request
 
     engine = server.state.engine
     _wait_idle(server)
@@ -542,21 +565,24 @@ def test_a_failing_request_fails_alone(server, generator):
         engine.submit(Request([5, 6, 7], params, events.put))
         ev = events.get(timeout=60)
         assert ev.kind == "done" and ev.finish_reason == "error", ev
-    # a prefill call that fails with the device state intact (the compiled program refuses
-    # its arguments: a chunk of the wrong length): its request alone fails
-    ex, compiled = engine.ex, engine.ex._prefill
+    t.join(60)
+    assert out.get("text") == want and out.get("finish") in ("stop", "length"), (out, want)
+    # a step that fails with the device state intact (the compiled program refuses its
+    # arguments: a packed array of the wrong length): the request it carried fails
+    ex, compiled = engine.ex, dict(engine.ex._exe)
 
-    def wrong_shape(params, cache, seen, ints, floats):
-        ex._prefill = compiled
-        return compiled(params, cache, seen, ints[:-1], floats)
+    def refusing(fn):
+        def call(params, pool, seen, ints, floats):
+            ex._exe.update(compiled)
+            return fn(params, pool, seen, ints[:-1], floats)
 
-    ex._prefill = wrong_shape
+        return call
+
+    ex._exe.update({k: refusing(fn) for k, fn in compiled.items()})
     events = queue.Queue()
     engine.submit(Request([5, 6, 7], GenParams(max_tokens=4), events.put))
     ev = events.get(timeout=60)
     assert ev.kind == "done" and ev.finish_reason == "error" and ex.state_ok(), ev
-    t.join(60)
-    assert out.get("text") == want and out.get("finish") in ("stop", "length"), (out, want)
     assert engine.error is None and _get(server, "/health").status_code == 200
     r = _post(server, "/v1/completions", {"model": "hunyuan-jax-default", "prompt": "x",
                                           "max_tokens": 2})  # fmt: skip
@@ -564,11 +590,12 @@ def test_a_failing_request_fails_alone(server, generator):
 
 
 def test_long_prompt_prefills_between_decode_steps(server):
-    """While a 100-token prompt is prefilled (7 chunks of 16, `prefill_budget` 2 per step), a
-    request that is already decoding keeps getting a token every engine step."""
+    """While a 100-token prompt is prefilled (steps of --prefill-chunk 16 tokens: the decoding
+    request's one token, then 15 prompt tokens), the request that is already decoding keeps
+    getting a token every engine step."""
     import queue
 
-    from hunyuan_jax.serve.scheduler import GenParams, Request
+    from hunyuan_jax.engine.requests import GenParams, Request
 
     engine = server.state.engine
     _wait_idle(server)
@@ -591,8 +618,8 @@ def test_long_prompt_prefills_between_decode_steps(server):
         elif ev.kind == "token":
             b_first = a_tokens
     engine.cancel(a)
-    chunks = -(-100 // CHUNK)
-    assert b_first - at_submit >= chunks // engine.prefill_budget - 1, (at_submit, b_first)
+    steps = -(-100 // (CHUNK - 1))
+    assert b_first - at_submit >= steps - 1, (at_submit, b_first)
     _wait_idle(server)
 
 

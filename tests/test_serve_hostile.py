@@ -39,18 +39,18 @@ MODEL, KEY, MAX_LEN = "hunyuan-jax-default", "test-key-123", 128
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CAP = 4 << 20  # the default --max-body-bytes
 
-# The server process: main() with a fault hook (deletes the device cache when FAULT exists).
+# The server process: main() with a fault hook (deletes the KV page pool when FAULT exists).
 _LAUNCH = """
 import os, sys
 import jax
-from hunyuan_jax.serve import engine as E
-fault, decode = os.environ["HY_TEST_FAULT_FILE"], E.Executor.decode
-def faulty(self, w):
+from hunyuan_jax.engine.core import EngineCore
+fault, step = os.environ["HY_TEST_FAULT_FILE"], EngineCore.step_packed
+def faulty(self, *a, **k):
     if os.path.exists(fault):  # the device state is lost, for real
-        for a in jax.tree.leaves(self.cache):
-            a.delete()
-    return decode(self, w)
-E.Executor.decode = faulty
+        for x in jax.tree.leaves(self.pool):
+            x.delete()
+    return step(self, *a, **k)
+EngineCore.step_packed = faulty
 from hunyuan_jax.cli.serve import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -345,7 +345,7 @@ def test_generated_special_tokens_are_not_text():
     """issue 26: a generated `<|pad|>` is no text (vLLM's skip_special_tokens, default on);
     with skip_special_tokens false it is written out."""
     from hunyuan_jax.data.tokenizer import load_tokenizer
-    from hunyuan_jax.serve.scheduler import Event
+    from hunyuan_jax.engine.requests import Event
     from hunyuan_jax.serve.text import Choice
 
     tok = load_tokenizer(ROOT / "hunyuan_jax" / "assets" / "default_model")

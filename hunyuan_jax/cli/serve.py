@@ -2,7 +2,8 @@
 
     python -m hunyuan_jax.cli.serve                       # the embedded tiny default model
     python -m hunyuan_jax.cli.serve --checkpoint DIR [--mesh data=1,tensor=8 --rules serve_ep_tp]
-        [--slots 4] [--max-len N] [--prefill-chunk 64] [--prefill-budget 2]
+        [--slots 16] [--max-len N] [--prefill-chunk 512] [--page-size 16] [--kv-cache-tokens N]
+        [--no-prefix-caching]
         [--max-queue 64] [--max-body-bytes 4194304] [--api-key KEY] [--api-key-metrics]
         [--host 127.0.0.1] [--port 8000] [--served-model-name NAME] [--dtype auto]
         [--weights auto|bf16|int8|fp8] [--cache-dtype auto|int8]
@@ -12,7 +13,11 @@ DIR: any checkpoint infer.py accepts (Hugging Face, converted, train.py run). Wi
 trained on Python's stdlib sources by scripts/make_default_model.py, SentencePiece tokenizer),
 so `curl` works at once. Multi-host: run the same command on every host (see
 hunyuan_jax.distributed); process 0 serves HTTP and every process runs the engine's steps.
-The start-up line reports the number of compiled programs (2, whatever the traffic).
+The engine (hunyuan_jax/engine) keeps the KV cache in pages of --page-size tokens (a pool of
+--kv-cache-tokens, default --slots x --max-len), admits requests by free pages (up to --slots
+in flight), reuses cached prompt prefixes, and runs each step as one ragged stream of at most
+--prefill-chunk tokens mixing decode tokens and prompt chunks of several requests. The start-up
+line lists the compiled programs (a fixed set, whatever the traffic).
 With --api-key (or HUNYUAN_API_KEY) every endpoint but /health (and /metrics, unless
 --api-key-metrics) needs `Authorization: Bearer KEY`. If the engine fails beyond one request
 (its device state is lost), the server fails the requests in flight and exits with status 1,
@@ -27,6 +32,7 @@ import signal
 import sys
 from pathlib import Path
 
+from hunyuan_jax.cli.decode_flags import PREFILL_CHUNK, add_decode_flags, simulate_devices
 from hunyuan_jax.cli_help import HelpFormatter
 from hunyuan_jax.errors import ConfigError, UsageError, add_debug_flag, run_cli
 from hunyuan_jax.host_env import reexec_with_hugepage_malloc
@@ -48,45 +54,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
-    p.add_argument("--checkpoint", default=None, help="checkpoint dir (default: embedded model)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer file or dir (default: DIR's)")
-    p.add_argument(
-        "--adapter",
-        default=None,
-        help="a LoRA run directory served beside --checkpoint, unmerged (default base: the "
-        "one the run records)",
-    )
-    p.add_argument(
-        "--allow-base-mismatch",
-        action="store_true",
-        help="serve --adapter on a base other than the one it was trained on (its digest in "
-        "lora_base.json is then not checked)",
-    )
+    add_decode_flags(p, without_checkpoint="default: the embedded model")
     p.add_argument("--served-model-name", default=None, help="the `model` clients must send")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
-    p.add_argument("--cache-dtype", default="auto", choices=("auto", "bfloat16", "float32", "int8"))
-    p.add_argument(
-        "--weights",
-        default="auto",
-        choices=("auto", "bf16", "int8", "fp8"),
-        help="matmul weights as stored (auto), bf16, or int8 / fp8 per output channel "
-        "(quantized on load unless the checkpoint stores them so)",
-    )
-    p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=1,tensor=8"')
-    p.add_argument("--rules", default="serve_ep_tp", help="sharding rules preset for --mesh")
-    p.add_argument("--slots", type=int, default=4, help="decode slots (concurrent requests)")
+    p.add_argument("--slots", type=int, default=16, help="most requests in flight (engine rows)")
     p.add_argument(
         "--max-len",
         type=int,
         default=None,
-        help="tokens per slot: prompt + max_tokens (default: min(model context, 4096))",
+        help="longest request: prompt + max_tokens (default: min(model context, 4096))",
     )
-    p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per prefill call")
     p.add_argument(
-        "--prefill-budget",
+        "--page-size",
         type=int,
-        default=2,
-        help="prefill chunks per engine step (refills free slots faster; delays decoding)",
+        default=16,
+        help="tokens per KV cache page (prefix reuse is by whole pages; 16 as vLLM: small "
+        "enough to share most of a prompt, large enough for the kernel's page blocks)",
+    )
+    p.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=None,
+        help="tokens the KV page pool holds (default: --slots x --max-len); requests are "
+        "admitted while pages are free, so short ones share what one long one would take",
+    )
+    p.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="do not reuse the KV pages of a cached prompt prefix",
     )
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     p.add_argument(
@@ -106,7 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--devices", type=int, default=None, help="simulate N CPU devices")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     distributed.add_arguments(p)
     add_debug_flag(p)
@@ -122,22 +115,24 @@ def build_state(
     weights="auto",
     cache_dtype="auto",
     plan=None,
-    slots=4,
+    slots=16,
     max_len=None,
-    prefill_chunk=64,
-    prefill_budget=2,
+    prefill_chunk=PREFILL_CHUNK,
+    page_size=16,
+    kv_cache_tokens=None,
+    prefix_caching=True,
     max_queue=64,
     broadcast=False,
     log=print,
     adapter=None,
     allow_base_mismatch=False,
 ):
-    """Loads the checkpoint and builds the executor, the engine and the metrics (the engine
-    is not started). Returns a `api.ServeState`."""
+    """Loads the checkpoint and builds the engine's programs and page pool, its scheduler and
+    the metrics (the engine is not started). Returns a `api.ServeState`."""
     from hunyuan_jax.decode import from_checkpoint
+    from hunyuan_jax.engine.core import EngineCore
+    from hunyuan_jax.engine.scheduler import Engine
     from hunyuan_jax.serve.api import ServeState
-    from hunyuan_jax.serve.engine import Executor
-    from hunyuan_jax.serve.scheduler import Engine
     from hunyuan_jax.serve.schemas import PENALTY_MAX, PENALTY_MIN, TEMPERATURE_MAX
 
     path = Path(checkpoint) if checkpoint else None if adapter else DEFAULT_MODEL
@@ -158,9 +153,13 @@ def build_state(
     max_len = max_len or min(limit, 4096)
     if not 2 <= max_len <= limit:
         raise UsageError(f"--max-len must be in [2, {limit}] (the model's context), got {max_len}")
-    if slots < 1 or prefill_chunk < 1 or prefill_budget < 1 or max_queue < 0:
+    if slots < 1 or prefill_chunk < 1 or page_size < 1 or max_queue < 0:
+        raise UsageError("--slots, --prefill-chunk and --page-size must be >= 1, --max-queue >= 0")
+    kv_cache_tokens = slots * max_len if kv_cache_tokens is None else kv_cache_tokens
+    if kv_cache_tokens < max_len:
         raise UsageError(
-            "--slots, --prefill-chunk and --prefill-budget must be >= 1, --max-queue >= 0"
+            f"--kv-cache-tokens {kv_cache_tokens} is less than --max-len {max_len}: a request "
+            f"of --max-len tokens could never be served"
         )
     d = bundle.sampling  # generation_config.json: the ranges a request may ask for
     if not (
@@ -172,11 +171,13 @@ def build_state(
             f"with (temperature <= {TEMPERATURE_MAX:g}, repetition_penalty in "
             f"[{PENALTY_MIN:g}, {PENALTY_MAX:g}])"
         )
-    ex = Executor(
+    ex = EngineCore(
         bundle.model,
-        slots=slots,
+        max_seqs=slots,
         max_len=max_len,
-        prefill_chunk=prefill_chunk,
+        page_size=page_size,
+        num_pages=-(-kv_cache_tokens // page_size) + 1,  # + the scratch page
+        token_budget=prefill_chunk,
         cache_dtype=cache_dtype,
         vocab_limit=bundle.tokenizer.vocab_size,
     )
@@ -189,7 +190,8 @@ def build_state(
         max_queue=max_queue,
         metrics=metrics,
         broadcast=broadcast,
-        prefill_budget=prefill_budget,
+        prefix_caching=prefix_caching,
+        namespace=f"{served}|{bundle.model.policy.weights}",
     )
     metrics.bind(engine)
     name = name or served_name(checkpoint, adapter, path)
@@ -210,10 +212,7 @@ def main(argv=None) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--devices", type=int, default=None)
     devices = pre.parse_known_args(argv)[0].devices
-    if devices:  # before JAX starts
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    simulate_devices(devices)  # before JAX starts (build_parser imports hunyuan_jax.distributed)
 
     args = build_parser().parse_args(argv)
     return run_cli(PROG, lambda: _main(args), args.debug)
@@ -249,7 +248,9 @@ def _main(args) -> int:
         slots=args.slots,
         max_len=args.max_len,
         prefill_chunk=args.prefill_chunk,
-        prefill_budget=args.prefill_budget,
+        page_size=args.page_size,
+        kv_cache_tokens=args.kv_cache_tokens,
+        prefix_caching=not args.no_prefix_caching,
         max_queue=args.max_queue,
         broadcast=multi,
         log=print if jax.process_index() == 0 else (lambda m: None),
@@ -283,7 +284,8 @@ def _main(args) -> int:
     auth = "; API key required" if api_key else ""
     print(
         f"[serve] model '{state.model_name}' on http://{args.host}:{args.port}/v1 "
-        f"({engine.ex.slots} slots, max_len {state.max_len}{auth})",
+        f"({engine.ex.slots} requests in flight at most, {engine.ex.pool_tokens} KV cache "
+        f"tokens, max_len {state.max_len}{auth})",
         flush=True,
     )
     try:

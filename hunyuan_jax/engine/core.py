@@ -13,8 +13,7 @@ int32 and one float32 array (`StepWork.pack`).
 
 The programs, all compiled at start-up (`programs` lists them; a call of another shape fails
 rather than recompile):
-- `step[T]` for each token bucket T (`token_buckets`: from max_seqs rounded up to 8, x4, up to
-  the token budget): one model call over a ragged stream of T token slots mixing prompt chunks
+- `step[T]` for each token bucket T (`token_buckets`: 8, 16, 32, ... up to the token budget): one model call over a ragged stream of T token slots mixing prompt chunks
   of several sequences and single decode tokens, then one sampled token per sequence from its
   last token's logits (`sampling.sample_rows`: per-row temperature / top-k / top-p / penalty,
   each row drawing with fold_in(its request's key, its token count), so a seeded request gives
@@ -23,7 +22,8 @@ rather than recompile):
 - `score[B]` (B the token budget): the same, plus the log-probability of the next prompt token
   and its top alternatives at every stream position (echo / prompt logprobs; run only for
   steps that carry such a request, since it computes the LM head for every token).
-The model chooses its MoE dispatch (phase 'decode' for the smallest bucket, else 'prefill')
+The model chooses its MoE dispatch (phase 'decode' for a stream no longer than max_seqs, else
+'prefill')
 and its paged attention kernel (`dispatch.paged_attention_impl_for`).
 """
 
@@ -55,12 +55,12 @@ def _round_up(n: int, m: int) -> int:
 
 
 def token_buckets(max_seqs: int, token_budget: int) -> tuple[int, ...]:
-    """Stream lengths with a program each: the smallest holds one decode token per sequence."""
-    t = _round_up(max_seqs, 8)
-    out = []
+    """Stream lengths with a program each: 8, 16, 32, ... up to the token budget (a step runs
+    the smallest that holds its tokens, so a few decode rows never pay for a full stream)."""
+    t, out = 8, []
     while t < token_budget:
         out.append(t)
-        t *= 4
+        t *= 2
     return tuple(out) + (token_budget,)
 
 
@@ -71,6 +71,8 @@ class EngineCore:
     page_size: token slots per page. num_pages: pages in the pool, the scratch page included
     (default: as many token slots as max_seqs rows of max_len, plus the scratch page).
     token_budget: stream tokens per step (the largest program; >= max_seqs).
+    compile: False builds nothing on the devices (`lower` for the AOT tool only). lazy: compile
+    each program on its first call instead of all at start-up (offline runs that meet a few).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class EngineCore:
         cache_dtype: str | None = None,
         vocab_limit: int | None = None,
         compile: bool = True,
+        lazy: bool = False,
     ):
         if max_seqs < 1 or max_len < 2 or page_size < 1:
             raise ValueError(
@@ -116,11 +119,15 @@ class EngineCore:
                 PagedCache.zeros_pool(self.cfg, self.num_pages, self.page_size, cache_dtype)
             )
             self.seen = self._put(np.zeros((self.max_seqs, vocab), bool))
-            t0 = time.perf_counter()
-            for name, t in self.programs:
-                work = StepWork.empty(self.shape(t))
-                self._exe[name, t] = self._jit(name, t).lower(*self._args(work)).compile()
-            self.compile_seconds = time.perf_counter() - t0
+            for name, t in [] if lazy else self.programs:
+                self._compile(name, t)
+
+    def _compile(self, name: str, tokens: int):
+        t0 = time.perf_counter()
+        args = self._args(StepWork.empty(self.shape(tokens)))
+        exe = self._exe[name, tokens] = self._jit(name, tokens).lower(*args).compile()
+        self.compile_seconds += time.perf_counter() - t0
+        return exe
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -129,7 +136,8 @@ class EngineCore:
 
     @property
     def executables(self) -> int:
-        return len(self.programs)
+        """Programs compiled so far (all of them after start-up unless lazy)."""
+        return len(self._exe)
 
     @property
     def pool_tokens(self) -> int:
@@ -137,7 +145,9 @@ class EngineCore:
         return (self.num_pages - 1) * self.page_size
 
     def shape(self, tokens: int) -> StepShape:
-        return StepShape(int(tokens), self.max_seqs, self.pages_per_seq)
+        """A stream of `tokens` carries at most that many sequences: the per-sequence work
+        (LM head, sampling, logprobs) is sized by min(tokens, max_seqs), not by max_seqs."""
+        return StepShape(int(tokens), min(int(tokens), self.max_seqs), self.pages_per_seq)
 
     def bucket_for(self, n_tokens: int) -> int:
         """The smallest program that takes a stream of n_tokens."""
@@ -222,7 +232,7 @@ class EngineCore:
         f = unpack(shape, ints, floats)
         r = shape.seqs
         model = nnx.merge(self.graphdef, params)
-        phase = "decode" if shape.tokens == self.buckets[0] else "prefill"
+        phase = "decode" if shape.tokens <= self.max_seqs else "prefill"
         hidden, _, cache = model(
             f["tokens"][None],
             cache=PagedCache(pool, paged_batch(f)),
@@ -270,7 +280,9 @@ class EngineCore:
         name = "score" if score else "step"
         exe = self._exe.get((name, tokens))
         if exe is None:
-            raise ValueError(f"no compiled program {name}[{tokens}]")
+            if (name, tokens) not in self.programs:
+                raise ValueError(f"no program {name}[{tokens}] (programs: {self.programs})")
+            exe = self._compile(name, tokens)
         args = (self.params, self.pool, self.seen, self._put(ints), self._put(floats))
         self.pool, self.seen, out = exe(*args)
         return out

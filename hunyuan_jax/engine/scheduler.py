@@ -122,6 +122,7 @@ class Engine:
         self.error: str | None = None
         self.steps = collections.Counter()  # program calls by bucket
         self.preemptions = 0
+        self.peak_running = 0  # most sequences in flight at once (benchmarks)
         self._tok_times: collections.deque = collections.deque()
 
     # ------------------------------------------------------------------ public API
@@ -268,6 +269,7 @@ class Engine:
             seq.row = self.free_rows.pop()
             seq.fresh = True
             self.running.append(seq)
+            self.peak_running = max(self.peak_running, len(self.running))
 
     def _take_pages(self, seq: _Seq, first: bool) -> bool:
         """Pages for every token the sequence has, its longest cached prefix reused."""

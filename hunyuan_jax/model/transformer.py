@@ -373,6 +373,25 @@ class HunyuanForCausalLM(nnx.Module):
         x = plan.constrain(x, ("batch", "length", "act_embed"))
 
         graphdef, stacked = nnx.split(self.groups)
+        if paged_batch is not None:
+            x, stats, new_kv = self._paged_groups(x, ctx, cache.pool, graphdef, stacked)
+        else:
+            x, stats, new_kv = self._groups(x, ctx, cache, key, graphdef, stacked)
+        # stats: [groups, layers_per_group, ...] -> [layers, ...] in layer order.
+        stats = jax.tree.map(lambda a: a.reshape((cfg.num_layers,) + a.shape[2:]), stats)
+
+        x = self.final_norm(x)
+        logits = x if return_hidden else self.logits(x)
+        new_cache = None
+        if paged_batch is not None:
+            new_cache = PagedCache(new_kv, paged_batch)
+        elif cache is not None:
+            new_cache = KVCache(new_kv[0], new_kv[1], cache.index + s)
+        return logits, stats, new_cache
+
+    def _groups(self, x, ctx: Context, cache: KVCache | None, key, graphdef, stacked):
+        """The layer-group scan: (x, stats [groups, ...], the groups' new K/V or None)."""
+        cfg = self.cfg
 
         def body(x, xs):
             group_state, group_cache, g = xs
@@ -385,34 +404,48 @@ class HunyuanForCausalLM(nnx.Module):
             body = jax.checkpoint(
                 body, policy=_REMAT_POLICIES[self.policy.remat], prevent_cse=False
             )
-        if paged_batch is not None:
-            cache_xs = cache.pool
-        else:
-            cache_xs = None if cache is None else (cache.k, cache.v)
-        xs = (
-            stacked,
-            cache_xs,
-            jnp.arange(cfg.num_groups, dtype=jnp.int32),
-        )
+        groups = jnp.arange(cfg.num_groups, dtype=jnp.int32)
+        xs = (stacked, None if cache is None else (cache.k, cache.v), groups)
         if self.policy.scan_layers:
             x, (stats, new_kv) = jax.lax.scan(body, x, xs)
+            return x, stats, new_kv
+        outs = []
+        for g in range(cfg.num_groups):
+            x, out = body(x, jax.tree.map(lambda a: a[g], xs))
+            outs.append(out)
+        stats, new_kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x, stats, new_kv
+
+    def _paged_groups(self, x, ctx: Context, pool: paged.PagedKV, graphdef, stacked):
+        """The layer-group scan of an engine step. The pools of all groups are one flat pool
+        [groups * pages, ...] carried through the scan and updated in place (as a scan input
+        and output it would be copied whole every step); group g's pages are g * pages
+        onwards, so its step writes and reads them through offset slots and page indices."""
+        groups, pages, page_size = pool.kv.shape[:3]
+        flat = jax.tree.map(lambda a: a.reshape((groups * pages,) + a.shape[2:]), pool)
+        b = ctx.paged
+
+        def body(carry, xs):
+            x, flat = carry
+            group_state, g = xs
+            own = b._replace(
+                slots=b.slots + g * pages * page_size, page_indices=b.page_indices + g * pages
+            )
+            group = nnx.merge(graphdef, group_state)
+            x, flat, stats = group(x, ctx._replace(paged=own), flat)
+            return (x, flat), stats
+
+        xs = (stacked, jnp.arange(groups, dtype=jnp.int32))
+        if self.policy.scan_layers:
+            (x, flat), stats = jax.lax.scan(body, (x, flat), xs)
         else:
             outs = []
-            for g in range(cfg.num_groups):
-                x, out = body(x, jax.tree.map(lambda a: a[g], xs))
+            for g in range(groups):
+                (x, flat), out = body((x, flat), jax.tree.map(lambda a: a[g], xs))
                 outs.append(out)
-            stats, new_kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        # stats: [groups, layers_per_group, ...] -> [layers, ...] in layer order.
-        stats = jax.tree.map(lambda a: a.reshape((cfg.num_layers,) + a.shape[2:]), stats)
-
-        x = self.final_norm(x)
-        logits = x if return_hidden else self.logits(x)
-        new_cache = None
-        if paged_batch is not None:
-            new_cache = PagedCache(new_kv, paged_batch)
-        elif cache is not None:
-            new_cache = KVCache(new_kv[0], new_kv[1], cache.index + s)
-        return logits, stats, new_cache
+            stats = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        pool = jax.tree.map(lambda a: a.reshape((groups, pages) + a.shape[1:]), flat)
+        return x, stats, pool
 
     def head(self) -> jax.Array:
         """The LM head [D, V] as the logits use it: compute dtype, laid out by the plan

@@ -1,5 +1,6 @@
-"""The HTTP server: OpenAI-compatible completions / chat completions with continuous batching.
+"""The HTTP server: OpenAI-compatible completions / chat completions over the serving engine.
 
-`python -m hunyuan_jax.cli.serve` (`hunyuan_jax/cli/serve.py`); the device programs in `engine.py`, slots and the
-loop in `scheduler.py`, the HTTP layer in `api.py` (+ `schemas.py`, `text.py`), Prometheus in `metrics.py`.
+`python -m hunyuan_jax.cli.serve` (`hunyuan_jax/cli/serve.py`); the engine (paged KV cache,
+prefix caching, continuous batching) is `hunyuan_jax/engine`; here the HTTP layer in `api.py`
+(+ `routes.py`, `schemas.py`, `text.py`, `guard.py`), Prometheus in `metrics.py`.
 """

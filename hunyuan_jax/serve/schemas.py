@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 
-from hunyuan_jax.serve.engine import TOP_LOGPROBS
+from hunyuan_jax.engine.core import TOP_LOGPROBS
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1

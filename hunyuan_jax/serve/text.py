@@ -41,6 +41,7 @@ class Choice:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.siblings: list[Choice] = [self]
+        self.request = None  # its engine request (usage: prompt tokens served from cache)
 
     # ------------------------------------------------------------------ events
     def add(self, ev) -> str:
