@@ -687,23 +687,20 @@ def test_cli_printer_streams_the_final_text(ckpt):
     ids = tok.encode("héllo wörld 猫 def main():") + [tok.eos_ids[0]]
     buf = io.StringIO()
     p = infer._Printer(tok, 1, tok.eos_ids, out=buf)
-    for step, t in enumerate(ids):
-        p(step, np.array([t]), np.array([True]))
-    p.finish(0)
+    for t in ids:
+        p(0, t, False)
+    p(0, None, True)
     assert buf.getvalue() == "héllo wörld 猫 def main():\n"
     buf = io.StringIO()
     p = infer._Printer(tok, 2, tok.eos_ids, out=buf)
     a, b = tok.encode("ab") + [tok.eos_ids[0]], tok.encode("cdef ghij klmn opqr")
     assert len(b) > len(a)
-    for step in range(max(len(a), len(b))):
-        p(
-            step,
-            np.array([a[min(step, len(a) - 1)], b[min(step, len(b) - 1)]]),
-            np.array([step < len(a), step < len(b)]),
-        )
+    for step in range(len(b)):
+        if step < len(a):
+            p(0, a[step], step == len(a) - 1)
+        p(1, b[step], False)
     assert buf.getvalue() == "[0] ab\n"  # row 0 ended with its EOS
-    p.ids[1] = b
-    p.finish(1)
+    p(1, None, True)
     p.finish(1)
     assert buf.getvalue() == "[0] ab\n[1] cdef ghij klmn opqr\n"
 

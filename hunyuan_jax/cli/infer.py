@@ -1,4 +1,5 @@
-"""Generate text from a Hunyuan-Large checkpoint (KV-cached prefill + compiled decode loop).
+"""Generate text from a Hunyuan-Large checkpoint on the serving engine (paged KV cache, prompts
+prefilled together in ragged steps, continuous batching: the server's programs).
 
     python infer.py --checkpoint DIR --prompt "The capital of France is"
     python infer.py --checkpoint DIR --chat --system "You are terse." --prompt "Hi!"
@@ -14,7 +15,8 @@ printed when it finishes (several prompts); a final line on stderr gives prefill
 tokens/s. Sampling defaults come from the checkpoint's generation_config.json (else greedy);
 flags override them. Loading is `hunyuan_jax.checkpoints.loading` (checksums verified: the crc32c of every
 chunk of a converted checkpoint, the digests of a run's arrays; a Hugging Face checkpoint's
-shard headers and sizes), generation `hunyuan_jax.decode.generate`.
+shard headers and sizes), generation `hunyuan_jax.engine.offline` (each prompt one request of
+the engine, sampled with its own key from --seed and its index).
 
 Exit status (`hunyuan_jax/errors.py`): 0 success; 2 bad command line or configuration; 3 bad
 prompts file; 4 checkpoint missing, truncated, corrupt or unsafe (the message names the file,
@@ -93,14 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-stream", action="store_true", help="print completions at the end")
     add_debug_flag(p)
-    run.add_argument(
-        "--decode-loop",
-        default="auto",
-        choices=("auto", "device", "host"),
-        help="decode steps in one on-device while loop, or one call per token "
-        "(auto: host on TPU, where the loop would keep a second copy of the "
-        "expert weights)",
-    )
     return p
 
 
@@ -164,7 +158,8 @@ def _encode(tokenizer, prompts: list[str], args) -> list[list[int]]:
 
 
 class _Printer:
-    """Streams text: the one prompt token by token, or each completion when it ends."""
+    """Streams text: the one prompt token by token, or each completion when it ends.
+    Called as `printer(i, token, done)` for every new token of prompt i and once when it ends."""
 
     def __init__(self, tokenizer, n: int, eos_ids, out=None):
         self.tok, self.n, self.out = tokenizer, n, out or sys.stdout
@@ -178,20 +173,17 @@ class _Printer:
             [t for t in self.ids[i] if t not in self.eos], skip_special_tokens=True
         )
 
-    def __call__(self, step, tokens, live):
-        for i in range(self.n):
-            if live[i]:
-                self.ids[i].append(int(tokens[i]))
-        if self.n == 1:
-            text = self.text(0)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                self.out.write(text[len(self.printed[0]) :])
-                self.out.flush()
-                self.printed[0] = text
-        else:
-            for i in range(self.n):
-                if not live[i] and not self.finished[i] and self.ids[i]:
-                    self.finish(i)
+    def __call__(self, i: int, token: int | None, done: bool):
+        if token is not None:
+            self.ids[i].append(int(token))
+            if self.n == 1:
+                text = self.text(0)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    self.out.write(text[len(self.printed[0]) :])
+                    self.out.flush()
+                    self.printed[0] = text
+        if done:
+            self.finish(i)
 
     def finish(self, i: int):
         if self.finished[i]:
@@ -232,7 +224,7 @@ def _main(args) -> int:
         raise UsageError("--checkpoint is required (or --adapter with a LoRA run)")
 
     from hunyuan_jax.decode import from_checkpoint
-    from hunyuan_jax.decode.generate import Generator
+    from hunyuan_jax.engine.offline import OfflineGenerator
     from sharding.plan import ShardingPlan
 
     plan = ShardingPlan.single()
@@ -266,14 +258,13 @@ def _main(args) -> int:
     sampling = bundle.sampling.replace(**flags)
     ids = _encode(bundle.tokenizer, prompts, args)
 
-    gen = Generator(
+    gen = OfflineGenerator(
         bundle.model,
         sampling=sampling,
         eos_ids=bundle.eos_ids,
         cache_dtype=args.cache_dtype,
         vocab_limit=bundle.tokenizer.vocab_size,
-        prefill_chunk=args.prefill_chunk,
-        decode_loop=args.decode_loop,
+        token_budget=args.prefill_chunk,
     )
     limit = args.max_len or bundle.cfg.max_position_embeddings
     try:

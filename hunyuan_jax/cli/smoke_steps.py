@@ -14,8 +14,8 @@ import numpy as np
 from hunyuan_jax.checkpoints import convert
 from hunyuan_jax.checkpoints.runs import latest_step
 from hunyuan_jax.decode import from_checkpoint
-from hunyuan_jax.decode.generate import Generator
 from hunyuan_jax.decode.sampling import SamplingConfig
+from hunyuan_jax.engine.offline import OfflineGenerator
 from hunyuan_jax.train.config import load_configs
 from hunyuan_jax.train.loop import train
 
@@ -50,7 +50,7 @@ def step_convert(ref, work: Path, plan) -> bool:
     convert.hf_to_jax(HY_TINY / "hf_st", out, progress=False, log=lambda m: None)
     model = from_checkpoint.load(out, dtype="float32", plan=plan).model
     err = float(np.abs(_logits(model, ref["input_ids"]) - ref["logits"]).max())
-    gen = Generator(model).generate(
+    gen = OfflineGenerator(model).generate(
         ref["greedy_prompt"].tolist(),
         ref["greedy_out"].shape[1] - ref["greedy_prompt"].shape[1],
     )
@@ -115,7 +115,8 @@ def step_decode(run: Path, plan) -> bool:
     sampling = SamplingConfig(temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.2)
     prompts = ["def main(", "The quick brown fox", "import os\nimport"]
     ids = [inf.tokenizer.encode(p) for p in prompts]
-    gen = Generator(inf.model, eos_ids=inf.eos_ids, sampling=sampling).generate(ids, 24, seed=0)
+    gen = OfflineGenerator(inf.model, eos_ids=inf.eos_ids, sampling=sampling)
+    gen = gen.generate(ids, 24, seed=0)
     for p, toks in zip(prompts, gen.tokens):
         say(f"4. {p!r} -> {inf.tokenizer.decode(toks)!r}")
     say(

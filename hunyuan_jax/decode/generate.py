@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from hunyuan_jax.decode.sampling import SamplingConfig, sample
-from hunyuan_jax.decode.state import DecodeState, Generation
+from hunyuan_jax.decode.state import DecodeState, Generation, check_prompts
 from hunyuan_jax.model.config import ModelConfig
 from hunyuan_jax.model.kv_cache import CACHE_DTYPES, KVCache, cache_shardings
 from hunyuan_jax.model.transformer import HunyuanForCausalLM
@@ -341,39 +341,10 @@ class Generator:
     def check_prompts(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len: int | None
     ) -> int:
-        """Validates prompts and sizes; returns the cache length to use."""
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, (int, np.integer))
-            or max_new_tokens < 1
-        ):
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if not prompts:
-            raise ValueError("no prompts to decode")
-        vocab = self.cfg.vocab_size
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty (at least one token is needed)")
-            lo, hi = min(p), max(p)
-            if lo < 0 or hi >= vocab:
-                raise ValueError(
-                    f"prompt {i} has token id {hi if hi >= vocab else lo} outside "
-                    f"the model's vocabulary [0, {vocab})"
-                )
-        longest = max(len(p) for p in prompts)
-        if max_len is None:
-            max_len = _round_up(longest + max_new_tokens, 64)
-        if longest > max_len:
-            raise ValueError(
-                f"a prompt of {longest} tokens is longer than the KV cache "
-                f"({max_len} slots); shorten it or use a longer cache"
-            )
-        if longest + max_new_tokens > max_len:
-            raise ValueError(
-                f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} needs "
-                f"{longest + max_new_tokens} cache slots, more than the KV cache's {max_len}; "
-                f"lower max_new_tokens to at most {max_len - longest} or use a longer cache"
-            )
+        """Validates prompts and sizes (`state.check_prompts`); returns the cache length."""
+        if max_len is None and prompts and isinstance(max_new_tokens, (int, np.integer)):
+            max_len = _round_up(max(len(p) for p in prompts) + max(int(max_new_tokens), 1), 64)
+        check_prompts(prompts, max_new_tokens, max_len or 1, self.cfg.vocab_size)
         return max_len
 
     def generate(

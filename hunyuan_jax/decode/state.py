@@ -1,9 +1,11 @@
-"""What the decode loop carries between calls (`DecodeState`, one donated pytree) and what a
-generation returns (`Generation`: tokens, finish reasons, timings)."""
+"""What the decode loop carries between calls (`DecodeState`, one donated pytree), what a
+generation returns (`Generation`: tokens, finish reasons, timings) and the checks a batch of
+prompts passes before it is decoded (`check_prompts`)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -53,3 +55,39 @@ class Generation:
         prefill) per second of the loop."""
         n = sum(max(len(t) - 1, 0) for t in self.tokens)
         return n / max(self.decode_seconds, 1e-9)
+
+
+def check_prompts(
+    prompts: Sequence[Sequence[int]], max_new_tokens: int, max_len: int, vocab: int
+) -> None:
+    """ValueError naming what is wrong: no prompts, an empty one, an id outside [0, vocab),
+    max_new_tokens not a positive integer, a prompt (plus max_new_tokens) past max_len."""
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, (int, np.integer))
+        or max_new_tokens < 1
+    ):
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not prompts:
+        raise ValueError("no prompts to decode")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty (at least one token is needed)")
+        lo, hi = min(p), max(p)
+        if lo < 0 or hi >= vocab:
+            raise ValueError(
+                f"prompt {i} has token id {hi if hi >= vocab else lo} outside "
+                f"the model's vocabulary [0, {vocab})"
+            )
+    longest = max(len(p) for p in prompts)
+    if longest > max_len:
+        raise ValueError(
+            f"a prompt of {longest} tokens is longer than the KV cache "
+            f"({max_len} slots); shorten it or use a longer cache"
+        )
+    if longest + max_new_tokens > max_len:
+        raise ValueError(
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} needs "
+            f"{longest + max_new_tokens} cache slots, more than the KV cache's {max_len}; "
+            f"lower max_new_tokens to at most {max_len - longest} or use a longer cache"
+        )

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from hunyuan_jax.decode.sampling import SamplingConfig
-from hunyuan_jax.decode.state import Generation
+from hunyuan_jax.decode.state import Generation, check_prompts
 from hunyuan_jax.engine.core import EngineCore
 from hunyuan_jax.engine.requests import GenParams, Request
 from hunyuan_jax.engine.scheduler import Engine
@@ -66,30 +66,8 @@ class OfflineGenerator:
         self._cores: dict[tuple, EngineCore] = {}
 
     def check_prompts(self, prompts, max_new_tokens: int, max_len: int) -> None:
-        """ValueError naming the first prompt that cannot be generated."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if not prompts:
-            raise ValueError("no prompts to decode")
-        vocab = self.model.cfg.vocab_size
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty (at least one token is needed)")
-            lo, hi = min(p), max(p)
-            if lo < 0 or hi >= vocab:
-                raise ValueError(
-                    f"prompt {i} has token id {hi if hi >= vocab else lo} outside "
-                    f"the model's vocabulary [0, {vocab})"
-                )
-            if len(p) + max_new_tokens > max_len:
-                raise ValueError(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
-                    f"needs {len(p) + max_new_tokens} cache slots, more than the limit "
-                    f"{max_len}; lower max_new_tokens to at most {max(max_len - len(p), 0)} "
-                    f"or shorten the prompt"
-                )
+        """ValueError naming the first problem (`decode.state.check_prompts`)."""
+        check_prompts(prompts, max_new_tokens, max_len, self.model.cfg.vocab_size)
 
     def core_for(self, prompts, max_new_tokens: int, max_len: int | None = None) -> EngineCore:
         """The engine shape a call needs (built once per shape, its programs compiled lazily)."""
@@ -123,9 +101,10 @@ class OfflineGenerator:
         """Generates for every prompt (token id lists of any lengths). max_len: the longest
         sequence (default: longest prompt + max_new_tokens rounded up to 64). stream: called
         on the engine loop for every new token."""
-        longest = max((len(p) for p in prompts), default=0) + int(max_new_tokens or 0)
-        limit = max_len or -(-max(longest, 1) // 64) * 64
-        self.check_prompts(prompts, max_new_tokens, limit)
+        longest = max((len(p) for p in prompts), default=0)
+        if max_len is None and isinstance(max_new_tokens, int) and max_new_tokens > 0:
+            max_len = -(-(longest + max_new_tokens) // 64) * 64
+        self.check_prompts(prompts, max_new_tokens, max_len or 1)
         core = self.core_for(prompts, max_new_tokens, max_len)
         compiled_before = core.compile_seconds
         eos = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
