@@ -30,8 +30,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from hunyuan_jax.model import dispatch, qops
 from hunyuan_jax.model.config import ModelConfig
-from hunyuan_jax.model.kernels import flash, paged, splash
-from hunyuan_jax.model.kernels.attention import AttentionMask, attend
+from hunyuan_jax.model.kernels import paged
+from hunyuan_jax.model.kernels.attention import RESIDUAL_NAMES, AttentionMask, attend, kernel_layout
 from hunyuan_jax.model.kv_cache import KVCache, PagedCache, QuantizedKV, write_rows
 from hunyuan_jax.model.layers import RMSNorm, apply_rope, param, rope_inv_freq
 from hunyuan_jax.model.moe import ExpertsFn, MoE
@@ -42,9 +42,7 @@ _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # The attention output plus what the flash / splash backward needs (no second forward).
-    "save_attn_out": jax.checkpoint_policies.save_only_these_names(
-        "attn_out", *flash.RESIDUAL_NAMES, splash.RESIDUAL_NAME
-    ),
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out", *RESIDUAL_NAMES),
 }
 
 
@@ -132,26 +130,10 @@ class Attention(nnx.Module):
             ctx.mask,
             impl=ctx.attention,
             dropout=dropout,
-            **self._kernel_layout(ctx.attention, q, k),
+            **kernel_layout(ctx.attention, self.plan, q.shape, k.shape),
         )
         out = checkpoint_name(out, "attn_out")
         return qops.einsum("bsnh,nhd->bsd", out, self._w("o_proj", lora_key))
-
-    def _kernel_layout(self, impl: str, q, k) -> dict:
-        """flash / splash on a mesh run per device in shard_map, with q and K/V laid out by the
-        plan (whole rows; heads over the tensor axes when both q and KV heads divide them);
-        otherwise XLA partitions the call itself (splash cannot be partitioned that way)."""
-        if impl == "xla" or not self.plan.is_sharded:
-            return {}
-        q_spec = self.plan.activation_spec(("batch", None, "act_heads", None), q.shape)
-        kv_spec = self.plan.activation_spec(("batch", None, "act_kv_heads", None), k.shape)
-        if q_spec[0] != kv_spec[0] or q_spec[2] != kv_spec[2]:
-            if impl == "splash":
-                head_less = lambda spec: jax.sharding.PartitionSpec(spec[0], None, None, None)
-                q_spec = kv_spec = head_less(q_spec)
-            else:
-                return {}
-        return {"mesh": self.plan.mesh, "q_spec": q_spec, "kv_spec": kv_spec}
 
 
 # ----------------------------------------------------------------------------- decoder

@@ -16,10 +16,37 @@ import jax.numpy as jnp
 from hunyuan_jax.model.kernels import flash, splash
 from hunyuan_jax.model.kernels.mask import AttentionMask, check_shapes, shard_map_attention
 
-__all__ = ["IMPLS", "AttentionMask", "attend", "reference_attention", "shard_map_attention"]
+__all__ = [
+    "IMPLS",
+    "RESIDUAL_NAMES",
+    "AttentionMask",
+    "attend",
+    "kernel_layout",
+    "reference_attention",
+    "shard_map_attention",
+]
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 IMPLS = ("xla", "flash", "splash")
+# What the kernels' backward passes need, by checkpoint name (a remat policy that saves these
+# runs no second forward of the attention).
+RESIDUAL_NAMES = (*flash.RESIDUAL_NAMES, splash.RESIDUAL_NAME)
+
+
+def kernel_layout(impl: str, plan, q_shape, k_shape) -> dict:
+    """`attend`'s mesh arguments for a call on `plan`: flash / splash on a mesh run per device
+    in shard_map, with q and K/V laid out by the plan (whole rows; heads over the tensor axes
+    when both q and KV heads divide them); otherwise XLA partitions the call itself (splash
+    cannot be partitioned that way, so it then runs head-less per batch shard)."""
+    if impl == "xla" or plan is None or not plan.is_sharded:
+        return {}
+    q_spec = plan.activation_spec(("batch", None, "act_heads", None), q_shape)
+    kv_spec = plan.activation_spec(("batch", None, "act_kv_heads", None), k_shape)
+    if q_spec[0] != kv_spec[0] or q_spec[2] != kv_spec[2]:
+        if impl != "splash":
+            return {}
+        q_spec = kv_spec = jax.sharding.PartitionSpec(q_spec[0], None, None, None)
+    return {"mesh": plan.mesh, "q_spec": q_spec, "kv_spec": kv_spec}
 
 
 def reference_attention(q, k, v, mask: AttentionMask, *, dropout=None) -> jax.Array:
