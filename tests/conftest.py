@@ -38,6 +38,13 @@ def make_plan(shape=None, rules="fsdp", overrides=None):
     return ShardingPlan.create(mesh, rules, overrides)
 
 
+def decode_tiny(plan=None):
+    """hy_tiny loaded for decoding (`from_checkpoint.load`) in float32, placed by `plan`."""
+    from hunyuan_jax.decode import from_checkpoint
+
+    return from_checkpoint.load(HY_TINY / "hf_st", dtype="float32", plan=plan).model
+
+
 def load_tiny(plan=None, policy=None, fmt="hf_st"):
     """hy_tiny (the PyTorch reference checkpoint) in float32 unless `policy` says otherwise,
     laid out by `plan` (default one device)."""

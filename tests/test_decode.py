@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import DATA, HY_TINY
+from conftest import DATA, HY_TINY, decode_tiny
 
 from hunyuan_jax.decode import from_checkpoint, sampling
 from hunyuan_jax.decode.generate import Generator
@@ -34,9 +34,7 @@ MAX_NEW = 20
 needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
 
-def _load(plan=None):
-    """hy_tiny in float32 (parameters and compute), placed by `plan` (default one device)."""
-    return from_checkpoint.load(HY_TINY / "hf_st", dtype="float32", plan=plan).model
+_load = decode_tiny  # hy_tiny in float32 (parameters and compute), placed by a plan
 
 
 @pytest.fixture(scope="module")

@@ -12,26 +12,21 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from conftest import decode_tiny, make_plan
 
-from hunyuan_jax.decode import from_checkpoint
 from hunyuan_jax.decode.generate import Generator
 from hunyuan_jax.engine.core import EngineCore, token_buckets
 from hunyuan_jax.engine.requests import GenParams, Request, check_request
 from hunyuan_jax.engine.scheduler import Engine
-from tests.conftest import HY_TINY, make_plan
 
 MAX_LEN = 64
 ATOL = 1e-4
 needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
 
-def _load(plan=None):
-    return from_checkpoint.load(HY_TINY / "hf_st", dtype="float32", plan=plan).model
-
-
 @pytest.fixture(scope="module")
 def model():
-    return _load()
+    return decode_tiny()
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +180,7 @@ def test_check_request_pool_limit():
 @needs8
 def test_mesh_equals_one_device(prompts, alone):
     """tensor=2 x expert=4: the pool's kv heads over 'tensor', experts over 'expert'."""
-    model8 = _load(make_plan((1, 1, 4, 2), rules="serve_ep_tp"))
+    model8 = decode_tiny(make_plan((1, 1, 4, 2), rules="serve_ep_tp"))
     engine = _engine(model8, page_size=4, token_budget=16)
     got, _, _ = _run(engine, prompts, GREEDY)
     assert got == alone
