@@ -1,4 +1,5 @@
-"""Prefill and decode throughput of hunyuan_jax.decode.generate vs a PyTorch eager baseline, same process.
+"""Prefill and decode throughput of the serving engine (hunyuan_jax.engine: what infer.py and
+the server run) and of the contiguous-cache Generator vs a PyTorch eager baseline, same process.
 
     python -m bench.decode                      # configs/small.yaml, batch 1 and 8
     python -m bench.decode --prompt-len 128 --new-tokens 32 --batches 1 8 --repeats 3
@@ -21,6 +22,12 @@ optional extra, the side is skipped with a message otherwise) the original
 `HunYuanForCausalLM` with transformers' `generate` is a side too, on the same weights saved
 through the project's exporter (bench/original.py). `--bf16` adds the JAX side with bfloat16
 weights (reported separately; the ratios that matter are float32 against float32).
+
+Memory bound: for each batch the table gives the bytes one decode step reads (the weights it
+touches: every dense weight, the tied embedding for the logits, the routed experts the batch's
+tokens can choose, min(batch x top-k, experts) per layer; plus the KV cache of every row) and the
+fraction of this machine's memory read rate that the decode reaches, the rate measured in the
+same rounds (a 512 MiB float32 reduction).
 
 Timings exclude compilation (the Generator compiles ahead of time; compile seconds printed)
 and come from `--repeats` rounds that run the sides alternately (bench/harness.py): median
@@ -66,7 +73,9 @@ from flax import nnx  # noqa: E402
 from bench import harness  # noqa: E402
 from hunyuan_jax.checkpoints.loading import read_model_config  # noqa: E402
 from hunyuan_jax.decode.generate import Generator  # noqa: E402
+from hunyuan_jax.engine.offline import OfflineGenerator  # noqa: E402
 from hunyuan_jax.model.config import ModelConfig  # noqa: E402
+from hunyuan_jax.model.kv_cache import pool_bytes_per_token  # noqa: E402
 from hunyuan_jax.model.policy import RuntimePolicy  # noqa: E402
 from hunyuan_jax.model.state import init_model  # noqa: E402
 
@@ -187,7 +196,7 @@ class TorchHunyuan:
 def bench_throughput(cfg, model, args, seed=0):
     """Yields (batch, harness results, compile seconds, greedy agreement per side) per batch,
     sides run alternately: jax (float32), [jax-bf16], [torch compact], [original]."""
-    gens = {"jax": Generator(model, eos_ids=[])}
+    gens = {"jax": Generator(model, eos_ids=[]), "engine": OfflineGenerator(model, eos_ids=[])}
     if args.bf16:
         gens["jax-bf16"] = Generator(_bf16_copy(cfg, model), eos_ids=[])
     torch_model = TorchHunyuan(cfg, model) if args.compact else None
@@ -229,9 +238,33 @@ def bench_throughput(cfg, model, args, seed=0):
                 return {"prefill": p_s, "decode": d_s}
 
             sides[name] = run
+        read, nbytes = harness.memory_bandwidth_fn()
+
+        def bandwidth():
+            t0 = time.perf_counter()
+            read()
+            return {"bandwidth": nbytes / (time.perf_counter() - t0)}
+
+        sides["memory"] = bandwidth
         res = harness.alternate(sides, args.repeats)
         agree = {k: float(np.mean(v == tokens["jax"])) for k, v in tokens.items() if k != "jax"}
         yield b, res, compile_s, agree
+
+
+def decode_step_bytes(cfg, model, batch: int, context: int) -> float:
+    """Bytes one decode step of `batch` rows at `context` tokens reads: the parameters, less
+    the routed experts no token of the batch can choose, plus the KV cache of every row."""
+    total = routed = 0
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        n = v.get_value().nbytes
+        total += n
+        names = [str(k) for k in path]
+        i = names.index("moe") if "moe" in names else -1  # moe.{gate,up,down}_proj: routed
+        if i >= 0 and names[i + 1] in ("gate_proj", "up_proj", "down_proj"):
+            routed += n
+    chosen = min(batch * cfg.moe_top_k, cfg.num_experts) / cfg.num_experts
+    cache = batch * context * pool_bytes_per_token(cfg, "float32")
+    return total - routed * (1 - chosen) + cache
 
 
 def _bf16_copy(cfg, model):
@@ -362,20 +395,30 @@ def main(argv=None):
         print(f"\n# {harness.machine_line()} after the rounds of batch {b}")
         print(f"\n## batch {b}: tokens/s, median (min-max) of {args.repeats} alternating rounds")
         harness.report_peak(res)
-        print("| side | prefill tok/s | decode tok/s | decode vs original | vs torch compact |")
-        print("|---|---|---|---|---|")
+        bw = res["memory"]["bandwidth"].median
+        step_bytes = decode_step_bytes(cfg, model, b, args.prompt_len + args.new_tokens // 2)
+        print(
+            f"memory read rate (512 MiB float32 reduction, same rounds): {bw / 1e9:.1f} GB/s; "
+            f"a decode step reads {step_bytes / 1e6:.1f} MB (weights it can touch + KV cache)"
+        )
+        print(
+            "| side | prefill tok/s | decode tok/s | decode vs original | vs torch compact | "
+            "of memory rate |"
+        )
+        print("|---|---|---|---|---|---|")
         med = {k: v["decode"].median for k, v in res.items() if "decode" in v}
         pre, dec = b * args.prompt_len, b * (args.new_tokens - 1)
         for name, qs in res.items():
-            if name == "peak":
+            if name in ("peak", "memory"):
                 continue
             vs = [
                 f"{med[base] / med[name]:.2f}x" if base in med else "-"
                 for base in ("original", "torch")
             ]
+            steps_s = dec / b / qs["decode"].median
             print(
                 f"| {name} | {qs['prefill'].rate(pre)} | {qs['decode'].rate(dec)} | "
-                f"{vs[0]} | {vs[1]} |"
+                f"{vs[0]} | {vs[1]} | {steps_s * step_bytes / bw:.0%} |"
             )
         print(
             "# greedy tokens equal to the JAX float32 side: "

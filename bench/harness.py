@@ -62,6 +62,18 @@ def matmul_peak_fn(n: int = 2048) -> tuple[Callable[[], None], float]:
     return (lambda: dot(a, b).block_until_ready()), 2.0 * n**3
 
 
+def memory_bandwidth_fn(mib: int = 512) -> tuple[Callable[[], None], float]:
+    """(one timed reduction of a `mib` MiB float32 array, its bytes): the machine's memory read
+    rate, far larger than any cache. Compiled and warmed up here."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(a).block_until_ready()
+    return (lambda: total(a).block_until_ready()), float(a.size * 4)
+
+
 def alternate(
     sides: dict[str, Callable[[], dict[str, float] | None]],
     rounds: int,

@@ -252,6 +252,25 @@ def test_padding_tokens_are_zero_and_touch_only_page_0():
     np.testing.assert_array_equal(out[: st.n_real], np.asarray(ref)[: st.n_real])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int8])
+def test_one_row_blocks_match_per_token_blocks(dtype):
+    """The xla path's two ways through a block of queries: a block whose real tokens all belong
+    to one row (a prefill chunk's) reads that row's pages once for the whole block, a block
+    mixing rows gathers each token's own row's pages. block_q 8 gives both (tokens 0-7 of
+    three rows; 8-23 and 24-28 + padding of one row's 21-token chunk), block_q 64 one mixed
+    block: the same outputs, the definition's, padding with NaN queries included (zeros)."""
+    st = _step(4, seed=12, rows=[(3, 1), (9, 1), (0, 6), (40, 21)], tokens=40)
+    pool = st.fill(_pool(st, dtype))
+    q = st.q.copy()
+    q[st.n_real :] = np.nan
+    one_row = np.asarray(attend(jnp.asarray(q), pool, st.batch(), block_q=8))
+    mixed = np.asarray(attend(jnp.asarray(q), pool, st.batch(), block_q=64))
+    assert not np.isnan(one_row).any() and not np.any(one_row[st.n_real :])
+    assert _err(one_row, mixed) < F32_TOL
+    if dtype == jnp.float32:
+        assert _err(one_row[: st.n_real], st.dense()[: st.n_real]) < F32_TOL
+
+
 def test_write_scatters_into_the_donated_pool():
     """The slot layout (K at even combined heads, V at odd) and, in a jitted program that
     donates the pool, no pool-sized temporary (the scatter updates it in place)."""
@@ -385,17 +404,52 @@ def test_pallas_kernel_interpreted_on_cpu():
     assert _err(out, st.dense()) < F32_TOL
 
 
-def _tpu_device():
+def test_sharded_pallas_layout_on_cpu(monkeypatch):
+    """The shard_map around the kernel on a mesh (8 CPU devices, kv heads over tensor=2, the
+    rest over expert=4), with the kernel replaced by the xla path on each device's shard: each
+    device's query heads meet their own kv heads' K / V pairs, and the result equals the
+    unsharded attention. (The kernel itself cannot run on CPU; its sharded compile for TPU is
+    `test_pallas_path_compiles_on_a_tpu_mesh`.)"""
+    from conftest import make_plan
+
+    calls = []
+
+    def per_device(q, kv, batch, sm_scale, *_):
+        calls.append((q.shape, kv.shape))
+        return paged._xla(q, PagedKV(kv, None), batch, sm_scale, 32, 256)
+
+    monkeypatch.setattr(paged, "_pallas", per_device)
+    plan = make_plan((1, 1, 4, 2), "serve_ep_tp")
+    st = _step(16, seed=11, hd=128)
+    pool = st.fill(_pool(st, jnp.float32))
+    heads = jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec(None, None, "tensor"))
+    pool = PagedKV(jax.device_put(pool.kv, heads), None)
+    fn = jax.jit(lambda q, pool, b: paged.attend(q, pool, b, impl="pallas", plan=plan))
+    out = fn(jnp.asarray(st.q), pool, st.batch())
+    assert calls == [((len(st.q), H // 2, 128), (pool.kv.shape[0], 16, 2, 128))]  # 1 KV head
+    assert out.sharding.spec[:2] == (None, "tensor")
+    assert _err(out, st.dense()) < F32_TOL
+    # A layout that would split a K/V pair (2 kv heads over tensor=4): refused.
+    with pytest.raises(ValueError, match="whole K/V pairs"):
+        paged.attend(jnp.asarray(st.q), pool, st.batch(), impl="pallas",
+                     plan=make_plan((1, 1, 2, 4), "serve_ep_tp"))  # fmt: skip
+
+
+def _tpu_devices(topology="v5e:1x1"):
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu not installed: no ahead-of-time TPU compile (pip install libtpu)")
     from jax.experimental import topologies
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU chips here to drive
     try:
-        desc = topologies.get_topology_desc(topology_name="v5e:1x1", platform="tpu")
+        desc = topologies.get_topology_desc(topology_name=topology, platform="tpu")
     except Exception as e:  # noqa: BLE001 - libtpu present but unusable (e.g. busy)
-        pytest.skip(f"cannot describe a v5e:1x1 topology: {e}")
-    return desc.devices[0]
+        pytest.skip(f"cannot describe a {topology} topology: {e}")
+    return list(desc.devices)
+
+
+def _tpu_device():
+    return _tpu_devices()[0]
 
 
 def test_pallas_path_compiles_for_tpu():
@@ -425,3 +479,65 @@ def test_pallas_path_compiles_for_tpu():
     with pytest.raises(ValueError, match="head_dim % 128"):
         pool = PagedKV.zeros(4, 16, 2, 64, jnp.float32)
         paged.attend(jnp.zeros((4, 8, 64)), pool, batch, impl="pallas")
+
+
+def _abstract_step(sharding, t, r, p, pages, ps, kvh, h, d, kv_sharding=None, q_sharding=None):
+    sds = lambda shape, dt=jnp.int32, s=sharding: jax.ShapeDtypeStruct(shape, dt, sharding=s)
+    batch = PagedBatch(
+        sds((t,)), sds((t,)), sds((t,)), sds((t,), jnp.bool_), sds((r,)), sds((r, p)),
+        sds((r + 1,)), sds((1,)),
+    )  # fmt: skip
+    pool = PagedKV(sds((pages, ps, 2 * kvh, d), jnp.bfloat16, kv_sharding or sharding), None)
+    return sds((t, h, d), jnp.bfloat16, q_sharding or sharding), pool, batch
+
+
+def test_pallas_path_compiles_on_a_tpu_mesh():
+    """On a mesh (v5e:2x4, 8 chips: expert=2, tensor=4, preset serve_ep_tp) impl='pallas' runs
+    the kernel per chip under shard_map: one Mosaic call in the compiled program, on each
+    chip's 2 of 8 kv heads (4 combined) and 8 of 32 query heads, and no collective at all (the
+    pool is never gathered; the output keeps the heads split over tensor)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as PS
+
+    from hunyuan_jax.model import dispatch
+    from hunyuan_jax.model.policy import RuntimePolicy
+    from sharding.plan import ShardingPlan
+
+    devices = _tpu_devices("v5e:2x4")
+    plan = ShardingPlan.create("expert=2,tensor=4", "serve_ep_tp", devices=devices)
+    named = lambda *spec: NamedSharding(plan.mesh, PS(*spec))
+    q, pool, batch = _abstract_step(
+        named(), t=64, r=8, p=16, pages=128, ps=16, kvh=8, h=32, d=128,
+        kv_sharding=named(None, None, "tensor", None), q_sharding=named(None, "tensor", None),
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    fn = jax.jit(lambda q, pool, b: paged.attend(q, pool, b, impl="pallas", plan=plan))
+    compiled = fn.lower(q, pool, batch).compile()
+    text = compiled.as_text()
+    assert text.count("tpu_custom_call") == 1 and "ragged_paged_attention" in text
+    for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter"):
+        assert op not in text, op
+    assert compiled.output_shardings.spec[:2] == (None, "tensor")
+    assert "bf16[64,8,128]" in text  # each chip's query block: 8 of the 32 heads
+    assert time.perf_counter() - t0 < 60
+
+    # The dispatcher picks the kernel where the kv heads split into whole pairs.
+    policy = RuntimePolicy.inference("bfloat16")
+    assert dispatch.paged_attention_impl_for(policy, plan, pool) == "pallas"
+    assert paged.pallas_unsupported(pool, plan) is None
+    for bad_pool, bad_plan, why in [
+        (PagedKV.zeros(2, 16, 2, 128, jnp.bfloat16), plan, "whole K/V pairs"),  # 2 kv / 4
+        (PagedKV.zeros(2, 16, 8, 64, jnp.bfloat16), plan, "head_dim 64"),
+        (PagedKV.zeros(2, 16, 8, 128, jnp.int8), plan, "int8"),
+        (
+            pool,
+            ShardingPlan.create(
+                "expert=2,tensor=4", "serve_ep_tp", {"cache_pages": "expert"}, devices=devices
+            ),
+            "pages are sharded",
+        ),  # fmt: skip
+    ]:
+        assert why in paged.pallas_unsupported(bad_pool, bad_plan)
+        assert dispatch.paged_attention_impl_for(policy, bad_plan, bad_pool) == "xla"
+    # Off TPU, or when the policy names xla: the plain-JAX path.
+    assert dispatch.paged_attention_impl_for(policy.replace(attention="xla"), plan, pool) == "xla"

@@ -10,10 +10,11 @@ them; the report gives per-chip memory, FLOPs and the MFU implied by a stated st
 | module | owns |
 |---|---|
 | `topology` | the chip table, Cloud TPU names -> topologies, compile-only devices, default meshes |
-| `programs` | what is compiled: `TrainStep.lower` and `Generator.lower`, nothing else |
+| `programs` | what is compiled: `TrainStep.lower`, `Generator.lower` (serve: `EngineCore.lower`) |
 | `compiler` | compiling, per-chip memory, the out-of-memory verdict, XLA dumps, hoisted casts |
 | `flops` | analytic and unrolled FLOP counts, the step-time model |
-| `report` | one compile's report as a dict and as text |
+| `report` | one compile's report as a dict and as text (and the text of `serve`'s) |
+| `serve` | `--mode serve`: every program of the serving engine, the page pool sized to the chip |
 
 The command line (flags -> configs, plan and job; exit codes through `hunyuan_jax.errors`) is
 `hunyuan_jax/cli/aot.py`.

@@ -89,7 +89,13 @@ def unrolled_flops(job: Job) -> dict[str, float]:
     return out
 
 
-def step_time_model(report: dict, chip: Chip | None, step_time: float | None, efficiency: float):
+def step_time_model(
+    report: dict,
+    chip: Chip | None,
+    step_time: float | None,
+    efficiency: float,
+    hbm_bytes: float | None = None,
+):
     """MFU = analytic model FLOPs per chip / (step time x peak FLOP/s).
 
     The step time is a stated model, not a measurement (`--step-time` replaces it):
@@ -97,7 +103,9 @@ def step_time_model(report: dict, chip: Chip | None, step_time: float | None, ef
     hardware FLOPs: the unrolled compiled count with --unrolled-flops, else the analytic count
     (remat recompute included). HBM bytes: XLA's bytes-accessed (unrolled) when known; for
     prefill/decode at least the argument bytes (every weight and cache slot is read once per
-    step); for training without --unrolled-flops the HBM term is left out (compute-bound).
+    step), or `hbm_bytes` when the caller models the traffic itself (the serving engine's steps:
+    `hunyuan_jax.aot.serve`); for training without --unrolled-flops the HBM term is left out
+    (compute-bound).
     Communication (`hunyuan_jax.aot.collectives`): the bytes each chip sends in the step's
     collectives at the chip's ICI bandwidth, all links busy (`comm_time_s`; the step is
     "communication-bound" when it exceeds the other two). The three are assumed to overlap
@@ -112,7 +120,9 @@ def step_time_model(report: dict, chip: Chip | None, step_time: float | None, ef
     bytes_ = None
     if "compiled_unrolled_per_chip" in f:
         bytes_ = report.get("bytes_accessed_per_chip")
-    if report["mode"] != "train":
+    if hbm_bytes is not None:
+        bytes_ = float(hbm_bytes)
+    elif report["mode"] != "train":
         args = report["memory_gib"]["arguments"] * GiB
         bytes_ = max(bytes_ or 0.0, args)
     t_memory = bytes_ / chip.hbm_bytes_per_s if bytes_ else None

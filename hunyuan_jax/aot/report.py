@@ -1,5 +1,7 @@
 """The report of one AOT compile: `measure` compiles a job and collects per-chip memory, FLOPs
-and the step-time model into a JSON-able dict; `format_report` renders it as text.
+and the step-time model into a JSON-able dict; `format_report` renders it as text
+(`format_serve`: the report of `--mode serve`, one row per engine program, from
+`hunyuan_jax.aot.serve.measure_serve`).
 
 A program that does not fit (the compiler's out-of-memory verdict, or a total above the chip's
 usable HBM) still gets a report, with `fits: False`; the CLI turns it into exit status 6.
@@ -122,13 +124,7 @@ def measure(
         bytes_per_chip = u["bytes_accessed"]
     report["flops"] = flops
     report["bytes_accessed_per_chip"] = bytes_per_chip
-    comm = collectives.comm_model(optimized_hlo(compiled, hlo_dir, started), chips, chip)
-    comm.pop("rows", None)
-    comm["largest"] = [
-        f"{sent / GiB:.3f} GiB: {op} {shape} over {n} chips x {int(times)}"
-        for sent, op, shape, n, times in comm.get("largest", [])
-    ]
-    report["comm"] = comm
+    report["comm"] = comm_summary(optimized_hlo(compiled, hlo_dir, started), chips, chip)
     mfu = F.step_time_model(report, chip, step_time, efficiency)
     limits = F.model_limits(job.cfg, chip, mfu)
     if limits:  # the roofline's times stay in the JSON; no MFU or tokens/s is claimed
@@ -136,6 +132,17 @@ def measure(
         mfu.update(applies=False, limits=limits)
     report["mfu"] = mfu
     return report
+
+
+def comm_summary(hlo: str, chips: int, chip: Chip | None) -> dict[str, Any]:
+    """`collectives.comm_model` as the report keeps it: its largest rows as text, no row list."""
+    comm = collectives.comm_model(hlo, chips, chip)
+    comm.pop("rows", None)
+    comm["largest"] = [
+        f"{sent / GiB:.3f} GiB: {op} {shape} over {n} chips x {int(times)}"
+        for sent, op, shape, n, times in comm.get("largest", [])
+    ]
+    return comm
 
 
 def optimized_hlo(compiled, hlo_dir: str | None, since: float) -> str:
@@ -180,7 +187,7 @@ def _buffer_lines(r: dict) -> list[str]:
     ]
 
 
-def _comm_lines(r: dict) -> list[str]:
+def comm_lines(r: dict) -> list[str]:
     c = r.get("comm")
     if not c:
         return []
@@ -239,7 +246,7 @@ def format_report(r: dict) -> str:
             else ""
         )
     )
-    lines += _comm_lines(r)
+    lines += comm_lines(r)
     mfu = r.get("mfu", {})
     if "mfu" in mfu:
         lines.append(
@@ -255,4 +262,97 @@ def format_report(r: dict) -> str:
         )
     elif "note" in mfu:
         lines.append(f"step-time model: {mfu['note']}")
+    return "\n".join(lines)
+
+
+def _gib(x: float | None) -> str:
+    return "OOM" if x is None else f"{x:.2f}"
+
+
+def format_serve(r: dict) -> str:
+    """The text of a `--mode serve` report (`hunyuan_jax.aot.serve.measure_serve`)."""
+    mesh = {k: v for k, v in r["mesh"].items() if v > 1}
+    pol = r["policy"]
+    lines = [
+        f"serve | {r['config']} | {r['topology']} ({r['topology_string']}, {r['chips']} chips, "
+        f"{r['device_kind']}) | mesh {r['mesh_arg']} {mesh} | rules {r['rules']}",
+        f"params {pol['param_dtype']}, matmul weights {pol.get('weights', 'auto')}, compute "
+        f"{pol['compute_dtype']}, scan {'on' if pol['scan_layers'] else 'off'}",
+        f"step: {r['step_source']}",
+    ]
+    e, pool = r["engine"], r["pool"]
+    lines.append(
+        f"engine: max_seqs {e['max_seqs']}, max_len {e['max_len']}, page_size "
+        f"{e['page_size']}, token budget {e['token_budget']}, buckets {e['buckets']}, cache "
+        f"{e['cache_dtype']}, paged attention {e['attention']}"
+    )
+    if "probe_program" in pool:
+        probes = ", ".join(f"{p['pages']}: {_gib(p['total'])}" for p in pool["probes"])
+        sizing = (
+            f"sized by compiling {pool['probe_program']} (pages: total GiB) {probes}; "
+            f"{pool['program_bytes_per_page'] / 2**10:.0f} KiB per page for a "
+            f"{pool['page_bytes_per_chip'] / 2**10:.0f} KiB page (the program holds "
+            f"{pool['copies_of_pool']:.2f}x the pool), margin {pool['margin_gib']} GiB"
+        )
+    else:
+        sizing = pool["rule"]
+    for rf in pool.get("refits", []):
+        sizing += (
+            f"; at {rf['pages']} pages {', '.join(rf['misfits'])} needed {rf['need_gib']:.2f} GiB: "
+            f"shrunk"
+        )
+    lines.append(
+        f"page pool: {pool['pages']} pages x {e['page_size']} = {pool['tokens']} tokens "
+        f"({pool['max_len_sequences']:.1f} sequences of {e['max_len']}), "
+        f"{pool['gib_per_chip']:.2f} GiB per chip ({pool['bytes_per_token_per_chip']:.0f} "
+        f"B/token); {sizing}" + (f"; capped at {pool['capped']}" if pool.get("capped") else "")
+    )
+    hbm = r.get("hbm_gib")
+    lines.append(
+        f"{'program':<12} {'weights':>8} {'pool':>7} {'temps':>7} {'other':>7} {'total':>8}"
+        f"  fits  compile  collectives/chip  step-time model"
+    )
+    for p in r["programs"]:
+        if "memory_gib" not in p:
+            need = p.get("required_gib")
+            lines.append(
+                f"{p['program']:<12} DOES NOT FIT: needs "
+                f"{f'{need:.2f} GiB' if need else 'more'} of {p.get('available_gib')} GiB"
+            )
+            continue
+        m, c, mfu = p["memory_gib"], p.get("comm") or {}, p.get("mfu") or {}
+        sent = f"{c['total_bytes'] / GiB:7.3f} GiB" if "total_bytes" in c else "  (n/a)    "
+        model = ""
+        if "step_time_s" in mfu:
+            model = f"{mfu['step_time_s'] * 1e3:8.2f} ms {mfu['bound']}"
+            if "tokens_per_s_per_chip" in mfu:
+                model += f", {mfu['tokens_per_s_per_chip'] * r['chips']:.0f} tok/s/slice"
+            else:
+                model += " (model does not apply)"
+        lines.append(
+            f"{p['program']:<12} {m['weights']:8.2f} {m['pool']:7.2f} {m['temporaries']:7.2f} "
+            f"{m['other']:7.2f} {m['total']:8.2f}  {'yes' if p['fits'] else 'NO ':<4} "
+            f"{p['lower_s'] + p['compile_s']:6.1f}s  {sent}      {model}"
+        )
+    lines.append(f"(GiB per chip; usable HBM {hbm} GiB)" if hbm else "(GiB per chip)")
+    for p in [p for p in r["programs"] if p.get("detail") and p.get("scenario")]:
+        mfu = p.get("mfu") or {}
+        lines.append(f"{p['program']} ({p['scenario']}):")
+        f = p["flops"]
+        lines.append(
+            f"  FLOPs per chip: analytic {f['analytic_model_per_chip']:.3e}, compiled raw "
+            f"{f['compiled_raw_per_chip']:.3e} (loop bodies once); HBM "
+            f"{p['hbm_bytes_per_chip'] / GiB:.2f} GiB (weights + cache read)"
+        )
+        if mfu.get("model"):
+            lines.append(f"  step-time model: {mfu['model']} -> {mfu['step_time_s'] * 1e3:.2f} "
+                         f"ms ({mfu['bound']}-bound)"
+                         + (f": MFU {mfu['mfu']:.1%}" if "mfu" in mfu else
+                            f"; does not apply: {'; '.join(mfu.get('limits', []))}"))  # fmt: skip
+        lines += ["  " + x for x in comm_lines(p)]
+        if p.get("pool_collectives"):
+            lines.append(f"  WARNING: {len(p['pool_collectives'])} collectives move the page pool")
+    if r.get("largest_buffers"):
+        lines.append("largest buffers of the program with the most temporaries:")
+        lines += ["  " + row for row in r["largest_buffers"]]
     return "\n".join(lines)

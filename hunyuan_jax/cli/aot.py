@@ -5,6 +5,12 @@ ShardingPlan over the slice's compile-only devices) -> one compile -> report.
         --mode train --mesh fsdp=8,expert=16 --rules fsdp_ep --seq 4096
     python -m hunyuan_jax.cli.aot --config configs/hunyuan_a52b_instruct.yaml --topology v6e-32 \
         --mode decode-step --batch 8 --cache-len 32768 --rule cache_length=expert
+    python -m hunyuan_jax.cli.aot --config configs/hunyuan_a52b_instruct.yaml --topology v6e-16 \
+        --mode serve --weights int8 --max-len 32768 --max-seqs 8 --token-budget 4096
+
+`--mode serve` compiles every program of the serving engine (`hunyuan_jax.engine`: step[T] per
+token bucket, score[budget]) with the page pool sized to what the chip has left after the
+weights, the largest program's temporaries and a margin (`hunyuan_jax.aot.serve`).
 
 Configs: the architecture from `loading.read_model_config` (our YAML, a Hugging Face
 config.json or any checkpoint directory). Training uses the YAML's `runtime:` and `train:`
@@ -33,10 +39,11 @@ from pathlib import Path
 import jax
 
 from hunyuan_jax import errors
+from hunyuan_jax.aot import serve as S
 from hunyuan_jax.aot import topology as T
 from hunyuan_jax.aot.compiler import enable_dump
 from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, MODES, Job
-from hunyuan_jax.aot.report import format_report, measure
+from hunyuan_jax.aot.report import format_report, format_serve, measure
 from hunyuan_jax.checkpoints import loading
 from hunyuan_jax.cli_help import HelpFormatter
 from hunyuan_jax.errors import ConfigError, DoesNotFit, UsageError
@@ -47,6 +54,8 @@ from hunyuan_jax.train.config import TrainConfig, load_configs, parse_overrides
 from sharding.plan import ShardingPlan
 
 PROG = "python -m hunyuan_jax.cli.aot"
+SERVE = "serve"
+_SERVE_FLAGS = ("max_len", "max_seqs", "page_size", "token_budget", "num_pages", "pool_margin_gib")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--slices", type=int, default=1, help="number of slices (multi-slice; use dcn.* mesh sizes)"
     )
-    p.add_argument("--mode", choices=MODES, default="train", help="the program to compile")
+    p.add_argument(
+        "--mode",
+        choices=(*MODES, SERVE),
+        default="train",
+        help="the program to compile; serve: every program of the serving engine",
+    )
     p.add_argument("--mesh", default=None, help="e.g. fsdp=-1,expert=16 (default per mode)")
     p.add_argument(
         "--rules",
@@ -110,6 +124,50 @@ def build_parser() -> argparse.ArgumentParser:
         f"max_position_embeddings if less; at most that)",
     )
     p.add_argument("--micro", type=int, default=1, help="train: micro-batches per step")
+    serve = p.add_argument_group("--mode serve (the engine's sizes; hunyuan_jax.aot.serve)")
+    serve.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help=f"longest sequence, prompt + new tokens (default: {DEFAULT_CACHE_LEN} or the "
+        f"model's max_position_embeddings if less)",
+    )
+    serve.add_argument(
+        "--max-seqs",
+        type=int,
+        default=None,
+        help=f"sequences in flight; the decode step's bucket (default {S.MAX_SEQS})",
+    )
+    serve.add_argument(
+        "--page-size",
+        type=int,
+        default=None,
+        help=f"token slots per page (default {S.PAGE_SIZE}: the engine's default and the "
+        f"smallest page jax's ragged paged attention kernel is tuned for (its tables and "
+        f"get_min_page_size start at 16); a sequence wastes under one page and the prefix "
+        f"cache reuses whole pages, so smaller is finer, larger gives the kernel longer "
+        f"copies per page)",
+    )
+    serve.add_argument(
+        "--token-budget",
+        type=int,
+        default=None,
+        help=f"stream tokens per step, the largest (prefill) bucket (default "
+        f"{S.TOKEN_BUDGET}: enough tokens per step for the A52B's prefill to be "
+        f"compute-bound on v6e in the step-time model)",
+    )
+    serve.add_argument(
+        "--num-pages",
+        type=int,
+        default=None,
+        help="pages in the pool, the scratch page included (default: sized to the chip)",
+    )
+    serve.add_argument(
+        "--pool-margin-gib",
+        type=float,
+        default=None,
+        help=f"HBM per chip kept free when sizing the pool (default {S.MARGIN_GIB})",
+    )
     p.add_argument("--dtype", default="bfloat16", help="serving weights/compute dtype")
     p.add_argument("--param-dtype", default=None, help="train: override the parameter dtype")
     p.add_argument(
@@ -201,6 +259,26 @@ def resolve_configs(args) -> tuple[ModelConfig, RuntimePolicy, TrainConfig]:
 
 def _check_flags(args) -> None:
     train = args.mode == "train"
+    if args.mode == SERVE:
+        for name in ("batch", "seq", "cache_len", "step_time"):
+            if getattr(args, name) is not None:
+                flag = "--" + name.replace("_", "-")
+                hint = " (the engine's longest sequence: --max-len)" if name == "cache_len" else ""
+                raise UsageError(f"{flag} does not apply to --mode serve{hint}")
+        if args.unrolled_flops:
+            raise UsageError("--unrolled-flops does not apply to --mode serve")
+        for name in ("max_len", "max_seqs", "page_size", "token_budget", "num_pages"):
+            value = getattr(args, name)
+            if value is not None and value < (2 if name in ("max_len", "num_pages") else 1):
+                raise UsageError(f"--{name.replace('_', '-')} must be >= "
+                                 f"{2 if name in ('max_len', 'num_pages') else 1}, got {value}")  # fmt: skip
+        if args.pool_margin_gib is not None and args.pool_margin_gib < 0:
+            raise UsageError(f"--pool-margin-gib must be >= 0, got {args.pool_margin_gib}")
+    else:
+        given = [n for n in _SERVE_FLAGS if getattr(args, n) is not None]
+        if given:
+            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise UsageError(f"{flags}: only for --mode serve")
     if not train and args.seq is not None and args.mode != "prefill":
         raise UsageError(f"--seq applies to train and prefill, not to --mode {args.mode}")
     if train and args.cache_len is not None:
@@ -276,6 +354,8 @@ def run(args, own_process: bool = False) -> int:
     if hlo_dir:
         enable_dump(hlo_dir)
     job, header, chip, hbm_gib = resolve(args)
+    if args.mode == SERVE:
+        return _run_serve(args, job, header, chip, hbm_gib, hlo_dir)
     try:
         report = measure(
             job,
@@ -300,6 +380,44 @@ def run(args, own_process: bool = False) -> int:
         raise DoesNotFit(
             f"the {args.mode} program does not fit on {args.topology}: "
             + (f"needs {need:.2f} GiB" if need else "needs more")
+            + f" of {have} GiB HBM per chip",
+            need,
+            have,
+        )
+    return 0
+
+
+def serve_sizes(args) -> S.ServeSizes:
+    given = {n: getattr(args, n) for n in _SERVE_FLAGS if getattr(args, n) is not None}
+    if "pool_margin_gib" in given:
+        given["margin_gib"] = given.pop("pool_margin_gib")
+    return S.ServeSizes(**given)
+
+
+def _run_serve(args, job, header, chip, hbm_gib, hlo_dir) -> int:
+    try:
+        report = S.measure_serve(
+            job,
+            serve_sizes(args),
+            header,
+            chip=chip,
+            hbm_gib=hbm_gib,
+            hlo_dir=hlo_dir,
+            efficiency=args.efficiency,
+        )
+    finally:
+        if hlo_dir and not args.dump:
+            shutil.rmtree(hlo_dir, ignore_errors=True)
+    print(format_serve(report), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1, default=str)
+    if not report["fits"]:
+        bad = [p["program"] for p in report["programs"] if not p["fits"]]
+        need, have = report.get("required_gib"), report.get("available_gib")
+        raise DoesNotFit(
+            f"the serving engine's {', '.join(bad)} do not fit on {args.topology}"
+            + (f": needs {need:.2f} GiB" if need else "")
             + f" of {have} GiB HBM per chip",
             need,
             have,

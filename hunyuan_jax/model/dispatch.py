@@ -17,9 +17,11 @@ matrix would be large (>= FLASH_MIN_SCORES per row and head: long training rows,
 chunks against a long cache), else xla (decode steps, short calls).
 
 Paged attention (the serving engine, `paged_attention_impl_for`): jax's ragged paged attention
-Pallas kernel on TPU for a float page pool on one device; the plain-JAX path otherwise (CPU, an
-int8 pool whose per-token scales the kernel cannot take, or a pool sharded over a mesh, which
-the kernel would need a shard_map for).
+Pallas kernel on TPU for a float page pool, on one chip or, on a mesh, per chip under shard_map
+with the kv heads split over the tensor axes (`paged.attend(..., plan=)`), when every chip gets
+whole K/V pairs and the kernel can tile them (`paged.pallas_unsupported`); the plain-JAX path
+otherwise (CPU, an int8 pool whose per-token scales the kernel cannot take, head_dim not a
+multiple of 128, kv heads that do not divide the tensor axes).
 
 The model calls both once per forward (`HunyuanForCausalLM.__call__(phase=...)`); nothing else
 decides them.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 from hunyuan_jax.model import expert_parallel, moe
 from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.kernels import paged
 from hunyuan_jax.model.policy import RuntimePolicy
 
 PHASES = ("train", "prefill", "decode")
@@ -74,6 +77,6 @@ def paged_attention_impl_for(policy: RuntimePolicy, plan, pool) -> str:
     """'xla' | 'pallas' for the paged attention of one engine step."""
     if policy.attention == "xla":
         return "xla"
-    if plan.platform == "tpu" and pool.scale is None and not plan.is_sharded:
+    if plan.platform == "tpu" and paged.pallas_unsupported(pool, plan) is None:
         return "pallas"
     return "xla"

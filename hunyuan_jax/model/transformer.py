@@ -111,7 +111,7 @@ class Attention(nnx.Module):
         if self.query_norm is not None:
             q = self.query_norm(q) * self.key_norm.weight[...].astype(q.dtype)
         q = self.plan.constrain(q, ("batch", "length", "act_heads", None))
-        out = paged.attend(q[0], pool, ctx.paged, impl=ctx.attention)[None]
+        out = paged.attend(q[0], pool, ctx.paged, impl=ctx.attention, plan=self.plan)[None]
         return qops.einsum("bsnh,nhd->bsd", out, self._w("o_proj"))
 
     def __call__(self, x, k, v, ctx: Context, dropout=None, lora_key=None):

@@ -1,7 +1,8 @@
 """Paged attention for the serving engine: the page pool (`PagedKV`), where one step's ragged token
 stream sits in it (`PagedBatch`), writing K/V into pages (`write`), attention over pages
-(`attend`: plain JAX, or jax's ragged paged attention Pallas kernel on TPU) and the weight-free
-key normalisation that lets the layers of a CLA group share pages (`normalize_key`).
+(`attend`: plain JAX, or jax's ragged paged attention Pallas kernel on TPU, on one chip or per
+chip of a mesh under `jax.shard_map`; `pallas_unsupported` says when it cannot serve) and the
+weight-free key normalisation that lets the layers of a CLA group share pages (`normalize_key`).
 
 The ragged batch: one flat stream of T tokens from R sequence rows; row r's tokens are stream
 positions cu_q_lens[r]..cu_q_lens[r+1]-1 and are the last tokens of its kv_lens[r] cached ones.
@@ -15,12 +16,23 @@ since q . (w * k_hat) == (w * q) . k_hat.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import ragged_paged_attention as rpa
+from jax.sharding import PartitionSpec as P
 
-__all__ = ["IMPLS", "PagedBatch", "PagedKV", "attend", "normalize_key", "write"]
+__all__ = [
+    "IMPLS",
+    "PagedBatch",
+    "PagedKV",
+    "attend",
+    "normalize_key",
+    "pallas_unsupported",
+    "write",
+]
 
 IMPLS = ("xla", "pallas")
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -107,6 +119,7 @@ def attend(
     batch: PagedBatch,
     *,
     impl: str = "xla",
+    plan=None,
     sm_scale: float | None = None,
     block_q: int = 32,
     block_kv: int = 256,
@@ -129,15 +142,18 @@ def attend(
                stream in blocks of `block_q` tokens (lax.map); each block loops over its rows'
                pages `block_kv` keys at a time (rounded to whole pages), up to the block's
                largest position only (a while loop: decode tokens of short rows stop early).
-               Each token gathers its own row's pages, never another row's: compute and
-               gathered bytes ~ sum over blocks of block_q * (largest position in the block)
-               ~ T * L (the all-rows alternative costs T * R * L), and the peak memory of a
-               step is block_q * block_kv * (2 * kv_heads * head_dim elements of K/V, one
-               more q-dtype copy for int8, + num_heads float32 scores): at the defaults
-               (32 x 256) and Hunyuan-Large's heads (80 q, 8 KV x 128), 8.4 MB of bf16 K/V
-               and 2.6 MB of scores, whatever T, R or L. The price: the
-               tokens of one prefill chunk each re-read that row's pages (the Pallas kernel
-               reads them once per query block).
+               A block whose real tokens all belong to one row (inside a prefill chunk) reads
+               that row's pages once for the whole block, as the Pallas kernel does per query
+               block; a block mixing rows (decode tokens, a chunk's edges) gathers each
+               token's own row's pages, never another row's (lax.cond picks per block). Bytes
+               read ~ sum over one-row blocks of (largest position) + over mixed blocks of
+               block_q * (largest position): a prefill chunk of T tokens ~ T / block_q * L,
+               a decode step ~ R * L (the all-rows alternative costs T * R * L). Peak memory
+               of a mixed block: block_q * block_kv * (2 * kv_heads * head_dim elements of
+               K/V, one more q-dtype copy for int8, + num_heads float32 scores): at the
+               defaults (32 x 256) and Hunyuan-Large's heads (80 q, 8 KV x 80), 21 MB of
+               bf16 K/V and 2.6 MB of scores (before any head sharding), whatever T, R or L;
+               a one-row block holds one row's block_kv keys (0.7 MB) instead.
       'pallas' TPU: jax.experimental.pallas.ops.tpu.ragged_paged_attention (num_kv_pages_per_
                block / num_queries_per_block: its block sizes; default its tuned table on a TPU
                backend, else (min(P, 32), min(T, 32)), its v4-safe default, e.g. for an AOT
@@ -145,9 +161,19 @@ def attend(
                int8 pool (per-token scales) always goes through 'xla'. Relies on the
                cu_q_lens / kv_lens layout (a row's tokens are its last kv_lens ones), not on
                `positions`. Tokens past cu_q_lens[num_seqs] and invalid ones are zeroed. The
-               kernel needs head_dim a multiple of 128 (ValueError otherwise) and 2*kv_heads
-               tileable (its own check). Not runnable on CPU: jax 0.10.2's Pallas TPU
+               kernel needs head_dim a multiple of 128 (ValueError otherwise: its softmax
+               scratch is 128 lanes wide and head_dim 80, Hunyuan-Large's, fails its
+               broadcast, so the A52B's engine runs 'xla') and 2*kv_heads tileable (its own
+               check). Not runnable on CPU: jax 0.10.2's Pallas TPU
                interpreter fails on it; tests AOT-compile it for a v5e chip instead.
+               On a mesh (`plan`, a ShardingPlan with one) a Pallas call is not partitioned
+               by XLA: it runs per device under `jax.shard_map`, q's heads and the pool's
+               combined kv-head axis split over the plan's `cache_kv_heads` mesh axes (each
+               device holds whole K/V pairs of its kv heads and the query heads that read
+               them: with 8 kv heads over tensor=8, one kv head and 10 query heads per
+               chip), the PagedBatch's int arrays replicated; the pool is never gathered.
+               ValueError when the plan's layout cannot do that (`pallas_unsupported`).
+    plan: the model's ShardingPlan (only 'pallas' reads it; None or no mesh: one device).
     """
     if impl not in IMPLS:
         raise ValueError(f"paged attention impl must be one of {IMPLS}, got {impl!r}")
@@ -159,8 +185,81 @@ def attend(
         if d % 128:
             raise ValueError(f"the ragged paged attention kernel needs head_dim % 128 == 0: {d}")
         scale = d**-0.5 if sm_scale is None else float(sm_scale)
-        return _pallas(q, pool.kv, batch, scale, num_kv_pages_per_block, num_queries_per_block)
+        blocks = (num_kv_pages_per_block, num_queries_per_block)
+        if plan is None or not plan.is_sharded:
+            return _pallas(q, pool.kv, batch, scale, *blocks)
+        return _sharded_pallas(q, pool.kv, batch, plan, scale, *blocks)
     return _xla(q, pool, batch, sm_scale, block_q, block_kv)
+
+
+def _head_axes(plan) -> tuple[str, ...]:
+    """The mesh axes the pool's combined kv-head axis is split over (empty: replicated)."""
+    return plan.mesh_axes("cache_kv_heads") if plan is not None and plan.is_sharded else ()
+
+
+def pallas_unsupported(pool: PagedKV, plan=None, num_heads: int | None = None) -> str | None:
+    """Why impl='pallas' cannot serve attention over `pool` ([..., pages, page_size,
+    2 * kv_heads, head_dim], one group's or the stacked pool) under `plan`; None when it can.
+
+    The kernel needs a float pool (its k/v scales are per-tensor scalars), head_dim a
+    multiple of 128 (its lane width) and a per-device combined kv-head count it can tile
+    (`get_min_heads_per_blk`: after packing 1, 2, 4, 8 or a multiple of 8). On a mesh each
+    device must hold whole K/V pairs: kv_heads divisible by the `cache_kv_heads` shards
+    (K / V sit at even / odd combined heads, so a split of 2 * kv_heads alone could part a
+    pair), the query heads split the same way (`act_heads` on the same mesh axes, so
+    each device has the query heads of its own kv heads) and the pages unsharded."""
+    kv = pool.kv
+    if pool.scale is not None:
+        return "an int8 pool (per-token scales; the kernel takes per-tensor scalars)"
+    if kv.ndim < 4 or kv.shape[-2] % 2:
+        return f"pages {kv.shape}: not [pages, page_size, 2 * kv_heads, head_dim]"
+    kvh, d = kv.shape[-2] // 2, kv.shape[-1]
+    if d % 128:
+        return f"head_dim {d} is not a multiple of 128"
+    axes = _head_axes(plan)
+    shards = math.prod(plan.mesh.shape[a] for a in axes) if axes else 1
+    if kvh % shards:
+        return f"{kvh} kv heads do not split into whole K/V pairs over {axes} ({shards} shards)"
+    if axes:
+        if plan.mesh_axes("act_heads") != axes:
+            return (
+                f"query heads go over {plan.mesh_axes('act_heads')}, kv heads over {axes}: "
+                f"a device would lack the kv heads of its query heads"
+            )
+        if num_heads is not None and num_heads % shards:
+            return f"{num_heads} query heads do not split over {shards} shards"
+    if plan is not None and plan.is_sharded and plan.mesh_axes("cache_pages"):
+        return f"the pages are sharded over {plan.mesh_axes('cache_pages')}"
+    local = 2 * kvh // shards
+    try:  # the kernel's own tiling check, on the per-device combined kv heads
+        rpa.kernel.get_min_heads_per_blk(local // 2, local, kv.dtype, kv.dtype)
+    except ValueError as e:
+        return f"{local} combined kv heads per device: {e}"
+    return None
+
+
+def _sharded_pallas(q, kv, batch: PagedBatch, plan, sm_scale, kv_pages_per_block, q_per_block):
+    """`_pallas` per device under shard_map (see `attend`): q [T, H, D] with H over the head
+    axes, kv [pages, page_size, 2 KVH, D] with 2 KVH over the same axes, the batch
+    replicated; the output is laid out as q."""
+    pool = PagedKV(kv, None)
+    why = pallas_unsupported(pool, plan, q.shape[1])
+    if why:
+        raise ValueError(f"the ragged paged attention kernel cannot run on this mesh: {why}")
+    axes = _head_axes(plan)
+    heads = None if not axes else axes[0] if len(axes) == 1 else axes
+    q_spec, kv_spec = P(None, heads, None), P(None, None, heads, None)
+
+    def local(q, kv, batch):
+        return _pallas(q, kv, batch, sm_scale, kv_pages_per_block, q_per_block)
+
+    return jax.shard_map(
+        local,
+        mesh=plan.mesh,
+        in_specs=(q_spec, kv_spec, P()),
+        out_specs=q_spec,
+        check_vma=False,
+    )(q, kv, batch)
 
 
 def _xla(q, pool: PagedKV, batch: PagedBatch, sm_scale, block_q: int, block_kv: int):
@@ -189,41 +288,58 @@ def _xla(q, pool: PagedKV, batch: PagedBatch, sm_scale, block_q: int, block_kv: 
         blocks(valid, False),
     )
 
+    def load(pg):
+        """Pages pg [..., ppb] -> K, V [..., nk, kvh, d] (int8 pages dequantised)."""
+        kv = pool.kv[pg]  # [..., ppb, ps, 2kvh, d]
+        if pool.scale is not None:
+            s = jnp.swapaxes(pool.scale[pg], -1, -2)  # [..., ppb, ps, 2kvh]
+            kv = (kv.astype(jnp.float32) * s[..., None]).astype(q.dtype)
+        kv = kv.reshape(*pg.shape[:-1], nk, 2 * kvh, d)
+        return kv[..., 0::2, :], kv[..., 1::2, :]
+
     def one_block(args):
         qb, pos, row, ok = args
-        row_pages = pages[row]  # [bq, nkb * ppb]
         last = jnp.max(jnp.where(ok, pos, -1))
         n_blocks = jnp.clip((last + nk) // nk, 0, nkb)
+        first = row[jnp.argmax(ok)]
+        one_row = jnp.all(jnp.where(ok, row == first, True))
 
-        def step(j, carry):
-            m, l, acc = carry
-            pg = jax.lax.dynamic_slice_in_dim(row_pages, j * ppb, ppb, axis=1)  # [bq, ppb]
-            kv = pool.kv[pg]  # [bq, ppb, ps, 2kvh, d]
-            if pool.scale is not None:
-                s = jnp.swapaxes(pool.scale[pg], -1, -2)  # [bq, ppb, ps, 2kvh]
-                kv = (kv.astype(jnp.float32) * s[..., None]).astype(q.dtype)
-            kv = kv.reshape(bq, nk, 2 * kvh, d)
-            k, v = kv[:, :, 0::2], kv[:, :, 1::2]
-            kpos = j * nk + jnp.arange(nk, dtype=jnp.int32)
-            mask = (kpos[None, :] <= pos[:, None]) & ok[:, None]  # [bq, nk]
-            v = jnp.where(mask[:, :, None, None], v, jnp.zeros((), v.dtype))
-            sc = jnp.einsum("bngd,bknd->bngk", qb, k, preferred_element_type=jnp.float32)
-            sc = sc / jnp.sqrt(jnp.float32(d)) if sm_scale is None else sc * sm_scale
-            mask = mask[:, None, None, :]
-            m_new = jnp.maximum(m, jnp.max(jnp.where(mask, sc, _NEG), axis=-1))
-            pr = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
-            alpha = jnp.exp(m - m_new)
-            pv = jnp.einsum(
-                "bngk,bknd->bngd", pr.astype(v.dtype), v, preferred_element_type=jnp.float32
+        def over_keys(row_pages, shared: bool):
+            """shared: row_pages [nkb * ppb], every real token of the block in that row (its
+            pages read once for the block); else [bq, nkb * ppb], each token's own row."""
+
+            def step(j, carry):
+                m, l, acc = carry
+                pg = jax.lax.dynamic_slice_in_dim(row_pages, j * ppb, ppb, axis=-1)
+                k, v = load(pg)  # [nk, kvh, d] shared, else [bq, nk, kvh, d]
+                kpos = j * nk + jnp.arange(nk, dtype=jnp.int32)
+                mask = (kpos[None, :] <= pos[:, None]) & ok[:, None]  # [bq, nk]
+                zero = jnp.zeros((), v.dtype)
+                if shared:  # slots past the block's last position may be unwritten
+                    v = jnp.where((kpos <= last)[:, None, None], v, zero)
+                    sc = jnp.einsum("bngd,knd->bngk", qb, k, preferred_element_type=jnp.float32)
+                else:
+                    v = jnp.where(mask[:, :, None, None], v, zero)
+                    sc = jnp.einsum("bngd,bknd->bngk", qb, k, preferred_element_type=jnp.float32)
+                sc = sc / jnp.sqrt(jnp.float32(d)) if sm_scale is None else sc * sm_scale
+                mask = mask[:, None, None, :]
+                m_new = jnp.maximum(m, jnp.max(jnp.where(mask, sc, _NEG), axis=-1))
+                pr = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
+                alpha = jnp.exp(m - m_new)
+                spec = "bngk,knd->bngd" if shared else "bngk,bknd->bngd"
+                pv = jnp.einsum(spec, pr.astype(v.dtype), v, preferred_element_type=jnp.float32)
+                return m_new, alpha * l + pr.sum(-1), alpha[..., None] * acc + pv
+
+            init = (
+                jnp.full((bq, kvh, g), _NEG, jnp.float32),
+                jnp.zeros((bq, kvh, g), jnp.float32),
+                jnp.zeros((bq, kvh, g, d), jnp.float32),
             )
-            return m_new, alpha * l + pr.sum(-1), alpha[..., None] * acc + pv
+            return jax.lax.fori_loop(0, n_blocks, step, init)
 
-        init = (
-            jnp.full((bq, kvh, g), _NEG, jnp.float32),
-            jnp.zeros((bq, kvh, g), jnp.float32),
-            jnp.zeros((bq, kvh, g, d), jnp.float32),
+        _, l, acc = jax.lax.cond(
+            one_row, lambda: over_keys(pages[first], True), lambda: over_keys(pages[row], False)
         )
-        _, l, acc = jax.lax.fori_loop(0, n_blocks, step, init)
         return (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(q.dtype)
 
     out = jax.lax.map(one_block, xs)  # [nqb, bq, kvh, g, d]
@@ -231,8 +347,6 @@ def _xla(q, pool: PagedKV, batch: PagedBatch, sm_scale, block_q: int, block_kv: 
 
 
 def _pallas(q, kv, batch: PagedBatch, sm_scale: float, kv_pages_per_block, queries_per_block):
-    from jax.experimental.pallas.ops.tpu import ragged_paged_attention as rpa
-
     t, h, d = q.shape
     p = batch.page_indices.shape[1]
     if kv_pages_per_block is None or queries_per_block is None:
