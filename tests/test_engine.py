@@ -76,9 +76,9 @@ def shared(model):
 
 
 def test_token_buckets():
-    assert token_buckets(4, 64) == (8, 16, 32, 64)
-    assert token_buckets(8, 8) == (8,)
-    assert token_buckets(30, 96) == (8, 16, 32, 64, 96)
+    assert token_buckets(4, 64) == (1, 2, 4, 8, 16, 32, 64)
+    assert token_buckets(8, 8) == (1, 2, 4, 8)
+    assert token_buckets(30, 96) == (1, 2, 4, 8, 16, 32, 64, 96)
 
 
 def test_alone_and_under_load_equal_generator(shared, prompts, alone):

@@ -76,7 +76,9 @@ def server():
     state = build_state(
         dtype="float32", slots=SLOTS, max_len=MAX_LEN, prefill_chunk=CHUNK, max_queue=64
     )
-    assert state.engine.ex.executables == len(state.engine.ex.programs) == 3  # 8, 16, score
+    assert (
+        state.engine.ex.executables == len(state.engine.ex.programs) == 6
+    )  # 1, 2, 4, 8, 16, score
     print(f"server built in {time.time() - t0:.1f}s")
     with _Server(state) as s:
         yield s
@@ -155,7 +157,7 @@ def test_models_health_metrics(server, client):
                  "hunyuan_time_to_first_token_seconds_bucket",
                  "hunyuan_time_per_output_token_seconds_bucket"):  # fmt: skip
         assert name in text
-    assert "hunyuan_executables 3.0" in text
+    assert "hunyuan_executables 6.0" in text
 
 
 def test_openai_completions(server, client, generator):

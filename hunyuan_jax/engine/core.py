@@ -13,7 +13,7 @@ int32 and one float32 array (`StepWork.pack`).
 
 The programs, all compiled at start-up (`programs` lists them; a call of another shape fails
 rather than recompile):
-- `step[T]` for each token bucket T (`token_buckets`: 8, 16, 32, ... up to the token budget): one model call over a ragged stream of T token slots mixing prompt chunks
+- `step[T]` for each token bucket T (`token_buckets`: 1, 2, 4, 8, ... up to the token budget): one model call over a ragged stream of T token slots mixing prompt chunks
   of several sequences and single decode tokens, then one sampled token per sequence from its
   last token's logits (`sampling.sample_rows`: per-row temperature / top-k / top-p / penalty,
   each row drawing with fold_in(its request's key, its token count), so a seeded request gives
@@ -55,9 +55,11 @@ def _round_up(n: int, m: int) -> int:
 
 
 def token_buckets(max_seqs: int, token_budget: int) -> tuple[int, ...]:
-    """Stream lengths with a program each: 8, 16, 32, ... up to the token budget (a step runs
-    the smallest that holds its tokens, so a few decode rows never pay for a full stream)."""
-    t, out = 8, []
+    """Stream lengths with a program each: 1, 2, 4, 8, ... up to the token budget (a step runs
+    the smallest that holds its tokens, so a few decode rows never pay for a full stream: a
+    padding token still runs the whole model, and in a decode step it gathers the weights of an
+    expert of its own, so batch-1 decode in a stream of 8 read ~8x the routed weights)."""
+    t, out = 1, []
     while t < token_budget:
         out.append(t)
         t *= 2
