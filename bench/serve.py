@@ -25,9 +25,13 @@ ignored (each request produces exactly its max_tokens). Every compile happens be
    static batching (the contiguous-cache Generator: whenever it is idle, up to 8 waiting
    requests form one batch decoded until its longest is done).
 
-Throughput = new tokens / (last finish - first arrival); saturated throughput = the tokens made
-while requests were still waiting (until the last request's first token) / that time, the
-engine's rate at full load without the tail of a finite burst; TTFT = first token - arrival.
+tokens/step and step ms/token: the real (not padding) tokens the engine's step programs fed per
+call, and their wall time per such token (the programs' own cost; when it does not fall as
+steps grow, a step costs its tokens' compute and more sequences in flight cannot raise the
+throughput: the floor of comparison 2 on a CPU). Throughput = new tokens / (last finish -
+first arrival); saturated throughput = the tokens made while requests were still waiting (until
+the last request's first token) / that time, the engine's rate at full load without the tail
+of a finite burst; TTFT = first token - arrival.
 """
 
 from __future__ import annotations
@@ -109,6 +113,9 @@ def drive(engine: Engine, prompts, max_tokens) -> dict:
         "ttft_p50": float(np.percentile(ttft, 50)),
         "ttft_p99": float(np.percentile(ttft, 99)),
         "in_flight": engine.peak_running,
+        # the step programs' own cost: wall time per real token fed and real tokens per step
+        "ms_per_token": 1e3 * sum(engine.step_seconds.values()) / sum(engine.step_tokens.values()),
+        "tokens_per_step": sum(engine.step_tokens.values()) / sum(engine.steps.values()),
     }
 
 
@@ -137,6 +144,8 @@ def run_static(gen: Generator, rows: int, max_len: int, prompts, max_tokens) -> 
         "ttft_p50": float(np.percentile(ttft, 50)),
         "ttft_p99": float(np.percentile(ttft, 99)),
         "in_flight": rows,
+        "ms_per_token": float("nan"),
+        "tokens_per_step": float("nan"),
     }
 
 
@@ -145,7 +154,8 @@ def _side(fn):
 
     def run():
         r = fn()
-        keys = ("tok_s", "sat_tok_s", "ttft_p50", "ttft_p99", "in_flight")
+        keys = ("tok_s", "sat_tok_s", "ttft_p50", "ttft_p99", "in_flight", "ms_per_token",
+                "tokens_per_step")  # fmt: skip
         return {k: float(r[k]) for k in keys}
 
     return run
@@ -155,7 +165,7 @@ def _table(title: str, results: dict, sides: list[str]) -> None:
     print(f"\n{title}")
     print(
         f"{'side':>12} {'tok/s':>22} {'saturated tok/s':>22} {'TTFT p50 s':>22} "
-        f"{'TTFT p99 s':>10} {'in flight':>9}"
+        f"{'TTFT p99 s':>10} {'in flight':>9} {'tokens/step':>11} {'step ms/token':>13}"
     )
     for side in sides:
         q = results[side]
@@ -163,7 +173,8 @@ def _table(title: str, results: dict, sides: list[str]) -> None:
         print(
             f"{side:>12} {rng(q['tok_s'], '.1f'):>22} {rng(q['sat_tok_s'], '.1f'):>22} "
             f"{rng(q['ttft_p50'], '.3f'):>22} "
-            f"{q['ttft_p99'].median:10.3f} {q['in_flight'].median:9.0f}"
+            f"{q['ttft_p99'].median:10.3f} {q['in_flight'].median:9.0f} "
+            f"{q['tokens_per_step'].median:11.1f} {q['ms_per_token'].median:13.3f}"
         )
 
 

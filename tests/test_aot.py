@@ -355,7 +355,7 @@ def test_serve_compiles_every_engine_program(tmp_path, capsys):
     assert want == ["step[1]", "step[2]", "step[4]", "step[8]", "score[8]"]
     assert r["mode"] == "serve" and r["fits"] and r["chips"] == 8
     assert r["mesh"]["tensor"] == 4 and r["rules"] == "serve_ep_tp"
-    assert r["engine"]["attention"] == "xla"  # head_dim 8: not the kernel's
+    assert r["engine"]["attention"] == "pallas"  # head_dim 8, stored lane-padded to 128
     pool, hbm = r["pool"], r["hbm_gib"]
     assert pool["tokens"] == (pool["num_pages"] - 1) * 16 == pool["pages"] * 16
     assert pool["max_len_sequences"] == pytest.approx(pool["tokens"] / 256)

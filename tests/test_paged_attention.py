@@ -271,6 +271,28 @@ def test_one_row_blocks_match_per_token_blocks(dtype):
         assert _err(one_row[: st.n_real], st.dense()[: st.n_real]) < F32_TOL
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int8])
+def test_lane_padded_pool_gives_the_same_attention(dtype):
+    """A pool whose head dim is padded to the TPU's 128 lanes (`paged.pool_head_dim`: what the
+    engine stores on TPU): `write` zero-pads K/V, `attend` pads the queries and slices the
+    output back, the scale stays 1/sqrt(the true head_dim). Equal to the unpadded pool's
+    attention within float32 rounding (the padded dot products add exact zeros), and the pad
+    lanes of the pool stay zero."""
+    assert paged.pool_head_dim(80, "tpu") == 128 and paged.pool_head_dim(80, "cpu") == 80
+    assert paged.pool_head_dim(128, "tpu") == 128 and paged.pool_head_dim(8, "tpu") == 128
+    st = _step(4, seed=13)
+    plain = st.fill(_pool(st, dtype))
+    wide = PagedKV.zeros(st.page_indices.max() + 5, st.page_size, KVH, 128, dtype)
+    wide = st.fill(wide)
+    assert not np.any(np.asarray(wide.kv)[..., st.hd :])
+    q = jnp.asarray(st.q)
+    out, ref = attend(q, wide, st.batch()), attend(q, plain, st.batch())
+    assert out.shape == q.shape
+    assert _err(out, ref) < F32_TOL
+    if dtype == jnp.float32:
+        assert _err(out[: st.n_real], st.dense()[: st.n_real]) < F32_TOL
+
+
 def test_write_scatters_into_the_donated_pool():
     """The slot layout (K at even combined heads, V at odd) and, in a jitted program that
     donates the pool, no pool-sized temporary (the scatter updates it in place)."""

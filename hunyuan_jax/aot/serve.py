@@ -6,9 +6,10 @@ Pool sizing (unless `--num-pages` fixes it): the pool gets what is left of the c
 HBM after the weights, the largest program's temporaries and a margin. The largest program is
 `score[budget]` (step[budget] plus the LM head over every token of the stream, so its
 temporaries bound every other program's). Its memory grows about linearly with the pool's
-pages, total(P) = a + b P, but b is not just a page's bytes: the program may hold more than one
-copy of the pool (measured on the A52B: the layer scan over the stacked pool keeps a second
-copy, b = 2 pages). So:
+pages, total(P) = a + b P, where b should be one page's bytes (the pool is updated in place:
+`paged.pool_head_dim` stores it lane-padded on TPU: XLA:TPU copied a pool whose head dim is
+not a multiple of 128 lanes at every K/V write, 5 pool-sized temporaries per step before), but
+b is measured, not assumed (a layout change of the pool would show as b > 1 page). So:
   1. probe 1: score[budget] compiled with a pool of one max_len sequence (P1 = pages_per_seq +
      1); probe 2: with P2 = P1 + max(P1, (the naive size - P1) / 32), where the naive size
      assumes b = one page (so probe 2 fits even at b = 32 pages);
@@ -21,12 +22,10 @@ copy, b = 2 pages). So:
   4. num_pages = the most pages probed whose total <= usable HBM - margin, at most
      2^31 / page_size (the engine's slots are int32);
   5. every program is compiled with that pool and must fit (its total <= usable HBM). XLA
-     lays the pool out per program (TPU's default layout of [.., page_size, 2 * kv_heads,
-     head_dim] puts the pages minor when the last two dims tile badly, e.g. 2 x 80 per chip
-     on the A52B, and a program whose scatters / gathers want another layout copies the whole
-     pool in and out), so another program may need more than the probed one at the same
-     size: then the pool shrinks by that program's excess over usable HBM - margin (at b per
-     page) and every program is compiled again (`FIT_ROUNDS`; the report's `refits`).
+     lays out and schedules each program on its own, so another program may need more than
+     the probed one at the same size: then the pool shrinks by that program's excess over
+     usable HBM - margin (at b per page) and every program is compiled again (`FIT_ROUNDS`;
+     the report's `refits`).
 The margin (`--pool-margin-gib`, default 0.5) is for what one compile does not show: the code
 of the other executables (all stay loaded) and allocator fragmentation.
 
@@ -452,8 +451,9 @@ def _pool_collectives(hlo: str, eng: _Engine) -> list[str]:
     page_size, ...]: a gather (or any other move) of the page pool. Expected: none."""
     if not hlo:
         return []
-    pages, size = eng.core.num_pages, eng.core.page_size
-    marks = (f"[{pages},{size},", f",{pages},{size},")
+    size, groups = eng.core.page_size, eng.core.cfg.num_groups
+    pages = (eng.core.num_pages, groups * eng.core.num_pages)  # one group's, the whole pool
+    marks = [m for p in pages for m in (f"[{p},{size},", f",{p},{size},")]
     ops = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
     out = []
     for line in hlo.splitlines():

@@ -39,6 +39,7 @@ from flax import nnx
 
 from hunyuan_jax.decode.sampling import sample_rows
 from hunyuan_jax.engine.step import StepShape, StepWork, paged_batch, unpack
+from hunyuan_jax.model.kernels.paged import pool_head_dim
 from hunyuan_jax.model.kv_cache import (
     CACHE_DTYPES,
     PagedCache,
@@ -114,11 +115,14 @@ class EngineCore:
         self.graphdef, self.params = nnx.split(model)
         self.buckets = token_buckets(self.max_seqs, self.token_budget)
         self.programs = [("step", t) for t in self.buckets] + [("score", self.token_budget)]
+        self.pool_head_dim = pool_head_dim(self.cfg.head_dim, self.plan.platform)
         self.compile_seconds = 0.0
         self._exe: dict = {}
         if compile:
             self.pool = self._place(
-                PagedCache.zeros_pool(self.cfg, self.num_pages, self.page_size, cache_dtype)
+                PagedCache.zeros_pool(
+                    self.cfg, self.num_pages, self.page_size, cache_dtype, self.pool_head_dim
+                )
             )
             self.seen = self._put(np.zeros((self.max_seqs, vocab), bool))
             for name, t in [] if lazy else self.programs:
@@ -190,7 +194,7 @@ class EngineCore:
         plan = self.plan
         pool = jax.eval_shape(
             lambda: PagedCache.zeros_pool(
-                self.cfg, self.num_pages, self.page_size, self.cache_dtype
+                self.cfg, self.num_pages, self.page_size, self.cache_dtype, self.pool_head_dim
             )
         )
         rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=plan.replicated())

@@ -121,6 +121,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.error: str | None = None
         self.steps = collections.Counter()  # program calls by bucket
+        self.step_seconds = collections.Counter()  # their wall time (call + results) by bucket
+        self.step_tokens = collections.Counter()  # the real (not padding) tokens they fed
         self.preemptions = 0
         self.peak_running = 0  # most sequences in flight at once (benchmarks)
         self._tok_times: collections.deque = collections.deque()
@@ -387,12 +389,16 @@ class Engine:
         return w, score
 
     def _do_step(self, work: StepWork, score: bool, entries) -> None:
+        started = time.perf_counter()
         out = self.ex.step(work, score)
-        self.steps[work.shape.tokens] += 1
         tok, lp = jax.device_get(out[0])
         want_top = any(s.req.params.top_logprobs for s, _ in entries)
         ids, tlp = jax.device_get(out[1]) if want_top else (np.zeros_like(tok)[:, None],) * 2
         prompt = jax.device_get(out[2]) if score else None
+        bucket = work.shape.tokens
+        self.steps[bucket] += 1
+        self.step_seconds[bucket] += time.perf_counter() - started
+        self.step_tokens[bucket] += int(work.valid.sum())
         for i, (seq, n) in enumerate(entries):
             req = seq.req
             start = seq.computed

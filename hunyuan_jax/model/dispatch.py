@@ -21,7 +21,8 @@ Pallas kernel on TPU for a float page pool, on one chip or, on a mesh, per chip 
 with the kv heads split over the tensor axes (`paged.attend(..., plan=)`), when every chip gets
 whole K/V pairs and the kernel can tile them (`paged.pallas_unsupported`); the plain-JAX path
 otherwise (CPU, an int8 pool whose per-token scales the kernel cannot take, head_dim not a
-multiple of 128, kv heads that do not divide the tensor axes).
+multiple of 128 in the pool (the engine pads it on TPU: `paged.pool_head_dim`), kv heads that
+do not divide the tensor axes).
 
 The model calls both once per forward (`HunyuanForCausalLM.__call__(phase=...)`); nothing else
 decides them.

@@ -163,18 +163,24 @@ def bytes_per_token(cfg: ModelConfig, dtype) -> dict[str, int]:
 
 
 class PagedCache(NamedTuple):
-    """The engine's cache for one model call: the page pool of every CLA group (`pool.kv`
-    [groups, pages, page_size, 2 * kv_heads, head_dim]) and this call's token placement."""
+    """The engine's cache for one model call: the page pool of every CLA group, one array
+    (`pool.kv` [groups * pages, page_size, 2 * kv_heads, head_dim]: group g's pages are
+    g * pages onwards) and this call's token placement (its slots and page indices count
+    within one group's pages)."""
 
     pool: PagedKV
     batch: PagedBatch
 
     @staticmethod
-    def zeros_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> PagedKV:
-        """An empty pool for every KV-producing layer; dtype a float dtype or int8."""
-        return PagedKV.zeros(
-            num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, dtype, lead=(cfg.num_groups,)
-        )
+    def zeros_pool(
+        cfg: ModelConfig, num_pages: int, page_size: int, dtype, head_dim: int | None = None
+    ) -> PagedKV:
+        """An empty pool of `num_pages` pages for each KV-producing layer (CLA group), one
+        array; dtype a float dtype or int8; head_dim: the stored head dim (default the
+        model's; `paged.pool_head_dim` pads it to the TPU's lanes)."""
+        pages = cfg.num_groups * num_pages
+        hd = head_dim or cfg.head_dim
+        return PagedKV.zeros(pages, page_size, cfg.num_kv_heads, hd, dtype)
 
 
 def pool_shardings(pool: PagedKV, plan):

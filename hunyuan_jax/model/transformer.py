@@ -399,13 +399,14 @@ class HunyuanForCausalLM(nnx.Module):
         return x, stats, new_kv
 
     def _paged_groups(self, x, ctx: Context, pool: paged.PagedKV, graphdef, stacked):
-        """The layer-group scan of an engine step. The pools of all groups are one flat pool
-        [groups * pages, ...] carried through the scan and updated in place (as a scan input
-        and output it would be copied whole every step); group g's pages are g * pages
-        onwards, so its step writes and reads them through offset slots and page indices."""
-        groups, pages, page_size = pool.kv.shape[:3]
-        flat = jax.tree.map(lambda a: a.reshape((groups * pages,) + a.shape[2:]), pool)
-        b = ctx.paged
+        """The layer-group scan of an engine step. The pool of all groups is one array
+        [groups * pages, ...] (`kv_cache.PagedCache`) carried through the scan and updated in
+        place (as a scan input and output, or reshaped from a stacked [groups, pages, ...]
+        array, it would be copied whole every step); group g's pages are g * pages onwards,
+        so its step writes and reads them through offset slots and page indices."""
+        groups = self.cfg.num_groups
+        pages, page_size = pool.kv.shape[0] // groups, pool.kv.shape[1]
+        flat, b = pool, ctx.paged
 
         def body(carry, xs):
             x, flat = carry
@@ -426,8 +427,7 @@ class HunyuanForCausalLM(nnx.Module):
                 (x, flat), out = body((x, flat), jax.tree.map(lambda a: a[g], xs))
                 outs.append(out)
             stats = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        pool = jax.tree.map(lambda a: a.reshape((groups, pages) + a.shape[1:]), flat)
-        return x, stats, pool
+        return x, stats, flat
 
     def head(self) -> jax.Array:
         """The LM head [D, V] as the logits use it: compute dtype, laid out by the plan

@@ -31,6 +31,7 @@ __all__ = [
     "attend",
     "normalize_key",
     "pallas_unsupported",
+    "pool_head_dim",
     "write",
 ]
 
@@ -39,27 +40,29 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 
 
 class PagedKV(NamedTuple):
-    """One pool of pages (for one CLA group; the engine stacks groups on a leading axis and the
-    layer scan slices it). kv: [num_pages, page_size, 2*kv_heads, head_dim] -- K at even combined
+    """One pool of pages. kv: [num_pages, page_size, 2*kv_heads, head_dim] -- K at even combined
     heads, V at odd (exactly the layout of jax.experimental.pallas.ops.tpu.ragged_paged_attention),
     in the compute dtype, or int8 with `scale` [num_pages, 2*kv_heads, page_size] float32
     (one scale per token per combined head, symmetric round-to-nearest +-127, like
-    hunyuan_jax.model.kv_cache.QuantizedKV); scale is None for a float pool."""
+    hunyuan_jax.model.kv_cache.QuantizedKV); scale is None for a float pool. The engine keeps
+    the pages of every CLA group in one such pool (group g's are pages g * P .. (g + 1) * P - 1,
+    `kv_cache.PagedCache.zeros_pool`): the layer scan carries it and updates it in place, with
+    no reshape or slice of it per step or per group."""
 
     kv: jax.Array
     scale: jax.Array | None
 
-    LOGICAL_AXES = ("cache_layers", "cache_pages", None, "cache_kv_heads", None)
-    SCALE_LOGICAL_AXES = ("cache_layers", "cache_pages", "cache_kv_heads", None)
+    LOGICAL_AXES = ("cache_pages", None, "cache_kv_heads", None)
+    SCALE_LOGICAL_AXES = ("cache_pages", "cache_kv_heads", None)
 
     @classmethod
-    def zeros(cls, num_pages, page_size, kv_heads, head_dim, dtype, lead=()) -> PagedKV:
-        """An empty pool; `lead`: leading axes, e.g. (num_groups,). dtype int8: quantised."""
-        dtype, lead = jnp.dtype(dtype), tuple(lead)
-        kv = jnp.zeros((*lead, num_pages, page_size, 2 * kv_heads, head_dim), dtype)
+    def zeros(cls, num_pages, page_size, kv_heads, head_dim, dtype) -> PagedKV:
+        """An empty pool; dtype int8: quantised."""
+        dtype = jnp.dtype(dtype)
+        kv = jnp.zeros((num_pages, page_size, 2 * kv_heads, head_dim), dtype)
         if dtype != jnp.int8:
             return cls(kv, None)
-        return cls(kv, jnp.zeros((*lead, num_pages, 2 * kv_heads, page_size), jnp.float32))
+        return cls(kv, jnp.zeros((num_pages, 2 * kv_heads, page_size), jnp.float32))
 
     @property
     def quantized(self) -> bool:
@@ -102,10 +105,12 @@ def _quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def write(pool: PagedKV, k: jax.Array, v: jax.Array, slots: jax.Array) -> PagedKV:
     """k, v: [T, kv_heads, head_dim] -> pool with token t's K/V at flat slot slots[t] (quantised
-    for int8). A scatter into the pool (in place inside a jitted program that donates it; no
-    copy of the pool). Several tokens writing one slot (padding, page 0): one of them wins."""
+    for int8; zero-padded to a pool's larger head dim, `pool_head_dim`). A scatter into the
+    pool (in place inside a jitted program that donates it; no copy of the pool). Several
+    tokens writing one slot (padding, page 0): one of them wins."""
     t, kvh, hd = k.shape
     kv = jnp.stack([k, v], axis=2).reshape(t, 2 * kvh, hd)  # K even, V odd
+    kv = _pad_last(kv, pool.kv.shape[-1])  # a lane-padded pool (`pool_head_dim`): zeros
     page, off = slots // pool.page_size, slots % pool.page_size
     if pool.scale is None:
         return PagedKV(pool.kv.at[page, off].set(kv.astype(pool.kv.dtype)), None)
@@ -161,9 +166,9 @@ def attend(
                int8 pool (per-token scales) always goes through 'xla'. Relies on the
                cu_q_lens / kv_lens layout (a row's tokens are its last kv_lens ones), not on
                `positions`. Tokens past cu_q_lens[num_seqs] and invalid ones are zeroed. The
-               kernel needs head_dim a multiple of 128 (ValueError otherwise: its softmax
-               scratch is 128 lanes wide and head_dim 80, Hunyuan-Large's, fails its
-               broadcast, so the A52B's engine runs 'xla') and 2*kv_heads tileable (its own
+               kernel needs the pool's head_dim a multiple of 128 (ValueError otherwise: its
+               softmax scratch is 128 lanes wide; the engine's TPU pool is lane-padded,
+               `pool_head_dim`, so Hunyuan-Large's 80 runs as 128) and 2*kv_heads tileable (its own
                check). Not runnable on CPU: jax 0.10.2's Pallas TPU
                interpreter fails on it; tests AOT-compile it for a v5e chip instead.
                On a mesh (`plan`, a ShardingPlan with one) a Pallas call is not partitioned
@@ -178,9 +183,15 @@ def attend(
     if impl not in IMPLS:
         raise ValueError(f"paged attention impl must be one of {IMPLS}, got {impl!r}")
     t, h, d = q.shape
-    kvh2 = pool.kv.shape[-2]
-    if pool.kv.ndim != 4 or pool.kv.shape[-1] != d or kvh2 % 2 or h % (kvh2 // 2):
+    kvh2, pd = pool.kv.shape[-2], pool.kv.shape[-1]
+    if pool.kv.ndim != 4 or pd < d or kvh2 % 2 or h % (kvh2 // 2):
         raise ValueError(f"q {q.shape} and pages {pool.kv.shape}: head_dim or heads mismatch")
+    if pd > d:  # a lane-padded pool: zero query lanes meet the zero key lanes (same scores)
+        out = attend(_pad_last(q, pd), pool, batch, impl=impl, plan=plan,
+                     sm_scale=d**-0.5 if sm_scale is None else sm_scale, block_q=block_q,
+                     block_kv=block_kv, num_kv_pages_per_block=num_kv_pages_per_block,
+                     num_queries_per_block=num_queries_per_block)  # fmt: skip
+        return out[..., :d]
     if impl == "pallas" and pool.scale is None:
         if d % 128:
             raise ValueError(f"the ragged paged attention kernel needs head_dim % 128 == 0: {d}")
@@ -192,6 +203,26 @@ def attend(
     return _xla(q, pool, batch, sm_scale, block_q, block_kv)
 
 
+LANES = 128  # TPU vector lanes: the minor dim of an array's tiles
+
+
+def pool_head_dim(head_dim: int, platform: str) -> int:
+    """The head dim a page pool stores on `platform`: head_dim rounded up to 128 lanes on TPU,
+    as is elsewhere. On TPU a pool whose minor dim is not a multiple of the lane width is
+    tiled with padding anyway (80 -> 128: no more HBM), but an update of such an array is
+    not done in place: every step's K/V write copied the whole pool (measured by the AOT
+    tool: 5 pool-sized temporaries in a step of the tiny model, head_dim 8; none at 128), and
+    the ragged paged attention kernel needs head_dim % 128 == 0. The pad lanes hold zeros;
+    `write` and `attend` pad K/V and queries and slice the output back."""
+    return -(-head_dim // LANES) * LANES if platform == "tpu" else head_dim
+
+
+def _pad_last(x: jax.Array, size: int) -> jax.Array:
+    if x.shape[-1] == size:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+
+
 def _head_axes(plan) -> tuple[str, ...]:
     """The mesh axes the pool's combined kv-head axis is split over (empty: replicated)."""
     return plan.mesh_axes("cache_kv_heads") if plan is not None and plan.is_sharded else ()
@@ -199,7 +230,7 @@ def _head_axes(plan) -> tuple[str, ...]:
 
 def pallas_unsupported(pool: PagedKV, plan=None, num_heads: int | None = None) -> str | None:
     """Why impl='pallas' cannot serve attention over `pool` ([..., pages, page_size,
-    2 * kv_heads, head_dim], one group's or the stacked pool) under `plan`; None when it can.
+    2 * kv_heads, head_dim], the engine's pool of every group) under `plan`; None when it can.
 
     The kernel needs a float pool (its k/v scales are per-tensor scalars), head_dim a
     multiple of 128 (its lane width) and a per-device combined kv-head count it can tile
