@@ -408,7 +408,7 @@ def manifest_problem(man: dict) -> str | None:
     weights = man.get("weights") or {}
     form, group = weights.get("form", "float"), weights.get("group_size")
     if form not in ("float",) + quantize.QUANTIZED:
-        return f"weights.form must be float or one of {quantize.QUANTIZED}, got {form!r}"
+        return f"weights.form must be float, {', '.join(quantize.QUANTIZED)}, got {form!r}"
     if form.startswith("int4") and (not isinstance(group, int) or group <= 0):
         return f"weights.group_size must be a positive integer for {form}, got {group!r}"
     names = man.get("tokenizer_files", [])

@@ -34,9 +34,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental.layout import Format, Layout
 
 from hunyuan_jax.checkpoints import converted, fp8_scales, hf_mapping, integrity, runs
 from hunyuan_jax.checkpoints.converted import restore_param_state
@@ -193,7 +195,38 @@ def load_params(ckpt: Checkpoint | str | Path, policy: RuntimePolicy, plan=None)
     weights in the form `policy.weights` asks for ('auto': as stored)."""
     if not isinstance(ckpt, Checkpoint):
         ckpt = open_checkpoint(ckpt)
-    plan = ShardingPlan.or_single(plan)
+    return _int4_in_program_layout(_load_params(ckpt, policy, ShardingPlan.or_single(plan)))
+
+
+def _int4_in_program_layout(model):
+    """`model` with each int4 value array in the layout a program compiled ahead of time takes.
+    XLA:CPU (jax 0.10) holds int4 buffers a byte per value (`Layout` with
+    sub_byte_element_size_in_bits 0) while the programs `lower().compile()` builds (the engine's,
+    Generator's) take them packed (4) and refuse a committed argument in the other layout (a
+    restored or mesh-placed one); a copy whose output layout the compiler picks (`Layout.AUTO`)
+    is packed. Arrays already in the program's layout (e.g. on TPU) are left alone."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    changed = False
+    for _, var in flat:
+        q = var.get_value()
+        if q.dtype != quantize.QTYPES["int4"] or not q._committed:
+            continue
+        spec = jax.ShapeDtypeStruct(q.shape, q.dtype, sharding=q.sharding)
+        want = jax.jit(lambda a: a).lower(spec).compile().input_formats[0][0].layout
+        if q.format.layout == want:
+            continue
+        out = Format(Layout.AUTO, q.sharding)
+        packed = jax.jit(lambda a: a + jnp.zeros((), a.dtype), out_shardings=out)(q)
+        if packed.format.layout == want:
+            var.set_value(packed)
+            changed = True
+    if changed:
+        nnx.update(model, nnx.from_flat_state(flat))
+    return model
+
+
+def _load_params(ckpt: Checkpoint, policy: RuntimePolicy, plan: ShardingPlan):
+    form = ckpt.weights if policy.weights == "auto" else policy.weights
     form = ckpt.weights if policy.weights == "auto" else policy.weights
     if ckpt.format == "hf":
         return _load_hf(ckpt, policy, plan, form)
