@@ -43,6 +43,7 @@ from hunyuan_jax.errors import CheckpointError, ConfigError, UsageError
 from hunyuan_jax.model import moe, qops, quantize
 from hunyuan_jax.model.policy import RuntimePolicy
 from hunyuan_jax.model.state import abstract_model
+from sharding.plan import ShardingPlan
 
 HF = HY_TINY / "hf_st"
 GROUP = 32
@@ -367,3 +368,23 @@ def test_infer_cli_int4_end_to_end(tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("infer.py: error: "), err
     assert "int4 group size 128" in err and "groups.layers.0.attn.q_proj" in err, err
     shutil.rmtree(tmp_path / "int4")
+
+
+# ----------------------------------------------------------------------------- on a mesh
+def test_expert_parallel_int4_matches_one_device(tokens):
+    """int4 weights on the 8-device mesh (experts over `expert` in the shard_map, FSDP over
+    `fsdp` gathering the int4 values and their grouped scales, TP over `tensor`): the
+    one-device int4 logits, up to float32 reduction order. Groups shard with the contraction,
+    so the mesh axes must divide the group count: attention's hidden size is sharded over
+    fsdp x expert = 4 here, which 96 / 8 = 12 groups fit and 96 / 16 = 6 do not (a
+    ConfigError naming the scale)."""
+    plan = ShardingPlan.create("fsdp=2,expert=2,tensor=2", "fsdp_ep_tp")
+    want = _logits(_load(HF, "int4", 8), tokens)
+    policy = _policy("int4", 8)
+    model = loading.load_params(loading.open_checkpoint(HF), policy, plan)
+    scale = model.groups.layers[0].moe.gate_proj[...].array.scale
+    assert scale.shape[1:] == (8, 12, 128)
+    assert tuple(scale.sharding.spec)[1:] == ("expert", "fsdp", "tensor")
+    np.testing.assert_allclose(_logits(model, tokens), want, atol=5e-5, rtol=0)
+    with pytest.raises(ConfigError, match=r"does not divide embed \(size 6, .*array.scale'"):
+        loading.load_params(loading.open_checkpoint(HF), _policy("int4", 16), plan)
