@@ -21,7 +21,8 @@ and `<name>/array/scale`). int8 / fp8: one scale per output channel: every dimen
 matmul does not contract is channelwise, the stacked `layers` and `exp` axes included (one
 scale per layer group, expert and output feature). int4: one scale per output channel and
 group of `group` consecutive values of the (flattened) contraction (`group_tiles`: qwix's
-subchannel `tiled_axes`); the scale's contracted dims then have the group counts and keep the
+subchannel `tiled_axes`; where a group would straddle the split of a contraction over two dims,
+o_proj's heads x head_dim, that weight takes the largest smaller group the split allows); the scale's contracted dims then have the group counts and keep the
 weight's logical axes, so a mesh axis that shards a contraction shards its groups with it (and
 must divide the group count: `ShardingPlan.check_state` names the scale).
 
@@ -107,23 +108,31 @@ def group_tiles(name: str, axes, shape, form: str, group: int | None = None) -> 
     matmul does not contract; on the contracted dims the whole dim (int8 / fp8: per channel),
     or for int4 groups of `group` consecutive values of the flattened contraction (from its
     last dim: a group within one index of the earlier dims, or whole last dims within one
-    index of an earlier one). ConfigError naming the weight when `group` does not split it."""
+    index of an earlier one). Where `group` divides the contraction but straddles the split
+    of the stored layout (o_proj's heads x head_dim: A52B's 80 x 80 with groups of 128), the
+    weight takes the largest smaller group that the layout splits (80: one head). ConfigError
+    naming the weight when `group` does not divide its contraction."""
     contracted = contracted_dims(name, axes)
-    group = (group or INT4_GROUP_SIZE) if form == "int4" else None
-    tiles = _tiles(contracted, shape, group or math.prod(shape[d] for d in contracted))
-    if tiles is None:
+    k = math.prod(shape[d] for d in contracted)
+    if form != "int4":
+        return _tiles(contracted, shape, k)
+    group = group or INT4_GROUP_SIZE
+    if k % group:
         what = " x ".join(f"{axes[d]} {shape[d]}" for d in contracted)
         fit = ", ".join(map(str, group_sizes_that_fit(name, axes, shape)))
         raise ConfigError(
             f"int4 group size {group} does not divide the contraction of weight {name!r} "
-            f"({what} = {math.prod(shape[d] for d in contracted)} values; a group is a divisor "
-            f"of its last dim or a multiple of it); group sizes that fit it: {fit} "
+            f"({what} = {k} values); group sizes that fit it: {fit} "
             f"(--int4-group-size / runtime.int4_group_size)"
         )
-    return tiles
+    return _tiles(contracted, shape, group) or _tiles(
+        contracted, shape, max(g for g in range(1, group) if _tiles(contracted, shape, g))
+    )
 
 
 def _tiles(contracted, shape, group: int) -> tuple[int, ...] | None:
+    """The tiles of groups of `group` values laid along `contracted` from the last dim, None
+    when the layout cannot hold such groups."""
     tiles, left = [1] * len(shape), group
     for d in reversed(contracted):
         size = shape[d]
@@ -137,10 +146,9 @@ def _tiles(contracted, shape, group: int) -> tuple[int, ...] | None:
 
 
 def group_sizes_that_fit(name: str, axes, shape) -> list[int]:
-    """The int4 group sizes weight `name` of `shape` accepts."""
-    contracted = contracted_dims(name, axes)
-    k = math.prod(shape[d] for d in contracted)
-    return [g for g in range(1, k + 1) if k % g == 0 and _tiles(contracted, shape, g)]
+    """The int4 group sizes weight `name` of `shape` accepts: the divisors of its contraction."""
+    k = math.prod(shape[d] for d in contracted_dims(name, axes))
+    return [g for g in range(1, k + 1) if k % g == 0]
 
 
 def tiles_of(value) -> tuple[int, ...]:
@@ -292,8 +300,8 @@ def convert_model(model, weights: str, plan=None, group: int | None = None):
     """In place: every matmul weight of `model` in form `weights` ('bf16' | 'int8' | 'fp8' |
     'int4' | 'int4-experts'; 'auto' changes nothing); returns `model`. int4 groups: `group`,
     default the model's `policy.int4_group_size`; every weight to quantize to int4 is checked
-    first (one ConfigError naming the first that `group` does not split, and the group sizes
-    that fit them all). With a plan (a concrete model), one jitted call per weight
+    first (one ConfigError naming the first whose contraction `group` does not divide, and the
+    group sizes that fit them all). With a plan (a concrete model), one jitted call per weight
     (`set_weight`): a float weight and its converted form coexist one weight at a time, on
     device; without (e.g. under `nnx.eval_shape`), plain jax ops."""
     if weights not in WEIGHTS:
@@ -315,8 +323,8 @@ def convert_model(model, weights: str, plan=None, group: int | None = None):
 
 
 def _check_groups(todo, group: int) -> None:
-    """ConfigError naming the first weight of `todo` that int4 groups of `group` do not split,
-    with the group sizes every one of them accepts."""
+    """ConfigError naming the first weight of `todo` whose contraction int4 groups of `group`
+    do not divide, with the group sizes every one of them accepts."""
     for path, module, name, value, _ in todo:
         axes = weight_axes(getattr(module, name))
         try:

@@ -350,12 +350,15 @@ def _manifest(plan, fp8, leaves, hf_config, tokenizer_files, chunk_bytes) -> dic
 
 
 def _group_size(leaves) -> int | None:
-    """The int4 group size of stored int4 leaves (values per scale), None without int4."""
-    for leaf in leaves.values():
-        if leaf.role == "qvalue" and leaf.dtype == QTYPES["int4"]:
-            scale = leaves[leaf.path[:-1] + ("scale",)]
-            return math.prod(leaf.shape) // math.prod(scale.shape)
-    return None
+    """The int4 group size of stored int4 leaves, None without int4: the most values per scale
+    of an int4 leaf (a weight whose split contraction a group would straddle, o_proj, holds
+    smaller groups: `quantize.group_tiles`)."""
+    sizes = [
+        math.prod(leaf.shape) // math.prod(leaves[leaf.path[:-1] + ("scale",)].shape)
+        for leaf in leaves.values()
+        if leaf.role == "qvalue" and leaf.dtype == QTYPES["int4"]
+    ]
+    return max(sizes, default=None)
 
 
 def stored_weights(leaves, fp8_source: bool = False) -> dict:

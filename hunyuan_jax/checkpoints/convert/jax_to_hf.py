@@ -168,7 +168,8 @@ def open_source(
 def _stored_form(src: Source) -> tuple[str, int | None]:
     """('float', None), or the quantized form of the matmul weights (`quantize.QUANTIZED`: the
     dtypes of the values leaves of `hunyuan_jax.model.quantize`'s layout in the orbax tree) and
-    the int4 group size (values per scale of an int4 leaf; None without int4)."""
+    the int4 group size (the most values per scale of an int4 leaf: o_proj's may be smaller,
+    `quantize.group_tiles`; None without int4)."""
     try:
         tree = json.loads((src.params_dir / "_METADATA").read_text())["tree_metadata"]
     except (OSError, ValueError, KeyError) as e:
@@ -180,10 +181,11 @@ def _stored_form(src: Source) -> tuple[str, int | None]:
             arr = fmt.open_for_read(src.params_dir, name, src.use_ocdbt, src.use_zarr3)
             dt = np.dtype(arr.dtype.numpy_dtype)
             dtypes.add(dt)
-            if dt == quantize.QTYPES["int4"] and group is None:
+            if dt == quantize.QTYPES["int4"]:
                 scale_name = name[: -len("qvalue.value")] + "scale.value"
                 scale = fmt.open_for_read(src.params_dir, scale_name, src.use_ocdbt, src.use_zarr3)
-                group = math.prod(arr.shape) // math.prod(scale.shape)
+                size = math.prod(arr.shape) // math.prod(scale.shape)
+                group = max(group or 0, size)
     if not dtypes:
         return "float", None
     if dtypes == {quantize.QTYPES["int4"], quantize.QTYPES["int8"]}:
