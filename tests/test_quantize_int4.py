@@ -19,7 +19,9 @@ so the int4 mean is held to int8's measured mean scaled by the weight-error rati
 test, and the max to 1.5 x measured (dominated by tokens whose top-1 expert flips: random
 weights).
 
-Measured: ~100 s for the file on 2 shared CPU cores (the converter + infer.py test ~45 s).
+Measured: 62 s for the file on 2 shared CPU cores at load average 5-6 (infer.py 16 s, the
+forward 13 s, the mesh 10 s, the converter 4 s, the rest < 3 s each; the module fixture's loads
+count in the first test that uses them).
 """
 
 import functools
