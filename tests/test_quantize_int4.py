@@ -379,6 +379,11 @@ def test_converter_int4_round_trip_checksummed(tmp_path, models, capsys):
         assert np.abs(back.get(key) - w).max() <= np.abs(w).max() / levels * 1.0001, key
     with pytest.raises(UsageError, match="--int4-group-size 32 needs --quantize int4"):
         convert.hf_to_jax(HF, tmp_path / "x", quantize="int8", group_size=GROUP, **QUIET)
+    with pytest.raises(
+        ConfigError, match=r"int4 group size 128 .*'groups\.layers\.0\.attn\.q_proj'"
+    ):
+        convert.hf_to_jax(HF, tmp_path / "x", quantize="int4", **QUIET)  # the default: 128
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def test_infer_cli_int4_end_to_end(tmp_path, capsys):
