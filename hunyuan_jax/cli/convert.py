@@ -1,7 +1,8 @@
 """The converter's command line::
 
     python -m hunyuan_jax.cli.convert hf-to-jax --hf-dir D --out O [--dtype bfloat16]
-        [--quantize int8|fp8] [--tokenizer-dir T] [--compression zstd|none]
+        [--quantize int8|fp8|int4|int4-experts [--int4-group-size G]] [--tokenizer-dir T]
+        [--compression zstd|none]
         [--checksum crc32c|none] [--chunk-mb 4] [--workers 2] [--max-inflight-gb 1]
         [--overwrite] [--no-progress] [--debug]
     python -m hunyuan_jax.cli.convert jax-to-hf --ckpt C --out D [--dtype bfloat16] [--step N]
@@ -15,7 +16,7 @@
 `--ckpt` is a converted checkpoint, a train.py run directory (its latest complete step, or
 `--step N`), or a bare orbax params directory with `--config`. What each direction does:
 `hunyuan_jax/checkpoints/convert/hf_to_jax.py` and `jax_to_hf.py` (`--quantize` stores the matmul weights
-as int8 / fp8 values + scales; jax-to-hf of such a checkpoint dequantizes them, to bfloat16 by
+as int8 / fp8 / int4 values + scales, int4 in groups of `--int4-group-size` along the contraction; jax-to-hf of such a checkpoint dequantizes them, to bfloat16 by
 default); the output layout: `hunyuan_jax/checkpoints/converted.py`. `verify` reads a converted
 checkpoint or a run's checkpoints in full against their checksums
 (`hunyuan_jax/checkpoints/convert/verify.py`) and names the first bad array and file (exit 4). `merge-lora`

@@ -6,7 +6,8 @@
         [--no-prefix-caching]
         [--max-queue 64] [--max-body-bytes 4194304] [--api-key KEY] [--api-key-metrics]
         [--host 127.0.0.1] [--port 8000] [--served-model-name NAME] [--dtype auto]
-        [--weights auto|bf16|int8|fp8] [--cache-dtype auto|int8]
+        [--weights auto|bf16|int8|fp8|int4|int4-experts] [--int4-group-size 128]
+        [--cache-dtype auto|int8]
 
 DIR: any checkpoint infer.py accepts (Hugging Face, converted, train.py run). Without
 --checkpoint the server loads `hunyuan_jax/assets/default_model` (a 0.9M-parameter model
