@@ -57,8 +57,8 @@ import qwix
 from flax import nnx
 
 # qwix's public API (qwix 0.1.8: `qwix.QArray`, `qwix.quantize`, `qwix.dequantize`, used below)
-# exports neither `HowToQuantize` (the static `how` of a quantized weight: qtype + channelwise
-# axes) nor `WithAux`, the PtqProvider's box of a quantized weight that holds both (what
+# exports neither `HowToQuantize` (the static `how` of a quantized weight: qtype, channelwise and
+# tiled axes) nor `WithAux`, the PtqProvider's box of a quantized weight that holds both (what
 # `qwix.quantize_params` writes and qwix's einsum / ragged_dot read): this module builds and
 # reads weights in exactly that layout, so it takes those two from qwix's modules (pinned).
 from qwix._src.core.qarray import HowToQuantize
