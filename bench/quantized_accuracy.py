@@ -2,10 +2,13 @@
 
     python -m bench.quantized_accuracy --checkpoint hunyuan_jax/assets/hy_tiny/hf_st --random-prompts
     python -m bench.quantized_accuracy --checkpoint runs/tiny      # a trained tiny model
+    python -m bench.quantized_accuracy --checkpoint C --weights int4 int4-experts --int4-group-size 32
 
 Reference: the checkpoint in float32 (weights and compute) with a float32 KV cache. Each row
-holds the matmul weights in one form (`RuntimePolicy.weights`: bf16, int8, fp8; compute stays
-float32, so only the stored weights differ) with a float32 or int8 KV cache:
+holds the matmul weights in one form (`RuntimePolicy.weights`: bf16, int8, fp8, int4 in groups of
+`--int4-group-size` along the contraction, int4-experts; compute stays float32, so only the
+stored weights differ) with a float32 or int8 KV cache; `--weights` keeps the rows of the forms
+it names:
 
 * teacher-forced logits: every prompt is prefilled through the cache, then the reference's
   greedy continuation is fed one token per decode step; the logits of those `--new` steps are
@@ -40,10 +43,10 @@ from flax import nnx
 from hunyuan_jax.data.corpus import embedded_corpus
 from hunyuan_jax.decode import from_checkpoint
 from hunyuan_jax.decode.generate import Generator
+from hunyuan_jax.model.policy import INT4_GROUP_SIZE
 
-ROWS = (("float32", "float32"), ("float32", "int8")) + tuple(
-    (w, c) for w in ("bf16", "int8", "fp8") for c in ("float32", "int8")
-)
+FORMS = ("float32", "bf16", "int8", "fp8", "int4", "int4-experts")
+ROWS = tuple((w, c) for w in FORMS for c in ("float32", "int8"))
 
 
 def teacher_forced(model, prompts: np.ndarray, continuation: np.ndarray, cache_dtype: str):
@@ -99,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--random-prompts", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", nargs="+", choices=FORMS, default=list(FORMS))
+    ap.add_argument("--int4-group-size", type=int, default=INT4_GROUP_SIZE)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -116,11 +121,18 @@ def main(argv=None) -> int:
     scale = float(np.std(ref_logits))
     results = []
     for weights, cache in ROWS:
+        if weights not in args.weights:
+            continue
         t0 = time.time()
         model = (
             ref_bundle.model
             if weights == "float32"
-            else from_checkpoint.load(args.checkpoint, dtype="float32", weights=weights).model
+            else from_checkpoint.load(
+                args.checkpoint,
+                dtype="float32",
+                weights=weights,
+                int4_group_size=args.int4_group_size,
+            ).model
         )
         logits = teacher_forced(model, prompts, ref_tokens, cache)
         err = np.abs(logits - ref_logits)
@@ -140,7 +152,8 @@ def main(argv=None) -> int:
 
     print(
         f"\n{args.checkpoint}: {args.prompts} prompts x {args.prompt_len} tokens "
-        f"({'random ids' if args.random_prompts else 'corpus text'}), {args.new} new tokens; "
+        f"({'random ids' if args.random_prompts else 'corpus text'}), {args.new} new tokens, "
+        f"int4 groups of {args.int4_group_size}; "
         f"reference logits std {scale:.3f}, max |logit| {float(np.abs(ref_logits).max()):.2f}\n"
     )
     print(
@@ -162,6 +175,7 @@ def main(argv=None) -> int:
                     "prompts": args.prompts,
                     "prompt_len": args.prompt_len,
                     "new": args.new,
+                    "int4_group_size": args.int4_group_size,
                     "random_prompts": bool(args.random_prompts),
                     "ref_logits_std": scale,
                     "rows": results,

@@ -1,12 +1,15 @@
-"""CPU decode throughput with float32, bfloat16 and int8 matmul weights, same run.
+"""CPU decode throughput with float32, bfloat16, int8 and int4 matmul weights, same run.
 
     python -m bench.quantized_decode                       # configs/small.yaml, batch 1 and 8
-    python -m bench.quantized_decode --batches 1 --rounds 9 --weights float32 int8
+    python -m bench.quantized_decode --batches 1 --rounds 9 --weights float32 int8 int4
 
-One random model of the config (float32) is held three ways (`RuntimePolicy.weights`):
-float32 (as built), bf16 and int8 (per output channel, `hunyuan_jax.model.quantize`); compute is
-float32 on every side, so the sides differ only in how the weights are stored and read (a
-bf16 weight is cast to float32 at each matmul, an int8 one dequantized next to it). Each side
+One random model of the config (float32) is held in each form of `--weights`
+(`RuntimePolicy.weights`): float32 (as built), bf16, int8 (per output channel), int4 (one scale
+per `--int4-group-size` values along the contraction), int4-experts (`hunyuan_jax.model.quantize`);
+compute is float32 on every side, so the sides differ only in how the weights are stored and read
+(a bf16 weight is cast to float32 at each matmul, an int8 / int4 one dequantized next to it).
+Weight bytes count int4 values at 4 bits (numpy holds them a byte each; XLA:TPU packs them;
+XLA:CPU keeps a byte per value in memory): all parameters, and the matmul weights alone. Each side
 runs `Generator.generate` (compiled beforehand) on the same prompts; the sides alternate
 (a, b, c, then c, b, a, ...) for `--rounds` rounds, so a load change on the shared machine hits
 them all, and each reports the median decode tokens/s and its min-max spread. A 2048x2048
@@ -36,18 +39,28 @@ from flax import nnx
 from hunyuan_jax.checkpoints.loading import read_model_config
 from hunyuan_jax.decode.generate import Generator
 from hunyuan_jax.model import quantize
-from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.policy import INT4_GROUP_SIZE, RuntimePolicy
 from hunyuan_jax.model.state import init_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BUSY_SPREAD = 0.20
 
 
-def weight_bytes(model) -> int:
-    return sum(
-        v.get_value().size * v.get_value().dtype.itemsize
-        for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    )
+def _bytes(a) -> float:
+    bits = 4 if a.dtype == quantize.QTYPES["int4"] else 8 * a.dtype.itemsize
+    return a.size * bits / 8
+
+
+def weight_bytes(model) -> tuple[float, float]:
+    """(bytes of every parameter, bytes of the matmul weights: values + scales)."""
+    total = sum(_bytes(v.get_value()) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    matmul = 0.0
+    for _, module, name in quantize.matmul_weights(model):
+        stored = getattr(module, name)[...]
+        stored = getattr(stored, "array", stored)
+        parts = (stored.qvalue, stored.scale) if isinstance(stored, quantize.QArray) else (stored,)
+        matmul += sum(_bytes(p) for p in parts)
+    return total, matmul
 
 
 def main(argv=None) -> int:
@@ -57,7 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--weights", nargs="+", default=["float32", "bf16", "int8"])
+    ap.add_argument("--weights", nargs="+", default=["float32", "bf16", "int8", "int4"])
+    ap.add_argument("--int4-group-size", type=int, default=INT4_GROUP_SIZE)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -66,7 +80,9 @@ def main(argv=None) -> int:
     models = {}
     for w in args.weights:
         model = init_model(cfg, policy, seed=args.seed)  # the same float32 weights each time
-        models[w] = model if w == "float32" else quantize.convert_model(model, w, plan=None)
+        if w != "float32":
+            quantize.convert_model(model, w, plan=None, group=args.int4_group_size)
+        models[w] = model
     rng = np.random.default_rng(args.seed)
     m = jnp.asarray(rng.standard_normal((2048, 2048), np.float32))
     dot = jax.jit(jnp.dot)
@@ -77,8 +93,15 @@ def main(argv=None) -> int:
         f"{jax.devices()[0].device_kind} ({os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f})"
     )
+    base = weight_bytes(models[args.weights[0]])
     for w, model in models.items():
-        print(f"  {w:<8} weights {weight_bytes(model) / 2**20:8.1f} MiB")
+        total, matmul = weight_bytes(model)
+        print(
+            f"  {w:<12} weights {total / 2**20:8.1f} MiB ({total / base[0]:5.1%} of "
+            f"{args.weights[0]}), matmul weights {matmul / 2**20:8.1f} MiB "
+            f"({matmul / base[1]:5.1%})"
+            + (f", int4 groups of {args.int4_group_size}" if "int4" in w else "")
+        )
 
     busy = False
     for batch in args.batches:
@@ -102,7 +125,7 @@ def main(argv=None) -> int:
             busy |= spread > BUSY_SPREAD
             equal = float(np.mean(np.asarray(tokens[w]) == ref))
             print(
-                f"  {w:<8} decode median {med:8.1f} tokens/s  spread {lo:.1f}-{hi:.1f} "
+                f"  {w:<12} decode median {med:8.1f} tokens/s  spread {lo:.1f}-{hi:.1f} "
                 f"({spread:5.1%})  x{med / statistics.median(rates[order[0]]):.2f} vs "
                 f"{order[0]}  greedy tokens equal to {order[0]}: {equal:.0%}"
             )

@@ -95,14 +95,16 @@ def test_manifest_leaves_must_fit_the_architecture(converted, tmp_path, capsys):
     [
         ("dir", "../elsewhere/params", "params.dir must be 'params'"),
         ("dtype", "bfloat16", "dtype 'bfloat16' is not the stored embedding's ('float32')"),
-        ("form", "int4", "weights.form must be float, int8 or fp8"),
+        ("form", "int2", "weights.form must be float, int8, fp8, int4, int4-experts, got 'int2'"),
+        ("form", "int4", "weights.group_size must be a positive integer for int4, got None"),
         ("tokenizer_files", ["../../x"], "tokenizer_files must be plain file names"),
     ],
 )
 def test_manifest_fields_are_checked(converted, tmp_path, capsys, field, value, message):
     """A manifest whose params directory points elsewhere, whose dtype is not what is stored
     (the 'auto' policy would decode in another dtype: orbax casts on read without a word), or
-    with an unknown weights form: loading and verify refuse it naming the field."""
+    with an unknown weights form or an int4 form without its group size: loading and verify
+    refuse it naming the field."""
     edited = _edited(converted, tmp_path)
     man = json.loads((edited / fmt.MANIFEST).read_text())
     if field == "dir":

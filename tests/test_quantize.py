@@ -102,8 +102,9 @@ def reference(tokens):
 def test_policy_weights_field():
     assert RuntimePolicy().weights == "auto"
     assert RuntimePolicy.from_dict({"weights": "int8"}).weights == "int8"
+    assert RuntimePolicy.from_dict({"weights": "int4"}).int4_group_size == 128
     with pytest.raises(ConfigError, match="weights"):
-        RuntimePolicy(weights="int4")
+        RuntimePolicy(weights="int2")
 
 
 @pytest.mark.parametrize("form", ["int8", "fp8"])

@@ -13,10 +13,10 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.cli.conve
                              "bytes"}, "source": {"dir", "format": "safetensors"|"bin",
                              "files": [{"name", "size", "mtime_ns"}], "fp8": bool},
                              "weights": {"form": "float", "dtype"} or, with
-                             `hf-to-jax --quantize`, {"form": "int8"|"fp8", "dtype":
-                             "int8"|"float8_e4m3fn", "scale_dtype": "float32", "scales",
-                             "calibration"} (the loader's restore target comes from it:
-                             orbax casts silently to the target's dtype),
+                             `hf-to-jax --quantize`, {"form": "int8"|"fp8"|"int4"|
+                             "int4-experts", "dtype", "scale_dtype": "float32", "scales",
+                             "calibration", "group_size" (int4)} (the loader's restore
+                             target comes from it: orbax casts to the target's dtype),
                              "plan": {...} (as .convert/plan.json), "hf_config": {...},
                              "tokenizer_files": [...], "stats": {"seconds",
                              "source_bytes_this_run", "mb_per_s", "peak_rss_mb", "resumed"}}
@@ -32,9 +32,11 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.cli.conve
         groups.layers.0.attn.q_proj.value/
           zarr.json          shape [groups, embed, heads, head_dim], dtype, codecs
         groups.layers.0.attn.q_proj.array.qvalue.value/   with --quantize: the int8 / e4m3
-        groups.layers.0.attn.q_proj.array.scale.value/    values and their float32 scales
-                             [groups, 1, heads, head_dim] (1 on the contracted dims) of
-                             each matmul weight, in place of the float leaf
+        groups.layers.0.attn.q_proj.array.scale.value/    / int4 values and their float32
+                             scales [groups, 1, heads, head_dim] (1 on the contracted dims;
+                             int4: embed / group_size there) of each matmul weight, in
+                             place of the float leaf (int4: tensorstore's int4, a byte
+                             per value before compression; zstd makes it ~0.45)
           c/<g>/0/0/0        one file ("zarr3 shard") per stacked slice = one HF tensor: per
                              layer group (c/<g>/...), or per (group, expert) for routed
                              experts (c/<g>/<e>/...); inside it, chunks of <= 4 MiB, zstd
@@ -90,7 +92,7 @@ from hunyuan_jax.checkpoints.hf_checkpoint import CheckpointError
 from hunyuan_jax.checkpoints.integrity import orbax_metadata, read_error
 from hunyuan_jax.model import quantize
 from hunyuan_jax.model.config import ConfigError, ModelConfig, hf_to_fields, read_hf_config
-from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.policy import INT4_GROUP_SIZE, RuntimePolicy
 from hunyuan_jax.model.state import abstract_model
 
 FORMAT_NAME = "hunyuan-jax-params"
@@ -151,12 +153,15 @@ def _key_entry(k) -> tuple[str, int]:
     raise ValueError(f"unsupported pytree key {k!r}")
 
 
-def param_leaves(cfg: ModelConfig, dtype: str, weights: str = "auto") -> dict[tuple, Leaf]:
+def param_leaves(
+    cfg: ModelConfig, dtype: str, weights: str = "auto", group_size: int = INT4_GROUP_SIZE
+) -> dict[tuple, Leaf]:
     """{nnx path: Leaf} for every parameter stored in `dtype` (the router stays float32) with
-    the matmul weights in form `weights` ('auto': `dtype`; 'bf16'; 'int8' / 'fp8': values +
-    float32 scales, `hunyuan_jax.model.quantize`), with the names orbax gives them when saving
+    the matmul weights in form `weights` ('auto': `dtype`; 'bf16'; 'int8' / 'fp8' / 'int4' /
+    'int4-experts': values + float32 scales, int4 in groups of `group_size`,
+    `hunyuan_jax.model.quantize`), with the names orbax gives them when saving
     `nnx.state(model, nnx.Param)` (the same flattening orbax applies at restore)."""
-    policy = RuntimePolicy(param_dtype=dtype, weights=weights)
+    policy = RuntimePolicy(param_dtype=dtype, weights=weights, int4_group_size=group_size)
     state = nnx.state(abstract_model(cfg, policy), nnx.Param)
     entries = {e.path: e for e in hf_mapping.mapping_table(cfg)}
     out = {}
@@ -190,10 +195,12 @@ def param_leaves(cfg: ModelConfig, dtype: str, weights: str = "auto") -> dict[tu
 
 
 def leaves_form(leaves: dict[tuple, Leaf]) -> str:
-    """'int8' | 'fp8' when the matmul weights are stored quantized, else 'float'."""
+    """The quantized form (`quantize.QUANTIZED`) of the stored matmul weights, or 'float'."""
     q = {np.dtype(l.dtype) for l in leaves.values() if l.role == "qvalue"}
     if not q:
         return "float"
+    if q == {quantize.QTYPES["int4"], quantize.QTYPES["int8"]}:
+        return "int4-experts"
     return next(f for f, d in quantize.QTYPES.items() if {d} == q)
 
 
@@ -398,9 +405,12 @@ def manifest_problem(man: dict) -> str | None:
     embed = p["leaves"].get("embed.value", {})
     if not isinstance(dtype, str) or embed.get("dtype") != dtype:
         return f"dtype {dtype!r} is not the stored embedding's ({embed.get('dtype')!r})"
-    form = (man.get("weights") or {}).get("form", "float")
-    if form not in ("float", "int8", "fp8"):
-        return f"weights.form must be float, int8 or fp8, got {form!r}"
+    weights = man.get("weights") or {}
+    form, group = weights.get("form", "float"), weights.get("group_size")
+    if form not in ("float",) + quantize.QUANTIZED:
+        return f"weights.form must be float, {', '.join(quantize.QUANTIZED)}, got {form!r}"
+    if form.startswith("int4") and (not isinstance(group, int) or group <= 0):
+        return f"weights.group_size must be a positive integer for {form}, got {group!r}"
     names = man.get("tokenizer_files", [])
     if not isinstance(names, list) or any(
         not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..") for n in names
@@ -465,7 +475,7 @@ def check_written_config(path: Path, cfg: ModelConfig, written, manifest: Path) 
 
 def stored_weights(directory: str | Path) -> str:
     """How a converted checkpoint stores its matmul weights: 'float' (in the manifest's
-    dtype), 'int8' or 'fp8' (values + float32 scales, `hunyuan_jax.model.quantize`)."""
+    dtype) or a quantized form (`quantize.QUANTIZED`: values + float32 scales)."""
     return read_manifest(directory).get("weights", {}).get("form", "float")
 
 

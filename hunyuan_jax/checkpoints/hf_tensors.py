@@ -79,12 +79,17 @@ def hf_slice(
     scale=None,
     float_dtype=np.float32,
     key: str = "tensor",
+    scale_shape=None,
 ) -> dict[str, np.ndarray]:
     """One HF tensor as its slice of the tree leaf in `form`: {"value": ...} for 'float'
     (`float_dtype`) or 'bf16'; {"qvalue": ..., "scale": ...} (`hunyuan_jax.model.quantize`'s layout,
-    scale 1 on the `in` dims) for 'int8' / 'fp8'. `scale`: the tensor's `weight_scale` when it
-    is an FP8 release's float8 weight. FP8 into 'fp8' keeps the stored values and scale (no
-    float copy); anything else is dequantized / read in float32 and quantized."""
+    scale 1 on the `in` dims) for 'int8' / 'fp8', and for 'int4' (grouped along the `in` dims
+    as the scale leaf of shape `scale_shape` is; 'int4-experts': int4 for a routed expert's
+    tensor, else int8). `scale`: the tensor's `weight_scale` when it is an FP8 release's float8
+    weight. FP8 into 'fp8' keeps the stored values and scale (no float copy); anything else is
+    dequantized / read in float32 and quantized."""
+    if form in quantize.QUANTIZED:
+        form = quantize.weight_form(form, routed=bool(entry.per_expert))
     if scale is not None and form == "fp8" and tensor.dtype == quantize.QTYPES["fp8"]:
         q = to_slice(entry, tensor, tree_shape, tensor.dtype)
         return {"qvalue": q, "scale": hf_scale(entry, scale, tree_shape, key)}
@@ -94,5 +99,9 @@ def hf_slice(
         dtype = BFLOAT16 if form == "bf16" else float_dtype
         return {"value": to_slice(entry, tensor, tree_shape, dtype)}
     w = to_slice(entry, tensor, tree_shape, np.float32)
-    q, s = quantize.quantize_numpy(w, tuple(range(entry.in_ndim)), form)
+    tiles = None
+    if form == "int4":  # the scale leaf's groups: one tile per dim of the slice
+        sl = hf_mapping.slice_shape(entry, scale_shape)
+        tiles = tuple(d // s for d, s in zip(w.shape, sl))
+    q, s = quantize.quantize_numpy(w, tuple(range(entry.in_ndim)), form, tiles)
     return {"qvalue": q, "scale": s}

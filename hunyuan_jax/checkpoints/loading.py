@@ -13,10 +13,10 @@ Formats (checked in this order):
     ckpt = open_checkpoint(path)                  # cheap: format, architecture, stored dtype
     model = load_params(ckpt, policy, plan)       # the weights, created sharded
 
-Quantized weights (`hunyuan_jax.model.quantize`): `policy.weights` ('auto' | 'bf16' | 'int8' | 'fp8')
-says how the matmul weights are held; 'auto' keeps what the checkpoint stores
-(`Checkpoint.weights`: 'float', or 'int8' / 'fp8' for `hf-to-jax --quantize` output and 'fp8' for
-an FP8 release). A quantized converted checkpoint restores straight into the abstract quantized
+Quantized weights (`hunyuan_jax.model.quantize`): `policy.weights` ('auto' | 'bf16' | 'int8' | 'fp8'
+| 'int4' | 'int4-experts') says how the matmul weights are held; 'auto' keeps what the
+checkpoint stores (`Checkpoint.weights`: 'float', or a quantized form for `hf-to-jax --quantize`
+output and 'fp8' for an FP8 release; int4 in the group size it was written with). A quantized converted checkpoint restores straight into the abstract quantized
 tree (no float copy; on a mesh straight into its shardings). A float checkpoint served quantized
 is quantized on load, one weight at a time on device (restored alone, then quantized by a jitted
 call with the plan's output shardings), so neither a host nor the devices ever hold the float
@@ -34,9 +34,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental.layout import Format, Layout
 
 from hunyuan_jax.checkpoints import converted, fp8_scales, hf_mapping, integrity, runs
 from hunyuan_jax.checkpoints.converted import restore_param_state
@@ -79,7 +81,8 @@ class Checkpoint:
     cfg: ModelConfig
     stored_dtype: str  # dtype of the stored parameters
     runtime: RuntimePolicy | None = None  # a run directory's own policy
-    weights: str = "float"  # how the matmul weights are stored: 'float' | 'int8' | 'fp8'
+    weights: str = "float"  # how the matmul weights are stored: 'float' or quantize.QUANTIZED
+    int4_group_size: int | None = None  # of stored int4 weights
 
     def inference_policy(self, dtype: str = "auto") -> RuntimePolicy:
         """The policy decoding uses. 'auto': HF / converted keep their stored dtype for
@@ -132,7 +135,15 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         )
     if fmt == "converted":
         cfg, dtype = converted.stored_config(path)
-        return Checkpoint(path, fmt, cfg, dtype, weights=converted.stored_weights(path))
+        weights = converted.read_manifest(path).get("weights", {})
+        return Checkpoint(
+            path,
+            fmt,
+            cfg,
+            dtype,
+            weights=weights.get("form", "float"),
+            int4_group_size=weights.get("group_size"),
+        )
     if fmt == "run":
         cfg, runtime, train = read_run_config(path)
         if train.get("lora"):
@@ -141,8 +152,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                 f"its base (infer.py --adapter {path}) or merge it first "
                 f"(python -m hunyuan_jax.cli.convert merge-lora --run {path} --out DIR)"
             )
-        weights = runtime.weights if runtime.weights in ("int8", "fp8") else "float"
-        return Checkpoint(path, fmt, cfg, runtime.param_dtype, runtime, weights)
+        weights = runtime.weights if runtime.weights in quantize.QUANTIZED else "float"
+        group = runtime.int4_group_size if weights.startswith("int4") else None
+        return Checkpoint(path, fmt, cfg, runtime.param_dtype, runtime, weights, group)
     if _is_orbax_step(path):
         raise CheckpointError(
             f"{path} is an orbax checkpoint directory without its model config: pass the "
@@ -183,22 +195,58 @@ def load_params(ckpt: Checkpoint | str | Path, policy: RuntimePolicy, plan=None)
     weights in the form `policy.weights` asks for ('auto': as stored)."""
     if not isinstance(ckpt, Checkpoint):
         ckpt = open_checkpoint(ckpt)
-    plan = ShardingPlan.or_single(plan)
+    return _int4_in_program_layout(_load_params(ckpt, policy, ShardingPlan.or_single(plan)))
+
+
+def _int4_in_program_layout(model):
+    """`model` with each int4 value array in the layout a program compiled ahead of time takes.
+    XLA:CPU (jax 0.10) holds int4 buffers a byte per value (`Layout` with
+    sub_byte_element_size_in_bits 0) while the programs `lower().compile()` builds (the engine's,
+    Generator's) take them packed (4) and refuse a committed argument in the other layout (a
+    restored or mesh-placed one); a copy whose output layout the compiler picks (`Layout.AUTO`)
+    is packed. Arrays already in the program's layout (e.g. on TPU) are left alone."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    changed = False
+    for _, var in flat:
+        q = var.get_value()
+        if q.dtype != quantize.QTYPES["int4"] or not q._committed:
+            continue
+        spec = jax.ShapeDtypeStruct(q.shape, q.dtype, sharding=q.sharding)
+        want = jax.jit(lambda a: a).lower(spec).compile().input_formats[0][0].layout
+        if q.format.layout == want:
+            continue
+        out = Format(Layout.AUTO, q.sharding)
+        packed = jax.jit(lambda a: a + jnp.zeros((), a.dtype), out_shardings=out)(q)
+        if packed.format.layout == want:
+            var.set_value(packed)
+            changed = True
+    if changed:
+        nnx.update(model, nnx.from_flat_state(flat))
+    return model
+
+
+def _load_params(ckpt: Checkpoint, policy: RuntimePolicy, plan: ShardingPlan):
+    form = ckpt.weights if policy.weights == "auto" else policy.weights
     form = ckpt.weights if policy.weights == "auto" else policy.weights
     if ckpt.format == "hf":
         return _load_hf(ckpt, policy, plan, form)
 
     # The restore target is what is stored (orbax would cast to any other dtype silently).
     stored = "auto" if ckpt.weights == "float" else ckpt.weights
+    group = policy.int4_group_size
+    if ckpt.int4_group_size is not None:  # the stored groups
+        policy = policy.replace(int4_group_size=ckpt.int4_group_size)
     model = abstract_model(ckpt.cfg, policy, plan, weights=stored)
     graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
     target = plan.abstract(abstract)
     if ckpt.weights != "float" or form == "float":
         model = nnx.merge(graphdef, _restore(ckpt, target), rest)
-        return quantize.convert_model(model, "auto" if form == "float" else form, plan)
-    # A float checkpoint served as int8 / fp8 / bf16: first everything but the matmul weights,
+        return quantize.convert_model(model, "auto" if form == "float" else form, plan, group)
+    # A float checkpoint served quantized / as bf16: first everything but the matmul weights,
     # then each matmul weight alone, in its stored dtype, converted on device before the next
-    # one is read (peak: the converted model plus one float weight).
+    # one is read (peak: the converted model plus one float weight). The converted model's
+    # layout is checked first (int4 groups, the mesh), before anything is read.
+    plan.abstract(nnx.state(abstract_model(ckpt.cfg, policy, plan, weights=form), nnx.Param))
     weights = {path + (name,) for path, _, name in quantize.matmul_weights(model)}
     skip = lambda path, var: _PLACEHOLDER if path in weights else var
     model = nnx.merge(graphdef, _restore_some(ckpt, _map_vars(target, skip)), rest)
@@ -211,7 +259,8 @@ def load_params(ckpt: Checkpoint | str | Path, policy: RuntimePolicy, plan=None)
             return jax.ShapeDtypeStruct(var.shape, ckpt.stored_dtype, sharding=var.sharding)
 
         value = dict(nnx.to_flat_state(_restore_some(ckpt, _map_vars(target, only))))[want]
-        quantize.set_weight(module, name, value.get_value(), form, plan)
+        each = quantize.weight_form(form, quantize.weight_axes(getattr(module, name)))
+        quantize.set_weight(module, name, value.get_value(), each, plan, group)
     return model
 
 
@@ -349,13 +398,19 @@ class _HFLeaves(Mapping):
         # as a float in its leaf's dtype (FP8 release values dequantized).
         form = self.form if quantized else "float"
         parts: dict[str, np.ndarray] = {}
+        scale_shape = self.leaves[weight + ("array", "scale")][0] if quantized else None
         for index, key in hf_mapping.hf_slices(entry, self.cfg):
             tensor, scale = self.hf.read_with_scale(key)
-            pieces = hf_slice(entry, tensor, shape, form, scale, float_dtype=dtype, key=key)
+            pieces = hf_slice(
+                entry, tensor, shape, form, scale, dtype, key=key, scale_shape=scale_shape
+            )
             for role, piece in pieces.items():
                 if role not in parts:
-                    full = shape if role != "scale" else self.leaves[weight + ("array", "scale")][0]
-                    parts[role] = np.empty(full, piece.dtype)
+                    parts[role] = np.empty(shape if role != "scale" else scale_shape, piece.dtype)
+                if parts[role][index].shape != piece.shape:  # never broadcast a piece
+                    raise ValueError(
+                        f"{key}: {role} {piece.shape}, leaf slice {parts[role][index].shape}"
+                    )
                 parts[role][index] = piece
         if not quantized:
             return parts["value"]

@@ -16,8 +16,9 @@ Configs: the architecture from `loading.read_model_config` (our YAML, a Hugging 
 config.json or any checkpoint directory). Training uses the YAML's `runtime:` and `train:`
 sections (`train_config.load_configs`), a train.py run directory's own policy, else
 `RuntimePolicy()` (fp32 parameters, bf16 compute, full remat); `--param-dtype` overrides the
-parameter dtype. Serving uses `RuntimePolicy.inference(--dtype)`; `--weights int8|fp8|bf16` holds
-the matmul weights in that form (`hunyuan_jax.model.quantize`). `--set model.K=V`,
+parameter dtype. Serving uses `RuntimePolicy.inference(--dtype)`; `--weights
+int8|fp8|int4|int4-experts|bf16` holds the matmul weights in that form
+(`hunyuan_jax.model.quantize`; int4 groups: `--set runtime.int4_group_size=N`). `--set model.K=V`,
 `--set runtime.K=V` and (train) `--set K=V` / `--set train.K=V` override keys as train.py's
 `--set` does; the dedicated flags win over them.
 
@@ -48,7 +49,7 @@ from hunyuan_jax.checkpoints import loading
 from hunyuan_jax.cli_help import HelpFormatter
 from hunyuan_jax.errors import ConfigError, DoesNotFit, UsageError
 from hunyuan_jax.model.config import ModelConfig, read_yaml
-from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.policy import WEIGHTS, RuntimePolicy
 from hunyuan_jax.model.state import check_fits
 from hunyuan_jax.train.config import TrainConfig, load_configs, parse_overrides
 from sharding.plan import ShardingPlan
@@ -172,10 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param-dtype", default=None, help="train: override the parameter dtype")
     p.add_argument(
         "--weights",
-        choices=("auto", "bf16", "int8", "fp8"),
+        choices=WEIGHTS,
         default=None,
         help="how the matmul weights are held (runtime.weights): int8 / fp8 values + "
-        "per-channel scales, bf16, or auto (float in the parameter dtype)",
+        "per-channel scales, int4 values + one scale per group along the contraction "
+        "(--set runtime.int4_group_size=N, default 128), int4-experts (routed experts int4, "
+        "the others int8), bf16, or auto (float in the parameter dtype)",
     )
     p.add_argument(
         "--cache-dtype", default=None, help="KV cache dtype (default: the compute dtype; int8)"

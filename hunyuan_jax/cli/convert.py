@@ -1,7 +1,8 @@
 """The converter's command line::
 
     python -m hunyuan_jax.cli.convert hf-to-jax --hf-dir D --out O [--dtype bfloat16]
-        [--quantize int8|fp8] [--tokenizer-dir T] [--compression zstd|none]
+        [--quantize int8|fp8|int4|int4-experts [--int4-group-size G]] [--tokenizer-dir T]
+        [--compression zstd|none]
         [--checksum crc32c|none] [--chunk-mb 4] [--workers 2] [--max-inflight-gb 1]
         [--overwrite] [--no-progress] [--debug]
     python -m hunyuan_jax.cli.convert jax-to-hf --ckpt C --out D [--dtype bfloat16] [--step N]
@@ -15,7 +16,7 @@
 `--ckpt` is a converted checkpoint, a train.py run directory (its latest complete step, or
 `--step N`), or a bare orbax params directory with `--config`. What each direction does:
 `hunyuan_jax/checkpoints/convert/hf_to_jax.py` and `jax_to_hf.py` (`--quantize` stores the matmul weights
-as int8 / fp8 values + scales; jax-to-hf of such a checkpoint dequantizes them, to bfloat16 by
+as int8 / fp8 / int4 values + scales, int4 in groups of `--int4-group-size` along the contraction; jax-to-hf of such a checkpoint dequantizes them, to bfloat16 by
 default); the output layout: `hunyuan_jax/checkpoints/converted.py`. `verify` reads a converted
 checkpoint or a run's checkpoints in full against their checksums
 (`hunyuan_jax/checkpoints/convert/verify.py`) and names the first bad array and file (exit 4). `merge-lora`
@@ -43,6 +44,7 @@ from hunyuan_jax.checkpoints.convert.merge_lora import merge_lora
 from hunyuan_jax.checkpoints.convert.verify import verify
 from hunyuan_jax.cli_help import HelpFormatter
 from hunyuan_jax.errors import CheckpointError, HunyuanError, add_debug_flag, run_cli
+from hunyuan_jax.model.policy import INT4_GROUP_SIZE
 from sharding.plan import ShardingPlan
 
 PROG = "python -m hunyuan_jax.cli.convert"
@@ -63,10 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--quantize",
-        choices=("int8", "fp8"),
+        choices=("int8", "fp8", "int4", "int4-experts"),
         default=None,
-        help="store the matmul weights quantized (per output channel; values + float32 "
-        "scales); an FP8 source's e4m3 weights and scales are kept as they are with fp8",
+        help="store the matmul weights quantized (values + float32 scales: int8 / fp8 per "
+        "output channel, int4 per group along the contraction; int4-experts: the routed "
+        "experts int4, the others int8); an FP8 source's e4m3 weights and scales are kept as "
+        "they are with fp8",
+    )
+    a.add_argument(
+        "--int4-group-size",
+        type=int,
+        default=None,
+        help=f"int4 values per scale along the contraction (default {INT4_GROUP_SIZE}); it "
+        "must divide every int4 weight's contraction",
     )
     a.add_argument(
         "--tokenizer-dir",
@@ -177,6 +188,7 @@ def _run(args) -> int:
                 workers=args.workers,
                 max_inflight_bytes=int(args.max_inflight_gb * 2**30),
                 quantize=args.quantize,
+                group_size=args.int4_group_size,
             )
         elif args.cmd == "merge-lora":
             plan = ShardingPlan.from_flags(args.mesh, args.rules) if args.mesh else None

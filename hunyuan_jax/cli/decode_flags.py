@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from hunyuan_jax.model.policy import INT4_GROUP_SIZE, WEIGHTS
+
 PREFILL_CHUNK = 512  # prompt tokens per prefill call
 
 
@@ -58,10 +60,19 @@ def add_decode_flags(
     runtime.add_argument(
         "--weights",
         default="auto",
-        choices=("auto", "bf16", "int8", "fp8"),
+        choices=WEIGHTS,
         help="how the matmul weights are held: auto (as the checkpoint stores them), bf16, "
-        "int8 (per output channel) or fp8 (e4m3); a float checkpoint is quantized on load "
-        "(`python -m hunyuan_jax.cli.convert hf-to-jax --quantize` does it once, on disk)",
+        "int8 (per output channel), fp8 (e4m3), int4 (per group of --int4-group-size along "
+        "the contraction) or int4-experts (routed experts int4, the others int8); a float "
+        "checkpoint is quantized on load (`python -m hunyuan_jax.cli.convert hf-to-jax "
+        "--quantize` does it once, on disk)",
+    )
+    runtime.add_argument(
+        "--int4-group-size",
+        type=int,
+        default=INT4_GROUP_SIZE,
+        help="int4 values per scale, consecutive along the contraction (must divide every "
+        "int4 weight's; a stored int4 checkpoint keeps its own)",
     )
     runtime.add_argument(
         "--cache-dtype",

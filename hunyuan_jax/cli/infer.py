@@ -244,6 +244,7 @@ def _main(args) -> int:
         args.checkpoint,
         dtype=args.dtype,
         weights=args.weights,
+        int4_group_size=args.int4_group_size,
         plan=plan,
         tokenizer=tokenizer,
         adapter=args.adapter,

@@ -6,7 +6,8 @@
         [--no-prefix-caching]
         [--max-queue 64] [--max-body-bytes 4194304] [--api-key KEY] [--api-key-metrics]
         [--host 127.0.0.1] [--port 8000] [--served-model-name NAME] [--dtype auto]
-        [--weights auto|bf16|int8|fp8] [--cache-dtype auto|int8]
+        [--weights auto|bf16|int8|fp8|int4|int4-experts] [--int4-group-size 128]
+        [--cache-dtype auto|int8]
 
 DIR: any checkpoint infer.py accepts (Hugging Face, converted, train.py run). Without
 --checkpoint the server loads `hunyuan_jax/assets/default_model` (a 0.9M-parameter model
@@ -113,6 +114,7 @@ def build_state(
     name=None,
     dtype="auto",
     weights="auto",
+    int4_group_size=None,
     cache_dtype="auto",
     plan=None,
     slots=16,
@@ -140,6 +142,7 @@ def build_state(
         path,
         dtype=dtype,
         weights=weights,
+        int4_group_size=int4_group_size,
         plan=plan,
         tokenizer=tokenizer,
         adapter=adapter,
@@ -243,6 +246,7 @@ def _main(args) -> int:
         name=args.served_model_name,
         dtype=args.dtype,
         weights=args.weights,
+        int4_group_size=args.int4_group_size,
         cache_dtype=args.cache_dtype,
         plan=plan,
         slots=args.slots,

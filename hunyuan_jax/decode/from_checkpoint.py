@@ -60,6 +60,7 @@ def load(
     *,
     dtype: str = "auto",
     weights: str | None = None,
+    int4_group_size: int | None = None,
     policy: RuntimePolicy | None = None,
     plan=None,
     tokenizer: str | Path | None = None,
@@ -70,8 +71,10 @@ def load(
     """Loads a checkpoint directory for decoding, whatever format it is in.
 
     dtype: see `Checkpoint.inference_policy` (ignored when `policy` is given).
-    weights: 'auto' | 'bf16' | 'int8' | 'fp8', how the matmul weights are held (sets
-    `policy.weights`; None keeps the policy's, 'auto' by default: as the checkpoint stores them).
+    weights: 'auto' | 'bf16' | 'int8' | 'fp8' | 'int4' | 'int4-experts', how the matmul weights
+    are held (sets `policy.weights`; None keeps the policy's, 'auto' by default: as the
+    checkpoint stores them). int4_group_size: int4 values per scale when quantizing to int4
+    (sets `policy.int4_group_size`; None keeps the policy's).
     tokenizer: a tokenizer file or directory; by default one is looked for in the checkpoint
     directory and its `tokenizer/`; generation_config.json there sets the sampling defaults.
     adapter: a LoRA run directory whose adapters (latest step) are loaded beside the weights,
@@ -85,6 +88,8 @@ def load(
     policy = policy or ckpt.inference_policy(dtype)
     if weights is not None:
         policy = policy.replace(weights=weights)
+    if int4_group_size is not None:
+        policy = policy.replace(int4_group_size=int4_group_size)
     dirs = list(ckpt.search_dirs)
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)

@@ -18,8 +18,10 @@ The code never names a mesh axis: it reads them from the rules.
 
 Quantized expert weights (qwix `QArray`s, `hunyuan_jax.model.quantize`) enter the `shard_map` as they
 are stored: the values with the weight's spec, the scales with the same spec except on their
-size-1 (contracted) dims; the FSDP all-gather moves the int8 / fp8 values (and the scales where
-they are sharded), and each device dequantizes only its local experts next to the matmul.
+size-1 (contracted) dims (int4's grouped contracted dims keep the spec: a device's slice of the
+contraction holds whole groups, `ShardingPlan.check_state` sees that the group count divides);
+the FSDP all-gather moves the int8 / fp8 / int4 values (and the scales where they are sharded),
+and each device dequantizes only its local experts next to the matmul.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "save_dots", "save_attn_out")
 ATTENTION = ("auto", "xla", "flash", "splash")
 TRAIN_DISPATCH = ("all_to_all", "gather")
-WEIGHTS = ("auto", "bf16", "int8", "fp8")
+WEIGHTS = ("auto", "bf16", "int8", "fp8", "int4", "int4-experts")
+INT4_GROUP_SIZE = 128  # int4 values per scale along the contraction (default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +43,15 @@ class RuntimePolicy:
       [B, S, vocab] logits never exist whole); 0 = the whole sequence at once.
     weights: how the matmul weights (attention q/k/v/o, shared and routed experts' gate/up/
       down) are stored for this run: auto (as the checkpoint stores them; float in param_dtype
-      for a fresh model), bf16, int8 (per output channel) or fp8 (e4m3, per output channel);
-      the router, norms and embedding stay float (`hunyuan_jax.model.quantize`). The one field that
+      for a fresh model), bf16, int8 (per output channel), fp8 (e4m3, per output channel),
+      int4 (one scale per `int4_group_size` values along the contraction) or int4-experts (the
+      routed experts int4, attention and the shared expert int8); the router, norms and
+      embedding stay float (`hunyuan_jax.model.quantize`). The one field that
       changes the stored form of parameters (values + scales instead of a float array); the
       model code does not branch on it (`hunyuan_jax.model.qops` dispatches on what is stored).
+    int4_group_size: int4 values sharing one scale, consecutive along the contraction (which
+      it must divide, for every int4 weight); used when quantizing to int4 (a stored int4
+      checkpoint keeps the group size it was written with).
     """
 
     param_dtype: str = "float32"
@@ -59,6 +65,7 @@ class RuntimePolicy:
     train_dispatch: str = "all_to_all"
     loss_chunk: int = 0
     weights: str = "auto"
+    int4_group_size: int = INT4_GROUP_SIZE
 
     def __post_init__(self):
         check_types(self, "runtime")
@@ -77,6 +84,10 @@ class RuntimePolicy:
             raise ConfigError(
                 f"runtime key 'attention_dropout' ({self.attention_dropout}) needs attention "
                 f"'auto' or 'xla': the {self.attention!r} kernel has no dropout"
+            )
+        if self.int4_group_size <= 0:
+            raise ConfigError(
+                f"runtime key 'int4_group_size' must be positive, got {self.int4_group_size}"
             )
         if self.loss_chunk < 0:
             raise ConfigError(f"runtime key 'loss_chunk' must be >= 0, got {self.loss_chunk}")

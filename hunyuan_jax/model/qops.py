@@ -2,8 +2,11 @@
 
 What the parameter tree holds decides what runs (no flags in the model code):
 - a float array: cast to the compute dtype, `jnp.einsum` / `@` / `jax.lax.ragged_dot` as usual;
-- a qwix `QArray` (int8 or float8 values + per-channel scales, `hunyuan_jax.model.quantize`): qwix's
-  ops (`qwix.einsum`, `qwix.dot`, `qwix.ragged_dot`), which dequantize next to the matmul;
+- a qwix `QArray` (int8 / float8 values + per-channel scales, or int4 values + one scale per
+  group along the contraction, `hunyuan_jax.model.quantize`): qwix's ops (`qwix.einsum`,
+  `qwix.dot`), which dequantize next to the matmul (a float operand makes qwix take its
+  dequantize-first path, for grouped scales too), and `ragged_dot` below for the grouped
+  matmul;
 - LoRA adapters stored beside a weight (`<name>_lora_a`, `<name>_lora_b` as `nnx.LoRAParam`,
   scale `<name>_lora_scale` = alpha / rank): the base product plus scale * (x A) B, for float
   and quantized (QLoRA) bases alike.
@@ -116,19 +119,26 @@ def ragged_dot(x, w, group_sizes):
 
 
 def _quantized_ragged_dot(x, w: QArray, group_sizes):
-    """x [M, K] times each row's group of `w` (values [G, K, N], channelwise scales [G, 1, N]):
-    (x @ values) * scales[group of the row]. The stored int8 / fp8 values enter the grouped
-    matmul as they are and the scales multiply its float32 output rows, so no dequantized copy
-    of every group's weights is written and read back (qwix.ragged_dot dequantizes first, and
-    XLA:TPU does not fuse that into the ragged dot: docs/performance.md has the AOT tool's
-    figure). Other scale layouts go to qwix.ragged_dot."""
+    """x [M, K] times each row's group of `w` (values [G, K, N]).
+
+    Per-channel scales [G, 1, N] (int8, fp8): (x @ values) * scales[group of the row]. The
+    stored values enter the grouped matmul as they are and the scales multiply its float32
+    output rows, so no dequantized copy of every group's weights is written and read back
+    (qwix.ragged_dot dequantizes first, and XLA:TPU does not fuse that into the ragged dot:
+    docs/performance.md has the AOT tool's figure).
+
+    Grouped scales [G, K / group, N] (int4): a row's output sums over K groups with different
+    scales, so no output-row factor exists; the (local) experts' weights are dequantized in
+    x's dtype (values x scales, the dtype `weight` cast the scales to) and the grouped matmul
+    runs on them. XLA may fuse the dequantize into the matmul's operand or write one layer's
+    local experts in x's dtype as a temporary (docs/quantization.md)."""
     g, _, n = w.shape
-    if tuple(w.scale.shape) != (g, 1, n):
-        return qwix.ragged_dot(x, w, group_sizes)
-    y = jax.lax.ragged_dot(x, w.qvalue, group_sizes, preferred_element_type=jnp.float32)
-    row_group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(x.shape[0]), side="right")
-    scale = w.scale[:, 0, :].astype(jnp.float32)[jnp.minimum(row_group, g - 1)]
-    return (y * scale).astype(x.dtype)
+    if tuple(w.scale.shape) == (g, 1, n):
+        y = jax.lax.ragged_dot(x, w.qvalue, group_sizes, preferred_element_type=jnp.float32)
+        row_group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(x.shape[0]), side="right")
+        scale = w.scale[:, 0, :].astype(jnp.float32)[jnp.minimum(row_group, g - 1)]
+        return (y * scale).astype(x.dtype)
+    return jax.lax.ragged_dot(x, qwix.dequantize(w).astype(x.dtype), group_sizes)
 
 
 def take(w, e):

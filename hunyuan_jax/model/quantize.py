@@ -1,6 +1,6 @@
 """Weight-only quantization of the matmul weights with qwix: which weights, along which axes, the
-numerics, the transform of a model between forms (float <-> int8 / fp8, bf16), the abstract
-quantized model, and quantized weights built from stored values + scales (a converted
+numerics, the transform of a model between forms (float <-> int8 / fp8 / int4, bf16), the
+abstract quantized model, and quantized weights built from stored values + scales (a converted
 checkpoint, the FP8 release) without a float copy.
 
 Which weights: every weight a matmul reads through `hunyuan_jax.model.qops`: attention q/k/v/o and
@@ -10,33 +10,43 @@ model says which they are and what each contracts by their logical axes (`layers
 
 Layout: qwix's PTQ layout (what `qwix.quantize_params` writes). `module.<name>` becomes
 
-    WithAux(array=QArray(qvalue=Param(int8 | float8_e4m3fn; the weight's shape and logical axes),
+    WithAux(array=QArray(qvalue=Param(int8 | float8_e4m3fn | int4; the weight's shape and logical
+                                      axes),
                          scale=Param(float32; 1 on the contracted dims, logical axes the weight's
                                      with None there)),
-            how=HowToQuantize(qtype, channelwise_axes))            (how: static)
+            how=HowToQuantize(qtype, channelwise_axes, tiled_axes))   (how: static)
 
 so the sharding rules place values and scales with no new rule (nnx paths `<name>/array/qvalue`
-and `<name>/array/scale`). One scale per output channel: every dimension the matmul does not
-contract is channelwise, the stacked `layers` and `exp` axes included (one scale per layer
-group, expert and output feature).
+and `<name>/array/scale`). int8 / fp8: one scale per output channel: every dimension the
+matmul does not contract is channelwise, the stacked `layers` and `exp` axes included (one
+scale per layer group, expert and output feature). int4: one scale per output channel and
+group of `group` consecutive values of the (flattened) contraction (`group_tiles`: qwix's
+subchannel `tiled_axes`; where a group would straddle the split of a contraction over two dims,
+o_proj's heads x head_dim, that weight takes the largest smaller group the split allows); the scale's contracted dims then have the group counts and keep the
+weight's logical axes, so a mesh axis that shards a contraction shards its groups with it (and
+must divide the group count: `ShardingPlan.check_state` names the scale).
 
 Numerics: qwix's absmax calibration (`quantize_numpy` reproduces it bit for bit on XLA:CPU, for
 the streaming converter). s = max|w| over the contracted dims / B, B = 127.5 (int8) or 448
 (e4m3); int8: q = clip(round(w / s), -128, 127), so |w - q s| <= s / 2 = max|w| / 255; fp8:
 q = e4m3(w / s), relative error <= 2^-4 (3 mantissa bits; absolute <= 2^-10 s below e4m3's
-normal range 2^-6). `qops` dequantizes a dense weight next to its matmul (q * s in the compute
-dtype; XLA fuses it) and multiplies the grouped matmul's output rows by their expert's scales.
-The measured accuracy and TPU fit: docs/quantization.md.
+normal range 2^-6); int4: s = max|w| over the group / 7.5, q = clip(round(w / s), -8, 7), so
+|w - q s| <= s / 2. `qops` dequantizes a dense weight next to its matmul (q * s in the compute
+dtype; XLA fuses it) and multiplies the grouped matmul's output rows by their expert's scales
+(per-channel scales; int4's grouped scales dequantize the local experts first). The measured
+accuracy and TPU fit: docs/quantization.md.
 
 Forms (`RuntimePolicy.weights`): 'auto' leaves a model as built or loaded; 'bf16' stores the
-matmul weights as bfloat16 arrays; 'int8' / 'fp8' as above. `convert_model` goes from any form
-to any other (a quantized weight is dequantized in float32 first: fp8 -> int8 for chips
-without fp8 matmuls).
+matmul weights as bfloat16 arrays; 'int8' / 'fp8' / 'int4' as above; 'int4-experts' the routed
+experts int4 and attention + the shared expert int8 (`weight_form`). `convert_model` goes from
+any form to any other (a quantized weight is dequantized in float32 first: fp8 -> int8 for
+chips without fp8 matmuls); a weight already stored int4 keeps its stored groups.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 
 import jax
@@ -47,21 +57,36 @@ import qwix
 from flax import nnx
 
 # qwix's public API (qwix 0.1.8: `qwix.QArray`, `qwix.quantize`, `qwix.dequantize`, used below)
-# exports neither `HowToQuantize` (the static `how` of a quantized weight: qtype + channelwise
-# axes) nor `WithAux`, the PtqProvider's box of a quantized weight that holds both (what
+# exports neither `HowToQuantize` (the static `how` of a quantized weight: qtype, channelwise and
+# tiled axes) nor `WithAux`, the PtqProvider's box of a quantized weight that holds both (what
 # `qwix.quantize_params` writes and qwix's einsum / ragged_dot read): this module builds and
 # reads weights in exactly that layout, so it takes those two from qwix's modules (pinned).
 from qwix._src.core.qarray import HowToQuantize
 from qwix._src.providers.ptq import WithAux
 
+from hunyuan_jax.errors import ConfigError
 from hunyuan_jax.model import layers
-from hunyuan_jax.model.policy import WEIGHTS
+from hunyuan_jax.model.policy import INT4_GROUP_SIZE, WEIGHTS
 
 QArray = qwix.QArray
-QUANTIZED = ("int8", "fp8")
-QTYPES = {"int8": np.dtype(np.int8), "fp8": np.dtype(ml_dtypes.float8_e4m3fn)}
-BOUND = {"int8": 127.5, "fp8": 448.0}  # qwix's symmetric bounds (int8: 127 + 1/2)
+QUANTIZED = ("int8", "fp8", "int4", "int4-experts")  # the forms holding values + scales
+QTYPES = {
+    "int8": np.dtype(np.int8),
+    "fp8": np.dtype(ml_dtypes.float8_e4m3fn),
+    "int4": np.dtype(ml_dtypes.int4),
+}
+BOUND = {"int8": 127.5, "fp8": 448.0, "int4": 7.5}  # qwix's symmetric bounds (ints: max + 1/2)
+QRANGE = {"int8": (-128, 127), "int4": (-8, 7)}
 SCALE_DTYPE = np.dtype(np.float32)
+
+
+def weight_form(weights: str, axes=None, *, routed: bool | None = None) -> str:
+    """The form of one matmul weight under the model-wide form `weights`: 'int4-experts' is
+    int4 for the routed experts (logical axis `exp`, or `routed`) and int8 for the others."""
+    if weights != "int4-experts":
+        return weights
+    routed = ("exp" in tuple(axes)) if routed is None else routed
+    return "int4" if routed else "int8"
 
 
 # ----------------------------------------------------------------------------- which, how
@@ -78,24 +103,93 @@ def _channelwise(name: str, axes) -> list[int]:
     return [i for i in range(len(axes)) if i not in contracted]
 
 
-def how_for(name: str, axes, form: str) -> HowToQuantize:
-    return HowToQuantize(qtype=QTYPES[form], channelwise_axes=_channelwise(name, axes))
-
-
-def scale_axes(name: str, axes) -> tuple:
-    """The scale's logical axes: the weight's, None on the contracted dims (size 1)."""
+def group_tiles(name: str, axes, shape, form: str, group: int | None = None) -> tuple[int, ...]:
+    """Per dim of weight `name`, how many consecutive values share a scale: 1 on the dims the
+    matmul does not contract; on the contracted dims the whole dim (int8 / fp8: per channel),
+    or for int4 groups of `group` consecutive values of the flattened contraction (from its
+    last dim: a group within one index of the earlier dims, or whole last dims within one
+    index of an earlier one). Where `group` divides the contraction but straddles the split
+    of the stored layout (o_proj's heads x head_dim: A52B's 80 x 80 with groups of 128), the
+    weight takes the largest smaller group that the layout splits (80: one head). ConfigError
+    naming the weight when `group` does not divide its contraction."""
     contracted = contracted_dims(name, axes)
-    return tuple(None if i in contracted else a for i, a in enumerate(axes))
+    k = math.prod(shape[d] for d in contracted)
+    if form != "int4":
+        return _tiles(contracted, shape, k)
+    group = group or INT4_GROUP_SIZE
+    if k % group:
+        what = " x ".join(f"{axes[d]} {shape[d]}" for d in contracted)
+        fit = ", ".join(map(str, group_sizes_that_fit(name, axes, shape)))
+        raise ConfigError(
+            f"int4 group size {group} does not divide the contraction of weight {name!r} "
+            f"({what} = {k} values); group sizes that fit it: {fit} "
+            f"(--int4-group-size / runtime.int4_group_size)"
+        )
+    return _tiles(contracted, shape, group) or _tiles(
+        contracted, shape, max(g for g in range(1, group) if _tiles(contracted, shape, g))
+    )
 
 
-def scale_shape(name: str, axes, shape) -> tuple[int, ...]:
+def _tiles(contracted, shape, group: int) -> tuple[int, ...] | None:
+    """The tiles of groups of `group` values laid along `contracted` from the last dim, None
+    when the layout cannot hold such groups."""
+    tiles, left = [1] * len(shape), group
+    for d in reversed(contracted):
+        size = shape[d]
+        if left >= size and left % size == 0:
+            tiles[d], left = size, left // size
+        elif left < size and size % left == 0:
+            tiles[d], left = left, 1
+        else:
+            break
+    return tuple(tiles) if left == 1 else None
+
+
+def group_sizes_that_fit(name: str, axes, shape) -> list[int]:
+    """The int4 group sizes weight `name` of `shape` accepts: the divisors of its contraction."""
+    k = math.prod(shape[d] for d in contracted_dims(name, axes))
+    return [g for g in range(1, k + 1) if k % g == 0]
+
+
+def tiles_of(value) -> tuple[int, ...]:
+    """The tiles (`group_tiles`) of a stored QArray, from its values' and scales' shapes."""
+    return tuple(d // s for d, s in zip(value.qvalue.shape, value.scale.shape))
+
+
+def _how(name: str, axes, shape, tiles, form: str) -> HowToQuantize:
+    """qwix's HowToQuantize of `tiles`: dims not contracted and contracted dims with a scale
+    per index are channelwise, contracted dims split into groups tiled, whole ones reduced."""
     contracted = contracted_dims(name, axes)
-    return tuple(1 if i in contracted else d for i, d in enumerate(shape))
+    channelwise = [
+        i for i in range(len(shape)) if i not in contracted or (tiles[i] == 1 and shape[i] > 1)
+    ]
+    tiled = {i: tiles[i] for i in contracted if 1 < tiles[i] < shape[i]}
+    return HowToQuantize(qtype=QTYPES[form], channelwise_axes=channelwise, tiled_axes=tiled)
+
+
+def how_for(name: str, axes, form: str, shape=None, group: int | None = None) -> HowToQuantize:
+    """How weight `name` is quantized to `form` (int4 needs its `shape` and `group`)."""
+    if form != "int4":
+        return HowToQuantize(qtype=QTYPES[form], channelwise_axes=_channelwise(name, axes))
+    return _how(name, axes, shape, group_tiles(name, axes, shape, form, group), form)
+
+
+def scale_axes(name: str, axes, scale_shape=None) -> tuple:
+    """The scale's logical axes: the weight's, None on the contracted dims of size 1 (every
+    contracted dim but int4's grouped ones)."""
+    contracted = contracted_dims(name, axes)
+    one = lambda i: scale_shape is None or scale_shape[i] == 1
+    return tuple(None if i in contracted and one(i) else a for i, a in enumerate(axes))
+
+
+def scale_shape(name: str, axes, shape, form: str = "int8", group=None) -> tuple[int, ...]:
+    tiles = group_tiles(name, axes, shape, form, group)
+    return tuple(d // t for d, t in zip(shape, tiles))
 
 
 def form_of(value) -> str:
-    """'int8' | 'fp8' for a quantized weight (QArray, WithAux), 'bf16' for a bfloat16 array,
-    else the float dtype's name."""
+    """'int8' | 'fp8' | 'int4' for a quantized weight (QArray, WithAux), 'bf16' for a bfloat16
+    array, else the float dtype's name."""
     if isinstance(value, WithAux):
         value = value.array
     if isinstance(value, QArray):
@@ -141,17 +235,23 @@ def _param_of(var) -> nnx.Param:
 
 
 # ----------------------------------------------------------------------------- transforms
-def to_form(value, name: str, axes, form: str):
-    """One weight (float array or QArray) in `form` ('bf16' | 'int8' | 'fp8'); jax ops, so it
-    runs under jit / eval_shape. Quantizing reads the weight in float32."""
+def to_form(value, name: str, axes, form: str, group: int | None = None):
+    """One weight (float array or QArray) in `form` ('bf16' | 'int8' | 'fp8' | 'int4', int4
+    in groups of `group`); jax ops, so it runs under jit / eval_shape. Quantizing reads the
+    weight in float32."""
     if isinstance(value, QArray):
         if form_of(value) == form:
             return value
         value = qwix.dequantize(value.astype(jnp.float32))
     if form == "bf16":
         return value.astype(jnp.bfloat16)
-    channelwise = _channelwise(name, axes)
-    q = qwix.quantize(value.astype(jnp.float32), QTYPES[form], channelwise_axes=channelwise)
+    how = how_for(name, axes, form, value.shape, group)
+    q = qwix.quantize(
+        value.astype(jnp.float32),
+        QTYPES[form],
+        channelwise_axes=how.channelwise_axes,
+        tiled_axes=dict(how.tiled_axes),
+    )
     return QArray(q.qvalue, q.scale.astype(SCALE_DTYPE), qtype=q.qtype)
 
 
@@ -162,32 +262,32 @@ def boxed(value, name: str, axes) -> nnx.Param | WithAux:
         return nnx.Param(value, logical_axes=axes)
     q = QArray(
         nnx.Param(value.qvalue, logical_axes=axes),
-        nnx.Param(value.scale, logical_axes=scale_axes(name, axes)),
+        nnx.Param(value.scale, logical_axes=scale_axes(name, axes, value.scale.shape)),
         qtype=value.qtype,
     )
-    return WithAux(q, how_for(name, axes, form_of(value)))
+    return WithAux(q, _how(name, axes, value.shape, tiles_of(value), form_of(value)))
 
 
-def _out_shardings(plan, name: str, axes, shape, form: str):
+def _out_shardings(plan, name: str, axes, shape, form: str, group=None):
     spec = lambda a, s: jax.sharding.NamedSharding(plan.mesh, plan.spec(a, s, name))
     if form == "bf16":
         return spec(axes, shape)
+    sshape = scale_shape(name, axes, shape, form, group)
     return QArray(
-        spec(axes, shape),
-        spec(scale_axes(name, axes), scale_shape(name, axes, shape)),
-        qtype=QTYPES[form],
+        spec(axes, shape), spec(scale_axes(name, axes, sshape), sshape), qtype=QTYPES[form]
     )
 
 
-def set_weight(module, name: str, value, form: str, plan=None) -> None:
-    """`module.<name>` := `value` (float array or QArray) in `form`, boxed with the logical
-    axes of the attribute it replaces. With a plan, converted by a jitted call whose outputs
-    the plan lays out (each device computes its own shards)."""
+def set_weight(module, name: str, value, form: str, plan=None, group=None) -> None:
+    """`module.<name>` := `value` (float array or QArray) in `form` (int4: in groups of
+    `group`), boxed with the logical axes of the attribute it replaces. With a plan,
+    converted by a jitted call whose outputs the plan lays out (each device computes its own
+    shards)."""
     axes = weight_axes(getattr(module, name))
     if form_of(value) != form:
-        fn = functools.partial(to_form, name=name, axes=axes, form=form)
+        fn = functools.partial(to_form, name=name, axes=axes, form=form, group=group)
         if plan is not None and plan.is_sharded:
-            out = _out_shardings(plan, name, axes, value.shape, form)
+            out = _out_shardings(plan, name, axes, value.shape, form, group)
             value = jax.jit(fn, out_shardings=out)(value)
         elif plan is not None:
             value = jax.jit(fn)(value)
@@ -196,29 +296,67 @@ def set_weight(module, name: str, value, form: str, plan=None) -> None:
     setattr(module, name, boxed(value, name, axes))
 
 
-def convert_model(model, weights: str, plan=None):
-    """In place: every matmul weight of `model` in form `weights` ('bf16' | 'int8' | 'fp8';
-    'auto' changes nothing); returns `model`. With a plan (a concrete model), one jitted call
-    per weight (`set_weight`): a float weight and its converted form coexist one weight at a
-    time, on device; without (e.g. under `nnx.eval_shape`), plain jax ops."""
+def convert_model(model, weights: str, plan=None, group: int | None = None):
+    """In place: every matmul weight of `model` in form `weights` ('bf16' | 'int8' | 'fp8' |
+    'int4' | 'int4-experts'; 'auto' changes nothing); returns `model`. int4 groups: `group`,
+    default the model's `policy.int4_group_size`; every weight to quantize to int4 is checked
+    first (one ConfigError naming the first whose contraction `group` does not divide, and the
+    group sizes that fit them all). With a plan (a concrete model), one jitted call per weight
+    (`set_weight`): a float weight and its converted form coexist one weight at a time, on
+    device; without (e.g. under `nnx.eval_shape`), plain jax ops."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     if weights == "auto":
         return model
-    for _, module, name in list(matmul_weights(model)):
+    if group is None:
+        group = getattr(getattr(model, "policy", None), "int4_group_size", INT4_GROUP_SIZE)
+    todo = []
+    for path, module, name in list(matmul_weights(model)):
         value = _stored_value(getattr(module, name))
-        if form_of(value) != weights:
-            set_weight(module, name, value, weights, plan)
+        form = weight_form(weights, weight_axes(getattr(module, name)))
+        if form_of(value) != form:
+            todo.append((path, module, name, value, form))
+    _check_groups([t for t in todo if t[4] == "int4"], group)
+    for _, module, name, value, form in todo:
+        set_weight(module, name, value, form, plan, group)
     return model
 
 
+def _check_groups(todo, group: int) -> None:
+    """ConfigError naming the first weight of `todo` whose contraction int4 groups of `group`
+    do not divide, with the group sizes every one of them accepts."""
+    for path, module, name, value, _ in todo:
+        axes = weight_axes(getattr(module, name))
+        try:
+            group_tiles(name, axes, value.shape, "int4", group)
+        except ConfigError as e:
+            fit = None
+            for _, m, n, v, _ in todo:
+                ok = set(group_sizes_that_fit(n, weight_axes(getattr(m, n)), v.shape))
+                fit = ok if fit is None else fit & ok
+            where = ".".join(map(str, path + (name,)))
+            msg = str(e).split("; group sizes")[0].replace(repr(name), repr(where), 1)
+            raise ConfigError(
+                f"{msg}; group sizes that fit every int4 weight of this model: "
+                f"{', '.join(map(str, sorted(fit)))} (--int4-group-size / "
+                f"runtime.int4_group_size)"
+            ) from None
+
+
 def model_form(model) -> str:
-    """'int8' | 'fp8' if the matmul weights are quantized so, else 'float' (mixed: ValueError)."""
-    forms = {form_of(getattr(m, n)) for _, m, n in matmul_weights(model)}
-    forms = {f if f in QUANTIZED else "float" for f in forms}
+    """'int8' | 'fp8' | 'int4' if the matmul weights are quantized so, 'int4-experts' for int4
+    routed experts beside int8 others, else 'float' (any other mix: ValueError)."""
+    forms = {}
+    for _, m, n in matmul_weights(model):
+        f = form_of(getattr(m, n))
+        forms.setdefault(f if f in QUANTIZED else "float", set()).add(
+            "exp" in weight_axes(getattr(m, n))
+        )
+    if set(forms) == {"int4", "int8"} and forms["int4"] == {True} and forms["int8"] == {False}:
+        return "int4-experts"
     if len(forms) != 1:
         raise ValueError(f"the matmul weights are stored in several forms: {sorted(forms)}")
-    return forms.pop()
+    return forms.popitem()[0]
 
 
 def dequantize(value) -> jax.Array:
@@ -231,23 +369,40 @@ def dequantize(value) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- numpy side
-def quantize_numpy(w: np.ndarray, contracted: tuple[int, ...], form: str):
-    """(values, float32 scales with 1 on `contracted`) of `w`: qwix's `quantize` in numpy (for
-    the converter, which streams one tensor at a time without a device). Bit for bit what it
-    computes on XLA:CPU, which divides by multiplying with the float32 reciprocal (so do we);
-    another backend may differ by an ulp of a scale or in a round-half case."""
+def quantize_numpy(w: np.ndarray, contracted: tuple[int, ...], form: str, tiles=None):
+    """(values, float32 scales) of `w`: qwix's `quantize` in numpy (for the converter, which
+    streams one tensor at a time without a device). Scales are per `tiles` (`group_tiles`;
+    default: 1 on `contracted`, per channel). Bit for bit what qwix computes on XLA:CPU, which
+    divides by multiplying with the float32 reciprocal (so do we); another backend may differ
+    by an ulp of a scale or in a round-half case."""
     one = np.float32(1)
     w = np.asarray(w, np.float32)
-    amax = np.max(np.abs(w), axis=contracted, keepdims=True)
+    if tiles is None:
+        tiles = tuple(d if i in contracted else 1 for i, d in enumerate(w.shape))
+    split, reduce = [], []
+    for d, t in zip(w.shape, tiles):
+        split += [d // t, t]
+        reduce.append(len(split) - 1)
+    sshape = tuple(d // t for d, t in zip(w.shape, tiles))
+    amax = np.max(np.abs(w.reshape(split)), axis=tuple(reduce)).reshape(sshape)
     scale = amax * (one / np.float32(BOUND[form]))
     scale = np.where(scale < np.sqrt(np.finfo(np.float32).tiny), one, scale)
-    x = w * (one / scale)
-    if form == "int8":
-        q = np.clip(np.round(x), -128, 127).astype(np.int8)
+    x = w * _expand(one / scale, w.shape)
+    if form in QRANGE:
+        lo, hi = QRANGE[form]
+        q = np.clip(np.round(x), lo, hi).astype(QTYPES[form])
     else:
         q = np.clip(x, -448.0, 448.0).astype(QTYPES["fp8"])
     return q, scale.astype(SCALE_DTYPE)
 
 
+def _expand(scale: np.ndarray, shape) -> np.ndarray:
+    """`scale` repeated along each dim to `shape` (qwix's generic broadcast of tiled scales)."""
+    for i, (d, s) in enumerate(zip(shape, scale.shape)):
+        if s not in (1, d):
+            scale = np.repeat(scale, d // s, axis=i)
+    return scale
+
+
 def dequantize_numpy(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * scale.astype(np.float32)
+    return q.astype(np.float32) * _expand(scale.astype(np.float32), q.shape)

@@ -45,6 +45,7 @@ from hunyuan_jax.checkpoints.convert.common import (
 )
 from hunyuan_jax.checkpoints.hf_tensors import hf_slice, to_slice
 from hunyuan_jax.errors import CheckpointError
+from hunyuan_jax.model.quantize import QTYPES
 
 
 class _ProgressRecord:
@@ -189,22 +190,30 @@ def hf_to_jax(
     max_inflight_bytes: int = 1 << 30,
     sync_seconds: float = 10.0,
     quantize: str | None = None,
+    group_size: int | None = None,
     log=None,
 ) -> dict:
     """Convert a HF checkpoint directory into `out` (see the module docstring); returns the
     manifest. `dtype` None keeps the source dtype (bfloat16 for FP8 sources). `checksum`
     "crc32c" (every chunk checked on every read) or "none" (only to measure their cost).
-    `quantize` 'int8' | 'fp8' stores the matmul weights quantized (`hunyuan_jax.model.quantize`):
-    values and float32 scales, quantized slice by slice as they stream; an FP8 source's e4m3
-    weights and scales are stored as they are with 'fp8' (and dequantized in float32, then
-    quantized, with 'int8'); `dtype` is then the dtype of the other parameters."""
+    `quantize` 'int8' | 'fp8' | 'int4' | 'int4-experts' stores the matmul weights quantized
+    (`hunyuan_jax.model.quantize`): values and float32 scales, quantized slice by slice as they
+    stream (int4: one scale per `group_size` values along the contraction, default
+    `RuntimePolicy.int4_group_size`); an FP8 source's e4m3 weights and scales are stored as
+    they are with 'fp8' (and dequantized in float32, then quantized, otherwise); `dtype` is
+    then the dtype of the other parameters."""
     log = log or default_log
     t0 = time.time()
     hf_dir, out = Path(hf_dir), Path(out)
-    cfg, ckpt, infos, leaves, hf_config, fp8 = planning.plan_hf_to_jax(hf_dir, dtype, quantize)
+    cfg, ckpt, infos, leaves, hf_config, fp8 = planning.plan_hf_to_jax(
+        hf_dir, dtype, quantize, group_size
+    )
     dtype = np.dtype(leaves[("embed",)].dtype).name
     chunk_bytes = int(chunk_mb * (1 << 20))
-    plan = planning.output_plan(ckpt, dtype, compression, chunk_bytes, checksum, quantize)
+    group_size = _group_size(leaves)
+    plan = planning.output_plan(
+        ckpt, dtype, compression, chunk_bytes, checksum, quantize, group_size
+    )
     state = planning.prepare_out(out, plan, overwrite, log)
     if state == "done":
         log(f"{out} already holds this conversion, complete; nothing to do")
@@ -234,6 +243,7 @@ def hf_to_jax(
             f"converting {len(items)} tensors ({sum(infos[k].nbytes for *_, k in items) / 1e9:.2f}"
             f" GB, {ckpt.format}{', FP8' if fp8 else ''}) from {hf_dir} to {out} as {dtype}"
             + (f", matmul weights {quantize}" if quantize else "")
+            + (f" (int4 groups of {group_size})" if group_size else "")
         )
         if fp8 and not quantize:
             log("the source stores FP8 weights: --quantize fp8 keeps them (and their scales)")
@@ -261,7 +271,9 @@ def hf_to_jax(
         if not quantized:
             return {leaf.path: to_slice(entry, tensor, leaf.shape, out_dtype)}
         form = fmt.leaves_form(leaves)
-        pieces = hf_slice(entry, tensor, leaf.shape, form, scale, key=key)
+        pieces = hf_slice(
+            entry, tensor, leaf.shape, form, scale, key=key, scale_shape=scale_leaf.shape
+        )
         return {leaf.path: pieces["qvalue"], scale_leaf.path: pieces["scale"]}
 
     bar = progress_bar(sum(infos[k].nbytes for *_, k in todo), "hf-to-jax", progress)
@@ -337,6 +349,18 @@ def _manifest(plan, fp8, leaves, hf_config, tokenizer_files, chunk_bytes) -> dic
     }
 
 
+def _group_size(leaves) -> int | None:
+    """The int4 group size of stored int4 leaves, None without int4: the most values per scale
+    of an int4 leaf (a weight whose split contraction a group would straddle, o_proj, holds
+    smaller groups: `quantize.group_tiles`)."""
+    sizes = [
+        math.prod(leaf.shape) // math.prod(leaves[leaf.path[:-1] + ("scale",)].shape)
+        for leaf in leaves.values()
+        if leaf.role == "qvalue" and leaf.dtype == QTYPES["int4"]
+    ]
+    return max(sizes, default=None)
+
+
 def stored_weights(leaves, fp8_source: bool = False) -> dict:
     """The manifest's "weights" record: how the matmul weights are stored. Orbax casts to the
     restore target's dtype without a word, so the loader builds its target from this."""
@@ -346,10 +370,26 @@ def stored_weights(leaves, fp8_source: bool = False) -> dict:
     form = fmt.leaves_form(leaves)
     if form == "float":
         return {"form": "float", "dtype": np.dtype(leaves[("embed",)].dtype).name}
-    return {
+    channel = "per output channel (1 on the contracted dims; layers and exp channelwise)"
+    if form not in quantize.QTYPES:  # int4-experts
+        return {
+            "form": form,
+            "dtype": "int4 (routed experts) + int8 (attention, shared expert)",
+            "scale_dtype": quantize.SCALE_DTYPE.name,
+            "scales": f"int4: per output channel and group of {_group_size(leaves)} "
+            f"along the contraction; int8: {channel}",
+            "calibration": "absmax",
+            "group_size": _group_size(leaves),
+        }
+    record = {
         "form": form,
         "dtype": quantize.QTYPES[form].name,
         "scale_dtype": quantize.SCALE_DTYPE.name,
-        "scales": "per output channel (1 on the contracted dims; layers and exp channelwise)",
+        "scales": channel,
         "calibration": "the source's FP8 scales" if fp8_source and form == "fp8" else "absmax",
     }
+    if form == "int4":
+        group = _group_size(leaves)
+        record["scales"] = f"per output channel and group of {group} along the contraction"
+        record["group_size"] = group
+    return record

@@ -53,6 +53,7 @@ from hunyuan_jax.checkpoints.hf_tensors import to_hf
 from hunyuan_jax.errors import CheckpointError, UsageError
 from hunyuan_jax.model import quantize
 from hunyuan_jax.model.config import ModelConfig, hf_config_path, read_hf_config
+from hunyuan_jax.model.policy import INT4_GROUP_SIZE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,20 +165,32 @@ def open_source(
     )
 
 
-def _stored_form(src: Source) -> str:
-    """'float', or 'int8' / 'fp8' when the matmul weights are stored quantized (the values
-    leaves of `hunyuan_jax.model.quantize`'s layout are in the orbax tree)."""
+def _stored_form(src: Source) -> tuple[str, int | None]:
+    """('float', None), or the quantized form of the matmul weights (`quantize.QUANTIZED`: the
+    dtypes of the values leaves of `hunyuan_jax.model.quantize`'s layout in the orbax tree) and
+    the int4 group size (the most values per scale of an int4 leaf: o_proj's may be smaller,
+    `quantize.group_tiles`; None without int4)."""
     try:
         tree = json.loads((src.params_dir / "_METADATA").read_text())["tree_metadata"]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{src.params_dir}: unreadable orbax metadata: {e}") from e
+    dtypes, group = set(), None
     for entry in tree.values():
         name = ".".join(k["key"] for k in entry.get("key_metadata", ()))
         if name.startswith(src.tree_prefix) and name.endswith(".array.qvalue.value"):
             arr = fmt.open_for_read(src.params_dir, name, src.use_ocdbt, src.use_zarr3)
             dt = np.dtype(arr.dtype.numpy_dtype)
-            return next(f for f, q in quantize.QTYPES.items() if q == dt)
-    return "float"
+            dtypes.add(dt)
+            if dt == quantize.QTYPES["int4"]:
+                scale_name = name[: -len("qvalue.value")] + "scale.value"
+                scale = fmt.open_for_read(src.params_dir, scale_name, src.use_ocdbt, src.use_zarr3)
+                size = math.prod(arr.shape) // math.prod(scale.shape)
+                group = max(group or 0, size)
+    if not dtypes:
+        return "float", None
+    if dtypes == {quantize.QTYPES["int4"], quantize.QTYPES["int8"]}:
+        return "int4-experts", group
+    return next(f for f, q in quantize.QTYPES.items() if {q} == dtypes), group
 
 
 def _temp_out(out: Path, overwrite: bool) -> Path:
@@ -256,8 +269,10 @@ def jax_to_hf(
     t0 = time.time()
     src, out = open_source(ckpt, config, step, tree_prefix), Path(out).resolve()
     out_dtype = None if dtype is None else np_dtype(dtype)
-    form = _stored_form(src)
-    leaves = fmt.param_leaves(src.cfg, "float32", "auto" if form == "float" else form)
+    form, group = _stored_form(src)
+    leaves = fmt.param_leaves(
+        src.cfg, "float32", "auto" if form == "float" else form, group or INT4_GROUP_SIZE
+    )
     arrays = {}
     for leaf in leaves.values():
         name = src.tree_prefix + leaf.name

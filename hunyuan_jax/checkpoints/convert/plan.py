@@ -20,6 +20,8 @@ from hunyuan_jax.checkpoints.convert.common import DTYPES, FLOAT_DTYPES, hf_tens
 from hunyuan_jax.checkpoints.hf_checkpoint import HeaderView, HFCheckpoint, verify
 from hunyuan_jax.errors import CheckpointError, UsageError
 from hunyuan_jax.model.config import ModelConfig, hf_config_path, read_hf_config
+from hunyuan_jax.model.policy import INT4_GROUP_SIZE
+from hunyuan_jax.model.quantize import QUANTIZED
 
 PLAN, PROGRESS = fmt.WORK_PLAN, fmt.WORK_PROGRESS
 
@@ -36,9 +38,16 @@ def _open_source(hf_dir: Path) -> tuple[HFCheckpoint, dict]:
     return ckpt, read_hf_config(hf_dir)
 
 
-def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None, quantize: str | None = None):
+def plan_hf_to_jax(
+    hf_dir: str | Path,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
+):
     """Scan and verify a HF checkpoint. Returns (cfg, ckpt, infos, leaves, hf_config, fp8);
-    `quantize` ('int8' | 'fp8') makes the matmul weights' leaves values + scales."""
+    `quantize` (a form of `quantize.QUANTIZED`) makes the matmul weights' leaves values +
+    scales (int4: in groups of `group_size`, default `RuntimePolicy.int4_group_size`; a size
+    that does not split every int4 weight is a ConfigError naming it)."""
     hf_dir = Path(hf_dir)
     ckpt, hf_config = _open_source(hf_dir)
     cfg = ModelConfig.from_hf(hf_dir)
@@ -53,9 +62,11 @@ def plan_hf_to_jax(hf_dir: str | Path, dtype: str | None = None, quantize: str |
             )
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if quantize not in (None, "int8", "fp8"):
-        raise UsageError(f"--quantize must be int8 or fp8, got {quantize!r}")
-    leaves = fmt.param_leaves(cfg, dtype, quantize or "auto")
+    if quantize not in (None,) + QUANTIZED:
+        raise UsageError(f"--quantize must be one of {', '.join(QUANTIZED)}, got {quantize!r}")
+    if group_size is not None and not (quantize or "").startswith("int4"):
+        raise UsageError(f"--int4-group-size {group_size} needs --quantize int4 or int4-experts")
+    leaves = fmt.param_leaves(cfg, dtype, quantize or "auto", group_size or INT4_GROUP_SIZE)
     shapes = {l.entry.path: l.shape for l in leaves.values() if l.role in ("value", "qvalue")}
     verify(cfg, HeaderView(ckpt, infos), shapes)
     problems = []
@@ -81,6 +92,7 @@ def output_plan(
     chunk_bytes: int,
     checksum: str = "crc32c",
     quantize: str | None = None,
+    group_size: int | None = None,
 ) -> dict:
     """What the output will be, recorded before the first write and compared on resume: the
     source files (names, sizes, mtimes), the stored dtype, the quantization of the matmul
@@ -110,6 +122,8 @@ def output_plan(
     }
     if quantize:
         plan["quantize"] = quantize
+    if group_size:
+        plan["int4_group_size"] = group_size
     return plan
 
 

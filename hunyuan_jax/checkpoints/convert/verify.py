@@ -23,7 +23,7 @@ from hunyuan_jax.checkpoints.convert.common import default_log
 from hunyuan_jax.checkpoints.hf_checkpoint import HeaderView, HFCheckpoint
 from hunyuan_jax.errors import CheckpointError, UsageError
 from hunyuan_jax.model.config import ModelConfig
-from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.policy import INT4_GROUP_SIZE, RuntimePolicy
 from hunyuan_jax.model.state import abstract_model, flat_shapes
 
 
@@ -66,7 +66,8 @@ def verify_converted(path: Path, log) -> dict:
     params_dir = path / p["dir"]
     checksum = p.get("checksum", "none")
     form = man.get("weights", {}).get("form", "float")
-    want = fmt.param_leaves(cfg, man["dtype"], "auto" if form == "float" else form)
+    group = man.get("weights", {}).get("group_size") or INT4_GROUP_SIZE
+    want = fmt.param_leaves(cfg, man["dtype"], "auto" if form == "float" else form, group)
     want = {l.name: f"{l.dtype.name} {list(l.shape)}" for l in want.values()}
     got = {n: f"{i['dtype']} {list(i['shape'])}" for n, i in p["leaves"].items()}
     for name in sorted(set(want) | set(got)):
