@@ -14,8 +14,9 @@ Every request is driven in-process (no HTTP): only scheduling and caching differ
 ignored (each request produces exactly its max_tokens). Every compile happens before timing.
 
 1. prefix: 64 requests arriving at once, each one shared 448-token system prompt + a 12..20
-   token question, 16 new tokens; prefix caching on vs off (same engine shape: 8 rows, page
-   size 16, token budget 256). Time-to-first-token p50 and throughput.
+   token question, 16 new tokens; prefix caching on vs off (same engine shape, the server's
+   defaults: 16 rows (--slots), page size 16, token budget 512 (--prefill-chunk)).
+   Time-to-first-token p50 and throughput.
 2. paged: mixed lengths (prompts 8..64 tokens; max_tokens 8..24 for 80%, 96..160 for 20%), 160
    requests arriving at once (saturation), at equal KV cache bytes (128 pages x 16 tokens =
    8 x 256-token rows): "slot rows" (8 sequences in flight, as many as rows of max_len fit:
@@ -46,7 +47,8 @@ import numpy as np
 
 from bench.harness import alternate, busy_warnings, machine_line, report_peak
 from hunyuan_jax.checkpoints.loading import read_model_config
-from hunyuan_jax.cli.serve import DEFAULT_MODEL
+from hunyuan_jax.cli.decode_flags import PREFILL_CHUNK
+from hunyuan_jax.cli.serve import DEFAULT_MODEL, SLOTS
 from hunyuan_jax.decode import from_checkpoint
 from hunyuan_jax.decode.generate import Generator
 from hunyuan_jax.engine.core import EngineCore
@@ -205,8 +207,8 @@ def main(argv=None) -> int:
     summary = []
 
     if "prefix" in only:
-        core = EngineCore(model, max_seqs=8, max_len=512, page_size=PAGE, token_budget=256,
-                          vocab_limit=vocab)  # fmt: skip
+        core = EngineCore(model, max_seqs=SLOTS, max_len=512, page_size=PAGE,
+                          token_budget=PREFILL_CHUNK, vocab_limit=vocab)  # fmt: skip
         print(f"prefix: {core.describe()}")
         prompts, mt = prefix_workload(64, vocab, args.seed)
         sides = {

@@ -43,6 +43,7 @@ from hunyuan_jax.serve.metrics import Metrics
 # point first re-executes itself (`entry`, hunyuan_jax/host_env.py) and, for --devices, sets
 # XLA_FLAGS before JAX starts; an import at module level would run before both.
 
+SLOTS = 16  # requests in flight (engine rows) by default
 PROG = "python -m hunyuan_jax.cli.serve"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 DEFAULT_NAME = "hunyuan-jax-default"
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_decode_flags(p, without_checkpoint="default: the embedded model")
     p.add_argument("--served-model-name", default=None, help="the `model` clients must send")
-    p.add_argument("--slots", type=int, default=16, help="most requests in flight (engine rows)")
+    p.add_argument("--slots", type=int, default=SLOTS, help="most requests in flight (engine rows)")
     p.add_argument(
         "--max-len",
         type=int,
@@ -117,7 +118,7 @@ def build_state(
     int4_group_size=None,
     cache_dtype="auto",
     plan=None,
-    slots=16,
+    slots=SLOTS,
     max_len=None,
     prefill_chunk=PREFILL_CHUNK,
     page_size=16,
