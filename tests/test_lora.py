@@ -338,7 +338,7 @@ def test_corrupt_base_pointer_is_refused(tmp_path, lora_run):
     copy = tmp_path / "run"
     copy.mkdir()
     record = lora_base.read_pointer(run)
-    for field, value in (("digest", "abc"), ("base", 3), ("weights", "int4"), ("seed", "x")):
+    for field, value in (("digest", "abc"), ("base", 3), ("weights", "int3"), ("seed", "x")):
         (copy / lora_base.POINTER_FILE).write_text(json.dumps(dict(record, **{field: value})))
         with pytest.raises(CheckpointError, match=f"lora_base.json: corrupt .*'{field}'"):
             lora_base.read_pointer(copy)
