@@ -1,6 +1,7 @@
 """Test set-up: 8 simulated CPU devices (before JAX starts), paths to the shipped data, and the
 helpers several test files share (the hy_tiny checkpoint under a policy and a plan, meshes)."""
 
+import functools
 import os
 from pathlib import Path
 
@@ -52,3 +53,41 @@ def load_tiny(plan=None, policy=None, fmt="hf_st"):
 
     ckpt = loading.open_checkpoint(HY_TINY / fmt)
     return loading.load_params(ckpt, policy or f32_policy(), plan)
+
+
+def flat_params(model) -> dict:
+    """{path: numpy value} of every nnx.Param of `model`."""
+    import numpy as np
+    from flax import nnx
+
+    return {
+        tuple(p): np.asarray(v.get_value())
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+
+
+def same_bits(a, b) -> bool:
+    """Equal dtype, shape and bytes."""
+    import numpy as np
+
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@functools.cache
+def _prefill_fn():
+    import jax
+    from flax import nnx
+
+    return jax.jit(lambda g, s, t: nnx.merge(g, s)(t, phase="prefill")[0], static_argnums=0)
+
+
+def prefill_logits(model, tokens):
+    """numpy logits of a full prefill forward of `model`; one compile per tree structure
+    (graphdef) and token shape, shared by the tests."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return np.asarray(_prefill_fn()(graphdef, state, jnp.asarray(tokens)))

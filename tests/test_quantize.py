@@ -23,7 +23,6 @@ compiles and tests running): the reference-logits, FP8-release and trained-model
 rest < 4 s.
 """
 
-import functools
 import json
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import HY_TINY
+from conftest import HY_TINY, flat_params, prefill_logits, same_bits
 from flax import nnx
 from qwix._src.core import qarray
 
@@ -59,33 +58,10 @@ MARGIN = 1.5
 SLACK = 1 + 2.0**-12
 
 
-def _flat(model) -> dict:
-    return {
-        tuple(p): np.asarray(v.get_value())
-        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
-
-
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
 def _load(path, weights="auto", plan=None):
     return loading.load_params(
         loading.open_checkpoint(path), RuntimePolicy.inference("float32", weights=weights), plan
     )
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, state, tokens):
-    return nnx.merge(graphdef, state)(tokens, phase="prefill")[0]
-
-
-def _logits(model, tokens) -> np.ndarray:
-    """One compile per tree structure (graphdef) and token shape, shared by the tests."""
-    graphdef, state = nnx.split(model)
-    return np.asarray(_forward(graphdef, state, jnp.asarray(tokens)))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +71,7 @@ def tokens():
 
 @pytest.fixture(scope="module")
 def reference(tokens):
-    return _logits(_load(HF), tokens)
+    return prefill_logits(_load(HF), tokens)
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -120,7 +96,7 @@ def test_numpy_quantizer_is_qwix_and_within_bounds(form):
     ref = jax.jit(lambda a: qarray.quantize(a, how))(jnp.asarray(w))
     q, s = quantize.quantize_numpy(w, (1,), form)
     assert q.dtype == quantize.QTYPES[form] and s.shape == (3, 1, 5, 8)
-    assert _same_bits(q, np.asarray(ref.qvalue)) and _same_bits(s, np.asarray(ref.scale))
+    assert same_bits(q, np.asarray(ref.qvalue)) and same_bits(s, np.asarray(ref.scale))
     assert s[1, 0, 2, 3] == 1.0 and not q[1, :, 2, 3].astype(np.float32).any()
     err = np.abs(quantize.dequantize_numpy(q, s) - w)
     amax = np.abs(w).max(axis=1, keepdims=True)
@@ -266,7 +242,7 @@ def test_logits_error_on_reference(quantized_models, tokens, reference):
     ref = _load(HF)
     errs, rel = {}, {}
     for form, model in quantized_models.items():
-        err = np.abs(_logits(model, tokens) - reference)
+        err = np.abs(prefill_logits(model, tokens) - reference)
         errs[form] = (float(err.max()), float(err.mean()))
         rel[form] = _relative_weight_error(model, ref)
         assert errs[form][0] <= MARGIN * MEASURED[form][0], (form, errs[form])
@@ -296,9 +272,9 @@ def test_trained_model_logits_error():
     bundle = from_checkpoint.load(DEFAULT_MODEL, dtype="float32")
     ids = [bundle.tokenizer.encode(t) for t in CODE]
     tokens = np.asarray([i[: min(map(len, ids))] for i in ids], np.int32)
-    ref = _logits(bundle.model, tokens)
+    ref = prefill_logits(bundle.model, tokens)
     for form, (max_err, mean_err, flips) in TRAINED.items():
-        logits = _logits(_load(DEFAULT_MODEL, form), tokens)
+        logits = prefill_logits(_load(DEFAULT_MODEL, form), tokens)
         err = np.abs(logits - ref)
         assert err.max() <= MARGIN * max_err and err.mean() <= MARGIN * mean_err, form
         assert np.sum(logits.argmax(-1) != ref.argmax(-1)) <= 2 * flips + 1, form
@@ -317,15 +293,15 @@ def test_converter_quantizes_and_loads(tmp_path, quantized_models):
     assert leaves["groups.layers.0.moe.gate_proj.array.scale.value"]["shape"] == [3, 8, 1, 128]
     assert leaves["groups.layers.0.moe.router.value"]["dtype"] == "float32"
     assert loading.open_checkpoint(tmp_path / "int8").weights == "int8"
-    want = _flat(quantized_models["int8"])
-    got = _flat(_load(tmp_path / "int8"))
-    assert set(got) == set(want) and all(_same_bits(got[k], want[k]) for k in want)
+    want = flat_params(quantized_models["int8"])
+    got = flat_params(_load(tmp_path / "int8"))
+    assert set(got) == set(want) and all(same_bits(got[k], want[k]) for k in want)
 
     man = convert.hf_to_jax(HF, tmp_path / "f32", **QUIET)
     assert man["weights"] == {"form": "float", "dtype": "float32"} and "quantize" not in man["plan"]
     assert fmt.stored_weights(tmp_path / "f32") == "float"
-    on_load = _flat(_load(tmp_path / "f32", "int8"))
-    assert all(_same_bits(on_load[k], want[k]) for k in want)
+    on_load = flat_params(_load(tmp_path / "f32", "int8"))
+    assert all(same_bits(on_load[k], want[k]) for k in want)
 
     convert.jax_to_hf(tmp_path / "int8", tmp_path / "back", **QUIET)
     back, orig = HFCheckpoint(tmp_path / "back"), HFCheckpoint(HF)
@@ -333,7 +309,7 @@ def test_converter_quantizes_and_loads(tmp_path, quantized_models):
     w = orig.get(key)
     err = np.abs(back.get(key) - w)
     assert back.get(key).dtype == np.float32 and err.max() <= np.abs(w).max() / 255 * 1.0001
-    assert _same_bits(back.get("model.embed_tokens.weight"), orig.get("model.embed_tokens.weight"))
+    assert same_bits(back.get("model.embed_tokens.weight"), orig.get("model.embed_tokens.weight"))
 
 
 def test_run_directory_quantized_on_load(tmp_path, quantized_models):
@@ -349,9 +325,9 @@ def test_run_directory_quantized_on_load(tmp_path, quantized_models):
     saver.close()
     ckpt = loading.open_checkpoint(tmp_path)
     assert (ckpt.format, ckpt.weights) == ("run", "float")
-    got = _flat(loading.load_params(ckpt, ckpt.inference_policy().replace(weights="int8")))
-    want = _flat(quantized_models["int8"])
-    assert set(got) == set(want) and all(_same_bits(got[k], want[k]) for k in want)
+    got = flat_params(loading.load_params(ckpt, ckpt.inference_policy().replace(weights="int8")))
+    want = flat_params(quantized_models["int8"])
+    assert set(got) == set(want) and all(same_bits(got[k], want[k]) for k in want)
 
 
 def _fp8_release(directory):
@@ -396,24 +372,24 @@ def test_fp8_release_loads_as_fp8_without_a_float_copy(tmp_path):
     key = "model.layers.2.self_attn.q_proj.weight"
     stored = model.groups.layers[0].attn.q_proj[...].array
     q = np.asarray(stored.qvalue)[1]
-    assert _same_bits(q, np.ascontiguousarray(tensors[key].T).reshape(q.shape))
+    assert same_bits(q, np.ascontiguousarray(tensors[key].T).reshape(q.shape))
     s = np.asarray(stored.scale)[1].reshape(-1)
     np.testing.assert_array_equal(np.broadcast_to(tensors[key + "_scale"].reshape(-1), s.shape), s)
 
-    flat = _flat(model)
+    flat = flat_params(model)
     convert.hf_to_jax(hf, tmp_path / "jax_fp8", quantize="fp8", **QUIET)
-    got = _flat(_load(tmp_path / "jax_fp8"))
+    got = flat_params(_load(tmp_path / "jax_fp8"))
     assert set(got) == set(flat)
     for k in flat:
         if k[-1] in ("qvalue", "scale"):
-            assert _same_bits(got[k], flat[k]), k
+            assert same_bits(got[k], flat[k]), k
     man = convert.hf_to_jax(hf, tmp_path / "jax_int8", quantize="int8", **QUIET)
     assert man["weights"]["form"] == "int8" and man["dtype"] == "bfloat16"
-    int8 = _flat(_load(tmp_path / "jax_int8"))
+    int8 = flat_params(_load(tmp_path / "jax_int8"))
     path = ("groups", "layers", 0, "attn", "q_proj", "array")
     deq = np.asarray(quantize.dequantize(stored))
     q8, s8 = quantize.quantize_numpy(deq, (1,), "int8")
-    assert _same_bits(int8[path + ("qvalue",)], q8) and _same_bits(int8[path + ("scale",)], s8)
+    assert same_bits(int8[path + ("qvalue",)], q8) and same_bits(int8[path + ("scale",)], s8)
 
     tokens = np.random.default_rng(2).integers(3, 1024, (2, 16)).astype(np.int32)
     dequantized = _load(hf)  # the same values as float32 weights (e4m3 x scale)
@@ -424,7 +400,7 @@ def test_fp8_release_loads_as_fp8_without_a_float_copy(tmp_path):
         )
     assert quantize.model_form(dequantized) == "float"
     np.testing.assert_allclose(
-        _logits(model, tokens), _logits(dequantized, tokens), atol=1e-5, rtol=0
+        prefill_logits(model, tokens), prefill_logits(dequantized, tokens), atol=1e-5, rtol=0
     )
 
 
@@ -433,13 +409,13 @@ def test_expert_parallel_quantized_matches_one_device(quantized_models, tokens):
     """int8 experts in the expert-parallel shard_map (experts over `expert`, FSDP over
     `fsdp` gathers the int8 values, TP over `tensor`): the one-device int8 logits, up to
     float32 reduction order."""
-    want = _logits(quantized_models["int8"], tokens)
+    want = prefill_logits(quantized_models["int8"], tokens)
     plan = ShardingPlan.create("fsdp=2,expert=2,tensor=2", "fsdp_ep_tp")
     model = _load(HF, "int8", plan)
     values = model.groups.layers[0].moe.down_proj[...].array
     assert tuple(values.qvalue.sharding.spec)[1:] == ("expert", "tensor", "fsdp")
     assert tuple(values.scale.sharding.spec)[1:3] == ("expert", None)
-    np.testing.assert_allclose(_logits(model, tokens), want, atol=5e-5, rtol=0)
+    np.testing.assert_allclose(prefill_logits(model, tokens), want, atol=5e-5, rtol=0)
 
 
 def test_mixed_forms_are_refused():

@@ -24,7 +24,6 @@ forward 13 s, the mesh 10 s, the converter 4 s, the rest < 3 s each; the module 
 count in the first test that uses them).
 """
 
-import functools
 import json
 import shutil
 from pathlib import Path
@@ -33,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import HY_TINY
+from conftest import HY_TINY, flat_params, prefill_logits, same_bits
 from flax import nnx
 from qwix._src.core import qarray
 
@@ -64,34 +63,12 @@ EXPERT_AXES = {
 EXPERT_SHAPES = {"gate_proj": (4, 64, 32), "up_proj": (4, 64, 32), "down_proj": (4, 32, 64)}
 
 
-def _flat(model) -> dict:
-    return {
-        tuple(p): np.asarray(v.get_value())
-        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
-
-
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
 def _policy(weights="auto", group=GROUP):
     return RuntimePolicy.inference("float32", weights=weights, int4_group_size=group)
 
 
 def _load(path, weights="auto", group=GROUP):
     return loading.load_params(loading.open_checkpoint(path), _policy(weights, group))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, state, tokens):
-    return nnx.merge(graphdef, state)(tokens, phase="prefill")[0]
-
-
-def _logits(model, tokens) -> np.ndarray:
-    graphdef, state = nnx.split(model)
-    return np.asarray(_forward(graphdef, state, jnp.asarray(tokens)))
 
 
 def _module(model, path):
@@ -134,9 +111,9 @@ def test_numpy_int4_is_qwix_and_within_bounds(name, axes, shape, group):
     ref = jax.jit(lambda a: qarray.quantize(a, how))(jnp.asarray(w))
     q, s = quantize.quantize_numpy(w, contracted, "int4", tiles)
     assert q.dtype == quantize.QTYPES["int4"] and np.prod(q.shape) // np.prod(s.shape) == group
-    assert _same_bits(q, np.asarray(ref.qvalue)) and _same_bits(s, np.asarray(ref.scale))
+    assert same_bits(q, np.asarray(ref.qvalue)) and same_bits(s, np.asarray(ref.scale))
     jq = quantize.to_form(jnp.asarray(w), name, axes, "int4", group)
-    assert _same_bits(q, np.asarray(jq.qvalue)) and _same_bits(s, np.asarray(jq.scale))
+    assert same_bits(q, np.asarray(jq.qvalue)) and same_bits(s, np.asarray(jq.scale))
     assert quantize.form_of(jq) == "int4" and quantize.tiles_of(jq) == tiles
     err = np.abs(quantize.dequantize_numpy(q, s) - w)
     assert np.all(err <= _bound(w, jq) * SLACK + 1e-12)
@@ -298,11 +275,13 @@ def test_int4_forward_is_the_dequantized_model_and_within_bounds(models, tokens)
     weights computes, up to float32 rounding; every weight is within s / 2 of the float32
     reference's; the logits error vs the reference is within the bounds of the docstring."""
     ref = models["auto"]
-    reference = _logits(ref, tokens)
+    reference = prefill_logits(ref, tokens)
     for form in ("int4", "int4-experts"):
         model = models[form]
-        logits = _logits(model, tokens)
-        np.testing.assert_allclose(logits, _logits(_dequantized(model), tokens), atol=1e-5, rtol=0)
+        logits = prefill_logits(model, tokens)
+        np.testing.assert_allclose(
+            logits, prefill_logits(_dequantized(model), tokens), atol=1e-5, rtol=0
+        )
         num = den = 0.0
         for path, module, name in quantize.matmul_weights(model):
             w = np.asarray(getattr(_module(ref, path), name)[...])
@@ -345,9 +324,9 @@ def test_converter_int4_round_trip_checksummed(tmp_path, models, capsys):
     assert leaves["groups.layers.0.moe.gate_proj.array.scale.value"]["shape"] == [3, 8, 3, 128]
     ckpt = loading.open_checkpoint(out)
     assert (ckpt.weights, ckpt.int4_group_size) == ("int4", GROUP)
-    want = _flat(models["int4"])
-    got = _flat(loading.load_params(ckpt, _policy(group=128)))  # the stored groups win
-    assert set(got) == set(want) and all(_same_bits(got[k], want[k]) for k in want)
+    want = flat_params(models["int4"])
+    got = flat_params(loading.load_params(ckpt, _policy(group=128)))  # the stored groups win
+    assert set(got) == set(want) and all(same_bits(got[k], want[k]) for k in want)
 
     code, _, err = _cli(capsys, convert_main, "verify", "--ckpt", out)
     assert code == 0 and "crc32c matches" in err, err
@@ -366,9 +345,9 @@ def test_converter_int4_round_trip_checksummed(tmp_path, models, capsys):
         HF, tmp_path / "mixed", quantize="int4-experts", group_size=GROUP, **QUIET
     )
     assert man["weights"]["form"] == "int4-experts" and man["weights"]["group_size"] == GROUP
-    want = _flat(models["int4-experts"])
-    got = _flat(_load(tmp_path / "mixed"))
-    assert set(got) == set(want) and all(_same_bits(got[k], want[k]) for k in want)
+    want = flat_params(models["int4-experts"])
+    got = flat_params(_load(tmp_path / "mixed"))
+    assert set(got) == set(want) and all(same_bits(got[k], want[k]) for k in want)
     convert.jax_to_hf(tmp_path / "mixed", tmp_path / "back", **QUIET)  # dequantizes
     back, orig = HFCheckpoint(tmp_path / "back"), HFCheckpoint(HF)
     for key, levels in (
@@ -415,12 +394,12 @@ def test_expert_parallel_int4_matches_one_device(tokens):
     fsdp x expert = 4 here, which 96 / 8 = 12 groups fit and 96 / 16 = 6 do not (a
     ConfigError naming the scale)."""
     plan = ShardingPlan.create("fsdp=2,expert=2,tensor=2", "fsdp_ep_tp")
-    want = _logits(_load(HF, "int4", 8), tokens)
+    want = prefill_logits(_load(HF, "int4", 8), tokens)
     policy = _policy("int4", 8)
     model = loading.load_params(loading.open_checkpoint(HF), policy, plan)
     scale = model.groups.layers[0].moe.gate_proj[...].array.scale
     assert scale.shape[1:] == (8, 12, 128)
     assert tuple(scale.sharding.spec)[1:] == ("expert", "fsdp", "tensor")
-    np.testing.assert_allclose(_logits(model, tokens), want, atol=5e-5, rtol=0)
+    np.testing.assert_allclose(prefill_logits(model, tokens), want, atol=5e-5, rtol=0)
     with pytest.raises(ConfigError, match=r"does not divide embed \(size 6, .*array.scale'"):
         loading.load_params(loading.open_checkpoint(HF), _policy("int4", 16), plan)

@@ -51,11 +51,7 @@ def measure(
     report: dict[str, Any] = dict(header)
     report.update(
         mode=job.mode,
-        chips=plan.num_devices,
-        platform=plan.platform,
-        device_kind=plan.devices[0].device_kind,
-        mesh=dict(plan.mesh.shape) if plan.mesh is not None else {},
-        rules=plan.label,
+        **plan_fields(plan),
         batch=program.batch,
         seq=program.seq,
         cache_len=program.cache_len,
@@ -132,6 +128,17 @@ def measure(
         mfu.update(applies=False, limits=limits)
     report["mfu"] = mfu
     return report
+
+
+def plan_fields(plan) -> dict[str, Any]:
+    """What a report says of the slice and its layout (chips, platform, chip kind, mesh, rules)."""
+    return {
+        "chips": plan.num_devices,
+        "platform": plan.platform,
+        "device_kind": plan.devices[0].device_kind,
+        "mesh": dict(plan.mesh.shape) if plan.mesh is not None else {},
+        "rules": plan.label,
+    }
 
 
 def comm_summary(hlo: str, chips: int, chip: Chip | None) -> dict[str, Any]:

@@ -59,7 +59,7 @@ import jax
 from hunyuan_jax.aot import flops as F
 from hunyuan_jax.aot.compiler import GiB, Memory, compile_program, read_dump
 from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, Job, Program, describe_dispatch
-from hunyuan_jax.aot.report import comm_summary, optimized_hlo
+from hunyuan_jax.aot.report import comm_summary, optimized_hlo, plan_fields
 from hunyuan_jax.aot.topology import Chip
 from hunyuan_jax.engine.core import EngineCore
 from hunyuan_jax.errors import DoesNotFit, UsageError
@@ -344,11 +344,7 @@ def measure_serve(
     report: dict[str, Any] = dict(header)
     report.update(
         mode="serve",
-        chips=plan.num_devices,
-        platform=plan.platform,
-        device_kind=plan.devices[0].device_kind,
-        mesh=dict(plan.mesh.shape) if plan.mesh is not None else {},
-        rules=plan.label,
+        **plan_fields(plan),
         batch=core.max_seqs,
         seq=core.token_budget,
         cache_len=core.max_len,

@@ -374,14 +374,19 @@ def run(args, own_process: bool = False) -> int:
     finally:
         if hlo_dir and not args.dump:
             shutil.rmtree(hlo_dir, ignore_errors=True)
-    print(format_report(report), flush=True)
+    return _emit(args, report, format_report(report), f"the {args.mode} program does not fit")
+
+
+def _emit(args, report: dict, text: str, what: str) -> int:
+    """Prints the report, writes --json, and raises DoesNotFit (exit 6) when it does not fit."""
+    print(text, flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1, default=str)
     if not report["fits"]:
         need, have = report.get("required_gib"), report.get("available_gib")
         raise DoesNotFit(
-            f"the {args.mode} program does not fit on {args.topology}: "
+            f"{what} on {args.topology}: "
             + (f"needs {need:.2f} GiB" if need else "needs more")
             + f" of {have} GiB HBM per chip",
             need,
@@ -411,21 +416,10 @@ def _run_serve(args, job, header, chip, hbm_gib, hlo_dir) -> int:
     finally:
         if hlo_dir and not args.dump:
             shutil.rmtree(hlo_dir, ignore_errors=True)
-    print(format_serve(report), flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1, default=str)
-    if not report["fits"]:
-        bad = [p["program"] for p in report["programs"] if not p["fits"]]
-        need, have = report.get("required_gib"), report.get("available_gib")
-        raise DoesNotFit(
-            f"the serving engine's {', '.join(bad)} do not fit on {args.topology}"
-            + (f": needs {need:.2f} GiB" if need else "")
-            + f" of {have} GiB HBM per chip",
-            need,
-            have,
-        )
-    return 0
+    bad = [p["program"] for p in report["programs"] if not p["fits"]]
+    return _emit(
+        args, report, format_serve(report), f"the serving engine's {', '.join(bad)} do not fit"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
