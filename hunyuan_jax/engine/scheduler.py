@@ -103,14 +103,9 @@ class Engine:
         self.ex = core
         self.pool = PagePool(core.num_pages, core.page_size)
         self.eos = {int(e) for e in eos_ids}
-        self.max_queue = int(max_queue)
-        self.metrics = metrics
-        self.broadcast = broadcast
-        self.heartbeat_s = heartbeat_s
-        self.prefix_caching = prefix_caching
-        self.namespace = namespace
-        self.log = log
-        self.on_fatal = on_fatal
+        self.max_queue, self.metrics, self.log = int(max_queue), metrics, log
+        self.broadcast, self.heartbeat_s, self.on_fatal = broadcast, heartbeat_s, on_fatal
+        self.prefix_caching, self.namespace = prefix_caching, namespace
         self._failures = 0
         self.free_rows = list(range(core.max_seqs - 1, -1, -1))
         self.running: list[_Seq] = []  # admission order
@@ -120,9 +115,8 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.error: str | None = None
-        self.steps = collections.Counter()  # program calls by bucket
-        self.step_seconds = collections.Counter()  # their wall time (call + results) by bucket
-        self.step_tokens = collections.Counter()  # the real (not padding) tokens they fed
+        # by bucket: program calls, their wall time (call + results), the real tokens they fed
+        self.steps, self.step_seconds, self.step_tokens = [collections.Counter() for _ in range(3)]
         self.preemptions = 0
         self.peak_running = 0  # most sequences in flight at once (benchmarks)
         self._tok_times: collections.deque = collections.deque()
