@@ -55,6 +55,7 @@ import time
 from typing import Any
 
 import jax
+from jax import dtypes
 
 from hunyuan_jax.aot import flops as F
 from hunyuan_jax.aot.compiler import GiB, Memory, compile_program, read_dump
@@ -92,12 +93,13 @@ class ServeSizes:
 
 
 def _chip_bytes(tree) -> int:
-    """Bytes per chip of abstract arrays carrying shardings (the largest shard)."""
-    total = 0
+    """Bytes per chip of abstract arrays carrying shardings (the largest shard); int4 at half a
+    byte a value, as the chip holds it (numpy's itemsize says 1)."""
+    bits = 0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding else leaf.shape
-        total += math.prod(shape) * leaf.dtype.itemsize
-    return total
+        bits += math.prod(shape) * dtypes.itemsize_bits(leaf.dtype)
+    return bits // 8
 
 
 class _Engine:
