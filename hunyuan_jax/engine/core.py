@@ -119,11 +119,7 @@ class EngineCore:
         self.compile_seconds = 0.0
         self._exe: dict = {}
         if compile:
-            self.pool = self._place(
-                PagedCache.zeros_pool(
-                    self.cfg, self.num_pages, self.page_size, cache_dtype, self.pool_head_dim
-                )
-            )
+            self.pool = self._place(self._empty_pool())
             self.seen = self._put(np.zeros((self.max_seqs, vocab), bool))
             for name, t in [] if lazy else self.programs:
                 self._compile(name, t)
@@ -163,6 +159,12 @@ class EngineCore:
         raise ValueError(f"{n_tokens} tokens exceed the token budget {self.token_budget}")
 
     # ------------------------------------------------------------------ placement
+    def _empty_pool(self):
+        """The page pool of every KV-producing layer, all pages free."""
+        return PagedCache.zeros_pool(
+            self.cfg, self.num_pages, self.page_size, self.cache_dtype, self.pool_head_dim
+        )
+
     def _place(self, pool):
         if not self.plan.is_sharded:
             return pool
@@ -192,11 +194,7 @@ class EngineCore:
         """ShapeDtypeStructs (with the plan's shardings) of a step program's arguments: what
         the AOT tool lowers for a TPU slice without allocating anything."""
         plan = self.plan
-        pool = jax.eval_shape(
-            lambda: PagedCache.zeros_pool(
-                self.cfg, self.num_pages, self.page_size, self.cache_dtype, self.pool_head_dim
-            )
-        )
+        pool = jax.eval_shape(self._empty_pool)
         rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=plan.replicated())
         shape = self.shape(tokens)
         return (
