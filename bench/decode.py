@@ -72,12 +72,12 @@ from flax import nnx  # noqa: E402
 
 from bench import harness  # noqa: E402
 from hunyuan_jax.checkpoints.loading import read_model_config  # noqa: E402
-from hunyuan_jax.decode.generate import Generator  # noqa: E402
 from hunyuan_jax.engine.offline import OfflineGenerator  # noqa: E402
 from hunyuan_jax.model.config import ModelConfig  # noqa: E402
 from hunyuan_jax.model.kv_cache import pool_bytes_per_token  # noqa: E402
 from hunyuan_jax.model.policy import RuntimePolicy  # noqa: E402
 from hunyuan_jax.model.state import init_model  # noqa: E402
+from tests.helpers.contiguous import Generator  # noqa: E402
 
 
 # ============================================================================ PyTorch baseline

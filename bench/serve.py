@@ -50,12 +50,12 @@ from hunyuan_jax.checkpoints.loading import read_model_config
 from hunyuan_jax.cli.decode_flags import PREFILL_CHUNK
 from hunyuan_jax.cli.serve import DEFAULT_MODEL, SLOTS
 from hunyuan_jax.decode import from_checkpoint
-from hunyuan_jax.decode.generate import Generator
 from hunyuan_jax.engine.core import EngineCore
 from hunyuan_jax.engine.requests import GenParams, Request
 from hunyuan_jax.engine.scheduler import Engine
 from hunyuan_jax.model.policy import RuntimePolicy
 from hunyuan_jax.model.state import init_model
+from tests.helpers.contiguous import Generator
 
 PAGE = 16
 

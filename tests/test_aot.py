@@ -127,7 +127,8 @@ def test_policy_per_mode():
         (["--config", "no/such.yaml"], "no such file"),
         (["--mesh", "fsdp=3"], "--mesh"),
         (["--rule", "nonsense"], "--rule"),
-        (["--mode", "decode", "--batch", "3", "--mesh", "data=2,tensor=4"], "multiple"),
+        (["--mode", "decode", "--step-time", "1"], "train only"),
+        (["--mode", "prefill", "--seq", "512", "--cache-len", "256"], "exceeds --cache-len"),
         (["--topology", "v9-8"], "unknown TPU generation"),
         # train.py's own checks (train_data.check_run), before anything is compiled
         (["--seq", "4096"], "seq_len 4096 exceeds the model's max_position_embeddings 256"),
@@ -207,19 +208,22 @@ ENTRY %main (param.1: f32[4,4,16]) -> f32[4,4,16] {
 
 
 def test_local_devices_decode_step(capsys, tmp_path):
-    """The same tool on this host's 8 CPU devices (platform from the mesh: cpu, no HBM), with a
-    rule override sharding the cache's sequence over `expert`."""
+    """`--mode decode` on this host's 8 CPU devices (platform from the mesh: cpu, no HBM): the
+    engine's step for --batch sequences (its bucket), a pool of batch x cache-len tokens, the
+    expert-parallel MoE dispatch (the plan shards the experts)."""
     out = tmp_path / "r.json"
-    argv = ["--config", TINY, "--topology", "local", "--mode", "decode-step", "--batch", "2"]
-    argv += ["--mesh", "expert=2,tensor=4", "--cache-len", "64", "--rule", "cache_length=expert"]
+    argv = ["--config", TINY, "--topology", "local", "--mode", "decode", "--batch", "3"]
+    argv += ["--mesh", "expert=2,tensor=4", "--cache-len", "64"]
     rc = main(argv + ["--json", str(out)])
     assert rc == 0, capsys.readouterr()
     r = json.loads(out.read_text())
     assert r["platform"] == "cpu" and r["chips"] == 8 and r["fits"] and r["hbm_gib"] is None
-    assert r["rules"] == "serve_ep_tp + cache_length=expert"
-    # dispatch.py picks the expert-parallel dispatch: the plan shards the experts.
-    assert "expert_parallel" in r["step_source"] and "one token per call" in r["step_source"]
-    assert r["memory_gib"]["arguments"] > 0
+    assert r["mode"] == "decode" and r["rules"] == "serve_ep_tp"
+    assert "EngineCore" in r["step_source"] and "expert_parallel" in r["step_source"]
+    [p] = r["programs"]
+    assert p["program"] == "step[4]" and p["phase"] == "decode"  # 3 sequences: bucket 4
+    assert r["pool"]["pages"] == 3 * 4 and r["pool"]["tokens"] == 3 * 64
+    assert r["weights_gib_per_chip"] > 0 and r["pool"]["gib_per_chip"] > 0
 
 
 # ---------------------------------------------------------------------------- XLA:TPU
@@ -239,14 +243,16 @@ def test_tiny_compiles_for_v5p(mode, extra, tmp_path, capsys):
     assert rc == 0, text
     r = json.loads(out.read_text())
     assert r["platform"] == "tpu" and r["device_kind"].startswith("TPU v5")
-    assert r["chips"] == 4 and r["hbm_gib"] == pytest.approx(95.73)
-    assert r["fits"] and 0 < r["memory_gib"]["total"] < 1
-    assert r["flops"]["compiled_raw_per_chip"] > 0
+    assert r["chips"] == 4 and r["hbm_gib"] == pytest.approx(95.73) and r["fits"]
+    step = r if mode == "train" else r["programs"][0]  # serving: the engine's one program
+    assert 0 < step["memory_gib"]["total"] < 1
+    assert step["flops"]["compiled_raw_per_chip"] > 0
     # The tiny model's matmuls are smaller than the MXU and its step is microseconds: the
     # step-time model does not apply, and the report claims no MFU.
-    assert r["mfu"]["applies"] is False and "mfu" not in r["mfu"]
-    assert any("hidden_size 96 below the v5p MXU" in why for why in r["mfu"]["limits"])
-    assert 0 < r["mfu"]["step_time_s"] < flops.MIN_MODELED_STEP_S
+    mfu = step["mfu"]
+    assert mfu["applies"] is False and "mfu" not in mfu
+    assert any("hidden_size 96 below the v5p MXU" in why for why in mfu["limits"])
+    assert 0 < mfu["step_time_s"] < flops.MIN_MODELED_STEP_S
     assert "does not apply" in text and "MFU 100" not in text
     if mode == "train":
         assert r["mesh"]["expert"] == 4 and r["rules"] == "fsdp_ep"
@@ -258,12 +264,14 @@ def test_tiny_compiles_for_v5p(mode, extra, tmp_path, capsys):
         # In-process XLA:TPU cannot print the executable: no collectives, said so.
         assert "error" in r["comm"] and r["mfu"]["comm_time_s"] is None
         assert "collectives: not counted" in text
-    else:
+        assert "memory per chip" in text
+    else:  # the engine's programs: infer.py, the server and rollouts run exactly these
         assert r["rules"] == "serve_ep_tp" and r["param_dtype"] == "bfloat16"
-        assert "Generator" in r["step_source"]
-    if mode == "decode":  # infer.py's default on TPU: one token per call
-        assert "decode_loop=host" in r["step_source"]
-    assert "memory per chip" in text
+        assert "EngineCore" in r["step_source"] and len(r["programs"]) == 1
+        assert step["phase"] == mode
+        assert r["pool"]["tokens"] == {"prefill": 2 * 128, "decode": 4 * 256}[mode]
+        assert step["program"] == {"prefill": "step[32]", "decode": "step[4]"}[mode]
+        assert step["pool_collectives"] == [] and "page pool" in text
 
 
 @needs_libtpu
@@ -318,8 +326,8 @@ def test_exit_status_when_it_does_not_fit(tmp_path, capsys):
 @needs_libtpu
 def test_unrolled_flops_close_to_analytic(tmp_path):
     out = tmp_path / "r.json"
-    argv = ["--config", TINY, "--topology", "v5p-8", "--mode", "prefill", "--seq", "64"]
-    assert main(argv + ["--cache-len", "64", "--unrolled-flops", "--json", str(out)]) == 0
+    argv = ["--config", TINY, "--topology", "v5p-8", "--mode", "train", "--seq", "64"]
+    assert main(argv + ["--unrolled-flops", "--json", str(out)]) == 0
     f = json.loads(out.read_text())["flops"]
     # The scan undercounts by about the number of layer groups (3); unrolled does not.
     assert f["compiled_unrolled_per_chip"] > 1.5 * f["compiled_raw_per_chip"]

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from conftest import decode_tiny, make_plan
 
-from hunyuan_jax.decode.generate import Generator
 from hunyuan_jax.engine.core import EngineCore, token_buckets
 from hunyuan_jax.engine.requests import GenParams, Request, check_request
 from hunyuan_jax.engine.scheduler import Engine
+from tests.helpers.contiguous import Generator
 
 MAX_LEN = 64
 ATOL = 1e-4

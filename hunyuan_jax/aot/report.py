@@ -277,11 +277,12 @@ def _gib(x: float | None) -> str:
 
 
 def format_serve(r: dict) -> str:
-    """The text of a `--mode serve` report (`hunyuan_jax.aot.serve.measure_serve`)."""
+    """The text of a serving report (`hunyuan_jax.aot.serve.measure_serve`: --mode serve,
+    prefill or decode)."""
     mesh = {k: v for k, v in r["mesh"].items() if v > 1}
     pol = r["policy"]
     lines = [
-        f"serve | {r['config']} | {r['topology']} ({r['topology_string']}, {r['chips']} chips, "
+        f"{r['mode']} | {r['config']} | {r['topology']} ({r['topology_string']}, {r['chips']} chips, "
         f"{r['device_kind']}) | mesh {r['mesh_arg']} {mesh} | rules {r['rules']}",
         f"params {pol['param_dtype']}, matmul weights {pol.get('weights', 'auto')}, compute "
         f"{pol['compute_dtype']}, scan {'on' if pol['scan_layers'] else 'off'}",

@@ -4,13 +4,16 @@ ShardingPlan over the slice's compile-only devices) -> one compile -> report.
     python -m hunyuan_jax.cli.aot --config configs/hunyuan_a52b_instruct.yaml --topology v5p-256 \
         --mode train --mesh fsdp=8,expert=16 --rules fsdp_ep --seq 4096
     python -m hunyuan_jax.cli.aot --config configs/hunyuan_a52b_instruct.yaml --topology v6e-32 \
-        --mode decode-step --batch 8 --cache-len 32768 --rule cache_length=expert
+        --mode decode --batch 8 --cache-len 32768
     python -m hunyuan_jax.cli.aot --config configs/hunyuan_a52b_instruct.yaml --topology v6e-16 \
         --mode serve --weights int8 --max-len 32768 --max-seqs 8 --token-budget 4096
 
-`--mode serve` compiles every program of the serving engine (`hunyuan_jax.engine`: step[T] per
-token bucket, score[budget]) with the page pool sized to what the chip has left after the
-weights, the largest program's temporaries and a margin (`hunyuan_jax.aot.serve`).
+The serving modes compile the programs of the one serving engine (`hunyuan_jax.engine`, which
+infer.py, the server and RL rollouts run; `hunyuan_jax.aot.serve`): `--mode serve` every one
+(step[T] per token bucket, score[budget]) with the page pool sized to what the chip has left
+after the weights, the largest program's temporaries and a margin; `--mode decode` its step
+for `--batch` sequences (one token each) and `--mode prefill` its step over one `--seq`-token
+prompt chunk, each with a pool of `--batch` sequences of `--cache-len` tokens.
 
 Configs: the architecture from `loading.read_model_config` (our YAML, a Hugging Face
 config.json or any checkpoint directory). Training uses the YAML's `runtime:` and `train:`
@@ -43,7 +46,7 @@ from hunyuan_jax import errors
 from hunyuan_jax.aot import serve as S
 from hunyuan_jax.aot import topology as T
 from hunyuan_jax.aot.compiler import enable_dump
-from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, MODES, Job
+from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, MODES, SERVING, Job
 from hunyuan_jax.aot.report import format_report, format_serve, measure
 from hunyuan_jax.checkpoints import loading
 from hunyuan_jax.cli_help import HelpFormatter
@@ -84,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--mode",
-        choices=(*MODES, SERVE),
+        choices=MODES,
         default="train",
-        help="the program to compile; serve: every program of the serving engine",
+        help="the program to compile: train.py's step; the serving engine's prefill step, "
+        "decode step, or every program of it (serve)",
     )
     p.add_argument("--mesh", default=None, help="e.g. fsdp=-1,expert=16 (default per mode)")
     p.add_argument(
@@ -106,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch",
         type=int,
         default=None,
-        help="global batch (sequences); default: the smallest the layout allows (train: one "
-        "sequence per batch shard and micro-batch)",
+        help=f"global batch (sequences); train default: one sequence per batch shard and "
+        f"micro-batch; decode: the sequences of the step (default {S.MAX_SEQS}); prefill: the "
+        f"sequences the pool holds (default 1)",
     )
     p.add_argument(
         "--seq",
@@ -121,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-len",
         type=int,
         default=None,
-        help=f"KV cache slots (default: {DEFAULT_CACHE_LEN} or the model's "
-        f"max_position_embeddings if less; at most that)",
+        help=f"prefill / decode: each sequence's length, the keys a decode token attends to "
+        f"(default: {DEFAULT_CACHE_LEN} or the model's max_position_embeddings if less; at most "
+        f"that)",
     )
     p.add_argument("--micro", type=int, default=1, help="train: micro-batches per step")
     serve = p.add_argument_group("--mode serve (the engine's sizes; hunyuan_jax.aot.serve)")
@@ -263,13 +269,11 @@ def resolve_configs(args) -> tuple[ModelConfig, RuntimePolicy, TrainConfig]:
 def _check_flags(args) -> None:
     train = args.mode == "train"
     if args.mode == SERVE:
-        for name in ("batch", "seq", "cache_len", "step_time"):
+        for name in ("batch", "seq", "cache_len"):
             if getattr(args, name) is not None:
                 flag = "--" + name.replace("_", "-")
                 hint = " (the engine's longest sequence: --max-len)" if name == "cache_len" else ""
                 raise UsageError(f"{flag} does not apply to --mode serve{hint}")
-        if args.unrolled_flops:
-            raise UsageError("--unrolled-flops does not apply to --mode serve")
         for name in ("max_len", "max_seqs", "page_size", "token_budget", "num_pages"):
             value = getattr(args, name)
             if value is not None and value < (2 if name in ("max_len", "num_pages") else 1):
@@ -288,6 +292,8 @@ def _check_flags(args) -> None:
         raise UsageError("--cache-len applies to prefill and decode, not to --mode train")
     if not train and (args.micro != 1 or args.param_dtype):
         raise UsageError("--micro and --param-dtype apply to --mode train only")
+    if not train and (args.unrolled_flops or args.step_time is not None):
+        raise UsageError("--unrolled-flops and --step-time apply to --mode train only")
     for name in ("batch", "seq", "cache_len", "micro", "slices"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -357,8 +363,9 @@ def run(args, own_process: bool = False) -> int:
     if hlo_dir:
         enable_dump(hlo_dir)
     job, header, chip, hbm_gib = resolve(args)
-    if args.mode == SERVE:
-        return _run_serve(args, job, header, chip, hbm_gib, hlo_dir)
+    if args.mode in SERVING:
+        sizes = serve_sizes(args) if args.mode == SERVE else S.one_program_sizes(job)
+        return _run_serve(args, job, sizes, header, chip, hbm_gib, hlo_dir)
     try:
         report = measure(
             job,
@@ -402,11 +409,11 @@ def serve_sizes(args) -> S.ServeSizes:
     return S.ServeSizes(**given)
 
 
-def _run_serve(args, job, header, chip, hbm_gib, hlo_dir) -> int:
+def _run_serve(args, job, sizes, header, chip, hbm_gib, hlo_dir) -> int:
     try:
         report = S.measure_serve(
             job,
-            serve_sizes(args),
+            sizes,
             header,
             chip=chip,
             hbm_gib=hbm_gib,
@@ -418,7 +425,10 @@ def _run_serve(args, job, header, chip, hbm_gib, hlo_dir) -> int:
             shutil.rmtree(hlo_dir, ignore_errors=True)
     bad = [p["program"] for p in report["programs"] if not p["fits"]]
     return _emit(
-        args, report, format_serve(report), f"the serving engine's {', '.join(bad)} do not fit"
+        args,
+        report,
+        format_serve(report),
+        f"the serving engine's {', '.join(bad)} {'does' if len(bad) == 1 else 'do'} not fit",
     )
 
 
