@@ -109,6 +109,24 @@ def test_prefix_hit_same_tokens_and_reported(shared, model):
     assert stats["hit_tokens"] - before["hit_tokens"] == 72 and 0 < stats["hit_rate"] < 1
 
 
+def test_requests_arriving_together_compute_a_shared_prefix_once(shared, model):
+    """Four requests with one 37-token start submitted at once (4 rows free): the first
+    computes the start's 9 full pages, the other three wait until they are cached and take
+    them (36 cached tokens each) instead of computing them again; tokens as computed alone."""
+    engine = shared
+    system = np.random.default_rng(2).integers(3, 1000, size=37).tolist()
+    prompts = [system + [7 + i] * (i + 1) for i in range(4)]
+    fed = sum(engine.step_tokens.values())
+    got, _, reqs = _run(engine, prompts, GREEDY)
+    assert [r.cached_tokens for r in reqs] == [0, 36, 36, 36]
+    fed = sum(engine.step_tokens.values()) - fed
+    prompt_tokens = sum(len(p) for p in prompts)
+    decode = sum(len(g) - 1 for g in got)  # a request's first token comes with its prompt
+    assert fed == prompt_tokens - 3 * 36 + decode  # each prompt token once, shared pages once
+    gen = Generator(model, eos_ids=[2], prefill_chunk=8)
+    assert got == [gen.generate([p], 12, max_len=MAX_LEN).tokens[0] for p in prompts]
+
+
 def test_pool_runs_out_preempts_without_losing_a_request(model, prompts, alone):
     """14 usable pages of 4 tokens for 4 rows (the longest request, 37 + 12 tokens, needs 13):
     decoding sequences outgrow the pool, the youngest is preempted, recomputed later and
