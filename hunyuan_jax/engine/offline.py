@@ -69,6 +69,7 @@ class OfflineGenerator:
         self.pool_tokens = pool_tokens
         self._cores: dict[tuple, EngineCore] = {}
         self._params = None  # set_params: the arrays every engine runs on
+        self.cached_tokens = 0  # prompt tokens the last call took from the prefix cache
 
     def set_params(self, params) -> None:
         """Every engine (built and to be built) runs on `params` from now on (an nnx.State of
@@ -147,6 +148,7 @@ class OfflineGenerator:
             return f
 
         t0 = time.perf_counter()
+        reqs = []
         if shared_prefill:  # each distinct prompt once, max_tokens=0: its pages get cached
             for p in dict.fromkeys(tuple(int(t) for t in p) for p in prompts):
                 engine.submit(Request(list(p), GenParams(max_tokens=0), lambda ev: None))
@@ -157,8 +159,10 @@ class OfflineGenerator:
                 top_p=s.top_p, repetition_penalty=s.repetition_penalty,
                 seed=request_seed(seed, i),
             )  # fmt: skip
-            engine.submit(Request(list(p), params, sink(i)))
+            reqs.append(Request(list(p), params, sink(i)))
+            engine.submit(reqs[-1])
         engine.run_until_idle()
+        self.cached_tokens = sum(r.cached_tokens for r in reqs)
         t1 = time.perf_counter()
         failed = [i for i, r in enumerate(reasons) if r not in ("eos", "length")]
         if failed:

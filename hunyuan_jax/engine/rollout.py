@@ -142,6 +142,7 @@ class RolloutSource:
             "grpo/reward_group_std": float(groups.std(axis=1).mean()),
             "grpo/solved_groups": float(np.mean(groups.min(axis=1) == groups.max(axis=1))),
             "grpo/completion_len": float(lengths.mean()),
+            "grpo/prefix_cached": self.gen.cached_tokens / max(sum(map(len, prompts)), 1),
             "grpo/truncated": float(np.mean([r == "length" for r in out.finish_reasons])),
             "grpo/rollout_tokens_per_s": float(lengths.sum() / max(t_gen, 1e-9)),
             "grpo/rollout_s": t_gen,

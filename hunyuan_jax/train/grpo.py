@@ -85,7 +85,7 @@ def grpo_terms(logp, old_logp, ref_logp, adv, mask, *, epsilon, epsilon_high, be
     clipped = jnp.clip(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
     pg = -jnp.minimum(ratio * adv, clipped * adv)
     d = ref_logp - logp
-    kl = jnp.exp(d) - d - 1.0
+    kl = jnp.exp(d) - d - 1.0 if beta > 0 else jnp.zeros_like(logp)  # beta 0: no reference
     per_token = pg + beta * kl
     tokens = jnp.sum(mask)
     per_row = jnp.sum(mask, axis=-1)
