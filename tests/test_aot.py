@@ -222,6 +222,19 @@ def test_local_devices_decode_step(capsys, tmp_path):
     assert r["memory_gib"]["arguments"] > 0
 
 
+def test_local_devices_grpo_lora_train_step(tmp_path):
+    """The GRPO LoRA train step (objective grpo: its extra batch arrays, the dropless dispatch)
+    lowered and compiled by the same tool on this host's 8 CPU devices."""
+    out = tmp_path / "r.json"
+    argv = ["--config", TINY, "--topology", "local", "--mode", "train", "--seq", "32"]
+    argv += ["--set", "objective=grpo", "--set", "lora=true", "--json", str(out)]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["fits"] and r["memory_gib"]["arguments"] > 0
+    assert "objective grpo" in r["step_source"] and "LoRA rank 8" in r["step_source"]
+    assert "all_to_all" not in r["step_source"]  # the inference (dropless) dispatch
+
+
 # ---------------------------------------------------------------------------- XLA:TPU
 @needs_libtpu
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ array is ever allocated).
 
 | mode | program | built by |
 |---|---|---|
-| train | one optimizer step (forward, backward with the policy's remat, AdamW; state donated) | `TrainStep(cfg, policy, tcfg, plan).lower(batch, seq, micro)` |
+| train | one optimizer step (forward, backward with the policy's remat, AdamW; state donated; any `objective`: `--set objective=grpo` lowers GRPO's) | `TrainStep(cfg, policy, tcfg, plan).lower(batch, seq, micro)` |
 | prefill | one prefill chunk of `seq` tokens written into a `cache_len`-slot KV cache | `Generator(model).lower("prefill", batch=, cache_len=, chunk=)` |
 | decode | the decode program as infer.py runs it (`decode_loop='auto'`: one token per call on TPU, the while loop elsewhere) | `Generator(model).lower("decode", ...)` |
 | decode-step | one token per call for every row (`decode_loop='host'`), cache donated | `Generator(model, decode_loop="host").lower("decode", ...)` |
@@ -109,10 +109,13 @@ def train_program(job: Job) -> Program:
     except ValueError as e:
         raise UsageError(f"--batch {batch} --micro {micro}: {e}") from None
     rows = batch // micro
+    # GRPO's objective runs the inference (dropless) dispatch unless grpo.dropless is false
+    grpo = tcfg.objective == "grpo"
+    phase = "prefill" if grpo and tcfg.grpo.dropless else "train"
     source = (
-        f"train_step.TrainStep (train.py's step), MoE "
-        f"{describe_dispatch('train', job, rows * seq)}"
-        + (f" ({job.policy.train_dispatch})" if job.plan.shards("exp") else "")
+        f"train_step.TrainStep (train.py's step{', objective grpo' if grpo else ''}), MoE "
+        f"{describe_dispatch(phase, job, rows * seq)}"
+        + (f" ({job.policy.train_dispatch})" if job.plan.shards("exp") and phase == "train" else "")
     )
     if tcfg.lora is not None:  # what trains and how the frozen base is held
         source += (
