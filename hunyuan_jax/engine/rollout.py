@@ -33,7 +33,6 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from hunyuan_jax.data.corpus import to_global
 from hunyuan_jax.decode.sampling import SamplingConfig
@@ -158,13 +157,7 @@ class RolloutSource:
         ref = self.ref_fn(
             self.ref_params if self.ref_params is not None else params, glob, step.frozen
         )
-        if jax.process_count() == 1:
-            return np.asarray(ref)
-        return np.asarray(
-            multihost_utils.global_array_to_host_local_array(
-                ref, step.plan.mesh, step.batch_sharding.spec
-            )
-        )
+        return np.asarray(ref)  # one process (make_grpo_source): the whole batch is local
 
 
 def make_grpo_source(tcfg, mcfg, run_dir: Path, log=print):
@@ -173,6 +166,11 @@ def make_grpo_source(tcfg, mcfg, run_dir: Path, log=print):
     if tcfg.data is None:
         raise ConfigError("objective 'grpo' needs train key 'data': a prompt JSONL file")
     pi, pc = jax.process_index(), jax.process_count()
+    if pc > 1:  # every process would drive the engine's SPMD programs with its own steps
+        raise ConfigError(
+            f"objective 'grpo' runs in one process for now ({pc} here): multi-host rollouts "
+            f"need the engine's broadcast mode (docs/rl.md)"
+        )
     if tcfg.batch_size % pc or (tcfg.batch_size // pc) % tcfg.grpo.group_size:
         raise ConfigError(
             f"batch_size {tcfg.batch_size} over {pc} hosts: each host's rows must be a "
