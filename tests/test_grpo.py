@@ -323,28 +323,36 @@ def _run(tmp_path, run, *extra):
 def test_grpo_learns_a_format_from_reward_alone(tmp_path):
     """The default model continues `assert f(x) ==` with a number ~1 time in 8; rewarded
     (regex `^\\s*\\d`) for that alone, full fine-tuning reaches a mean reward >= 0.9 within 12
-    steps (seen at 8 steps in a 30-step run); the KL to the initial model is reported."""
-    recs = _run(tmp_path, "learn", "steps=12", "save_every=12")
+    steps (seen at 8 steps in a 30-step run). beta 0: no reference forward (the resume test
+    runs the KL term)."""
+    recs = _run(tmp_path, "learn", "steps=12", "save_every=12", "grpo.beta=0.0")  # no reference
     rewards = [r["grpo/reward_mean"] for r in recs]
     print("reward per step:", [round(x, 3) for x in rewards])
     assert rewards[0] <= 0.4
     assert max(rewards[-4:]) >= 0.9, rewards
     assert all(r["grpo/rollout_logp_diff"] < 1e-4 for r in recs)  # dropless: the same policy
-    assert recs[-1]["grpo/kl"] > 0 and recs[-1]["grpo/completion_len"] == 4.0
+    assert recs[-1]["grpo/kl"] == 0 and recs[-1]["grpo/completion_len"] == 4.0
     for key in ("grpo/rollout_tokens_per_s", "grpo/train_tokens_per_s", "grpo/clip_fraction"):
         assert key in recs[-1]
 
 
 def test_grpo_resumes_exactly(tmp_path):
-    """Stopped after 2 steps and resumed to 4: the same rollouts (rewards) and losses as an
-    uninterrupted run (the rollout seeds follow the step, the prompt order is checkpointed)."""
-    whole = _run(tmp_path, "whole", "steps=4", "save_every=2")
-    _run(tmp_path, "parts", "steps=4", "save_every=2", "stop_at=2")
-    parts = _run(tmp_path, "parts", "steps=4", "save_every=2")
+    """Two updates per rollout (old log-probs from the rollout), stopped after 2 steps and
+    resumed to 4: the same rollouts (rewards) and losses as an uninterrupted run (the rollout
+    seeds follow the step, the prompt order is checkpointed); each rollout serves 2 steps."""
+    mu = ("steps=4", "save_every=2", "grpo.updates_per_rollout=2")
+    whole = _run(tmp_path, "whole", *mu)
+    _run(tmp_path, "parts", *mu, "stop_at=2")
+    parts = _run(tmp_path, "parts", *mu)
+    rewards = [r["grpo/reward_mean"] for r in whole]
+    assert rewards[0] == rewards[1] and rewards[2] == rewards[3]  # one rollout, two updates
+    assert whole[1]["grpo/ratio"] != 1.0  # the second update's policy moved from the rollout's
     assert [r["step"] for r in parts] == [1, 2, 3, 4]
     for a, b in zip(whole, parts, strict=True):
         assert a["grpo/reward_mean"] == b["grpo/reward_mean"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grpo/kl"] == pytest.approx(b["grpo/kl"], abs=1e-6)
+    assert whole[-1]["grpo/kl"] > 0  # the reference (the initial weights, rebuilt on resume)
 
 
 if __name__ == "__main__":
