@@ -226,6 +226,29 @@ def test_local_devices_decode_step(capsys, tmp_path):
     assert r["weights_gib_per_chip"] > 0 and r["pool"]["gib_per_chip"] > 0
 
 
+def test_local_devices_grpo_train_step_and_engine_at_once(tmp_path, capsys):
+    """`--mode grpo` on this host's 8 CPU devices: the GRPO LoRA train step (objective grpo:
+    its extra batch arrays, the dropless dispatch) and every program of the rollout engine built
+    on the step's own abstract tree (base + adapters, the train plan's shardings), compiled by
+    the same tool; memory per chip of both at once = max(train peak, rollout peak) + code."""
+    out = tmp_path / "r.json"
+    argv = ["--config", TINY, "--topology", "local", "--mode", "grpo", "--seq", "32"]
+    argv += ["--set", "lora=true", "--set", "model.num_layers=2", "--max-seqs", "8"]
+    argv += ["--token-budget", "8", "--page-size", "8"]
+    assert main([*argv, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["fits"] and r["mode"] == "grpo" and r["rules"] == "fsdp_ep"
+    assert "objective grpo" in r["step_source"] and "LoRA rank 8" in r["step_source"]
+    assert "all_to_all" not in r["step_source"]  # the inference (dropless) dispatch
+    names = [e["program"] for e in r["engine_programs"]]
+    assert names == ["step[1]", "step[2]", "step[4]", "step[8]", "score[8]"]
+    assert r["pool"]["max_len"] == 33 and r["pool"]["pages"] == 8 * 5 + 1  # rows of seq + 1
+    b = r["bytes"]
+    assert b["at_once"] >= max(b["train_peak"], b["rollout_peak"]) > 0
+    assert b["train_peak"] >= b["pool"] > 0 and b["weights"] > 0
+    assert "both at once" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------- XLA:TPU
 @needs_libtpu
 @pytest.mark.parametrize(

@@ -219,3 +219,39 @@ def test_offline_generator_equals_generator_and_is_independent_of_batch(model, p
     assert sampled.generate(prompts[:1], 8, seed=4).tokens[0] != both[0]
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         gen.generate([[1], []], 4)
+
+
+def test_offline_shared_prefill_logprobs_and_set_params(model, prompts):
+    """RL rollouts' needs: a group's repeated prompt prefilled once (the repeats take its full
+    pages from the prefix cache: same tokens as without), each token's log-probability, and
+    `set_params` (the programs run on new arrays of the same tree, as a fresh engine on them
+    would; another tree is refused; tests/test_grpo.py checks the rollout's log-probs against
+    the train step's recomputation on the arrays it updated)."""
+    from flax import nnx
+
+    from hunyuan_jax.decode.sampling import SamplingConfig
+    from hunyuan_jax.engine.offline import OfflineGenerator
+
+    group = [prompts[3]] * 4  # 37 tokens: 9 full pages of 4
+    gen = OfflineGenerator(
+        model, sampling=SamplingConfig(temperature=1.0), eos_ids=[2], page_size=4,
+        token_budget=32,
+    )  # fmt: skip
+    plain = gen.generate(group, 6, seed=1, max_len=MAX_LEN)
+    assert gen.cached_tokens == 0
+    shared = gen.generate(group, 6, seed=1, max_len=MAX_LEN, shared_prefill=True)
+    assert gen.cached_tokens == 4 * 36  # each repeat recomputes only its last prompt token
+    assert shared.tokens == plain.tokens
+    assert [len(lp) for lp in shared.logprobs] == [len(t) for t in shared.tokens]
+    np.testing.assert_allclose(sum(shared.logprobs, []), sum(plain.logprobs, []), atol=ATOL)
+    assert all(lp <= 0 for lp in sum(shared.logprobs, []))
+
+    _, params = nnx.split(model)
+    moved = jax.tree.map(lambda x: x * 1.5, params)
+    gen.set_params(moved)  # the same compiled programs, other arrays
+    after = gen.generate(group, 6, seed=1, max_len=MAX_LEN, shared_prefill=True)
+    assert after.tokens != shared.tokens
+    gen.set_params(params)
+    assert gen.generate(group, 6, seed=1, max_len=MAX_LEN).tokens == plain.tokens
+    with pytest.raises(ValueError, match="parameter tree differs"):
+        gen.set_params({"w": jax.numpy.zeros(3)})

@@ -4,7 +4,7 @@ array is ever allocated).
 
 | mode | program | built by |
 |---|---|---|
-| train | one optimizer step (forward, backward with the policy's remat, AdamW; state donated) | `TrainStep(cfg, policy, tcfg, plan).lower(batch, seq, micro)` (here) |
+| train | one optimizer step (forward, backward with the policy's remat, AdamW; state donated; any `objective`: `--set objective=grpo` lowers GRPO's) | `TrainStep(cfg, policy, tcfg, plan).lower(batch, seq, micro)` (here) |
 | prefill | the engine's step over one prompt chunk of `seq` tokens, a pool of `batch` x `cache_len` tokens | `EngineCore(...).lower("step", seq)` (`hunyuan_jax.aot.serve`) |
 | decode | the engine's step for `batch` sequences, one token each | `EngineCore(...).lower("step", bucket)` (`hunyuan_jax.aot.serve`) |
 | serve | every program of the engine, the pool sized to the chip | `EngineCore(...).lower` per program (`hunyuan_jax.aot.serve`) |
@@ -112,10 +112,13 @@ def train_program(job: Job) -> Program:
     except ValueError as e:
         raise UsageError(f"--batch {batch} --micro {micro}: {e}") from None
     rows = batch // micro
+    # GRPO's objective runs the inference (dropless) dispatch unless grpo.dropless is false
+    grpo = tcfg.objective == "grpo"
+    phase = "prefill" if grpo and tcfg.grpo.dropless else "train"
     source = (
-        f"train_step.TrainStep (train.py's step), MoE "
-        f"{describe_dispatch('train', job, rows * seq)}"
-        + (f" ({job.policy.train_dispatch})" if job.plan.shards("exp") else "")
+        f"train_step.TrainStep (train.py's step{', objective grpo' if grpo else ''}), MoE "
+        f"{describe_dispatch(phase, job, rows * seq)}"
+        + (f" ({job.policy.train_dispatch})" if job.plan.shards("exp") and phase == "train" else "")
     )
     if tcfg.lora is not None:  # what trains and how the frozen base is held
         source += (

@@ -46,6 +46,7 @@ from hunyuan_jax import errors
 from hunyuan_jax.aot import serve as S
 from hunyuan_jax.aot import topology as T
 from hunyuan_jax.aot.compiler import enable_dump
+from hunyuan_jax.aot.grpo import format_grpo, measure_grpo
 from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, MODES, SERVING, Job
 from hunyuan_jax.aot.report import format_report, format_serve, measure
 from hunyuan_jax.checkpoints import loading
@@ -59,6 +60,7 @@ from sharding.plan import ShardingPlan
 
 PROG = "python -m hunyuan_jax.cli.aot"
 SERVE = "serve"
+GRPO = "grpo"
 _SERVE_FLAGS = ("max_len", "max_seqs", "page_size", "token_budget", "num_pages", "pool_margin_gib")
 
 
@@ -87,10 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--mode",
-        choices=MODES,
+        choices=(*MODES, GRPO),
         default="train",
         help="the program to compile: train.py's step; the serving engine's prefill step, "
-        "decode step, or every program of it (serve)",
+        "decode step, or every program of it (serve); grpo: the GRPO train step and the "
+        "rollout engine's programs on the same weights (docs/rl.md)",
     )
     p.add_argument("--mesh", default=None, help="e.g. fsdp=-1,expert=16 (default per mode)")
     p.add_argument(
@@ -242,7 +245,7 @@ def resolve_configs(args) -> tuple[ModelConfig, RuntimePolicy, TrainConfig]:
         for key in set(over["train"]) & {f.name for f in dataclasses.fields(section)}:
             if key not in train_keys:
                 raise ConfigError(f"--set {key}=: {key!r} is a {kind} key: --set {kind}.{key}=")
-    train = args.mode == "train"
+    train = args.mode in ("train", GRPO)
     if not train and over["train"]:
         raise UsageError(f"--set {sorted(over['train'])}: train keys apply to --mode train only")
     if _is_our_yaml(path):
@@ -267,25 +270,28 @@ def resolve_configs(args) -> tuple[ModelConfig, RuntimePolicy, TrainConfig]:
 
 
 def _check_flags(args) -> None:
-    train = args.mode == "train"
+    train = args.mode in ("train", GRPO)
     if args.mode == SERVE:
         for name in ("batch", "seq", "cache_len"):
             if getattr(args, name) is not None:
                 flag = "--" + name.replace("_", "-")
                 hint = " (the engine's longest sequence: --max-len)" if name == "cache_len" else ""
                 raise UsageError(f"{flag} does not apply to --mode serve{hint}")
+        if args.pool_margin_gib is not None and args.pool_margin_gib < 0:
+            raise UsageError(f"--pool-margin-gib must be >= 0, got {args.pool_margin_gib}")
+    if args.mode in (SERVE, GRPO):
         for name in ("max_len", "max_seqs", "page_size", "token_budget", "num_pages"):
             value = getattr(args, name)
             if value is not None and value < (2 if name in ("max_len", "num_pages") else 1):
                 raise UsageError(f"--{name.replace('_', '-')} must be >= "
                                  f"{2 if name in ('max_len', 'num_pages') else 1}, got {value}")  # fmt: skip
-        if args.pool_margin_gib is not None and args.pool_margin_gib < 0:
-            raise UsageError(f"--pool-margin-gib must be >= 0, got {args.pool_margin_gib}")
+        if args.mode == GRPO and (args.pool_margin_gib is not None or args.cache_len):
+            raise UsageError("--pool-margin-gib and --cache-len do not apply to --mode grpo")
     else:
         given = [n for n in _SERVE_FLAGS if getattr(args, n) is not None]
         if given:
             flags = ", ".join("--" + n.replace("_", "-") for n in given)
-            raise UsageError(f"{flags}: only for --mode serve")
+            raise UsageError(f"{flags}: only for --mode serve and grpo")
     if not train and args.seq is not None and args.mode != "prefill":
         raise UsageError(f"--seq applies to train and prefill, not to --mode {args.mode}")
     if train and args.cache_len is not None:
@@ -319,20 +325,21 @@ def resolve(args) -> tuple[Job, dict, T.Chip | None, float | None]:
         sl = T.parse_topology(args.topology, args.slices)
         devices = T.topology_devices(sl)
     slices = sl.num_slices if sl else 1
+    mode = "train" if args.mode == GRPO else args.mode  # grpo: the train step's layout
     mesh = args.mesh or (
-        T.default_mesh(args.mode, cfg, len(devices) // slices)
+        T.default_mesh(mode, cfg, len(devices) // slices)
         + (f",dcn.data={slices}" if slices > 1 else "")
     )
-    rules = args.rules or T.default_rules(args.mode)
+    rules = args.rules or T.default_rules(mode)
     try:  # a mesh that does not fit the devices or the model: ConfigError (sharding/plan.py)
         plan = ShardingPlan.from_flags(mesh, rules, args.rule, devices=devices)
-        if args.mode != "train":  # train: train.py's own checks, in programs.train_program
+        if mode != "train":  # train: train.py's own checks, in programs.train_program
             check_fits(plan, cfg, policy)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"--mesh {mesh} --rules {rules}: {e}") from None
     chip = T.chip_of(plan.devices)
     job = Job(
-        args.mode,
+        mode,
         cfg,
         policy,
         plan,
@@ -366,6 +373,14 @@ def run(args, own_process: bool = False) -> int:
     if args.mode in SERVING:
         sizes = serve_sizes(args) if args.mode == SERVE else S.one_program_sizes(job)
         return _run_serve(args, job, sizes, header, chip, hbm_gib, hlo_dir)
+    if args.mode == GRPO:
+        try:
+            report = measure_grpo(job, serve_sizes(args), header, hbm_gib)
+        finally:
+            if hlo_dir and not args.dump:
+                shutil.rmtree(hlo_dir, ignore_errors=True)
+        what = "the GRPO train step and the rollout engine together"
+        return _emit(args, report, format_grpo(report), f"{what} do not fit")
     try:
         report = measure(
             job,

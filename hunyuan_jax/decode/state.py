@@ -20,6 +20,9 @@ class Generation:
     decode_seconds: float  # the decode loop, compile excluded
     compile_seconds: float  # ahead-of-time compiles this call needed (0 when all cached)
     logits: list[np.ndarray] | None = None  # with record_logits: [new tokens, V] per prompt
+    # the engine's log-probability of each new token under the model (temperature 1, before
+    # top-k / top-p; `engine.offline.OfflineGenerator` fills it): RL rollouts' old log-probs
+    logprobs: list[list[float]] | None = None
 
     @property
     def new_tokens(self) -> int:
