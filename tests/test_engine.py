@@ -13,8 +13,11 @@ import jax
 import numpy as np
 import pytest
 from conftest import decode_tiny, make_plan
+from flax import nnx
 
+from hunyuan_jax.decode.sampling import SamplingConfig
 from hunyuan_jax.engine.core import EngineCore, token_buckets
+from hunyuan_jax.engine.offline import OfflineGenerator, request_seed
 from hunyuan_jax.engine.requests import GenParams, Request, check_request
 from hunyuan_jax.engine.scheduler import Engine
 from tests.helpers.contiguous import Generator
@@ -151,7 +154,6 @@ def test_seeded_sampling_unchanged_by_batch(shared, prompts):
 
 
 def test_repetition_penalty_matches_generator(shared, model, prompts):
-    from hunyuan_jax.decode.sampling import SamplingConfig
 
     gen = Generator(model, sampling=SamplingConfig(repetition_penalty=1.3), eos_ids=[2])
     want = [gen.generate([p], 12, max_len=MAX_LEN).tokens[0] for p in prompts[:3]]
@@ -205,9 +207,6 @@ def test_mesh_equals_one_device(prompts, alone):
 
 
 def test_offline_generator_equals_generator_and_is_independent_of_batch(model, prompts, alone):
-    from hunyuan_jax.decode.sampling import SamplingConfig
-    from hunyuan_jax.engine.offline import OfflineGenerator
-
     gen = OfflineGenerator(model, eos_ids=[2], page_size=4, token_budget=32)
     out = gen.generate(prompts, 12, max_len=MAX_LEN)
     assert out.tokens == alone
@@ -221,37 +220,37 @@ def test_offline_generator_equals_generator_and_is_independent_of_batch(model, p
         gen.generate([[1], []], 4)
 
 
-def test_offline_shared_prefill_logprobs_and_set_params(model, prompts):
+def test_offline_group_prefilled_once_logprobs_and_set_params(model, prompts):
     """RL rollouts' needs: a group's repeated prompt prefilled once (the repeats take its full
-    pages from the prefix cache: same tokens as without), each token's log-probability, and
+    pages from the prefix cache: same tokens as without the cache), each token's log-probability, and
     `set_params` (the programs run on new arrays of the same tree, as a fresh engine on them
     would; another tree is refused; tests/test_grpo.py checks the rollout's log-probs against
     the train step's recomputation on the arrays it updated)."""
-    from flax import nnx
-
-    from hunyuan_jax.decode.sampling import SamplingConfig
-    from hunyuan_jax.engine.offline import OfflineGenerator
-
     group = [prompts[3]] * 4  # 37 tokens: 9 full pages of 4
     gen = OfflineGenerator(
         model, sampling=SamplingConfig(temperature=1.0), eos_ids=[2], page_size=4,
         token_budget=32,
     )  # fmt: skip
-    plain = gen.generate(group, 6, seed=1, max_len=MAX_LEN)
-    assert gen.cached_tokens == 0
-    shared = gen.generate(group, 6, seed=1, max_len=MAX_LEN, shared_prefill=True)
-    assert gen.cached_tokens == 4 * 36  # each repeat recomputes only its last prompt token
-    assert shared.tokens == plain.tokens
+    shared = gen.generate(group, 6, seed=1, max_len=MAX_LEN)
+    assert gen.cached_tokens == 3 * 36  # the first computes the 9 pages, the repeats take them
+    again = gen.generate(group, 6, seed=1, max_len=MAX_LEN)  # a call's pool starts empty
+    assert gen.cached_tokens == 3 * 36 and again.tokens == shared.tokens
+    core = next(iter(gen._cores.values()))
+    plain = Engine(core, eos_ids=[2], prefix_caching=False, log=lambda m: None)
+    params = [GenParams(max_tokens=6, temperature=1.0, seed=request_seed(1, i)) for i in range(4)]
+    toks, events, _ = _run(plain, group, params)
+    lps = [[e.logprob for e in ev if e.kind == "token"] for ev in events]
+    assert shared.tokens == toks  # the same tokens as with every page computed
     assert [len(lp) for lp in shared.logprobs] == [len(t) for t in shared.tokens]
-    np.testing.assert_allclose(sum(shared.logprobs, []), sum(plain.logprobs, []), atol=ATOL)
+    np.testing.assert_allclose(sum(shared.logprobs, []), sum(lps, []), atol=ATOL)
     assert all(lp <= 0 for lp in sum(shared.logprobs, []))
 
     _, params = nnx.split(model)
     moved = jax.tree.map(lambda x: x * 1.5, params)
     gen.set_params(moved)  # the same compiled programs, other arrays
-    after = gen.generate(group, 6, seed=1, max_len=MAX_LEN, shared_prefill=True)
+    after = gen.generate(group, 6, seed=1, max_len=MAX_LEN)
     assert after.tokens != shared.tokens
     gen.set_params(params)
-    assert gen.generate(group, 6, seed=1, max_len=MAX_LEN).tokens == plain.tokens
+    assert gen.generate(group, 6, seed=1, max_len=MAX_LEN).tokens == shared.tokens
     with pytest.raises(ValueError, match="parameter tree differs"):
         gen.set_params({"w": jax.numpy.zeros(3)})

@@ -7,9 +7,9 @@ the same programs and scheduler the server runs (infer.py, the smoke run, RL rol
 
 Every prompt is one request: request i samples with its own key (from `seed` and i), so its
 tokens do not depend on the other prompts; each new token comes with its log-probability under
-the model (`out.logprobs`). `shared_prefill=True` (RL groups: one prompt repeated G times)
-prefills each distinct prompt once first, so the repeats take its full pages from the prefix
-cache instead of recomputing them. `set_params(state)` points every engine at new arrays of the
+the model (`out.logprobs`). Repeats of one prompt (RL groups: G completions each) compute its
+full pages once: the scheduler holds a request back while another is still computing a page it
+shares, then it takes the page from the prefix cache. `set_params(state)` points every engine at new arrays of the
 same tree (the weights a train step just updated: rollouts on the trained arrays, no copy). The engine is sized per call (rows = prompts up to
 `max_seqs`, a page pool that holds every request at once unless `pool_tokens` says less) and
 built lazily: only the step programs a call meets are compiled, once per engine shape.
@@ -112,7 +112,6 @@ class OfflineGenerator:
         max_len: int | None = None,
         stream: TokenFn | None = None,
         eos_ids: Sequence[int] | None = None,
-        shared_prefill: bool = False,
     ) -> Generation:
         """Generates for every prompt (token id lists of any lengths). max_len: the longest
         sequence (default: longest prompt + max_new_tokens rounded up to 64). stream: called
@@ -149,10 +148,6 @@ class OfflineGenerator:
 
         t0 = time.perf_counter()
         reqs = []
-        if shared_prefill:  # each distinct prompt once, max_tokens=0: its pages get cached
-            for p in dict.fromkeys(tuple(int(t) for t in p) for p in prompts):
-                engine.submit(Request(list(p), GenParams(max_tokens=0), lambda ev: None))
-            engine.run_until_idle()
         for i, p in enumerate(prompts):
             params = GenParams(
                 max_tokens=int(max_new_tokens), temperature=s.temperature, top_k=s.top_k,

@@ -116,7 +116,7 @@ class RolloutSource:
         self.gen.set_params(engine_params)
         out = self.gen.generate(
             prompts, g.max_new_tokens, seed=rollout_seed(tcfg.seed, k, jax.process_index()),
-            max_len=tcfg.seq_len + 1, shared_prefill=True,
+            max_len=tcfg.seq_len + 1,
         )  # fmt: skip
         t_gen = time.perf_counter() - t0
         rewards = np.zeros(len(prompts))
