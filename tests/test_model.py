@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 from hunyuan_jax.checkpoints import hf_mapping
 from hunyuan_jax.checkpoints.loading import load_params, read_model_config
 from hunyuan_jax.errors import CheckpointError, ConfigError
+from hunyuan_jax.model import qops
 from hunyuan_jax.model.config import ConfigTypeError, ModelConfig, hf_to_fields
 from hunyuan_jax.model.kernels.attention import AttentionMask
 from hunyuan_jax.model.kv_cache import KVCache
@@ -404,6 +405,43 @@ def test_bfloat16_compute_close_to_float32_without_router_ties():
     err = np.abs(f32 - bf16)
     # Measured: max 0.148 (3.4% of max |logit| 4.35), mean 0.017.
     assert err.max() < 0.08 * np.abs(f32).max() and err.mean() < 0.05, (err.max(), err.mean())
+
+
+def test_weight_cast_is_astype_bit_for_bit(monkeypatch):
+    """`qops.cast` (float32 -> bfloat16 from the bits, so XLA:TPU cannot hoist a stacked copy
+    out of the layer loop) is `astype`: the same bits on ties, extremes, inf and nan, the same
+    gradient, and the same loss and parameter gradients of a bf16-compute model."""
+    rng = np.random.default_rng(0)
+    edge = np.array([0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.4e38, -3.4e38, 1e-40, 2**-126])
+    x = np.concatenate([rng.standard_normal(4096).astype(np.float32) * 10, edge, [np.inf]])
+    x = jnp.asarray(np.concatenate([x, -x, [np.nan]]), jnp.float32)
+    got, want = qops.cast(x, jnp.bfloat16), x.astype(jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(got).view(np.uint16)[:-1], np.asarray(want).view(np.uint16)[:-1]
+    )
+    assert np.isnan(np.asarray(got[-1], np.float32))
+    y = jnp.asarray(rng.standard_normal(x.shape[0] - 1), jnp.bfloat16)
+    g = jax.grad(lambda a, f: jnp.sum(f(a, jnp.bfloat16) * y).astype(jnp.float32))
+    np.testing.assert_array_equal(g(x[:-1], qops.cast), g(x[:-1], lambda a, d: a.astype(d)))
+
+    cfg = small_cfg()
+    policy = F32.replace(compute_dtype="bfloat16")
+    model = random_model(cfg, seed=3, policy=policy)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
+
+    def loss_and_grads():
+        def loss(m):
+            return jnp.mean(m(ids)[0] ** 2)
+
+        return jax.jit(nnx.value_and_grad(loss))(model)
+
+    loss_cast, grads_cast = loss_and_grads()
+    monkeypatch.setattr(qops, "cast", lambda a, dtype: a.astype(dtype))
+    loss_astype, grads_astype = loss_and_grads()
+    assert float(loss_cast) == float(loss_astype)
+    for a, b in zip(jax.tree.leaves(grads_cast), jax.tree.leaves(grads_astype)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def test_scan_and_unrolled_layers_agree(reference, tiny):

@@ -79,7 +79,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return y.astype(x.dtype) * self.weight[...].astype(x.dtype)
+        return y.astype(x.dtype) * qops.cast(self.weight[...], x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
