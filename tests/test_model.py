@@ -27,7 +27,7 @@ from hunyuan_jax.model.kernels.attention import AttentionMask
 from hunyuan_jax.model.kv_cache import KVCache
 from hunyuan_jax.model.layers import apply_rope, rope_inv_freq
 from hunyuan_jax.model.moe import ExpertWeights, dropless_experts, route
-from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.policy import REMAT_NAMES, RuntimePolicy
 from hunyuan_jax.model.state import abstract_model, flat_shapes, model_from_arrays, param_count
 from hunyuan_jax.model.transformer import Attention, Context
 from sharding.plan import ShardingPlan
@@ -442,6 +442,33 @@ def test_weight_cast_is_astype_bit_for_bit(monkeypatch):
     assert float(loss_cast) == float(loss_astype)
     for a, b in zip(jax.tree.leaves(grads_cast), jax.tree.leaves(grads_astype)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_remat_checkpoint_names_and_the_save_policy():
+    """Every named checkpoint point is in a training forward; `remat: save` keeping all of
+    them gives the loss and gradients of no remat."""
+    cfg = small_cfg(num_shared_experts=1)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
+    key = jax.random.key(0)
+
+    def loss_fn(graphdef):
+        return lambda state: jnp.mean(nnx.merge(graphdef, state)(ids, key=key)[0] ** 2)
+
+    graphdef, state = nnx.split(random_model(cfg, seed=2))
+    text = str(jax.make_jaxpr(loss_fn(graphdef))(state))
+    assert all(f"name={n}" in text for n in REMAT_NAMES), text.count("name=")
+    results = {}
+    for remat, save in [("none", ""), ("save", ",".join(REMAT_NAMES))]:
+        policy = F32.replace(remat=remat, remat_save=save)
+        graphdef, state = nnx.split(random_model(cfg, seed=2, policy=policy))
+        results[remat] = jax.jit(jax.value_and_grad(loss_fn(graphdef)))(state)
+    np.testing.assert_allclose(float(results["save"][0]), float(results["none"][0]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(results["save"][1]), jax.tree.leaves(results["none"][1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="remat_save"):
+        F32.replace(remat="save", remat_save="q_proj,attn_scores")
+    with pytest.raises(ConfigError, match="remat_save"):
+        F32.replace(remat="save")
 
 
 def test_scan_and_unrolled_layers_agree(reference, tiny):

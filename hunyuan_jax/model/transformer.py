@@ -46,6 +46,18 @@ _REMAT_POLICIES = {
 }
 
 
+def remat_policy(policy: RuntimePolicy):
+    """The `jax.checkpoint` policy of a layer group: a named one, or with remat 'save' the
+    checkpoint points `policy.remat_save` lists (the attention output with the kernel's
+    residuals, so that its backward runs no second forward)."""
+    if policy.remat != "save":
+        return _REMAT_POLICIES[policy.remat]
+    names = policy.saved_names()
+    if "attn_out" in names:
+        names += RESIDUAL_NAMES
+    return jax.checkpoint_policies.save_only_these_names(*names)
+
+
 class Context(NamedTuple):
     """What every layer of one forward shares (built once per call)."""
 
@@ -92,6 +104,7 @@ class Attention(nnx.Module):
         """The K/V this group shares: RoPE-rotated keys (not yet key-normed) and values."""
         k = qops.einsum("bsd,dnh->bsnh", x, self._w("k_proj", lora_key))
         v = qops.einsum("bsd,dnh->bsnh", x, self._w("v_proj", lora_key))
+        k, v = checkpoint_name(k, "kv_proj"), checkpoint_name(v, "kv_proj")
         return apply_rope(k, ctx.positions, ctx.inv_freq), v
 
     def write_pages(self, x, pool: paged.PagedKV, ctx: Context) -> paged.PagedKV:
@@ -118,7 +131,7 @@ class Attention(nnx.Module):
         """x: [B,S,D]; k, v: [B,T,KVH,Dh] (shared, roped) -> [B,S,D].
         `dropout`: (rate, key) for attention-probability dropout in training, else None;
         `lora_key`: the LoRA adapters' dropout key in training (`qops.weight`)."""
-        q = qops.einsum("bsd,dnh->bsnh", x, self._w("q_proj", lora_key))
+        q = checkpoint_name(qops.einsum("bsd,dnh->bsnh", x, self._w("q_proj", lora_key)), "q_proj")
         q = apply_rope(q, ctx.positions, ctx.inv_freq)
         if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
@@ -133,7 +146,8 @@ class Attention(nnx.Module):
             **kernel_layout(ctx.attention, self.plan, q.shape, k.shape),
         )
         out = checkpoint_name(out, "attn_out")
-        return qops.einsum("bsnh,nhd->bsd", out, self._w("o_proj", lora_key))
+        out = qops.einsum("bsnh,nhd->bsd", out, self._w("o_proj", lora_key))
+        return checkpoint_name(out, "o_proj")
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -383,9 +397,7 @@ class HunyuanForCausalLM(nnx.Module):
             return x, (stats, kv if cache is not None else None)
 
         if self.policy.remat != "none":
-            body = jax.checkpoint(
-                body, policy=_REMAT_POLICIES[self.policy.remat], prevent_cse=False
-            )
+            body = jax.checkpoint(body, policy=remat_policy(self.policy), prevent_cse=False)
         groups = jnp.arange(cfg.num_groups, dtype=jnp.int32)
         xs = (stacked, None if cache is None else (cache.k, cache.v), groups)
         if self.policy.scan_layers:
