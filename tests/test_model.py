@@ -410,7 +410,7 @@ def test_bfloat16_compute_close_to_float32_without_router_ties():
 def test_weight_cast_is_astype_bit_for_bit(monkeypatch):
     """`qops.cast` (float32 -> bfloat16 from the bits, so XLA:TPU cannot hoist a stacked copy
     out of the layer loop) is `astype`: the same bits on ties, extremes, inf and nan, the same
-    gradient, and the same loss and parameter gradients of a bf16-compute model."""
+    gradient, and the same logits of a bf16-compute model."""
     rng = np.random.default_rng(0)
     edge = np.array([0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.4e38, -3.4e38, 1e-40, 2**-126])
     x = np.concatenate([rng.standard_normal(4096).astype(np.float32) * 10, edge, [np.inf]])
@@ -426,22 +426,13 @@ def test_weight_cast_is_astype_bit_for_bit(monkeypatch):
     np.testing.assert_array_equal(g(x[:-1], qops.cast), g(x[:-1], lambda a, d: a.astype(d)))
 
     cfg = small_cfg()
-    policy = F32.replace(compute_dtype="bfloat16")
-    model = random_model(cfg, seed=3, policy=policy)
+    model = random_model(cfg, seed=3, policy=F32.replace(compute_dtype="bfloat16"))
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
-
-    def loss_and_grads():
-        def loss(m):
-            return jnp.mean(m(ids)[0] ** 2)
-
-        return jax.jit(nnx.value_and_grad(loss))(model)
-
-    loss_cast, grads_cast = loss_and_grads()
+    cast_logits = np.asarray(nnx.jit(lambda m, t: m(t)[0])(model, ids))  # a fresh trace each
     monkeypatch.setattr(qops, "cast", lambda a, dtype: a.astype(dtype))
-    loss_astype, grads_astype = loss_and_grads()
-    assert float(loss_cast) == float(loss_astype)
-    for a, b in zip(jax.tree.leaves(grads_cast), jax.tree.leaves(grads_astype)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(
+        cast_logits, np.asarray(nnx.jit(lambda m, t: m(t)[0])(model, ids))
+    )
 
 
 def test_remat_checkpoint_names_and_the_save_policy():
