@@ -95,12 +95,16 @@ def measure(
         ]
 
     chips = plan.num_devices
-    remat = job.policy.remat != "none"
-    ana = F.analytic_flops(job.cfg, job.mode, program.batch, program.seq, program.context, remat)
+    ana = F.analytic_flops(
+        job.cfg, job.mode, program.batch, program.seq, program.context, job.policy
+    )
     raw = F.compiled_cost(compiled)
     flops = {
         "analytic_model_per_chip": ana["model"] / chips,
         "analytic_hardware_per_chip": ana["hardware"] / chips,
+        "analytic_recompute_per_chip": ana["recompute"] / chips,
+        "recompute": ana["recompute_how"],
+        "ceiling": ana["ceiling"],
         "compiled_raw_per_chip": raw["flops"],
         "compiled_raw_note": "XLA cost_analysis: each loop body (layer scan, decode "
         "while-loop) counted once",
@@ -253,6 +257,13 @@ def format_report(r: dict) -> str:
             else ""
         )
     )
+    if r["mode"] == "train":
+        lines.append(
+            f"FLOP ceiling {f['ceiling']:.1%} (model / hardware FLOPs, the MFU at 100% of "
+            f"peak): remat {r['remat']}"
+            + (f" keeping {r['policy']['remat_save']}" if r["remat"] == "save" else "")
+            + f"; {f['recompute']}"
+        )
     lines += comm_lines(r)
     mfu = r.get("mfu", {})
     if "mfu" in mfu:
