@@ -233,7 +233,9 @@ def _weights_for_use(plan: ShardingPlan, group_state, dtype):
         if not isinstance(value, jax.Array) or axes is None or "embed" not in axes:
             return leaf
         axes = tuple(axes)[len(axes) - value.ndim :]  # the scan took the leading `layers`
-        cast = matmul_of(axes) is not None and jnp.issubdtype(value.dtype, jnp.floating)
+        # float weights only: an fp8 QArray's values (float8, one byte) stay as stored
+        wide = jnp.issubdtype(value.dtype, jnp.floating) and value.dtype.itemsize >= 2
+        cast = matmul_of(axes) is not None and wide
         fn = (lambda a: qops.cast(a, dtype)) if cast else None
         return leaf.replace(plan.gather(value, axes, {"embed": "act_embed"}, cast=fn))
 
