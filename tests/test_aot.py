@@ -64,6 +64,8 @@ needs_libtpu = pytest.mark.skipif(
         ("v5litepod-16", "v5e:4x4", 16, "v5e-16"),
         ("v5p:4x4x12", "v5:4x4x12", 192, "v5p-384"),
         ("v6e:2x4", "v6e:2x4", 8, "v6e-8"),
+        ("tpu7x-8", "tpu7x:2x2x1", 4, "tpu7x-8"),  # one TPU7x host: 4 chips, 8 devices
+        ("v7x-8", "tpu7x:2x2x1", 4, "tpu7x-8"),
     ],
 )
 def test_topology_names(name, topo, chips, cloud):
