@@ -6,6 +6,7 @@ the server run) and of the contiguous-cache Generator vs a PyTorch eager baselin
     python -m bench.decode --threads 1         # both single-threaded (steadier when busy)
     python -m bench.decode --original-code ../shared/reference/original_code --bf16
     python -m bench.decode --layers 16 --batches 1 --repeats 1 --no-compact   # compile time
+    python -m bench.decode --set num_experts=32 --set vocab_size=65536   # an untuned shape
 
 The baseline is a compact PyTorch implementation of the same math (`TorchHunyuan` below: CLA,
 QK-norm after RoPE, NTK-alpha RoPE, GQA, shared expert + top-1 experts) with its own
@@ -72,12 +73,12 @@ from flax import nnx  # noqa: E402
 
 from bench import harness  # noqa: E402
 from hunyuan_jax.checkpoints.loading import read_model_config  # noqa: E402
-from hunyuan_jax.decode.generate import Generator  # noqa: E402
 from hunyuan_jax.engine.offline import OfflineGenerator  # noqa: E402
 from hunyuan_jax.model.config import ModelConfig  # noqa: E402
 from hunyuan_jax.model.kv_cache import pool_bytes_per_token  # noqa: E402
 from hunyuan_jax.model.policy import RuntimePolicy  # noqa: E402
 from hunyuan_jax.model.state import init_model  # noqa: E402
+from tests.helpers.contiguous import Generator  # noqa: E402
 
 
 # ============================================================================ PyTorch baseline
@@ -328,6 +329,14 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5, help="alternating rounds per batch")
     ap.add_argument("--layers", type=int, default=None, help="override the config's num_layers")
     ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model key (num_experts=32, vocab_size=65536, hidden_size=512, ...): "
+        "shapes the engine was not tuned on (repeatable)",
+    )
+    ap.add_argument(
         "--original-code",
         default=None,
         metavar="DIR",
@@ -366,6 +375,9 @@ def main(argv=None):
     cfg = read_model_config(args.config)
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
+    for item in args.set:  # numbers only: every shape key of ModelConfig is an int or a float
+        key, _, value = item.removeprefix("model.").partition("=")
+        cfg = cfg.replace(**{key: float(value) if "." in value else int(value)})
     policy = RuntimePolicy.inference("float32")  # float32 weights and compute, as the baseline
     torch.manual_seed(0)
     if args.threads:
@@ -374,7 +386,7 @@ def main(argv=None):
     model = init_model(cfg, policy, seed=0)  # one device; the Generator follows the model
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model))) / 1e6
     print(
-        f"# {Path(args.config).name}: {params:.1f}M "
+        f"# {Path(args.config).name}{''.join(' --set ' + x for x in args.set)}: {params:.1f}M "
         f"params, float32; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
         f"greedy; jax {jax.__version__} on {jax.devices()[0].platform}, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, "

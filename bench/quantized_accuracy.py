@@ -42,8 +42,8 @@ from flax import nnx
 
 from hunyuan_jax.data.corpus import embedded_corpus
 from hunyuan_jax.decode import from_checkpoint
-from hunyuan_jax.decode.generate import Generator
 from hunyuan_jax.model.policy import INT4_GROUP_SIZE
+from tests.helpers.contiguous import Generator
 
 FORMS = ("float32", "bf16", "int8", "fp8", "int4", "int4-experts")
 ROWS = tuple((w, c) for w in FORMS for c in ("float32", "int8"))

@@ -37,10 +37,10 @@ import numpy as np
 from flax import nnx
 
 from hunyuan_jax.checkpoints.loading import read_model_config
-from hunyuan_jax.decode.generate import Generator
 from hunyuan_jax.model import quantize
 from hunyuan_jax.model.policy import INT4_GROUP_SIZE, RuntimePolicy
 from hunyuan_jax.model.state import init_model
+from tests.helpers.contiguous import Generator
 
 ROOT = Path(__file__).resolve().parent.parent
 BUSY_SPREAD = 0.20

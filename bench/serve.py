@@ -15,7 +15,8 @@ ignored (each request produces exactly its max_tokens). Every compile happens be
 
 1. prefix: 64 requests arriving at once, each one shared 448-token system prompt + a 12..20
    token question, 16 new tokens; prefix caching on vs off (same engine shape, the server's
-   defaults: 16 rows (--slots), page size 16, token budget 512 (--prefill-chunk)).
+   defaults: 64 rows (--slots), a pool of 16 x 512 tokens (--kv-cache-tokens for --max-len
+   512), page size 16, token budget 512 (--prefill-chunk)).
    Time-to-first-token p50 and throughput.
 2. paged: mixed lengths (prompts 8..64 tokens; max_tokens 8..24 for 80%, 96..160 for 20%), 160
    requests arriving at once (saturation), at equal KV cache bytes (128 pages x 16 tokens =
@@ -48,14 +49,14 @@ import numpy as np
 from bench.harness import alternate, busy_warnings, machine_line, report_peak
 from hunyuan_jax.checkpoints.loading import read_model_config
 from hunyuan_jax.cli.decode_flags import PREFILL_CHUNK
-from hunyuan_jax.cli.serve import DEFAULT_MODEL, SLOTS
+from hunyuan_jax.cli.serve import DEFAULT_MODEL, SLOTS, default_pool_tokens
 from hunyuan_jax.decode import from_checkpoint
-from hunyuan_jax.decode.generate import Generator
 from hunyuan_jax.engine.core import EngineCore
 from hunyuan_jax.engine.requests import GenParams, Request
 from hunyuan_jax.engine.scheduler import Engine
 from hunyuan_jax.model.policy import RuntimePolicy
 from hunyuan_jax.model.state import init_model
+from tests.helpers.contiguous import Generator
 
 PAGE = 16
 
@@ -207,7 +208,8 @@ def main(argv=None) -> int:
     summary = []
 
     if "prefix" in only:
-        core = EngineCore(model, max_seqs=SLOTS, max_len=512, page_size=PAGE,
+        pages = -(-default_pool_tokens(SLOTS, 512) // PAGE) + 1  # + the scratch page
+        core = EngineCore(model, max_seqs=SLOTS, max_len=512, page_size=PAGE, num_pages=pages,
                           token_budget=PREFILL_CHUNK, vocab_limit=vocab)  # fmt: skip
         print(f"prefix: {core.describe()}")
         prompts, mt = prefix_workload(64, vocab, args.seed)

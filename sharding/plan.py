@@ -233,6 +233,65 @@ class ShardingPlan:
             x, NamedSharding(self.mesh, self.activation_spec(logical_axes, x.shape))
         )
 
+    def gather(
+        self,
+        x: jax.Array,
+        logical_axes: Sequence[str | None],
+        to: Mapping[str, str],
+        cast=None,
+    ) -> jax.Array:
+        """A parameter `x` (laid out by `logical_axes`) as its use needs it: every dim whose
+        name is a key of `to` brought from its parameter layout to the activation layout of
+        the name it maps to (e.g. {"embed": "act_embed"}: the FSDP gather of a weight's hidden
+        dim in training; nothing in serving, where the two agree). Only whole-dim gathers are
+        made here; where none is needed, `cast(x)`.
+
+        Forward: explicit all-gathers of the local shard inside `shard_map`, one mesh axis at
+        a time, minor first (`cast`, an elementwise dtype cast, runs on the shard first, so
+        the narrow dtype travels). XLA:TPU's all-gather decomposer turns an all-gather whose
+        group is a whole multi-dimensional slice (embed over fsdp x expert = 64 chips) into an
+        all-reduce of a zero-padded buffer, twice the bytes; over one axis's group it stays an
+        all-gather (docs/tpu.md).
+        Backward: the cotangent constrained to the parameter's own layout (GSPMD reduces it
+        over the batch shards), returned in x's dtype."""
+        cast = cast or (lambda a: a)
+        if self.mesh is None:
+            return cast(x)
+        spec = tuple(self.spec(logical_axes, x.shape))
+        spec += (None,) * (x.ndim - len(spec))
+        out, gathers = list(spec), []
+        for dim, (name, axes) in enumerate(zip(logical_axes, spec)):
+            if name not in to or axes is None:
+                continue
+            want = self.activation_spec((to[name],), (x.shape[dim],))
+            if tuple(want) in ((), (None,)):
+                gathers.append((dim, (axes,) if isinstance(axes, str) else tuple(axes)))
+                out[dim] = None
+        if not gathers:
+            return cast(x)
+
+        def body(a):
+            a = cast(a)
+            for dim, axes in gathers:  # one mesh axis at a time, minor first
+                for axis in reversed(axes):
+                    a = jax.lax.all_gather(a, axis, axis=dim, tiled=True)
+            return a
+
+        gathered = jax.shard_map(
+            body, mesh=self.mesh, in_specs=P(*spec), out_specs=P(*out), check_vma=False
+        )
+        layout = NamedSharding(self.mesh, P(*spec))
+
+        @jax.custom_vjp
+        def use(a):
+            return gathered(a)
+
+        def use_bwd(_, g):
+            return (jax.lax.with_sharding_constraint(g, layout).astype(x.dtype),)
+
+        use.defvjp(lambda a: (gathered(a), None), use_bwd)
+        return use(x)
+
     def state_shardings(self, abstract_state):
         """For an nnx.State (Variables carrying `logical_axes` metadata, values arrays or
         ShapeDtypeStructs) or any pytree of them: the same structure with Shardings."""

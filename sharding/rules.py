@@ -139,10 +139,22 @@ _SERVE_OVERRIDES = {
 }
 SERVE_EP_TP: Rules = _override(FSDP_EP_TP, _SERVE_OVERRIDES)
 
+# FSDP_EP + context parallelism: the sequence (`length`) over the 'tensor' mesh axis (no tensor
+# parallelism: heads and FFN stay whole); every activation is split along the sequence, and
+# attention gathers K/V (each device attends its own query chunk over all keys,
+# `kernels.mask.shard_map_attention`). The weights' hidden dims are FSDP-sharded over that axis
+# too (else each context shard would hold a full FSDP copy). For sequences too long for one
+# chip's activations.
+FSDP_EP_CP: Rules = _override(
+    FSDP_EP,
+    {"length": "tensor", "embed": ("fsdp", "expert", "tensor"), "exp_embed": ("fsdp", "tensor")},
+)
+
 PRESETS: dict[str, Rules] = {
     "fsdp": FSDP,
     "fsdp_ep": FSDP_EP,
     "fsdp_ep_tp": FSDP_EP_TP,
+    "fsdp_ep_cp": FSDP_EP_CP,
     "serve_ep_tp": SERVE_EP_TP,
 }
 

@@ -29,9 +29,11 @@ from hunyuan_jax.checkpoints.loading import read_model_config
 from hunyuan_jax.cli import aot as cli
 from hunyuan_jax.cli.aot import main
 from hunyuan_jax.errors import UsageError
+from hunyuan_jax.model.policy import RuntimePolicy
 
 A52B = "configs/hunyuan_a52b_instruct.yaml"
 TINY = "configs/tiny.yaml"
+A52B_SAVE = "q_proj,kv_proj,attn_out,o_proj,moe_gate,moe_up,moe_down,mlp_down"
 
 
 def _libtpu_ok() -> bool:
@@ -130,7 +132,8 @@ def test_policy_per_mode():
         (["--config", "no/such.yaml"], "no such file"),
         (["--mesh", "fsdp=3"], "--mesh"),
         (["--rule", "nonsense"], "--rule"),
-        (["--mode", "decode", "--batch", "3", "--mesh", "data=2,tensor=4"], "multiple"),
+        (["--mode", "decode", "--step-time", "1"], "train only"),
+        (["--mode", "prefill", "--seq", "512", "--cache-len", "256"], "exceeds --cache-len"),
         (["--topology", "v9-8"], "unknown TPU generation"),
         # train.py's own checks (train_data.check_run), before anything is compiled
         (["--seq", "4096"], "seq_len 4096 exceeds the model's max_position_embeddings 256"),
@@ -155,8 +158,17 @@ def test_analytic_flops_a52b():
     n = flops.active_matmul_params(cfg)
     # SPEC 1: ~51.5B active per token with the 0.83B embedding; matmuls use the LM head once.
     assert 50.5e9 < n["total"] < 52e9
-    f = flops.analytic_flops(cfg, "train", batch=128, seq=4096, context=4096, remat=True)
-    assert f["hardware"] == pytest.approx(f["model"] * 4 / 3)
+    full = RuntimePolicy(remat="full", loss_chunk=1024)
+    f = flops.analytic_flops(cfg, "train", batch=128, seq=4096, context=4096, policy=full)
+    # Full remat: one more forward of the layers (less the groups' last down projections,
+    # whose output only the next group reads) and of the chunked loss's LM head.
+    assert 0.75 < f["ceiling"] < 0.78 and f["hardware"] < f["model"] * 4 / 3
+    none = flops.analytic_flops(cfg, "train", 128, 4096, 4096, RuntimePolicy(remat="none"))
+    assert none["ceiling"] == 1.0 and none["model"] == f["model"]
+    # Keeping the attention path and the routed experts' matmul outputs: the shared expert's
+    # gate and up (2 x 15.0 of 98.4 GFLOPs per token forward) and the head are recomputed.
+    save = full.replace(remat="save", remat_save=A52B_SAVE)
+    assert flops.analytic_flops(cfg, "train", 128, 4096, 4096, save)["ceiling"] > 0.9
     # SPEC 7: 1.85e15 FLOPs per chip per step at 128 chips measured, 1.10x 8 N T.
     per_chip = f["hardware"] / 128
     assert 1.6e15 < per_chip < 2.0e15
@@ -210,19 +222,45 @@ ENTRY %main (param.1: f32[4,4,16]) -> f32[4,4,16] {
 
 
 def test_local_devices_decode_step(capsys, tmp_path):
-    """The same tool on this host's 8 CPU devices (platform from the mesh: cpu, no HBM), with a
-    rule override sharding the cache's sequence over `expert`."""
+    """`--mode decode` on this host's 8 CPU devices (platform from the mesh: cpu, no HBM): the
+    engine's step for --batch sequences (its bucket), a pool of batch x cache-len tokens, the
+    expert-parallel MoE dispatch (the plan shards the experts)."""
     out = tmp_path / "r.json"
-    argv = ["--config", TINY, "--topology", "local", "--mode", "decode-step", "--batch", "2"]
-    argv += ["--mesh", "expert=2,tensor=4", "--cache-len", "64", "--rule", "cache_length=expert"]
+    argv = ["--config", TINY, "--topology", "local", "--mode", "decode", "--batch", "3"]
+    argv += ["--mesh", "expert=2,tensor=4", "--cache-len", "64"]
     rc = main(argv + ["--json", str(out)])
     assert rc == 0, capsys.readouterr()
     r = json.loads(out.read_text())
     assert r["platform"] == "cpu" and r["chips"] == 8 and r["fits"] and r["hbm_gib"] is None
-    assert r["rules"] == "serve_ep_tp + cache_length=expert"
-    # dispatch.py picks the expert-parallel dispatch: the plan shards the experts.
-    assert "expert_parallel" in r["step_source"] and "one token per call" in r["step_source"]
-    assert r["memory_gib"]["arguments"] > 0
+    assert r["mode"] == "decode" and r["rules"] == "serve_ep_tp"
+    assert "EngineCore" in r["step_source"] and "expert_parallel" in r["step_source"]
+    [p] = r["programs"]
+    assert p["program"] == "step[4]" and p["phase"] == "decode"  # 3 sequences: bucket 4
+    assert r["pool"]["pages"] == 3 * 4 and r["pool"]["tokens"] == 3 * 64
+    assert r["weights_gib_per_chip"] > 0 and r["pool"]["gib_per_chip"] > 0
+
+
+def test_local_devices_grpo_train_step_and_engine_at_once(tmp_path, capsys):
+    """`--mode grpo` on this host's 8 CPU devices: the GRPO LoRA train step (objective grpo:
+    its extra batch arrays, the dropless dispatch) and every program of the rollout engine built
+    on the step's own abstract tree (base + adapters, the train plan's shardings), compiled by
+    the same tool; memory per chip of both at once = max(train peak, rollout peak) + code."""
+    out = tmp_path / "r.json"
+    argv = ["--config", TINY, "--topology", "local", "--mode", "grpo", "--seq", "32"]
+    argv += ["--set", "lora=true", "--set", "model.num_layers=2", "--max-seqs", "8"]
+    argv += ["--token-budget", "8", "--page-size", "8"]
+    assert main([*argv, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["fits"] and r["mode"] == "grpo" and r["rules"] == "fsdp_ep"
+    assert "objective grpo" in r["step_source"] and "LoRA rank 8" in r["step_source"]
+    assert "all_to_all" not in r["step_source"]  # the inference (dropless) dispatch
+    names = [e["program"] for e in r["engine_programs"]]
+    assert names == ["step[1]", "step[2]", "step[4]", "step[8]", "score[8]"]
+    assert r["pool"]["max_len"] == 33 and r["pool"]["pages"] == 8 * 5 + 1  # rows of seq + 1
+    b = r["bytes"]
+    assert b["at_once"] >= max(b["train_peak"], b["rollout_peak"]) > 0
+    assert b["train_peak"] >= b["pool"] > 0 and b["weights"] > 0
+    assert "both at once" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- XLA:TPU
@@ -242,16 +280,20 @@ def test_tiny_compiles_for_v5p(mode, extra, tmp_path, capsys):
     assert rc == 0, text
     r = json.loads(out.read_text())
     assert r["platform"] == "tpu" and r["device_kind"].startswith("TPU v5")
-    assert r["chips"] == 4 and r["hbm_gib"] == pytest.approx(95.73)
-    assert r["fits"] and 0 < r["memory_gib"]["total"] < 1
-    assert r["flops"]["compiled_raw_per_chip"] > 0
+    assert r["chips"] == 4 and r["hbm_gib"] == pytest.approx(95.73) and r["fits"]
+    step = r if mode == "train" else r["programs"][0]  # serving: the engine's one program
+    assert 0 < step["memory_gib"]["total"] < 1
+    assert step["flops"]["compiled_raw_per_chip"] > 0
     # The tiny model's matmuls are smaller than the MXU and its step is microseconds: the
     # step-time model does not apply, and the report claims no MFU.
-    assert r["mfu"]["applies"] is False and "mfu" not in r["mfu"]
-    assert any("hidden_size 96 below the v5p MXU" in why for why in r["mfu"]["limits"])
-    assert 0 < r["mfu"]["step_time_s"] < flops.MIN_MODELED_STEP_S
+    mfu = step["mfu"]
+    assert mfu["applies"] is False and "mfu" not in mfu
+    assert any("hidden_size 96 below the v5p MXU" in why for why in mfu["limits"])
+    assert 0 < mfu["step_time_s"] < flops.MIN_MODELED_STEP_S
     assert "does not apply" in text and "MFU 100" not in text
     if mode == "train":
+        f = r["flops"]  # tiny.yaml: no remat
+        assert f["ceiling"] == 1.0 and f["analytic_recompute_per_chip"] == 0
         assert r["mesh"]["expert"] == 4 and r["rules"] == "fsdp_ep"
         assert r["batch"] == 4  # default: one row per batch shard
         assert "TrainStep" in r["step_source"] and "expert_parallel" in r["step_source"]
@@ -261,20 +303,27 @@ def test_tiny_compiles_for_v5p(mode, extra, tmp_path, capsys):
         # In-process XLA:TPU cannot print the executable: no collectives, said so.
         assert "error" in r["comm"] and r["mfu"]["comm_time_s"] is None
         assert "collectives: not counted" in text
-    else:
+        assert "memory per chip" in text
+    else:  # the engine's programs: infer.py, the server and rollouts run exactly these
         assert r["rules"] == "serve_ep_tp" and r["param_dtype"] == "bfloat16"
-        assert "Generator" in r["step_source"]
-    if mode == "decode":  # infer.py's default on TPU: one token per call
-        assert "decode_loop=host" in r["step_source"]
-    assert "memory per chip" in text
+        assert "EngineCore" in r["step_source"] and len(r["programs"]) == 1
+        assert step["phase"] == mode
+        assert r["pool"]["tokens"] == {"prefill": 2 * 128, "decode": 4 * 256}[mode]
+        assert step["program"] == {"prefill": "step[32]", "decode": "step[4]"}[mode]
+        assert step["pool_collectives"] == [] and "page pool" in text
 
 
 @needs_libtpu
 def test_tiny_train_communication_from_the_cli_process(tmp_path):
     """`python -m hunyuan_jax.cli.aot` (its own process) reads the optimized HLO from XLA's dump: the
-    layer scan's collectives counted per group (3 groups) and timed at v5p's ICI bandwidth."""
+    layer scan's collectives counted per group (3 groups) and timed at v5p's ICI bandwidth.
+    fp32 weights used in bf16 under full remat: no bf16 copy of a stacked weight outside the
+    layer loops (XLA:TPU's bfloat16 propagation made one of every stacked weight before
+    `qops.cast`; the A52B step kept 11.29 GiB per chip of them on 64 chips)."""
     out = tmp_path / "r.json"
     argv = ["--config", TINY, "--topology", "v5p-8", "--mode", "train", "--seq", "64"]
+    argv += ["--set", "runtime.compute_dtype=bfloat16", "--set", "runtime.remat=full"]
+    argv += ["--dump", str(tmp_path / "dump")]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(Path.cwd()))
     for key in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES"):  # as on a fresh shell
         env.pop(key, None)  # (this process's in-process runs of the tool set them)
@@ -291,6 +340,12 @@ def test_tiny_train_communication_from_the_cli_process(tmp_path):
     assert {"all-to-all", "all-gather"} <= set(c["by_op"]) and c["total_bytes"] > 0
     assert c["ici_time_s"] == pytest.approx(c["total_bytes"] / 600e9)
     assert "collectives per chip per step" in proc.stdout
+    assert "FLOP ceiling" in proc.stdout
+    r = json.loads(out.read_text())
+    assert r["param_dtype"] == "float32" and r["compute_dtype"] == "bfloat16"
+    assert r["hoisted_cast_shapes"] == [] and r["hoisted_cast_gib"] == 0
+    assert 0.75 < r["flops"]["ceiling"] < 0.82  # full remat: about one more forward (0.796)
+    assert "the cast was hoisted" not in proc.stdout
     if not topology._has_tpu_hardware():  # libtpu's start-up warnings, silenced by the tool
         for noise in ("E0000", "unexpected worker hostname", "Failed to find host bounds"):
             assert noise not in proc.stderr, proc.stderr[-2000:]
@@ -321,8 +376,8 @@ def test_exit_status_when_it_does_not_fit(tmp_path, capsys):
 @needs_libtpu
 def test_unrolled_flops_close_to_analytic(tmp_path):
     out = tmp_path / "r.json"
-    argv = ["--config", TINY, "--topology", "v5p-8", "--mode", "prefill", "--seq", "64"]
-    assert main(argv + ["--cache-len", "64", "--unrolled-flops", "--json", str(out)]) == 0
+    argv = ["--config", TINY, "--topology", "v5p-8", "--mode", "train", "--seq", "64"]
+    assert main(argv + ["--unrolled-flops", "--json", str(out)]) == 0
     f = json.loads(out.read_text())["flops"]
     # The scan undercounts by about the number of layer groups (3); unrolled does not.
     assert f["compiled_unrolled_per_chip"] > 1.5 * f["compiled_raw_per_chip"]

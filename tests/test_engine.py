@@ -13,11 +13,14 @@ import jax
 import numpy as np
 import pytest
 from conftest import decode_tiny, make_plan
+from flax import nnx
 
-from hunyuan_jax.decode.generate import Generator
+from hunyuan_jax.decode.sampling import SamplingConfig
 from hunyuan_jax.engine.core import EngineCore, token_buckets
+from hunyuan_jax.engine.offline import OfflineGenerator, request_seed
 from hunyuan_jax.engine.requests import GenParams, Request, check_request
 from hunyuan_jax.engine.scheduler import Engine
+from tests.helpers.contiguous import Generator
 
 MAX_LEN = 64
 ATOL = 1e-4
@@ -109,6 +112,24 @@ def test_prefix_hit_same_tokens_and_reported(shared, model):
     assert stats["hit_tokens"] - before["hit_tokens"] == 72 and 0 < stats["hit_rate"] < 1
 
 
+def test_requests_arriving_together_compute_a_shared_prefix_once(shared, model):
+    """Four requests with one 37-token start submitted at once (4 rows free): the first
+    computes the start's 9 full pages, the other three wait until they are cached and take
+    them (36 cached tokens each) instead of computing them again; tokens as computed alone."""
+    engine = shared
+    system = np.random.default_rng(2).integers(3, 1000, size=37).tolist()
+    prompts = [system + [7 + i] * (i + 1) for i in range(4)]
+    fed = sum(engine.step_tokens.values())
+    got, _, reqs = _run(engine, prompts, GREEDY)
+    assert [r.cached_tokens for r in reqs] == [0, 36, 36, 36]
+    fed = sum(engine.step_tokens.values()) - fed
+    prompt_tokens = sum(len(p) for p in prompts)
+    decode = sum(len(g) - 1 for g in got)  # a request's first token comes with its prompt
+    assert fed == prompt_tokens - 3 * 36 + decode  # each prompt token once, shared pages once
+    gen = Generator(model, eos_ids=[2], prefill_chunk=8)
+    assert got == [gen.generate([p], 12, max_len=MAX_LEN).tokens[0] for p in prompts]
+
+
 def test_pool_runs_out_preempts_without_losing_a_request(model, prompts, alone):
     """14 usable pages of 4 tokens for 4 rows (the longest request, 37 + 12 tokens, needs 13):
     decoding sequences outgrow the pool, the youngest is preempted, recomputed later and
@@ -133,7 +154,6 @@ def test_seeded_sampling_unchanged_by_batch(shared, prompts):
 
 
 def test_repetition_penalty_matches_generator(shared, model, prompts):
-    from hunyuan_jax.decode.sampling import SamplingConfig
 
     gen = Generator(model, sampling=SamplingConfig(repetition_penalty=1.3), eos_ids=[2])
     want = [gen.generate([p], 12, max_len=MAX_LEN).tokens[0] for p in prompts[:3]]
@@ -187,9 +207,6 @@ def test_mesh_equals_one_device(prompts, alone):
 
 
 def test_offline_generator_equals_generator_and_is_independent_of_batch(model, prompts, alone):
-    from hunyuan_jax.decode.sampling import SamplingConfig
-    from hunyuan_jax.engine.offline import OfflineGenerator
-
     gen = OfflineGenerator(model, eos_ids=[2], page_size=4, token_budget=32)
     out = gen.generate(prompts, 12, max_len=MAX_LEN)
     assert out.tokens == alone
@@ -201,3 +218,39 @@ def test_offline_generator_equals_generator_and_is_independent_of_batch(model, p
     assert sampled.generate(prompts[:1], 8, seed=4).tokens[0] != both[0]
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         gen.generate([[1], []], 4)
+
+
+def test_offline_group_prefilled_once_logprobs_and_set_params(model, prompts):
+    """RL rollouts' needs: a group's repeated prompt prefilled once (the repeats take its full
+    pages from the prefix cache: same tokens as without the cache), each token's log-probability, and
+    `set_params` (the programs run on new arrays of the same tree, as a fresh engine on them
+    would; another tree is refused; tests/test_grpo.py checks the rollout's log-probs against
+    the train step's recomputation on the arrays it updated)."""
+    group = [prompts[3]] * 4  # 37 tokens: 9 full pages of 4
+    gen = OfflineGenerator(
+        model, sampling=SamplingConfig(temperature=1.0), eos_ids=[2], page_size=4,
+        token_budget=32,
+    )  # fmt: skip
+    shared = gen.generate(group, 6, seed=1, max_len=MAX_LEN)
+    assert gen.cached_tokens == 3 * 36  # the first computes the 9 pages, the repeats take them
+    again = gen.generate(group, 6, seed=1, max_len=MAX_LEN)  # a call's pool starts empty
+    assert gen.cached_tokens == 3 * 36 and again.tokens == shared.tokens
+    core = next(iter(gen._cores.values()))
+    plain = Engine(core, eos_ids=[2], prefix_caching=False, log=lambda m: None)
+    params = [GenParams(max_tokens=6, temperature=1.0, seed=request_seed(1, i)) for i in range(4)]
+    toks, events, _ = _run(plain, group, params)
+    lps = [[e.logprob for e in ev if e.kind == "token"] for ev in events]
+    assert shared.tokens == toks  # the same tokens as with every page computed
+    assert [len(lp) for lp in shared.logprobs] == [len(t) for t in shared.tokens]
+    np.testing.assert_allclose(sum(shared.logprobs, []), sum(lps, []), atol=ATOL)
+    assert all(lp <= 0 for lp in sum(shared.logprobs, []))
+
+    _, params = nnx.split(model)
+    moved = jax.tree.map(lambda x: x * 1.5, params)
+    gen.set_params(moved)  # the same compiled programs, other arrays
+    after = gen.generate(group, 6, seed=1, max_len=MAX_LEN)
+    assert after.tokens != shared.tokens
+    gen.set_params(params)
+    assert gen.generate(group, 6, seed=1, max_len=MAX_LEN).tokens == shared.tokens
+    with pytest.raises(ValueError, match="parameter tree differs"):
+        gen.set_params({"w": jax.numpy.zeros(3)})

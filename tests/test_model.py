@@ -21,12 +21,13 @@ from safetensors.numpy import load_file, save_file
 from hunyuan_jax.checkpoints import hf_mapping
 from hunyuan_jax.checkpoints.loading import load_params, read_model_config
 from hunyuan_jax.errors import CheckpointError, ConfigError
+from hunyuan_jax.model import qops
 from hunyuan_jax.model.config import ConfigTypeError, ModelConfig, hf_to_fields
 from hunyuan_jax.model.kernels.attention import AttentionMask
 from hunyuan_jax.model.kv_cache import KVCache
 from hunyuan_jax.model.layers import apply_rope, rope_inv_freq
 from hunyuan_jax.model.moe import ExpertWeights, dropless_experts, route
-from hunyuan_jax.model.policy import RuntimePolicy
+from hunyuan_jax.model.policy import REMAT_NAMES, RuntimePolicy
 from hunyuan_jax.model.state import abstract_model, flat_shapes, model_from_arrays, param_count
 from hunyuan_jax.model.transformer import Attention, Context
 from sharding.plan import ShardingPlan
@@ -404,6 +405,61 @@ def test_bfloat16_compute_close_to_float32_without_router_ties():
     err = np.abs(f32 - bf16)
     # Measured: max 0.148 (3.4% of max |logit| 4.35), mean 0.017.
     assert err.max() < 0.08 * np.abs(f32).max() and err.mean() < 0.05, (err.max(), err.mean())
+
+
+def test_weight_cast_is_astype_bit_for_bit(monkeypatch):
+    """`qops.cast` (float32 -> bfloat16 from the bits, so XLA:TPU cannot hoist a stacked copy
+    out of the layer loop) is `astype`: the same bits on ties, extremes, inf and nan, the same
+    gradient, and the same logits of a bf16-compute model."""
+    rng = np.random.default_rng(0)
+    edge = np.array([0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.4e38, -3.4e38, 1e-40, 2**-126])
+    x = np.concatenate([rng.standard_normal(4096).astype(np.float32) * 10, edge, [np.inf]])
+    x = jnp.asarray(np.concatenate([x, -x, [np.nan]]), jnp.float32)
+    got, want = qops.cast(x, jnp.bfloat16), x.astype(jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(got).view(np.uint16)[:-1], np.asarray(want).view(np.uint16)[:-1]
+    )
+    assert np.isnan(np.asarray(got[-1], np.float32))
+    y = jnp.asarray(rng.standard_normal(x.shape[0] - 1), jnp.bfloat16)
+    g = jax.grad(lambda a, f: jnp.sum(f(a, jnp.bfloat16) * y).astype(jnp.float32))
+    np.testing.assert_array_equal(g(x[:-1], qops.cast), g(x[:-1], lambda a, d: a.astype(d)))
+
+    cfg = small_cfg()
+    model = random_model(cfg, seed=3, policy=F32.replace(compute_dtype="bfloat16"))
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
+    cast_logits = np.asarray(nnx.jit(lambda m, t: m(t)[0])(model, ids))  # a fresh trace each
+    monkeypatch.setattr(qops, "cast", lambda a, dtype: a.astype(dtype))
+    np.testing.assert_array_equal(
+        cast_logits, np.asarray(nnx.jit(lambda m, t: m(t)[0])(model, ids))
+    )
+
+
+def test_remat_checkpoint_names_and_the_save_policy():
+    """Every named checkpoint point is in a training forward; `remat: save` keeping all of
+    them gives the loss and gradients of no remat."""
+    cfg = small_cfg(num_shared_experts=1)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
+    key = jax.random.key(0)
+
+    def loss_fn(graphdef):
+        return lambda state: jnp.mean(nnx.merge(graphdef, state)(ids, key=key)[0] ** 2)
+
+    graphdef, state = nnx.split(random_model(cfg, seed=2))
+    text = str(jax.make_jaxpr(loss_fn(graphdef))(state))
+    assert all(f"name={n}" in text for n in REMAT_NAMES), text.count("name=")
+    results = {}
+    for remat, save in [("none", ""), ("save", ",".join(REMAT_NAMES))]:
+        policy = F32.replace(remat=remat, remat_save=save)
+        graphdef, state = nnx.split(random_model(cfg, seed=2, policy=policy))
+        results[remat] = jax.jit(jax.value_and_grad(loss_fn(graphdef)))(state)
+    np.testing.assert_allclose(float(results["save"][0]), float(results["none"][0]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(results["save"][1]), jax.tree.leaves(results["none"][1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="remat_save"):
+        F32.replace(remat="save", remat_save="q_proj,attn_scores")
+    with pytest.raises(ConfigError, match="remat_save"):
+        F32.replace(remat="save")
 
 
 def test_scan_and_unrolled_layers_agree(reference, tiny):

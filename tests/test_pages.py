@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from hunyuan_jax.engine.pages import PagePool
+from hunyuan_jax.engine.pages import PagePool, shares_pending_page
 
 
 def check_invariants(pool: PagePool, held: Counter) -> None:
@@ -326,3 +326,17 @@ def test_randomized_invariants():
         drop(seq["pages"])
     check_invariants(pool, held)
     assert pool.stats()["in_use"] == 0
+
+
+def test_shares_pending_page():
+    """A sequence waits for a page another sequence is still computing (full pages only, its
+    last token excluded), not for a page that is computed or that it does not share."""
+    system = list(range(100, 109))  # 2 full pages of 4 and one token
+    other = system + [1, 2]
+    assert shares_pending_page(system + [5], [(other, 0)], 4)  # pages 0, 1 not computed yet
+    assert shares_pending_page(system + [5], [(other, 4)], 4)  # page 1 still pending
+    assert not shares_pending_page(system + [5], [(other, 8)], 4)  # both computed: cached
+    assert not shares_pending_page([9] + system, [(other, 0)], 4)  # no common first page
+    assert not shares_pending_page(system[:4], [(other, 0)], 4)  # its last token is its own
+    assert shares_pending_page(system[:5], [(other, 0)], 4)
+    assert not shares_pending_page(system + [5], [], 4)

@@ -430,12 +430,12 @@ def test_mixed_forms_are_refused():
 
 def test_aot_tool_compiles_int8_weights(tmp_path, capsys):
     """`python -m hunyuan_jax.cli.aot --weights int8` (here on this host's 8 CPU devices): the
-    serving program takes the int8 values + scales as arguments, under half the bytes of the
-    float32 weights alone."""
+    engine's decode step takes the int8 values + scales as arguments, under half the bytes of
+    the float32 weights alone."""
     from hunyuan_jax.cli.aot import main
 
     out = tmp_path / "r.json"
-    argv = ["--config", "configs/tiny.yaml", "--topology", "local", "--mode", "decode-step"]
+    argv = ["--config", "configs/tiny.yaml", "--topology", "local", "--mode", "decode"]
     argv += ["--batch", "2", "--mesh", "expert=2,tensor=4", "--cache-len", "64"]
     argv += ["--dtype", "float32", "--weights", "int8", "--json", str(out)]
     assert main(argv) == 0, capsys.readouterr()
@@ -447,4 +447,4 @@ def test_aot_tool_compiles_int8_weights(tmp_path, capsys):
     float_bytes = sum(
         v.get_value().size * 4 for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
     )
-    assert r["memory_gib"]["arguments"] * 2**30 * 8 < 0.5 * float_bytes  # per device x 8
+    assert r["weights_gib_per_chip"] * 2**30 * 8 < 0.5 * float_bytes  # per device x 8

@@ -171,6 +171,11 @@ TABLE: list[Entry] = [
         expect=("| dpo ", "[train] done at step 20"),
         refuse=("ce 0.0000",),  # no cross-entropy term in plain DPO
     ),
+    Entry(r"^printf .* > prompts\.jsonl$"),
+    Entry(
+        r"^python train\.py .*--run-dir runs/tiny-grpo .*--set objective=grpo",
+        expect=("| reward ", "[train] done at step 32"),
+    ),
     Entry(
         r"^python infer\.py --checkpoint DIR ",
         synopsis=True,

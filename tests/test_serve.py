@@ -93,7 +93,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def generator(server):
-    from hunyuan_jax.decode.generate import Generator
+    from tests.helpers.contiguous import Generator
 
     ex = server.state.engine.ex
     model = _model(server)

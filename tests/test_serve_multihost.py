@@ -53,7 +53,7 @@ def _launch(i: int, http_port: int, coord_port: int, log: Path) -> subprocess.Po
 def test_two_process_server_matches_generator(tmp_path):
     from hunyuan_jax.cli.serve import DEFAULT_MODEL
     from hunyuan_jax.decode import from_checkpoint
-    from hunyuan_jax.decode.generate import Generator
+    from tests.helpers.contiguous import Generator
 
     http_port, coord_port = _free_port(), _free_port()
     logs = [tmp_path / f"serve{i}.log" for i in range(2)]

@@ -14,6 +14,7 @@ from flax import nnx
 from hunyuan_jax.model import moe
 from hunyuan_jax.model.config import ModelConfig
 from hunyuan_jax.model.expert_parallel import make_expert_parallel_fn
+from hunyuan_jax.model.kernels.attention import kernel_layout
 from hunyuan_jax.model.policy import RuntimePolicy
 from hunyuan_jax.model.state import abstract_model, init_model
 from hunyuan_jax.model.transformer import HunyuanForCausalLM
@@ -261,3 +262,22 @@ def test_expert_parallel_equals_dropless_for_every_token_layout(
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
     if strategy == "all_to_all":
         assert float(stats["rerouted_fraction"]) == float(stats["dropped_fraction"]) == 0.0
+
+
+def test_context_parallel_equals_single_device(batch, single_device):
+    """fsdp_ep_cp: the sequence over 'tensor' (2), experts over 'expert', weights over fsdp;
+    flash attention with each device's query chunk over all keys (K/V gathered) and the
+    chunked loss: the loss and gradients of the one-device step."""
+    plan = make_plan((1, 2, 2, 2), "fsdp_ep_cp")
+    spec = kernel_layout("flash", plan, (8, 24, 12, 8), (8, 24, 4, 8))
+    assert spec["q_spec"][1] == "tensor" and spec["kv_spec"][1] is None
+    model = load_tiny(plan, TRAIN.replace(attention="flash", loss_chunk=8))
+    logits, loss, grads = _loss_and_grads(model, batch)
+    ref_logits, ref_loss, ref_grads = single_device
+    np.testing.assert_allclose(np.asarray(logits), ref_logits, atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_allclose(float(loss), float(ref_loss), atol=LOSS_ATOL, rtol=0)
+    ref_flat = dict(nnx.to_flat_state(ref_grads))
+    for path, g in nnx.to_flat_state(grads):
+        np.testing.assert_allclose(
+            np.asarray(g.get_value()), ref_flat[path].get_value(), atol=GRAD_ATOL, rtol=0
+        )

@@ -15,6 +15,7 @@ them; the report gives per-chip memory, FLOPs and the MFU implied by a stated st
 | `flops` | analytic and unrolled FLOP counts, the step-time model |
 | `report` | one compile's report as a dict and as text (and the text of `serve`'s) |
 | `serve` | `--mode serve`: every program of the serving engine, the page pool sized to the chip |
+| `grpo` | `--mode grpo`: the GRPO train step and the rollout engine on the same weights, both at once |
 
 The command line (flags -> configs, plan and job; exit codes through `hunyuan_jax.errors`) is
 `hunyuan_jax/cli/aot.py`.

@@ -13,6 +13,7 @@ from hunyuan_jax.aot.compiler import GiB, compile_program
 from hunyuan_jax.aot.programs import Job, build
 from hunyuan_jax.aot.topology import Chip
 from hunyuan_jax.model.config import ModelConfig
+from hunyuan_jax.model.policy import RuntimePolicy
 
 
 def active_matmul_params(cfg: ModelConfig) -> dict[str, float]:
@@ -32,25 +33,95 @@ def active_matmul_params(cfg: ModelConfig) -> dict[str, float]:
     }
 
 
+def layer_flops(cfg: ModelConfig, tokens: int, context: int) -> dict[str, float]:
+    """Forward FLOPs of the decoder layers (whole slice), per named checkpoint point
+    (`policy.REMAT_NAMES`: the matmul or attention that produces it), plus the router
+    (unnamed). `last_down`: the down projections of each CLA group's last layer (their output
+    only feeds the next group's input, which the layer scan saves: never recomputed)."""
+    d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    f, L, groups = cfg.intermediate_size, cfg.num_layers, cfg.num_groups
+    shared, routed = cfg.num_shared_experts, cfg.moe_top_k
+    per = {
+        "q_proj": L * 2 * d * h * hd,
+        "kv_proj": groups * 2 * 2 * d * kvh * hd,
+        "attn_out": L * 4 * h * hd * context,
+        "o_proj": L * 2 * h * hd * d,
+        "mlp_gate": L * 2 * d * f * shared,
+        "mlp_up": L * 2 * d * f * shared,
+        "mlp_down": L * 2 * f * d * shared,
+        "moe_gate": L * 2 * d * f * routed,
+        "moe_up": L * 2 * d * f * routed,
+        "moe_down": L * 2 * f * d * routed,
+        "router": L * 2 * d * cfg.num_experts,
+    }
+    out = {k: float(v * tokens) for k, v in per.items()}
+    out["last_down"] = float(groups * 2 * f * d * (shared + routed) * tokens)
+    return out
+
+
+def remat_recompute(
+    cfg: ModelConfig, policy: RuntimePolicy, tokens: int, context: int
+) -> tuple[float, str]:
+    """(FLOPs the backward pass recomputes, how). Every named point's output is needed by the
+    backward (the matmuls' inputs, the residual stream between the layers of a group) except
+    the group's last down projections; the layer scan's checkpoint recomputes, once, each
+    needed point it does not save (and the router, which is unnamed). The chunked loss
+    (`loss_chunk` > 0) recomputes its chunk's LM head in the backward (`jax.checkpoint`)."""
+    if policy.remat == "none":
+        layers, how = 0.0, "no remat"
+    elif policy.remat in ("full", "save", "save_attn_out"):
+        saved = {
+            "full": (),
+            "save": policy.saved_names(),
+            "save_attn_out": ("attn_out",),
+        }[policy.remat]
+        per = layer_flops(cfg, tokens, context)
+        last = per.pop("last_down")
+        layers = sum(v for k, v in per.items() if k not in saved)
+        for name in ("mlp_down", "moe_down"):  # the part of `last` of the unsaved downs
+            if name not in saved:
+                layers -= last * per[name] / (per["mlp_down"] + per["moe_down"])
+        how = f"recompute of the layers' {', '.join(k for k in per if k not in saved)}"
+    else:  # save_dots: every matmul without batch dims saved: attention core recomputed
+        layers = layer_flops(cfg, tokens, context)["attn_out"]
+        how = "recompute of attention's scores (save_dots)"
+    head = 2.0 * cfg.hidden_size * cfg.vocab_size * tokens if policy.loss_chunk else 0.0
+    if head:
+        how += " + the chunked loss's LM head"
+    return layers + head, how
+
+
 def analytic_flops(
-    cfg: ModelConfig, mode: str, batch: int, seq: int, context: int, remat: bool
+    cfg: ModelConfig,
+    mode: str,
+    batch: int,
+    seq: int,
+    context: int,
+    policy: RuntimePolicy | None = None,
 ) -> dict[str, float]:
     """Whole-slice FLOPs per step. Matmuls: 2 x weights x tokens forward; backward twice that;
-    full remat adds one more forward. Attention: QK^T and PV, 4 x heads x head_dim x context
-    per token and layer, full (masked, not causally halved: this implementation computes the
-    whole score matrix). `model` excludes the remat recompute (the MFU convention)."""
+    the remat recompute (`remat_recompute`, from `policy`) on top. Attention: QK^T and PV,
+    4 x heads x head_dim x context per token and layer, full (masked, not causally halved:
+    the XLA path computes the whole score matrix). `model` excludes the recompute (the MFU
+    convention); `ceiling` = model / hardware, the MFU at 100% of peak."""
+    policy = policy or RuntimePolicy(remat="none")
     n = active_matmul_params(cfg)["total"]
     attn_per_token = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
     tokens = batch * seq
     fwd = tokens * (2 * n + attn_per_token)
+    recompute, how = 0.0, "no backward"
     if mode == "train":
         model = 3 * fwd
-        hardware = model + (fwd if remat else 0)
+        recompute, how = remat_recompute(cfg, policy, tokens, context)
+        hardware = model + recompute
     else:
         model = hardware = fwd
     return {
         "model": float(model),
         "hardware": float(hardware),
+        "recompute": float(recompute),
+        "recompute_how": how,
+        "ceiling": float(model / hardware),
         "tokens": tokens,
         "active_params": float(n),
     }
@@ -110,8 +181,8 @@ def step_time_model(
     collectives at the chip's ICI bandwidth, all links busy (`comm_time_s`; the step is
     "communication-bound" when it exceeds the other two). The three are assumed to overlap
     (t = their max); `serial_time_s` is their sum, the no-overlap end. With efficiency 1 the
-    MFU is an upper bound: model / hardware FLOPs for a compute-bound step (0.75 with full
-    remat)."""
+    MFU is an upper bound: model / hardware FLOPs for a compute-bound step (the FLOP ceiling,
+    about 0.75 with full remat)."""
     if chip is None:
         return {"note": "no TPU chip: no peak FLOP/s to compare with"}
     f = report["flops"]

@@ -1,13 +1,16 @@
-"""What the AOT tool compiles: the programs train.py and infer.py run, built by their own
-public builders for abstract parameters (ShapeDtypeStructs carrying the plan's shardings; no
+"""What the AOT tool compiles: the programs train.py, infer.py and the server run, built by their
+own public builders for abstract parameters (ShapeDtypeStructs carrying the plan's shardings; no
 array is ever allocated).
 
 | mode | program | built by |
 |---|---|---|
-| train | one optimizer step (forward, backward with the policy's remat, AdamW; state donated) | `TrainStep(cfg, policy, tcfg, plan).lower(batch, seq, micro)` |
-| prefill | one prefill chunk of `seq` tokens written into a `cache_len`-slot KV cache | `Generator(model).lower("prefill", batch=, cache_len=, chunk=)` |
-| decode | the decode program as infer.py runs it (`decode_loop='auto'`: one token per call on TPU, the while loop elsewhere) | `Generator(model).lower("decode", ...)` |
-| decode-step | one token per call for every row (`decode_loop='host'`), cache donated | `Generator(model, decode_loop="host").lower("decode", ...)` |
+| train | one optimizer step (forward, backward with the policy's remat, AdamW; state donated; any `objective`: `--set objective=grpo` lowers GRPO's) | `TrainStep(cfg, policy, tcfg, plan).lower(batch, seq, micro)` (here) |
+| prefill | the engine's step over one prompt chunk of `seq` tokens, a pool of `batch` x `cache_len` tokens | `EngineCore(...).lower("step", seq)` (`hunyuan_jax.aot.serve`) |
+| decode | the engine's step for `batch` sequences, one token each | `EngineCore(...).lower("step", bucket)` (`hunyuan_jax.aot.serve`) |
+| serve | every program of the engine, the pool sized to the chip | `EngineCore(...).lower` per program (`hunyuan_jax.aot.serve`) |
+
+infer.py, the server and RL rollouts all run the engine (`hunyuan_jax.engine`): the serving
+modes lower its programs, never another decode loop.
 
 The MoE dispatch is never chosen here: the model asks `hunyuan_jax.model.dispatch` (expert-parallel
 when the plan shards the experts); the report names what it picked.
@@ -19,19 +22,18 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from hunyuan_jax.decode.generate import Generator
 from hunyuan_jax.errors import UsageError
 from hunyuan_jax.model import dispatch
 from hunyuan_jax.model.config import ModelConfig
 from hunyuan_jax.model.lora import base_policy
 from hunyuan_jax.model.policy import RuntimePolicy
-from hunyuan_jax.model.state import abstract_model
 from hunyuan_jax.train.config import TrainConfig
 from hunyuan_jax.train.data import check_run
 from hunyuan_jax.train.step import TrainStep
 from sharding.plan import ShardingPlan
 
-MODES = ("train", "prefill", "decode", "decode-step")
+MODES = ("train", "prefill", "decode", "serve")
+SERVING = ("prefill", "decode", "serve")  # the engine's programs (hunyuan_jax.aot.serve)
 DEFAULT_SEQ = {"train": 4096, "prefill": 512}
 DEFAULT_CACHE_LEN = 32768
 
@@ -87,9 +89,10 @@ def describe_dispatch(phase: str, job: Job, num_tokens: int) -> str:
 
 
 def build(job: Job) -> Program:
-    if job.mode not in MODES:
-        raise UsageError(f"--mode must be one of {MODES}, got {job.mode!r}")
-    return train_program(job) if job.is_train else serving_program(job)
+    """The train step's program (the serving modes: `hunyuan_jax.aot.serve`)."""
+    if not job.is_train:
+        raise UsageError(f"--mode {job.mode}: the engine's programs (hunyuan_jax.aot.serve)")
+    return train_program(job)
 
 
 def train_program(job: Job) -> Program:
@@ -109,10 +112,13 @@ def train_program(job: Job) -> Program:
     except ValueError as e:
         raise UsageError(f"--batch {batch} --micro {micro}: {e}") from None
     rows = batch // micro
+    # GRPO's objective runs the inference (dropless) dispatch unless grpo.dropless is false
+    grpo = tcfg.objective == "grpo"
+    phase = "prefill" if grpo and tcfg.grpo.dropless else "train"
     source = (
-        f"train_step.TrainStep (train.py's step), MoE "
-        f"{describe_dispatch('train', job, rows * seq)}"
-        + (f" ({job.policy.train_dispatch})" if job.plan.shards("exp") else "")
+        f"train_step.TrainStep (train.py's step{', objective grpo' if grpo else ''}), MoE "
+        f"{describe_dispatch(phase, job, rows * seq)}"
+        + (f" ({job.policy.train_dispatch})" if job.plan.shards("exp") and phase == "train" else "")
     )
     if tcfg.lora is not None:  # what trains and how the frozen base is held
         source += (
@@ -126,57 +132,5 @@ def train_program(job: Job) -> Program:
         batch,
         seq,
         None,
-        batch * seq,
-    )
-
-
-def serving_program(job: Job) -> Program:
-    """infer.py's programs: the Generator over the abstract model (`policy` as serving uses
-    it), lowered for `batch` rows and a `cache_len`-slot KV cache."""
-    limit = job.cfg.max_position_embeddings
-    cache_len = job.cache_len or min(DEFAULT_CACHE_LEN, limit)
-    if cache_len > limit:  # as the server's --max-len: positions past the model's are untrained
-        raise UsageError(
-            f"--cache-len {cache_len} exceeds the model's max_position_embeddings {limit}"
-        )
-    if job.mode == "prefill":
-        seq = job.seq or min(DEFAULT_SEQ["prefill"], cache_len)
-        if seq > cache_len:
-            raise UsageError(f"--seq {seq} (the prefill chunk) exceeds --cache-len {cache_len}")
-    else:
-        seq = 1
-    loop = "host" if job.mode == "decode-step" else "auto"
-    try:
-        gen = Generator(
-            abstract_model(job.cfg, job.policy, job.plan),
-            cache_dtype=job.cache_dtype,
-            prefill_chunk=seq,
-            decode_loop=loop,
-        )
-    except ValueError as e:  # e.g. an unknown cache dtype
-        raise UsageError(f"--cache-dtype: {e}") from None
-    multiple = gen.batch_multiple()
-    batch = job.batch or multiple
-    if batch % multiple:
-        raise UsageError(
-            f"--batch {batch} is not a multiple of the {multiple} devices the cache batch is "
-            f"sharded over ({job.plan.describe()}); the Generator pads batches to that multiple"
-        )
-    program = "prefill" if job.mode == "prefill" else "decode"
-    phase = "prefill" if program == "prefill" else "decode"
-    moe = describe_dispatch(phase, job, batch * seq)
-    if program == "prefill":
-        source = f"generate.Generator prefill chunk, MoE {moe}"
-    else:
-        how = "one token per call" if gen.decode_loop == "host" else "while loop"
-        source = f"generate.Generator decode (decode_loop={gen.decode_loop}: {how}), MoE {moe}"
-    args = gen.abstract_args(program, batch=batch, cache_len=cache_len, chunk=seq)
-    return Program(
-        lambda: gen.lower(program, batch=batch, cache_len=cache_len, chunk=seq),
-        args[0],
-        source + f", cache {gen.cache_dtype}",
-        batch,
-        seq,
-        cache_len,
         batch * seq,
     )

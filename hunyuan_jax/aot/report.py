@@ -95,12 +95,16 @@ def measure(
         ]
 
     chips = plan.num_devices
-    remat = job.policy.remat != "none"
-    ana = F.analytic_flops(job.cfg, job.mode, program.batch, program.seq, program.context, remat)
+    ana = F.analytic_flops(
+        job.cfg, job.mode, program.batch, program.seq, program.context, job.policy
+    )
     raw = F.compiled_cost(compiled)
     flops = {
         "analytic_model_per_chip": ana["model"] / chips,
         "analytic_hardware_per_chip": ana["hardware"] / chips,
+        "analytic_recompute_per_chip": ana["recompute"] / chips,
+        "recompute": ana["recompute_how"],
+        "ceiling": ana["ceiling"],
         "compiled_raw_per_chip": raw["flops"],
         "compiled_raw_note": "XLA cost_analysis: each loop body (layer scan, decode "
         "while-loop) counted once",
@@ -253,6 +257,13 @@ def format_report(r: dict) -> str:
             else ""
         )
     )
+    if r["mode"] == "train":
+        lines.append(
+            f"FLOP ceiling {f['ceiling']:.1%} (model / hardware FLOPs, the MFU at 100% of "
+            f"peak): remat {r['remat']}"
+            + (f" keeping {r['policy']['remat_save']}" if r["remat"] == "save" else "")
+            + f"; {f['recompute']}"
+        )
     lines += comm_lines(r)
     mfu = r.get("mfu", {})
     if "mfu" in mfu:
@@ -277,11 +288,12 @@ def _gib(x: float | None) -> str:
 
 
 def format_serve(r: dict) -> str:
-    """The text of a `--mode serve` report (`hunyuan_jax.aot.serve.measure_serve`)."""
+    """The text of a serving report (`hunyuan_jax.aot.serve.measure_serve`: --mode serve,
+    prefill or decode)."""
     mesh = {k: v for k, v in r["mesh"].items() if v > 1}
     pol = r["policy"]
     lines = [
-        f"serve | {r['config']} | {r['topology']} ({r['topology_string']}, {r['chips']} chips, "
+        f"{r['mode']} | {r['config']} | {r['topology']} ({r['topology_string']}, {r['chips']} chips, "
         f"{r['device_kind']}) | mesh {r['mesh_arg']} {mesh} | rules {r['rules']}",
         f"params {pol['param_dtype']}, matmul weights {pol.get('weights', 'auto')}, compute "
         f"{pol['compute_dtype']}, scan {'on' if pol['scan_layers'] else 'off'}",

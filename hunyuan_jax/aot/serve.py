@@ -60,7 +60,7 @@ from jax import dtypes
 
 from hunyuan_jax.aot import flops as F
 from hunyuan_jax.aot.compiler import GiB, Memory, compile_program, read_dump
-from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, Job, Program, describe_dispatch
+from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, Job, Program, describe_dispatch
 from hunyuan_jax.aot.report import comm_summary, optimized_hlo, plan_fields
 from hunyuan_jax.aot.topology import Chip
 from hunyuan_jax.engine.core import EngineCore
@@ -271,11 +271,12 @@ def _probe(
     }
 
 
-def _scenario(core: EngineCore, name: str, tokens: int, impl: str) -> dict[str, Any]:
-    """The step-time model's assumptions for one program (see the module doc)."""
+def _scenario(core: EngineCore, name: str, tokens: int, impl: str, phase: str | None):
+    """The step-time model's assumptions for one program (see the module doc); `phase` given
+    (--mode prefill / decode) or, for `serve`, read from the bucket."""
     if name == "score":
         return {}
-    if tokens <= core.bucket_for(core.max_seqs):
+    if (phase or _phase(core, tokens)) == "decode":
         seqs = min(tokens, core.max_seqs)
         keys, reads = core.max_len, seqs * core.max_len
         what = f"decode: {seqs} sequences x 1 token, each at {core.max_len} keys"
@@ -305,6 +306,31 @@ def _flops(job: Job, core: EngineCore, name: str, tokens: int, keys: int) -> dic
     }
 
 
+def _phase(core: EngineCore, tokens: int) -> str:
+    return "decode" if tokens <= core.bucket_for(core.max_seqs) else "prefill"
+
+
+def one_program_sizes(job: Job) -> ServeSizes:
+    """--mode prefill / decode: the engine for `--batch` sequences of `--cache-len` tokens (the
+    pool holds exactly those, no sizing to the chip) whose one program is compiled: prefill
+    `step[seq]` (one prompt chunk; batch default 1), decode the step of `batch` sequences, one
+    token each (batch default MAX_SEQS)."""
+    limit = job.cfg.max_position_embeddings
+    cache_len = job.cache_len or min(DEFAULT_CACHE_LEN, limit)
+    if cache_len > limit:  # as the server's --max-len: positions past the model's are untrained
+        raise UsageError(
+            f"--cache-len {cache_len} exceeds the model's max_position_embeddings {limit}"
+        )
+    batch = job.batch or (1 if job.mode == "prefill" else MAX_SEQS)
+    tokens = batch
+    if job.mode == "prefill":
+        tokens = job.seq or min(DEFAULT_SEQ["prefill"], cache_len)
+        if tokens > cache_len:
+            raise UsageError(f"--seq {tokens} (the prefill chunk) exceeds --cache-len {cache_len}")
+    pages = batch * math.ceil(cache_len / PAGE_SIZE) + 1  # and the scratch page
+    return ServeSizes(batch, cache_len, PAGE_SIZE, tokens, pages)
+
+
 def measure_serve(
     job: Job,
     sizes: ServeSizes,
@@ -315,20 +341,27 @@ def measure_serve(
     hlo_dir: str | None = None,
     efficiency: float = 1.0,
 ) -> dict[str, Any]:
-    """Size the pool, compile every engine program, and report (JSON-able dict)."""
+    """Size the pool, compile the engine's programs (`--mode serve`: every one; prefill: the
+    step of the token budget; decode: the step of max_seqs tokens), and report (JSON-able)."""
     limit = job.cfg.max_position_embeddings
     max_len = sizes.max_len or min(DEFAULT_CACHE_LEN, limit)
     if not 2 <= max_len <= limit:
         raise UsageError(f"--max-len must be in [2, {limit}] (the model's context), got {max_len}")
     model = abstract_model(job.cfg, job.policy, job.plan)
     pool_rule = size_pool(job, model, sizes, max_len, hbm_gib, hlo_dir)
+    phase = None if job.mode == "serve" else job.mode
+    if phase:
+        pool_rule["rule"] = f"{sizes.max_seqs} sequences of {max_len} (--batch x --cache-len)"
     pages, refits = pool_rule["num_pages"], []
     for attempt in range(FIT_ROUNDS):
         eng = _Engine(job, model, sizes, max_len, pages)
         impl = dispatch.paged_attention_impl_for(job.policy, job.plan, eng.pool)
+        core = eng.core
+        only = {"prefill": core.token_budget, "decode": core.bucket_for(core.max_seqs)}
         programs = [
-            _program(job, eng, name, tokens, impl, chip, hbm_gib, hlo_dir, efficiency)
-            for name, tokens in eng.core.programs
+            _program(job, eng, name, tokens, impl, chip, hbm_gib, hlo_dir, efficiency, phase)
+            for name, tokens in core.programs
+            if not phase or (name, tokens) == ("step", only[phase])
         ]
         misfits = [p for p in programs if not p["fits"]]
         if not misfits or sizes.num_pages is not None or attempt == FIT_ROUNDS - 1:
@@ -350,7 +383,7 @@ def measure_serve(
     per_token = eng.page_bytes / core.page_size
     report: dict[str, Any] = dict(header)
     report.update(
-        mode="serve",
+        mode=job.mode,
         **plan_fields(plan),
         batch=core.max_seqs,
         seq=core.token_budget,
@@ -360,7 +393,7 @@ def measure_serve(
         compute_dtype=job.policy.compute_dtype,
         hbm_gib=hbm_gib,
         step_source=(
-            f"engine.core.EngineCore programs {', '.join(f'{n}[{t}]' for n, t in core.programs)}"
+            f"engine.core.EngineCore programs {', '.join(p['program'] for p in programs)}"
             f"; paged attention {impl}"
             + (f" ({why})" if why else "")
             + f"; MoE decode {describe_dispatch('decode', job, core.max_seqs)}, prefill "
@@ -396,14 +429,15 @@ def measure_serve(
     return report
 
 
-def _program(job, eng: _Engine, name, tokens, impl, chip, hbm_gib, hlo_dir, efficiency) -> dict:
+def _program(job, eng: _Engine, name, tokens, impl, chip, hbm_gib, hlo_dir, efficiency, phase):
     core, chips = eng.core, job.plan.num_devices
     entry: dict[str, Any] = {
         "program": f"{name}[{tokens}]",
         "name": name,
         "tokens": tokens,
-        "phase": "decode" if tokens <= core.max_seqs else "prefill",
-        "detail": name == "step" and tokens in (core.bucket_for(core.max_seqs), core.token_budget),
+        "phase": phase or _phase(core, tokens),
+        "detail": name == "step"
+        and (phase or tokens in (core.bucket_for(core.max_seqs), core.token_budget)),
         "dump": f"{DUMP_PREFIX}{name}_{tokens}",
     }
     compiled, t_lower, t_compile, hlo = eng.compile(name, tokens, hlo_dir)
@@ -429,7 +463,7 @@ def _program(job, eng: _Engine, name, tokens, impl, chip, hbm_gib, hlo_dir, effi
     entry["comm"] = comm_summary(hlo, chips, chip) if hlo else {"error": "no optimized HLO"}
     entry["pool_collectives"] = _pool_collectives(hlo, eng)
     raw = F.compiled_cost(compiled)
-    scenario = _scenario(core, name, tokens, impl)
+    scenario = _scenario(core, name, tokens, impl, phase)
     if not scenario:
         entry["flops"] = {"compiled_raw_per_chip": raw["flops"]}
         return entry

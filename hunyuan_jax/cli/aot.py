@@ -4,13 +4,16 @@ ShardingPlan over the slice's compile-only devices) -> one compile -> report.
     python -m hunyuan_jax.cli.aot --config configs/hunyuan_a52b_instruct.yaml --topology v5p-256 \
         --mode train --mesh fsdp=8,expert=16 --rules fsdp_ep --seq 4096
     python -m hunyuan_jax.cli.aot --config configs/hunyuan_a52b_instruct.yaml --topology v6e-32 \
-        --mode decode-step --batch 8 --cache-len 32768 --rule cache_length=expert
+        --mode decode --batch 8 --cache-len 32768
     python -m hunyuan_jax.cli.aot --config configs/hunyuan_a52b_instruct.yaml --topology v6e-16 \
         --mode serve --weights int8 --max-len 32768 --max-seqs 8 --token-budget 4096
 
-`--mode serve` compiles every program of the serving engine (`hunyuan_jax.engine`: step[T] per
-token bucket, score[budget]) with the page pool sized to what the chip has left after the
-weights, the largest program's temporaries and a margin (`hunyuan_jax.aot.serve`).
+The serving modes compile the programs of the one serving engine (`hunyuan_jax.engine`, which
+infer.py, the server and RL rollouts run; `hunyuan_jax.aot.serve`): `--mode serve` every one
+(step[T] per token bucket, score[budget]) with the page pool sized to what the chip has left
+after the weights, the largest program's temporaries and a margin; `--mode decode` its step
+for `--batch` sequences (one token each) and `--mode prefill` its step over one `--seq`-token
+prompt chunk, each with a pool of `--batch` sequences of `--cache-len` tokens.
 
 Configs: the architecture from `loading.read_model_config` (our YAML, a Hugging Face
 config.json or any checkpoint directory). Training uses the YAML's `runtime:` and `train:`
@@ -43,7 +46,8 @@ from hunyuan_jax import errors
 from hunyuan_jax.aot import serve as S
 from hunyuan_jax.aot import topology as T
 from hunyuan_jax.aot.compiler import enable_dump
-from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, MODES, Job
+from hunyuan_jax.aot.grpo import format_grpo, measure_grpo
+from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, MODES, SERVING, Job
 from hunyuan_jax.aot.report import format_report, format_serve, measure
 from hunyuan_jax.checkpoints import loading
 from hunyuan_jax.cli_help import HelpFormatter
@@ -56,6 +60,7 @@ from sharding.plan import ShardingPlan
 
 PROG = "python -m hunyuan_jax.cli.aot"
 SERVE = "serve"
+GRPO = "grpo"
 _SERVE_FLAGS = ("max_len", "max_seqs", "page_size", "token_budget", "num_pages", "pool_margin_gib")
 
 
@@ -84,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--mode",
-        choices=(*MODES, SERVE),
+        choices=(*MODES, GRPO),
         default="train",
-        help="the program to compile; serve: every program of the serving engine",
+        help="the program to compile: train.py's step; the serving engine's prefill step, "
+        "decode step, or every program of it (serve); grpo: the GRPO train step and the "
+        "rollout engine's programs on the same weights (docs/rl.md)",
     )
     p.add_argument("--mesh", default=None, help="e.g. fsdp=-1,expert=16 (default per mode)")
     p.add_argument(
@@ -106,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch",
         type=int,
         default=None,
-        help="global batch (sequences); default: the smallest the layout allows (train: one "
-        "sequence per batch shard and micro-batch)",
+        help=f"global batch (sequences); train default: one sequence per batch shard and "
+        f"micro-batch; decode: the sequences of the step (default {S.MAX_SEQS}); prefill: the "
+        f"sequences the pool holds (default 1)",
     )
     p.add_argument(
         "--seq",
@@ -121,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-len",
         type=int,
         default=None,
-        help=f"KV cache slots (default: {DEFAULT_CACHE_LEN} or the model's "
-        f"max_position_embeddings if less; at most that)",
+        help=f"prefill / decode: each sequence's length, the keys a decode token attends to "
+        f"(default: {DEFAULT_CACHE_LEN} or the model's max_position_embeddings if less; at most "
+        f"that)",
     )
     p.add_argument("--micro", type=int, default=1, help="train: micro-batches per step")
     serve = p.add_argument_group("--mode serve (the engine's sizes; hunyuan_jax.aot.serve)")
@@ -237,7 +246,7 @@ def resolve_configs(args) -> tuple[ModelConfig, RuntimePolicy, TrainConfig]:
         for key in set(over["train"]) & {f.name for f in dataclasses.fields(section)}:
             if key not in train_keys:
                 raise ConfigError(f"--set {key}=: {key!r} is a {kind} key: --set {kind}.{key}=")
-    train = args.mode == "train"
+    train = args.mode in ("train", GRPO)
     if not train and over["train"]:
         raise UsageError(f"--set {sorted(over['train'])}: train keys apply to --mode train only")
     if _is_our_yaml(path):
@@ -262,33 +271,36 @@ def resolve_configs(args) -> tuple[ModelConfig, RuntimePolicy, TrainConfig]:
 
 
 def _check_flags(args) -> None:
-    train = args.mode == "train"
+    train = args.mode in ("train", GRPO)
     if args.mode == SERVE:
-        for name in ("batch", "seq", "cache_len", "step_time"):
+        for name in ("batch", "seq", "cache_len"):
             if getattr(args, name) is not None:
                 flag = "--" + name.replace("_", "-")
                 hint = " (the engine's longest sequence: --max-len)" if name == "cache_len" else ""
                 raise UsageError(f"{flag} does not apply to --mode serve{hint}")
-        if args.unrolled_flops:
-            raise UsageError("--unrolled-flops does not apply to --mode serve")
+        if args.pool_margin_gib is not None and args.pool_margin_gib < 0:
+            raise UsageError(f"--pool-margin-gib must be >= 0, got {args.pool_margin_gib}")
+    if args.mode in (SERVE, GRPO):
         for name in ("max_len", "max_seqs", "page_size", "token_budget", "num_pages"):
             value = getattr(args, name)
             if value is not None and value < (2 if name in ("max_len", "num_pages") else 1):
                 raise UsageError(f"--{name.replace('_', '-')} must be >= "
                                  f"{2 if name in ('max_len', 'num_pages') else 1}, got {value}")  # fmt: skip
-        if args.pool_margin_gib is not None and args.pool_margin_gib < 0:
-            raise UsageError(f"--pool-margin-gib must be >= 0, got {args.pool_margin_gib}")
+        if args.mode == GRPO and (args.pool_margin_gib is not None or args.cache_len):
+            raise UsageError("--pool-margin-gib and --cache-len do not apply to --mode grpo")
     else:
         given = [n for n in _SERVE_FLAGS if getattr(args, n) is not None]
         if given:
             flags = ", ".join("--" + n.replace("_", "-") for n in given)
-            raise UsageError(f"{flags}: only for --mode serve")
+            raise UsageError(f"{flags}: only for --mode serve and grpo")
     if not train and args.seq is not None and args.mode != "prefill":
         raise UsageError(f"--seq applies to train and prefill, not to --mode {args.mode}")
     if train and args.cache_len is not None:
         raise UsageError("--cache-len applies to prefill and decode, not to --mode train")
     if not train and (args.micro != 1 or args.param_dtype):
         raise UsageError("--micro and --param-dtype apply to --mode train only")
+    if not train and (args.unrolled_flops or args.step_time is not None):
+        raise UsageError("--unrolled-flops and --step-time apply to --mode train only")
     for name in ("batch", "seq", "cache_len", "micro", "slices"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -314,20 +326,21 @@ def resolve(args) -> tuple[Job, dict, T.Chip | None, float | None]:
         sl = T.parse_topology(args.topology, args.slices)
         devices = T.topology_devices(sl)
     slices = sl.num_slices if sl else 1
+    mode = "train" if args.mode == GRPO else args.mode  # grpo: the train step's layout
     mesh = args.mesh or (
-        T.default_mesh(args.mode, cfg, len(devices) // slices)
+        T.default_mesh(mode, cfg, len(devices) // slices)
         + (f",dcn.data={slices}" if slices > 1 else "")
     )
-    rules = args.rules or T.default_rules(args.mode)
+    rules = args.rules or T.default_rules(mode)
     try:  # a mesh that does not fit the devices or the model: ConfigError (sharding/plan.py)
         plan = ShardingPlan.from_flags(mesh, rules, args.rule, devices=devices)
-        if args.mode != "train":  # train: train.py's own checks, in programs.train_program
+        if mode != "train":  # train: train.py's own checks, in programs.train_program
             check_fits(plan, cfg, policy)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"--mesh {mesh} --rules {rules}: {e}") from None
     chip = T.chip_of(plan.devices)
     job = Job(
-        args.mode,
+        mode,
         cfg,
         policy,
         plan,
@@ -358,8 +371,17 @@ def run(args, own_process: bool = False) -> int:
     if hlo_dir:
         enable_dump(hlo_dir)
     job, header, chip, hbm_gib = resolve(args)
-    if args.mode == SERVE:
-        return _run_serve(args, job, header, chip, hbm_gib, hlo_dir)
+    if args.mode in SERVING:
+        sizes = serve_sizes(args) if args.mode == SERVE else S.one_program_sizes(job)
+        return _run_serve(args, job, sizes, header, chip, hbm_gib, hlo_dir)
+    if args.mode == GRPO:
+        try:
+            report = measure_grpo(job, serve_sizes(args), header, hbm_gib)
+        finally:
+            if hlo_dir and not args.dump:
+                shutil.rmtree(hlo_dir, ignore_errors=True)
+        what = "the GRPO train step and the rollout engine together"
+        return _emit(args, report, format_grpo(report), f"{what} do not fit")
     try:
         report = measure(
             job,
@@ -403,11 +425,11 @@ def serve_sizes(args) -> S.ServeSizes:
     return S.ServeSizes(**given)
 
 
-def _run_serve(args, job, header, chip, hbm_gib, hlo_dir) -> int:
+def _run_serve(args, job, sizes, header, chip, hbm_gib, hlo_dir) -> int:
     try:
         report = S.measure_serve(
             job,
-            serve_sizes(args),
+            sizes,
             header,
             chip=chip,
             hbm_gib=hbm_gib,
@@ -419,7 +441,10 @@ def _run_serve(args, job, header, chip, hbm_gib, hlo_dir) -> int:
             shutil.rmtree(hlo_dir, ignore_errors=True)
     bad = [p["program"] for p in report["programs"] if not p["fits"]]
     return _emit(
-        args, report, format_serve(report), f"the serving engine's {', '.join(bad)} do not fit"
+        args,
+        report,
+        format_serve(report),
+        f"the serving engine's {', '.join(bad)} {'does' if len(bad) == 1 else 'do'} not fit",
     )
 
 

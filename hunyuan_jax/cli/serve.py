@@ -2,7 +2,7 @@
 
     python -m hunyuan_jax.cli.serve                       # the embedded tiny default model
     python -m hunyuan_jax.cli.serve --checkpoint DIR [--mesh data=1,tensor=8 --rules serve_ep_tp]
-        [--slots 16] [--max-len N] [--prefill-chunk 512] [--page-size 16] [--kv-cache-tokens N]
+        [--slots 64] [--max-len N] [--prefill-chunk 512] [--page-size 16] [--kv-cache-tokens N]
         [--no-prefix-caching]
         [--max-queue 64] [--max-body-bytes 4194304] [--api-key KEY] [--api-key-metrics]
         [--host 127.0.0.1] [--port 8000] [--served-model-name NAME] [--dtype auto]
@@ -15,8 +15,9 @@ trained on Python's stdlib sources by scripts/make_default_model.py, SentencePie
 so `curl` works at once. Multi-host: run the same command on every host (see
 hunyuan_jax.distributed); process 0 serves HTTP and every process runs the engine's steps.
 The engine (hunyuan_jax/engine) keeps the KV cache in pages of --page-size tokens (a pool of
---kv-cache-tokens, default --slots x --max-len), admits requests by free pages (up to --slots
-in flight), reuses cached prompt prefixes, and runs each step as one ragged stream of at most
+--kv-cache-tokens, default 16 x --max-len, or --slots x --max-len if fewer slots), admits
+requests by free pages (up to --slots in flight: short requests share what one long one would
+take, as vLLM's max_num_seqs and its block pool are separate), reuses cached prompt prefixes, and runs each step as one ragged stream of at most
 --prefill-chunk tokens mixing decode tokens and prompt chunks of several requests. The start-up
 line lists the compiled programs (a fixed set, whatever the traffic).
 With --api-key (or HUNYUAN_API_KEY) every endpoint but /health (and /metrics, unless
@@ -43,11 +44,18 @@ from hunyuan_jax.serve.metrics import Metrics
 # point first re-executes itself (`entry`, hunyuan_jax/host_env.py) and, for --devices, sets
 # XLA_FLAGS before JAX starts; an import at module level would run before both.
 
-SLOTS = 16  # requests in flight (engine rows) by default
+SLOTS = 64  # requests in flight (engine rows) by default, admitted while pages are free
+POOL_SEQUENCES = 16  # the default page pool: this many --max-len sequences (fewer slots: slots)
 PROG = "python -m hunyuan_jax.cli.serve"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 DEFAULT_NAME = "hunyuan-jax-default"
 API_KEY_ENV = "HUNYUAN_API_KEY"
+
+
+def default_pool_tokens(slots: int, max_len: int) -> int:
+    """The page pool without --kv-cache-tokens: min(slots, POOL_SEQUENCES) sequences of
+    max_len tokens (the memory 16 slot rows took before paging; more rows share it)."""
+    return min(slots, POOL_SEQUENCES) * max_len
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-cache-tokens",
         type=int,
         default=None,
-        help="tokens the KV page pool holds (default: --slots x --max-len); requests are "
-        "admitted while pages are free, so short ones share what one long one would take",
+        help=f"tokens the KV page pool holds (default: min(--slots, {POOL_SEQUENCES}) x "
+        f"--max-len); requests are admitted while pages are free, so short ones share what one "
+        f"long one would take",
     )
     p.add_argument(
         "--no-prefix-caching",
@@ -159,7 +168,8 @@ def build_state(
         raise UsageError(f"--max-len must be in [2, {limit}] (the model's context), got {max_len}")
     if slots < 1 or prefill_chunk < 1 or page_size < 1 or max_queue < 0:
         raise UsageError("--slots, --prefill-chunk and --page-size must be >= 1, --max-queue >= 0")
-    kv_cache_tokens = slots * max_len if kv_cache_tokens is None else kv_cache_tokens
+    if kv_cache_tokens is None:
+        kv_cache_tokens = default_pool_tokens(slots, max_len)
     if kv_cache_tokens < max_len:
         raise UsageError(
             f"--kv-cache-tokens {kv_cache_tokens} is less than --max-len {max_len}: a request "

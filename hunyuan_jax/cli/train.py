@@ -12,7 +12,8 @@ attention kernel, dispatch, dropouts: hunyuan_jax/model/policy.py) and a `train:
 Multi-host: the same command on every host (Cloud TPU pods, SLURM, MPI, JobSet are detected; or
 `--coordinator/--num-processes/--process-id`, see hunyuan_jax.distributed).
 
-`--set objective=dpo --set data=prefs.jsonl` trains with DPO on preference pairs (docs/dpo.md).
+`--set objective=dpo --set data=prefs.jsonl` trains with DPO on preference pairs (docs/dpo.md);
+`--set objective=grpo --set data=prompts.jsonl` with GRPO on rollouts from the engine (docs/rl.md).
 A run from `--init-from` uses that checkpoint's tokenizer (one without a tokenizer needs
 `--set tokenizer=PATH`); only a run from scratch trains a SentencePiece tokenizer on its data.
 A run directory that already holds checkpoints is resumed from its last complete one.
@@ -119,6 +120,7 @@ def _main(argv) -> int:
     profile_steps = parse_profile_steps(args.profile_steps)
 
     distributed.initialize_from_args(args)  # multi-host: before JAX touches devices
+    from hunyuan_jax.engine.rollout import make_grpo_source
     from hunyuan_jax.train.loop import train
     from sharding.plan import ShardingPlan
 
@@ -134,7 +136,10 @@ def _main(argv) -> int:
     run_dir = Path(tcfg.run_dir)
     new_run = not run_dir.exists()
     try:
-        summary = train(mcfg, policy, tcfg, profile_steps=profile_steps, plan=plan)
+        summary = train(
+            mcfg, policy, tcfg, profile_steps=profile_steps, plan=plan,
+            make_grpo_source=make_grpo_source,
+        )  # fmt: skip
     except OSError as e:
         _remove_if_unused(run_dir, new_run)
         raise _io_error(e, tcfg) from e

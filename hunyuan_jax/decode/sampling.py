@@ -2,9 +2,9 @@
 
 The order of operations is that of Hugging Face `generate` (which produced the reference
 outputs): repetition penalty on the raw logits, then temperature, then top-k, then top-p, then
-a categorical draw. `SamplingConfig` is frozen and hashable: it is a static argument of the
-compiled decode step, so each configuration compiles once and costs nothing at run time when a
-feature is off (greedy is a plain argmax).
+a categorical draw. `SamplingConfig` is a request's (or a run's) settings, frozen and hashable;
+`sample_rows` is the engine's one sampler, every setting an array over the rows, so one
+compiled program serves rows with different settings.
 
 Defaults come from a checkpoint's `generation_config.json`
 (`SamplingConfig.from_generation_config`); without one, decoding is greedy.
@@ -127,35 +127,6 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
     keep_sorted = before < p
     inverse = jnp.argsort(order, axis=-1)
     return jnp.take_along_axis(keep_sorted, inverse, axis=-1)
-
-
-def sample(
-    logits: jax.Array, key: jax.Array, cfg: SamplingConfig, seen: jax.Array | None = None
-) -> jax.Array:
-    """logits [B, V] -> token ids [B] int32. `key` is one PRNG key; row b draws with
-    fold_in(key, b), so a row's draw does not depend on the other rows' logits.
-    `seen` [B, V] bool marks the tokens the repetition penalty applies to (None: off).
-
-    With top_k > 0 the draw (and top-p) works on the k candidates from `lax.top_k` only, with
-    no full-vocabulary sort: the same distribution as masking the full vocabulary except that
-    ties at the k-th logit keep exactly k tokens (HF keeps every tied token)."""
-    scores = logits.astype(jnp.float32)
-    if seen is not None:
-        scores = apply_repetition_penalty(scores, seen, cfg.repetition_penalty)
-    if cfg.greedy:
-        return jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    scores = scores / cfg.temperature
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(scores.shape[0]))
-    if cfg.top_k and cfg.top_k < scores.shape[-1]:
-        vals, idx = jax.lax.top_k(scores, cfg.top_k)  # sorted, most likely first
-        if cfg.top_p < 1.0:
-            probs = jax.nn.softmax(vals, axis=-1)
-            vals = jnp.where(jnp.cumsum(probs, axis=-1) - probs < cfg.top_p, vals, _NEG_INF)
-        choice = jax.vmap(jax.random.categorical)(keys, vals)
-        return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    if cfg.top_p < 1.0:
-        scores = jnp.where(top_p_mask(scores, cfg.top_p), scores, _NEG_INF)
-    return jax.vmap(jax.random.categorical)(keys, scores).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- per-row parameters

@@ -1,32 +1,12 @@
-"""What the decode loop carries between calls (`DecodeState`, one donated pytree), what a
-generation returns (`Generation`: tokens, finish reasons, timings) and the checks a batch of
-prompts passes before it is decoded (`check_prompts`)."""
+"""What a generation returns (`Generation`: tokens, finish reasons, timings) and the checks a
+batch of prompts passes before it is decoded (`check_prompts`)."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import NamedTuple
 
-import jax
 import numpy as np
-
-from hunyuan_jax.model.kv_cache import KVCache
-
-
-class DecodeState(NamedTuple):
-    """Everything the decode loop carries (one pytree, donated between calls)."""
-
-    cache: KVCache
-    tokens: jax.Array  # [B, N] int32 new tokens; column t = t-th new token
-    last: jax.Array  # [B] int32 the token fed to the next step
-    done: jax.Array  # [B] bool
-    num_new: jax.Array  # [B] int32 new tokens of each row, its EOS included
-    seen: jax.Array | None  # [B, V] bool tokens of the sequence (repetition penalty) or None
-    key: jax.Array  # PRNG key
-    step: jax.Array  # [] int32 number of columns of `tokens` written
-    logits: jax.Array | None  # [B, N, V] float32 model logits of each new token (or None)
-    eos: jax.Array  # [E] int32 ids that end a row, padded with -1 to a multiple of 8
 
 
 @dataclasses.dataclass
@@ -40,6 +20,9 @@ class Generation:
     decode_seconds: float  # the decode loop, compile excluded
     compile_seconds: float  # ahead-of-time compiles this call needed (0 when all cached)
     logits: list[np.ndarray] | None = None  # with record_logits: [new tokens, V] per prompt
+    # the engine's log-probability of each new token under the model (temperature 1, before
+    # top-k / top-p; `engine.offline.OfflineGenerator` fills it): RL rollouts' old log-probs
+    logprobs: list[list[float]] | None = None
 
     @property
     def new_tokens(self) -> int:

@@ -291,6 +291,22 @@ class EngineCore:
         self.pool, self.seen, out = exe(*args)
         return out
 
+    def set_params(self, params) -> None:
+        """Runs the programs on `params` from now on: an nnx.State of the same tree, shapes,
+        dtypes and shardings as the model's (e.g. the arrays a train step just updated, so RL
+        rollouts decode the very weights being trained, with no copy). The compiled programs
+        stay valid: params are an argument, never a constant. ValueError on a mismatch."""
+        old = jax.tree.structure(self.params)
+        if jax.tree.structure(params) != old:
+            raise ValueError("set_params: the parameter tree differs from the engine's model's")
+        for a, b in zip(jax.tree.leaves(self.params), jax.tree.leaves(params), strict=True):
+            if (a.shape, a.dtype) != (b.shape, b.dtype):
+                raise ValueError(
+                    f"set_params: a parameter of shape {b.shape} {b.dtype} replaces one of "
+                    f"{a.shape} {a.dtype}"
+                )
+        self.params = params
+
     def state_ok(self) -> bool:
         """Whether the device state is still there: a program that failed after taking its
         donated buffers leaves none, and nothing more can run."""

@@ -6,7 +6,11 @@ the same programs and scheduler the server runs (infer.py, the smoke run, RL rol
     out.tokens          # new tokens of each prompt (its EOS included when it stopped on one)
 
 Every prompt is one request: request i samples with its own key (from `seed` and i), so its
-tokens do not depend on the other prompts. The engine is sized per call (rows = prompts up to
+tokens do not depend on the other prompts; each new token comes with its log-probability under
+the model (`out.logprobs`). Repeats of one prompt (RL groups: G completions each) compute its
+full pages once: the scheduler holds a request back while another is still computing a page it
+shares, then it takes the page from the prefix cache. `set_params(state)` points every engine at new arrays of the
+same tree (the weights a train step just updated: rollouts on the trained arrays, no copy). The engine is sized per call (rows = prompts up to
 `max_seqs`, a page pool that holds every request at once unless `pool_tokens` says less) and
 built lazily: only the step programs a call meets are compiled, once per engine shape.
 """
@@ -64,6 +68,15 @@ class OfflineGenerator:
         self.page_size, self.token_budget, self.max_seqs = page_size, token_budget, max_seqs
         self.pool_tokens = pool_tokens
         self._cores: dict[tuple, EngineCore] = {}
+        self._params = None  # set_params: the arrays every engine runs on
+        self.cached_tokens = 0  # prompt tokens the last call took from the prefix cache
+
+    def set_params(self, params) -> None:
+        """Every engine (built and to be built) runs on `params` from now on (an nnx.State of
+        the model's tree: `EngineCore.set_params`)."""
+        for core in self._cores.values():
+            core.set_params(params)
+        self._params = params
 
     def check_prompts(self, prompts, max_new_tokens: int, max_len: int) -> None:
         """ValueError naming the first problem (`decode.state.check_prompts`)."""
@@ -86,6 +99,8 @@ class OfflineGenerator:
                 num_pages=num_pages, token_budget=self.token_budget,
                 cache_dtype=self.cache_dtype, vocab_limit=self.vocab_limit, lazy=True,
             )  # fmt: skip
+            if self._params is not None:
+                self._cores[key].set_params(self._params)
         return self._cores[key]
 
     def generate(
@@ -111,6 +126,7 @@ class OfflineGenerator:
         engine = Engine(core, eos_ids=eos, max_queue=len(prompts), log=lambda m: None)
         s = self.sampling
         tokens: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
         reasons: list[str | None] = [None] * len(prompts)
         first_at: list[tuple[float, float]] = []  # (time, compile seconds so far)
 
@@ -120,6 +136,7 @@ class OfflineGenerator:
                     if not tokens[i]:
                         first_at.append((time.perf_counter(), core.compile_seconds))
                     tokens[i].append(ev.token)
+                    logprobs[i].append(ev.logprob)
                     if stream is not None:
                         stream(i, ev.token, False)
                 elif ev.kind == "done":
@@ -130,14 +147,17 @@ class OfflineGenerator:
             return f
 
         t0 = time.perf_counter()
+        reqs = []
         for i, p in enumerate(prompts):
             params = GenParams(
                 max_tokens=int(max_new_tokens), temperature=s.temperature, top_k=s.top_k,
                 top_p=s.top_p, repetition_penalty=s.repetition_penalty,
                 seed=request_seed(seed, i),
             )  # fmt: skip
-            engine.submit(Request(list(p), params, sink(i)))
+            reqs.append(Request(list(p), params, sink(i)))
+            engine.submit(reqs[-1])
         engine.run_until_idle()
+        self.cached_tokens = sum(r.cached_tokens for r in reqs)
         t1 = time.perf_counter()
         failed = [i for i, r in enumerate(reasons) if r not in ("eos", "length")]
         if failed:
@@ -152,4 +172,5 @@ class OfflineGenerator:
             prefill_end - t0 - in_prefill,
             t1 - prefill_end - (compile_s - in_prefill),
             compile_s,
+            logprobs=logprobs,
         )

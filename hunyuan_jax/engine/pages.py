@@ -53,6 +53,22 @@ def _root(namespace: str) -> bytes:
     return _hash(b"ns\0", namespace.encode("utf-8"))
 
 
+def shares_pending_page(tokens: Sequence[int], computing, page_size: int) -> bool:
+    """Whether `tokens` (a sequence to admit) shares a full page with one of `computing`
+    ((tokens, computed) of running sequences) that the other has not computed yet: admitted
+    now, it would compute that page a second time; waiting until the other's step registers it
+    lets it take the page from the prefix cache (a shared system prompt is computed once, not
+    once per request that arrived with the first). Its last token is always computed."""
+    mine = np.asarray(tokens[: len(tokens) - 1], np.int64)
+    for other, computed in computing:
+        n = min(len(mine), len(other))
+        diff = np.flatnonzero(mine[:n] != np.asarray(other[:n], np.int64))
+        common = int(diff[0]) if diff.size else n
+        if common // page_size * page_size > computed:
+            return True
+    return False
+
+
 class PagePool:
     """Page allocation with reference counts and an LRU prefix cache (see the module docstring)."""
 

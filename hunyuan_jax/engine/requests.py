@@ -1,6 +1,6 @@
 """What a client hands the engine (`Request`: prompt ids, `GenParams`, a sink for `Event`s), the
-checks a request passes before it is queued (`check_request`, `settings_problem`) and the
-engine's refusals (`QueueFull`, `EngineStopped`)."""
+checks a request passes before it is queued (`check_request`, `settings_problem`), the
+engine's refusals (`QueueFull`, `EngineStopped`) and a request in flight (`InFlight`)."""
 
 from __future__ import annotations
 
@@ -121,3 +121,21 @@ def settings_problem(p: GenParams) -> str | None:
             f"temperature >= 0, 0 < top_p <= 1, repetition_penalty > 0"
         )
     return None
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A request in the engine: its tokens (prompt + sampled), its row, pages and how many of
+    its tokens are in the cache (`scheduler.Engine`)."""
+
+    req: Request
+    tokens: list[int]  # prompt + sampled tokens
+    row: int = -1
+    pages: list[int] = dataclasses.field(default_factory=list)
+    computed: int = 0  # tokens whose K/V is in the cache
+    fresh: bool = True  # its row's seen-token set must start empty
+    lp_done: int = 0  # prompt positions whose log-probabilities were recorded
+
+    @property
+    def remaining(self) -> int:
+        return len(self.tokens) - self.computed

@@ -22,7 +22,9 @@ needs a page and none is free, the youngest running sequence is preempted: its p
 released (their full pages stay cached) and it goes back to the head of the queue with the
 tokens it produced; readmitted, it recomputes its cache and continues (same tokens: sampling is
 keyed by the token count). Finished or preempted sequences register their written full pages
-in the prefix cache.
+in the prefix cache. A request that shares a full page with a running sequence that has not
+computed it yet waits (`pages.shares_pending_page`), then takes it from the prefix cache:
+requests arriving together with one system prompt compute it once, not once each.
 
 A request finishes on an EOS id ('stop'), at max_tokens ('length') or when cancelled. Events
 go to each request's `sink(Event)` on the engine thread.
@@ -42,7 +44,6 @@ it broadcasts an empty plan every `heartbeat_s`.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 import threading
 import time
@@ -54,10 +55,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from hunyuan_jax.engine.core import EngineCore
-from hunyuan_jax.engine.pages import PagePool
+from hunyuan_jax.engine.pages import PagePool, shares_pending_page
 from hunyuan_jax.engine.requests import (
     EngineStopped,
     Event,
+    InFlight,
     QueueFull,
     Request,
     check_request,
@@ -66,21 +68,6 @@ from hunyuan_jax.engine.requests import (
 from hunyuan_jax.engine.step import StepWork
 
 MAX_CONSECUTIVE_FAILURES = 3  # program calls failing in a row before the engine gives up
-
-
-@dataclasses.dataclass
-class _Seq:
-    req: Request
-    tokens: list[int]  # prompt + sampled tokens
-    row: int = -1
-    pages: list[int] = dataclasses.field(default_factory=list)
-    computed: int = 0  # tokens whose K/V is in the cache
-    fresh: bool = True  # its row's seen-token set must start empty
-    lp_done: int = 0  # prompt positions whose log-probabilities were recorded
-
-    @property
-    def remaining(self) -> int:
-        return len(self.tokens) - self.computed
 
 
 class Engine:
@@ -108,8 +95,8 @@ class Engine:
         self.prefix_caching, self.namespace = prefix_caching, namespace
         self._failures = 0
         self.free_rows = list(range(core.max_seqs - 1, -1, -1))
-        self.running: list[_Seq] = []  # admission order
-        self.waiting: collections.deque[Request | _Seq] = collections.deque()
+        self.running: list[InFlight] = []  # admission order
+        self.waiting: collections.deque[Request | InFlight] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stop = False
@@ -189,7 +176,7 @@ class Engine:
         with self._wake:
             waiting, self.waiting = list(self.waiting), collections.deque()
         for item in waiting:
-            req = item.req if isinstance(item, _Seq) else item
+            req = item.req if isinstance(item, InFlight) else item
             self._emit(req, Event("done", finish_reason=reason, error=error))
         if self.error is not None and self.on_fatal is not None:
             self.on_fatal(self.error)
@@ -258,7 +245,11 @@ class Engine:
                     self.log(f"[serve] request {item.id}: {msg}")
                     self._emit(item, Event("done", finish_reason="error", error=msg))
                     continue
-            seq = item if isinstance(item, _Seq) else _Seq(item, list(item.prompt))
+            seq = item if isinstance(item, InFlight) else InFlight(item, list(item.prompt))
+            if self._caches(seq) and shares_pending_page(  # the head waits for a shared page
+                seq.tokens, [(s.tokens, s.computed) for s in self.running], self.pool.page_size
+            ):  # a running sequence is still computing (FIFO: nobody overtakes it)
+                return
             if not self._take_pages(seq, first=isinstance(item, Request)):
                 return  # the head waits for pages (FIFO: nobody overtakes it)
             self.waiting.popleft()
@@ -267,11 +258,10 @@ class Engine:
             self.running.append(seq)
             self.peak_running = max(self.peak_running, len(self.running))
 
-    def _take_pages(self, seq: _Seq, first: bool) -> bool:
+    def _take_pages(self, seq: InFlight, first: bool) -> bool:
         """Pages for every token the sequence has, its longest cached prefix reused."""
-        p, ps = seq.req.params, self.pool.page_size
-        pages, hit = [], 0
-        if self.prefix_caching and p.repetition_penalty == 1.0 and not p.prompt_logprobs:
+        pages, hit, ps = [], 0, self.pool.page_size
+        if self._caches(seq):
             pages, hit = self.pool.match_prefix(seq.tokens, self.namespace, len(seq.tokens) - 1)
         new = self.pool.allocate(math.ceil(len(seq.tokens) / ps) - len(pages))
         if new is None:
@@ -285,6 +275,11 @@ class Engine:
                 self.metrics.prefix_hits.inc(hit)
         return True
 
+    def _caches(self, seq: InFlight) -> bool:
+        """Whether the sequence reuses cached pages (not when every token must be fed)."""
+        p = seq.req.params
+        return self.prefix_caching and p.repetition_penalty == 1.0 and not p.prompt_logprobs
+
     def _reap(self) -> None:
         with self._wake:  # cancelled requests leave the queue at once (room for others)
             gone = [r for r in self.waiting if _req(r).cancelled.is_set()]
@@ -297,7 +292,7 @@ class Engine:
                 self._finish(seq, "cancelled")
 
     # ------------------------------------------------------------------ one step
-    def _schedule(self) -> list[tuple[_Seq, int]]:
+    def _schedule(self) -> list[tuple[InFlight, int]]:
         """(sequence, tokens fed) of this step: decode tokens first, then prompt chunks."""
         budget = self.ex.token_budget
         entries = []
@@ -312,7 +307,7 @@ class Engine:
                 budget -= n
         return entries
 
-    def _page_for(self, seq: _Seq) -> bool:
+    def _page_for(self, seq: InFlight) -> bool:
         """A page for the token the sequence feeds next, preempting the youngest sequence
         while none is free; False when `seq` itself was preempted."""
         while len(seq.pages) * self.pool.page_size <= seq.computed:
@@ -326,7 +321,7 @@ class Engine:
                 return False
         return True
 
-    def _preempt(self, seq: _Seq) -> None:
+    def _preempt(self, seq: InFlight) -> None:
         self.preemptions += 1
         self.log(
             f"[serve] page pool full: request {seq.req.id} preempted after "
@@ -337,7 +332,7 @@ class Engine:
         with self._wake:
             self.waiting.appendleft(seq)
 
-    def _release(self, seq: _Seq) -> None:
+    def _release(self, seq: InFlight) -> None:
         self.pool.register(seq.tokens, seq.pages, self.namespace, upto=seq.computed)
         self.pool.release(seq.pages)
         self.running.remove(seq)
@@ -414,7 +409,7 @@ class Engine:
             if seq in self.running:
                 self.pool.register(seq.tokens, seq.pages, self.namespace, upto=seq.computed)
 
-    def _record_prompt(self, seq: _Seq, start: int, n: int, at: int, prompt) -> None:
+    def _record_prompt(self, seq: InFlight, start: int, n: int, at: int, prompt) -> None:
         """Log-probabilities of the next prompt token at positions start..start+n-1."""
         lp, ids, tlp = prompt
         last = len(seq.req.prompt) - 1  # the last prompt position has no next prompt token
@@ -425,7 +420,7 @@ class Engine:
                 seq.req.prompt_lps.append((float(lp[at + j]), top))
                 seq.lp_done = pos + 1
 
-    def _token(self, seq: _Seq, tok: int, lp: float, ids, tlp) -> None:
+    def _token(self, seq: InFlight, tok: int, lp: float, ids, tlp) -> None:
         req = seq.req
         now = time.perf_counter()
         if self.metrics is not None:
@@ -449,7 +444,7 @@ class Engine:
         elif req.generated >= req.params.max_tokens:
             self._finish(seq, "length")
 
-    def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: InFlight, reason: str, error: str | None = None) -> None:
         if seq in self.running:
             self._release(seq)
         self._emit(seq.req, Event("done", finish_reason=reason, error=error))
@@ -496,4 +491,4 @@ class Engine:
 
 
 def _req(item) -> Request:
-    return item.req if isinstance(item, _Seq) else item
+    return item.req if isinstance(item, InFlight) else item

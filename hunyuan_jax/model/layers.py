@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from hunyuan_jax.model import qops
 from hunyuan_jax.model.config import ModelConfig
@@ -79,7 +80,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return y.astype(x.dtype) * self.weight[...].astype(x.dtype)
+        return y.astype(x.dtype) * qops.cast(self.weight[...], x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
@@ -113,5 +114,6 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array, lora_key=None) -> jax.Array:
         w = lambda name: qops.weight(self, name, self.compute_dtype, lora_key)
-        h = jax.nn.silu(qops.matmul(x, w("gate_proj"))) * qops.matmul(x, w("up_proj"))
-        return qops.matmul(h, w("down_proj"))
+        gate = checkpoint_name(qops.matmul(x, w("gate_proj")), "mlp_gate")
+        up = checkpoint_name(qops.matmul(x, w("up_proj")), "mlp_up")
+        return checkpoint_name(qops.matmul(jax.nn.silu(gate) * up, w("down_proj")), "mlp_down")

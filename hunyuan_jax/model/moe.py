@@ -26,6 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from hunyuan_jax.model import qops
 from hunyuan_jax.model.config import ModelConfig
@@ -86,9 +87,10 @@ def route(x: jax.Array, router_kernel: jax.Array, top_k: int) -> Routing:
 
 def swiglu_grouped(xs: jax.Array, group_sizes: jax.Array, w: ExpertWeights) -> jax.Array:
     """SwiGLU of rows already sorted by expert: rows [offset_e, offset_e + size_e) use expert e."""
-    gate = qops.ragged_dot(xs, w.gate, group_sizes)
-    up = qops.ragged_dot(xs, w.up, group_sizes)
-    return qops.ragged_dot(jax.nn.silu(gate) * up, w.down, group_sizes)
+    gate = checkpoint_name(qops.ragged_dot(xs, w.gate, group_sizes), "moe_gate")
+    up = checkpoint_name(qops.ragged_dot(xs, w.up, group_sizes), "moe_up")
+    down = qops.ragged_dot(jax.nn.silu(gate) * up, w.down, group_sizes)
+    return checkpoint_name(down, "moe_down")
 
 
 @on_tokens
@@ -182,9 +184,10 @@ def combine(buffers: jax.Array, a: SlotAssignment, dtype) -> jax.Array:
 
 def swiglu_batched(buffers: jax.Array, w: ExpertWeights) -> jax.Array:
     """SwiGLU of every expert on its own buffer: [E, C, D] -> [E, C, D]."""
-    gate = qops.einsum("ecd,edf->ecf", buffers, w.gate)
-    up = qops.einsum("ecd,edf->ecf", buffers, w.up)
-    return qops.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w.down)
+    gate = checkpoint_name(qops.einsum("ecd,edf->ecf", buffers, w.gate), "moe_gate")
+    up = checkpoint_name(qops.einsum("ecd,edf->ecf", buffers, w.up), "moe_up")
+    down = qops.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w.down)
+    return checkpoint_name(down, "moe_down")
 
 
 def capacity_stats(a: SlotAssignment) -> dict[str, jax.Array]:

@@ -20,7 +20,23 @@ from hunyuan_jax.errors import ConfigError
 from hunyuan_jax.model.config import check_types, dataclass_from_dict
 
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "save_dots", "save_attn_out")
+REMAT = ("none", "full", "save_dots", "save_attn_out", "save")
+# The named checkpoint points of a decoder layer (`checkpoint_name` in transformer.py, layers.py,
+# moe.py): the outputs of its matmuls and of attention. `remat: save` keeps those listed in
+# `remat_save` for the backward pass and recomputes the rest (`hunyuan_jax.aot.flops` counts
+# what that recomputes).
+REMAT_NAMES = (
+    "q_proj",  # q = x W_q, before RoPE
+    "kv_proj",  # k, v = x W_k, x W_v (the first layer of each CLA group)
+    "attn_out",  # the attention output (with the flash / splash kernel's residuals)
+    "o_proj",  # attention output projection
+    "mlp_gate",  # shared expert: x W_gate
+    "mlp_up",  # shared expert: x W_up
+    "mlp_down",  # shared expert: h W_down
+    "moe_gate",  # routed experts: grouped x W_gate
+    "moe_up",  # routed experts: grouped x W_up
+    "moe_down",  # routed experts: grouped h W_down
+)
 ATTENTION = ("auto", "xla", "flash", "splash")
 TRAIN_DISPATCH = ("all_to_all", "gather")
 WEIGHTS = ("auto", "bf16", "int8", "fp8", "int4", "int4-experts")
@@ -33,7 +49,10 @@ class RuntimePolicy:
 
     param_dtype: dtype the parameters are stored in (float32 master weights for training).
     compute_dtype: dtype of activations and of the weights as used (cast on use).
-    remat: per layer group: none | full | save_dots | save_attn_out.
+    remat: per layer group: none | full | save_dots | save_attn_out | save (keep the named
+      points in `remat_save`, recompute the rest).
+    remat_save: with remat 'save': comma-separated names from REMAT_NAMES, e.g.
+      "q_proj,kv_proj,attn_out,o_proj,moe_gate,moe_up,moe_down,mlp_down".
     scan_layers: run the layer groups with `lax.scan` (compile time independent of depth).
     attention: auto | xla | flash | splash (see `hunyuan_jax.model.kernels.attention`).
     attention_dropout / hidden_dropout: training only (the SFT recipe uses 0.1 / 0.2).
@@ -58,6 +77,7 @@ class RuntimePolicy:
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     remat: str = "full"
+    remat_save: str = ""
     scan_layers: bool = True
     attention: str = "auto"
     attention_dropout: float = 0.0
@@ -73,6 +93,17 @@ class RuntimePolicy:
         for key in ("param_dtype", "compute_dtype"):
             _one_of(key, getattr(self, key), DTYPES)
         _one_of("remat", self.remat, REMAT)
+        unknown = [n for n in self.saved_names() if n not in REMAT_NAMES]
+        if unknown:
+            raise ConfigError(
+                f"runtime key 'remat_save' names {unknown}; the checkpoint points are "
+                f"{list(REMAT_NAMES)}"
+            )
+        if (self.remat == "save") != bool(self.saved_names()):
+            raise ConfigError(
+                "runtime key 'remat_save' lists the points to keep with remat 'save' "
+                f"(and only then); got remat {self.remat!r}, remat_save {self.remat_save!r}"
+            )
         _one_of("attention", self.attention, ATTENTION)
         _one_of("train_dispatch", self.train_dispatch, TRAIN_DISPATCH)
         _one_of("weights", self.weights, WEIGHTS)
@@ -97,6 +128,10 @@ class RuntimePolicy:
                 f"runtime key 'capacity_factor' must be positive, got {self.capacity_factor}"
             )
 
+    def saved_names(self) -> tuple[str, ...]:
+        """The checkpoint points `remat: save` keeps (`remat_save`, split)."""
+        return tuple(n.strip() for n in self.remat_save.split(",") if n.strip())
+
     def replace(self, **changes) -> RuntimePolicy:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
@@ -115,7 +150,9 @@ class RuntimePolicy:
     def for_inference(self, dtype: str | None = None) -> RuntimePolicy:
         """This policy as decoding uses it: no remat (nothing to save for a backward pass),
         no dropout; `dtype` sets the compute dtype (the stored weights are cast on use)."""
-        changes: dict[str, Any] = dict(remat="none", attention_dropout=0.0, hidden_dropout=0.0)
+        changes: dict[str, Any] = dict(
+            remat="none", remat_save="", attention_dropout=0.0, hidden_dropout=0.0
+        )
         if dtype is not None:
             changes["compute_dtype"] = dtype
         return self.replace(**changes)

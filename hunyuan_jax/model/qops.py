@@ -13,6 +13,12 @@ What the parameter tree holds decides what runs (no flags in the model code):
 
 Model code reads a weight with `weight(module, "q_proj", dtype)` and multiplies with `einsum`,
 `matmul`, `ragged_dot` or `take` from here.
+
+A float32 weight read in bfloat16 is rounded by `cast` (bit-exact `astype`, written with
+integer ops): XLA:TPU's bfloat16-propagation pass turns a plain convert of a scanned weight's
+slice into a bf16 copy of the whole stacked weight made before the layer loop and kept through
+the step (docs/tpu.md, "hoisted casts"); an integer read of the float32 slice cannot be
+narrowed, so each layer group casts only its own slice, inside the loop.
 """
 
 from __future__ import annotations
@@ -57,6 +63,35 @@ class Adapted:
         return self.base.shape
 
 
+@jax.custom_vjp
+def _round_to_bf16(x: jax.Array) -> jax.Array:
+    """float32 -> bfloat16, round to nearest even (what `astype` does), from the bits."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    bits = bits + (jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1)))
+    y = jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
+    return jnp.where(jnp.isnan(x), jnp.bfloat16(jnp.nan), y)
+
+
+def _round_fwd(x):
+    return _round_to_bf16(x), None
+
+
+def _round_bwd(_, g):
+    return (g.astype(jnp.float32),)
+
+
+_round_to_bf16.defvjp(_round_fwd, _round_bwd)
+
+
+def cast(x: jax.Array, dtype) -> jax.Array:
+    """`x.astype(dtype)`; float32 -> bfloat16 by `_round_to_bf16` (the same values and
+    gradient), which XLA cannot hoist out of a layer loop as a stacked copy (module doc)."""
+    dtype = jnp.dtype(dtype)
+    if x.dtype == jnp.float32 and dtype == jnp.bfloat16:
+        return _round_to_bf16(x)
+    return x.astype(dtype)
+
+
 def _stored(module, name: str):
     v = getattr(module, name)[...]
     array = getattr(v, "array", None)  # qwix's PTQ wrapper (WithAux) around a QArray
@@ -67,7 +102,8 @@ def weight(module, name: str, dtype, lora_key=None):
     """`module.<name>` as a matmul uses it: a float array cast to `dtype`, a QArray whose
     scales are cast to `dtype` (so the dequantized operand is `dtype`), or `Adapted`
     (`lora_key`, in training: the adapter's dropout key, folded with the weight's name)."""
-    v = _stored(module, name).astype(dtype)  # a QArray casts its scales
+    v = _stored(module, name)
+    v = v.astype(dtype) if isinstance(v, QArray) else cast(v, dtype)  # a QArray: its scales
     a = getattr(module, name + "_lora_a", None)
     if a is None:
         return v
@@ -77,7 +113,7 @@ def weight(module, name: str, dtype, lora_key=None):
     if lora_key is not None and rate > 0:
         key = jax.random.fold_in(lora_key, zlib.crc32(name.encode()))
     scale = getattr(module, name + "_lora_scale")
-    return Adapted(v, a[...].astype(dtype), b[...].astype(dtype), scale, key, rate)
+    return Adapted(v, cast(a[...], dtype), cast(b[...], dtype), scale, key, rate)
 
 
 def _base_einsum(eq, x, w, **kw):

@@ -33,7 +33,7 @@ from hunyuan_jax.model.config import ModelConfig
 from hunyuan_jax.model.kernels import paged
 from hunyuan_jax.model.kernels.attention import RESIDUAL_NAMES, AttentionMask, attend, kernel_layout
 from hunyuan_jax.model.kv_cache import KVCache, PagedCache, QuantizedKV, write_rows
-from hunyuan_jax.model.layers import RMSNorm, apply_rope, param, rope_inv_freq
+from hunyuan_jax.model.layers import RMSNorm, apply_rope, matmul_of, param, rope_inv_freq
 from hunyuan_jax.model.moe import ExpertsFn, MoE
 from hunyuan_jax.model.policy import RuntimePolicy
 from sharding.plan import ShardingPlan
@@ -44,6 +44,18 @@ _REMAT_POLICIES = {
     # The attention output plus what the flash / splash backward needs (no second forward).
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out", *RESIDUAL_NAMES),
 }
+
+
+def remat_policy(policy: RuntimePolicy):
+    """The `jax.checkpoint` policy of a layer group: a named one, or with remat 'save' the
+    checkpoint points `policy.remat_save` lists (the attention output with the kernel's
+    residuals, so that its backward runs no second forward)."""
+    if policy.remat != "save":
+        return _REMAT_POLICIES[policy.remat]
+    names = policy.saved_names()
+    if "attn_out" in names:
+        names += RESIDUAL_NAMES
+    return jax.checkpoint_policies.save_only_these_names(*names)
 
 
 class Context(NamedTuple):
@@ -92,6 +104,7 @@ class Attention(nnx.Module):
         """The K/V this group shares: RoPE-rotated keys (not yet key-normed) and values."""
         k = qops.einsum("bsd,dnh->bsnh", x, self._w("k_proj", lora_key))
         v = qops.einsum("bsd,dnh->bsnh", x, self._w("v_proj", lora_key))
+        k, v = checkpoint_name(k, "kv_proj"), checkpoint_name(v, "kv_proj")
         return apply_rope(k, ctx.positions, ctx.inv_freq), v
 
     def write_pages(self, x, pool: paged.PagedKV, ctx: Context) -> paged.PagedKV:
@@ -118,7 +131,7 @@ class Attention(nnx.Module):
         """x: [B,S,D]; k, v: [B,T,KVH,Dh] (shared, roped) -> [B,S,D].
         `dropout`: (rate, key) for attention-probability dropout in training, else None;
         `lora_key`: the LoRA adapters' dropout key in training (`qops.weight`)."""
-        q = qops.einsum("bsd,dnh->bsnh", x, self._w("q_proj", lora_key))
+        q = checkpoint_name(qops.einsum("bsd,dnh->bsnh", x, self._w("q_proj", lora_key)), "q_proj")
         q = apply_rope(q, ctx.positions, ctx.inv_freq)
         if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
@@ -133,7 +146,8 @@ class Attention(nnx.Module):
             **kernel_layout(ctx.attention, self.plan, q.shape, k.shape),
         )
         out = checkpoint_name(out, "attn_out")
-        return qops.einsum("bsnh,nhd->bsd", out, self._w("o_proj", lora_key))
+        out = qops.einsum("bsnh,nhd->bsd", out, self._w("o_proj", lora_key))
+        return checkpoint_name(out, "o_proj")
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -202,6 +216,28 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _weights_for_use(plan: ShardingPlan, group_state, dtype):
+    """One layer group's dense weights as its matmuls read them, made inside the scan body:
+    the hidden dim gathered to the activations' layout (`plan.gather`, the FSDP all-gather of
+    training: explicit, its transpose a reduce-scatter), matmul weights cast to `dtype` on the
+    local shard first (`qops.cast`: the gather moves bf16, and no stacked bf16 copy is made
+    outside the loop). The routed experts gather inside their own shard_map
+    (`expert_parallel`); quantized weights and the rest are left as stored."""
+    dtype = jnp.dtype(dtype)
+
+    def one(leaf):
+        value = leaf.get_value()
+        axes = leaf.get_metadata("logical_axes", None)
+        if not isinstance(value, jax.Array) or axes is None or "embed" not in axes:
+            return leaf
+        axes = tuple(axes)[len(axes) - value.ndim :]  # the scan took the leading `layers`
+        cast = matmul_of(axes) is not None and jnp.issubdtype(value.dtype, jnp.floating)
+        fn = (lambda a: qops.cast(a, dtype)) if cast else None
+        return leaf.replace(plan.gather(value, axes, {"embed": "act_embed"}, cast=fn))
+
+    return jax.tree.map(one, group_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 class DecoderGroup(nnx.Module):
@@ -377,15 +413,14 @@ class HunyuanForCausalLM(nnx.Module):
 
         def body(x, xs):
             group_state, group_cache, g = xs
+            group_state = _weights_for_use(self.plan, group_state, self.policy.compute_dtype)
             group = nnx.merge(graphdef, group_state)
             group_key = None if key is None else jax.random.fold_in(key, g)
             x, kv, stats = group(x, ctx, group_cache, group_key)
             return x, (stats, kv if cache is not None else None)
 
         if self.policy.remat != "none":
-            body = jax.checkpoint(
-                body, policy=_REMAT_POLICIES[self.policy.remat], prevent_cse=False
-            )
+            body = jax.checkpoint(body, policy=remat_policy(self.policy), prevent_cse=False)
         groups = jnp.arange(cfg.num_groups, dtype=jnp.int32)
         xs = (stacked, None if cache is None else (cache.k, cache.v), groups)
         if self.policy.scan_layers:

@@ -29,7 +29,8 @@ from hunyuan_jax.model.policy import RuntimePolicy
 
 _NONFINITE = ("stop", "skip")
 _DATA_FORMATS = ("auto", "text", "jsonl", "chat")
-OBJECTIVES = ("sft", "dpo")
+OBJECTIVES = ("sft", "dpo", "grpo")
+_NORMALIZATIONS = ("token", "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,80 @@ class DPOConfig:
             raise ConfigError(f"train key 'dpo.beta' must be positive, got {self.beta}")
         if self.sft_weight < 0:
             raise ConfigError(f"train key 'dpo.sft_weight' must be >= 0, got {self.sft_weight}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """`train.grpo`: group-relative policy optimization with rollouts from the serving engine
+    (used when `train.objective` is "grpo"; hunyuan_jax/train/grpo.py, rollout.py, docs/rl.md).
+    Each rollout samples `group_size` completions of every prompt; `batch_size` rows = prompts
+    x group_size. Per completion token: -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A)
+    + beta * k3 KL to the reference policy, r = pi / pi_old, A = the group-relative advantage."""
+
+    group_size: int = 8  # G completions per prompt
+    max_new_tokens: int = 32  # completion length limit (EOS ends one earlier)
+    temperature: float = 1.0  # rollout sampling (1.0: the policy itself)
+    top_k: int = 0
+    top_p: float = 1.0
+    beta: float = 0.04  # KL penalty coefficient (k3 estimator); 0 = none
+    epsilon: float = 0.2  # clip range below (and above, unless epsilon_high)
+    epsilon_high: float | None = None  # clip range above (DAPO's clip-higher); None = epsilon
+    normalization: str = "token"  # "token": mean over the batch's tokens; "sequence": of rows
+    std_normalize: bool = True  # A = (r - mean) / (std + 1e-4); false: A = r - mean
+    updates_per_rollout: int = 1  # optimizer updates per rollout batch (old log-probs: rollout)
+    dropless: bool = True  # train forward with the inference (dropless) MoE dispatch
+    # Reward: "exact" (the final answer equals the record's `answer_field`), "regex"
+    # (`pattern` found in the completion), "numeric" (the final answer's number within
+    # `tolerance` of the field's), or a user function "module:function" (hunyuan_jax/train/
+    # rewards.py). The final answer: the last match of `answer_pattern`'s group 1, else the
+    # whole completion; stripped.
+    reward: str = "exact"
+    answer_field: str = "answer"
+    pattern: str | None = None
+    answer_pattern: str | None = None
+    tolerance: float = 1e-6
+    page_size: int = 16  # the rollout engine's KV page size (prompt pages shared by a group)
+    # Prompts in the tokenizer's chat format (`prompt` = one user message); false: `prompt` is
+    # plain text continued as is (base models), `messages` records are refused.
+    chat: bool = True
+
+    def __post_init__(self):
+        check_types(self, "train.grpo")
+        for key in ("group_size", "max_new_tokens", "updates_per_rollout", "page_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(
+                    f"train key 'grpo.{key}' must be positive, got {getattr(self, key)}"
+                )
+        if self.group_size < 2:
+            raise ConfigError(
+                f"train key 'grpo.group_size' must be >= 2 (advantages are relative to the "
+                f"group), got {self.group_size}"
+            )
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError(
+                f"train keys 'grpo.temperature' > 0, 0 < 'grpo.top_p' <= 1, 'grpo.top_k' >= 0; "
+                f"got {self.temperature}, {self.top_p}, {self.top_k}"
+            )
+        for key in ("beta", "tolerance"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train key 'grpo.{key}' must be >= 0, got {getattr(self, key)}")
+        for key in ("epsilon", "epsilon_high"):
+            v = getattr(self, key)
+            if v is not None and not 0 < v:
+                raise ConfigError(f"train key 'grpo.{key}' must be positive, got {v}")
+        if self.epsilon >= 1:
+            raise ConfigError(f"train key 'grpo.epsilon' must be < 1, got {self.epsilon}")
+        if self.normalization not in _NORMALIZATIONS:
+            raise ConfigError(
+                f"train key 'grpo.normalization' must be one of {_NORMALIZATIONS}, "
+                f"got {self.normalization!r}"
+            )
+        if self.reward == "regex" and not self.pattern:
+            raise ConfigError("train key 'grpo.reward' regex needs 'grpo.pattern'")
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +201,9 @@ class TrainConfig:
     # messages, chosen, rejected) and the `dpo` keys below (hunyuan_jax/train/dpo.py, docs/dpo.md).
     objective: str = "sft"
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    # "grpo": RL on prompts (`data` is JSONL with prompt or messages plus the fields the
+    # reward reads) with rollouts from the serving engine; the `grpo` keys (docs/rl.md).
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     # LoRA fine-tuning (`hunyuan_jax.model.lora`): null = full fine-tuning; else {rank, alpha,
     # dropout, targets} (true = the defaults: rank 8, alpha 16, q/k/v/o). Only the adapters
     # train (and are checkpointed); the base is frozen in bf16 (int8 with runtime.weights=int8).
@@ -134,6 +212,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.dpo, Mapping):  # from YAML / --set dpo.beta=...
             object.__setattr__(self, "dpo", _nested(DPOConfig, self.dpo, "dpo"))
+        if isinstance(self.grpo, Mapping):  # from YAML / --set grpo.beta=...
+            object.__setattr__(self, "grpo", _nested(GRPOConfig, self.grpo, "grpo"))
         object.__setattr__(self, "lora", LoraConfig.from_value(self.lora))
         if self.lora is not None and self.lora.alpha <= 0:  # 0: adapters that never learn
             raise ConfigError(f"train key 'lora.alpha' must be positive, got {self.lora.alpha}")
@@ -214,11 +294,28 @@ class TrainConfig:
                 f"({self.micro_batches}) must be even with objective 'dpo' (each preference "
                 f"pair is two rows, chosen and rejected, in the same micro-batch)"
             )
+        if self.objective == "grpo":
+            self._check_grpo()
         if self.opt_state_dtype not in (None, "float32", "bfloat16"):
             raise ConfigError(
                 f"train key 'opt_state_dtype' must be null, float32 or bfloat16, "
                 f"got {self.opt_state_dtype!r}"
             )
+
+    def _check_grpo(self) -> None:
+        g, mu = self.grpo.group_size, self.grpo.updates_per_rollout
+        if self.batch_size % g:
+            raise ConfigError(
+                f"train key 'batch_size' ({self.batch_size}) must be a multiple of "
+                f"'grpo.group_size' ({g}) with objective 'grpo' (rows = prompts x group)"
+            )
+        for key in ("steps", "save_every", "stop_at"):  # a checkpoint is between rollouts
+            v = getattr(self, key)
+            if v is not None and v % mu:
+                raise ConfigError(
+                    f"train key {key!r} ({v}) must be a multiple of 'grpo.updates_per_rollout' "
+                    f"({mu}): checkpoints are taken between rollout batches"
+                )
 
     @property
     def total_decay_steps(self) -> int:

@@ -9,7 +9,9 @@ one is tried; if none verifies the run stops (CheckpointError) saying what to de
 Otherwise the weights are random or come from `tcfg.init_from` (any format
 `hunyuan_jax.checkpoints.loading` knows, restored into the plan's shardings). The step itself is
 `train_step.TrainStep`; data is `train_data.make_loader` (DPO: `dpo.make_dpo_loader` and the
-reference log-probabilities, `dpo.attach_reference`); metrics `metrics.MetricsLog`.
+reference log-probabilities, `dpo.attach_reference`; GRPO: the rollout source the entry point
+passes, `engine.rollout.make_grpo_source`, whose batches are made from the current state);
+metrics `metrics.MetricsLog`.
 Each checkpoint records the health of the steps before it (`health`); a run stopped on a
 non-finite loss names the last finite step and the newest healthy checkpoint, and what to do.
 `profile_steps=(a, b)` writes a jax.profiler trace of steps a..b (1-based, inclusive, after
@@ -34,7 +36,7 @@ from hunyuan_jax.checkpoints.loading import open_checkpoint
 from hunyuan_jax.checkpoints.lora_base import run_policy
 from hunyuan_jax.checkpoints.runs import Checkpointer, read_run_config, write_run_config
 from hunyuan_jax.data.corpus import check_batch, check_seq_len, gather_states, to_global
-from hunyuan_jax.errors import CheckpointError, NonFiniteLoss
+from hunyuan_jax.errors import CheckpointError, ConfigError, NonFiniteLoss
 from hunyuan_jax.model.config import LoraConfig, ModelConfig
 from hunyuan_jax.model.policy import RuntimePolicy
 from hunyuan_jax.model.state import abstract_model, init_model
@@ -56,11 +58,13 @@ def train(
     log: Callable[[str], Any] = print,
     profile_steps: tuple[int, int] | None = None,
     plan: ShardingPlan | None = None,
+    make_grpo_source: Callable | None = None,
 ) -> dict:
     """Trains (or resumes) the run in tcfg.run_dir up to tcfg.end_step. Returns a summary.
     `profile_steps=(a, b)`: a jax.profiler trace of steps a..b in <run>/profile. `plan`: the
     run's ShardingPlan, built by the entry point from `tcfg.mesh` / `tcfg.rules` (train.py
-    does; without one it is built here from the same keys)."""
+    does; without one it is built here from the same keys). `make_grpo_source`: objective
+    'grpo''s batches (`engine.rollout.make_grpo_source`: the engine is below this package)."""
     if jax.process_index() != 0:
         log = lambda *_: None
     run_dir = Path(tcfg.run_dir)
@@ -71,7 +75,9 @@ def train(
         plan = plan or ShardingPlan.create(tcfg.mesh, tcfg.rules)
         ckpt = Checkpointer(run_dir, tcfg.keep_checkpoints, tcfg.async_checkpointing)
         try:
-            return _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps)
+            return _train(
+                mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps, make_grpo_source
+            )
         finally:
             ckpt.close()  # pending async saves complete (or the process dies: tmp dirs only)
 
@@ -107,9 +113,13 @@ def _initial_state(step: TrainStep, mcfg, policy, tcfg, plan, log) -> TrainState
     return step.init_state(model)
 
 
-def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> dict:
-    # preference pairs (+ their reference log-probs, below) or packed text
+def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None, grpo_source=None):
+    # preference pairs (+ their reference log-probs, below), rollouts, or packed text
     make_loader = make_dpo_loader if tcfg.objective == "dpo" else make_text_loader
+    if tcfg.objective == "grpo":
+        if grpo_source is None:
+            raise ConfigError("objective 'grpo' needs the engine's rollout source (train.py)")
+        make_loader = grpo_source
     if tcfg.init_from:  # the checkpoint's architecture, also when resuming such a run
         mcfg = open_checkpoint(tcfg.init_from).cfg
     resume_step = ckpt.latest_step()
@@ -128,6 +138,14 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
         state = _initial_state(step, mcfg, policy, tcfg, plan, log)
     if tcfg.objective == "dpo":  # computed from the initial weights once, read back on resume
         attach_reference(loader, step, state.params, tcfg, run_dir, resume_step is not None, log)
+    rollouts = tcfg.objective == "grpo"
+    if rollouts:  # full fine-tuning's reference: the initial weights, a second copy
+        ref = None
+        if tcfg.lora is None and tcfg.grpo.beta > 0:
+            ref = jax.tree.map(jnp.copy, state.params)
+            if resume_step is not None:
+                ref = _initial_state(step, mcfg, policy, tcfg, plan, log).params
+        loader.bind(step, ref)
     write_run_config(run_dir, mcfg, policy, tcfg)
     if policy.param_dtype != "float32":
         log(
@@ -149,9 +167,11 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
     losses, last_saved = [], start
     compiled, t_compile = None, None
     profiler = _StepProfiler(profile_steps, run_dir / "profile", start, end, log)
-    t_log, tokens_since = time.time(), 0
+    t_log, tokens_since, data_s = time.time(), 0, 0.0
     for i in range(start, end):
-        local = next(loader)
+        t_data = time.time()
+        local = loader.batch_for(state) if rollouts else next(loader)
+        data_s += time.time() - t_data
         _check_loss_tokens(local, i + 1)
         batch = to_global(local, step.batch_sharding, tcfg.batch_size)
         if compiled is None:
@@ -162,14 +182,17 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
                 f"[train] step compiled in {t_compile:.1f}s; steps {start} -> {end}, "
                 f"{tcfg.tokens_per_step:,} tokens per step"
             )
-            t_log = time.time()
+            t_log, data_s = time.time(), 0.0
         done = i + 1
         profiler.before(done)
         state, metrics = compiled(state, batch)
         m = jax.device_get(metrics)
         profiler.after(done, state)
+        if rollouts:
+            m = {**m, **loader.metrics}
         rec = to_record(done, m)
-        history.add(done, m["loss"], m["grad_norm"], m["ok"])
+        # GRPO's loss is centred near 0 and may be negative: its health is the gradient norm's
+        history.add(done, 0.0 if rollouts else m["loss"], m["grad_norm"], m["ok"])
         if not m["ok"]:
             msg = (
                 f"non-finite loss or gradient at step {done} (loss={float(m['loss'])}, "
@@ -189,8 +212,11 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None) -> 
             tps = tokens_since / max(time.time() - t_log, 1e-9)
             mfu = flops_per_token * tps / (peak * jax.device_count()) if peak else None
             rec.update(tokens_per_s=tps, mfu=mfu)
+            if rollouts:  # the train step's own rate, rollouts (data) excluded
+                busy = max(time.time() - t_log - data_s, 1e-9)
+                rec["grpo/train_tokens_per_s"] = tokens_since / busy
             log(progress_line(done, m, tps, mfu))
-            t_log, tokens_since = time.time(), 0
+            t_log, tokens_since, data_s = time.time(), 0, 0.0
         metrics_log.write(rec)
         if done % tcfg.save_every == 0 or done == end:
             h = history.assess(done, last_saved)

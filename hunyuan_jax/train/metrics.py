@@ -123,7 +123,9 @@ def progress_line(step: int, m: dict, tokens_per_s: float, mfu: float | None) ->
     (`ce`); DPO its own loss (`dpo`) and, only where the objective has one (dpo.sft_weight > 0),
     the weighted NLL term of the chosen replies (`sft`)."""
     load = np.asarray(m["expert_load"])
-    if "dpo/loss" in m:
+    if "grpo/policy_loss" in m:
+        terms = f" | pg {float(m['grpo/policy_loss']):.4f}"
+    elif "dpo/loss" in m:
         terms = f" | dpo {float(m['dpo/loss']):.4f}"
         if float(m["ce_loss"]) != 0.0:
             terms += f" | sft {float(m['ce_loss']):.4f}"
@@ -139,6 +141,12 @@ def progress_line(step: int, m: dict, tokens_per_s: float, mfu: float | None) ->
         + (
             f" | dpo margin {float(m['dpo/reward_margin']):.3f} acc {float(m['dpo/accuracy']):.2f}"
             if "dpo/reward_margin" in m
+            else ""
+        )
+        + (
+            f" | reward {float(m['grpo/reward_mean']):.3f} kl {float(m['grpo/kl']):.4f} clip "
+            f"{float(m['grpo/clip_fraction']):.3f} len {float(m['grpo/completion_len']):.1f}"
+            if "grpo/reward_mean" in m
             else ""
         )
     )

@@ -39,6 +39,7 @@ from hunyuan_jax.model.policy import RuntimePolicy
 from hunyuan_jax.model.state import abstract_model
 from hunyuan_jax.train.config import TrainConfig
 from hunyuan_jax.train.dpo import DPOObjective
+from hunyuan_jax.train.grpo import GRPOObjective
 from hunyuan_jax.train.losses import lm_loss
 from hunyuan_jax.train.optim import Optimizer, make_optimizer
 from sharding.plan import ShardingPlan
@@ -46,7 +47,7 @@ from sharding.plan import ShardingPlan
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 # objective(model, micro_batch, key) -> (loss, metrics with at least ce_loss, aux_loss,
-# z_loss, tokens, expert_load): the LM loss by default; other objectives (DPO) plug in here.
+# z_loss, tokens, expert_load): the LM loss by default; other objectives (DPO, GRPO) plug in here.
 # `ce_loss` is the token-weighted part of the loss (weighted over micro-batches by `tokens`),
 # the rest is averaged. An objective may also have `extra_batch_keys` (float32 arrays laid
 # out like the batch), `loss_tokens(batch)` (the batch's total of `tokens`; default the sum
@@ -58,6 +59,8 @@ def default_objective(tcfg: TrainConfig) -> Objective | None:
     """The objective `tcfg.objective` names; None = the LM loss (`TrainStep._lm_objective`)."""
     if tcfg.objective == "dpo":
         return DPOObjective(tcfg)
+    if tcfg.objective == "grpo":
+        return GRPOObjective(tcfg)
     return None
 
 

@@ -40,12 +40,17 @@ def kernel_layout(impl: str, plan, q_shape, k_shape) -> dict:
     cannot be partitioned that way, so it then runs head-less per batch shard)."""
     if impl == "xla" or plan is None or not plan.is_sharded:
         return {}
-    q_spec = plan.activation_spec(("batch", None, "act_heads", None), q_shape)
+    # q keeps the plan's `length` layout (context parallelism: each device its own query
+    # chunk); K/V are whole rows (gathered over the length axes). Splash serves only whole
+    # causal rows: with q's length sharded it falls back to flash (`attend`).
+    length = "length" if q_shape[1] == k_shape[1] else None
+    q_spec = plan.activation_spec(("batch", length, "act_heads", None), q_shape)
     kv_spec = plan.activation_spec(("batch", None, "act_kv_heads", None), k_shape)
     if q_spec[0] != kv_spec[0] or q_spec[2] != kv_spec[2]:
         if impl != "splash":
             return {}
-        q_spec = kv_spec = jax.sharding.PartitionSpec(q_spec[0], None, None, None)
+        q_spec = jax.sharding.PartitionSpec(q_spec[0], q_spec[1], None, None)
+        kv_spec = jax.sharding.PartitionSpec(q_spec[0], None, None, None)
     return {"mesh": plan.mesh, "q_spec": q_spec, "kv_spec": kv_spec}
 
 
@@ -123,6 +128,13 @@ def attend(
         return shard_map_attention(local, q, k, v, mask, mesh=mesh, q_spec=q_spec, kv_spec=kv_spec)
 
     blocks = {n: x for n, x in (("block_q", block_q), ("block_kv", block_kv)) if x is not None}
+    if impl == "splash" and q_spec is not None and len(q_spec) > 1 and q_spec[1] is not None:
+        if not fallback:
+            raise splash.SplashUnsupported("q's length is sharded (context parallelism)")
+        warnings.warn(
+            "splash serves whole causal rows; context parallelism uses flash", stacklevel=2
+        )
+        return run(flash.flash_attention)
     if impl == "splash":
         try:
             splash.check_supported(q.shape, k.shape, mask, **blocks)

@@ -98,14 +98,16 @@ def shard_map_attention(fn, q, k, v, mask: AttentionMask, *, mesh, q_spec, kv_sp
 
     q_spec: PartitionSpec of q [B,S,H,D], e.g. P(("data", "fsdp"), None, "tensor", None);
     kv_spec: of k and v [B,T,KVH,D] (default q_spec). The mask's [B,S] / [B,T] arrays are
-    sharded like the batch axis; the output has q_spec. Each device must hold whole rows and
-    the KV heads of its own query heads, so (else ValueError): sequence and head_dim unsharded,
+    sharded like q's / K/V's batch and length; the output has q_spec. q's length may be
+    sharded (context parallelism: every device holds all keys of its rows); each device must
+    hold whole K/V rows and the KV heads of its own query heads, so (else ValueError): K/V
+    length and head_dim unsharded,
     q and kv sharded alike over batch and heads, H and KVH divisible by the head-axis size."""
     kv_spec = q_spec if kv_spec is None else kv_spec
     qs = tuple(q_spec) + (None,) * (4 - len(q_spec))
     ks = tuple(kv_spec) + (None,) * (4 - len(kv_spec))
-    if _axes(qs[1]) or _axes(qs[3]) or _axes(ks[1]) or _axes(ks[3]):
-        raise ValueError(f"attention cannot shard sequence or head_dim: q {q_spec}, kv {kv_spec}")
+    if _axes(qs[3]) or _axes(ks[1]) or _axes(ks[3]):
+        raise ValueError(f"attention cannot shard K/V length or head_dim: q {q_spec}, kv {kv_spec}")
     if _axes(qs[0]) != _axes(ks[0]) or _axes(qs[2]) != _axes(ks[2]):
         raise ValueError(f"q {q_spec} and kv {kv_spec} must shard batch and heads alike")
     head_shards = math.prod(mesh.shape[a] for a in _axes(qs[2]))
@@ -113,8 +115,12 @@ def shard_map_attention(fn, q, k, v, mask: AttentionMask, *, mesh, q_spec, kv_sp
         raise ValueError(
             f"{q.shape[2]} query / {k.shape[2]} KV heads do not split over {head_shards} devices"
         )
-    rows = P(qs[0], None)
-    mask_specs = AttentionMask(rows, rows, rows, rows, mask.causal_self)
+    rows, q_rows = P(qs[0], None), P(qs[0], qs[1])
+    # Context parallelism (q's length sharded, K/V whole): each device attends its own query
+    # chunk over every key, masked by positions (no longer the same rows as the keys).
+    causal_self = mask.causal_self and not _axes(qs[1])
+    mask = mask._replace(causal_self=causal_self) if causal_self != mask.causal_self else mask
+    mask_specs = AttentionMask(q_rows, rows, q_rows, rows, causal_self)
     return jax.shard_map(
         fn,
         mesh=mesh,

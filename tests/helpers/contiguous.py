@@ -1,5 +1,9 @@
-"""KV-cached generation: batched prefill of prompts of different lengths, then a decode loop
-compiled once, on the same parameter tree (`HunyuanForCausalLM`) that training uses.
+"""The contiguous-cache reference decoder the serving engine (`hunyuan_jax.engine`) is checked
+and benchmarked against; no entry point runs it (infer.py, the server, the AOT tool and RL
+rollouts run the engine). KV-cached generation: batched prefill of prompts of different
+lengths, then a decode loop compiled once, on the same parameter tree (`HunyuanForCausalLM`)
+that training uses. Its sampler (`sample`, one SamplingConfig for the batch, top-k over exactly
+k candidates) is the reference for the engine's `sampling.sample_rows`.
 
     gen = Generator(model, sampling=SamplingConfig(), eos_ids=[2])
     out = gen.generate([[1, 2, 3], [4, 5]], max_new_tokens=32, seed=0)
@@ -22,7 +26,7 @@ How it works
   step instead: the while loop carries the weights and XLA keeps a second, re-laid-out copy
   of the stacked experts (the AOT tool's figure for the A52B: docs/performance.md).
 - Every program is compiled ahead of time once per argument layout (`Generator.compiles`
-  counts them); `Generator.lower(program, ...)` lowers one for abstract shapes (the AOT tool).
+  counts them).
 - On a mesh: the model's sharding plan places the cache (`KVCache.LOGICAL_AXES`) and the
   per-row arrays (`cache_batch`); the batch is padded with idle rows up to a multiple of the
   cache batch's shards.
@@ -34,15 +38,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hunyuan_jax.decode.sampling import SamplingConfig, sample
-from hunyuan_jax.decode.state import DecodeState, Generation, check_prompts
+from hunyuan_jax.decode.sampling import SamplingConfig, apply_repetition_penalty, top_p_mask
+from hunyuan_jax.decode.state import Generation, check_prompts
 from hunyuan_jax.model.config import ModelConfig
 from hunyuan_jax.model.kv_cache import CACHE_DTYPES, KVCache, cache_shardings
 from hunyuan_jax.model.transformer import HunyuanForCausalLM
@@ -53,6 +57,50 @@ PROGRAMS = ("prefill", "start", "decode")
 
 
 StreamFn = Callable[[int, np.ndarray, np.ndarray], None]
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode loop carries (one pytree, donated between calls)."""
+
+    cache: KVCache
+    tokens: jax.Array  # [B, N] int32 new tokens; column t = t-th new token
+    last: jax.Array  # [B] int32 the token fed to the next step
+    done: jax.Array  # [B] bool
+    num_new: jax.Array  # [B] int32 new tokens of each row, its EOS included
+    seen: jax.Array | None  # [B, V] bool tokens of the sequence (repetition penalty) or None
+    key: jax.Array  # PRNG key
+    step: jax.Array  # [] int32 number of columns of `tokens` written
+    logits: jax.Array | None  # [B, N, V] float32 model logits of each new token (or None)
+    eos: jax.Array  # [E] int32 ids that end a row, padded with -1 to a multiple of 8
+
+
+def sample(
+    logits: jax.Array, key: jax.Array, cfg: SamplingConfig, seen: jax.Array | None = None
+) -> jax.Array:
+    """logits [B, V] -> token ids [B] int32. `key` is one PRNG key; row b draws with
+    fold_in(key, b), so a row's draw does not depend on the other rows' logits.
+    `seen` [B, V] bool marks the tokens the repetition penalty applies to (None: off).
+
+    With top_k > 0 the draw (and top-p) works on the k candidates from `lax.top_k` only, with
+    no full-vocabulary sort: the same distribution as masking the full vocabulary except that
+    ties at the k-th logit keep exactly k tokens (HF keeps every tied token)."""
+    scores = logits.astype(jnp.float32)
+    if seen is not None:
+        scores = apply_repetition_penalty(scores, seen, cfg.repetition_penalty)
+    if cfg.greedy:
+        return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    scores = scores / cfg.temperature
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(scores.shape[0]))
+    if cfg.top_k and cfg.top_k < scores.shape[-1]:
+        vals, idx = jax.lax.top_k(scores, cfg.top_k)  # sorted, most likely first
+        if cfg.top_p < 1.0:
+            probs = jax.nn.softmax(vals, axis=-1)
+            vals = jnp.where(jnp.cumsum(probs, axis=-1) - probs < cfg.top_p, vals, _NEG_INF)
+        choice = jax.vmap(jax.random.categorical)(keys, vals)
+        return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    if cfg.top_p < 1.0:
+        scores = jnp.where(top_p_mask(scores, cfg.top_p), scores, _NEG_INF)
+    return jax.vmap(jax.random.categorical)(keys, scores).astype(jnp.int32)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -276,66 +324,6 @@ class Generator:
     def batch_multiple(self) -> int:
         """Batches are padded to a multiple of the cache batch's shards."""
         return self.plan.size("cache_batch")
-
-    def abstract_args(self, program: str, *, batch: int, cache_len: int, chunk: int = 1):
-        """ShapeDtypeStructs (with the plan's shardings) of `program`'s arguments for a batch
-        of `batch` rows, a `cache_len`-slot cache and (prefill) `chunk` tokens per call."""
-        if program not in PROGRAMS:
-            raise ValueError(f"program must be one of {PROGRAMS}, got {program!r}")
-        plan, vocab = self.plan, self.cfg.vocab_size
-        sds = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-        rows = lambda shape, dtype: sds(
-            shape, dtype, self._batch_sharding(len(shape)) if plan.is_sharded else plan.replicated()
-        )
-        rep = lambda value: sds(np.shape(value), jnp.asarray(value).dtype, plan.replicated())
-        params = plan.abstract(self.params)
-        cache = jax.eval_shape(lambda: KVCache.zeros(self.cfg, batch, cache_len, self.cache_dtype))
-        cache = plan.abstract(cache, cache_shardings(cache, plan))
-        key = sds((), jax.random.key(0).dtype, plan.replicated())
-        eos = rep(np.full((8,), -1, np.int32))
-        if program == "prefill":
-            return (
-                params,
-                rows((batch, chunk), jnp.int32),
-                rep(np.int32(0)),
-                cache,
-                rows((batch,), jnp.int32),
-                rows((batch, vocab), jnp.float32),
-            )
-        if program == "start":
-            return (
-                rows((batch, vocab), jnp.float32),
-                rows((batch,), jnp.int32),
-                rows((batch, chunk), jnp.int32),
-                rows((batch,), jnp.bool_),
-                key,
-                cache,
-                rep(np.int32(1)),
-                jax.ShapeDtypeStruct((cache_len,), jnp.bool_),
-                eos,
-            )
-        seen = rows((batch, vocab), jnp.bool_) if self.sampling.repetition_penalty != 1.0 else None
-        logits = rows((batch, cache_len, vocab), jnp.float32) if self.record_logits else None
-        state = DecodeState(
-            cache,
-            rows((batch, cache_len), jnp.int32),
-            rows((batch,), jnp.int32),
-            rows((batch,), jnp.bool_),
-            rows((batch,), jnp.int32),
-            seen,
-            key,
-            rep(np.int32(0)),
-            logits,
-            eos,
-        )
-        return params, state, rep(np.int32(1)), rep(np.int32(1))
-
-    def lower(self, program: str, *, batch: int, cache_len: int, chunk: int = 1):
-        """`jax.stages.Lowered` of `program` for abstract arguments (`abstract_args`): what the
-        AOT tool compiles for a TPU slice. 'decode' is one token per call with
-        decode_loop='host', the while loop with 'device'."""
-        args = self.abstract_args(program, batch=batch, cache_len=cache_len, chunk=chunk)
-        return self._jit(program).lower(*args)
 
     # ------------------------------------------------------------------ public API
     def check_prompts(
