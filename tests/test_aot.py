@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hunyuan_jax.aot import compiler, flops, topology
+from hunyuan_jax.aot import serve as aot_serve
 from hunyuan_jax.checkpoints.loading import read_model_config
 from hunyuan_jax.cli import aot as cli
 from hunyuan_jax.cli.aot import main
@@ -66,6 +67,8 @@ needs_libtpu = pytest.mark.skipif(
         ("v5litepod-16", "v5e:4x4", 16, "v5e-16"),
         ("v5p:4x4x12", "v5:4x4x12", 192, "v5p-384"),
         ("v6e:2x4", "v6e:2x4", 8, "v6e-8"),
+        ("tpu7x-8", "tpu7x:2x2x1", 4, "tpu7x-8"),  # one TPU7x host: 4 chips, 8 devices
+        ("v7x-8", "tpu7x:2x2x1", 4, "tpu7x-8"),
     ],
 )
 def test_topology_names(name, topo, chips, cloud):
@@ -438,3 +441,28 @@ def test_serve_compiles_every_engine_program(tmp_path, capsys):
         assert p["mfu"]["step_time_s"] > 0 and p["flops"]["analytic_model_per_chip"] > 0
         assert p["mfu"]["applies"] is False  # the tiny model: below the MXU, microseconds
     assert "page pool:" in text and "step[8] (prefill" in text
+
+
+def test_pool_sizing_bisects_below_a_refused_size(monkeypatch):
+    """The pool rule after an out-of-memory verdict (as v6e-8 int4 met it: XLA refused the
+    linear estimate, the halfway back-off fit, and the next estimate was the refused size
+    again): it bisects below the refused size instead of stopping at the back-off."""
+    gib, page = 2**30, 256 * 1024
+    base, limit = 25.11 * gib, 30.0 * gib  # the compiler's real limit: below usable - margin
+
+    def probe(job, model, sizes, max_len, pages, hbm_gib, hlo_dir, oom_ok=False):
+        total = base + pages * page
+        if total > limit:
+            assert oom_ok
+            return {"program": "score[4096]", "pages": pages, "total": None}
+        return {"program": "score[4096]", "pages": pages, "total": total,
+                "pool_bytes": pages * page, "temp": gib, "compile_s": 0.0}  # fmt: skip
+
+    monkeypatch.setattr(aot_serve, "_probe", probe)
+    rule = aot_serve.size_pool(None, None, aot_serve.ServeSizes(), 32768, 31.24, None)
+    pages = [p["pages"] for p in rule["probes"]]
+    totals = [p["total"] for p in rule["probes"]]
+    assert pages[:2] == [2049, 4098] and totals[2] is None  # the estimate: refused
+    assert pages[3] == (4098 + pages[2]) // 2 and totals[3] is not None  # halfway: fits
+    assert pages[4] == (pages[3] + pages[2]) // 2 and totals[4] <= limit  # bisected
+    assert rule["num_pages"] == pages[4] == max(p for p, t in zip(pages, totals) if t)

@@ -1,8 +1,10 @@
 """TPU slices you do not have: the chip table, Cloud TPU names -> topologies, the compile-only
 devices of a slice (libtpu), and the default mesh of a slice for each mode.
 
-Names: v5p-N and v4-N count TensorCores (2 per chip: v5p-256 = 128 chips, `v5:4x4x8`), v5e-N
-and v6e-N count chips. A topology can also be given as such (`v5p:4x4x12`, `v6e:4x8`).
+Names: v5p-N, v4-N and tpu7x-N count TensorCores (2 per chip: v5p-256 = 128 chips, `v5:4x4x8`;
+tpu7x-8 = one 4-chip TPU7x host, `tpu7x:2x2x1`, 8 devices: each TensorCore of a TPU7x is its
+own device), v5e-N and v6e-N count chips. A topology can also be given as such (`v5p:4x4x12`,
+`v6e:4x8`).
 The platform and chip of a run are always read from the mesh's devices (`chip_of`), never from
 `jax.devices()`.
 """
@@ -69,8 +71,24 @@ CHIPS: dict[str, Chip] = {
         4,
         256,
     ),
+    # TPU7x (Ironwood): two TensorCore chiplets per chip, each its own JAX device with half the
+    # chip's 192 GiB, 2307 TFLOP/s (bf16; 4614 fp8) and 7.38 TB/s (Cloud TPU's TPU7x page);
+    # these figures are per device, the unit every program and this table count. 94.74 GiB:
+    # the capacity libtpu 0.0.52's out-of-memory error names for tpu7x:2x2x1. ICI: the chip's
+    # 1200 GB/s bidirectional, halved per direction and per chiplet.
+    "tpu7x": Chip(
+        "tpu7x", "tpu7x", ("TPU7x",), 94.74, 2307e12 / 2, 7.38e12 / 2, 2, None, 3, 300e9, 6, 256
+    ),
 }
-_ALIASES = {"v5": "v5p", "v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "trillium": "v6e"}
+_ALIASES = {
+    "v5": "v5p",
+    "v5litepod": "v5e",
+    "v5lite": "v5e",
+    "v6": "v6e",
+    "trillium": "v6e",
+    "v7x": "tpu7x",
+    "ironwood": "tpu7x",
+}
 
 
 @dataclasses.dataclass(frozen=True)

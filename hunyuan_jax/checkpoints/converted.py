@@ -14,9 +14,12 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.cli.conve
                              "files": [{"name", "size", "mtime_ns"}], "fp8": bool},
                              "weights": {"form": "float", "dtype"} or, with
                              `hf-to-jax --quantize`, {"form": "int8"|"fp8"|"int4"|
-                             "int4-experts", "dtype", "scale_dtype": "float32", "scales",
-                             "calibration", "group_size" (int4)} (the loader's restore
-                             target comes from it: orbax casts to the target's dtype),
+                             "int4-experts", "dtype", "scale_dtype" (bfloat16 for int4,
+                             float32 for int8 / fp8), "scales", "calibration", "group_size"
+                             and "groups" {weight: values per scale} (int4)} (the loader's
+                             restore target comes from it, and every array of that target
+                             must have the shape and dtype "leaves" records, else a one-line
+                             error: orbax would pad or cast it silently),
                              "plan": {...} (as .convert/plan.json), "hf_config": {...},
                              "tokenizer_files": [...], "stats": {"seconds",
                              "source_bytes_this_run", "mb_per_s", "peak_rss_mb", "resumed"}}
@@ -32,9 +35,9 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.cli.conve
         groups.layers.0.attn.q_proj.value/
           zarr.json          shape [groups, embed, heads, head_dim], dtype, codecs
         groups.layers.0.attn.q_proj.array.qvalue.value/   with --quantize: the int8 / e4m3
-        groups.layers.0.attn.q_proj.array.scale.value/    / int4 values and their float32
-                             scales [groups, 1, heads, head_dim] (1 on the contracted dims;
-                             int4: embed / group_size there) of each matmul weight, in
+        groups.layers.0.attn.q_proj.array.scale.value/    / int4 values and their scales
+                             [groups, 1, heads, head_dim] (1 on the contracted dims;
+                             int4: embed / its group there) of each matmul weight, in
                              place of the float leaf (int4: tensorstore's int4, a byte
                              per value before compression; zstd makes it ~0.45)
           c/<g>/0/0/0        one file ("zarr3 shard") per stacked slice = one HF tensor: per
@@ -89,7 +92,7 @@ from flax import nnx
 from hunyuan_jax import atomic
 from hunyuan_jax.checkpoints import hf_mapping
 from hunyuan_jax.checkpoints.hf_checkpoint import CheckpointError
-from hunyuan_jax.checkpoints.integrity import orbax_metadata, read_error
+from hunyuan_jax.checkpoints.integrity import check_layout, orbax_metadata, read_error
 from hunyuan_jax.model import quantize
 from hunyuan_jax.model.config import ConfigError, ModelConfig, hf_to_fields, read_hf_config
 from hunyuan_jax.model.policy import INT4_GROUP_SIZE, RuntimePolicy
@@ -158,7 +161,7 @@ def param_leaves(
 ) -> dict[tuple, Leaf]:
     """{nnx path: Leaf} for every parameter stored in `dtype` (the router stays float32) with
     the matmul weights in form `weights` ('auto': `dtype`; 'bf16'; 'int8' / 'fp8' / 'int4' /
-    'int4-experts': values + float32 scales, int4 in groups of `group_size`,
+    'int4-experts': values + scales, int4 in each weight's group for the target `group_size`,
     `hunyuan_jax.model.quantize`), with the names orbax gives them when saving
     `nnx.state(model, nnx.Param)` (the same flattening orbax applies at restore)."""
     policy = RuntimePolicy(param_dtype=dtype, weights=weights, int4_group_size=group_size)
@@ -475,7 +478,7 @@ def check_written_config(path: Path, cfg: ModelConfig, written, manifest: Path) 
 
 def stored_weights(directory: str | Path) -> str:
     """How a converted checkpoint stores its matmul weights: 'float' (in the manifest's
-    dtype) or a quantized form (`quantize.QUANTIZED`: values + float32 scales)."""
+    dtype) or a quantized form (`quantize.QUANTIZED`: values + scales)."""
     return read_manifest(directory).get("weights", {}).get("form", "float")
 
 
@@ -484,7 +487,7 @@ def restore_param_state(directory: str | Path, target):
     with the same structure as `nnx.state(model, nnx.Param)`) of `jax.ShapeDtypeStruct`s with
     shardings; each process reads only its shards; dtypes are cast on read."""
 
-    read_manifest(directory)
+    check_target(directory, target)
     params = Path(directory).absolute() / PARAMS_DIR
     orbax_metadata(params)
     try:
@@ -492,6 +495,13 @@ def restore_param_state(directory: str | Path, target):
             return ckptr.restore(params, target)
     except Exception as e:  # tensorstore: a missing / truncated chunk file, a crc32c mismatch
         raise read_error(e, params) from e
+
+
+def check_target(directory: str | Path, target) -> None:
+    """CheckpointError (one line) unless every array of the restore `target` has the shape
+    and dtype the manifest records (`integrity.check_layout`)."""
+    man = read_manifest(directory)
+    check_layout(Path(directory) / MANIFEST, man["params"]["leaves"], target)
 
 
 def is_converted(directory: str | Path) -> bool:

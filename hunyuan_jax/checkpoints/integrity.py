@@ -18,7 +18,9 @@ from disk (`verify`, export): nothing depends on orbax's file layout, and every 
 pod computes (and checks) the same global values.
 
 `read_error` turns a tensorstore / orbax failure (truncated or missing array file, checksum
-mismatch, I/O error) into a one-line `CheckpointError` naming the array and the file.
+mismatch, I/O error) into a one-line `CheckpointError` naming the array and the file;
+`check_layout` refuses a restore target whose arrays differ in shape or dtype from what a
+converted checkpoint's manifest records (e.g. int4 scales in other groups).
 """
 
 from __future__ import annotations
@@ -347,3 +349,39 @@ def stored_digest(arr, where, array: str) -> tuple[str, int, int]:
     except Exception as e:  # tensorstore: missing / truncated file, checksum mismatch
         raise read_error(e, where, array) from e
     return fmt_digest(h), nbytes, bad
+
+
+def check_layout(where, stored: dict, target) -> None:
+    """CheckpointError (one line) unless every array of the restore `target` (abstract arrays;
+    orbax PLACEHOLDERs skipped) has the shape `stored` ({name: {"shape", "dtype"}}, a
+    converted checkpoint's manifest at `where`) records for it, and a quantized weight's values
+    and scales (`.array.qvalue` / `.array.scale`) its dtype too: orbax would pad, truncate or
+    cast a stored array into another layout without a word, e.g. int4 scales in other groups
+    (`quantize.int4_group`) or dtype than the checkpoint was written with. Float leaves may
+    differ in dtype (cast on read: float32 compute from a bf16 checkpoint)."""
+    have = dict(named_leaves(target))
+    for name, x in have.items():
+        info = stored.get(name)
+        want = None if info is None else (np.dtype(info["dtype"]).name, tuple(info["shape"]))
+        got = (np.dtype(x.dtype).name, tuple(x.shape))
+        quantized = name.endswith((".array.qvalue.value", ".array.scale.value"))
+        if want is not None and (want == got or (not quantized and want[1] == got[1])):
+            continue
+        why = "" if want is None else _groups_differ(name, stored, have)
+        raise CheckpointError(
+            f"{where}: array {name} is stored as "
+            f"{'absent' if want is None else f'{want[0]} {list(want[1])}'}, this version lays "
+            f"it out as {np.dtype(x.dtype).name} {list(x.shape)}{why}: convert the checkpoint "
+            f"again with this version (hf-to-jax)"
+        )
+
+
+def _groups_differ(name: str, stored: dict, have: dict) -> str:
+    """' (int4 groups of A values stored, B here)' for an int4 scale leaf, else ''."""
+    values = name.removesuffix("scale.value") + "qvalue.value"
+    if not name.endswith(".array.scale.value") or values not in stored or values not in have:
+        return ""
+    n = math.prod(stored[values]["shape"])
+    a = n // max(1, math.prod(stored[name]["shape"]))
+    b = n // max(1, math.prod(have[name].shape))
+    return f" (int4 groups of {a} values stored, {b} here)" if a != b else ""

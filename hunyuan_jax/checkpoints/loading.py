@@ -293,7 +293,7 @@ def _restore_some(ckpt: Checkpoint, target):
 
     record = None
     if ckpt.format == "converted":
-        converted.read_manifest(ckpt.path)
+        converted.check_target(ckpt.path, target)
         params = ckpt.path / converted.PARAMS_DIR
     else:
         step = runs.latest_step(ckpt.path)

@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="how the matmul weights are held (runtime.weights): int8 / fp8 values + "
         "per-channel scales, int4 values + one scale per group along the contraction "
-        "(--set runtime.int4_group_size=N, default 128), int4-experts (routed experts int4, "
+        "(target size --set runtime.int4_group_size=N, default 128; each weight's group "
+        "is the largest <= it splitting its contraction over up to 16 shards), int4-experts (routed experts int4, "
         "the others int8), bf16, or auto (float in the parameter dtype)",
     )
     p.add_argument(

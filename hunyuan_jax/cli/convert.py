@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--int4-group-size",
         type=int,
         default=None,
-        help=f"int4 values per scale along the contraction (default {INT4_GROUP_SIZE}); it "
-        "must divide every int4 weight's contraction",
+        help=f"int4 values per scale along the contraction, a target (default "
+        f"{INT4_GROUP_SIZE}): each weight takes the largest group <= it that leaves whole "
+        "groups on every shard of its contraction up to 16 (recorded per weight)",
     )
     a.add_argument(
         "--tokenizer-dir",

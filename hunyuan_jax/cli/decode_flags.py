@@ -71,8 +71,9 @@ def add_decode_flags(
         "--int4-group-size",
         type=int,
         default=INT4_GROUP_SIZE,
-        help="int4 values per scale, consecutive along the contraction (must divide every "
-        "int4 weight's; a stored int4 checkpoint keeps its own)",
+        help="int4 values per scale along the contraction, a target: each weight takes the "
+        "largest group <= it that leaves whole groups on every shard of its contraction up to "
+        "16 (a stored int4 checkpoint keeps its own)",
     )
     runtime.add_argument(
         "--cache-dtype",

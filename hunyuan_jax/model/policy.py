@@ -68,9 +68,10 @@ class RuntimePolicy:
       embedding stay float (`hunyuan_jax.model.quantize`). The one field that
       changes the stored form of parameters (values + scales instead of a float array); the
       model code does not branch on it (`hunyuan_jax.model.qops` dispatches on what is stored).
-    int4_group_size: int4 values sharing one scale, consecutive along the contraction (which
-      it must divide, for every int4 weight); used when quantizing to int4 (a stored int4
-      checkpoint keeps the group size it was written with).
+    int4_group_size: the target of int4 values sharing one scale, consecutive along the
+      contraction: each weight takes the largest group <= it that splits its contraction into
+      whole groups on every shard up to 16 (`quantize.int4_group`); used when quantizing to
+      int4 (a stored int4 checkpoint keeps the groups it was written with).
     """
 
     param_dtype: str = "float32"

@@ -174,7 +174,7 @@ def _quantized_ragged_dot(x, w: QArray, group_sizes):
         row_group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(x.shape[0]), side="right")
         scale = w.scale[:, 0, :].astype(jnp.float32)[jnp.minimum(row_group, g - 1)]
         return (y * scale).astype(x.dtype)
-    return jax.lax.ragged_dot(x, qwix.dequantize(w).astype(x.dtype), group_sizes)
+    return jax.lax.ragged_dot(x, qwix.dequantize(w.astype(x.dtype)), group_sizes)
 
 
 def take(w, e):

@@ -21,17 +21,20 @@ and `<name>/array/scale`). int8 / fp8: one scale per output channel: every dimen
 matmul does not contract is channelwise, the stacked `layers` and `exp` axes included (one
 scale per layer group, expert and output feature). int4: one scale per output channel and
 group of `group` consecutive values of the (flattened) contraction (`group_tiles`: qwix's
-subchannel `tiled_axes`; where a group would straddle the split of a contraction over two dims,
-o_proj's heads x head_dim, that weight takes the largest smaller group the split allows); the scale's contracted dims then have the group counts and keep the
-weight's logical axes, so a mesh axis that shards a contraction shards its groups with it (and
-must divide the group count: `ShardingPlan.check_state` names the scale).
+subchannel `tiled_axes`), `group` chosen per weight by `int4_group` from the target
+`runtime.int4_group_size` (default 128): the largest group <= the target that leaves whole
+groups on every shard of the contraction split up to 16 ways and that the stored layout holds
+(o_proj's heads x head_dim); the scale's contracted dims then have the group counts and keep
+the weight's logical axes, so a mesh axis that shards a contraction shards its groups with it
+(`ShardingPlan.check_state` names a scale a mesh axis does not divide). int4 scales are
+bfloat16 (`scale_dtype`), int8 / fp8 scales float32.
 
 Numerics: qwix's absmax calibration (`quantize_numpy` reproduces it bit for bit on XLA:CPU, for
 the streaming converter). s = max|w| over the contracted dims / B, B = 127.5 (int8) or 448
 (e4m3); int8: q = clip(round(w / s), -128, 127), so |w - q s| <= s / 2 = max|w| / 255; fp8:
 q = e4m3(w / s), relative error <= 2^-4 (3 mantissa bits; absolute <= 2^-10 s below e4m3's
-normal range 2^-6); int4: s = max|w| over the group / 7.5, q = clip(round(w / s), -8, 7), so
-|w - q s| <= s / 2. `qops` dequantizes a dense weight next to its matmul (q * s in the compute
+normal range 2^-6); int4: s = max|w| over the group / 7.5 rounded up to bfloat16 (< 2^-7
+relative), q = clip(round(w / s), -8, 7), so |w - q s| <= s / 2 with the stored s. `qops` dequantizes a dense weight next to its matmul (q * s in the compute
 dtype; XLA fuses it) and multiplies the grouped matmul's output rows by their expert's scales
 (per-channel scales; int4's grouped scales dequantize the local experts first). The measured
 accuracy and TPU fit: docs/quantization.md.
@@ -61,10 +64,10 @@ from flax import nnx
 # tiled axes) nor `WithAux`, the PtqProvider's box of a quantized weight that holds both (what
 # `qwix.quantize_params` writes and qwix's einsum / ragged_dot read): this module builds and
 # reads weights in exactly that layout, so it takes those two from qwix's modules (pinned).
+from qwix._src.core import qarray as qwix_qarray
 from qwix._src.core.qarray import HowToQuantize
 from qwix._src.providers.ptq import WithAux
 
-from hunyuan_jax.errors import ConfigError
 from hunyuan_jax.model import layers
 from hunyuan_jax.model.policy import INT4_GROUP_SIZE, WEIGHTS
 
@@ -77,7 +80,14 @@ QTYPES = {
 }
 BOUND = {"int8": 127.5, "fp8": 448.0, "int4": 7.5}  # qwix's symmetric bounds (ints: max + 1/2)
 QRANGE = {"int8": (-128, 127), "int4": (-8, 7)}
-SCALE_DTYPE = np.dtype(np.float32)
+MAX_SHARDS = 16  # int4 groups stay whole on every shard of a contraction split this many ways
+
+
+def scale_dtype(form: str) -> np.dtype:
+    """The stored scales' dtype: bfloat16 for int4 (a scale per group costs 2 bytes, not 4;
+    its rounding up, < 2^-7 relative, is far below an int4 step of 1/7.5 of the
+    group's range), float32 for the per-channel int8 / fp8 scales (a negligible share)."""
+    return np.dtype(ml_dtypes.bfloat16) if form == "int4" else np.dtype(np.float32)
 
 
 def weight_form(weights: str, axes=None, *, routed: bool | None = None) -> str:
@@ -103,31 +113,38 @@ def _channelwise(name: str, axes) -> list[int]:
     return [i for i in range(len(axes)) if i not in contracted]
 
 
+def int4_group(name: str, axes, shape, target: int | None = None) -> int:
+    """The int4 group of weight `name` (values per scale along its contraction): the largest
+    group <= `target` (`runtime.int4_group_size`) that (1) divides the contraction per shard
+    into whole groups for any split of the weight's leading contracted dim (the one a mesh
+    axis shards) up to MAX_SHARDS ways (the largest power of two <= MAX_SHARDS dividing it),
+    and (2) the stored layout holds (`_tiles`: a group within one index of the earlier
+    contracted dims, or whole last dims). A52B with 128: hidden 6400 -> 100 (6400 / 16 = 400),
+    the experts' 18304 -> 104 (1144 per shard of 16), o_proj's 80 heads x 80 -> 80 (100
+    straddles a head). Group 1 always qualifies, so every weight takes int4. The one place
+    the group of a weight is decided: quantizing, the abstract model, the converter and the
+    checkpoint's check of its stored groups all call it."""
+    contracted = contracted_dims(name, axes)
+    lead = shape[contracted[0]]
+    shards = math.gcd(lead, MAX_SHARDS)
+    per_shard = math.prod(shape[d] for d in contracted) // shards
+    target = target or INT4_GROUP_SIZE
+    return next(
+        g
+        for g in range(min(target, per_shard), 0, -1)
+        if per_shard % g == 0 and _tiles(contracted, shape, g)
+    )
+
+
 def group_tiles(name: str, axes, shape, form: str, group: int | None = None) -> tuple[int, ...]:
     """Per dim of weight `name`, how many consecutive values share a scale: 1 on the dims the
     matmul does not contract; on the contracted dims the whole dim (int8 / fp8: per channel),
-    or for int4 groups of `group` consecutive values of the flattened contraction (from its
-    last dim: a group within one index of the earlier dims, or whole last dims within one
-    index of an earlier one). Where `group` divides the contraction but straddles the split
-    of the stored layout (o_proj's heads x head_dim: A52B's 80 x 80 with groups of 128), the
-    weight takes the largest smaller group that the layout splits (80: one head). ConfigError
-    naming the weight when `group` does not divide its contraction."""
+    or for int4 groups of `int4_group(name, axes, shape, group)` consecutive values of the
+    flattened contraction (from its last dim)."""
     contracted = contracted_dims(name, axes)
-    k = math.prod(shape[d] for d in contracted)
     if form != "int4":
-        return _tiles(contracted, shape, k)
-    group = group or INT4_GROUP_SIZE
-    if k % group:
-        what = " x ".join(f"{axes[d]} {shape[d]}" for d in contracted)
-        fit = ", ".join(map(str, group_sizes_that_fit(name, axes, shape)))
-        raise ConfigError(
-            f"int4 group size {group} does not divide the contraction of weight {name!r} "
-            f"({what} = {k} values); group sizes that fit it: {fit} "
-            f"(--int4-group-size / runtime.int4_group_size)"
-        )
-    return _tiles(contracted, shape, group) or _tiles(
-        contracted, shape, max(g for g in range(1, group) if _tiles(contracted, shape, g))
-    )
+        return _tiles(contracted, shape, math.prod(shape[d] for d in contracted))
+    return _tiles(contracted, shape, int4_group(name, axes, shape, group))
 
 
 def _tiles(contracted, shape, group: int) -> tuple[int, ...] | None:
@@ -143,12 +160,6 @@ def _tiles(contracted, shape, group: int) -> tuple[int, ...] | None:
         else:
             break
     return tuple(tiles) if left == 1 else None
-
-
-def group_sizes_that_fit(name: str, axes, shape) -> list[int]:
-    """The int4 group sizes weight `name` of `shape` accepts: the divisors of its contraction."""
-    k = math.prod(shape[d] for d in contracted_dims(name, axes))
-    return [g for g in range(1, k + 1) if k % g == 0]
 
 
 def tiles_of(value) -> tuple[int, ...]:
@@ -246,13 +257,23 @@ def to_form(value, name: str, axes, form: str, group: int | None = None):
     if form == "bf16":
         return value.astype(jnp.bfloat16)
     how = how_for(name, axes, form, value.shape, group)
-    q = qwix.quantize(
-        value.astype(jnp.float32),
-        QTYPES[form],
-        channelwise_axes=how.channelwise_axes,
-        tiled_axes=dict(how.tiled_axes),
-    )
-    return QArray(q.qvalue, q.scale.astype(SCALE_DTYPE), qtype=q.qtype)
+    value = value.astype(jnp.float32)
+    scale, _ = qwix_qarray.compute_scale_zero_point(qwix_qarray.calibrate(value, how), how.qtype)
+    if form == "int4":  # the stored bfloat16 scale, rounded up: every |w / s| stays <= 7.5
+        scale = _round_up_bf16(scale)
+    q = qwix_qarray.quantize_with_scale_zero_point(value, how.qtype, scale, None)
+    return QArray(q.qvalue, scale.astype(scale_dtype(form)), qtype=q.qtype)
+
+
+def _round_up_bf16(scale):
+    """Positive float32 scales rounded up to the next bfloat16 value (exact in float32; jax
+    or numpy alike): the low 16 bits of the float32 pattern carried into the high ones."""
+    if isinstance(scale, np.ndarray):
+        bits = scale.astype(np.float32).view(np.uint32)
+        return ((bits + np.uint32(0xFFFF)) & np.uint32(0xFFFF0000)).view(np.float32)
+    bits = jax.lax.bitcast_convert_type(scale.astype(jnp.float32), jnp.uint32)
+    up = (bits + jnp.uint32(0xFFFF)) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(up, jnp.float32)
 
 
 def boxed(value, name: str, axes) -> nnx.Param | WithAux:
@@ -298,10 +319,9 @@ def set_weight(module, name: str, value, form: str, plan=None, group=None) -> No
 
 def convert_model(model, weights: str, plan=None, group: int | None = None):
     """In place: every matmul weight of `model` in form `weights` ('bf16' | 'int8' | 'fp8' |
-    'int4' | 'int4-experts'; 'auto' changes nothing); returns `model`. int4 groups: `group`,
-    default the model's `policy.int4_group_size`; every weight to quantize to int4 is checked
-    first (one ConfigError naming the first whose contraction `group` does not divide, and the
-    group sizes that fit them all). With a plan (a concrete model), one jitted call per weight
+    'int4' | 'int4-experts'; 'auto' changes nothing); returns `model`. int4 groups: each
+    weight's `int4_group` for the target `group`, default the model's
+    `policy.int4_group_size`. With a plan (a concrete model), one jitted call per weight
     (`set_weight`): a float weight and its converted form coexist one weight at a time, on
     device; without (e.g. under `nnx.eval_shape`), plain jax ops."""
     if weights not in WEIGHTS:
@@ -316,31 +336,9 @@ def convert_model(model, weights: str, plan=None, group: int | None = None):
         form = weight_form(weights, weight_axes(getattr(module, name)))
         if form_of(value) != form:
             todo.append((path, module, name, value, form))
-    _check_groups([t for t in todo if t[4] == "int4"], group)
     for _, module, name, value, form in todo:
         set_weight(module, name, value, form, plan, group)
     return model
-
-
-def _check_groups(todo, group: int) -> None:
-    """ConfigError naming the first weight of `todo` whose contraction int4 groups of `group`
-    do not divide, with the group sizes every one of them accepts."""
-    for path, module, name, value, _ in todo:
-        axes = weight_axes(getattr(module, name))
-        try:
-            group_tiles(name, axes, value.shape, "int4", group)
-        except ConfigError as e:
-            fit = None
-            for _, m, n, v, _ in todo:
-                ok = set(group_sizes_that_fit(n, weight_axes(getattr(m, n)), v.shape))
-                fit = ok if fit is None else fit & ok
-            where = ".".join(map(str, path + (name,)))
-            msg = str(e).split("; group sizes")[0].replace(repr(name), repr(where), 1)
-            raise ConfigError(
-                f"{msg}; group sizes that fit every int4 weight of this model: "
-                f"{', '.join(map(str, sorted(fit)))} (--int4-group-size / "
-                f"runtime.int4_group_size)"
-            ) from None
 
 
 def model_form(model) -> str:
@@ -387,13 +385,15 @@ def quantize_numpy(w: np.ndarray, contracted: tuple[int, ...], form: str, tiles=
     amax = np.max(np.abs(w.reshape(split)), axis=tuple(reduce)).reshape(sshape)
     scale = amax * (one / np.float32(BOUND[form]))
     scale = np.where(scale < np.sqrt(np.finfo(np.float32).tiny), one, scale)
+    if form == "int4":
+        scale = _round_up_bf16(scale)
     x = w * _expand(one / scale, w.shape)
     if form in QRANGE:
         lo, hi = QRANGE[form]
         q = np.clip(np.round(x), lo, hi).astype(QTYPES[form])
     else:
         q = np.clip(x, -448.0, 448.0).astype(QTYPES["fp8"])
-    return q, scale.astype(SCALE_DTYPE)
+    return q, scale.astype(scale_dtype(form))
 
 
 def _expand(scale: np.ndarray, shape) -> np.ndarray:

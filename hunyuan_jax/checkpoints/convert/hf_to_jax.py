@@ -197,9 +197,10 @@ def hf_to_jax(
     manifest. `dtype` None keeps the source dtype (bfloat16 for FP8 sources). `checksum`
     "crc32c" (every chunk checked on every read) or "none" (only to measure their cost).
     `quantize` 'int8' | 'fp8' | 'int4' | 'int4-experts' stores the matmul weights quantized
-    (`hunyuan_jax.model.quantize`): values and float32 scales, quantized slice by slice as they
-    stream (int4: one scale per `group_size` values along the contraction, default
-    `RuntimePolicy.int4_group_size`); an FP8 source's e4m3 weights and scales are stored as
+    (`hunyuan_jax.model.quantize`): values and scales, quantized slice by slice as they
+    stream (int4: bfloat16 scales, one per group along the contraction, each weight's group
+    `quantize.int4_group` of the target `group_size`, default `RuntimePolicy.int4_group_size`;
+    int8 / fp8: float32 scales per channel); an FP8 source's e4m3 weights and scales are stored as
     they are with 'fp8' (and dequantized in float32, then quantized, otherwise); `dtype` is
     then the dtype of the other parameters."""
     log = log or default_log
@@ -225,7 +226,11 @@ def hf_to_jax(
     todo = [it for it in items if it[3] not in done]
     need = sum(
         math.prod(l.shard_shape) * l.dtype.itemsize
-        + (0 if (sl := fmt.scale_leaf(leaves, e.path)) is None else math.prod(sl.shard_shape) * 4)
+        + (
+            0
+            if (sl := fmt.scale_leaf(leaves, e.path)) is None
+            else math.prod(sl.shard_shape) * sl.dtype.itemsize
+        )
         for l, e, _, _ in todo
     )
     probe = out if out.exists() else out.parent
@@ -349,16 +354,23 @@ def _manifest(plan, fp8, leaves, hf_config, tokenizer_files, chunk_bytes) -> dic
     }
 
 
-def _group_size(leaves) -> int | None:
-    """The int4 group size of stored int4 leaves, None without int4: the most values per scale
-    of an int4 leaf (a weight whose split contraction a group would straddle, o_proj, holds
-    smaller groups: `quantize.group_tiles`)."""
-    sizes = [
-        math.prod(leaf.shape) // math.prod(leaves[leaf.path[:-1] + ("scale",)].shape)
+def _groups(leaves) -> dict[str, int]:
+    """{weight leaf name: int4 group} of the stored int4 weights (values per scale:
+    `quantize.int4_group` chose each from the target group size)."""
+    return {
+        leaf.name.removesuffix(".array.qvalue.value"): math.prod(leaf.shape)
+        // math.prod(leaves[leaf.path[:-1] + ("scale",)].shape)
         for leaf in leaves.values()
         if leaf.role == "qvalue" and leaf.dtype == QTYPES["int4"]
-    ]
-    return max(sizes, default=None)
+    }
+
+
+def _group_size(leaves) -> int | None:
+    """The int4 group size of stored int4 leaves, None without int4: the largest group of an
+    int4 weight, the target that gives every weight its stored group again (`int4_group`
+    takes the largest qualifying group <= the target, so a target between a weight's group
+    and the next qualifying one gives the same)."""
+    return max(_groups(leaves).values(), default=None)
 
 
 def stored_weights(leaves, fp8_source: bool = False) -> dict:
@@ -375,21 +387,25 @@ def stored_weights(leaves, fp8_source: bool = False) -> dict:
         return {
             "form": form,
             "dtype": "int4 (routed experts) + int8 (attention, shared expert)",
-            "scale_dtype": quantize.SCALE_DTYPE.name,
-            "scales": f"int4: per output channel and group of {_group_size(leaves)} "
-            f"along the contraction; int8: {channel}",
+            "scale_dtype": "bfloat16 (int4), float32 (int8)",
+            "scales": f"int4: per output channel and group (at most {_group_size(leaves)} "
+            f"values, 'groups') along the contraction; int8: {channel}",
             "calibration": "absmax",
             "group_size": _group_size(leaves),
+            "groups": _groups(leaves),
         }
     record = {
         "form": form,
         "dtype": quantize.QTYPES[form].name,
-        "scale_dtype": quantize.SCALE_DTYPE.name,
+        "scale_dtype": quantize.scale_dtype(form).name,
         "scales": channel,
         "calibration": "the source's FP8 scales" if fp8_source and form == "fp8" else "absmax",
     }
     if form == "int4":
         group = _group_size(leaves)
-        record["scales"] = f"per output channel and group of {group} along the contraction"
+        record["scales"] = (
+            f"per output channel and group (at most {group} values, 'groups') along the contraction"
+        )
         record["group_size"] = group
+        record["groups"] = _groups(leaves)
     return record

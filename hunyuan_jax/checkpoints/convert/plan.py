@@ -46,8 +46,8 @@ def plan_hf_to_jax(
 ):
     """Scan and verify a HF checkpoint. Returns (cfg, ckpt, infos, leaves, hf_config, fp8);
     `quantize` (a form of `quantize.QUANTIZED`) makes the matmul weights' leaves values +
-    scales (int4: in groups of `group_size`, default `RuntimePolicy.int4_group_size`; a size
-    that does not split every int4 weight is a ConfigError naming it)."""
+    scales (int4: each weight in its `quantize.int4_group` for the target `group_size`,
+    default `RuntimePolicy.int4_group_size`)."""
     hf_dir = Path(hf_dir)
     ckpt, hf_config = _open_source(hf_dir)
     cfg = ModelConfig.from_hf(hf_dir)
