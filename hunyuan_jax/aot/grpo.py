@@ -28,7 +28,7 @@ from flax import nnx
 
 from hunyuan_jax.aot.compiler import GiB, Memory, compile_program
 from hunyuan_jax.aot.programs import Job, Program, train_program
-from hunyuan_jax.aot.serve import ServeSizes, _chip_bytes
+from hunyuan_jax.aot.serve import ServeSizes, chip_bytes
 from hunyuan_jax.engine.core import EngineCore
 from hunyuan_jax.errors import UsageError
 from hunyuan_jax.train.step import TrainStep
@@ -59,8 +59,8 @@ def measure_grpo(job: Job, sizes: ServeSizes, header: dict, hbm_gib: float | Non
     core = _engine(job, step, sizes, sizes.max_len or program.seq + 1)
     plan = job.plan
     params, pool, seen = core.abstract_args(core.buckets[0])[:3]
-    pool_b, seen_b = _chip_bytes(pool), _chip_bytes(seen)
-    opt_b = _chip_bytes(plan.abstract(step.abstract_state.opt_state, step.shardings.opt_state))
+    pool_b, seen_b = chip_bytes(pool), chip_bytes(seen)
+    opt_b = chip_bytes(plan.abstract(step.abstract_state.opt_state, step.shardings.opt_state))
     engine: list[dict[str, Any]] = []
     code = train.code
     for name, tokens in core.programs:
@@ -89,7 +89,7 @@ def measure_grpo(job: Job, sizes: ServeSizes, header: dict, hbm_gib: float | Non
         "seq": program.seq,
         "train_memory_gib": train.gib(),
         "train_compile_s": round(t_lower + t_compile, 1),
-        "weights_gib": g(_chip_bytes(params)),
+        "weights_gib": g(chip_bytes(params)),
         "optimizer_state_gib": g(opt_b),
         "pool_gib": g(pool_b),
         "pool": {
@@ -111,7 +111,7 @@ def measure_grpo(job: Job, sizes: ServeSizes, header: dict, hbm_gib: float | Non
         "hbm_gib": hbm_gib,
         "fits": fits,
         "bytes": {
-            "weights": _chip_bytes(params),
+            "weights": chip_bytes(params),
             "optimizer_state": opt_b,
             "pool": pool_b,
             "train_peak": train_peak,

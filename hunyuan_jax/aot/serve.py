@@ -93,7 +93,7 @@ class ServeSizes:
     margin_gib: float = MARGIN_GIB
 
 
-def _chip_bytes(tree) -> int:
+def chip_bytes(tree) -> int:
     """Bytes per chip of abstract arrays carrying shardings (the largest shard); int4 at half a
     byte a value, as the chip holds it (numpy's itemsize says 1)."""
     bits = 0
@@ -121,8 +121,8 @@ class _Engine:
         except ValueError as e:  # sizes or cache dtype the engine refuses
             raise UsageError(f"engine: {e}") from None
         params, pool = self.core.abstract_args(self.core.buckets[0])[:2]
-        self.weight_bytes = _chip_bytes(params)
-        self.pool_bytes = _chip_bytes(pool)
+        self.weight_bytes = chip_bytes(params)
+        self.pool_bytes = chip_bytes(pool)
         self.pool = pool
 
     @property
