@@ -12,14 +12,12 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.cli.conve
                              "leaves": {name: {"shape", "dtype", "shard_shape", "chunk_shape"}},
                              "bytes"}, "source": {"dir", "format": "safetensors"|"bin",
                              "files": [{"name", "size", "mtime_ns"}], "fp8": bool},
-                             "weights": {"form": "float", "dtype"} or, with
-                             `hf-to-jax --quantize`, {"form": "int8"|"fp8"|"int4"|
-                             "int4-experts", "dtype", "scale_dtype" (bfloat16 for int4,
-                             float32 for int8 / fp8), "scales", "calibration", "group_size"
-                             and "groups" {weight: values per scale} (int4)} (the loader's
-                             restore target comes from it, and every array of that target
-                             must have the shape and dtype "leaves" records, else a one-line
-                             error: orbax would pad or cast it silently),
+                             "weights": {"form": "float", "dtype"} or (`--quantize`)
+                             {"form": "int8"|"fp8"|"int4"|"int4-experts", "dtype",
+                             "scale_dtype", "scales", "calibration", "group_size", "groups"
+                             (int4: {weight: values per scale})}: the loader's restore target,
+                             whose arrays must match "leaves" (else one line: orbax would pad
+                             or cast silently),
                              "plan": {...} (as .convert/plan.json), "hf_config": {...},
                              "tokenizer_files": [...], "stats": {"seconds",
                              "source_bytes_this_run", "mb_per_s", "peak_rss_mb", "resumed"}}
@@ -42,34 +40,26 @@ Layout of a converted directory `O` (written by `python -m hunyuan_jax.cli.conve
                              per value before compression; zstd makes it ~0.45)
           c/<g>/0/0/0        one file ("zarr3 shard") per stacked slice = one HF tensor: per
                              layer group (c/<g>/...), or per (group, expert) for routed
-                             experts (c/<g>/<e>/...); inside it, chunks of <= 4 MiB, zstd
-                             level 1 (or uncompressed), each followed by its crc32c, and an
-                             index (crc32c): tensorstore checks both on every read, so a
-                             flipped byte anywhere is an error naming the file, never
-                             silently wrong weights (`python -m hunyuan_jax.cli.convert verify`)
+                             experts (c/<g>/<e>/...): chunks of <= 4 MiB (zstd 1 or none)
+                             and an index, each with its crc32c, checked on every read: a
+                             flipped byte is an error naming the file (`convert verify`)
         ...
-      hy.tiktoken, tokenizer_config.json, generation_config.json   (if the source had them)
-      *.py                   remote-code files of the source (configuration / modeling), if any
+      hy.tiktoken, ..., *.py the source's tokenizer files and remote code, if any
       .convert/              only while converting:
         plan.json            what is being written (source files with sizes and mtimes, dtype,
                              layout); a resume must find the same plan
         progress.jsonl       one {"k": "<HF key>"} line per slice written and fsync'd (the
                              resume record; a torn last line is ignored)
 
-Why zarr3 without OCDBT: every stacked slice (one HF tensor) is one whole zarr3 shard file,
-written in one piece by tensorstore with no read-modify-write and atomically (temp file +
-rename), so a conversion can write leaves slice by slice into preallocated arrays, be killed
-at any point and resume by rewriting the slices its progress record lacks. OCDBT packs all
-arrays into one B-tree whose manifest must be committed (per process, then merged), which
-fits a single save but not an interruptible, slice-by-slice writer. Orbax restores
-non-OCDBT zarr3 checkpoints natively (`_METADATA` says so), and the inner chunks (<= 4 MiB)
-let each host of a pod read only the chunks overlapping its own shards of a slice.
+Why zarr3 without OCDBT: each stacked slice (one HF tensor) is one whole zarr3 shard file,
+written atomically by tensorstore, so a conversion writes slice by slice, can be killed at any
+point and resumes by rewriting what its progress record lacks (OCDBT's one B-tree manifest
+fits a single save, not that); the <= 4 MiB inner chunks let each host read only its shards.
 
-Restoring: `restore_param_state(O, target)` restores with orbax `StandardCheckpointer` into
-`ShapeDtypeStruct`s carrying the plan's shardings: tensorstore reads only each process's
-shards, nothing is assembled on one host; a different dtype (e.g. float32 master weights from
-a bf16 checkpoint) is cast on read. `hunyuan_jax.checkpoints.loading` is the one place that recognises a
-converted directory and builds that target.
+Restoring: `restore_param_state(O, target)` restores with orbax into `ShapeDtypeStruct`s
+carrying the plan's shardings (each process reads only its shards; a different dtype is cast
+on read). `hunyuan_jax.checkpoints.loading` is the one place that recognises a converted
+directory and builds that target.
 `python -m hunyuan_jax.cli.convert jax-to-hf` exports back to Hugging Face safetensors.
 """
 

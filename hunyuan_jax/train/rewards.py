@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib
 import math
 import re
-import sys
 from collections.abc import Callable, Mapping
 
 from hunyuan_jax.errors import ConfigError, DataError
@@ -71,13 +70,13 @@ def _user_fn(spec: str) -> RewardFn:
         raise ConfigError(
             f"train key 'grpo.reward' must be one of {BUILTIN} or 'module:function', got {spec!r}"
         )
-    if "" not in sys.path:  # the working directory, as `python -m` would see it
-        sys.path.insert(0, "")
     try:
         mod = importlib.import_module(module)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's module's
         raise RewardError(
-            f"reward {spec}: module {module!r} cannot be imported ({type(e).__name__}: {e})"
+            f"reward {spec}: module {module!r} cannot be imported ({type(e).__name__}: {e}); "
+            f"it must be importable: installed, on PYTHONPATH, or in the working directory "
+            f"with `python -m hunyuan_jax.cli.train`"
         ) from None
     fn = getattr(mod, name, None)
     if not callable(fn):
