@@ -340,7 +340,33 @@ class LoaderState:
         return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset}
 
 
-class PackedLoader:
+class ResumableLoader:
+    """`state()` / `restore()` of a loader whose position is `self.st` (a LoaderState): what a
+    checkpoint saves and an exact resume restores."""
+
+    st: LoaderState
+
+    def state(self) -> dict:
+        return self.st.to_dict()
+
+    def restore(self, state: Mapping[str, int]) -> None:
+        self.st = LoaderState(int(state["epoch"]), int(state["cursor"]), int(state["offset"]))
+
+
+def empty_rows(n: int, seq_len: int, pad_id: int, *float_keys: str) -> dict:
+    """[n, seq_len] arrays of the BATCH_KEYS (inputs and targets pad_id, the rest 0) and a
+    float32 zero array for each of `float_keys` (e.g. a preference or RL row's log-probs)."""
+    out = {
+        "inputs": np.full((n, seq_len), pad_id, np.int32),
+        "targets": np.full((n, seq_len), pad_id, np.int32),
+        "positions": np.zeros((n, seq_len), np.int32),
+        "segment_ids": np.zeros((n, seq_len), np.int32),
+        "loss_mask": np.zeros((n, seq_len), np.float32),
+    }
+    return out | {k: np.zeros((n, seq_len), np.float32) for k in float_keys}
+
+
+class PackedLoader(ResumableLoader):
     """Infinite iterator of this host's batches: dict of int32/float32 arrays shaped
     [micro_batches, rows // micro_batches, seq_len] (keys BATCH_KEYS).
 
@@ -372,13 +398,6 @@ class PackedLoader:
         self.seed, self.shuffle, self.pack, self.pad_id = seed, shuffle, pack, pad_id
         self.st = LoaderState()
         self._order_epoch, self._order = -1, None
-
-    # state ------------------------------------------------------------------------------
-    def state(self) -> dict:
-        return self.st.to_dict()
-
-    def restore(self, state: Mapping[str, int]) -> None:
-        self.st = LoaderState(int(state["epoch"]), int(state["cursor"]), int(state["offset"]))
 
     def _doc(self) -> tuple[np.ndarray, np.ndarray]:
         if self._order_epoch != self.st.epoch:

@@ -43,6 +43,7 @@ from hunyuan_jax.data.corpus import (
     _expand,
     _json_type,
     check_messages,
+    empty_rows,
     encode_chat,
     jsonl_records,
 )
@@ -199,14 +200,7 @@ def pack_rows(enc: EncodedPairs, pair_ids, ref, seq_len: int, pad_id: int) -> di
     arrays (DPO_BATCH_KEYS). `ref` [num_pairs, 2] (or None: zeros) goes to ref_logp's column
     0, so that ref_logp.sum(-1) is the row's reference log-probability."""
     n = 2 * len(pair_ids)
-    out = {
-        "inputs": np.full((n, seq_len), pad_id, np.int32),
-        "targets": np.full((n, seq_len), pad_id, np.int32),
-        "positions": np.zeros((n, seq_len), np.int32),
-        "segment_ids": np.zeros((n, seq_len), np.int32),
-        "loss_mask": np.zeros((n, seq_len), np.float32),
-        "ref_logp": np.zeros((n, seq_len), np.float32),
-    }
+    out = empty_rows(n, seq_len, pad_id, "ref_logp")
     for j, p in enumerate(pair_ids):
         for c in (0, 1):
             r = 2 * j + c

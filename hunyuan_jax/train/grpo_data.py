@@ -23,12 +23,19 @@ on this host's batches, so the rollout of a resumed run is the one it would have
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from hunyuan_jax.data.corpus import LoaderState, _expand, _json_type, jsonl_records
+from hunyuan_jax.data.corpus import (
+    LoaderState,
+    ResumableLoader,
+    _expand,
+    _json_type,
+    empty_rows,
+    jsonl_records,
+)
 from hunyuan_jax.data.tokenizer import Tokenizer
 from hunyuan_jax.errors import DataError
 
@@ -130,7 +137,7 @@ def encode_prompts(
     return out
 
 
-class PromptOrder:
+class PromptOrder(ResumableLoader):
     """This host's prompts in a deterministic, per-epoch shuffled order (`take(n)`), with a
     checkpointable state {epoch, cursor, offset}."""
 
@@ -138,12 +145,6 @@ class PromptOrder:
         self.num, self.seed, self.shuffle = num, seed, shuffle
         self.st = LoaderState()
         self._order_epoch, self._order = -1, None
-
-    def state(self) -> dict:
-        return self.st.to_dict()
-
-    def restore(self, state: Mapping[str, int]) -> None:
-        self.st = LoaderState(int(state["epoch"]), int(state["cursor"]), int(state["offset"]))
 
     def take(self, n: int) -> list[int]:
         out = []
@@ -170,14 +171,7 @@ def pack_rollout(
     loss_mask 1 on the completion's tokens as targets, `old_logp` the rollout's log-probability
     of each of them at the same place (0 elsewhere)."""
     n = len(prompts)
-    out = {
-        "inputs": np.full((n, seq_len), pad_id, np.int32),
-        "targets": np.full((n, seq_len), pad_id, np.int32),
-        "positions": np.zeros((n, seq_len), np.int32),
-        "segment_ids": np.zeros((n, seq_len), np.int32),
-        "loss_mask": np.zeros((n, seq_len), np.float32),
-        "old_logp": np.zeros((n, seq_len), np.float32),
-    }
+    out = empty_rows(n, seq_len, pad_id, "old_logp")
     for r, (p, c, lp) in enumerate(zip(prompts, completions, logprobs, strict=True)):
         ids = np.asarray([*p, *c], np.int32)
         k = len(ids) - 1
