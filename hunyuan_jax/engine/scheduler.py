@@ -246,10 +246,11 @@ class Engine:
                     self._emit(item, Event("done", finish_reason="error", error=msg))
                     continue
             seq = item if isinstance(item, InFlight) else InFlight(item, list(item.prompt))
-            if self._caches(seq) and shares_pending_page(  # the head waits for a shared page
-                seq.tokens, [(s.tokens, s.computed) for s in self.running], self.pool.page_size
-            ):  # a running sequence is still computing (FIFO: nobody overtakes it)
-                return
+            computing = [(s.tokens, s.computed) for s in self.running if s.remaining > 1]
+            if self._caches(seq) and shares_pending_page(
+                seq.tokens, computing, self.pool.page_size
+            ):
+                return  # the head waits for a page another is computing (FIFO: none overtakes)
             if not self._take_pages(seq, first=isinstance(item, Request)):
                 return  # the head waits for pages (FIFO: nobody overtakes it)
             self.waiting.popleft()
