@@ -557,7 +557,10 @@ def test_lowering_time_does_not_grow_with_depth():
     lower_time(shallow)  # warm-up (first-use costs)
     t2 = min(lower_time(shallow) for _ in range(3))  # min of 3: robust to a busy host
     t64 = min(lower_time(cfg) for _ in range(3))
-    assert t64 < 3 * t2, (t2, t64)
+    # Unrolled, lowering would grow with the layer count (64 / 2 = 32x); scanned it stays flat.
+    # 8x leaves room for a host shared with other jobs (3x was seen beside a second test
+    # worker) and still fails an unrolled model by 4x.
+    assert t64 < 8 * t2, (t2, t64)
 
 
 # ----------------------------------------------------------------------------- config

@@ -37,7 +37,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 TIMEOUT_S = 300  # per command (the tiny train runs take ~30 s on 2 idle cores)
-SERVER_START_S = 180
+SERVER_START_S = 420  # 14+ engine programs compile at start-up; the suite runs 2 workers
 
 
 # ----------------------------------------------------------------------------- parsing
