@@ -11,7 +11,15 @@ Constraints (checked up front; violations raise SplashUnsupported, a ValueError,
 can fall back to flash): `mask.causal_self` (no KV cache), S == T, S a multiple of 128, every
 block size a multiple of 128 dividing S. Pallas calls are not auto-partitioned: inside jit on
 a mesh use `sharded_splash_attention`, which runs the per-device function under shard_map with
-batch over the data axes and heads over the tensor axis; the sequence must not be sharded.
+batch over the data axes and heads over the tensor axis.
+
+Context parallelism (`context_parallel_splash`: q's sequence sharded, K/V whole rows): the
+kernel is built for the global (S, S) causal mask with `q_seq_shards` = the number of query
+chunks, so its block-sparsity metadata (and the query indices its mask function compares with
+the key indices) is split along q; the kernel itself is a shard_map argument sharded by its own
+`manual_sharding_spec`, so each device runs its query chunk over all keys with the mask rows of
+that chunk (the MaxText way). Each device skips the key blocks above its rows' diagonal, so
+with contiguous chunks the last device does the most work (no load balancing).
 """
 
 from __future__ import annotations
@@ -88,15 +96,22 @@ def check_supported(
     block_sizes_for(s, block_q, block_kv)
 
 
-def _kernel(heads: int, length: int, block_sizes: sk.BlockSizes, interpret: bool):
+def _kernel(
+    heads: int,
+    length: int,
+    block_sizes: sk.BlockSizes,
+    interpret: bool,
+    head_shards: int = 1,
+    q_seq_shards: int = 1,
+):
     # Built at every trace: its mask metadata becomes jnp arrays of the current trace (a cached
     # kernel would leak them into later traces). CausalMask is lazy, so this is cheap.
     mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
     return sk.make_splash_mha(
         mask,
         block_sizes=block_sizes,
-        head_shards=1,
-        q_seq_shards=1,
+        head_shards=head_shards,
+        q_seq_shards=q_seq_shards,
         residual_checkpoint_name=RESIDUAL_NAME,
         interpret=interpret,
     )
@@ -111,15 +126,19 @@ def splash_attention(
     block_q: int | None = None,
     block_kv: int | None = None,
     interpret: bool = False,
+    kernel: sk.SplashAttentionKernel | None = None,
 ) -> jax.Array:
     """Per-device splash: q [B,S,H,D], k/v [B,S,KVH,D] -> [B,S,H,D] in q.dtype.
 
     Only the segment ids of `mask` are read (its positions are 0..S-1 by `causal_self`).
-    interpret=True runs the kernel in the Pallas interpreter (any backend; slow)."""
+    interpret=True runs the kernel in the Pallas interpreter (any backend; slow).
+    kernel: a kernel built (and checked) by the caller, this device's part of it
+    (`context_parallel_splash`: q is then a query chunk [B,S/n,H,D] of k/v's S rows)."""
     check_shapes(q, k, v, mask)
-    check_supported(q.shape, k.shape, mask, block_q, block_kv)
     b, s, h, d = q.shape
-    kernel = _kernel(h, s, block_sizes_for(s, block_q, block_kv), bool(interpret))
+    if kernel is None:
+        check_supported(q.shape, k.shape, mask, block_q, block_kv)
+        kernel = _kernel(h, s, block_sizes_for(s, block_q, block_kv), bool(interpret))
     q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
     qt = q.transpose(0, 2, 1, 3)  # [B, H, S, D]
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, S, D]
@@ -153,3 +172,52 @@ def sharded_splash_attention(
         )
 
     return shard_map_attention(local, q, k, v, mask, mesh=mesh, q_spec=q_spec, kv_spec=kv_spec)
+
+
+def _size(mesh: jax.sharding.Mesh, entry) -> int:
+    axes = () if entry is None else (tuple(entry) if isinstance(entry, tuple | list) else (entry,))
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def context_parallel_splash(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: AttentionMask,
+    *,
+    mesh: jax.sharding.Mesh,
+    q_spec: P,
+    kv_spec: P,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Splash with q's sequence sharded (q_spec[1]) and whole K/V rows (kv_spec[1] None): the
+    global causal self-attention of q [B,S,H,D] over k/v [B,S,KVH,D] (global shapes), each
+    device computing its contiguous query chunk. The block sizes must divide the chunk
+    (SplashUnsupported otherwise)."""
+    check_shapes(q, k, v, mask)
+    check_supported(q.shape, k.shape, mask)
+    qs = tuple(q_spec) + (None,) * (4 - len(q_spec))
+    b, s, h, d = q.shape
+    chunks, head_shards = _size(mesh, qs[1]), _size(mesh, qs[2])
+    if s % chunks:
+        raise SplashUnsupported(f"{chunks} query chunks do not divide the sequence {s}")
+    sizes = block_sizes_for(s // chunks, block_q, block_kv)
+    kernel = _kernel(h, s, sizes, bool(interpret), head_shards, chunks)
+    kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(qs[2], qs[1])))
+
+    def local(q, k, v, mask, kernel):
+        return splash_attention(q, k, v, mask, kernel=kernel)
+
+    return shard_map_attention(
+        local,
+        q,
+        k,
+        v,
+        mask,
+        mesh=mesh,
+        q_spec=q_spec,
+        kv_spec=kv_spec,
+        extra=(kernel, kernel_spec),
+    )
