@@ -19,7 +19,9 @@ chunks, so its block-sparsity metadata (and the query indices its mask function 
 the key indices) is split along q; the kernel itself is a shard_map argument sharded by its own
 `manual_sharding_spec`, so each device runs its query chunk over all keys with the mask rows of
 that chunk (the MaxText way). Each device skips the key blocks above its rows' diagonal, so
-with contiguous chunks the last device does the most work (no load balancing).
+with contiguous chunks the last device would do the most work: by default the query rows are
+load-balanced (`chunks`: device i attends half-chunks i and 2n - 1 - i; the mask's query
+indices in that order).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
+from hunyuan_jax.model.kernels import chunks
 from hunyuan_jax.model.kernels.mask import AttentionMask, check_shapes, shard_map_attention
 
 DEFAULT_BLOCK = 512
@@ -96,6 +99,16 @@ def check_supported(
     block_sizes_for(s, block_q, block_kv)
 
 
+class _BalancedCausalMask(sm.CausalMask):
+    """The causal mask with the query axis in `chunks.balanced_order`: row r is the token at
+    q_sequence[r] (the kernel compares q_sequence with the key index; its block-sparsity
+    metadata is computed from the same rows)."""
+
+    def __init__(self, length: int, num_chunks: int):
+        super().__init__((length, length))
+        self.q_sequence = chunks.balanced_order(length, num_chunks)
+
+
 def _kernel(
     heads: int,
     length: int,
@@ -103,10 +116,13 @@ def _kernel(
     interpret: bool,
     head_shards: int = 1,
     q_seq_shards: int = 1,
+    balanced: bool = False,
 ):
     # Built at every trace: its mask metadata becomes jnp arrays of the current trace (a cached
-    # kernel would leak them into later traces). CausalMask is lazy, so this is cheap.
-    mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
+    # kernel would leak them into later traces). The mask is lazy and splash caches its
+    # metadata per mask (lru_cache), so later traces are cheap.
+    one = _BalancedCausalMask(length, q_seq_shards) if balanced else sm.CausalMask((length, length))
+    mask = sm.MultiHeadMask([one for _ in range(heads)])
     return sk.make_splash_mha(
         mask,
         block_sizes=block_sizes,
@@ -191,24 +207,34 @@ def context_parallel_splash(
     block_q: int | None = None,
     block_kv: int | None = None,
     interpret: bool = False,
+    balanced: bool = True,
 ) -> jax.Array:
     """Splash with q's sequence sharded (q_spec[1]) and whole K/V rows (kv_spec[1] None): the
     global causal self-attention of q [B,S,H,D] over k/v [B,S,KVH,D] (global shapes), each
-    device computing its contiguous query chunk. The block sizes must divide the chunk
-    (SplashUnsupported otherwise)."""
+    device computing its query chunk. The block sizes must divide the chunk
+    (SplashUnsupported otherwise). balanced: each device attends half-chunks i and
+    2n - 1 - i instead of its contiguous chunk i (`chunks`: equal work per device; its
+    queries and output move by collective permutes); needs S % (2n) == 0, else contiguous."""
     check_shapes(q, k, v, mask)
     check_supported(q.shape, k.shape, mask)
     qs = tuple(q_spec) + (None,) * (4 - len(q_spec))
     b, s, h, d = q.shape
-    chunks, head_shards = _size(mesh, qs[1]), _size(mesh, qs[2])
-    if s % chunks:
-        raise SplashUnsupported(f"{chunks} query chunks do not divide the sequence {s}")
-    sizes = block_sizes_for(s // chunks, block_q, block_kv)
-    kernel = _kernel(h, s, sizes, bool(interpret), head_shards, chunks)
+    num_chunks, head_shards = _size(mesh, qs[1]), _size(mesh, qs[2])
+    if s % num_chunks:
+        raise SplashUnsupported(f"{num_chunks} query chunks do not divide the sequence {s}")
+    sizes = block_sizes_for(s // num_chunks, block_q, block_kv)
+    balanced = balanced and num_chunks > 1 and s % (2 * num_chunks) == 0
+    kernel = _kernel(h, s, sizes, bool(interpret), head_shards, num_chunks, balanced)
     kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(qs[2], qs[1])))
+    axes = tuple(qs[1]) if isinstance(qs[1], tuple | list) else (qs[1],)
 
     def local(q, k, v, mask, kernel):
-        return splash_attention(q, k, v, mask, kernel=kernel)
+        if not balanced:
+            return splash_attention(q, k, v, mask, kernel=kernel)
+        q = chunks.to_balanced(q, axes, num_chunks)
+        mask = mask._replace(q_segments=chunks.to_balanced(mask.q_segments, axes, num_chunks))
+        out = splash_attention(q, k, v, mask, kernel=kernel)
+        return chunks.from_balanced(out, axes, num_chunks)
 
     return shard_map_attention(
         local,
