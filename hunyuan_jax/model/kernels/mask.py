@@ -93,12 +93,8 @@ def _axes(entry) -> tuple:
     return tuple(entry) if isinstance(entry, tuple | list) else (entry,)
 
 
-def shard_map_attention(
-    fn, q, k, v, mask: AttentionMask, *, mesh, q_spec, kv_spec=None, extra=None
-):
+def shard_map_attention(fn, q, k, v, mask: AttentionMask, *, mesh, q_spec, kv_spec=None):
     """Run the per-device attention `fn(q, k, v, mask)` under `jax.shard_map` on `mesh`.
-    extra: None or (value, its shard_map spec): passed on as `fn`'s fifth argument (a kernel
-    whose metadata is sharded with the query chunks).
 
     q_spec: PartitionSpec of q [B,S,H,D], e.g. P(("data", "fsdp"), None, "tensor", None);
     kv_spec: of k and v [B,T,KVH,D] (default q_spec). The mask's [B,S] / [B,T] arrays are
@@ -125,7 +121,10 @@ def shard_map_attention(
     causal_self = mask.causal_self and not _axes(qs[1])
     mask = mask._replace(causal_self=causal_self) if causal_self != mask.causal_self else mask
     mask_specs = AttentionMask(q_rows, rows, q_rows, rows, causal_self)
-    args, specs = (q, k, v, mask), (P(*qs), P(*ks), P(*ks), mask_specs)
-    if extra is not None:
-        args, specs = (*args, extra[0]), (*specs, extra[1])
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(*qs), check_vma=False)(*args)
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(P(*qs), P(*ks), P(*ks), mask_specs),
+        out_specs=P(*qs),
+        check_vma=False,
+    )(q, k, v, mask)

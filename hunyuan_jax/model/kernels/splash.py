@@ -209,7 +209,8 @@ def context_parallel_splash(
     interpret: bool = False,
     balanced: bool = True,
 ) -> jax.Array:
-    """Splash with q's sequence sharded (q_spec[1]) and whole K/V rows (kv_spec[1] None): the
+    """Splash with q's sequence sharded (q_spec[1]; kv_spec: K/V's batch and heads as q's,
+    length None: gathered inside, after each device's chunk enters like q's): the
     global causal self-attention of q [B,S,H,D] over k/v [B,S,KVH,D] (global shapes), each
     device computing its query chunk. The block sizes must divide the chunk
     (SplashUnsupported otherwise). balanced: each device attends half-chunks i and
@@ -227,8 +228,25 @@ def context_parallel_splash(
     kernel = _kernel(h, s, sizes, bool(interpret), head_shards, num_chunks, balanced)
     kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(qs[2], qs[1])))
     axes = tuple(qs[1]) if isinstance(qs[1], tuple | list) else (qs[1],)
+    ks = tuple(kv_spec) + (None,) * (4 - len(kv_spec))
+    if ks[0] != qs[0] or ks[2] != qs[2] or ks[1] is not None or qs[3] or ks[3]:
+        raise ValueError(f"context-parallel splash: q {q_spec} and kv {kv_spec} do not match")
+    # K/V come in split like q (each device projected its own tokens) and are gathered here:
+    # the gradient of the gather is then a reduce-scatter, not an all-reduce of whole K/V.
+    rows = P(qs[0], qs[1])
+    specs = (
+        P(*qs),
+        P(ks[0], qs[1], ks[2], None),
+        P(ks[0], qs[1], ks[2], None),
+        AttentionMask(rows, rows, rows, rows, mask.causal_self),
+        kernel_spec,
+    )
 
     def local(q, k, v, mask, kernel):
+        gather = lambda x: jax.lax.all_gather(x, axes, axis=1, tiled=True)
+        k, v = gather(k), gather(v)
+        mask = mask._replace(kv_positions=gather(mask.kv_positions))
+        mask = mask._replace(kv_segments=gather(mask.kv_segments))
         if not balanced:
             return splash_attention(q, k, v, mask, kernel=kernel)
         q = chunks.to_balanced(q, axes, num_chunks)
@@ -236,14 +254,6 @@ def context_parallel_splash(
         out = splash_attention(q, k, v, mask, kernel=kernel)
         return chunks.from_balanced(out, axes, num_chunks)
 
-    return shard_map_attention(
-        local,
-        q,
-        k,
-        v,
-        mask,
-        mesh=mesh,
-        q_spec=q_spec,
-        kv_spec=kv_spec,
-        extra=(kernel, kernel_spec),
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(*qs), check_vma=False)(
+        q, k, v, mask, kernel
     )
