@@ -13,7 +13,8 @@ block size a multiple of 128 dividing S. Pallas calls are not auto-partitioned: 
 a mesh use `sharded_splash_attention`, which runs the per-device function under shard_map with
 batch over the data axes and heads over the tensor axis.
 
-Context parallelism (`context_parallel_splash`: q's sequence sharded, K/V whole rows): the
+Context parallelism (`context_parallel_splash`: q's sequence sharded; K/V enter split like q
+and are all-gathered inside the shard_map, so their gradient is a reduce-scatter): the
 kernel is built for the global (S, S) causal mask with `q_seq_shards` = the number of query
 chunks, so its block-sparsity metadata (and the query indices its mask function compares with
 the key indices) is split along q; the kernel itself is a shard_map argument sharded by its own
