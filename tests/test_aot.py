@@ -30,6 +30,7 @@ from hunyuan_jax.cli import aot as cli
 from hunyuan_jax.cli.aot import main
 from hunyuan_jax.errors import UsageError
 from hunyuan_jax.model.policy import RuntimePolicy
+from sharding import rules
 
 A52B = "configs/hunyuan_a52b_instruct.yaml"
 TINY = "configs/tiny.yaml"
@@ -87,6 +88,29 @@ def test_default_meshes():
     assert topology.default_mesh("train", cfg, 128) == "fsdp=-1,expert=16"
     assert topology.default_mesh("decode", cfg, 32) == "fsdp=1,expert=4,tensor=8"
     assert topology.default_mesh("decode", cfg, 64) == "fsdp=1,expert=8,tensor=8"
+
+
+def test_long_sequences_get_context_parallelism():
+    """`--mode train --seq` > 32768 without --mesh / --rules: preset fsdp_ep_cp with the sequence
+    over `tensor` in chunks of <= 16384 tokens (the A52B at 131072 on 128 chips: 8 chunks, experts
+    over 16, one sequence per expert shard); the report says so."""
+    cfg = read_model_config(A52B)
+    assert topology.context_parallel_layout(cfg, 128, 32768) is None
+    assert topology.context_parallel_layout(cfg, 128, 131072) == (
+        "fsdp=1,expert=16,tensor=8",
+        "fsdp_ep_cp",
+        8,
+    )
+    assert topology.context_parallel_layout(cfg, 128, 65536)[0] == "fsdp=2,expert=16,tensor=4"
+    argv = ["--config", "configs/tiny.yaml", "--topology", "local", "--seq", "65536"]
+    job, header, _, _ = cli.resolve(cli.build_parser().parse_args(argv))
+    assert job.plan.rules == rules.get_rules("fsdp_ep_cp") and job.plan.size("length") == 4
+    assert (
+        header["mesh_arg"] == "fsdp=1,expert=2,tensor=4"
+        and "context parallelism" in (header["layout_note"])
+    )
+    job, header, _, _ = cli.resolve(cli.build_parser().parse_args([*argv, "--rules", "fsdp_ep"]))
+    assert not job.plan.shards("length") and "layout_note" not in header
 
 
 def _configs(*argv):

@@ -5,6 +5,8 @@ expert-parallel training strategies where the plan shards the experts); the expe
 shard_map alone equals the dropless experts for every token layout; parameters land where the
 presets say; and sharded initialisation never materialises the full tree on one device."""
 
+import warnings
+
 import jax
 import numpy as np
 import pytest
@@ -280,4 +282,52 @@ def test_context_parallel_equals_single_device(batch, single_device):
     for path, g in nnx.to_flat_state(grads):
         np.testing.assert_allclose(
             np.asarray(g.get_value()), ref_flat[path].get_value(), atol=GRAD_ATOL, rtol=0
+        )
+
+
+@pytest.fixture(scope="module")
+def long_batch():
+    """Four rows of 256 tokens (the tiny model's longest), two of them packed with a second
+    document: 128-token query chunks over two context shards, splash's smallest block."""
+    rng = np.random.default_rng(1)
+    inputs = rng.integers(0, 1024, size=(4, 256), dtype=np.int32)
+    segment_ids = np.ones_like(inputs)
+    segment_ids[2:, 100:] = 2  # a document boundary inside the first query chunk
+    positions = np.where(segment_ids == 2, np.arange(256) - 100, np.arange(256)).astype(np.int32)
+    return {
+        "inputs": inputs,
+        "targets": np.roll(inputs, -1, axis=1),
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "loss_mask": np.ones_like(inputs, np.float32),
+    }
+
+
+def test_context_parallel_splash_equals_single_device(long_batch):
+    """fsdp_ep_cp with the splash kernel (Pallas interpreter on CPU): the kernel is built for the
+    global causal mask with its metadata split along q (`splash.context_parallel_splash`), each
+    device runs its 128-token query chunk over the gathered K/V; experts over 'expert', the
+    chunked loss (4 chunks). Loss, logits and gradients equal the one-device step with the
+    materialised-scores attention. Tolerances as above: both are float32; splash adds one
+    online-softmax rescale per key block (2 here), each one rounding (2^-24 relative), far under
+    the reduction-order differences of the sharded sums that set LOGITS_ATOL / GRAD_ATOL."""
+    plan = make_plan((1, 2, 2, 2), "fsdp_ep_cp")
+    spec = kernel_layout("splash", plan, (4, 256, 12, 8), (4, 256, 4, 8))
+    assert spec["q_spec"][1] == "tensor" and spec["kv_spec"][1] is None and spec["interpret"]
+    ref_model = load_tiny(policy=TRAIN.replace(attention="xla", loss_chunk=64))
+    ref_logits, ref_loss, ref_grads = _loss_and_grads(ref_model, long_batch, moe.dropless_experts)
+    model = load_tiny(plan, TRAIN.replace(attention="splash", loss_chunk=64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to flash
+        logits, loss, grads = _loss_and_grads(model, long_batch)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_allclose(float(loss), float(ref_loss), atol=LOSS_ATOL, rtol=0)
+    ref_flat = dict(nnx.to_flat_state(ref_grads))
+    for path, g in nnx.to_flat_state(grads):
+        np.testing.assert_allclose(
+            np.asarray(g.get_value()),
+            np.asarray(ref_flat[path].get_value()),
+            atol=GRAD_ATOL,
+            rtol=0,
+            err_msg=".".join(map(str, path)),
         )

@@ -187,6 +187,7 @@ def _header_lines(r: dict) -> list[str]:
         f"compute {p['compute_dtype']}, remat "
         f"{p['remat']}, scan {'on' if p['scan_layers'] else 'off'}, attention {p['attention']}",
         f"step: {r.get('step_source', '?')}",
+        *([f"layout: {r['layout_note']}"] if r.get("layout_note") else []),
     ]
 
 

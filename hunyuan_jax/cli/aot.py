@@ -327,11 +327,20 @@ def resolve(args) -> tuple[Job, dict, T.Chip | None, float | None]:
         devices = T.topology_devices(sl)
     slices = sl.num_slices if sl else 1
     mode = "train" if args.mode == GRPO else args.mode  # grpo: the train step's layout
-    mesh = args.mesh or (
-        T.default_mesh(mode, cfg, len(devices) // slices)
-        + (f",dcn.data={slices}" if slices > 1 else "")
-    )
-    rules = args.rules or T.default_rules(mode)
+    chips = len(devices) // slices
+    mesh, rules, layout_note = args.mesh, args.rules, None
+    seq = args.seq or DEFAULT_SEQ["train"]
+    cp = T.context_parallel_layout(cfg, chips, seq) if mode == "train" else None
+    if cp is not None and mesh is None and rules is None:  # a long sequence: split it
+        mesh, rules, shards = cp
+        layout_note = (
+            f"--seq {seq} > {T.CP_MIN_SEQ}: context parallelism chosen (--mesh {mesh} --rules "
+            f"{rules}: each sequence in {shards} chunks of {seq // shards} tokens; "
+            "--mesh / --rules choose another layout)"
+        )
+    mesh = mesh or T.default_mesh(mode, cfg, chips)
+    mesh += f",dcn.data={slices}" if slices > 1 and not args.mesh else ""
+    rules = rules or T.default_rules(mode)
     try:  # a mesh that does not fit the devices or the model: ConfigError (sharding/plan.py)
         plan = ShardingPlan.from_flags(mesh, rules, args.rule, devices=devices)
         if mode != "train":  # train: train.py's own checks, in programs.train_program
@@ -356,6 +365,7 @@ def resolve(args) -> tuple[Job, dict, T.Chip | None, float | None]:
         "topology": args.topology,
         "topology_string": sl.description if sl else "local",
         "mesh_arg": mesh,
+        **({"layout_note": layout_note} if layout_note else {}),
     }
     return job, header, chip, args.hbm_gib or (chip.hbm_gib if chip else None)
 

@@ -11,9 +11,9 @@ plan) and which attention implementation serves a call (per policy, platform and
 Inference is always dropless and exact; training follows the report's capacity routing.
 
 Attention (`attention_impl_for`): `policy.attention` when it names one (xla | flash | splash);
-`auto` picks xla while attention-probability dropout is on (the kernels have none), flash when the
-plan shards `length` (context parallelism: each device's query chunk over all keys), splash on TPU
-for plain causal self-attention whose length is a multiple of 128, flash when a call's score
+`auto` picks xla while attention-probability dropout is on (the kernels have none), splash on TPU
+for plain causal self-attention whose length (with context parallelism, when the plan shards
+`length`: each device's query chunk over all keys) is a multiple of 128, flash when a call's score
 matrix would be large (>= FLASH_MIN_SCORES per row and head: long training rows, long prefill
 chunks against a long cache), else xla (decode steps, short calls).
 
@@ -68,10 +68,12 @@ def attention_impl_for(
         return policy.attention
     if dropout:
         return "xla"
-    if plan.shards("length") and num_queries > 1:
-        return "flash"  # context parallelism: a query chunk over all keys (splash: whole rows)
-    if plan.platform == "tpu" and mask.causal_self and num_queries % 128 == 0:
+    # context parallelism: a query chunk of num_queries / size("length") rows over all keys
+    chunk, rest = divmod(num_queries, plan.size("length"))
+    if plan.platform == "tpu" and mask.causal_self and not rest and chunk % 128 == 0:
         return "splash"
+    if plan.shards("length") and num_queries > 1:
+        return "flash"  # the pure-JAX kernel takes a chunk's positions
     if num_queries > 1 and num_queries * num_keys >= FLASH_MIN_SCORES:
         return "flash"
     return "xla"

@@ -105,6 +105,12 @@ class Attention(nnx.Module):
         k = qops.einsum("bsd,dnh->bsnh", x, self._w("k_proj", lora_key))
         v = qops.einsum("bsd,dnh->bsnh", x, self._w("v_proj", lora_key))
         k, v = checkpoint_name(k, "kv_proj"), checkpoint_name(v, "kv_proj")
+        if self.plan.shards("length"):
+            # Context parallelism: project each device's own tokens, then attention gathers
+            # K/V (without this XLA gathers x, 3x their size, and projects every token on
+            # every context shard).
+            k = self.plan.constrain(k, ("batch", "length", "act_kv_heads", None))
+            v = self.plan.constrain(v, ("batch", "length", "act_kv_heads", None))
         return apply_rope(k, ctx.positions, ctx.inv_freq), v
 
     def write_pages(self, x, pool: paged.PagedKV, ctx: Context) -> paged.PagedKV:

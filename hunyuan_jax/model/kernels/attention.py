@@ -37,12 +37,17 @@ def kernel_layout(impl: str, plan, q_shape, k_shape) -> dict:
     """`attend`'s mesh arguments for a call on `plan`: flash / splash on a mesh run per device
     in shard_map, with q and K/V laid out by the plan (whole rows; heads over the tensor axes
     when both q and KV heads divide them); otherwise XLA partitions the call itself (splash
-    cannot be partitioned that way, so it then runs head-less per batch shard)."""
-    if impl == "xla" or plan is None or not plan.is_sharded:
+    cannot be partitioned that way, so it then runs head-less per batch shard). Splash off TPU
+    (a CPU test mesh) runs in the Pallas interpreter."""
+    if impl == "xla" or plan is None:
         return {}
+    interpret = {"interpret": True} if impl == "splash" and plan.platform != "tpu" else {}
+    if not plan.is_sharded:
+        return interpret
     # q keeps the plan's `length` layout (context parallelism: each device its own query
-    # chunk); K/V are whole rows (gathered over the length axes). Splash serves only whole
-    # causal rows: with q's length sharded it falls back to flash (`attend`).
+    # chunk); K/V are whole rows (gathered over the length axes). Splash then runs its kernel
+    # for the global causal mask with the mask's metadata split along q
+    # (`splash.context_parallel_splash`).
     length = "length" if q_shape[1] == k_shape[1] else None
     q_spec = plan.activation_spec(("batch", length, "act_heads", None), q_shape)
     kv_spec = plan.activation_spec(("batch", None, "act_kv_heads", None), k_shape)
@@ -51,7 +56,7 @@ def kernel_layout(impl: str, plan, q_shape, k_shape) -> dict:
             return {}
         q_spec = jax.sharding.PartitionSpec(q_spec[0], q_spec[1], None, None)
         kv_spec = jax.sharding.PartitionSpec(q_spec[0], None, None, None)
-    return {"mesh": plan.mesh, "q_spec": q_spec, "kv_spec": kv_spec}
+    return {"mesh": plan.mesh, "q_spec": q_spec, "kv_spec": kv_spec, **interpret}
 
 
 def reference_attention(q, k, v, mask: AttentionMask, *, dropout=None) -> jax.Array:
@@ -105,6 +110,8 @@ def attend(
                prefill without cache; segments honoured) with S = T a multiple of 128;
                block_q / block_kv multiples of 128 dividing S (default 512/256/128).
                interpret=True runs the kernel in the Pallas interpreter (CPU tests).
+               With q's length sharded (q_spec[1]: context parallelism) each device runs
+               its query chunk over the whole K/V (`splash.context_parallel_splash`).
                When splash cannot serve the call (mask or shape) it raises
                splash.SplashUnsupported; with fallback=True (default) attend warns and uses
                flash with its default blocks.
@@ -129,12 +136,23 @@ def attend(
 
     blocks = {n: x for n, x in (("block_q", block_q), ("block_kv", block_kv)) if x is not None}
     if impl == "splash" and q_spec is not None and len(q_spec) > 1 and q_spec[1] is not None:
-        if not fallback:
-            raise splash.SplashUnsupported("q's length is sharded (context parallelism)")
-        warnings.warn(
-            "splash serves whole causal rows; context parallelism uses flash", stacklevel=2
-        )
-        return run(flash.flash_attention)
+        try:  # context parallelism: each device's query chunk over the gathered K/V
+            return splash.context_parallel_splash(
+                q,
+                k,
+                v,
+                mask,
+                mesh=mesh,
+                q_spec=q_spec,
+                kv_spec=kv_spec,
+                interpret=interpret,
+                **blocks,
+            )
+        except splash.SplashUnsupported as e:
+            if not fallback:
+                raise
+            warnings.warn(f"splash cannot serve this call ({e}); using flash", stacklevel=2)
+            return run(flash.flash_attention)
     if impl == "splash":
         try:
             splash.check_supported(q.shape, k.shape, mask, **blocks)

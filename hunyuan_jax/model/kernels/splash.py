@@ -11,7 +11,18 @@ Constraints (checked up front; violations raise SplashUnsupported, a ValueError,
 can fall back to flash): `mask.causal_self` (no KV cache), S == T, S a multiple of 128, every
 block size a multiple of 128 dividing S. Pallas calls are not auto-partitioned: inside jit on
 a mesh use `sharded_splash_attention`, which runs the per-device function under shard_map with
-batch over the data axes and heads over the tensor axis; the sequence must not be sharded.
+batch over the data axes and heads over the tensor axis.
+
+Context parallelism (`context_parallel_splash`: q's sequence sharded; K/V enter split like q
+and are all-gathered inside the shard_map, so their gradient is a reduce-scatter): the
+kernel is built for the global (S, S) causal mask with `q_seq_shards` = the number of query
+chunks, so its block-sparsity metadata (and the query indices its mask function compares with
+the key indices) is split along q; the kernel itself is a shard_map argument sharded by its own
+`manual_sharding_spec`, so each device runs its query chunk over all keys with the mask rows of
+that chunk (the MaxText way). Each device skips the key blocks above its rows' diagonal, so
+with contiguous chunks the last device would do the most work: by default the query rows are
+load-balanced (`chunks`: device i attends half-chunks i and 2n - 1 - i; the mask's query
+indices in that order).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
+from hunyuan_jax.model.kernels import chunks
 from hunyuan_jax.model.kernels.mask import AttentionMask, check_shapes, shard_map_attention
 
 DEFAULT_BLOCK = 512
@@ -88,15 +100,35 @@ def check_supported(
     block_sizes_for(s, block_q, block_kv)
 
 
-def _kernel(heads: int, length: int, block_sizes: sk.BlockSizes, interpret: bool):
+class _BalancedCausalMask(sm.CausalMask):
+    """The causal mask with the query axis in `chunks.balanced_order`: row r is the token at
+    q_sequence[r] (the kernel compares q_sequence with the key index; its block-sparsity
+    metadata is computed from the same rows)."""
+
+    def __init__(self, length: int, num_chunks: int):
+        super().__init__((length, length))
+        self.q_sequence = chunks.balanced_order(length, num_chunks)
+
+
+def _kernel(
+    heads: int,
+    length: int,
+    block_sizes: sk.BlockSizes,
+    interpret: bool,
+    head_shards: int = 1,
+    q_seq_shards: int = 1,
+    balanced: bool = False,
+):
     # Built at every trace: its mask metadata becomes jnp arrays of the current trace (a cached
-    # kernel would leak them into later traces). CausalMask is lazy, so this is cheap.
-    mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
+    # kernel would leak them into later traces). The mask is lazy and splash caches its
+    # metadata per mask (lru_cache), so later traces are cheap.
+    one = _BalancedCausalMask(length, q_seq_shards) if balanced else sm.CausalMask((length, length))
+    mask = sm.MultiHeadMask([one for _ in range(heads)])
     return sk.make_splash_mha(
         mask,
         block_sizes=block_sizes,
-        head_shards=1,
-        q_seq_shards=1,
+        head_shards=head_shards,
+        q_seq_shards=q_seq_shards,
         residual_checkpoint_name=RESIDUAL_NAME,
         interpret=interpret,
     )
@@ -111,15 +143,19 @@ def splash_attention(
     block_q: int | None = None,
     block_kv: int | None = None,
     interpret: bool = False,
+    kernel: sk.SplashAttentionKernel | None = None,
 ) -> jax.Array:
     """Per-device splash: q [B,S,H,D], k/v [B,S,KVH,D] -> [B,S,H,D] in q.dtype.
 
     Only the segment ids of `mask` are read (its positions are 0..S-1 by `causal_self`).
-    interpret=True runs the kernel in the Pallas interpreter (any backend; slow)."""
+    interpret=True runs the kernel in the Pallas interpreter (any backend; slow).
+    kernel: a kernel built (and checked) by the caller, this device's part of it
+    (`context_parallel_splash`: q is then a query chunk [B,S/n,H,D] of k/v's S rows)."""
     check_shapes(q, k, v, mask)
-    check_supported(q.shape, k.shape, mask, block_q, block_kv)
     b, s, h, d = q.shape
-    kernel = _kernel(h, s, block_sizes_for(s, block_q, block_kv), bool(interpret))
+    if kernel is None:
+        check_supported(q.shape, k.shape, mask, block_q, block_kv)
+        kernel = _kernel(h, s, block_sizes_for(s, block_q, block_kv), bool(interpret))
     q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
     qt = q.transpose(0, 2, 1, 3)  # [B, H, S, D]
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, S, D]
@@ -153,3 +189,72 @@ def sharded_splash_attention(
         )
 
     return shard_map_attention(local, q, k, v, mask, mesh=mesh, q_spec=q_spec, kv_spec=kv_spec)
+
+
+def _size(mesh: jax.sharding.Mesh, entry) -> int:
+    axes = () if entry is None else (tuple(entry) if isinstance(entry, tuple | list) else (entry,))
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def context_parallel_splash(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: AttentionMask,
+    *,
+    mesh: jax.sharding.Mesh,
+    q_spec: P,
+    kv_spec: P,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    interpret: bool = False,
+    balanced: bool = True,
+) -> jax.Array:
+    """Splash with q's sequence sharded (q_spec[1]; kv_spec: K/V's batch and heads as q's,
+    length None: gathered inside, after each device's chunk enters like q's): the
+    global causal self-attention of q [B,S,H,D] over k/v [B,S,KVH,D] (global shapes), each
+    device computing its query chunk. The block sizes must divide the chunk
+    (SplashUnsupported otherwise). balanced: each device attends half-chunks i and
+    2n - 1 - i instead of its contiguous chunk i (`chunks`: equal work per device; its
+    queries and output move by collective permutes); needs S % (2n) == 0, else contiguous."""
+    check_shapes(q, k, v, mask)
+    check_supported(q.shape, k.shape, mask)
+    qs = tuple(q_spec) + (None,) * (4 - len(q_spec))
+    b, s, h, d = q.shape
+    num_chunks, head_shards = _size(mesh, qs[1]), _size(mesh, qs[2])
+    if s % num_chunks:
+        raise SplashUnsupported(f"{num_chunks} query chunks do not divide the sequence {s}")
+    sizes = block_sizes_for(s // num_chunks, block_q, block_kv)
+    balanced = balanced and num_chunks > 1 and s % (2 * num_chunks) == 0
+    kernel = _kernel(h, s, sizes, bool(interpret), head_shards, num_chunks, balanced)
+    kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(qs[2], qs[1])))
+    axes = tuple(qs[1]) if isinstance(qs[1], tuple | list) else (qs[1],)
+    ks = tuple(kv_spec) + (None,) * (4 - len(kv_spec))
+    if ks[0] != qs[0] or ks[2] != qs[2] or ks[1] is not None or qs[3] or ks[3]:
+        raise ValueError(f"context-parallel splash: q {q_spec} and kv {kv_spec} do not match")
+    # K/V come in split like q (each device projected its own tokens) and are gathered here:
+    # the gradient of the gather is then a reduce-scatter, not an all-reduce of whole K/V.
+    rows = P(qs[0], qs[1])
+    specs = (
+        P(*qs),
+        P(ks[0], qs[1], ks[2], None),
+        P(ks[0], qs[1], ks[2], None),
+        AttentionMask(rows, rows, rows, rows, mask.causal_self),
+        kernel_spec,
+    )
+
+    def local(q, k, v, mask, kernel):
+        gather = lambda x: jax.lax.all_gather(x, axes, axis=1, tiled=True)
+        k, v = gather(k), gather(v)
+        mask = mask._replace(kv_positions=gather(mask.kv_positions))
+        mask = mask._replace(kv_segments=gather(mask.kv_segments))
+        if not balanced:
+            return splash_attention(q, k, v, mask, kernel=kernel)
+        q = chunks.to_balanced(q, axes, num_chunks)
+        mask = mask._replace(q_segments=chunks.to_balanced(mask.q_segments, axes, num_chunks))
+        out = splash_attention(q, k, v, mask, kernel=kernel)
+        return chunks.from_balanced(out, axes, num_chunks)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(*qs), check_vma=False)(
+        q, k, v, mask, kernel
+    )
