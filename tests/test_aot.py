@@ -287,6 +287,34 @@ def test_local_devices_grpo_train_step_and_engine_at_once(tmp_path, capsys):
     assert "both at once" in capsys.readouterr().out
 
 
+def test_grpo_refusal_names_the_program_that_does_not_fit(monkeypatch, capsys):
+    """An engine program the chip refuses (on the train layout every chip holds the whole
+    pool: 512 x 4097 tokens was 256 GiB per v5p chip for the A52B) is named in the one-line
+    error with the pool and what to lower; exit 6 (DoesNotFit)."""
+    from hunyuan_jax.aot import grpo
+    from hunyuan_jax.errors import DoesNotFit
+
+    real, calls = grpo.compile_program, []
+
+    def refuse_the_engine(program):
+        calls.append(program)
+        if len(calls) == 1:  # the train step compiles; the first engine program is refused
+            return real(program)
+        raise DoesNotFit("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: ...", 192.4, 95.7)
+
+    monkeypatch.setattr(grpo, "compile_program", refuse_the_engine)
+    argv = ["--config", TINY, "--topology", "local", "--mode", "grpo", "--seq", "32"]
+    argv += ["--set", "lora=true", "--set", "model.num_layers=2", "--max-seqs", "8"]
+    argv += ["--token-budget", "8", "--page-size", "8"]
+    assert main(argv) == 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert (
+        "the rollout engine's step[1] (pool " in err[0] and "GiB per chip) does not fit" in err[0]
+    )
+    assert err[0].endswith("lower --max-seqs or --max-len"), err[0]
+
+
 # ---------------------------------------------------------------------------- XLA:TPU
 @needs_libtpu
 @pytest.mark.parametrize(

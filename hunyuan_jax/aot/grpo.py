@@ -30,7 +30,7 @@ from hunyuan_jax.aot.compiler import GiB, Memory, compile_program
 from hunyuan_jax.aot.programs import Job, Program, train_program
 from hunyuan_jax.aot.serve import ServeSizes, chip_bytes
 from hunyuan_jax.engine.core import EngineCore
-from hunyuan_jax.errors import UsageError
+from hunyuan_jax.errors import DoesNotFit, UsageError
 from hunyuan_jax.train.step import TrainStep
 
 
@@ -47,12 +47,25 @@ def _engine(job: Job, step: TrainStep, sizes: ServeSizes, max_len: int) -> Engin
         raise UsageError(f"engine: {e}") from None
 
 
+def _compile(program: Program, what: str):
+    """compile_program, with a refusal naming the program (the train step or which engine
+    program) and, for the engine, what to lower: every chip holds the whole pool on the train
+    layout (docs/rl.md)."""
+    try:
+        return compile_program(program)
+    except DoesNotFit as e:
+        hint = "" if "engine" not in what else "; lower --max-seqs or --max-len"
+        raise DoesNotFit(
+            f"{what} does not fit: {e}{hint}", e.required_gib, e.available_gib
+        ) from None
+
+
 def measure_grpo(job: Job, sizes: ServeSizes, header: dict, hbm_gib: float | None) -> dict:
     """The report of `--mode grpo` (see the module docstring)."""
     if job.tcfg.objective != "grpo":
         job = job.replace(tcfg=job.tcfg.replace(objective="grpo"))
     program = train_program(job)
-    compiled, t_lower, t_compile = compile_program(program)
+    compiled, t_lower, t_compile = _compile(program, "the GRPO train step")
     train = Memory.of(compiled)
     tcfg = job.tcfg.replace(seq_len=program.seq, batch_size=program.batch, micro_batches=job.micro)
     step = TrainStep(job.cfg, job.policy, tcfg, job.plan)
@@ -61,11 +74,14 @@ def measure_grpo(job: Job, sizes: ServeSizes, header: dict, hbm_gib: float | Non
     params, pool, seen = core.abstract_args(core.buckets[0])[:3]
     pool_b, seen_b = chip_bytes(pool), chip_bytes(seen)
     opt_b = chip_bytes(plan.abstract(step.abstract_state.opt_state, step.shardings.opt_state))
+    g = lambda b: round(b / GiB, 3)  # noqa: E731
     engine: list[dict[str, Any]] = []
     code = train.code
     for name, tokens in core.programs:
         p = Program(lambda n=name, t=tokens: core.lower(n, t), None, "", tokens, 1, None, tokens)
-        c, lo, co = compile_program(p)
+        c, lo, co = _compile(
+            p, f"the rollout engine's {name}[{tokens}] (pool {g(pool_b)} GiB per chip)"
+        )
         m = Memory.of(c)
         code += m.code
         engine.append({"program": f"{name}[{tokens}]", "memory_gib": m.gib(), "peak": m.total - m.code + opt_b, "compile_s": round(lo + co, 1)})  # fmt: skip
@@ -73,7 +89,6 @@ def measure_grpo(job: Job, sizes: ServeSizes, header: dict, hbm_gib: float | Non
     rollout = max(engine, key=lambda e: e["peak"])
     at_once = max(train_peak, rollout["peak"]) + code
     fits = hbm_gib is None or at_once <= hbm_gib * GiB
-    g = lambda b: round(b / GiB, 3)  # noqa: E731
     for e in engine:
         e["peak_b"] = e.pop("peak")
         e["peak_gib"] = g(e["peak_b"])
