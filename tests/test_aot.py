@@ -23,7 +23,7 @@ from conftest import HY_TINY
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hunyuan_jax.aot import compiler, flops, topology
+from hunyuan_jax.aot import compiler, flops, pool_size, topology
 from hunyuan_jax.aot import serve as aot_serve
 from hunyuan_jax.checkpoints.loading import read_model_config
 from hunyuan_jax.cli import aot as cli
@@ -443,10 +443,11 @@ def test_serve_compiles_every_engine_program(tmp_path, capsys):
     assert "page pool:" in text and "step[8] (prefill" in text
 
 
-def test_pool_sizing_bisects_below_a_refused_size(monkeypatch):
+def test_pool_sizing_bisects_below_a_refused_size(monkeypatch, capsys):
     """The pool rule after an out-of-memory verdict (as v6e-8 int4 met it: XLA refused the
     linear estimate, the halfway back-off fit, and the next estimate was the refused size
-    again): it bisects below the refused size instead of stopping at the back-off."""
+    again): it bisects below the refused size instead of stopping at the back-off, down to a
+    bracket within 1 % (`pool_size.BISECT_TOL`), one progress line per probe on stderr."""
     gib, page = 2**30, 256 * 1024
     base, limit = 25.11 * gib, 30.0 * gib  # the compiler's real limit: below usable - margin
 
@@ -465,4 +466,57 @@ def test_pool_sizing_bisects_below_a_refused_size(monkeypatch):
     assert pages[:2] == [2049, 4098] and totals[2] is None  # the estimate: refused
     assert pages[3] == (4098 + pages[2]) // 2 and totals[3] is not None  # halfway: fits
     assert pages[4] == (pages[3] + pages[2]) // 2 and totals[4] <= limit  # bisected
-    assert rule["num_pages"] == pages[4] == max(p for p, t in zip(pages, totals) if t)
+    assert rule["num_pages"] == max(p for p, t in zip(pages, totals) if t)
+    boundary = int((limit - base) // page)  # the most pages the compiler takes: 20029
+    search = rule["search"]
+    assert search["lo"] == rule["num_pages"] <= boundary < search["hi"]
+    assert search["hi"] - search["lo"] <= pool_size.BISECT_TOL * search["hi"]
+    assert len(pages) - 3 <= pool_size.bisection_probes(4098, pages[2])  # 6 after the refusal
+    err = capsys.readouterr().err
+    assert err.count("pool sizing") == len(pages) - 2 and f"bisection of [4098, {pages[2]})" in err
+
+
+@pytest.mark.parametrize(
+    "limit_gib, slope_pages, stop",
+    [
+        (27.5, 1, "bracket"),  # the compiler refuses well below the target
+        (30.6, 1, "bracket"),  # just below it
+        (30.6, 2, "bracket"),  # a slope of 2 pages per page: the line creeps up, then bisects
+        (40.0, 2, "within"),  # nothing refused: the line creeps up, a page per page hits it
+        (40.0, 1, "within"),  # the line hits the target
+    ],
+)
+def test_pool_search_finds_the_boundary_in_bounded_probes(limit_gib, slope_pages, stop):
+    """`pool_size.largest_pool` with a fake compile (no TPU): total(P) = a + b P, refused above
+    the compiler's limit. It ends with the most pages that fit (total <= target and not
+    refused) within BISECT_TOL of the largest that does, in at most REFINE + BISECT_MAX
+    probes (+ 1 at a page's own bytes a page when the line met no failure), and says why it
+    stopped."""
+    gib, page = 2**30, 256 * 1024
+    base, target, limit = 25.11 * gib, 30.74 * gib, limit_gib * gib
+    boundary = int((min(limit, target) - base) // page)  # the most pages that fit
+
+    def measure(pages):
+        total = base + pages * page
+        return {"pages": pages, "total": None if total > limit else total}
+
+    lines: list[str] = []
+    probes, search = pool_size.largest_pool(
+        measure,
+        [measure(2049), measure(4098)],
+        target,
+        slope_pages * page,
+        page,
+        2**27,
+        lines.append,
+    )
+    lo, hi = search["lo"], search["hi"]
+    assert len(lines) == len(probes) - 2 <= pool_size.REFINE + 1 + pool_size.BISECT_MAX
+    assert search["stopped"].startswith(stop), search
+    assert lo <= boundary and all(
+        p["pages"] <= lo for p in probes if p["total"] and p["total"] <= target
+    )
+    if stop == "bracket":
+        assert boundary < hi and hi - lo <= pool_size.BISECT_TOL * hi
+    else:
+        assert target - (base + lo * page) < pool_size.CLOSE_GIB * gib and hi is None
