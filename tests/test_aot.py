@@ -352,49 +352,6 @@ def test_tiny_train_communication_from_the_cli_process(tmp_path):
 
 
 @needs_libtpu
-def test_tpu7x_fp8_grouped_matmul_compiles_with_the_engine_options():
-    """TPU7x, fp8 experts: XLA's ragged dot of bf16 rows by e4m3 weights (`qops.ragged_dot`, the
-    A52B's down projection per device at tensor=8: [1024, 2288] @ [16, 2288, 6400]) sizes its
-    tiles past the default 32 MiB of scoped VMEM (CompileTimeScopedVmemOom, 32.62 MiB: the
-    failure of 6 of the A52B's 14 serve programs; 40 s to reproduce, so not re-checked here). With
-    the options the engine compiles with (`dispatch.compiler_options_for`) it compiles; other
-    chips get none."""
-    from hunyuan_jax.model import dispatch, qops
-    from sharding.plan import ShardingPlan
-
-    devices = topology.topology_devices(topology.parse_topology("tpu7x-8"))
-    plan = ShardingPlan.create({"tensor": 1}, "serve_ep_tp", devices=devices[:1])
-    options = dispatch.compiler_options_for(plan)
-    assert options == {"xla_tpu_scoped_vmem_limit_kib": 40 * 1024}
-    v5p = topology.topology_devices(topology.parse_topology("v5p-8"))
-    assert dispatch.compiler_options_for(ShardingPlan.create({"tensor": 1}, devices=v5p[:1])) == {}
-    rep = NamedSharding(plan.mesh, P())
-    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
-
-    def down(x, values, scale, group_sizes):
-        return qops.ragged_dot(x, qops.QArray(values, scale, None, jnp.float8_e4m3fn), group_sizes)
-
-    args = (sds((1024, 2288), jnp.bfloat16), sds((16, 2288, 6400), jnp.float8_e4m3fn))
-    args += (sds((16, 1, 6400), jnp.float32), sds((16,), jnp.int32))
-    jax.jit(down, compiler_options=options).lower(*args).compile()
-
-
-def test_engine_compiles_with_the_dispatch_compiler_options(monkeypatch):
-    """The engine jits its programs with `dispatch.compiler_options_for(plan)` (a TPU-only
-    option reaches the CPU compiler, which names it)."""
-    from hunyuan_jax.engine.core import EngineCore
-    from hunyuan_jax.model import dispatch
-    from hunyuan_jax.model.state import abstract_model
-
-    model = abstract_model(read_model_config(TINY), RuntimePolicy.inference("float32"))
-    core = EngineCore(model, max_seqs=2, max_len=32, page_size=16, token_budget=8, compile=False)
-    assert dispatch.compiler_options_for(core.plan) == {}  # CPU: none
-    monkeypatch.setattr(dispatch, "compiler_options_for", lambda plan: {"xla_tpu_bogus": 1})
-    with pytest.raises(Exception, match="xla_tpu_bogus"):
-        core.lower("step", 1).compile()
-
-
-@needs_libtpu
 def test_exit_status_when_it_does_not_fit(tmp_path, capsys):
     # The compiler's own verdict: a 2^22-slot cache for 64 rows does not fit a v5e chip.
     rc = main(

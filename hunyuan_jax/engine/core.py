@@ -24,8 +24,7 @@ rather than recompile):
   steps that carry such a request, since it computes the LM head for every token).
 The model chooses its MoE dispatch (phase 'decode' for a stream no longer than max_seqs, else
 'prefill')
-and its paged attention kernel (`dispatch.paged_attention_impl_for`); the programs are compiled
-with `dispatch.compiler_options_for` (per chip generation: TPU7x's scoped VMEM).
+and its paged attention kernel (`dispatch.paged_attention_impl_for`).
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ from flax import nnx
 
 from hunyuan_jax.decode.sampling import sample_rows
 from hunyuan_jax.engine.step import StepShape, StepWork, paged_batch, unpack
-from hunyuan_jax.model import dispatch
 from hunyuan_jax.model.kernels.paged import pool_head_dim
 from hunyuan_jax.model.kv_cache import (
     CACHE_DTYPES,
@@ -217,8 +215,7 @@ class EngineCore:
         def fn(params, pool, seen, ints, floats):
             return self._step_fn(params, pool, seen, ints, floats, shape, score)
 
-        options = dispatch.compiler_options_for(self.plan) or None  # per chip generation
-        return jax.jit(fn, donate_argnums=(1, 2), compiler_options=options)
+        return jax.jit(fn, donate_argnums=(1, 2))
 
     # ------------------------------------------------------------------ the program
     def _limit(self, logits):

@@ -27,10 +27,6 @@ do not divide the tensor axes).
 
 The model calls both once per forward (`HunyuanForCausalLM.__call__(phase=...)`); nothing else
 decides them.
-
-Compiler options (`compiler_options_for`, which the serving engine jits its programs with): the
-scoped VMEM XLA:TPU may give one fusion, per chip generation, where the default is too small for
-the kernels above (`SCOPED_VMEM_KIB`).
 """
 
 from __future__ import annotations
@@ -79,28 +75,6 @@ def attention_impl_for(
     if num_queries > 1 and num_queries * num_keys >= FLASH_MIN_SCORES:
         return "flash"
     return "xla"
-
-
-# Scoped VMEM per TensorCore (KiB) by device kind, where XLA:TPU's default does not compile the
-# model. TPU7x (libtpu 0.0.52): 64 MiB of VMEM a TensorCore (jax's pallas tpu_info), 32 MiB of
-# it scoped by default. XLA's ragged dot with fp8 expert weights (`qops.ragged_dot`: bf16 rows
-# times e4m3 values, float32 out) sizes its tiles to the scoped limit and then overshoots it
-# (CompileTimeScopedVmemOom, "it should not be possible to run out of scoped vmem"): the A52B's
-# down projection at tensor=8, x [M, 2288] @ [16, 2288, 6400], needs 32.18 MiB at M = 128 and
-# 32.62 MiB at M = 1024 and 4096; bf16 weights of the same shape compile. 40 MiB compiled it at
-# every bucket size (M = 128 ... 4096, and the gate / up shape [16, 6400, 2288]); 48 MiB did
-# not at M = 128 (55.86 MiB) and neither 48 nor 64 at M = 4096 (VMEM itself exceeded), so the
-# value is a measured one, checked by tests/test_aot.py and the A52B serve compile (docs/tpu.md).
-SCOPED_VMEM_KIB = {"TPU7x": 40 * 1024}
-
-
-def compiler_options_for(plan) -> dict[str, int]:
-    """XLA compiler options for a program on `plan`'s devices (empty off TPU: CPU and the
-    chips without an entry compile as before)."""
-    if plan.platform != "tpu":
-        return {}
-    kib = SCOPED_VMEM_KIB.get(plan.devices[0].device_kind)
-    return {"xla_tpu_scoped_vmem_limit_kib": kib} if kib else {}
 
 
 def paged_attention_impl_for(policy: RuntimePolicy, plan, pool) -> str:
