@@ -352,6 +352,41 @@ def test_tiny_train_communication_from_the_cli_process(tmp_path):
 
 
 @needs_libtpu
+def test_tpu7x_fp8_experts_compile_for_a_prefill_chunk():
+    """TPU7x, fp8 experts: XLA's ragged dot of bf16 rows by e4m3 values overshoots its scoped
+    VMEM (CompileTimeScopedVmemOom at [1024, 2288] @ [16, 2288, 6400], the A52B's down
+    projection per device at tensor=8: 6 of its 14 serve programs did not compile; 40 s to
+    reproduce, not re-checked here). `dispatch.experts_fn_for` casts the values to bf16 first
+    there (exact), and the routed experts of a 1024-token chunk compile at the A52B's per-device
+    shapes; other chips keep the float8 ragged dot."""
+    from hunyuan_jax.model import dispatch, moe, qops
+    from sharding.plan import ShardingPlan
+
+    cfg, policy = read_model_config(A52B), RuntimePolicy.inference("bfloat16")
+    devices = topology.topology_devices(topology.parse_topology("tpu7x-8"))
+    plan = ShardingPlan.create({"tensor": 1}, "serve_ep_tp", devices=devices[:1])
+    fn = dispatch.experts_fn_for("prefill", cfg, policy, plan, 1024)
+    assert fn.__wrapped__ is moe.dropless_experts  # moe.float8_as_activations
+    v5p = topology.topology_devices(topology.parse_topology("v5p-8"))
+    v5p_plan = ShardingPlan.create({"tensor": 1}, "serve_ep_tp", devices=v5p[:1])
+    assert dispatch.experts_fn_for("prefill", cfg, policy, v5p_plan, 1024) is moe.dropless_experts
+    rep = NamedSharding(plan.mesh, P())
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
+    t, d, f, e = 1024, cfg.hidden_size, cfg.intermediate_size // 8, cfg.num_experts
+
+    def routed(x, ids, gate, up, down, scale_f, scale_d):
+        fp8 = lambda v, s: qops.QArray(v, s, None, jnp.float8_e4m3fn)  # noqa: E731
+        w = moe.ExpertWeights(fp8(gate, scale_f), fp8(up, scale_f), fp8(down, scale_d))
+        routing = moe.Routing(ids, jnp.ones((t, 1)), jnp.ones((t, e)) / e, jnp.zeros((t,)))
+        return fn(x, routing, w)[0]
+
+    args = (sds((t, d), jnp.bfloat16), sds((t, 1), jnp.int32))
+    args += (sds((e, d, f), jnp.float8_e4m3fn),) * 2 + (sds((e, f, d), jnp.float8_e4m3fn),)
+    args += (sds((e, 1, f), jnp.float32), sds((e, 1, d), jnp.float32))
+    jax.jit(routed).lower(*args).compile()
+
+
+@needs_libtpu
 def test_exit_status_when_it_does_not_fit(tmp_path, capsys):
     # The compiler's own verdict: a 2^22-slot cache for 64 rows does not fit a v5e chip.
     rc = main(
