@@ -81,7 +81,8 @@ def _experts_fn(phase, cfg, policy, plan, num_tokens) -> moe.ExpertsFn:
 
 
 def _float8_ragged_dot_fails(plan) -> bool:
-    return plan.platform == "tpu" and plan.devices[0].device_kind in FLOAT8_RAGGED_DOT_FAILS
+    devices = getattr(plan, "devices", ()) if plan.platform == "tpu" else ()  # none: not known
+    return bool(devices) and devices[0].device_kind in FLOAT8_RAGGED_DOT_FAILS
 
 
 FLASH_MIN_SCORES = 1 << 20  # S * T above which `auto` uses flash instead of materialised scores
