@@ -23,7 +23,7 @@ from conftest import HY_TINY
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hunyuan_jax.aot import compiler, flops, topology
+from hunyuan_jax.aot import compiler, flops, pool_size, topology
 from hunyuan_jax.aot import serve as aot_serve
 from hunyuan_jax.checkpoints.loading import read_model_config
 from hunyuan_jax.cli import aot as cli
@@ -404,6 +404,41 @@ def test_tiny_train_communication_from_the_cli_process(tmp_path):
 
 
 @needs_libtpu
+def test_tpu7x_fp8_experts_compile_for_a_prefill_chunk():
+    """TPU7x, fp8 experts: XLA's ragged dot of bf16 rows by e4m3 values overshoots its scoped
+    VMEM (CompileTimeScopedVmemOom at [1024, 2288] @ [16, 2288, 6400], the A52B's down
+    projection per device at tensor=8: 6 of its 14 serve programs did not compile; 40 s to
+    reproduce, not re-checked here). `dispatch.experts_fn_for` casts the values to bf16 first
+    there (exact), and the routed experts of a 1024-token chunk compile at the A52B's per-device
+    shapes; other chips keep the float8 ragged dot."""
+    from hunyuan_jax.model import dispatch, moe, qops
+    from sharding.plan import ShardingPlan
+
+    cfg, policy = read_model_config(A52B), RuntimePolicy.inference("bfloat16")
+    devices = topology.topology_devices(topology.parse_topology("tpu7x-8"))
+    plan = ShardingPlan.create({"tensor": 1}, "serve_ep_tp", devices=devices[:1])
+    fn = dispatch.experts_fn_for("prefill", cfg, policy, plan, 1024)
+    assert fn.__wrapped__ is moe.dropless_experts  # moe.float8_as_activations
+    v5p = topology.topology_devices(topology.parse_topology("v5p-8"))
+    v5p_plan = ShardingPlan.create({"tensor": 1}, "serve_ep_tp", devices=v5p[:1])
+    assert dispatch.experts_fn_for("prefill", cfg, policy, v5p_plan, 1024) is moe.dropless_experts
+    rep = NamedSharding(plan.mesh, P())
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
+    t, d, f, e = 1024, cfg.hidden_size, cfg.intermediate_size // 8, cfg.num_experts
+
+    def routed(x, ids, gate, up, down, scale_f, scale_d):
+        fp8 = lambda v, s: qops.QArray(v, s, None, jnp.float8_e4m3fn)  # noqa: E731
+        w = moe.ExpertWeights(fp8(gate, scale_f), fp8(up, scale_f), fp8(down, scale_d))
+        routing = moe.Routing(ids, jnp.ones((t, 1)), jnp.ones((t, e)) / e, jnp.zeros((t,)))
+        return fn(x, routing, w)[0]
+
+    args = (sds((t, d), jnp.bfloat16), sds((t, 1), jnp.int32))
+    args += (sds((e, d, f), jnp.float8_e4m3fn),) * 2 + (sds((e, f, d), jnp.float8_e4m3fn),)
+    args += (sds((e, 1, f), jnp.float32), sds((e, 1, d), jnp.float32))
+    jax.jit(routed).lower(*args).compile()
+
+
+@needs_libtpu
 def test_exit_status_when_it_does_not_fit(tmp_path, capsys):
     # The compiler's own verdict: a 2^22-slot cache for 64 rows does not fit a v5e chip.
     rc = main(
@@ -469,7 +504,8 @@ def test_serve_compiles_every_engine_program(tmp_path, capsys):
     pool, hbm = r["pool"], r["hbm_gib"]
     assert pool["tokens"] == (pool["num_pages"] - 1) * 16 == pool["pages"] * 16
     assert pool["max_len_sequences"] == pytest.approx(pool["tokens"] / 256)
-    assert pool["copies_of_pool"] >= 1 and 2 <= len(pool["probes"]) <= 2 + 3  # + REFINE
+    most = 2 + pool_size.REFINE + 1 + pool_size.BISECT_MAX  # the search's bound
+    assert pool["copies_of_pool"] >= 1 and 2 <= len(pool["probes"]) <= most
     for p in r["programs"]:
         m = p["memory_gib"]
         assert (
@@ -495,10 +531,11 @@ def test_serve_compiles_every_engine_program(tmp_path, capsys):
     assert "page pool:" in text and "step[8] (prefill" in text
 
 
-def test_pool_sizing_bisects_below_a_refused_size(monkeypatch):
+def test_pool_sizing_bisects_below_a_refused_size(monkeypatch, capsys):
     """The pool rule after an out-of-memory verdict (as v6e-8 int4 met it: XLA refused the
     linear estimate, the halfway back-off fit, and the next estimate was the refused size
-    again): it bisects below the refused size instead of stopping at the back-off."""
+    again): it bisects below the refused size instead of stopping at the back-off, down to a
+    bracket within 1 % (`pool_size.BISECT_TOL`), one progress line per probe on stderr."""
     gib, page = 2**30, 256 * 1024
     base, limit = 25.11 * gib, 30.0 * gib  # the compiler's real limit: below usable - margin
 
@@ -517,4 +554,57 @@ def test_pool_sizing_bisects_below_a_refused_size(monkeypatch):
     assert pages[:2] == [2049, 4098] and totals[2] is None  # the estimate: refused
     assert pages[3] == (4098 + pages[2]) // 2 and totals[3] is not None  # halfway: fits
     assert pages[4] == (pages[3] + pages[2]) // 2 and totals[4] <= limit  # bisected
-    assert rule["num_pages"] == pages[4] == max(p for p, t in zip(pages, totals) if t)
+    assert rule["num_pages"] == max(p for p, t in zip(pages, totals) if t)
+    boundary = int((limit - base) // page)  # the most pages the compiler takes: 20029
+    search = rule["search"]
+    assert search["lo"] == rule["num_pages"] <= boundary < search["hi"]
+    assert search["hi"] - search["lo"] <= pool_size.BISECT_TOL * search["hi"]
+    assert len(pages) - 3 <= pool_size.bisection_probes(4098, pages[2])  # 6 after the refusal
+    err = capsys.readouterr().err
+    assert err.count("pool sizing") == len(pages) - 2 and f"bisection of [4098, {pages[2]})" in err
+
+
+@pytest.mark.parametrize(
+    "limit_gib, slope_pages, stop",
+    [
+        (27.5, 1, "bracket"),  # the compiler refuses well below the target
+        (30.6, 1, "bracket"),  # just below it
+        (30.6, 2, "bracket"),  # a slope of 2 pages per page: the line creeps up, then bisects
+        (40.0, 2, "within"),  # nothing refused: the line creeps up, a page per page hits it
+        (40.0, 1, "within"),  # the line hits the target
+    ],
+)
+def test_pool_search_finds_the_boundary_in_bounded_probes(limit_gib, slope_pages, stop):
+    """`pool_size.largest_pool` with a fake compile (no TPU): total(P) = a + b P, refused above
+    the compiler's limit. It ends with the most pages that fit (total <= target and not
+    refused) within BISECT_TOL of the largest that does, in at most REFINE + BISECT_MAX
+    probes (+ 1 at a page's own bytes a page when the line met no failure), and says why it
+    stopped."""
+    gib, page = 2**30, 256 * 1024
+    base, target, limit = 25.11 * gib, 30.74 * gib, limit_gib * gib
+    boundary = int((min(limit, target) - base) // page)  # the most pages that fit
+
+    def measure(pages):
+        total = base + pages * page
+        return {"pages": pages, "total": None if total > limit else total}
+
+    lines: list[str] = []
+    probes, search = pool_size.largest_pool(
+        measure,
+        [measure(2049), measure(4098)],
+        target,
+        slope_pages * page,
+        page,
+        2**27,
+        lines.append,
+    )
+    lo, hi = search["lo"], search["hi"]
+    assert len(lines) == len(probes) - 2 <= pool_size.REFINE + 1 + pool_size.BISECT_MAX
+    assert search["stopped"].startswith(stop), search
+    assert lo <= boundary and all(
+        p["pages"] <= lo for p in probes if p["total"] and p["total"] <= target
+    )
+    if stop == "bracket":
+        assert boundary < hi and hi - lo <= pool_size.BISECT_TOL * hi
+    else:
+        assert target - (base + lo * page) < pool_size.CLOSE_GIB * gib and hi is None

@@ -314,6 +314,10 @@ def format_serve(r: dict) -> str:
             f"{pool['page_bytes_per_chip'] / 2**10:.0f} KiB page (the program holds "
             f"{pool['copies_of_pool']:.2f}x the pool), margin {pool['margin_gib']} GiB"
         )
+        search = pool.get("search")
+        if search:
+            upper = f"{search['hi']} did not" if search["hi"] else "no size failed"
+            sizing += f"; {search['lo']} pages fit, {upper} (stopped: {search['stopped']})"
     else:
         sizing = pool["rule"]
     for rf in pool.get("refits", []):

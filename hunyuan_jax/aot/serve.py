@@ -15,11 +15,10 @@ b is measured, not assumed (a layout change of the pool would show as b > 1 page
      assumes b = one page (so probe 2 fits even at b = 32 pages);
   2. b = (total(P2) - total(P1)) / (P2 - P1) (at least one page); the estimate P = P1 +
      (usable HBM - margin - total(P1)) / b;
-  3. score[budget] compiled at P (up to `REFINE` times, each next estimate from the last
-     probe with slope b, backing off halfway after an out-of-memory verdict and bisecting
-     below the smallest refused size when the estimate reaches it): XLA schedules
-     with fewer temporaries when the HBM gets tight (measured on the A52B: 1.7 GiB fewer at
-     the estimate than at the small probes), so the linear estimate alone leaves HBM unused;
+  3. score[budget] compiled at P and on (`aot.pool_size.largest_pool`: along the line, then,
+     once a size does not fit, a bisection of the bracket to 1 %): XLA schedules with fewer
+     temporaries when the HBM gets tight (measured on the A52B: 1.7 GiB fewer at the estimate
+     than at the small probes), so the linear estimate alone leaves HBM unused;
   4. num_pages = the most pages probed whose total <= usable HBM - margin, at most
      2^31 / page_size (the engine's slots are int32);
   5. every program is compiled with that pool and must fit (its total <= usable HBM). XLA
@@ -60,6 +59,7 @@ from jax import dtypes
 
 from hunyuan_jax.aot import flops as F
 from hunyuan_jax.aot.compiler import GiB, Memory, compile_program, read_dump
+from hunyuan_jax.aot.pool_size import largest_pool
 from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, Job, Program, describe_dispatch
 from hunyuan_jax.aot.report import comm_summary, optimized_hlo, plan_fields
 from hunyuan_jax.aot.topology import Chip
@@ -75,8 +75,6 @@ TOKEN_BUDGET = 4096
 MARGIN_GIB = 0.5
 QUERY_BLOCK = 32  # queries per block: the Pallas kernel's and the xla path's (the module doc)
 _MAX_SLOTS = 2**31  # the engine's slots (page * page_size + offset) are int32
-REFINE = 3  # compiles of the largest program at the estimated pool size, at most
-REFINE_TOL_GIB = 0.1  # stop refining when the largest program is this close below the target
 FIT_ROUNDS = 3  # compiles of every program: one, and up to two more with a smaller pool
 DUMP_PREFIX = "serve-"  # --dump DIR: each program's XLA dump in DIR/serve-<program>_<tokens>
 
@@ -190,32 +188,12 @@ def size_pool(
     second = _probe(job, model, sizes, max_len, second_pages, hbm_gib, hlo_dir)
     slope = (second["total"] - first["total"]) / (second["pages"] - first["pages"])
     slope = max(slope, page)  # a page costs at least itself
-    probes = [first, second]
-    fitting = [p for p in probes if p["total"] <= target]
-    pages = first["pages"] + int((target - first["total"]) // slope)
-    refused = cap + 1  # the fewest pages the compiler refused (out of memory)
-    for _ in range(REFINE):  # XLA's temporaries shrink as the HBM gets tight: probe there
-        pages = min(pages, cap)
-        if pages < 2 or any(p["pages"] == pages for p in probes):
-            break
-        probe = _probe(job, model, sizes, max_len, pages, hbm_gib, hlo_dir, oom_ok=True)
-        probes.append(probe)
-        if probe["total"] is None:  # the compiler's out-of-memory verdict: back off halfway
-            refused = min(refused, pages)
-            best = max(p["pages"] for p in fitting) if fitting else 1
-            pages = (best + pages) // 2
-            continue
-        if probe["total"] <= target:
-            fitting.append(probe)
-            if target - probe["total"] < REFINE_TOL_GIB * GiB:
-                break
-        pages = probe["pages"] + int((target - probe["total"]) // slope)
-        if pages >= refused:  # the estimate was refused before: bisect below it
-            pages = (probe["pages"] + refused) // 2
-    best = max(fitting, key=lambda p: p["pages"]) if fitting else {"pages": 0}
+    measure = lambda pages: _probe(job, model, sizes, max_len, pages, hbm_gib, hlo_dir, True)
+    probes, search = largest_pool(measure, [first, second], target, slope, page, cap)
     out = {
         "rule": "the most pages whose largest program totals at most usable HBM - margin, "
-        "found by compiling it (two probes for the cost of a page, then at the estimate)",
+        "found by compiling it (two probes for the cost of a page, then at the estimate and "
+        "bisecting)",
         "probe_program": first["program"],
         "probes": [
             {
@@ -228,9 +206,10 @@ def size_pool(
         "page_bytes_per_chip": page,
         "program_bytes_per_page": slope,
         "copies_of_pool": slope / page,
-        "num_pages": best["pages"],
+        "search": search,
+        "num_pages": search["lo"],  # the most pages that fit
     }
-    if best["pages"] == cap:
+    if search["lo"] == cap:
         out["capped"] = f"{cap} pages: {_MAX_SLOTS} int32 slots"
     if out["num_pages"] < 2:
         rest = first["total"] - first["pool_bytes"]

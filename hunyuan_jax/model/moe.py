@@ -274,6 +274,17 @@ def tiled_experts(x: jax.Array, routing, w, key=None):
     return combined.astype(x.dtype), {}
 
 
+def float8_as_activations(fn: ExpertsFn) -> ExpertsFn:
+    """`fn` run with float8 expert values cast to the activations' dtype first (`qops.float8_as`:
+    exact, so the same math; one layer's local experts in that dtype as a temporary)."""
+
+    @functools.wraps(fn)
+    def experts_fn(x, routing, w, key=None):
+        return fn(x, routing, ExpertWeights(*(qops.float8_as(a, x.dtype) for a in w)), key)
+
+    return experts_fn
+
+
 def load_balancing_stats(routing: Routing, num_experts: int) -> dict[str, jax.Array]:
     """Switch auxiliary loss E * sum_e(mean p_e * fraction routed to e), the load histogram and
     the router z-loss mean(logsumexp(logits)^2)."""

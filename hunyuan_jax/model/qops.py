@@ -177,6 +177,15 @@ def _quantized_ragged_dot(x, w: QArray, group_sizes):
     return jax.lax.ragged_dot(x, qwix.dequantize(w.astype(x.dtype)), group_sizes)
 
 
+def float8_as(w, dtype):
+    """`w` with float8 stored values cast to `dtype` (exact in bfloat16 / float32: every e4m3
+    value is one of theirs), the scales unchanged; any other weight as it is. For a grouped
+    matmul the compiler cannot take float8 values into (`dispatch.experts_fn_for`)."""
+    if isinstance(w, QArray) and jnp.dtype(w.qvalue.dtype).name.startswith("float8"):
+        return dataclasses.replace(w, qvalue=w.qvalue.astype(dtype))
+    return w
+
+
 def take(w, e):
     """w[e] along the leading (expert) axis, `e` one expert id or a vector of them (one gather),
     for arrays, QArrays and adapters alike: a decode step reads only the chosen experts'
