@@ -415,10 +415,9 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
-@needs_libtpu
-def test_sharded_splash_compiles_for_tpu():
-    """fwd+bwd of shard_map'd splash on a v5e 2x2 (compile-only devices): data=2 x tensor=2,
-    bf16, head_dim 128 like Hunyuan; three Mosaic kernels (fwd, dq, dkv) must come out."""
+def _v5e_2x2_mesh() -> Mesh:
+    """A (data=2, tensor=2) mesh of compile-only v5e devices (skips where libtpu cannot
+    describe the topology)."""
     from jax.experimental import topologies
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU chips here to drive
@@ -426,9 +425,16 @@ def test_sharded_splash_compiles_for_tpu():
         desc = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
     except Exception as e:  # libtpu present but unusable (e.g. busy): not this test's subject
         pytest.skip(f"cannot describe a v5e:2x2 topology: {e}")
-    mesh = Mesh(
+    return Mesh(
         np.array(desc.devices).reshape(2, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2
     )
+
+
+@needs_libtpu
+def test_sharded_splash_compiles_for_tpu():
+    """fwd+bwd of shard_map'd splash on a v5e 2x2 (compile-only devices): data=2 x tensor=2,
+    bf16, head_dim 128 like Hunyuan; three Mosaic kernels (fwd, dq, dkv) must come out."""
+    mesh = _v5e_2x2_mesh()
     b, s, h, kvh, d = 4, 256, 4, 2, 128
     spec = P("data", None, "tensor", None)
 
@@ -458,16 +464,7 @@ def test_context_parallel_splash_compiles_for_tpu():
     """fwd+bwd of the load-balanced context-parallel splash on a v5e 2x2 (compile-only
     devices): the sequence over 'tensor' (2 chunks), bf16, head_dim 128: the three Mosaic
     kernels, the collective permutes of the balanced order, and dK/dV reduce-scattered."""
-    from jax.experimental import topologies
-
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
-        desc = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
-    except Exception as e:  # libtpu present but unusable (e.g. busy): not this test's subject
-        pytest.skip(f"cannot describe a v5e:2x2 topology: {e}")
-    mesh = Mesh(
-        np.array(desc.devices).reshape(2, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2
-    )
+    mesh = _v5e_2x2_mesh()
     b, s, h, kvh, d = 2, 1024, 4, 2, 128
     q_spec, kv_spec = P("data", "tensor"), P("data")
 
