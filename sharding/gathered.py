@@ -94,9 +94,8 @@ class Gathered:
 
         def body(xl, wl):
             wl = self._cast(wl)
-            for dim, axes in gathers:  # one mesh axis at a time, minor first
-                for axis in reversed(axes):
-                    wl = _gather_rows(wl, axis, dim)
+            for dim, axes in gathers:
+                wl = gather_shards(wl, axes, dim)
             return jnp.einsum(eq, xl, wl, **kw)
 
         return jax.shard_map(
@@ -124,14 +123,19 @@ def defer(plan, x: jax.Array, logical_axes: Sequence[str | None], to: Mapping[st
     return Gathered(x, plan, axes, tuple(sorted(to.items())), cast)
 
 
-def _gather_rows(a: jax.Array, axis: str, dim: int) -> jax.Array:
-    """`all_gather(a, axis, axis=dim, tiled=True)` made as a gather of whole shards stacked on
-    a new leading dim, then merged into `dim`: its transpose, the reduce-scatter, then scatters
-    the outermost dim into contiguous shards (XLA:TPU turns a reduce-scatter of a dim whose
-    shard does not fill its memory tiles into an all-reduce of a padded buffer)."""
-    moved = jnp.moveaxis(a, dim, 0)
-    stacked = jax.lax.all_gather(moved, axis, axis=0, tiled=False)
-    return jnp.moveaxis(stacked.reshape((-1,) + moved.shape[1:]), 0, dim)
+def gather_shards(a: jax.Array, axes: Sequence[str], dim: int) -> jax.Array:
+    """Inside `shard_map`: `all_gather(a, axes, axis=dim, tiled=True)`, one mesh axis at a
+    time, minor first (the same concatenation order; XLA:TPU turns an all-gather over a whole
+    multi-axis slice into an all-reduce of a zero-padded buffer, docs/tpu.md). Each gathers
+    whole shards stacked on a new leading dim, then merged into `dim`: its transpose, the
+    reduce-scatter, splits the outermost dim into contiguous shards (XLA:TPU turns a
+    reduce-scatter of a dim whose shard does not fill its memory tiles into an all-reduce of
+    a padded buffer)."""
+    for axis in reversed(tuple(axes)):
+        moved = jnp.moveaxis(a, dim, 0)
+        stacked = jax.lax.all_gather(moved, axis, axis=0, tiled=False)
+        a = jnp.moveaxis(stacked.reshape((-1,) + moved.shape[1:]), 0, dim)
+    return a
 
 
 def _axes_of(part) -> tuple[str, ...]:
