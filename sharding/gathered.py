@@ -126,15 +126,12 @@ def defer(plan, x: jax.Array, logical_axes: Sequence[str | None], to: Mapping[st
 def gather_shards(a: jax.Array, axes: Sequence[str], dim: int) -> jax.Array:
     """Inside `shard_map`: `all_gather(a, axes, axis=dim, tiled=True)`, one mesh axis at a
     time, minor first (the same concatenation order; XLA:TPU turns an all-gather over a whole
-    multi-axis slice into an all-reduce of a zero-padded buffer, docs/tpu.md). Each gathers
-    whole shards stacked on a new leading dim, then merged into `dim`: its transpose, the
-    reduce-scatter, splits the outermost dim into contiguous shards (XLA:TPU turns a
-    reduce-scatter of a dim whose shard does not fill its memory tiles into an all-reduce of
-    a padded buffer)."""
+    multi-axis slice into an all-reduce of a zero-padded buffer, docs/tpu.md). Its transpose
+    is a reduce-scatter per axis. (Gathering whole shards stacked on a new leading dim instead
+    made XLA:TPU turn every large reduce-scatter into an all-reduce of a padded flat buffer at
+    the A52B's sizes: tried, more bytes.)"""
     for axis in reversed(tuple(axes)):
-        moved = jnp.moveaxis(a, dim, 0)
-        stacked = jax.lax.all_gather(moved, axis, axis=0, tiled=False)
-        a = jnp.moveaxis(stacked.reshape((-1,) + moved.shape[1:]), 0, dim)
+        a = jax.lax.all_gather(a, axis, axis=dim, tiled=True)
     return a
 
 

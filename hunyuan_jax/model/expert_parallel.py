@@ -36,7 +36,6 @@ from jax.sharding import PartitionSpec as P
 from hunyuan_jax.model import moe
 from hunyuan_jax.model.moe import ExpertWeights, Routing
 from hunyuan_jax.model.qops import Adapted, QArray
-from sharding.gathered import gather_shards
 
 STRATEGIES = ("gather", "all_to_all")
 
@@ -151,7 +150,7 @@ def _full_weights(w: ExpertWeights, fsdp_axes) -> ExpertWeights:
         return w
 
     def gather(a, axis):
-        g = lambda x: gather_shards(x, fsdp_axes, axis)  # its gradient: reduce-scatters
+        g = lambda x: jax.lax.all_gather(x, fsdp_axes, axis=axis, tiled=True)
         if isinstance(a, Adapted):  # the hidden dim is A's input (axis 1) or B's output (2)
             lo, hi = (g(a.a), a.b) if axis == 1 else (a.a, g(a.b))
             return Adapted(gather(a.base, axis), lo, hi, a.scale, a.key, a.rate)
