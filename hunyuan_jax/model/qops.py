@@ -11,6 +11,9 @@ What the parameter tree holds decides what runs (no flags in the model code):
   scale `<name>_lora_scale` = alpha / rank): the base product plus scale * (x A) B, for float
   and quantized (QLoRA) bases alike.
 
+- a `sharding.gathered.Gathered` (a training weight whose FSDP gather is left to its matmul):
+  the gather and the matmul in one `shard_map`, so the weight gradient is reduce-scattered.
+
 Model code reads a weight with `weight(module, "q_proj", dtype)` and multiplies with `einsum`,
 `matmul`, `ragged_dot` or `take` from here.
 
@@ -30,6 +33,8 @@ import zlib
 import jax
 import jax.numpy as jnp
 import qwix
+
+from sharding.gathered import Gathered
 
 QArray = qwix.QArray
 
@@ -85,8 +90,11 @@ _round_to_bf16.defvjp(_round_fwd, _round_bwd)
 
 def cast(x: jax.Array, dtype) -> jax.Array:
     """`x.astype(dtype)`; float32 -> bfloat16 by `_round_to_bf16` (the same values and
-    gradient), which XLA cannot hoist out of a layer loop as a stacked copy (module doc)."""
+    gradient), which XLA cannot hoist out of a layer loop as a stacked copy (module doc).
+    A `Gathered` weight (already cast on its shard) stays one where the dtype agrees."""
     dtype = jnp.dtype(dtype)
+    if isinstance(x, Gathered):
+        return x.astype(dtype)
     if x.dtype == jnp.float32 and dtype == jnp.bfloat16:
         return _round_to_bf16(x)
     return x.astype(dtype)
@@ -117,6 +125,8 @@ def weight(module, name: str, dtype, lora_key=None):
 
 
 def _base_einsum(eq, x, w, **kw):
+    if isinstance(w, Gathered):
+        return w.einsum(eq, x, **kw)
     if isinstance(w, QArray):
         return qwix.einsum(eq, x, w, **kw)
     return jnp.einsum(eq, x, w, **kw)
@@ -140,6 +150,8 @@ def matmul(x, w):
     """`x @ w` for any stored weight."""
     if isinstance(w, Adapted):
         return matmul(x, w.base) + w.scale * ((w.lora_input(x) @ w.a) @ w.b)
+    if isinstance(w, Gathered):
+        return w.matmul(x)
     return qwix.dot(x, w) if isinstance(w, QArray) else x @ w
 
 

@@ -36,6 +36,7 @@ from hunyuan_jax.model.kv_cache import KVCache, PagedCache, QuantizedKV, write_r
 from hunyuan_jax.model.layers import RMSNorm, apply_rope, matmul_of, param, rope_inv_freq
 from hunyuan_jax.model.moe import ExpertsFn, MoE
 from hunyuan_jax.model.policy import RuntimePolicy
+from sharding import gathered
 from sharding.plan import ShardingPlan
 
 _REMAT_POLICIES = {
@@ -226,8 +227,9 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 def _weights_for_use(plan: ShardingPlan, group_state, dtype):
     """One layer group's dense weights as its matmuls read them, made inside the scan body:
-    the hidden dim gathered to the activations' layout (`plan.gather`, the FSDP all-gather of
-    training: explicit, its transpose a reduce-scatter), matmul weights cast to `dtype` on the
+    the hidden dim gathered to the activations' layout (the FSDP all-gather of training,
+    explicit: a matmul weight's inside its matmul, `sharding.gathered`, so that its gradient
+    is reduce-scattered; others' by `plan.gather`), matmul weights cast to `dtype` on the
     local shard first (`qops.cast`: the gather moves bf16, and no stacked bf16 copy is made
     outside the loop). The routed experts gather inside their own shard_map
     (`expert_parallel`); quantized weights and the rest are left as stored."""
@@ -243,7 +245,10 @@ def _weights_for_use(plan: ShardingPlan, group_state, dtype):
         wide = jnp.issubdtype(value.dtype, jnp.floating) and value.dtype.itemsize >= 2
         cast = matmul_of(axes) is not None and wide
         fn = (lambda a: qops.cast(a, dtype)) if cast else None
-        return leaf.replace(plan.gather(value, axes, {"embed": "act_embed"}, cast=fn))
+        # a matmul weight is gathered inside its matmul (`gathered.defer`: the gradient is
+        # reduce-scattered), the rest (the router) here
+        use = gathered.defer if matmul_of(axes) is not None else ShardingPlan.gather
+        return leaf.replace(use(plan, value, axes, {"embed": "act_embed"}, cast=fn))
 
     return jax.tree.map(one, group_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
