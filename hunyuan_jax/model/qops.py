@@ -103,7 +103,14 @@ def cast(x: jax.Array, dtype) -> jax.Array:
 def _stored(module, name: str):
     v = getattr(module, name)[...]
     array = getattr(v, "array", None)  # qwix's PTQ wrapper (WithAux) around a QArray
-    return array if isinstance(array, QArray) else v
+    if not isinstance(array, QArray):
+        return v
+    # a quantized weight's values and scales are gathered as arrays (qwix multiplies them)
+    return jax.tree.map(
+        lambda a: a.materialize() if isinstance(a, Gathered) else a,
+        array,
+        is_leaf=lambda a: isinstance(a, Gathered),
+    )
 
 
 def weight(module, name: str, dtype, lora_key=None):
