@@ -121,7 +121,7 @@ class EngineCore:
         if group_arrays is None:
             group_arrays = not self.plan.is_sharded and self.plan.platform == "cpu"
         self.group_arrays = bool(group_arrays)
-        self._groups = self._split_groups(self.params)
+        self._groups = self._split_groups(self.params) if compile else None
         self.buckets = token_buckets(self.max_seqs, self.token_budget)
         self.programs = [("step", t) for t in self.buckets] + [("score", self.token_budget)]
         self.pool_head_dim = pool_head_dim(self.cfg.head_dim, self.plan.platform)

@@ -354,11 +354,8 @@ class HunyuanForCausalLM(nnx.Module):
           (`dispatch.experts_fn_for`); default 'train' when `key` is given, else 'prefill'.
         key: turns on training behaviour (dropout, random re-routing); None is inference.
         experts_fn: overrides the dispatch (tests, benchmarks).
-        groups: with a paged cache only, the layer groups' weights as one state per group
-          (each its own arrays, `EngineCore`'s decode layout on CPU), run by a Python loop
-          instead of the scan over the stacked weights: XLA:CPU copies every group's slice of a
-          stacked weight before its matmul, which halves a decode step's read rate
-          (docs/performance.md, "The floors under the engine's CPU targets").
+        groups: paged cache only: one state per layer group, run by a Python loop instead of
+          the scan over the stacked weights (`EngineCore.group_arrays`, docs/performance.md).
 
         Without a cache: causal attention within each segment (segment_ids, default one per
         row; positions default 0..S-1). With a cache: row b's tokens sit at positions
