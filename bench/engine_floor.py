@@ -265,8 +265,10 @@ class StepClock:
         return timed
 
 
-def host_profile(core: EngineCore, new_tokens: int, rows: int = 1, log=print) -> dict:
-    """ms per step of each part of the engine's loop at `rows` decode rows."""
+def host_profile(core: EngineCore, new_tokens: int, rows: int = 1):
+    """run(clock) -> (wall seconds, decode steps, StepClock or None): `rows` requests decoded
+    to `new_tokens` on `core`, timed from after their prefill step (clock: the scheduler's
+    methods and the program call timed apart)."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(16, core.cfg.vocab_size, 32).tolist() for _ in range(rows)]
 
