@@ -254,3 +254,31 @@ def test_offline_group_prefilled_once_logprobs_and_set_params(model, prompts):
     assert gen.generate(group, 6, seed=1, max_len=MAX_LEN).tokens == shared.tokens
     with pytest.raises(ValueError, match="parameter tree differs"):
         gen.set_params({"w": jax.numpy.zeros(3)})
+
+
+def test_group_arrays_equal_stacked_scan(model, prompts):
+    """The CPU decode layout (each layer group's weights arrays of their own, a Python loop;
+    the default on one CPU device) against the stacked weights under `lax.scan`: the same
+    greedy and seeded tokens, log-probabilities equal within ATOL (another program, float32:
+    ~1e-6 relative), on the model's weights and after `set_params` (the split follows)."""
+    runs = {}
+    for arrays in (True, False):
+        core = EngineCore(model, max_seqs=4, max_len=MAX_LEN, page_size=4, token_budget=16,
+                          group_arrays=arrays)  # fmt: skip
+        assert core.group_arrays is arrays
+        params = [GREEDY, GenParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=5)] * 2
+        out = []
+        for moved in (None, jax.tree.map(lambda a: a * 1.5, nnx.split(model)[1])):
+            if moved is not None:
+                core.set_params(moved)
+            engine = Engine(core, eos_ids=[2], log=lambda m: None)
+            tokens, events, _ = _run(engine, prompts[:4], params)
+            lps = [[e.logprob for e in ev if e.kind == "token"] for ev in events]
+            out.append((tokens, lps))
+        runs[arrays] = out
+    assert EngineCore(model, max_seqs=1, max_len=8, compile=False).group_arrays  # CPU default
+    for (tok_a, lp_a), (tok_b, lp_b) in zip(runs[True], runs[False]):
+        assert tok_a == tok_b
+        for a, b in zip(lp_a, lp_b):
+            np.testing.assert_allclose(a, b, atol=ATOL)
+    assert runs[True][0][0] != runs[True][1][0]  # the new weights were used

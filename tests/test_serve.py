@@ -574,9 +574,9 @@ def test_a_failing_request_fails_alone(server, generator):
     ex, compiled = engine.ex, dict(engine.ex._exe)
 
     def refusing(fn):
-        def call(params, pool, seen, ints, floats):
+        def call(params, pool, seen, ints, floats, *groups):  # groups: EngineCore.group_arrays
             ex._exe.update(compiled)
-            return fn(params, pool, seen, ints[:-1], floats)
+            return fn(params, pool, seen, ints[:-1], floats, *groups)
 
         return call
 

@@ -76,6 +76,10 @@ class EngineCore:
     token_budget: stream tokens per step (the largest program; >= max_seqs).
     compile: False builds nothing on the devices (`lower` for the AOT tool only). lazy: compile
     each program on its first call instead of all at start-up (offline runs that meet a few).
+    group_arrays: hold each layer group's weights as arrays of their own and run the groups by
+    a Python loop over them (default: on one CPU device). XLA:CPU copies a group's slice of the
+    stacked weights before each matmul, which halves a decode step's read rate; the price is a
+    second copy of the layer weights (the model's stacked arrays stay with the model).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class EngineCore:
         vocab_limit: int | None = None,
         compile: bool = True,
         lazy: bool = False,
+        group_arrays: bool | None = None,
     ):
         if max_seqs < 1 or max_len < 2 or page_size < 1:
             raise ValueError(
@@ -113,6 +118,10 @@ class EngineCore:
         vocab = self.cfg.vocab_size
         self.vocab_limit = vocab if vocab_limit is None else min(int(vocab_limit), vocab)
         self.graphdef, self.params = nnx.split(model)
+        if group_arrays is None:
+            group_arrays = not self.plan.is_sharded and self.plan.platform == "cpu"
+        self.group_arrays = bool(group_arrays)
+        self._groups = self._split_groups(self.params) if compile else None
         self.buckets = token_buckets(self.max_seqs, self.token_budget)
         self.programs = [("step", t) for t in self.buckets] + [("score", self.token_budget)]
         self.pool_head_dim = pool_head_dim(self.cfg.head_dim, self.plan.platform)
@@ -187,8 +196,19 @@ class EngineCore:
             return tree
         return jax.lax.with_sharding_constraint(tree, self.plan.replicated())
 
+    def _split_groups(self, params):
+        """Each layer group's weights as arrays of their own (`group_arrays`), else None."""
+        if not self.group_arrays:
+            return None
+        stacked = params["groups"]
+        return tuple(
+            jax.tree.map(lambda a, g=g: jnp.array(a[g]), stacked)
+            for g in range(self.cfg.num_groups)
+        )
+
     def _args(self, work: StepWork):
-        return (self.params, self.pool, self.seen) + tuple(self._put(x) for x in work.pack())
+        args = (self.params, self.pool, self.seen) + tuple(self._put(x) for x in work.pack())
+        return args + ((self._groups,) if self.group_arrays else ())
 
     def abstract_args(self, tokens: int):
         """ShapeDtypeStructs (with the plan's shardings) of a step program's arguments: what
@@ -212,8 +232,8 @@ class EngineCore:
     def _jit(self, name: str, tokens: int):
         shape, score = self.shape(tokens), name == "score"
 
-        def fn(params, pool, seen, ints, floats):
-            return self._step_fn(params, pool, seen, ints, floats, shape, score)
+        def fn(params, pool, seen, ints, floats, groups=None):
+            return self._step_fn(params, pool, seen, ints, floats, shape, score, groups)
 
         return jax.jit(fn, donate_argnums=(1, 2))
 
@@ -232,7 +252,7 @@ class EngineCore:
         top_lp, top_ids = jax.lax.top_k(lp, TOP_LOGPROBS)
         return picked, top_ids.astype(jnp.int32), top_lp
 
-    def _step_fn(self, params, pool, seen, ints, floats, shape: StepShape, score: bool):
+    def _step_fn(self, params, pool, seen, ints, floats, shape: StepShape, score: bool, groups):
         f = unpack(shape, ints, floats)
         r = shape.seqs
         model = nnx.merge(self.graphdef, params)
@@ -242,6 +262,7 @@ class EngineCore:
             cache=PagedCache(pool, paged_batch(f)),
             phase=phase,
             return_hidden=True,
+            groups=groups,
         )
         hidden = hidden[0]  # [T, D]
         logits = self._limit(model.logits(hidden[f["last_index"]][None])[0])  # [R, V]
@@ -288,6 +309,8 @@ class EngineCore:
                 raise ValueError(f"no program {name}[{tokens}] (programs: {self.programs})")
             exe = self._compile(name, tokens)
         args = (self.params, self.pool, self.seen, self._put(ints), self._put(floats))
+        if self.group_arrays:
+            args += (self._groups,)
         self.pool, self.seen, out = exe(*args)
         return out
 
@@ -306,6 +329,7 @@ class EngineCore:
                     f"{a.shape} {a.dtype}"
                 )
         self.params = params
+        self._groups = self._split_groups(params)
 
     def state_ok(self) -> bool:
         """Whether the device state is still there: a program that failed after taking its

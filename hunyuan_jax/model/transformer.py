@@ -344,6 +344,7 @@ class HunyuanForCausalLM(nnx.Module):
         key: jax.Array | None = None,
         experts_fn: ExpertsFn | None = None,
         return_hidden: bool = False,
+        groups=None,
     ):
         """tokens [B, S] -> (logits [B, S, V] float32, stats, new cache or None).
 
@@ -353,6 +354,8 @@ class HunyuanForCausalLM(nnx.Module):
           (`dispatch.experts_fn_for`); default 'train' when `key` is given, else 'prefill'.
         key: turns on training behaviour (dropout, random re-routing); None is inference.
         experts_fn: overrides the dispatch (tests, benchmarks).
+        groups: paged cache only: one state per layer group, run by a Python loop instead of
+          the scan over the stacked weights (`EngineCore.group_arrays`, docs/performance.md).
 
         Without a cache: causal attention within each segment (segment_ids, default one per
         row; positions default 0..S-1). With a cache: row b's tokens sit at positions
@@ -404,6 +407,10 @@ class HunyuanForCausalLM(nnx.Module):
         x = plan.constrain(x, ("batch", "length", "act_embed"))
 
         graphdef, stacked = nnx.split(self.groups)
+        if groups is not None:
+            if paged_batch is None:
+                raise ValueError("groups= (one state per layer group) needs a paged cache")
+            stacked = list(groups)
         if paged_batch is not None:
             x, stats, new_kv = self._paged_groups(x, ctx, cache.pool, graphdef, stacked)
         else:
@@ -466,6 +473,12 @@ class HunyuanForCausalLM(nnx.Module):
             x, flat, stats = group(x, ctx._replace(paged=own), flat)
             return (x, flat), stats
 
+        if isinstance(stacked, list):  # one state per group: no slicing
+            outs = []
+            for g, group_state in enumerate(stacked):
+                (x, flat), out = body((x, flat), (group_state, jnp.int32(g)))
+                outs.append(out)
+            return x, jax.tree.map(lambda *a: jnp.stack(a), *outs), flat
         xs = (stacked, jnp.arange(groups, dtype=jnp.int32))
         if self.policy.scan_layers:
             (x, flat), stats = jax.lax.scan(body, (x, flat), xs)
