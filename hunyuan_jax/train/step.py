@@ -93,7 +93,8 @@ class TrainStep:
     `policy.remat == "auto"`: the rematerialisation is chosen here, before anything is built
     (`hunyuan_jax.train.remat_choice`: the ladder, compiled per rung for the plan's TPU devices
     against `hbm_gib` or the chip's usable HBM; full remat elsewhere); `self.policy` is the
-    chosen one and `self.remat_choice` says how (None when the policy names its remat).
+    chosen one and `self.remat_choice` says how (its `result`: the bytes per device of the rung
+    taken, None when not compiled; `remat_choice` None when the policy names its remat).
     """
 
     def __init__(
@@ -175,7 +176,7 @@ class TrainStep:
                 if not is_oom(e):
                     raise
                 return False, None, None
-            return used <= hbm, used, None
+            return used <= hbm, used, used
 
         full = build(self.policy.replace(remat="full"))
         rows = self.tcfg.batch_size // self.tcfg.micro_batches
