@@ -155,14 +155,15 @@ class TrainStep:
         hbm = None if hbm_gib is None else hbm_gib * GiB
         if hbm is None and devices[0].platform == "tpu":
             try:  # a real chip says what XLA lets a program use; compile-only devices do not
-                hbm = float(devices[0].memory_stats()["bytes_limit"])
+                local = [d for d in devices if d.process_index == jax.process_index()]
+                hbm = float(local[0].memory_stats()["bytes_limit"])
             except Exception:
                 hbm = None
         if hbm is None:
             return fixed_choice(
                 self.policy,
-                f"{devices[0].platform} devices without a usable HBM size: full remat "
-                "(runtime.remat names another policy)",
+                f"{devices[0].platform} devices, no usable HBM size to choose against: full "
+                "remat (runtime.remat: save / none / ... names another policy)",
             )
 
         def build(policy):
