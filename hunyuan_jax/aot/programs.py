@@ -74,6 +74,7 @@ class Program:
     seq: int  # train: sequence length; prefill: chunk; decode: 1 (one new token per row)
     cache_len: int | None  # None for train
     tokens: int  # tokens processed per step, whole slice
+    step: Any = None  # train: the TrainStep (its state bytes: `remat_choice`'s pre-filter)
 
     @property
     def context(self) -> int:
@@ -133,4 +134,5 @@ def train_program(job: Job) -> Program:
         seq,
         None,
         batch * seq,
+        step,
     )

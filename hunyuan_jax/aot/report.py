@@ -25,6 +25,7 @@ from hunyuan_jax.aot.compiler import (
 from hunyuan_jax.aot.programs import Job, build
 from hunyuan_jax.aot.topology import Chip
 from hunyuan_jax.errors import DoesNotFit
+from hunyuan_jax.train import remat_choice
 
 _DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 
@@ -45,7 +46,13 @@ def measure(
     directory the user asked for (largest buffers, hoisted-cast check); `hlo_dir`: a dump
     directory to read the optimized HLO from (the communication model), default `dump`."""
     hlo_dir = hlo_dir or dump
-    program = build(job)
+    if job.is_train and job.policy.remat == "auto":
+        choice = choose_remat(job, hbm_gib)
+        header = {**header, "remat_note": choice.note}
+        job = job.replace(policy=choice.policy)
+        program, outcome, started = choice.result or (build(job), None, time.time())
+    else:
+        program, outcome, started = build(job), None, time.time()
     job = job.replace(batch=program.batch, seq=program.seq, cache_len=program.cache_len)
     plan = job.plan
     report: dict[str, Any] = dict(header)
@@ -63,9 +70,10 @@ def measure(
         hbm_gib=hbm_gib,
         step_source=program.source,
     )
-    started = time.time()
     try:
-        compiled, t_lower, t_compile = compile_program(program)
+        if isinstance(outcome, DoesNotFit):
+            raise outcome
+        compiled, t_lower, t_compile = outcome or compile_program(program)
     except DoesNotFit as e:
         report.update(
             fits=False,
@@ -134,6 +142,38 @@ def measure(
     return report
 
 
+def choose_remat(job: Job, hbm_gib: float | None) -> remat_choice.Choice:
+    """`remat: auto` (`hunyuan_jax.train.remat_choice`): the ladder's rungs compiled most saved
+    first, the pre-filter skipping those that cannot fit; the result of the rung taken is
+    (program, its compile or its DoesNotFit) for `measure` to report. Without a usable HBM
+    size (`--topology local` without --hbm-gib): full remat."""
+    full = build(job.replace(policy=remat_choice.LADDER[-1].policy(job.policy)))
+    if hbm_gib is None:
+        return remat_choice.fixed_choice(
+            job.policy, "no usable HBM size (--hbm-gib) to choose against: full remat"
+        )
+
+    def attempt(policy):
+        program, started = build(job.replace(policy=policy)), time.time()
+        try:
+            compiled = compile_program(program)
+        except DoesNotFit as e:
+            need = e.required_gib * GiB if e.required_gib else None
+            return False, need, (program, e, started)
+        used = Memory.of(compiled[0]).total
+        return used <= hbm_gib * GiB, used, (program, compiled, started)
+
+    return remat_choice.choose(
+        job.cfg,
+        job.policy,
+        state=full.step.state_bytes(),
+        tokens=full.batch // job.micro * full.seq,
+        devices=job.plan.num_devices,
+        hbm_bytes=hbm_gib * GiB,
+        attempt=attempt,
+    )
+
+
 def plan_fields(plan) -> dict[str, Any]:
     """What a report says of the slice and its layout (chips, platform, chip kind, mesh, rules)."""
     return {
@@ -188,6 +228,7 @@ def _header_lines(r: dict) -> list[str]:
         f"{p['remat']}, scan {'on' if p['scan_layers'] else 'off'}, attention {p['attention']}",
         f"step: {r.get('step_source', '?')}",
         *([f"layout: {r['layout_note']}"] if r.get("layout_note") else []),
+        *([f"remat: {r['remat_note']}"] if r.get("remat_note") else []),
     ]
 
 

@@ -21,6 +21,7 @@ from jax.experimental import topologies
 
 from hunyuan_jax.errors import UsageError
 from hunyuan_jax.model.config import ModelConfig
+from sharding.layout import CP_CHUNK, CP_MIN_SEQ, context_parallel_layout  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,32 +255,3 @@ def default_mesh(mode: str, cfg: ModelConfig, chips: int) -> str:
 
 def default_rules(mode: str) -> str:
     return "fsdp_ep" if mode == "train" else "serve_ep_tp"
-
-
-# Training sequences longer than CP_MIN_SEQ get context parallelism by default: 32K is the
-# longest sequence the A52B's activations fit one v5p chip with (docs/tpu.md). The sequence is
-# then split into chunks of at most CP_CHUNK tokens per chip (half of that, leaving room for
-# the gathered K/V and the longer attention).
-CP_MIN_SEQ = 32768
-CP_CHUNK = 16384
-
-
-def context_parallel_layout(cfg: ModelConfig, chips: int, seq: int) -> tuple[str, str, int] | None:
-    """(mesh, rules, context shards) for a train step of `seq` tokens per sequence on `chips` chips when the
-    sequence needs context parallelism (seq > CP_MIN_SEQ), else None: preset `fsdp_ep_cp`, the
-    sequence over `tensor` in the fewest chunks of <= CP_CHUNK tokens that divide it and the
-    chips, experts over `expert` as `default_mesh`, fsdp the rest."""
-    if seq <= CP_MIN_SEQ:
-        return None
-    cp = next(
-        (
-            d
-            for d in range(2, chips + 1)
-            if chips % d == 0 and seq % d == 0 and seq // d <= CP_CHUNK
-        ),
-        None,
-    )
-    if cp is None:  # too few chips for CP_CHUNK: as many chunks as the chips allow
-        cp = max(d for d in range(1, chips + 1) if chips % d == 0 and seq % d == 0)
-    expert = math.gcd(cfg.num_experts, chips // cp)
-    return f"fsdp={chips // cp // expert},expert={expert},tensor={cp}", "fsdp_ep_cp", cp

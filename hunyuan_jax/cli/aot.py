@@ -56,6 +56,7 @@ from hunyuan_jax.model.config import ModelConfig, read_yaml
 from hunyuan_jax.model.policy import WEIGHTS, RuntimePolicy
 from hunyuan_jax.model.state import check_fits
 from hunyuan_jax.train.config import TrainConfig, load_configs, parse_overrides
+from sharding.layout import long_sequence_layout
 from sharding.plan import ShardingPlan
 
 PROG = "python -m hunyuan_jax.cli.aot"
@@ -330,14 +331,10 @@ def resolve(args) -> tuple[Job, dict, T.Chip | None, float | None]:
     chips = len(devices) // slices
     mesh, rules, layout_note = args.mesh, args.rules, None
     seq = args.seq or DEFAULT_SEQ["train"]
-    cp = T.context_parallel_layout(cfg, chips, seq) if mode == "train" else None
-    if cp is not None and mesh is None and rules is None:  # a long sequence: split it
-        mesh, rules, shards = cp
-        layout_note = (
-            f"--seq {seq} > {T.CP_MIN_SEQ}: context parallelism chosen (--mesh {mesh} --rules "
-            f"{rules}: each sequence in {shards} chunks of {seq // shards} tokens; "
-            "--mesh / --rules choose another layout)"
-        )
+    if mode == "train" and mesh is None and rules is None:  # a long sequence: split it
+        long = long_sequence_layout(cfg, chips, seq, tcfg.cp_min_seq, "--mesh / --rules")
+        if long is not None:
+            mesh, rules, layout_note = long
     mesh = mesh or T.default_mesh(mode, cfg, chips)
     mesh += f",dcn.data={slices}" if slices > 1 and not args.mesh else ""
     rules = rules or T.default_rules(mode)

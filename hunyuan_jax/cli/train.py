@@ -7,7 +7,11 @@ attention kernel, dispatch, dropouts: hunyuan_jax/model/policy.py) and a `train:
 (hunyuan_jax/train/config.py). `--set KEY=V` overrides a train key (`steps=200`,
 `mesh=data=2,expert=4`), `--set model.KEY=V` a model key and `--set runtime.KEY=V` a runtime key
 (`runtime.remat=full`); unknown keys are errors. The train section's mesh must fit the devices
-(configs/tiny.yaml's needs 8: `--devices 8` on a CPU host).
+(configs/tiny.yaml's needs 8: `--devices 8` on a CPU host). A config that sets neither `mesh`
+nor `rules` gets context parallelism for `seq_len` above `cp_min_seq` (32768), the layout the AOT
+tool picks (`sharding/layout.py`; a `layout:` line says so); `runtime.remat: auto` is chosen by
+compiling the train step's ladder on TPU (`hunyuan_jax/train/remat_choice.py`; full remat on
+CPU / GPU; a `remat:` line says which).
 
 Multi-host: the same command on every host (Cloud TPU pods, SLURM, MPI, JobSet are detected; or
 `--coordinator/--num-processes/--process-id`, see hunyuan_jax.distributed).
@@ -131,6 +135,7 @@ def _main(argv) -> int:
         changes["run_dir"] = args.run_dir
     check_repeated_overrides(args.overrides, **changes)  # a repeated key: said, or refused
     mcfg, policy, tcfg = load_configs(args.config, args.overrides, **changes)
+    tcfg = choose_layout(mcfg, tcfg)
     plan = ShardingPlan.create(tcfg.mesh, tcfg.rules)  # built here, as every entry point does
     preflight(mcfg, policy, tcfg, plan)
     run_dir = Path(tcfg.run_dir)
@@ -153,6 +158,31 @@ def _main(argv) -> int:
             f"{losses[0]:.4f} -> {losses[-1]:.4f}; run dir {tcfg.run_dir}"
         )
     return 0
+
+
+def choose_layout(mcfg, tcfg):
+    """The train config with the layout a long sequence needs (`sharding.layout`, the rule the
+    AOT tool applies): when the config sets neither `mesh` nor `rules` and seq_len exceeds
+    `cp_min_seq`, context parallelism over all devices; the `layout:` line says so."""
+    import jax
+
+    from hunyuan_jax.checkpoints.loading import open_checkpoint
+    from hunyuan_jax.train.config import TrainConfig
+    from sharding.layout import long_sequence_layout
+
+    default = TrainConfig()
+    if (tcfg.mesh, tcfg.rules) != (default.mesh, default.rules):
+        return tcfg
+    if tcfg.init_from:  # the run trains the checkpoint's architecture
+        mcfg = open_checkpoint(tcfg.init_from).cfg
+    how = "--set mesh=... / --set rules=..."
+    long = long_sequence_layout(mcfg, jax.device_count(), tcfg.seq_len, tcfg.cp_min_seq, how)
+    if long is None:
+        return tcfg
+    mesh, rules, note = long
+    if jax.process_index() == 0:
+        print(f"layout: {note}", flush=True)
+    return tcfg.replace(mesh=mesh, rules=rules)
 
 
 def preflight(mcfg, policy, tcfg, plan) -> None:

@@ -20,7 +20,7 @@ from hunyuan_jax.errors import ConfigError
 from hunyuan_jax.model.config import check_types, dataclass_from_dict
 
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "save_dots", "save_attn_out", "save")
+REMAT = ("none", "full", "save_dots", "save_attn_out", "save", "auto")
 # The named checkpoint points of a decoder layer (`checkpoint_name` in transformer.py, layers.py,
 # moe.py): the outputs of its matmuls and of attention. `remat: save` keeps those listed in
 # `remat_save` for the backward pass and recomputes the rest (`hunyuan_jax.aot.flops` counts
@@ -50,7 +50,9 @@ class RuntimePolicy:
     param_dtype: dtype the parameters are stored in (float32 master weights for training).
     compute_dtype: dtype of activations and of the weights as used (cast on use).
     remat: per layer group: none | full | save_dots | save_attn_out | save (keep the named
-      points in `remat_save`, recompute the rest).
+      points in `remat_save`, recompute the rest) | auto (training: the most saved rung of
+      `hunyuan_jax.train.remat_choice.LADDER` whose step fits the chip, chosen per slice and
+      sequence length by the train step's builder and the AOT tool; full remat off TPU).
     remat_save: with remat 'save': comma-separated names from REMAT_NAMES, e.g.
       "q_proj,kv_proj,attn_out,o_proj,moe_gate,moe_up,moe_down,mlp_down".
     scan_layers: run the layer groups with `lax.scan` (compile time independent of depth).

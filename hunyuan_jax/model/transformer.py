@@ -51,6 +51,8 @@ def remat_policy(policy: RuntimePolicy):
     """The `jax.checkpoint` policy of a layer group: a named one, or with remat 'save' the
     checkpoint points `policy.remat_save` lists (the attention output with the kernel's
     residuals, so that its backward runs no second forward)."""
+    if policy.remat == "auto":  # resolved by the train step's builder; a bare model: full
+        return _REMAT_POLICIES["full"]
     if policy.remat != "save":
         return _REMAT_POLICIES[policy.remat]
     names = policy.saved_names()

@@ -168,6 +168,9 @@ class TrainConfig:
     # logical-axis rules preset of sharding/rules.py.
     mesh: str = "data=1,fsdp=-1,expert=1,tensor=1"
     rules: str = "fsdp"
+    # Sequences longer than this get context parallelism when neither mesh nor rules is set
+    # (train.py and the AOT tool: sharding/layout.py, preset fsdp_ep_cp).
+    cp_min_seq: int = 32768
     # Data: None = the embedded corpus (Python standard-library sources, no download); else a
     # file, directory or glob of .txt/.md (one document per file) or .jsonl (`text_field`, or
     # chat `messages` for data_format=chat: loss on assistant tokens only).
@@ -228,6 +231,7 @@ class TrainConfig:
             "log_every",
             "corpus_max_bytes",
             "tokenizer_train_bytes",
+            "cp_min_seq",
         ):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train key {key!r} must be positive, got {getattr(self, key)}")

@@ -130,6 +130,8 @@ def _train(mcfg, policy, tcfg, log, run_dir, plan, ckpt, profile_steps=None, grp
     check_seq_len(tcfg.seq_len, mcfg.max_position_embeddings, tcfg.allow_long_sequences)
     _, loader = make_loader(tcfg, mcfg, run_dir, log)
     step = TrainStep(mcfg, policy, tcfg, plan)
+    if step.remat_choice is not None:  # remat: auto (train/remat_choice.py)
+        log(f"remat: {step.remat_choice.note}")
     step.check_batch_layout(tcfg.batch_size, tcfg.micro_batches)
 
     if resume_step is not None:

@@ -42,6 +42,15 @@ from hunyuan_jax.train.dpo import DPOObjective
 from hunyuan_jax.train.grpo import GRPOObjective
 from hunyuan_jax.train.losses import lm_loss
 from hunyuan_jax.train.optim import Optimizer, make_optimizer
+from hunyuan_jax.train.remat_choice import (
+    Choice,
+    GiB,
+    choose,
+    compiled_bytes,
+    fixed_choice,
+    is_oom,
+    state_bytes_per_chip,
+)
 from sharding.plan import ShardingPlan
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -80,6 +89,12 @@ class TrainStep:
         state, metrics = step(state, batch)       # batch: BATCH_KEYS -> [micro, rows, seq]
         compiled = step.compile(state, batch)     # compiled(state, batch), as train.py runs it
         step.lower()                              # abstract lowering (AOT tool)
+
+    `policy.remat == "auto"`: the rematerialisation is chosen here, before anything is built
+    (`hunyuan_jax.train.remat_choice`: the ladder, compiled per rung for the plan's TPU devices
+    against `hbm_gib` or the chip's usable HBM; full remat elsewhere); `self.policy` is the
+    chosen one and `self.remat_choice` says how (its `result`: the bytes per device of the rung
+    taken, None when not compiled; `remat_choice` None when the policy names its remat).
     """
 
     def __init__(
@@ -90,10 +105,15 @@ class TrainStep:
         plan: ShardingPlan,
         optimizer: Optimizer | None = None,
         objective: Objective | None = None,
+        hbm_gib: float | None = None,
     ):
         self.cfg, self.policy, self.tcfg, self.plan = cfg, policy, tcfg, plan
         self.optimizer = optimizer or make_optimizer(tcfg, cfg)
         self.objective = objective or default_objective(tcfg) or self._lm_objective
+        self.remat_choice: Choice | None = None
+        if policy.remat == "auto":
+            self.remat_choice = self._choose_remat(hbm_gib)
+            self.policy = policy = self.remat_choice.policy
         self.batch_keys = BATCH_KEYS + tuple(getattr(self.objective, "extra_batch_keys", ()))
         # LoRA (`tcfg.lora`): only the adapters are state (trained, optimized, checkpointed);
         # the frozen base is a separate, undonated argument of the step (`self.frozen`).
@@ -126,6 +146,60 @@ class TrainStep:
             )
         else:
             self.jitted = jax.jit(self.fn, donate_argnums=(0,))
+
+    # ------------------------------------------------------------------ remat: auto
+    def _choose_remat(self, hbm_gib: float | None) -> Choice:
+        """`remat_choice.choose` over this step's rungs, each compiled for the plan's devices
+        (train.py's sizes: tcfg.batch_size / micro_batches rows of tcfg.seq_len tokens)."""
+        devices = self.plan.devices
+        hbm = None if hbm_gib is None else hbm_gib * GiB
+        if hbm is None and devices[0].platform == "tpu":
+            try:  # a real chip says what XLA lets a program use; compile-only devices do not
+                local = [d for d in devices if d.process_index == jax.process_index()]
+                hbm = float(local[0].memory_stats()["bytes_limit"])
+            except Exception:
+                hbm = None
+        if hbm is None:
+            return fixed_choice(
+                self.policy,
+                f"{devices[0].platform} devices, no usable HBM size to choose against: full "
+                "remat (runtime.remat: save / none / ... names another policy)",
+            )
+
+        def build(policy):
+            return TrainStep(self.cfg, policy, self.tcfg, self.plan, self.optimizer, self.objective)
+
+        def attempt(policy):
+            step = build(policy)
+            try:
+                used = compiled_bytes(step.lower().compile())
+            except Exception as e:  # the compiler's out-of-memory verdict
+                if not is_oom(e):
+                    raise
+                return False, None, None
+            return used <= hbm, used, used
+
+        full = build(self.policy.replace(remat="full"))
+        rows = self.tcfg.batch_size // self.tcfg.micro_batches
+        return choose(
+            self.cfg,
+            self.policy,
+            state=full.state_bytes(),
+            tokens=rows * self.tcfg.seq_len,
+            devices=len(devices),
+            hbm_bytes=hbm,
+            attempt=attempt,
+        )
+
+    def state_bytes(self) -> float:
+        """Bytes per chip of the train state (parameters, their gradient, optimizer state,
+        LoRA's frozen base): the fixed part of `remat_choice.estimate_bytes`."""
+        sh = self.shardings if self.plan.is_sharded else TrainState(None, None, None)
+        pairs = [(self.abstract_state.params, sh.params)] * 2  # parameters and gradient
+        pairs.append((self.abstract_state.opt_state, sh.opt_state))
+        if self.abstract_frozen is not None:
+            pairs.append((self.abstract_frozen, self.frozen_shardings))
+        return state_bytes_per_chip(pairs)
 
     # ------------------------------------------------------------------ layout
     def _batch_sharding(self):
