@@ -608,3 +608,57 @@ def test_pool_search_finds_the_boundary_in_bounded_probes(limit_gib, slope_pages
         assert boundary < hi and hi - lo <= pool_size.BISECT_TOL * hi
     else:
         assert target - (base + lo * page) < pool_size.CLOSE_GIB * gib and hi is None
+
+
+def test_pool_bracket_seeds_the_bisection(monkeypatch, capsys):
+    """`--pool-bracket LO,HI` (v6e-8 int4's 13,571-23,044 pages from an earlier run): LO is
+    compiled and must fit, HI is taken as refused without a compile, and the search bisects
+    between them at once (no line probes) to the same 1 % bracket around the compiler's
+    boundary; a LO that does not fit is a usage error (exit 2)."""
+    gib, page = 2**30, 256 * 1024
+    base, limit = 25.11 * gib, 30.0 * gib
+    compiled: list[int] = []
+
+    def probe(job, model, sizes, max_len, pages, hbm_gib, hlo_dir, oom_ok=False):
+        compiled.append(pages)
+        total = base + pages * page
+        if total > limit:
+            assert oom_ok
+            return {"program": "score[4096]", "pages": pages, "total": None}
+        return {"program": "score[4096]", "pages": pages, "total": total,
+                "pool_bytes": pages * page, "temp": gib, "compile_s": 0.0}  # fmt: skip
+
+    monkeypatch.setattr(aot_serve, "_probe", probe)
+    sizes = aot_serve.ServeSizes(pool_bracket=(13571, 23044))
+    rule = aot_serve.size_pool(None, None, sizes, 32768, 31.24, None)
+    assert compiled[0] == 13571 and 23044 not in compiled
+    assert compiled[1] == (13571 + 23044) // 2  # straight to the bisection
+    assert len(compiled) - 1 <= pool_size.bisection_probes(13571, 23044)
+    boundary = int((limit - base) // page)  # 20029
+    search = rule["search"]
+    assert search["lo"] == rule["num_pages"] <= boundary < search["hi"]
+    assert search["hi"] - search["lo"] <= pool_size.BISECT_TOL * search["hi"]
+    assert rule["probes"][1] == {"program": "score[4096]", "pages": 23044, "total": None,
+                                 "given": "not compiled"}  # fmt: skip
+    assert "--pool-bracket 13571,23044" in rule["rule"]
+    assert capsys.readouterr().err.count("pool sizing") == len(compiled) - 1
+    with pytest.raises(UsageError, match="lower end, 20100 pages, does not fit"):
+        aot_serve.size_pool(None, None, aot_serve.ServeSizes(pool_bracket=(20100, 23044)),
+                            32768, 31.24, None)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, why",
+    [
+        (["--pool-bracket", "9,5"], "2 <= LO < HI"),
+        (["--pool-bracket", "x"], "LO,HI"),
+        (["--pool-bracket", "2,9", "--num-pages", "5"], "one"),
+    ],
+)
+def test_pool_bracket_bad_input_exits_2(flags, why, capsys):
+    argv = ["--config", TINY, "--topology", "v6e-8", "--mode", "serve", *flags]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own refusal of the value
+        rc = e.code
+    assert rc == 2 and why in capsys.readouterr().err
