@@ -662,3 +662,30 @@ def test_pool_bracket_bad_input_exits_2(flags, why, capsys):
     except SystemExit as e:  # argparse's own refusal of the value
         rc = e.code
     assert rc == 2 and why in capsys.readouterr().err
+
+
+def test_chip_bytes_counts_int4_at_half_a_byte():
+    """`aot.serve.chip_bytes` (the serve reports' weights and pool per chip): the largest shard
+    of each array, int4 at 4 bits a value (numpy's itemsize says 1): a [16, 64] int4 weight
+    over 4 devices is 16 x 64 / 4 / 2 = 128 bytes a chip, its [16, 1] bfloat16 scales
+    replicated 32, unsharded 16 x 64 / 2 = 512."""
+    mesh = Mesh(np.array(jax.devices()[:4]), ("tensor",))
+    split, whole = NamedSharding(mesh, P(None, "tensor")), NamedSharding(mesh, P())
+    w = jax.ShapeDtypeStruct((16, 64), jnp.int4, sharding=split)
+    s = jax.ShapeDtypeStruct((16, 1), jnp.bfloat16, sharding=whole)
+    assert aot_serve.chip_bytes({"w": w, "s": s}) == 128 + 32
+    assert aot_serve.chip_bytes([jax.ShapeDtypeStruct((16, 64), jnp.int4)]) == 512
+
+
+def test_local_devices_decode_step_int4(capsys, tmp_path):
+    """`--weights int4` in the AOT tool: the engine's decode step compiles on this host's 8 CPU
+    devices with the int4 model (default target group) and the report says so."""
+    out = tmp_path / "r.json"
+    argv = ["--config", TINY, "--topology", "local", "--mode", "decode", "--batch", "2"]
+    argv += ["--mesh", "expert=2,tensor=4", "--cache-len", "64", "--weights", "int4"]
+    rc = main(argv + ["--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    r = json.loads(out.read_text())
+    assert r["policy"]["weights"] == "int4" and r["policy"]["int4_group_size"] == 128
+    assert "matmul weights int4" in text and r["fits"] and r["weights_gib_per_chip"] > 0
