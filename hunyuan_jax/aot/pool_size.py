@@ -48,6 +48,13 @@ def bracket(probes: list[Probe], target: float, cap: int) -> tuple[int, int]:
     return lo, hi
 
 
+def progress(p: Probe, target: float, how: str) -> str:
+    """The progress line of one probe."""
+    total = "refused (out of memory)" if p["total"] is None else f"{p['total'] / GiB:.2f} GiB"
+    verdict = "fits" if fits(p, target) else "does not fit"
+    return f"pool sizing, {how}: {p['pages']} pages: {total}, {verdict} (target {target / GiB:.2f})"
+
+
 def bisection_probes(lo: int, hi: int) -> int:
     """Probes the bisection needs to narrow [lo, hi) to BISECT_TOL (ignoring BISECT_MAX)."""
     n = 0
@@ -76,9 +83,7 @@ def largest_pool(
     def probe(pages: int, how: str) -> bool:
         p = measure(pages)
         probes.append(p)
-        total = "refused (out of memory)" if p["total"] is None else f"{p['total'] / GiB:.2f} GiB"
-        verdict = "fits" if fits(p, target) else "does not fit"
-        say(f"pool sizing, {how}: {pages} pages: {total}, {verdict} (target {target / GiB:.2f})")
+        say(progress(p, target, how))
         return fits(p, target)
 
     def estimate(per_page: float) -> int:

@@ -51,6 +51,7 @@ import glob
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -59,7 +60,7 @@ from jax import dtypes
 
 from hunyuan_jax.aot import flops as F
 from hunyuan_jax.aot.compiler import GiB, Memory, compile_program, read_dump
-from hunyuan_jax.aot.pool_size import largest_pool
+from hunyuan_jax.aot.pool_size import largest_pool, progress
 from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, Job, Program, describe_dispatch
 from hunyuan_jax.aot.report import comm_summary, optimized_hlo, plan_fields
 from hunyuan_jax.aot.topology import Chip
@@ -205,6 +206,7 @@ def _seeded(job, model, sizes, max_len, hbm_gib, hlo_dir, target, cap) -> dict[s
     if hi > cap:
         raise UsageError(f"--pool-bracket: {hi} pages exceed the engine's {cap} (int32 slots)")
     first = _probe(job, model, sizes, max_len, lo, hbm_gib, hlo_dir, True)
+    print(progress(first, target, "--pool-bracket's lower end"), file=sys.stderr)
     if first["total"] is None or first["total"] > target:
         total = "refused" if first["total"] is None else f"{first['total'] / GiB:.2f} GiB"
         raise UsageError(f"--pool-bracket: its lower end, {lo} pages, does not fit ({total}; "
@@ -223,13 +225,7 @@ def _pool_rule(first, probes, search, sizes, hbm_gib, page, slope, cap, how) -> 
         "rule": "the most pages whose largest program totals at most usable HBM - margin, "
         f"found by compiling it ({how})",
         "probe_program": first["program"],
-        "probes": [
-            {
-                k: (v / GiB if v is not None and k.endswith(("total", "bytes", "temp")) else v)
-                for k, v in p.items()
-            }
-            for p in probes
-        ],
+        "probes": [{k: _gib(k, v) for k, v in p.items()} for p in probes],
         "margin_gib": sizes.margin_gib,
         "page_bytes_per_chip": page,
         "program_bytes_per_page": slope,
@@ -248,6 +244,11 @@ def _pool_rule(first, probes, search, sizes, hbm_gib, page, slope, cap, how) -> 
             hbm_gib,
         )
     return out
+
+
+def _gib(key: str, value):
+    """A probe's byte counts in GiB."""
+    return value / GiB if value is not None and key.endswith(("total", "bytes", "temp")) else value
 
 
 def _probe(
