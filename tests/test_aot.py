@@ -608,3 +608,86 @@ def test_pool_search_finds_the_boundary_in_bounded_probes(limit_gib, slope_pages
         assert boundary < hi and hi - lo <= pool_size.BISECT_TOL * hi
     else:
         assert target - (base + lo * page) < pool_size.CLOSE_GIB * gib and hi is None
+
+
+def test_pool_bracket_seeds_the_bisection(monkeypatch, capsys):
+    """`--pool-bracket LO,HI` (v6e-8 int4's 13,571-23,044 pages from an earlier run): LO is
+    compiled and must fit, HI is taken as refused without a compile, and the search bisects
+    between them at once (no line probes) to the same 1 % bracket around the compiler's
+    boundary; a LO that does not fit is a usage error (exit 2)."""
+    gib, page = 2**30, 256 * 1024
+    base, limit = 25.11 * gib, 30.0 * gib
+    compiled: list[int] = []
+
+    def probe(job, model, sizes, max_len, pages, hbm_gib, hlo_dir, oom_ok=False):
+        compiled.append(pages)
+        total = base + pages * page
+        if total > limit:
+            assert oom_ok
+            return {"program": "score[4096]", "pages": pages, "total": None}
+        return {"program": "score[4096]", "pages": pages, "total": total,
+                "pool_bytes": pages * page, "temp": gib, "compile_s": 0.0}  # fmt: skip
+
+    monkeypatch.setattr(aot_serve, "_probe", probe)
+    sizes = aot_serve.ServeSizes(pool_bracket=(13571, 23044))
+    rule = aot_serve.size_pool(None, None, sizes, 32768, 31.24, None)
+    assert compiled[0] == 13571 and 23044 not in compiled
+    assert compiled[1] == (13571 + 23044) // 2  # straight to the bisection
+    assert len(compiled) - 1 <= pool_size.bisection_probes(13571, 23044)
+    boundary = int((limit - base) // page)  # 20029
+    search = rule["search"]
+    assert search["lo"] == rule["num_pages"] <= boundary < search["hi"]
+    assert search["hi"] - search["lo"] <= pool_size.BISECT_TOL * search["hi"]
+    assert rule["probes"][1] == {"program": "score[4096]", "pages": 23044, "total": None,
+                                 "given": "not compiled"}  # fmt: skip
+    assert "--pool-bracket 13571,23044" in rule["rule"]
+    err = capsys.readouterr().err
+    assert err.count("pool sizing") == len(compiled)  # one line per compile
+    assert "pool sizing, --pool-bracket's lower end: 13571 pages:" in err
+    with pytest.raises(UsageError, match="lower end, 20100 pages, does not fit"):
+        aot_serve.size_pool(None, None, aot_serve.ServeSizes(pool_bracket=(20100, 23044)),
+                            32768, 31.24, None)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, why",
+    [
+        (["--pool-bracket", "9,5"], "2 <= LO < HI"),
+        (["--pool-bracket", "x"], "LO,HI"),
+        (["--pool-bracket", "2,9", "--num-pages", "5"], "one"),
+    ],
+)
+def test_pool_bracket_bad_input_exits_2(flags, why, capsys):
+    argv = ["--config", TINY, "--topology", "v6e-8", "--mode", "serve", *flags]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own refusal of the value
+        rc = e.code
+    assert rc == 2 and why in capsys.readouterr().err
+
+
+def test_chip_bytes_counts_int4_at_half_a_byte():
+    """`aot.serve.chip_bytes` (the serve reports' weights and pool per chip): the largest shard
+    of each array, int4 at 4 bits a value (numpy's itemsize says 1): a [16, 64] int4 weight
+    over 4 devices is 16 x 64 / 4 / 2 = 128 bytes a chip, its [16, 1] bfloat16 scales
+    replicated 32, unsharded 16 x 64 / 2 = 512."""
+    mesh = Mesh(np.array(jax.devices()[:4]), ("tensor",))
+    split, whole = NamedSharding(mesh, P(None, "tensor")), NamedSharding(mesh, P())
+    w = jax.ShapeDtypeStruct((16, 64), jnp.int4, sharding=split)
+    s = jax.ShapeDtypeStruct((16, 1), jnp.bfloat16, sharding=whole)
+    assert aot_serve.chip_bytes({"w": w, "s": s}) == 128 + 32
+    assert aot_serve.chip_bytes([jax.ShapeDtypeStruct((16, 64), jnp.int4)]) == 512
+
+
+def test_local_devices_decode_step_int4(capsys, tmp_path):
+    """`--weights int4` in the AOT tool: the engine's decode step compiles on this host's 8 CPU
+    devices with the int4 model (default target group) and the report says so."""
+    out = tmp_path / "r.json"
+    argv = ["--config", TINY, "--topology", "local", "--mode", "decode", "--batch", "2"]
+    argv += ["--mesh", "expert=2,tensor=4", "--cache-len", "64", "--weights", "int4"]
+    rc = main(argv + ["--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    r = json.loads(out.read_text())
+    assert r["policy"]["weights"] == "int4" and r["policy"]["int4_group_size"] == 128
+    assert "matmul weights int4" in text and r["fits"] and r["weights_gib_per_chip"] > 0

@@ -411,6 +411,30 @@ def test_infer_cli_int4_end_to_end(tmp_path, capsys):
     shutil.rmtree(tmp_path / "int4")
 
 
+def test_server_weights_int4_serves_the_int4_model():
+    """The server's --weights int4 (`cli.serve.build_state`, as its flag passes it): the engine
+    holds the int4 model, bit for bit the one loading quantizes with the default target group
+    (int4 values and bfloat16 group scales, not float weights), and its parsed flags reach it."""
+    from hunyuan_jax.cli import serve as serve_cli
+
+    args = serve_cli.build_parser().parse_args(["--weights", "int4", "--int4-group-size", "128"])
+    assert (args.weights, args.int4_group_size) == ("int4", 128)
+    state = serve_cli.build_state(
+        HF, tokenizer=str(TOKENIZER), dtype="float32", weights=args.weights,
+        int4_group_size=args.int4_group_size, slots=1, max_len=32, prefill_chunk=2,
+        log=lambda *_: None,
+    )  # fmt: skip
+    ex = state.engine.ex
+    served = nnx.merge(ex.graphdef, ex.params)
+    assert quantize.model_form(served) == "int4"
+    want = flat_params(_load(HF, "int4", 128))
+    got = flat_params(served)
+    assert got.keys() == want.keys()
+    assert all(same_bits(got[k], want[k]) for k in want)
+    int4 = [v for v in got.values() if v.dtype == quantize.QTYPES["int4"]]
+    assert len(int4) == len(list(quantize.matmul_weights(served))) > 0  # every matmul weight
+
+
 # ----------------------------------------------------------------------------- on a mesh
 def test_expert_parallel_int4_matches_one_device(tokens):
     """int4 weights on the 8-device mesh (experts over `expert` in the shard_map, FSDP over

@@ -17,6 +17,9 @@ less the margin).
 Both stop as soon as the largest fitting probe is within CLOSE_GIB of the target, or at the cap
 of pages (the engine's int32 slots). This assumes the program's total grows with the pages
 (monotone): a size that did not fit bounds every larger one.
+
+Seeded (`--pool-bracket LO,HI`, e.g. an earlier run's bracket): LO is compiled (it must fit),
+HI is taken as a size that did not fit (not compiled), and the search starts at step 2.
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ def bracket(probes: list[Probe], target: float, cap: int) -> tuple[int, int]:
     return lo, hi
 
 
+def progress(p: Probe, target: float, how: str) -> str:
+    """The progress line of one probe."""
+    total = "refused (out of memory)" if p["total"] is None else f"{p['total'] / GiB:.2f} GiB"
+    verdict = "fits" if fits(p, target) else "does not fit"
+    return f"pool sizing, {how}: {p['pages']} pages: {total}, {verdict} (target {target / GiB:.2f})"
+
+
 def bisection_probes(lo: int, hi: int) -> int:
     """Probes the bisection needs to narrow [lo, hi) to BISECT_TOL (ignoring BISECT_MAX)."""
     n = 0
@@ -61,19 +71,19 @@ def largest_pool(
     page: float,
     cap: int,
     log: Callable[[str], None] | None = None,
+    refine: int = REFINE,
 ) -> tuple[list[Probe], dict[str, Any]]:
     """Probe on from `probes` (those measured so far, each with 'pages' and 'total'; `slope`:
     the program's bytes per page, `page`: a page's own bytes, the least a page adds): (every
-    probe in order, {'lo', 'hi', 'stopped'}: the final bracket and why the search stopped)."""
+    probe in order, {'lo', 'hi', 'stopped'}: the final bracket and why the search stopped).
+    `refine`: probes along the line, at most (0: bisect the given bracket straight away)."""
     probes = list(probes)
     say = log or _stderr
 
     def probe(pages: int, how: str) -> bool:
         p = measure(pages)
         probes.append(p)
-        total = "refused (out of memory)" if p["total"] is None else f"{p['total'] / GiB:.2f} GiB"
-        verdict = "fits" if fits(p, target) else "does not fit"
-        say(f"pool sizing, {how}: {pages} pages: {total}, {verdict} (target {target / GiB:.2f})")
+        say(progress(p, target, how))
         return fits(p, target)
 
     def estimate(per_page: float) -> int:
@@ -94,7 +104,7 @@ def largest_pool(
             return f"bracket within {BISECT_TOL:.0%} of its upper end"
         return ""
 
-    for _ in range(REFINE):  # 1. along the line, while the probes fit
+    for _ in range(refine):  # 1. along the line, while the probes fit
         if done():
             break
         lo, hi = bracket(probes, target, cap)

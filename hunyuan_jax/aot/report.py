@@ -348,7 +348,10 @@ def format_serve(r: dict) -> str:
         f"{e['cache_dtype']}, paged attention {e['attention']}"
     )
     if "probe_program" in pool:
-        probes = ", ".join(f"{p['pages']}: {_gib(p['total'])}" for p in pool["probes"])
+        probes = ", ".join(
+            f"{p['pages']}: {_gib(p['total'])}" + (f" ({p['given']})" if "given" in p else "")
+            for p in pool["probes"]
+        )
         sizing = (
             f"sized by compiling {pool['probe_program']} (pages: total GiB) {probes}; "
             f"{pool['program_bytes_per_page'] / 2**10:.0f} KiB per page for a "

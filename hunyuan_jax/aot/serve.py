@@ -51,6 +51,7 @@ import glob
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -59,7 +60,7 @@ from jax import dtypes
 
 from hunyuan_jax.aot import flops as F
 from hunyuan_jax.aot.compiler import GiB, Memory, compile_program, read_dump
-from hunyuan_jax.aot.pool_size import largest_pool
+from hunyuan_jax.aot.pool_size import largest_pool, progress
 from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, Job, Program, describe_dispatch
 from hunyuan_jax.aot.report import comm_summary, optimized_hlo, plan_fields
 from hunyuan_jax.aot.topology import Chip
@@ -89,6 +90,7 @@ class ServeSizes:
     token_budget: int = TOKEN_BUDGET
     num_pages: int | None = None  # None: sized to the chip
     margin_gib: float = MARGIN_GIB
+    pool_bracket: tuple[int, int] | None = None  # (fits, did not fit): the search's seed
 
 
 def chip_bytes(tree) -> int:
@@ -181,6 +183,8 @@ def size_pool(
         raise UsageError("--mode serve sizes the pool to the chip's HBM: give --num-pages "
                          "(or --hbm-gib) on a platform without a known chip")  # fmt: skip
     target = (hbm_gib - sizes.margin_gib) * GiB
+    if sizes.pool_bracket:
+        return _seeded(job, model, sizes, max_len, hbm_gib, hlo_dir, target, cap)
     first = _probe(job, model, sizes, max_len, pages_per_seq + 1, hbm_gib, hlo_dir)
     page = first["pool_bytes"] / first["pages"]  # per chip
     naive = first["pages"] + int((target - first["total"]) // page)
@@ -190,18 +194,38 @@ def size_pool(
     slope = max(slope, page)  # a page costs at least itself
     measure = lambda pages: _probe(job, model, sizes, max_len, pages, hbm_gib, hlo_dir, True)
     probes, search = largest_pool(measure, [first, second], target, slope, page, cap)
+    how = "two probes for the cost of a page, then at the estimate and bisecting"
+    return _pool_rule(first, probes, search, sizes, hbm_gib, page, slope, cap, how)
+
+
+def _seeded(job, model, sizes, max_len, hbm_gib, hlo_dir, target, cap) -> dict[str, Any]:
+    """`--pool-bracket LO,HI`: LO compiled (it must fit), HI taken as refused, then bisected
+    (`pool_size` doc). The program's bytes per page are not measured: one page's own bytes
+    (the least a page adds; a refit then shrinks the pool by the most pages)."""
+    lo, hi = sizes.pool_bracket
+    if hi > cap:
+        raise UsageError(f"--pool-bracket: {hi} pages exceed the engine's {cap} (int32 slots)")
+    first = _probe(job, model, sizes, max_len, lo, hbm_gib, hlo_dir, True)
+    print(progress(first, target, "--pool-bracket's lower end"), file=sys.stderr)
+    if first["total"] is None or first["total"] > target:
+        total = "refused" if first["total"] is None else f"{first['total'] / GiB:.2f} GiB"
+        raise UsageError(f"--pool-bracket: its lower end, {lo} pages, does not fit ({total}; "
+                         f"target {target / GiB:.2f} GiB): give a smaller one")  # fmt: skip
+    given = {"program": first["program"], "pages": hi, "total": None, "given": "not compiled"}
+    page = first["pool_bytes"] / first["pages"]
+    measure = lambda pages: _probe(job, model, sizes, max_len, pages, hbm_gib, hlo_dir, True)
+    probes, search = largest_pool(measure, [first, given], target, page, page, cap, refine=0)
+    how = f"bisecting --pool-bracket {lo},{hi}: {lo} compiled, {hi} taken as refused"
+    return _pool_rule(first, probes, search, sizes, hbm_gib, page, page, cap, how)
+
+
+def _pool_rule(first, probes, search, sizes, hbm_gib, page, slope, cap, how) -> dict[str, Any]:
+    """The pool rule's report from the search: {'num_pages', the probes, ...}."""
     out = {
         "rule": "the most pages whose largest program totals at most usable HBM - margin, "
-        "found by compiling it (two probes for the cost of a page, then at the estimate and "
-        "bisecting)",
+        f"found by compiling it ({how})",
         "probe_program": first["program"],
-        "probes": [
-            {
-                k: (v / GiB if v is not None and k.endswith(("total", "bytes", "temp")) else v)
-                for k, v in p.items()
-            }
-            for p in probes
-        ],
+        "probes": [{k: _gib(k, v) for k, v in p.items()} for p in probes],
         "margin_gib": sizes.margin_gib,
         "page_bytes_per_chip": page,
         "program_bytes_per_page": slope,
@@ -220,6 +244,11 @@ def size_pool(
             hbm_gib,
         )
     return out
+
+
+def _gib(key: str, value):
+    """A probe's byte counts in GiB."""
+    return value / GiB if value is not None and key.endswith(("total", "bytes", "temp")) else value
 
 
 def _probe(

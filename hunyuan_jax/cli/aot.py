@@ -65,6 +65,17 @@ GRPO = "grpo"
 _SERVE_FLAGS = ("max_len", "max_seqs", "page_size", "token_budget", "num_pages", "pool_margin_gib")
 
 
+def _bracket(text: str) -> tuple[int, int]:
+    """--pool-bracket LO,HI: two page counts, 2 <= LO < HI."""
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want LO,HI (two page counts), got {text!r}") from None
+    if not 2 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"want 2 <= LO < HI, got {text!r}")
+    return lo, hi
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -174,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="pages in the pool, the scratch page included (default: sized to the chip)",
     )
     serve.add_argument(
+        "--pool-bracket",
+        type=_bracket,
+        default=None,
+        metavar="LO,HI",
+        help="seed the pool search with pages known to fit (LO, compiled to confirm it) and "
+        "known not to (HI, e.g. an earlier run's refusal; not compiled): it bisects between "
+        "them to 1%% (hunyuan_jax.aot.pool_size)",
+    )
+    serve.add_argument(
         "--pool-margin-gib",
         type=float,
         default=None,
@@ -281,6 +301,10 @@ def _check_flags(args) -> None:
                 raise UsageError(f"{flag} does not apply to --mode serve{hint}")
         if args.pool_margin_gib is not None and args.pool_margin_gib < 0:
             raise UsageError(f"--pool-margin-gib must be >= 0, got {args.pool_margin_gib}")
+        if args.pool_bracket and args.num_pages is not None:
+            raise UsageError("--pool-bracket seeds the pool search; --num-pages skips it: one")
+    elif args.pool_bracket:
+        raise UsageError("--pool-bracket: only for --mode serve")
     if args.mode in (SERVE, GRPO):
         for name in ("max_len", "max_seqs", "page_size", "token_budget", "num_pages"):
             value = getattr(args, name)
@@ -429,6 +453,8 @@ def serve_sizes(args) -> S.ServeSizes:
     given = {n: getattr(args, n) for n in _SERVE_FLAGS if getattr(args, n) is not None}
     if "pool_margin_gib" in given:
         given["margin_gib"] = given.pop("pool_margin_gib")
+    if args.pool_bracket:
+        given["pool_bracket"] = args.pool_bracket
     return S.ServeSizes(**given)
 
 
