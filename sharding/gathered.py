@@ -135,6 +135,98 @@ def gather_shards(a: jax.Array, axes: Sequence[str], dim: int) -> jax.Array:
     return a
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["shard"], meta_fields=["axes", "dim"]
+)
+@dataclasses.dataclass(frozen=True)
+class LocalShard:
+    """Inside a `shard_map`: a device's shard of a weight whose dim `dim` is split over the
+    mesh `axes` (major first), its gather left to the einsum that reads it (`einsum`,
+    `einsum_of_shard`). The routed experts' FSDP-sharded weights inside the expert-parallel
+    `shard_map` (`hunyuan_jax.model.expert_parallel`)."""
+
+    shard: jax.Array
+    axes: tuple
+    dim: int
+
+    @property
+    def shape(self):
+        n = 1
+        for axis in self.axes:
+            n *= jax.lax.axis_size(axis)
+        return tuple(s * n if d == self.dim else s for d, s in enumerate(self.shard.shape))
+
+    @property
+    def dtype(self):
+        return self.shard.dtype
+
+    def einsum(self, eq: str, x: jax.Array, **kw) -> jax.Array:
+        if kw or not _two_operands(eq):
+            return jnp.einsum(eq, x, gather_shards(self.shard, self.axes, self.dim), **kw)
+        return einsum_of_shard(eq, x, self.shard, self.axes, self.dim)
+
+
+def _two_operands(eq: str) -> bool:
+    if "..." in eq or "->" not in eq or eq.count(",") != 1:
+        return False
+    (lhs, rhs), out = eq.split("->")[0].split(","), eq.split("->")[1]
+    if not all(len(set(t)) == len(t) for t in (lhs, rhs, out)):
+        return False  # no repeated letter (a diagonal)
+    # every letter in two or three of them: each cotangent is one dot of the other two
+    return all(sum(c in t for t in (lhs, rhs, out)) >= 2 for c in set(lhs + rhs + out))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def einsum_of_shard(eq: str, x: jax.Array, shard: jax.Array, axes: tuple, dim: int):
+    """Inside `shard_map`: `jnp.einsum(eq, x, w)` with w = `gather_shards(shard, axes, dim)`.
+
+    The weight's cotangent is the reduce-scatter (one `psum_scatter` per axis) of the local
+    product, as autodiff of the gather would make it, but with that product written as one
+    `dot_general` whose first operand is the one holding the scattered dim: its result then
+    has that dim ahead of the other, so the default layout XLA:TPU gives the product does not
+    put the scattered dim in the lanes (minor). Autodiff writes the cotangent first, which for
+    a gate / up projection ([E, D, F], D scattered) gives a [E, F, D] product, D minor, and
+    XLA:TPU compiles that reduce-scatter as an all-reduce of the whole product (docs/tpu.md)."""
+    return jnp.einsum(eq, x, gather_shards(shard, axes, dim))
+
+
+def _einsum_of_shard_fwd(eq, x, shard, axes, dim):
+    w = gather_shards(shard, axes, dim)
+    return jnp.einsum(eq, x, w), (x, w)
+
+
+def _einsum_of_shard_bwd(eq, axes, dim, res, g):
+    x, w = res
+    (lhs, rhs), out = eq.split("->")[0].split(","), eq.split("->")[1]
+    x_dtype, w_dtype, dtype = x.dtype, w.dtype, jnp.result_type(x, w)
+    x, w, g = x.astype(dtype), w.astype(dtype), g.astype(dtype)
+    gx = _dot(g, out, w, rhs, lhs)
+    gw = _dot(x, lhs, g, out, rhs) if rhs[dim] in lhs else _dot(g, out, x, lhs, rhs)
+    for axis in axes:  # the transpose of gather_shards: major axis first
+        gw = jax.lax.psum_scatter(gw, axis, scatter_dimension=dim, tiled=True)
+    return gx.astype(x_dtype), gw.astype(w_dtype)
+
+
+einsum_of_shard.defvjp(_einsum_of_shard_fwd, _einsum_of_shard_bwd)
+
+
+def _dot(a, a_dims: str, b, b_dims: str, out: str) -> jax.Array:
+    """`einsum(f"{a_dims},{b_dims}->{out}", a, b)` as one `dot_general(a, b)` in that operand
+    order (`jnp.einsum` may swap them); every letter is in two or three of them (`_two_operands`)."""
+    batch = [c for c in a_dims if c in b_dims and c in out]
+    contract = [c for c in a_dims if c in b_dims and c not in out]
+    y = jax.lax.dot_general(
+        a,
+        b,
+        (
+            ([a_dims.index(c) for c in contract], [b_dims.index(c) for c in contract]),
+            ([a_dims.index(c) for c in batch], [b_dims.index(c) for c in batch]),
+        ),
+    )
+    y_dims = batch + [c for c in a_dims if c not in b_dims] + [c for c in b_dims if c not in a_dims]
+    return jnp.transpose(y, [y_dims.index(c) for c in out])
+
+
 def _axes_of(part) -> tuple[str, ...]:
     return () if part is None else (part,) if isinstance(part, str) else tuple(part)
 

@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from hunyuan_jax.model import moe
 from hunyuan_jax.model.moe import ExpertWeights, Routing
 from hunyuan_jax.model.qops import Adapted, QArray
+from sharding.gathered import LocalShard, gather_shards
 
 STRATEGIES = ("gather", "all_to_all")
 
@@ -143,14 +144,18 @@ def _leaf_spec(w, spec: P):
     return QArray(spec, scale, None, w.qtype)
 
 
-def _full_weights(w: ExpertWeights, fsdp_axes) -> ExpertWeights:
+def _full_weights(w: ExpertWeights, fsdp_axes, defer: bool = False) -> ExpertWeights:
     """FSDP: gather the hidden (embed) dimension of the local experts' weights (a QArray's
-    values as stored, and its scales when they have that dimension)."""
+    values as stored, and its scales when they have that dimension). `defer`: a float weight
+    becomes a `LocalShard` whose gather its einsum makes (`sharding.gathered.einsum_of_shard`:
+    the gradient reduce-scattered from a product laid out for it, docs/tpu.md)."""
     if not fsdp_axes:
         return w
 
     def gather(a, axis):
-        g = lambda x: jax.lax.all_gather(x, fsdp_axes, axis=axis, tiled=True)
+        g = lambda x: gather_shards(x, fsdp_axes, axis)
+        if defer and isinstance(a, jax.Array):
+            return LocalShard(a, tuple(fsdp_axes), axis)
         if isinstance(a, Adapted):  # the hidden dim is A's input (axis 1) or B's output (2)
             lo, hi = (g(a.a), a.b) if axis == 1 else (a.a, g(a.b))
             return Adapted(gather(a.base, axis), lo, hi, a.scale, a.key, a.rate)
@@ -203,7 +208,7 @@ def _all_to_all_body(
     x, routing, w, key, *, ep_axes, fsdp_axes, tp_axes, tokens_over_ep, tok_axes, capacity_factor
 ):
     """Capacity routing on local tokens, all-to-all to the experts' devices and back."""
-    w = _full_weights(w, fsdp_axes)
+    w = _full_weights(w, fsdp_axes, defer=True)
     local_experts = w.gate.shape[0]
     ep = jax.lax.psum(1, ep_axes) if ep_axes else 1
     num_experts = local_experts * ep

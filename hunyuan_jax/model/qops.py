@@ -12,7 +12,9 @@ What the parameter tree holds decides what runs (no flags in the model code):
   and quantized (QLoRA) bases alike.
 
 - a `sharding.gathered.Gathered` (a training weight whose FSDP gather is left to its matmul):
-  the gather and the matmul in one `shard_map`, so the weight gradient is reduce-scattered.
+  the gather and the matmul in one `shard_map`, so the weight gradient is reduce-scattered;
+  a `sharding.gathered.LocalShard` (a routed expert's shard inside the expert-parallel
+  `shard_map`): the same for `einsum`, in the `shard_map` already running.
 
 Model code reads a weight with `weight(module, "q_proj", dtype)` and multiplies with `einsum`,
 `matmul`, `ragged_dot` or `take` from here.
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from sharding.gathered import Gathered
+from sharding.gathered import Gathered, LocalShard
 
 QArray = qwix.QArray
 
@@ -125,7 +127,7 @@ def weight(module, name: str, dtype, lora_key=None):
 
 
 def _base_einsum(eq, x, w, **kw):
-    if isinstance(w, Gathered):
+    if isinstance(w, (Gathered, LocalShard)):
         return w.einsum(eq, x, **kw)
     if isinstance(w, QArray):
         return qwix.einsum(eq, x, w, **kw)
