@@ -19,6 +19,15 @@ with the weight carry its names' activation counterparts (`ACTIVATION_OF`), the 
 are (batch, length). A matmul this cannot express exactly (a sharded contracted dim, layouts
 that disagree, a mesh axis on two dims) gathers first (`ShardingPlan.gather`) and multiplies
 outside, as before.
+
+Inside a `shard_map` already running (the routed experts' in `expert_parallel`), a weight's
+shard is a `LocalShard` and its einsum `einsum_of_shard`: the same gather, with the weight
+gradient written as a product whose scattered dim is not the minor one (XLA:TPU compiled the
+gate / up projections' reduce-scatter as an all-reduce otherwise). Over a mesh axis whose
+devices span two torus dimensions (`scatter_by_all_to_all`: v5p's 16-chip `expert` axis) the
+gradient's reduce-scatter is an all-to-all and a local sum (`scatter_shards`): XLA:TPU compiles
+a reduce-scatter over such a group as an all-reduce of the whole padded buffer. docs/tpu.md,
+"Training at pod scale without waste", has the measurements.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 # A weight dim's logical name -> the logical name of the same dim in an activation.
@@ -92,10 +102,12 @@ class Gathered:
             return jnp.einsum(eq, x, self.materialize(), **kw)
         x_spec, w_spec, out_spec, gathers = specs
 
+        planes = scatter_by_all_to_all(self.plan.mesh)
+
         def body(xl, wl):
             wl = self._cast(wl)
             for dim, axes in gathers:
-                wl = gather_shards(wl, axes, dim)
+                wl = gather_shards(wl, axes, dim, planes)
             return jnp.einsum(eq, xl, wl, **kw)
 
         return jax.shard_map(
@@ -123,16 +135,172 @@ def defer(plan, x: jax.Array, logical_axes: Sequence[str | None], to: Mapping[st
     return Gathered(x, plan, axes, tuple(sorted(to.items())), cast)
 
 
-def gather_shards(a: jax.Array, axes: Sequence[str], dim: int) -> jax.Array:
+def gather_shards(
+    a: jax.Array, axes: Sequence[str], dim: int, by_all_to_all: frozenset = frozenset()
+) -> jax.Array:
     """Inside `shard_map`: `all_gather(a, axes, axis=dim, tiled=True)`, one mesh axis at a
     time, minor first (the same concatenation order; XLA:TPU turns an all-gather over a whole
     multi-axis slice into an all-reduce of a zero-padded buffer, docs/tpu.md). Its transpose
-    is a reduce-scatter per axis. (Gathering whole shards stacked on a new leading dim instead
-    made XLA:TPU turn every large reduce-scatter into an all-reduce of a padded flat buffer at
-    the A52B's sizes: tried, more bytes.)"""
+    is a reduce-scatter per axis (`scatter_shards`): a `psum_scatter`, or over the axes in
+    `by_all_to_all` an all-to-all and a local sum. (Gathering whole shards stacked on a new
+    leading dim instead made XLA:TPU turn every large reduce-scatter into an all-reduce of a
+    padded flat buffer at the A52B's sizes: tried, more bytes.)"""
     for axis in reversed(tuple(axes)):
-        a = jax.lax.all_gather(a, axis, axis=dim, tiled=True)
+        if axis in by_all_to_all:
+            a = _gather_axis(a, axis, dim)
+        else:
+            a = jax.lax.all_gather(a, axis, axis=dim, tiled=True)
     return a
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gather_axis(a, axis, dim):
+    return jax.lax.all_gather(a, axis, axis=dim, tiled=True)
+
+
+def _gather_axis_fwd(a, axis, dim):
+    return _gather_axis(a, axis, dim), None
+
+
+def _gather_axis_bwd(axis, dim, _, g):
+    return (scatter_shards(g, axis, dim, by_all_to_all=True),)
+
+
+_gather_axis.defvjp(_gather_axis_fwd, _gather_axis_bwd)
+
+
+def scatter_shards(g: jax.Array, axis: str, dim: int, by_all_to_all: bool) -> jax.Array:
+    """Inside `shard_map`: the sum over `axis` of `g`, this device's tile of dim `dim` (the
+    transpose of a tiled all-gather): `psum_scatter`, or, `by_all_to_all`, an all-to-all of
+    the n tiles (tile j to device j) and the sum of the n received, in float32. Both send
+    (n - 1) / n of `g` per device. XLA:TPU compiles a reduce-scatter whose group spans more
+    than one torus dimension (the 16 chips of the `expert` axis on v5p) as an all-reduce of
+    the whole (padded) buffer, twice that and more; an all-to-all over them stays one
+    (`scatter_by_all_to_all`, docs/tpu.md)."""
+    if not by_all_to_all:
+        return jax.lax.psum_scatter(g, axis, scatter_dimension=dim, tiled=True)
+    n = jax.lax.axis_size(axis)
+    t = jnp.moveaxis(g, dim, 0)
+    t = t.reshape(n, t.shape[0] // n, *t.shape[1:])
+    t = jax.lax.all_to_all(t, axis, 0, 0, tiled=True)  # [n, tile, ...]: peer j's tile j
+    return jnp.moveaxis(jnp.sum(t, axis=0, dtype=jnp.float32).astype(g.dtype), 0, dim)
+
+
+@functools.lru_cache(maxsize=16)
+def scatter_by_all_to_all(mesh) -> frozenset:
+    """The mesh axes whose reduce-scatters go as all-to-alls (`scatter_shards`): those whose
+    device groups span more than one dimension of the physical torus (device `coords`); none
+    where devices have no coords (CPU)."""
+    if mesh is None:
+        return frozenset()
+    devices = np.asarray(mesh.devices)
+    if not all(hasattr(d, "coords") for d in devices.flat):
+        return frozenset()
+    out = set()
+    for i, axis in enumerate(mesh.axis_names):
+        lines = np.moveaxis(devices, i, -1).reshape(-1, devices.shape[i])
+        coords = np.array([[d.coords for d in line] for line in lines])  # [groups, n, dims]
+        if (np.ptp(coords, axis=1) > 0).sum(axis=-1).max(initial=0) > 1:
+            out.add(axis)
+    return frozenset(out)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["shard"],
+    meta_fields=["axes", "dim", "by_all_to_all"],
+)
+@dataclasses.dataclass(frozen=True)
+class LocalShard:
+    """Inside a `shard_map`: a device's shard of a weight whose dim `dim` is split over the
+    mesh `axes` (major first), its gather left to the einsum that reads it (`einsum`,
+    `einsum_of_shard`). The routed experts' FSDP-sharded weights inside the expert-parallel
+    `shard_map` (`hunyuan_jax.model.expert_parallel`)."""
+
+    shard: jax.Array
+    axes: tuple
+    dim: int
+    by_all_to_all: frozenset = frozenset()  # `scatter_by_all_to_all` of the mesh
+
+    @property
+    def shape(self):
+        n = 1
+        for axis in self.axes:
+            n *= jax.lax.axis_size(axis)
+        return tuple(s * n if d == self.dim else s for d, s in enumerate(self.shard.shape))
+
+    @property
+    def dtype(self):
+        return self.shard.dtype
+
+    def einsum(self, eq: str, x: jax.Array, **kw) -> jax.Array:
+        if kw or not _two_operands(eq):
+            w = gather_shards(self.shard, self.axes, self.dim, self.by_all_to_all)
+            return jnp.einsum(eq, x, w, **kw)
+        return einsum_of_shard(eq, x, self.shard, self.axes, self.dim, self.by_all_to_all)
+
+
+def _two_operands(eq: str) -> bool:
+    if "..." in eq or "->" not in eq or eq.count(",") != 1:
+        return False
+    (lhs, rhs), out = eq.split("->")[0].split(","), eq.split("->")[1]
+    if not all(len(set(t)) == len(t) for t in (lhs, rhs, out)):
+        return False  # no repeated letter (a diagonal)
+    # every letter in two or three of them: each cotangent is one dot of the other two
+    return all(sum(c in t for t in (lhs, rhs, out)) >= 2 for c in set(lhs + rhs + out))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
+def einsum_of_shard(
+    eq: str, x: jax.Array, shard: jax.Array, axes: tuple, dim: int, by_all_to_all=frozenset()
+):
+    """Inside `shard_map`: `jnp.einsum(eq, x, w)` with w = `gather_shards(shard, axes, dim)`.
+
+    The weight's cotangent is the reduce-scatter (one `psum_scatter` per axis) of the local
+    product, as autodiff of the gather would make it, but with that product written as one
+    `dot_general` whose first operand is the one holding the scattered dim: its result then
+    has that dim ahead of the other, so the default layout XLA:TPU gives the product does not
+    put the scattered dim in the lanes (minor). Autodiff writes the cotangent first, which for
+    a gate / up projection ([E, D, F], D scattered) gives a [E, F, D] product, D minor, and
+    XLA:TPU compiles that reduce-scatter as an all-reduce of the whole product (docs/tpu.md)."""
+    return jnp.einsum(eq, x, gather_shards(shard, axes, dim, by_all_to_all))
+
+
+def _einsum_of_shard_fwd(eq, x, shard, axes, dim, by_all_to_all):
+    w = gather_shards(shard, axes, dim, by_all_to_all)
+    return jnp.einsum(eq, x, w), (x, w)
+
+
+def _einsum_of_shard_bwd(eq, axes, dim, by_all_to_all, res, g):
+    x, w = res
+    (lhs, rhs), out = eq.split("->")[0].split(","), eq.split("->")[1]
+    x_dtype, w_dtype, dtype = x.dtype, w.dtype, jnp.result_type(x, w)
+    x, w, g = x.astype(dtype), w.astype(dtype), g.astype(dtype)
+    gx = _dot(g, out, w, rhs, lhs)
+    gw = _dot(x, lhs, g, out, rhs) if rhs[dim] in lhs else _dot(g, out, x, lhs, rhs)
+    for axis in axes:  # the transpose of gather_shards: major axis first
+        gw = scatter_shards(gw, axis, dim, axis in by_all_to_all)
+    return gx.astype(x_dtype), gw.astype(w_dtype)
+
+
+einsum_of_shard.defvjp(_einsum_of_shard_fwd, _einsum_of_shard_bwd)
+
+
+def _dot(a, a_dims: str, b, b_dims: str, out: str) -> jax.Array:
+    """`einsum(f"{a_dims},{b_dims}->{out}", a, b)` as one `dot_general(a, b)` in that operand
+    order (`jnp.einsum` may swap them); every letter is in two or three of them (`_two_operands`)."""
+    batch = [c for c in a_dims if c in b_dims and c in out]
+    contract = [c for c in a_dims if c in b_dims and c not in out]
+    y = jax.lax.dot_general(
+        a,
+        b,
+        (
+            ([a_dims.index(c) for c in contract], [b_dims.index(c) for c in contract]),
+            ([a_dims.index(c) for c in batch], [b_dims.index(c) for c in batch]),
+        ),
+    )
+    y_dims = batch + [c for c in a_dims if c not in b_dims] + [c for c in b_dims if c not in a_dims]
+    return jnp.transpose(y, [y_dims.index(c) for c in out])
 
 
 def _axes_of(part) -> tuple[str, ...]:

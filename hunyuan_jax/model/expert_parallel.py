@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from hunyuan_jax.model import moe
 from hunyuan_jax.model.moe import ExpertWeights, Routing
 from hunyuan_jax.model.qops import Adapted, QArray
+from sharding.gathered import LocalShard, gather_shards, scatter_by_all_to_all
 
 STRATEGIES = ("gather", "all_to_all")
 
@@ -74,6 +75,7 @@ def make_expert_parallel_fn(
         with_dims = lambda extra: P(*tok_spec, *([None] * extra))
         body = partial(
             _gather_body if strategy == "gather" else _all_to_all_body,
+            planes=scatter_by_all_to_all(mesh),
             ep_axes=ep_axes,
             fsdp_axes=fsdp_axes,
             tp_axes=tp_axes,
@@ -143,14 +145,20 @@ def _leaf_spec(w, spec: P):
     return QArray(spec, scale, None, w.qtype)
 
 
-def _full_weights(w: ExpertWeights, fsdp_axes) -> ExpertWeights:
+def _full_weights(
+    w: ExpertWeights, fsdp_axes, defer: bool = False, by_all_to_all=frozenset()
+) -> ExpertWeights:
     """FSDP: gather the hidden (embed) dimension of the local experts' weights (a QArray's
-    values as stored, and its scales when they have that dimension)."""
+    values as stored, and its scales when they have that dimension). `defer`: a float weight
+    becomes a `LocalShard` whose gather its einsum makes (`sharding.gathered.einsum_of_shard`:
+    the gradient reduce-scattered from a product laid out for it, docs/tpu.md)."""
     if not fsdp_axes:
         return w
 
     def gather(a, axis):
-        g = lambda x: jax.lax.all_gather(x, fsdp_axes, axis=axis, tiled=True)
+        g = lambda x: gather_shards(x, fsdp_axes, axis)
+        if defer and isinstance(a, jax.Array):
+            return LocalShard(a, tuple(fsdp_axes), axis, by_all_to_all)
         if isinstance(a, Adapted):  # the hidden dim is A's input (axis 1) or B's output (2)
             lo, hi = (g(a.a), a.b) if axis == 1 else (a.a, g(a.b))
             return Adapted(gather(a.base, axis), lo, hi, a.scale, a.key, a.rate)
@@ -163,10 +171,21 @@ def _full_weights(w: ExpertWeights, fsdp_axes) -> ExpertWeights:
 
 
 def _gather_body(
-    x, routing, w, key, *, ep_axes, fsdp_axes, tp_axes, tokens_over_ep, tok_axes, capacity_factor
+    x,
+    routing,
+    w,
+    key,
+    *,
+    planes,
+    ep_axes,
+    fsdp_axes,
+    tp_axes,
+    tokens_over_ep,
+    tok_axes,
+    capacity_factor,
 ):
     """Dropless: all-gather tokens over the expert axes, run local experts, reduce-scatter."""
-    del key, capacity_factor
+    del key, capacity_factor, planes  # its weight gathers are plain all-gathers
     w = _full_weights(w, fsdp_axes)
     local_experts = w.gate.shape[0]
     if tokens_over_ep:
@@ -200,10 +219,21 @@ def _gather_body(
 
 
 def _all_to_all_body(
-    x, routing, w, key, *, ep_axes, fsdp_axes, tp_axes, tokens_over_ep, tok_axes, capacity_factor
+    x,
+    routing,
+    w,
+    key,
+    *,
+    planes,
+    ep_axes,
+    fsdp_axes,
+    tp_axes,
+    tokens_over_ep,
+    tok_axes,
+    capacity_factor,
 ):
     """Capacity routing on local tokens, all-to-all to the experts' devices and back."""
-    w = _full_weights(w, fsdp_axes)
+    w = _full_weights(w, fsdp_axes, defer=True, by_all_to_all=planes)
     local_experts = w.gate.shape[0]
     ep = jax.lax.psum(1, ep_axes) if ep_axes else 1
     num_experts = local_experts * ep

@@ -12,7 +12,9 @@ What the parameter tree holds decides what runs (no flags in the model code):
   and quantized (QLoRA) bases alike.
 
 - a `sharding.gathered.Gathered` (a training weight whose FSDP gather is left to its matmul):
-  the gather and the matmul in one `shard_map`, so the weight gradient is reduce-scattered.
+  the gather and the matmul in one `shard_map`, so the weight gradient is reduce-scattered;
+  a `sharding.gathered.LocalShard` (a routed expert's shard inside the expert-parallel
+  `shard_map`): the same for `einsum`, in the `shard_map` already running.
 
 Model code reads a weight with `weight(module, "q_proj", dtype)` and multiplies with `einsum`,
 `matmul`, `ragged_dot` or `take` from here.
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-from sharding.gathered import Gathered
+from sharding.gathered import Gathered, LocalShard
 
 QArray = qwix.QArray
 
@@ -118,6 +120,12 @@ def weight(module, name: str, dtype, lora_key=None):
     scales are cast to `dtype` (so the dequantized operand is `dtype`), or `Adapted`
     (`lora_key`, in training: the adapter's dropout key, folded with the weight's name)."""
     v = _stored(module, name)
+    if isinstance(v, QArray):  # a part left to its matmul (`Gathered`) is gathered here: qwix
+        v = jax.tree.map(  # multiplies plain arrays (an int4 weight's grouped scales)
+            lambda a: a.materialize() if isinstance(a, Gathered) else a,
+            v,
+            is_leaf=lambda a: isinstance(a, Gathered),
+        )
     v = v.astype(dtype) if isinstance(v, QArray) else cast(v, dtype)  # a QArray: its scales
     a = getattr(module, name + "_lora_a", None)
     if a is None:
@@ -132,7 +140,7 @@ def weight(module, name: str, dtype, lora_key=None):
 
 
 def _base_einsum(eq, x, w, **kw):
-    if isinstance(w, Gathered):
+    if isinstance(w, (Gathered, LocalShard)):
         return w.einsum(eq, x, **kw)
     if isinstance(w, QArray):
         return qwix.einsum(eq, x, w, **kw)
