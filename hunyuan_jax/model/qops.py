@@ -107,7 +107,8 @@ def _stored(module, name: str):
     array = getattr(v, "array", None)  # qwix's PTQ wrapper (WithAux) around a QArray
     if not isinstance(array, QArray):
         return v
-    # a quantized weight's values and scales are gathered as arrays (qwix multiplies them)
+    # a quantized weight's parts left to their matmul (`Gathered`) are gathered here: qwix
+    # multiplies plain arrays (an int4 weight's grouped scales carry the embed axis)
     return jax.tree.map(
         lambda a: a.materialize() if isinstance(a, Gathered) else a,
         array,
@@ -120,12 +121,6 @@ def weight(module, name: str, dtype, lora_key=None):
     scales are cast to `dtype` (so the dequantized operand is `dtype`), or `Adapted`
     (`lora_key`, in training: the adapter's dropout key, folded with the weight's name)."""
     v = _stored(module, name)
-    if isinstance(v, QArray):  # a part left to its matmul (`Gathered`) is gathered here: qwix
-        v = jax.tree.map(  # multiplies plain arrays (an int4 weight's grouped scales)
-            lambda a: a.materialize() if isinstance(a, Gathered) else a,
-            v,
-            is_leaf=lambda a: isinstance(a, Gathered),
-        )
     v = v.astype(dtype) if isinstance(v, QArray) else cast(v, dtype)  # a QArray: its scales
     a = getattr(module, name + "_lora_a", None)
     if a is None:
