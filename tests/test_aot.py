@@ -531,15 +531,17 @@ def test_serve_compiles_every_engine_program(tmp_path, capsys):
     assert "page pool:" in text and "step[8] (prefill" in text
 
 
-def test_pool_sizing_bisects_below_a_refused_size(monkeypatch, capsys):
-    """The pool rule after an out-of-memory verdict (as v6e-8 int4 met it: XLA refused the
-    linear estimate, the halfway back-off fit, and the next estimate was the refused size
-    again): it bisects below the refused size instead of stopping at the back-off, down to a
-    bracket within 1 % (`pool_size.BISECT_TOL`), one progress line per probe on stderr."""
-    gib, page = 2**30, 256 * 1024
-    base, limit = 25.11 * gib, 30.0 * gib  # the compiler's real limit: below usable - margin
+FAKE_PAGE, FAKE_BASE, FAKE_LIMIT = 256 * 1024, 25.11 * 2**30, 30.0 * 2**30
+
+
+def _fake_pool_probe(compiled: list):
+    """A stand-in for `aot.serve._probe`: the score program's total grows by 256 KiB a page
+    from 25.11 GiB and the compiler refuses above 30 GiB (below usable - margin); the pages
+    of each probe are appended to `compiled`."""
+    gib, page, base, limit = 2**30, FAKE_PAGE, FAKE_BASE, FAKE_LIMIT
 
     def probe(job, model, sizes, max_len, pages, hbm_gib, hlo_dir, oom_ok=False):
+        compiled.append(pages)
         total = base + pages * page
         if total > limit:
             assert oom_ok
@@ -547,15 +549,25 @@ def test_pool_sizing_bisects_below_a_refused_size(monkeypatch, capsys):
         return {"program": "score[4096]", "pages": pages, "total": total,
                 "pool_bytes": pages * page, "temp": gib, "compile_s": 0.0}  # fmt: skip
 
-    monkeypatch.setattr(aot_serve, "_probe", probe)
+    return probe
+
+
+def test_pool_sizing_bisects_below_a_refused_size(monkeypatch, capsys):
+    """The pool rule after an out-of-memory verdict (as v6e-8 int4 met it: XLA refused the
+    linear estimate, the halfway back-off fit, and the next estimate was the refused size
+    again): it bisects below the refused size instead of stopping at the back-off, down to a
+    bracket within 1 % (`pool_size.BISECT_TOL`), one progress line per probe on stderr."""
+    monkeypatch.setattr(aot_serve, "_probe", _fake_pool_probe([]))
     rule = aot_serve.size_pool(None, None, aot_serve.ServeSizes(), 32768, 31.24, None)
     pages = [p["pages"] for p in rule["probes"]]
     totals = [p["total"] for p in rule["probes"]]
     assert pages[:2] == [2049, 4098] and totals[2] is None  # the estimate: refused
     assert pages[3] == (4098 + pages[2]) // 2 and totals[3] is not None  # halfway: fits
-    assert pages[4] == (pages[3] + pages[2]) // 2 and totals[4] <= limit  # bisected
+    assert pages[4] == (pages[3] + pages[2]) // 2 and totals[4] <= FAKE_LIMIT  # bisected
     assert rule["num_pages"] == max(p for p, t in zip(pages, totals) if t)
-    boundary = int((limit - base) // page)  # the most pages the compiler takes: 20029
+    boundary = int(
+        (FAKE_LIMIT - FAKE_BASE) // FAKE_PAGE
+    )  # the most pages the compiler takes: 20029
     search = rule["search"]
     assert search["lo"] == rule["num_pages"] <= boundary < search["hi"]
     assert search["hi"] - search["lo"] <= pool_size.BISECT_TOL * search["hi"]
@@ -615,26 +627,14 @@ def test_pool_bracket_seeds_the_bisection(monkeypatch, capsys):
     compiled and must fit, HI is taken as refused without a compile, and the search bisects
     between them at once (no line probes) to the same 1 % bracket around the compiler's
     boundary; a LO that does not fit is a usage error (exit 2)."""
-    gib, page = 2**30, 256 * 1024
-    base, limit = 25.11 * gib, 30.0 * gib
     compiled: list[int] = []
-
-    def probe(job, model, sizes, max_len, pages, hbm_gib, hlo_dir, oom_ok=False):
-        compiled.append(pages)
-        total = base + pages * page
-        if total > limit:
-            assert oom_ok
-            return {"program": "score[4096]", "pages": pages, "total": None}
-        return {"program": "score[4096]", "pages": pages, "total": total,
-                "pool_bytes": pages * page, "temp": gib, "compile_s": 0.0}  # fmt: skip
-
-    monkeypatch.setattr(aot_serve, "_probe", probe)
+    monkeypatch.setattr(aot_serve, "_probe", _fake_pool_probe(compiled))
     sizes = aot_serve.ServeSizes(pool_bracket=(13571, 23044))
     rule = aot_serve.size_pool(None, None, sizes, 32768, 31.24, None)
     assert compiled[0] == 13571 and 23044 not in compiled
     assert compiled[1] == (13571 + 23044) // 2  # straight to the bisection
     assert len(compiled) - 1 <= pool_size.bisection_probes(13571, 23044)
-    boundary = int((limit - base) // page)  # 20029
+    boundary = int((FAKE_LIMIT - FAKE_BASE) // FAKE_PAGE)  # 20029
     search = rule["search"]
     assert search["lo"] == rule["num_pages"] <= boundary < search["hi"]
     assert search["hi"] - search["lo"] <= pool_size.BISECT_TOL * search["hi"]
