@@ -53,7 +53,7 @@ from hunyuan_jax.errors import (
     run_cli,
 )
 from hunyuan_jax.host_env import reexec_with_hugepage_malloc
-from hunyuan_jax.train.config import check_repeated_overrides, load_configs
+from hunyuan_jax.train.config import TrainConfig, check_repeated_overrides, load_configs
 
 # JAX and the package's heavy modules are imported inside the functions, not here: the entry
 # point first re-executes itself (`entry`, hunyuan_jax/host_env.py) and, for --devices, sets
@@ -167,7 +167,6 @@ def choose_layout(mcfg, tcfg):
     import jax
 
     from hunyuan_jax.checkpoints.loading import open_checkpoint
-    from hunyuan_jax.train.config import TrainConfig
     from sharding.layout import long_sequence_layout
 
     default = TrainConfig()
