@@ -28,6 +28,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from hunyuan_jax.errors import DoesNotFit
+
 GiB = 2**30
 REFINE = 3  # probes along the line, at most
 CLOSE_GIB = 0.1  # stop when the largest fitting probe is this close below the target
@@ -130,3 +132,36 @@ def largest_pool(
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def pool_rule(first, probes, search, margin_gib, hbm_gib, page, slope, cap, how) -> dict[str, Any]:
+    """The pool rule's report from the search (`aot.serve.size_pool`): {'num_pages', the
+    probes in GiB, ...}; DoesNotFit when not even two pages fit."""
+    out = {
+        "rule": "the most pages whose largest program totals at most usable HBM - margin, "
+        f"found by compiling it ({how})",
+        "probe_program": first["program"],
+        "probes": [{k: _gib(k, v) for k, v in p.items()} for p in probes],
+        "margin_gib": margin_gib,
+        "page_bytes_per_chip": page,
+        "program_bytes_per_page": slope,
+        "copies_of_pool": slope / page,
+        "search": search,
+        "num_pages": search["lo"],  # the most pages that fit
+    }
+    if search["lo"] == cap:
+        out["capped"] = f"{cap} pages: the engine's int32 slots"
+    if out["num_pages"] < 2:
+        rest = first["total"] - first["pool_bytes"]
+        raise DoesNotFit(
+            f"no room for a page pool: weights, temporaries and the {margin_gib} GiB "
+            f"margin take {(rest / GiB + margin_gib):.2f} of {hbm_gib} GiB per chip",
+            rest / GiB + margin_gib,
+            hbm_gib,
+        )
+    return out
+
+
+def _gib(key: str, value):
+    """A probe's byte counts in GiB."""
+    return value / GiB if value is not None and key.endswith(("total", "bytes", "temp")) else value

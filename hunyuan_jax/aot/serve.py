@@ -60,7 +60,7 @@ from jax import dtypes
 
 from hunyuan_jax.aot import flops as F
 from hunyuan_jax.aot.compiler import GiB, Memory, compile_program, read_dump
-from hunyuan_jax.aot.pool_size import largest_pool, progress
+from hunyuan_jax.aot.pool_size import largest_pool, pool_rule, progress
 from hunyuan_jax.aot.programs import DEFAULT_CACHE_LEN, DEFAULT_SEQ, Job, Program, describe_dispatch
 from hunyuan_jax.aot.report import comm_summary, optimized_hlo, plan_fields
 from hunyuan_jax.aot.topology import Chip
@@ -195,7 +195,7 @@ def size_pool(
     measure = lambda pages: _probe(job, model, sizes, max_len, pages, hbm_gib, hlo_dir, True)
     probes, search = largest_pool(measure, [first, second], target, slope, page, cap)
     how = "two probes for the cost of a page, then at the estimate and bisecting"
-    return _pool_rule(first, probes, search, sizes, hbm_gib, page, slope, cap, how)
+    return pool_rule(first, probes, search, sizes.margin_gib, hbm_gib, page, slope, cap, how)
 
 
 def _seeded(job, model, sizes, max_len, hbm_gib, hlo_dir, target, cap) -> dict[str, Any]:
@@ -216,39 +216,7 @@ def _seeded(job, model, sizes, max_len, hbm_gib, hlo_dir, target, cap) -> dict[s
     measure = lambda pages: _probe(job, model, sizes, max_len, pages, hbm_gib, hlo_dir, True)
     probes, search = largest_pool(measure, [first, given], target, page, page, cap, refine=0)
     how = f"bisecting --pool-bracket {lo},{hi}: {lo} compiled, {hi} taken as refused"
-    return _pool_rule(first, probes, search, sizes, hbm_gib, page, page, cap, how)
-
-
-def _pool_rule(first, probes, search, sizes, hbm_gib, page, slope, cap, how) -> dict[str, Any]:
-    """The pool rule's report from the search: {'num_pages', the probes, ...}."""
-    out = {
-        "rule": "the most pages whose largest program totals at most usable HBM - margin, "
-        f"found by compiling it ({how})",
-        "probe_program": first["program"],
-        "probes": [{k: _gib(k, v) for k, v in p.items()} for p in probes],
-        "margin_gib": sizes.margin_gib,
-        "page_bytes_per_chip": page,
-        "program_bytes_per_page": slope,
-        "copies_of_pool": slope / page,
-        "search": search,
-        "num_pages": search["lo"],  # the most pages that fit
-    }
-    if search["lo"] == cap:
-        out["capped"] = f"{cap} pages: {_MAX_SLOTS} int32 slots"
-    if out["num_pages"] < 2:
-        rest = first["total"] - first["pool_bytes"]
-        raise DoesNotFit(
-            f"no room for a page pool: weights, temporaries and the {sizes.margin_gib} GiB "
-            f"margin take {(rest / GiB + sizes.margin_gib):.2f} of {hbm_gib} GiB per chip",
-            rest / GiB + sizes.margin_gib,
-            hbm_gib,
-        )
-    return out
-
-
-def _gib(key: str, value):
-    """A probe's byte counts in GiB."""
-    return value / GiB if value is not None and key.endswith(("total", "bytes", "temp")) else value
+    return pool_rule(first, probes, search, sizes.margin_gib, hbm_gib, page, page, cap, how)
 
 
 def _probe(
