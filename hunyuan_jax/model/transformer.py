@@ -33,10 +33,10 @@ from hunyuan_jax.model.config import ModelConfig
 from hunyuan_jax.model.kernels import paged
 from hunyuan_jax.model.kernels.attention import RESIDUAL_NAMES, AttentionMask, attend, kernel_layout
 from hunyuan_jax.model.kv_cache import KVCache, PagedCache, QuantizedKV, write_rows
-from hunyuan_jax.model.layers import RMSNorm, apply_rope, matmul_of, param, rope_inv_freq
+from hunyuan_jax.model.layer_weights import weights_for_use
+from hunyuan_jax.model.layers import RMSNorm, apply_rope, param, rope_inv_freq
 from hunyuan_jax.model.moe import ExpertsFn, MoE
 from hunyuan_jax.model.policy import RuntimePolicy
-from sharding import gathered
 from sharding.plan import ShardingPlan
 
 _REMAT_POLICIES = {
@@ -227,34 +227,6 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _weights_for_use(plan: ShardingPlan, group_state, dtype):
-    """One layer group's dense weights as its matmuls read them, made inside the scan body:
-    the hidden dim gathered to the activations' layout (the FSDP all-gather of training,
-    explicit: a matmul weight's inside its matmul, `sharding.gathered`, so that its gradient
-    is reduce-scattered; others' by `plan.gather`), matmul weights cast to `dtype` on the
-    local shard first (`qops.cast`: the gather moves bf16, and no stacked bf16 copy is made
-    outside the loop). The routed experts gather inside their own shard_map
-    (`expert_parallel`); quantized weights and the rest are left as stored."""
-    dtype = jnp.dtype(dtype)
-
-    def one(leaf):
-        value = leaf.get_value()
-        axes = leaf.get_metadata("logical_axes", None)
-        if not isinstance(value, jax.Array) or axes is None or "embed" not in axes:
-            return leaf
-        axes = tuple(axes)[len(axes) - value.ndim :]  # the scan took the leading `layers`
-        # float weights only: an fp8 QArray's values (float8, one byte) stay as stored
-        wide = jnp.issubdtype(value.dtype, jnp.floating) and value.dtype.itemsize >= 2
-        cast = matmul_of(axes) is not None and wide
-        fn = (lambda a: qops.cast(a, dtype)) if cast else None
-        # a matmul weight is gathered inside its matmul (`gathered.defer`: the gradient is
-        # reduce-scattered), the rest (the router) here
-        use = gathered.defer if matmul_of(axes) is not None else ShardingPlan.gather
-        return leaf.replace(use(plan, value, axes, {"embed": "act_embed"}, cast=fn))
-
-    return jax.tree.map(one, group_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-
-
 class DecoderGroup(nnx.Module):
     """`cla_share_factor` consecutive layers; the first one produces the shared K/V."""
 
@@ -435,7 +407,7 @@ class HunyuanForCausalLM(nnx.Module):
 
         def body(x, xs):
             group_state, group_cache, g = xs
-            group_state = _weights_for_use(self.plan, group_state, self.policy.compute_dtype)
+            group_state = weights_for_use(self.plan, group_state, self.policy.compute_dtype)
             group = nnx.merge(graphdef, group_state)
             group_key = None if key is None else jax.random.fold_in(key, g)
             x, kv, stats = group(x, ctx, group_cache, group_key)
