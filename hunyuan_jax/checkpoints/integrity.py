@@ -302,9 +302,11 @@ def write_error(e: BaseException, what: str) -> CheckpointError:
         if m:
             reason = f"{m.group(1)}: {m.group(2)}"
             break
+    # tensorstore appends its source locations: dropped, so the OS error stays in the line
+    reason = re.sub(r"\s*\[source locations='[^']*'\]", "", reason)
     reason = " ".join(reason.split())
     if len(reason) > 400:
-        reason = reason[:200] + " ... " + reason[-200:]
+        reason = reason[:150] + " ... " + reason[-250:]
     return CheckpointError(
         f"{what} failed: {reason} (a full disk, a file-size limit or a permission?); the "
         f"incomplete step is never used: once fixed, rerun to resume from the last complete one"
