@@ -147,11 +147,11 @@ def choose_remat(job: Job, hbm_gib: float | None) -> remat_choice.Choice:
     first, the pre-filter skipping those that cannot fit; the result of the rung taken is
     (program, its compile or its DoesNotFit) for `measure` to report. Without a usable HBM
     size (`--topology local` without --hbm-gib): full remat."""
-    full = build(job.replace(policy=remat_choice.LADDER[-1].policy(job.policy)))
     if hbm_gib is None:
         return remat_choice.fixed_choice(
             job.policy, "no usable HBM size (--hbm-gib) to choose against: full remat"
         )
+    full = build(job.replace(policy=remat_choice.LADDER[-1].policy(job.policy)))
 
     def attempt(policy):
         program, started = build(job.replace(policy=policy)), time.time()
